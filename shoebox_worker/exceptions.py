@@ -1,0 +1,128 @@
+"""Every error shoebox-worker raises on purpose, under one root.
+
+Catch :class:`ShoeboxError` to catch them all. Errors about bad archive
+bytes derive from :class:`RecordError` and carry the byte offset where the
+problem starts, so an operator can find it with ``verify`` or ``dd``.
+"""
+
+__all__ = [
+    "ShoeboxError",
+    "RecordError",
+    "EndOfFile",
+    "OutOfSync",
+    "InvalidVersion",
+    "CorruptRecord",
+    "TornRecord",
+    "NoMoreFiles",
+    "ConfigError",
+    "PluginError",
+    "CallbackError",
+    "UploadError",
+]
+
+
+class ShoeboxError(Exception):
+    """Root of every error this project raises on purpose."""
+
+
+class RecordError(ShoeboxError):
+    """Bad bytes in an archive.
+
+    :param message: what is wrong.
+    :param offset: byte offset in the (uncompressed) archive where the bad
+        record starts, or None when unknown.
+    :param filename: the archive, when known.
+    """
+
+    def __init__(self, message, offset=None, filename=None):
+        super().__init__(message)
+        self.message = message
+        self.offset = offset
+        self.filename = filename
+
+    def __str__(self):
+        where = []
+        if self.filename:
+            where.append(str(self.filename))
+        if self.offset is not None:
+            where.append("offset %d" % self.offset)
+        if where:
+            return "%s: %s" % (", ".join(where), self.message)
+        return self.message
+
+
+class EndOfFile(RecordError):
+    """Clean end of an archive: no bytes left where a record would start."""
+
+
+class OutOfSync(RecordError):
+    """The bytes at this offset are not the start of a record."""
+
+
+class InvalidVersion(RecordError):
+    """A record (or a writer) names a format version this code lacks."""
+
+
+class CorruptRecord(RecordError):
+    """A record whose lengths or checksum do not hold."""
+
+
+class TornRecord(RecordError):
+    """The archive ends inside a record: a write cut short by a crash."""
+
+
+class NoMoreFiles(ShoeboxError):
+    """A ReadingRollManager has read the last record of the last file."""
+
+
+class ConfigError(ShoeboxError):
+    """A mistake in the configuration, found before anything starts.
+
+    ``str()`` is the one line printed to the operator, naming the file,
+    section and key.
+    """
+
+    def __init__(self, message, filename=None, section=None, key=None):
+        super().__init__(message)
+        self.message = message
+        self.filename = filename
+        self.section = section
+        self.key = key
+
+    def __str__(self):
+        where = []
+        if self.filename:
+            where.append(str(self.filename))
+        if self.section:
+            where.append("[%s]" % self.section)
+        if self.key:
+            where.append(self.key)
+        if where:
+            return "%s: %s" % (" ".join(where), self.message)
+        return self.message
+
+
+class PluginError(ConfigError):
+    """A plugin that is not installed, fails to load or refuses options."""
+
+
+class CallbackError(ShoeboxError):
+    """An archive callback failed; the file stays where it was.
+
+    :param callback: the callback's name (entry point name or class name).
+    :param filename: the file the callback was given.
+    """
+
+    def __init__(self, message, callback=None, filename=None):
+        super().__init__(message)
+        self.message = message
+        self.callback = callback
+        self.filename = filename
+
+    def __str__(self):
+        return "callback %s failed on %s: %s" % (
+            self.callback, self.filename, self.message)
+
+
+class UploadError(CallbackError):
+    """An upload did not reach its destination intact."""
