@@ -1,0 +1,323 @@
+"""ArchiveWriter and ArchiveReader: one archive file each.
+
+An archive is nothing but records (see :mod:`shoebox_worker.record`) one
+after another; there is no file header, so a v1 archive written by
+StackTach shoebox 0.7 and a v2 archive written here read the same way.
+
+Durability is the caller's choice: :meth:`ArchiveWriter.write` buffers,
+:meth:`ArchiveWriter.sync` flushes and fsyncs. The worker acks messages only
+after ``sync()`` returns.
+"""
+
+import dataclasses
+import logging
+import os
+
+from shoebox_worker import compression
+from shoebox_worker import exceptions
+from shoebox_worker import record
+
+__all__ = [
+    "ArchiveWriter",
+    "ArchiveReader",
+    "Skipped",
+    "FileReport",
+    "inspect_file",
+    "cut_torn_tail",
+]
+
+LOG = logging.getLogger(__name__)
+
+#: How much is read from disk at a time.
+READ_CHUNK = 1 << 20
+#: The writer's buffer; records are appended to it and flushed by sync().
+WRITE_BUFFER = 1 << 20
+
+
+class Archive:
+    """What both sides share: a filename and context management."""
+
+    def __init__(self, filename):
+        self.filename = os.fspath(filename)
+        self._handle = None
+
+    def get_file_handle(self):
+        """The open file object (the seed's API; roll checkers used it)."""
+        return self._handle
+
+    def close(self):
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    @property
+    def closed(self):
+        return self._handle is None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+class ArchiveWriter(Archive):
+    """Append records to a new archive file.
+
+    A writer never truncates or overwrites: by default the file must not
+    exist yet; with ``exclusive=False`` records are appended to it.
+
+    :param filename: path of the file.
+    :param version: record format version (1 for StackTach compatibility).
+    :param exclusive: refuse an existing file (default) or append to it.
+    :raises FileExistsError: the file exists and ``exclusive`` is true.
+    :raises InvalidVersion: an unknown version.
+    """
+
+    def __init__(self, filename, version=record.CURRENT_VERSION,
+                 exclusive=True):
+        super().__init__(filename)
+        if version not in record.VERSIONS:
+            raise exceptions.InvalidVersion(
+                "cannot write format version %r" % (version,))
+        self.version = version
+        #: Records written, bytes written (including buffered ones).
+        self.records = 0
+        self._handle = open(self.filename, "xb" if exclusive else "ab",
+                            buffering=WRITE_BUFFER)
+        self.size = os.fstat(self._handle.fileno()).st_size
+
+    def write(self, metadata, payload):
+        """Append one record (buffered until :meth:`flush` or :meth:`sync`).
+
+        :param metadata: ``str:str`` dict.
+        :param payload: str (stored as UTF-8) or bytes.
+        :returns: the record's size in bytes.
+        """
+        data = record.pack(metadata, payload, self.version)
+        self._handle.write(data)
+        self.records += 1
+        self.size += len(data)
+        return len(data)
+
+    def tell(self):
+        """Bytes in the archive so far, buffered ones included."""
+        return self.size
+
+    def flush(self):
+        """Hand buffered records to the operating system."""
+        self._handle.flush()
+
+    def sync(self):
+        """Flush and fsync: once this returns, the records survive a crash."""
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+
+    def close(self):
+        """Flush, fsync and close (idempotent)."""
+        if self._handle is not None:
+            self.sync()
+            super().close()
+
+
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+    """A range of bytes a salvaging reader passed over.
+
+    ``end`` is the offset of the next valid record, or of the end of file.
+    """
+
+    filename: str
+    start: int
+    end: int
+    reason: str
+
+
+class ArchiveReader(Archive):
+    """Read the records of one archive, plain or compressed.
+
+    Iterating yields ``(metadata, payload)`` pairs; :meth:`read` returns the
+    next one and raises :class:`EndOfFile` after the last.
+
+    :param filename: the archive (``.gz``/``.zst`` read transparently).
+    :param salvage: False (default): raise a :class:`RecordError` carrying
+        the byte offset at the first damage. True: skip to the next valid
+        record, record the skipped range in :attr:`skipped` and call
+        ``on_skip``.
+    :param on_skip: called with a :class:`Skipped` in salvage mode.
+    """
+
+    def __init__(self, filename, salvage=False, on_skip=None):
+        super().__init__(filename)
+        self.salvage = salvage
+        self.on_skip = on_skip
+        #: Ranges passed over in salvage mode.
+        self.skipped = []
+        #: Offset just past the last good record returned.
+        self.good_offset = 0
+        self._handle = compression.open_read(self.filename)
+        self._buf = b""
+        self._pos = 0
+        self._base = 0  # file offset of self._buf[0]
+        self._eof = False
+
+    def __iter__(self):
+        while True:
+            try:
+                yield self.read()
+            except exceptions.EndOfFile:
+                return
+
+    @property
+    def offset(self):
+        """Offset of the next byte to parse in the uncompressed archive."""
+        return self._base + self._pos
+
+    def _fill(self, need):
+        """Make ``need`` bytes available at the current position if the file
+        has them. Reads in bounded chunks: a hostile length never makes us
+        allocate more than the file holds."""
+        have = len(self._buf) - self._pos
+        if have >= need or self._eof:
+            return have
+        parts = [self._buf[self._pos:]]
+        while have < need:
+            chunk = self._handle.read(max(READ_CHUNK, min(need - have,
+                                                          1 << 24)))
+            if not chunk:
+                self._eof = True
+                break
+            parts.append(chunk)
+            have += len(chunk)
+        self._base += self._pos
+        self._buf = b"".join(parts)
+        self._pos = 0
+        return have
+
+    def _parse_here(self):
+        """Parse the record at the current position; raise on damage."""
+        have = self._fill(record.HEADER_SIZE)
+        if have == 0:
+            raise exceptions.EndOfFile("end of archive",
+                                       self.offset, self.filename)
+        if have >= record.HEADER_SIZE:
+            size = record.record_size(self._buf, self._pos)
+            self._fill(size)
+        return record.unpack_from(self._buf, self._pos)
+
+    def read(self):
+        """The next ``(metadata, payload)``; payload is bytes.
+
+        :raises EndOfFile: after the last record.
+        :raises RecordError: damage, in strict mode.
+        """
+        while True:
+            try:
+                metadata, payload, size = self._parse_here()
+            except exceptions.EndOfFile:
+                raise
+            except exceptions.RecordError as exc:
+                exc.offset = self.offset
+                exc.filename = self.filename
+                if not self.salvage:
+                    raise
+                self._skip(exc)
+                continue
+            self._pos += size
+            self.good_offset = self.offset
+            return metadata, payload
+
+    def _skip(self, exc):
+        """Salvage: move to the next offset where a valid record starts."""
+        start = self.offset
+        self._pos += 1
+        while True:
+            self._fill(record.HEADER_SIZE)
+            found = record.find_marker(self._buf, self._pos)
+            if found < 0:
+                # keep the last bytes: a marker may straddle chunks
+                self._pos = max(self._pos, len(self._buf) - 3)
+                if self._eof or self._fill(READ_CHUNK) <= 3:
+                    self._pos = len(self._buf)
+                    break
+                continue
+            self._pos = found
+            try:
+                self._parse_here()
+                break
+            except exceptions.RecordError:
+                self._pos += 1
+        skipped = Skipped(self.filename, start, self.offset,
+                          exc.message)
+        self.skipped.append(skipped)
+        LOG.warning("%s: skipped bytes %d-%d: %s", self.filename,
+                    skipped.start, skipped.end, skipped.reason)
+        if self.on_skip is not None:
+            self.on_skip(skipped)
+
+
+@dataclasses.dataclass
+class FileReport:
+    """What :func:`inspect_file` found in one archive.
+
+    :ivar records: valid records.
+    :ivar size: bytes in the (uncompressed) archive.
+    :ivar skipped: damaged ranges, in order.
+    :ivar torn_offset: where damage runs to the end of the file with no
+        valid record after it (a torn tail), else None.
+    :ivar first_metadata: metadata of the first valid record.
+    :ivar last_metadata: metadata of the last valid record.
+    """
+
+    filename: str
+    records: int = 0
+    size: int = 0
+    skipped: list = dataclasses.field(default_factory=list)
+    torn_offset: int | None = None
+    first_metadata: dict | None = None
+    last_metadata: dict | None = None
+
+    @property
+    def ok(self):
+        return not self.skipped
+
+
+def inspect_file(filename):
+    """Check every record of an archive in salvage mode.
+
+    :returns: a :class:`FileReport`.
+    """
+    report = FileReport(os.fspath(filename))
+    with ArchiveReader(filename, salvage=True) as reader:
+        for metadata, _ in reader:
+            report.records += 1
+            if report.first_metadata is None:
+                report.first_metadata = metadata
+            report.last_metadata = metadata
+        report.skipped = list(reader.skipped)
+        report.size = reader.offset
+    if report.skipped and report.skipped[-1].end == report.size:
+        # no valid record after the last damage: a torn tail
+        report.torn_offset = report.skipped[-1].start
+    return report
+
+
+def cut_torn_tail(filename):
+    """Cut a torn tail (a crash mid-write) off an uncompressed archive.
+
+    Everything before the damage is kept; nothing after it is a valid
+    record, so nothing readable is lost.
+
+    :returns: ``(offset, bytes_cut)`` when a tail was cut, else None.
+    """
+    report = inspect_file(filename)
+    if report.torn_offset is None:
+        return None
+    cut = report.size - report.torn_offset
+    with open(filename, "r+b") as f:
+        f.truncate(report.torn_offset)
+        f.flush()
+        os.fsync(f.fileno())
+    LOG.warning("%s: cut a torn tail of %d bytes at offset %d", filename,
+                cut, report.torn_offset)
+    return report.torn_offset, cut

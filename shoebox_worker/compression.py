@@ -1,0 +1,135 @@
+"""Compression codecs: a small table, gzip always, zstd when installed.
+
+Readers detect the codec from the file's first bytes, not its name, so a
+renamed archive still reads. Compressing writes a temporary file, fsyncs
+it, renames it into place and fsyncs the directory: a crash never leaves a
+truncated archive under the final name.
+"""
+
+import dataclasses
+import gzip
+import logging
+import os
+import shutil
+
+__all__ = [
+    "Codec",
+    "CODECS",
+    "get_codec",
+    "open_read",
+    "compress_file",
+    "fsync_directory",
+]
+
+LOG = logging.getLogger(__name__)
+
+try:  # optional extra: pip install shoebox-worker[zstd]
+    import zstandard
+except ImportError:  # pragma: no cover - depends on the environment
+    zstandard = None
+
+_COPY_CHUNK = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class Codec:
+    """One compression format.
+
+    :param name: the name used in config and plugin names.
+    :param suffix: appended to a compressed file's name.
+    :param magic: the first bytes of every file in this format.
+    :param default_level: the level used when none is given.
+    """
+
+    name: str
+    suffix: str
+    magic: bytes
+    default_level: int
+
+    def open_read(self, path):
+        """Open ``path`` for reading its uncompressed bytes."""
+        if self.name == "gzip":
+            return gzip.open(path, "rb")
+        return zstandard.ZstdDecompressor().stream_reader(
+            open(path, "rb"), closefd=True)
+
+    def open_write(self, fileobj, level, mtime):
+        """Wrap an open binary file for writing compressed bytes."""
+        if self.name == "gzip":
+            return gzip.GzipFile(filename="", mode="wb", fileobj=fileobj,
+                                 compresslevel=level, mtime=mtime)
+        return zstandard.ZstdCompressor(level=level).stream_writer(
+            fileobj, closefd=False)
+
+
+CODECS = {"gzip": Codec("gzip", ".gz", b"\x1f\x8b", 6)}
+if zstandard is not None:
+    CODECS["zstd"] = Codec("zstd", ".zst", b"\x28\xb5\x2f\xfd", 3)
+
+
+def get_codec(name):
+    """The codec called ``name``.
+
+    :raises ValueError: unknown, or not installed (zstd without zstandard).
+    """
+    try:
+        return CODECS[name]
+    except KeyError:
+        if name == "zstd":
+            raise ValueError("zstd needs the zstandard package "
+                             "(pip install shoebox-worker[zstd])") from None
+        raise ValueError("unknown compression %r (known: %s)"
+                         % (name, ", ".join(sorted(CODECS)))) from None
+
+
+def open_read(path):
+    """Open an archive for reading, decompressing it when needed.
+
+    :returns: a binary file object of the uncompressed bytes.
+    """
+    with open(path, "rb") as f:
+        head = f.read(4)
+    for codec in CODECS.values():
+        if head.startswith(codec.magic):
+            return codec.open_read(path)
+    if head.startswith(b"\x28\xb5\x2f\xfd"):
+        get_codec("zstd")  # raises the install hint
+    return open(path, "rb")
+
+
+def fsync_directory(path):
+    """fsync the directory holding ``path`` so a create/rename survives."""
+    fd = os.open(os.path.dirname(os.path.abspath(path)) or ".",
+                 os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def compress_file(src, codec, level=None):
+    """Compress ``src`` to ``src + codec.suffix``; the source is kept.
+
+    Writes ``<dst>.tmp``, fsyncs, renames, fsyncs the directory. An existing
+    destination (left by a crash after the rename) is replaced: compressing
+    the same source gives the same bytes. The result keeps the source's
+    modification time, so readers still order files as written.
+
+    :returns: the compressed file's path.
+    """
+    dst = src + codec.suffix
+    tmp = dst + ".tmp"
+    level = codec.default_level if level is None else int(level)
+    stat = os.stat(src)
+    with open(src, "rb") as fin, open(tmp, "wb") as raw:
+        out = codec.open_write(raw, level, mtime=int(stat.st_mtime))
+        shutil.copyfileobj(fin, out, _COPY_CHUNK)
+        out.close()
+        raw.flush()
+        os.fsync(raw.fileno())
+    os.utime(tmp, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    os.replace(tmp, dst)
+    fsync_directory(dst)
+    LOG.debug("compressed %s to %s (%d -> %d bytes)", src, dst,
+              stat.st_size, os.path.getsize(dst))
+    return dst

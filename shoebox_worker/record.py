@@ -1,0 +1,243 @@
+"""The binary record format: one notification and its metadata per record.
+
+Every record starts with the same 6-byte preamble, so one reader handles
+every version::
+
+    int32   magic   0x69867884 (bytes 84 78 86 69)
+    int16   version 1 or 2
+
+All integers are little-endian, standard sizes (``struct`` ``<``). On x86
+this is byte for byte what StackTach shoebox 0.7 wrote with native order.
+
+**Version 1** (shoebox 0.7, read and written unchanged)::
+
+    int32   M       metadata block length
+    int32   R       raw block length
+    int32   0       end-of-header marker
+    M bytes         metadata block
+    R bytes         raw block
+
+**Version 2** (the default) keeps v1's blocks, checks its header before any
+length is trusted, and closes every record with a checksum, so torn and
+corrupt records are detected::
+
+    uint32  M       metadata block length
+    uint32  R       raw block length
+    uint32  HCRC    CRC-32 (zlib) of the 14 bytes before it
+    M bytes         metadata block
+    R bytes         raw block
+    uint32  CRC     CRC-32 (zlib) of the whole record before it
+
+The metadata block (both versions)::
+
+    int32           4 x number of key/value pairs (N)
+    2N x int32      length of key 1, of value 1, of key 2, ...
+    2N strings      key 1, value 1, key 2, ... (UTF-8, no terminator)
+
+The raw block (both versions)::
+
+    int32           L, the payload length (R = 4 + L)
+    L bytes         the payload exactly as given
+
+``docs/format.md`` draws both with worked examples. The functions here are
+pure: :func:`pack` turns a record into bytes and :func:`unpack_from` parses
+one out of a buffer, never trusting a length past the bytes it was given.
+"""
+
+import struct
+import zlib
+
+from shoebox_worker import exceptions
+
+__all__ = [
+    "MAGIC",
+    "VERSIONS",
+    "CURRENT_VERSION",
+    "HEADER_SIZE",
+    "pack",
+    "record_size",
+    "unpack_from",
+    "is_record_start",
+    "find_marker",
+]
+
+#: Beginning-of-record marker ("EVNT" in the prior art's comment).
+MAGIC = 0x69867884
+#: Format versions this module reads and writes.
+VERSIONS = (1, 2)
+#: The version new archives are written in.
+CURRENT_VERSION = 2
+
+_PREAMBLE = struct.Struct("<ih")
+_V1_HEAD = struct.Struct("<ihiii")
+_V2_HEAD = struct.Struct("<ihIII")
+_I32 = struct.Struct("<i")
+_U32 = struct.Struct("<I")
+_MAGIC_BYTES = _I32.pack(MAGIC)
+
+#: Preamble plus header: the same 18 bytes in both versions.
+HEADER_SIZE = _V1_HEAD.size
+#: v2's trailing checksum.
+TRAILER_SIZE = _U32.size
+# Longest field the format can hold (int32 lengths in v1's layout).
+_MAX_LEN = 0x7FFFFFFF - 64
+
+
+def _encode(text):
+    if isinstance(text, str):
+        return text.encode("utf-8", "surrogateescape")
+    if isinstance(text, (bytes, bytearray, memoryview)):
+        return bytes(text)
+    raise TypeError("metadata and payload must be str or bytes, not %s"
+                    % type(text).__name__)
+
+
+def _metadata_block(metadata):
+    encoded = []
+    for key, value in metadata.items():
+        encoded.append(_encode(key))
+        encoded.append(_encode(value))
+    count = len(encoded)
+    lengths = [len(s) for s in encoded]
+    head = struct.pack("<%di" % (count + 1), count * 2, *lengths)
+    return b"".join([head] + encoded)
+
+
+def pack(metadata, payload, version=CURRENT_VERSION):
+    """Return one record as bytes.
+
+    :param metadata: a ``str:str`` dict (bytes keys/values are accepted).
+    :param payload: the notification, ``str`` (stored as UTF-8) or bytes.
+    :param version: 1 (StackTach shoebox 0.7) or 2.
+    :raises InvalidVersion: for any other version.
+    """
+    meta = _metadata_block(metadata)
+    body = _encode(payload)
+    if len(meta) > _MAX_LEN or len(body) > _MAX_LEN:
+        raise ValueError("record too large for the format (2 GiB)")
+    raw_len = _I32.pack(len(body))
+    if version == 2:
+        head = _V2_HEAD.pack(MAGIC, 2, len(meta), len(body) + 4, 0)[:14]
+        head += _U32.pack(zlib.crc32(head))
+        crc = zlib.crc32(body, zlib.crc32(raw_len, zlib.crc32(
+            meta, zlib.crc32(head))))
+        return b"".join((head, meta, raw_len, body, _U32.pack(crc)))
+    if version == 1:
+        head = _V1_HEAD.pack(MAGIC, 1, len(meta), len(body) + 4, 0)
+        return b"".join((head, meta, raw_len, body))
+    raise exceptions.InvalidVersion("cannot write format version %r"
+                                    % (version,))
+
+
+def record_size(buf, pos=0):
+    """Size of the record whose header starts at ``pos``, header checked.
+
+    Needs :data:`HEADER_SIZE` bytes at ``pos``. Does not look past the
+    header, so the size may exceed what the buffer holds (a torn record).
+
+    :returns: the total size in bytes of the record.
+    :raises OutOfSync: no record header at ``pos``.
+    :raises InvalidVersion: a version this code does not know.
+    :raises CorruptRecord: a header that fails its checks.
+    """
+    magic, version, meta_len, raw_len, third = _V1_HEAD.unpack_from(buf, pos)
+    if magic != MAGIC:
+        raise exceptions.OutOfSync("no record marker", pos)
+    if version == 2:
+        meta_len, raw_len, hcrc = _V2_HEAD.unpack_from(buf, pos)[2:]
+        if zlib.crc32(memoryview(buf)[pos:pos + 14]) != hcrc:
+            raise exceptions.CorruptRecord("header checksum mismatch", pos)
+        size = HEADER_SIZE + meta_len + raw_len + TRAILER_SIZE
+    elif version == 1:
+        if third != 0:
+            raise exceptions.CorruptRecord("end-of-header marker is not 0",
+                                           pos)
+        if meta_len < 0 or raw_len < 0:
+            raise exceptions.CorruptRecord("negative block length", pos)
+        size = HEADER_SIZE + meta_len + raw_len
+    else:
+        raise exceptions.InvalidVersion("unknown format version %d" % version,
+                                        pos)
+    if meta_len < 4 or raw_len < 4:
+        raise exceptions.CorruptRecord("block shorter than its length field",
+                                       pos)
+    return size
+
+
+def _parse_metadata(buf, start, end, pos):
+    (count,) = _I32.unpack_from(buf, start)
+    if count < 0 or count % 4:
+        raise exceptions.CorruptRecord("bad metadata count %d" % count, pos)
+    n = count // 2
+    off = start + 4
+    if off + 4 * n > end:
+        raise exceptions.CorruptRecord("metadata lengths overrun", pos)
+    lengths = struct.unpack_from("<%di" % n, buf, off)
+    off += 4 * n
+    if min(lengths, default=0) < 0 or off + sum(lengths) != end:
+        raise exceptions.CorruptRecord("metadata lengths do not add up", pos)
+    strings = []
+    for length in lengths:
+        strings.append(bytes(buf[off:off + length]).decode(
+            "utf-8", "surrogateescape"))
+        off += length
+    return dict(zip(strings[::2], strings[1::2], strict=True))
+
+
+def unpack_from(buf, pos=0, end=None):
+    """Parse the record at ``pos`` in ``buf``.
+
+    :param buf: bytes-like holding at least the whole record.
+    :param pos: offset of the record in ``buf``; also the offset reported
+        in errors.
+    :param end: where the valid bytes of ``buf`` end (default: its length).
+    :returns: ``(metadata, payload, size)``: a ``str:str`` dict, the payload
+        bytes, and the record's size in bytes.
+    :raises TornRecord: ``buf`` ends inside the record.
+    :raises RecordError: any other damage (OutOfSync, CorruptRecord,
+        InvalidVersion).
+    """
+    if end is None:
+        end = len(buf)
+    if end - pos < HEADER_SIZE:
+        raise exceptions.TornRecord("archive ends inside a record header",
+                                    pos)
+    size = record_size(buf, pos)
+    if pos + size > end:
+        raise exceptions.TornRecord(
+            "archive ends inside a record (%d of %d bytes)"
+            % (end - pos, size), pos)
+    _, version, meta_len, raw_len = _V1_HEAD.unpack_from(buf, pos)[:4]
+    meta_start = pos + HEADER_SIZE
+    raw_start = meta_start + meta_len
+    raw_end = raw_start + raw_len
+    if version == 2:
+        (crc,) = _U32.unpack_from(buf, raw_end)
+        if zlib.crc32(memoryview(buf)[pos:raw_end]) != crc:
+            raise exceptions.CorruptRecord("record checksum mismatch", pos)
+    metadata = _parse_metadata(buf, meta_start, raw_start, pos)
+    (length,) = _I32.unpack_from(buf, raw_start)
+    if length != raw_len - 4:
+        raise exceptions.CorruptRecord("payload length does not match block",
+                                       pos)
+    payload = bytes(buf[raw_start + 4:raw_end])
+    return metadata, payload, size
+
+
+def is_record_start(buf, pos, end=None):
+    """True when a whole, valid record starts at ``pos`` (used to resync)."""
+    try:
+        unpack_from(buf, pos, end)
+    except exceptions.RecordError:
+        return False
+    return True
+
+
+def find_marker(buf, start, end=None):
+    """Offset of the next record marker at or after ``start``, or -1.
+
+    :param buf: bytes or bytearray.
+    """
+    if end is None:
+        end = len(buf)
+    return buf.find(_MAGIC_BYTES, start, end)

@@ -1,0 +1,90 @@
+"""Roll checkers: when the active archive rolls over to a new file.
+
+Loaded by name from ``shoebox.roll_checkers`` (``never``, ``size``,
+``time``, ``count``); the contract is in :mod:`shoebox_worker.contract`.
+Constructors take keyword arguments only, as strings from the config, and
+coerce them.
+"""
+
+import time
+
+__all__ = [
+    "RollChecker",
+    "NeverRollChecker",
+    "SizeRollChecker",
+    "TimeRollChecker",
+    "CountRollChecker",
+]
+
+#: The clock time-based checkers read (monotonic: immune to clock steps).
+clock = time.monotonic
+
+
+def _positive(name, value, kind=float):
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        raise ValueError("%s: expected a number, got %r"
+                         % (name, value)) from None
+    if number <= 0:
+        raise ValueError("%s: must be greater than 0, got %r" % (name, value))
+    return number
+
+
+class RollChecker:
+    """Convenience base: ``start`` does nothing, ``check`` never rolls."""
+
+    def start(self, archive):
+        """Called when a new archive is opened."""
+
+    def check(self, archive):
+        """Should the current archive roll?"""
+        return False
+
+
+class NeverRollChecker(RollChecker):
+    """Never roll: one archive until the manager is closed."""
+
+
+class SizeRollChecker(RollChecker):
+    """Roll once the archive reaches ``roll_size_mb`` megabytes.
+
+    :param roll_size_mb: size in MiB (fractions allowed), default 100.
+    """
+
+    def __init__(self, *, roll_size_mb=100):
+        self.roll_size_mb = _positive("roll_size_mb", roll_size_mb)
+        self.roll_size = int(self.roll_size_mb * 1024 * 1024)
+
+    def check(self, archive):
+        return archive.tell() >= self.roll_size
+
+
+class TimeRollChecker(RollChecker):
+    """Roll ``roll_minutes`` after the archive was opened, even when idle.
+
+    :param roll_minutes: minutes (fractions allowed), default 60.
+    """
+
+    def __init__(self, *, roll_minutes=60):
+        self.roll_minutes = _positive("roll_minutes", roll_minutes)
+        self.end_time = None
+
+    def start(self, archive):
+        self.end_time = clock() + self.roll_minutes * 60
+
+    def check(self, archive):
+        return self.end_time is not None and clock() >= self.end_time
+
+
+class CountRollChecker(RollChecker):
+    """Roll after ``roll_count`` records (handy for tests and small batches).
+
+    :param roll_count: records per archive, default 100000.
+    """
+
+    def __init__(self, *, roll_count=100000):
+        self.roll_count = _positive("roll_count", roll_count, int)
+
+    def check(self, archive):
+        return archive.records >= self.roll_count

@@ -1,0 +1,288 @@
+"""Roll managers: a series of archive files behind one write() or read().
+
+"Roll" comes from "roll over": a :class:`WritingRollManager` writes to one
+archive until its roll checker says to move on, then closes it, runs the
+archive callback on it and opens the next file on the next write. A
+:class:`ReadingRollManager` reads a set of files matching a glob, in the
+order they were written::
+
+    checker = roll_checker.SizeRollChecker(roll_size_mb=100)
+    with roll_manager.WritingRollManager("test_%c.events", checker) as x:
+        for index in range(10):
+            x.write({"index": str(index)}, "payload_%d" % index)
+
+    manager = roll_manager.ReadingRollManager("test_*.events")
+    while True:
+        try:
+            metadata, payload = manager.read()
+        except roll_manager.NoMoreFiles:
+            break
+
+File names come from a strftime template (UTC). A roll never overwrites
+an existing file: when a name is taken, ``~1``, ``~2``... is inserted before
+the extension (``test_X.events``, ``test_X~1.events``). Readers order files
+by modification time, then by that counter, which is the order a manager
+wrote them, whatever the template.
+"""
+
+import datetime
+import fnmatch
+import logging
+import os
+import re
+
+from shoebox_worker import archive
+from shoebox_worker import compression
+from shoebox_worker import exceptions
+from shoebox_worker import record
+from shoebox_worker.exceptions import NoMoreFiles
+
+__all__ = [
+    "RollManager",
+    "WritingRollManager",
+    "ReadingRollManager",
+    "NoMoreFiles",
+    "render_template",
+    "unique_path",
+    "sort_written_order",
+]
+
+LOG = logging.getLogger(__name__)
+
+_COUNTER = re.compile(r"~(\d+)(?=(?:\.[^.~]*)*$)")
+
+
+def utcnow():
+    """The clock file names are made from (patched in tests)."""
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def render_template(template, when=None):
+    """A file name from a strftime template, made safe as the seed did.
+
+    Spaces, slashes and colons become underscores (``%c`` has all three).
+    """
+    name = (when or utcnow()).strftime(template)
+    for char in (" ", "/", ":"):
+        name = name.replace(char, "_")
+    return name
+
+
+def _with_counter(path, counter):
+    if not counter:
+        return path
+    head, tail = os.path.split(path)
+    stem, dot, ext = tail.rpartition(".")
+    if not dot or not stem:
+        return os.path.join(head, "%s~%d" % (tail, counter))
+    return os.path.join(head, "%s~%d.%s" % (stem, counter, ext))
+
+
+def unique_path(path, start=0):
+    """Create ``path`` (or the first free ``~N`` variant) and return it.
+
+    Free means: no such file and no file that starts with its name plus a
+    dot (``x.events.gz`` left by a callback). The file is created with
+    O_EXCL, so two writers can never get the same name.
+
+    :param start: the first counter to try (0 is ``path`` itself).
+    :returns: ``(path, counter)``.
+    """
+    directory = os.path.dirname(path) or "."
+    counter = start
+    while True:
+        candidate = _with_counter(path, counter)
+        counter += 1
+        base = os.path.basename(candidate) + "."
+        if any(name.startswith(base) for name in os.listdir(directory)):
+            continue
+        try:
+            fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                         0o644)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return candidate, counter - 1
+
+
+def _written_order_key(path):
+    match = _COUNTER.search(os.path.basename(path))
+    return (os.stat(path).st_mtime_ns, int(match.group(1)) if match else 0,
+            path)
+
+
+def sort_written_order(paths):
+    """Sort archive paths into the order they were written."""
+    return sorted(paths, key=_written_order_key)
+
+
+class RollManager:
+    """What both managers share: the template, directory and callback."""
+
+    def __init__(self, filename_template, directory=".",
+                 archive_callback=None):
+        self.filename_template = filename_template
+        self.directory = directory
+        self.archive_callback = archive_callback
+        self.active_archive = None
+        self.active_filename = None
+
+    def _roll_archive(self):
+        self.close()
+
+    def close(self):
+        """Close the active archive and run the callback's ``on_close``."""
+        if self.active_archive is None:
+            return None
+        filename = self.active_filename
+        self.active_archive.close()
+        self.active_archive = None
+        self.active_filename = None
+        if self.archive_callback is not None:
+            return self.archive_callback.on_close(filename)
+        return filename
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+class WritingRollManager(RollManager):
+    """Write records into a series of archives, rolling as told.
+
+    :param filename_template: strftime template (UTC) for new files.
+    :param roll_checker: decides when to roll (see
+        :mod:`shoebox_worker.contract`).
+    :param directory: where files are created (made if missing).
+    :param archive_callback: ``on_open(filename)`` / ``on_close(filename)``
+        on each file; a chain runs them in order.
+    :param version: record format version of new files.
+    """
+
+    def __init__(self, filename_template, roll_checker, directory=".",
+                 archive_callback=None, version=record.CURRENT_VERSION):
+        super().__init__(filename_template, directory, archive_callback)
+        if version not in record.VERSIONS:
+            raise exceptions.InvalidVersion(
+                "cannot write format version %r" % (version,))
+        self.roll_checker = roll_checker
+        self.version = version
+        #: Archives opened so far.
+        self.opened = 0
+        # the last name rendered from the template and the counter used
+        # with it: a name is never reused in this process, even after its
+        # file was moved or deleted by a callback
+        self._last_base = None
+        self._last_counter = -1
+
+    def _make_filename(self):
+        return os.path.join(self.directory,
+                            render_template(self.filename_template))
+
+    def get_active_archive(self):
+        """The archive being written, opening a new file when none is."""
+        if self.active_archive is None:
+            os.makedirs(self.directory, exist_ok=True)
+            base = self._make_filename()
+            start = (self._last_counter + 1 if base == self._last_base
+                     else 0)
+            path, counter = unique_path(base, start)
+            try:
+                self.active_archive = archive.ArchiveWriter(
+                    path, version=self.version, exclusive=False)
+            except BaseException:
+                os.unlink(path)
+                raise
+            compression.fsync_directory(path)
+            self._last_base, self._last_counter = base, counter
+            self.active_filename = path
+            self.opened += 1
+            LOG.debug("opened archive %s", path)
+            if self.archive_callback is not None and hasattr(
+                    self.archive_callback, "on_open"):
+                self.archive_callback.on_open(path)
+            self.roll_checker.start(self.active_archive)
+        return self.active_archive
+
+    def write(self, metadata, payload):
+        """Append one record, rolling afterwards if the checker says so.
+
+        :param metadata: ``str:str`` dict.
+        :param payload: str or bytes, most likely JSON.
+        :returns: the record's size in bytes.
+        """
+        size = self.get_active_archive().write(metadata, payload)
+        if self.roll_checker.check(self.active_archive):
+            self._roll_archive()
+        return size
+
+    def maybe_roll(self):
+        """Roll if the checker says so, without writing (for idle queues).
+
+        :returns: True when the active archive was rolled.
+        """
+        if self.active_archive is not None and self.roll_checker.check(
+                self.active_archive):
+            self._roll_archive()
+            return True
+        return False
+
+    def sync(self):
+        """Flush and fsync the active archive, if any."""
+        if self.active_archive is not None:
+            self.active_archive.sync()
+
+
+class ReadingRollManager(RollManager):
+    """Read every record of the files matching a glob, in written order.
+
+    :param filename_template: a glob (``test_*.events``), relative to
+        ``directory``.
+    :param salvage: read damaged files in salvage mode (see
+        :class:`~shoebox_worker.archive.ArchiveReader`).
+    """
+
+    def __init__(self, filename_template, directory=".",
+                 archive_callback=None, salvage=False):
+        super().__init__(filename_template, directory, archive_callback)
+        self.salvage = salvage
+        pattern = os.path.join(directory, filename_template)
+        folder = os.path.dirname(pattern) or "."
+        files = [os.path.join(os.path.dirname(pattern), name)
+                 for name in os.listdir(folder)]
+        self.files_to_read = sort_written_order(
+            f for f in fnmatch.filter(files, pattern) if os.path.isfile(f))
+
+    def get_active_archive(self):
+        """The archive being read; opens the next file when needed."""
+        if self.active_archive is None:
+            if not self.files_to_read:
+                raise NoMoreFiles("no more files to read")
+            self.active_filename = self.files_to_read.pop(0)
+            self.active_archive = archive.ArchiveReader(
+                self.active_filename, salvage=self.salvage)
+            if self.archive_callback is not None and hasattr(
+                    self.archive_callback, "on_open"):
+                self.archive_callback.on_open(self.active_filename)
+        return self.active_archive
+
+    def read(self):
+        """The next ``(metadata, payload)`` across all files.
+
+        :raises NoMoreFiles: after the last record of the last file.
+        :raises RecordError: a damaged record (unless salvaging).
+        """
+        while True:
+            try:
+                return self.get_active_archive().read()
+            except exceptions.EndOfFile:
+                self._roll_archive()
+
+    def __iter__(self):
+        while True:
+            try:
+                yield self.read()
+            except NoMoreFiles:
+                return
