@@ -1,0 +1,78 @@
+"""Publish synthetic notifications to the real RabbitMQ and read them back.
+
+Needs RabbitMQ on 127.0.0.1:5672 (guest/guest). Without it the test is
+skipped, or fails when CI=true.
+"""
+
+import json
+import os
+import uuid
+
+import pytest
+from kombu import Connection
+from kombu import Exchange
+from kombu import Queue
+
+from shoebox_worker.generator import notifications
+from shoebox_worker.generator import publish
+
+pytestmark = pytest.mark.functional
+
+URL = "amqp://guest:guest@127.0.0.1:5672//"
+
+
+@pytest.fixture
+def conn():
+    connection = Connection(URL, connect_timeout=5)
+    try:
+        connection.connect()
+    except Exception as exc:
+        connection.release()
+        msg = f"RabbitMQ not reachable at {connection.as_uri()}: {exc}"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    yield connection
+    connection.release()
+
+
+def test_publish_and_read_back(conn):
+    name = f"shoebox-test-generator-{uuid.uuid4().hex[:12]}"
+    exchange = Exchange(name, type="topic", durable=False)
+    queue = Queue(name, exchange=exchange, routing_key="notifications.info",
+                  durable=False)
+    channel = conn.channel()
+    seen = []
+    try:
+        sent = publish(URL, 500, exchange=name, declare_queue=name, seed=99,
+                       progress=seen.append)
+        assert sent == 500
+        assert seen == list(range(1, 501))
+
+        bound = queue(channel)
+        received = []
+        while (message := bound.get(no_ack=True)) is not None:
+            assert message.content_type == "application/json"
+            assert message.content_encoding == "utf-8"
+            assert message.delivery_info["routing_key"] == (
+                "notifications.info")
+            assert message.properties["delivery_mode"] == 2
+            received.append(message.body)
+        assert len(received) == 500
+
+        expected = [n["message_id"] for n in notifications(500, seed=99)]
+        got = []
+        for body in received:
+            outer = json.loads(body)
+            assert set(outer) == {"oslo.version", "oslo.message"}
+            assert outer["oslo.version"] == "2.0"
+            inner = json.loads(outer["oslo.message"])
+            assert inner["priority"] == "INFO"
+            assert inner["payload"]
+            got.append(inner["message_id"])
+        # All of them, once each, in the order they were published.
+        assert got == expected
+    finally:
+        queue(channel).delete()
+        exchange(channel).delete()
+        channel.close()
