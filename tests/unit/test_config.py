@@ -1,0 +1,783 @@
+"""Tests for shoebox_worker.config: every message, every default."""
+
+import dataclasses
+import os
+import pathlib
+import re
+import textwrap
+
+import pytest
+
+from shoebox_worker import config
+from shoebox_worker.exceptions import ConfigError
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+SAMPLE = ROOT / "etc" / "shoebox-worker.conf.sample"
+
+BASE = """\
+[broker]
+url = memory://
+
+[consumer:notifications.info]
+"""
+
+
+@pytest.fixture
+def write(tmp_path, monkeypatch):
+    """Write ``worker.conf`` in the (temporary) current directory."""
+    monkeypatch.chdir(tmp_path)
+
+    def write(text, name="worker.conf"):
+        pathlib.Path(name).write_text(textwrap.dedent(text))
+        return name
+    return write
+
+
+def error(path, environ=None):
+    """The one-line message load() fails with."""
+    with pytest.raises(ConfigError) as info:
+        config.load(path, environ={} if environ is None else environ)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def base_error(write, text, environ=None):
+    return error(write(BASE + textwrap.dedent(text)), environ)
+
+
+def load(write, text="", environ=None):
+    return config.load(write(BASE + textwrap.dedent(text)),
+                       environ={} if environ is None else environ)
+
+
+# -- defaults ---------------------------------------------------------------
+
+def test_defaults(write):
+    conf = load(write)
+    assert conf.filename == "worker.conf"
+    assert conf.broker == config.BrokerConfig(
+        url="memory://", prefetch_count=2000, heartbeat=60.0,
+        connect_timeout=10.0, connect_max_retries=None,
+        failover_strategy="round-robin")
+    assert conf.consumers == (config.ConsumerConfig(
+        queue="notifications.info", exchange="nova", exchange_type="topic",
+        routing_key="notifications.info", durable=False,
+        exchange_durable=False, auto_delete=False, queue_arguments={},
+        declare=True),)
+    archive = conf.archive
+    assert archive.working_directory == "/var/lib/shoebox-worker"
+    assert archive.filename_template == (
+        "shoebox_%Y%m%dT%H%M%S_{worker_id}.events")
+    assert archive.version == 2
+    assert archive.roll_checker == "size"
+    assert archive.callbacks == ()
+    assert archive.fsync_every == 1000
+    assert archive.fsync_interval == 1.0
+    assert archive.metadata_fields == ()
+    assert dict(archive.static_metadata) == {}
+    assert archive.max_backlog_mb == 10240
+    assert archive.retry_initial == 1.0
+    assert archive.retry_max == 300
+    assert dict(conf.roll_checker_options) == {}
+    assert dict(conf.callback_options) == {}
+    assert conf.worker == config.WorkerConfig(processes=1,
+                                              stats_interval=60.0)
+    assert conf.metrics == config.MetricsConfig(port=None, host="127.0.0.1")
+    assert conf.logging == config.LoggingConfig(level="INFO", file=None)
+
+
+def test_dataclasses_follow_the_option_tables():
+    classes = {
+        "broker": config.BrokerConfig, "consumer": config.ConsumerConfig,
+        "archive": config.ArchiveConfig, "worker": config.WorkerConfig,
+        "metrics": config.MetricsConfig, "logging": config.LoggingConfig,
+    }
+    assert list(classes) == list(config.SECTIONS)
+    for section, cls in classes.items():
+        table = config.SECTIONS[section]
+        fields = [f for f in dataclasses.fields(cls) if f.name != "queue"]
+        assert [f.name for f in fields] == list(table), section
+        for field in fields:
+            option = table[field.name]
+            if option.default is None or field.name in (
+                    "routing_key", "exchange_durable"):
+                continue
+            if field.default is not dataclasses.MISSING:
+                default = field.default
+            else:
+                default = field.default_factory()
+            assert option.parse(option.default) == default, field.name
+
+
+def test_consumer_defaults_derive_from_queue_and_durable():
+    consumer = config.ConsumerConfig("q", durable=True)
+    assert consumer.routing_key == "q"
+    assert consumer.exchange_durable is True
+    consumer = config.ConsumerConfig("q", routing_key="k", durable=True,
+                                     exchange_durable=False)
+    assert (consumer.routing_key, consumer.exchange_durable) == ("k", False)
+
+
+# -- the file ---------------------------------------------------------------
+
+def test_missing_file(write):
+    assert error("missing.conf") == (
+        "missing.conf: cannot read: No such file or directory")
+
+
+def test_directory(write):
+    os.mkdir("conf.d")
+    assert error("conf.d") == "conf.d: cannot read: Is a directory"
+
+
+def test_unreadable_file(write, monkeypatch):
+    path = write(BASE)
+    os.chmod(path, 0)
+    if os.geteuid() == 0:
+        # root reads anything: refuse the way the kernel does for others.
+        def refuse(*args, **kwargs):
+            raise PermissionError(13, "Permission denied", path)
+        monkeypatch.setattr(config, "open", refuse, raising=False)
+    assert error(path) == "worker.conf: cannot read: Permission denied"
+
+
+def test_not_utf8(write):
+    pathlib.Path("worker.conf").write_bytes(b"[broker]\nurl = \xff\n")
+    assert error("worker.conf") == (
+        "worker.conf: cannot read: not UTF-8 text (byte 0xff at offset 15)")
+
+
+def test_accepts_path_objects_and_a_bom(write):
+    write(BASE)
+    data = pathlib.Path("worker.conf").read_bytes()
+    pathlib.Path("worker.conf").write_bytes(b"\xef\xbb\xbf" + data)
+    conf = config.load(pathlib.Path("worker.conf"), environ={})
+    assert conf.filename == "worker.conf"
+
+
+def test_option_before_any_section(write):
+    assert error(write("url = memory://\n")) == (
+        "worker.conf: line 1: 'url = memory://' comes before any "
+        "[section] header")
+
+
+def test_line_that_is_not_an_option(write):
+    path = write(BASE + "\n[archive]\nfsync_every 10\n")
+    assert error(path) == (
+        "worker.conf: line 7: expected 'key = value', a [section] or a # "
+        "comment, got 'fsync_every 10'")
+
+
+def test_section_twice(write):
+    path = write(BASE + "\n[archive]\n\n[archive]\n")
+    assert error(path) == (
+        "worker.conf [archive]: line 8: section appears twice")
+
+
+def test_option_twice(write):
+    path = write(BASE + "\n[archive]\nfsync_every = 1\nfsync_every = 2\n")
+    assert error(path) == (
+        "worker.conf [archive] fsync_every: line 8: option set twice in "
+        "this section")
+
+
+def test_keys_in_default_are_refused(write):
+    path = write("[DEFAULT]\nlevel = 9\n\n" + BASE)
+    assert error(path) == (
+        "worker.conf [DEFAULT] level: options in [DEFAULT] are not allowed "
+        "(configparser copies them into every section, where plugins would "
+        "refuse them); move it to the section it belongs to")
+
+
+def test_empty_default_section_is_fine(write):
+    assert config.load(write("[DEFAULT]\n" + BASE), environ={})
+
+
+def test_no_consumer(write):
+    assert error(write("[broker]\nurl = memory://\n")) == (
+        "worker.conf: no [consumer:QUEUE] section: name at least one queue "
+        "to consume")
+
+
+def test_missing_url(write):
+    assert error(write("[broker]\n\n[consumer:q]\n")) == (
+        "worker.conf [broker] url: required option is missing")
+
+
+def test_missing_broker_section(write):
+    assert error(write("[consumer:q]\n")) == (
+        "worker.conf [broker] url: required option is missing")
+
+
+def test_empty_url(write):
+    assert error(write("[broker]\nurl =\n[consumer:q]\n")) == (
+        "worker.conf [broker] url: must not be empty")
+
+
+# -- unknown sections and options ------------------------------------------
+
+@pytest.mark.parametrize("section, message", [
+    ("archvie", "unknown section (did you mean [archive]?)"),
+    ("Broker", "unknown section (did you mean [broker]?)"),
+    ("consumers:notifications.info",
+     "unknown section (did you mean [consumer:notifications.info]?)"),
+    ("consumer", "unknown section (did you mean [consumer:QUEUE]?)"),
+    ("callback", "unknown section (did you mean [callback:NAME]?)"),
+    ("callbacks", "unknown section (did you mean [callback:NAME]?)"),
+    ("rollchecker:size",
+     "unknown section (did you mean [roll_checker:size]?)"),
+    ("zzz", "unknown section"),
+])
+def test_unknown_section(write, section, message):
+    assert base_error(write, "[%s]\n" % section) == (
+        "worker.conf [%s]: %s" % (section, message))
+
+
+@pytest.mark.parametrize("section, prefix", [
+    ("consumer:", "queue"), ("callback:", "name"), ("roll_checker: ", "name"),
+])
+def test_empty_prefixed_section_name(write, section, prefix):
+    assert base_error(write, "[%s]\n" % section) == (
+        "worker.conf [%s]: empty %s name after %r"
+        % (section, prefix, section.strip()))
+
+
+@pytest.mark.parametrize("section, key, message", [
+    ("archive", "rol_checker",
+     "unknown option (did you mean roll_checker?)"),
+    ("archive", "fsync_evry", "unknown option (did you mean fsync_every?)"),
+    ("broker", "prefetch", "unknown option (did you mean prefetch_count?)"),
+    ("consumer:notifications.info", "durabel",
+     "unknown option (did you mean durable?)"),
+    ("worker", "colour", "unknown option"),
+    ("metrics", "prot", "unknown option (did you mean port?)"),
+    ("logging", "levl", "unknown option (did you mean level?)"),
+])
+def test_unknown_option(write, section, key, message):
+    text = "[consumer:notifications.info]\n[broker]\nurl = memory://\n"
+    if section.startswith("consumer:"):
+        text = "[broker]\nurl = memory://\n"
+    if section != "broker":
+        text += "[%s]\n" % section
+    text += "%s = 1\n" % key
+    assert error(write(text)) == "worker.conf [%s] %s: %s" % (
+        section, key, message)
+
+
+def test_keys_are_case_insensitive(write):
+    assert load(write, "[archive]\nFsync_Every = 10\n").archive.fsync_every \
+        == 10
+
+
+# -- environment variables and secrets -------------------------------------
+
+def test_environment_variables_expand_anywhere(write):
+    conf = load(write, """
+        [archive]
+        static_metadata = region=${REGION}, cell=c${CELL}
+        """, environ={"REGION": "dfw", "CELL": "1"})
+    assert dict(conf.archive.static_metadata) == {
+        "region": "dfw", "cell": "c1"}
+
+
+def test_environment_defaults_to_os_environ(write, monkeypatch):
+    monkeypatch.setenv("SHOEBOX_TEST_PASSWORD", "s3cret")
+    path = write("""\
+        [broker]
+        url = amqp://guest:${SHOEBOX_TEST_PASSWORD}@127.0.0.1:5672//
+        [consumer:q]
+        """)
+    conf = config.load(path)
+    assert conf.broker.url == "amqp://guest:s3cret@127.0.0.1:5672//"
+
+
+def test_unset_environment_variable(write):
+    path = write("""\
+        [broker]
+        url = amqp://guest:${RABBIT_PASSWORD}@127.0.0.1:5672//
+        [consumer:q]
+        """)
+    assert error(path) == (
+        "worker.conf [broker] url: environment variable RABBIT_PASSWORD is "
+        "not set")
+
+
+def test_unset_environment_variable_in_plugin_section(write):
+    assert base_error(write, """
+        [archive]
+        callbacks = swift
+        [callback:swift]
+        key = ${SWIFT_KEY}
+        """) == (
+        "worker.conf [callback:swift] key: environment variable SWIFT_KEY "
+        "is not set")
+
+
+def test_bad_environment_reference(write):
+    assert base_error(write, """
+        [archive]
+        static_metadata = region=${REGION:-dfw}
+        """) == (
+        "worker.conf [archive] static_metadata: bad environment variable "
+        "reference '${REGION:-dfw}': expected ${NAME}")
+
+
+def test_expanded_values_are_not_expanded_again(write):
+    conf = load(write, "[archive]\nstatic_metadata = a=${A}\n",
+                environ={"A": "${B}"})
+    assert conf.archive.static_metadata["a"] == "${B}"
+
+
+def test_secrets_stay_out_of_repr_and_str(write):
+    path = write("""\
+        [broker]
+        url = amqp://shoebox:inline-secret@rabbit1:5672//;amqp://shoebox:${RABBIT_PASSWORD}@rabbit2//
+        [consumer:q]
+        [archive]
+        callbacks = swift
+        [callback:swift]
+        user = test:tester
+        key = plain-swift-key
+        os_password = os-secret
+        os_auth_url = https://admin:url-secret@keystone/v3
+        container = ${CONTAINER}
+        """)  # noqa: E501
+    conf = config.load(path, environ={"RABBIT_PASSWORD": "env-secret",
+                                      "CONTAINER": "from-env"})
+    assert conf.broker.url == (
+        "amqp://shoebox:inline-secret@rabbit1:5672//;"
+        "amqp://shoebox:env-secret@rabbit2//")
+    options = conf.callback_options["swift"]
+    assert options["key"] == "plain-swift-key"
+    assert options["os_password"] == "os-secret"
+    assert options["container"] == "from-env"
+    for text in (repr(conf), str(conf), repr(conf.broker), repr(options)):
+        for secret in ("inline-secret", "env-secret", "plain-swift-key",
+                       "os-secret", "url-secret", "from-env"):
+            assert secret not in text
+    assert "test:tester" in repr(options)
+    assert conf.redacted_url() == conf.broker.redacted_url() == (
+        "amqp://shoebox:***@rabbit1:5672//;amqp://shoebox:***@rabbit2//")
+    assert conf.broker.urls == ("amqp://shoebox:inline-secret@rabbit1:5672//",
+                                "amqp://shoebox:env-secret@rabbit2//")
+
+
+@pytest.mark.parametrize("url, redacted", [
+    ("amqp://guest:guest@127.0.0.1:5672//", "amqp://guest:***@127.0.0.1:5672//"),
+    ("redis://:secret@127.0.0.1:6379/0", "redis://:***@127.0.0.1:6379/0"),
+    ("amqp://u:p@ss@host/vhost", "amqp://u:***@host/vhost"),
+    ("amqp://user@host//", "amqp://user@host//"),
+    ("memory://", "memory://"),
+    ("amqp://a:1@h1//;redis://:2@h2:6379", "amqp://a:***@h1//;redis://:***@h2:6379"),
+])
+def test_redact_url(url, redacted):
+    assert config.redact_url(url) == redacted
+
+
+# -- [broker] ---------------------------------------------------------------
+
+def test_broker_values(write):
+    conf = config.load(write("""\
+        [broker]
+        url = amqp://h1// ; amqp://h2//
+        prefetch_count = 5000
+        heartbeat = 0
+        connect_timeout = 2.5
+        connect_max_retries = 0
+        failover_strategy = shuffle
+        [consumer:q]
+        """), environ={})
+    assert conf.broker == config.BrokerConfig(
+        url="amqp://h1//;amqp://h2//", prefetch_count=5000, heartbeat=0.0,
+        connect_timeout=2.5, connect_max_retries=0,
+        failover_strategy="shuffle")
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("prefetch_count", "ten", "expected an integer, got 'ten'"),
+    ("prefetch_count", "0", "expected an integer >= 1, got '0'"),
+    ("prefetch_count", "2.5", "expected an integer, got '2.5'"),
+    ("heartbeat", "-1", "expected a number >= 0, got '-1'"),
+    ("heartbeat", "nan", "expected a number, got 'nan'"),
+    ("connect_timeout", "0", "expected a number > 0, got '0'"),
+    ("connect_max_retries", "-1", "expected an integer >= 0, got '-1'"),
+    ("failover_strategy", "roundrobin",
+     "expected one of round-robin, shuffle, got 'roundrobin' "
+     "(did you mean round-robin?)"),
+])
+def test_broker_errors(write, key, value, message):
+    path = write("[broker]\nurl = memory://\n%s = %s\n[consumer:q]\n"
+                 % (key, value))
+    assert error(path) == "worker.conf [broker] %s: %s" % (key, message)
+
+
+@pytest.mark.parametrize("url, message", [
+    ("amqps2://guest:secret@h//",
+     "unknown transport 'amqps2' (did you mean amqps?)"),
+    ("amqp://h//;zzz://guest:secret@h2//",
+     "unknown transport 'zzz' (URL 2)"),
+    ("127.0.0.1:5672",
+     "expected a URL like amqp://user:password@host:5672//, "
+     "got '127.0.0.1:5672'"),
+    ("amqp://guest:secret@h:56x2//",
+     "bad port in 'amqp://guest:***@h:56x2//'"),
+])
+def test_broker_url_errors(write, url, message):
+    path = write("[broker]\nurl = %s\n[consumer:q]\n" % url)
+    result = error(path)
+    assert result == "worker.conf [broker] url: %s" % message
+    assert "secret" not in result
+
+
+def test_broker_url_transports(write):
+    for url in ("redis://:pw@127.0.0.1:6379/0", "memory://",
+                "sqla+sqlite:///x.db", "amqp://[::1]:5672//"):
+        path = write("[broker]\nurl = %s\n[consumer:q]\n" % url)
+        assert config.load(path, environ={}).broker.url == url
+
+
+# -- [consumer:QUEUE] -------------------------------------------------------
+
+def test_consumers(write):
+    conf = config.load(write("""\
+        [broker]
+        url = memory://
+        [consumer:notifications.info]
+        exchange = glance
+        exchange_type = Direct
+        routing_key = notifications.*
+        durable = yes
+        auto_delete = on
+        queue_arguments = x-queue-type=quorum, x-max-length=100000, x-single-active-consumer=true, x-overflow=reject-publish, x-x=-5
+        declare = off
+        [consumer:notifications.error]
+        durable = true
+        exchange_durable = false
+        """), environ={})  # noqa: E501
+    info, err = conf.consumers
+    assert info == config.ConsumerConfig(
+        queue="notifications.info", exchange="glance",
+        exchange_type="direct", routing_key="notifications.*", durable=True,
+        exchange_durable=True, auto_delete=True,
+        queue_arguments={"x-queue-type": "quorum", "x-max-length": 100000,
+                         "x-single-active-consumer": True,
+                         "x-overflow": "reject-publish", "x-x": -5},
+        declare=False)
+    assert type(info.queue_arguments["x-max-length"]) is int
+    assert (err.queue, err.routing_key, err.durable, err.exchange_durable) \
+        == ("notifications.error", "notifications.error", True, False)
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("true", True), ("True", True), ("yes", True), ("on", True), ("1", True),
+    ("false", False), ("NO", False), ("off", False), ("0", False),
+])
+def test_booleans(write, value, expected):
+    conf = config.load(write(
+        "[broker]\nurl = memory://\n[consumer:q]\ndurable = %s\n" % value),
+        environ={})
+    assert conf.consumers[0].durable is expected
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("durable", "maybe",
+     "expected true or false (or yes/no, on/off, 1/0), got 'maybe'"),
+    ("exchange_durable", "si",
+     "expected true or false (or yes/no, on/off, 1/0), got 'si'"),
+    ("exchange_type", "topik",
+     "expected one of direct, topic, fanout, headers, got 'topik' "
+     "(did you mean topic?)"),
+    ("exchange", "", "must not be empty"),
+    ("queue_arguments", "x-queue-type",
+     "expected key=value, got 'x-queue-type'"),
+    ("queue_arguments", "=quorum", "expected key=value, got '=quorum'"),
+    ("queue_arguments", "a=1, a=2", "'a' is set twice"),
+])
+def test_consumer_errors(write, key, value, message):
+    path = write("[broker]\nurl = memory://\n[consumer:q]\n%s = %s\n"
+                 % (key, value))
+    assert error(path) == "worker.conf [consumer:q] %s: %s" % (key, message)
+
+
+# -- [archive] --------------------------------------------------------------
+
+def test_archive_values(write, tmp_path):
+    conf = load(write, """
+        [archive]
+        working_directory = var/archive
+        filename_template = nova_%Y%m%d_{worker_id}.dat
+        version = 1
+        roll_checker = count
+        callbacks = gzip,
+            swift, delete
+        fsync_every = 10
+        fsync_interval = 0.25
+        metadata_fields = payload.instance_id, payload.tenant_id
+        static_metadata = region=dfw, cell = c1
+        max_backlog_mb = 0.5
+        retry_initial = 2
+        retry_max = 2
+        """)
+    archive = conf.archive
+    assert archive.working_directory == str(tmp_path / "var" / "archive")
+    assert archive.filename_template == "nova_%Y%m%d_{worker_id}.dat"
+    assert archive.version == 1
+    assert archive.roll_checker == "count"
+    assert archive.callbacks == ("gzip", "swift", "delete")
+    assert archive.fsync_every == 10
+    assert archive.fsync_interval == 0.25
+    assert archive.metadata_fields == ("payload.instance_id",
+                                       "payload.tenant_id")
+    assert dict(archive.static_metadata) == {"region": "dfw", "cell": "c1"}
+    assert archive.max_backlog_mb == 0.5
+    assert (archive.retry_initial, archive.retry_max) == (2.0, 2.0)
+
+
+def test_home_directory_is_expanded(write, monkeypatch):
+    monkeypatch.setenv("HOME", "/home/shoebox")
+    conf = load(write, "[archive]\nworking_directory = ~/archive\n")
+    assert conf.archive.working_directory == "/home/shoebox/archive"
+
+
+def test_template_for():
+    archive = config.ArchiveConfig()
+    assert archive.template_for("host1-42") == (
+        "shoebox_%Y%m%dT%H%M%S_host1-42.events")
+    assert archive.template_for("100%-7") == (
+        "shoebox_%Y%m%dT%H%M%S_100%%-7.events")
+    with pytest.raises(ValueError):
+        archive.template_for("a/b")
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("working_directory", "", "must not be empty"),
+    ("filename_template", "shoebox_%Y.events",
+     "must contain {worker_id}, so that two workers never write the same "
+     "file"),
+    ("filename_template", "%Y/%m/{worker_id}.events",
+     "renders as '1970/01/host-1.events', which contains '/': a file name, "
+     "not a path (see working_directory)"),
+    ("filename_template", "%D_{worker_id}",
+     "renders as '01/01/70_host-1', which contains '/': a file name, not a "
+     "path (see working_directory)"),
+    ("version", "3", "expected 1 or 2, got '3'"),
+    ("roll_checker", "size, time", "expected one name, got 'size, time'"),
+    ("roll_checker", "", "expected a plugin name, got ''"),
+    ("callbacks", "gzip swift",
+     "expected comma-separated names, got 'gzip swift'"),
+    ("callbacks", "gzip, swift, gzip", "'gzip' is listed twice"),
+    ("fsync_every", "ten", "expected an integer, got 'ten'"),
+    ("fsync_every", "0", "expected an integer >= 1, got '0'"),
+    ("fsync_interval", "0", "expected a number > 0, got '0'"),
+    ("fsync_interval", "soon", "expected a number, got 'soon'"),
+    ("metadata_fields", "payload..instance_id",
+     "expected dotted paths like payload.instance_id, got "
+     "'payload..instance_id'"),
+    ("metadata_fields", "payload.a, payload.a",
+     "'payload.a' is listed twice"),
+    ("static_metadata", "region", "expected key=value, got 'region'"),
+    ("static_metadata", "queue=x", "'queue' is set by the worker itself"),
+    ("max_backlog_mb", "0", "expected a number > 0, got '0'"),
+    ("retry_initial", "-1", "expected a number > 0, got '-1'"),
+    ("retry_max", "0.5", "expected a number >= retry_initial (1), got 0.5"),
+])
+def test_archive_errors(write, key, value, message):
+    assert base_error(write, "[archive]\n%s = %s\n" % (key, value)) == (
+        "worker.conf [archive] %s: %s" % (key, message))
+
+
+def test_fsync_every_needs_twice_the_prefetch(write):
+    assert base_error(write, "[archive]\nfsync_every = 1500\n") == (
+        "worker.conf [archive] fsync_every: 1500 needs [broker] "
+        "prefetch_count >= 3000 (twice the ack batch, or the broker stops "
+        "delivering), got 2000")
+    conf = load(write, "[archive]\nfsync_every = 1000\n")
+    assert conf.archive.fsync_every * 2 == conf.broker.prefetch_count
+
+
+# -- plugin sections --------------------------------------------------------
+
+def test_plugin_options_are_strings(write):
+    conf = load(write, """
+        [archive]
+        roll_checker = time
+        callbacks = change_extension, move
+        [roll_checker:time]
+        roll_minutes = 15
+        [callback:move]
+        destination_folder = ${DONE}
+        [callback:change_extension]
+        new_extension = .done
+        """, environ={"DONE": "/srv/done"})
+    assert dict(conf.roll_checker_options) == {"roll_minutes": "15"}
+    assert {name: dict(options)
+            for name, options in conf.callback_options.items()} == {
+        "move": {"destination_folder": "/srv/done"},
+        "change_extension": {"new_extension": ".done"}}
+    # Taken from the environment: masked in repr, as a secret would be.
+    assert "/srv/done" not in repr(conf)
+    assert "'.done'" in repr(conf)
+
+
+def test_roll_checker_section_not_selected(write):
+    assert base_error(write, """
+        [archive]
+        roll_checker = time
+        [roll_checker:tme]
+        roll_minutes = 5
+        """) == (
+        "worker.conf [roll_checker:tme]: roll checker 'tme' is not the one "
+        "selected by [archive] roll_checker (time) (did you mean "
+        "[roll_checker:time]?)")
+    assert base_error(write, "[roll_checker:time]\nroll_minutes = 5\n") == (
+        "worker.conf [roll_checker:time]: roll checker 'time' is not the one "
+        "selected by [archive] roll_checker (size)")
+
+
+def test_callback_section_not_listed(write):
+    assert base_error(write, """
+        [archive]
+        callbacks = gzip, swift
+        [callback:gzp]
+        level = 9
+        """) == (
+        "worker.conf [callback:gzp]: callback 'gzp' is not listed in "
+        "[archive] callbacks (did you mean [callback:gzip]?)")
+    assert base_error(write, "[callback:move]\n") == (
+        "worker.conf [callback:move]: callback 'move' is not listed in "
+        "[archive] callbacks")
+
+
+# -- [worker], [metrics], [logging] ----------------------------------------
+
+def test_worker_metrics_logging_values(write, tmp_path):
+    conf = load(write, """
+        [worker]
+        processes = 4
+        stats_interval = 0
+        [metrics]
+        port = 9100
+        host = 0.0.0.0
+        [logging]
+        level = debug
+        file = log/worker.log
+        """)
+    assert conf.worker == config.WorkerConfig(processes=4, stats_interval=0)
+    assert conf.metrics == config.MetricsConfig(port=9100, host="0.0.0.0")
+    assert conf.logging == config.LoggingConfig(
+        level="DEBUG", file=str(tmp_path / "log" / "worker.log"))
+
+
+@pytest.mark.parametrize("section, key, value, message", [
+    ("worker", "processes", "0", "expected an integer >= 1, got '0'"),
+    ("worker", "stats_interval", "-5", "expected a number >= 0, got '-5'"),
+    ("metrics", "port", "70000",
+     "expected an integer from 1 to 65535, got '70000'"),
+    ("metrics", "port", "0", "expected an integer from 1 to 65535, got '0'"),
+    ("metrics", "port", "http", "expected an integer, got 'http'"),
+    ("metrics", "host", "", "must not be empty"),
+    ("logging", "level", "verbose",
+     "expected one of DEBUG, INFO, WARNING, ERROR, got 'verbose'"),
+    ("logging", "level", "warn",
+     "expected one of DEBUG, INFO, WARNING, ERROR, got 'warn' "
+     "(did you mean WARNING?)"),
+])
+def test_worker_metrics_logging_errors(write, section, key, value, message):
+    assert base_error(write, "[%s]\n%s = %s\n" % (section, key, value)) == (
+        "worker.conf [%s] %s: %s" % (section, key, message))
+
+
+def test_first_mistake_wins_in_a_fixed_order(write):
+    # An unknown section is reported before a bad value elsewhere.
+    assert base_error(write, """
+        [archive]
+        fsync_every = ten
+        [archvie]
+        """).startswith("worker.conf [archvie]: unknown section")
+
+
+def test_config_is_frozen(write):
+    conf = load(write)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        conf.archive.fsync_every = 1
+    with pytest.raises(TypeError):
+        conf.archive.static_metadata["a"] = "b"
+
+
+# -- the sample -------------------------------------------------------------
+
+def test_sample_loads_with_the_documented_values(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    conf = config.load("etc/shoebox-worker.conf.sample", environ={})
+    assert conf.filename == "etc/shoebox-worker.conf.sample"
+    assert conf.broker.url == "amqp://guest:guest@127.0.0.1:5672//"
+    assert conf.broker.redacted_url() == "amqp://guest:***@127.0.0.1:5672//"
+    assert conf.consumers == (config.ConsumerConfig(
+        queue="notifications.info", exchange="nova"),)
+    assert conf.archive.working_directory == str(ROOT / "var" / "archive")
+    assert conf.archive.roll_checker == "time"
+    assert dict(conf.roll_checker_options) == {"roll_minutes": "60"}
+    assert conf.archive.callbacks == ("gzip",)
+    assert {k: dict(v) for k, v in conf.callback_options.items()} == {
+        "gzip": {}}
+    assert conf.archive == dataclasses.replace(
+        config.ArchiveConfig(), working_directory=str(ROOT / "var/archive"),
+        roll_checker="time", callbacks=("gzip",))
+    assert conf.worker == config.WorkerConfig()
+    assert conf.metrics == config.MetricsConfig()
+    assert conf.logging == config.LoggingConfig()
+
+
+_HEADER = re.compile(r"^#?\[([^\]]+)\]\s*$")
+_KEY = re.compile(r"^(#?)([a-z_][a-z0-9_]*) =(?: (.*))?$")
+
+
+def _sample_options():
+    """{section: [(key, commented, value)]} of the sample's fixed sections.
+
+    ``#key = value`` is a documented default; ``# text`` is prose.
+    """
+    found, section = {}, None
+    for line in SAMPLE.read_text().splitlines():
+        header = _HEADER.match(line)
+        if header:
+            name = header.group(1)
+            section = "consumer" if name.startswith("consumer:") else name
+            if section in config.SECTIONS:
+                assert section not in found, "%s documented twice" % name
+                found[section] = []
+            continue
+        match = _KEY.match(line)
+        if match and section in config.SECTIONS:
+            found[section].append(
+                (match.group(2), match.group(1) == "#", match.group(3) or ""))
+    return found
+
+
+def test_sample_documents_every_option_in_table_order():
+    found = _sample_options()
+    assert list(found) == list(config.SECTIONS)
+    for section, table in config.SECTIONS.items():
+        assert [key for key, _, _ in found[section]] == list(table), section
+
+
+def test_sample_shows_the_real_defaults():
+    for section, options in _sample_options().items():
+        table = config.SECTIONS[section]
+        for key, commented, value in options:
+            if commented:
+                assert value == table[key].default, (section, key)
+
+
+def test_sample_explains_every_option():
+    # Above every option line (set or commented out) there is an
+    # explanation, possibly shared with the options or the section header
+    # just before it.
+    lines = SAMPLE.read_text().splitlines()
+    for number, line in enumerate(lines):
+        if _KEY.match(line):
+            above = number - 1
+            while _KEY.match(lines[above]) or _HEADER.match(lines[above]):
+                above -= 1
+            assert lines[above].startswith("# "), line
