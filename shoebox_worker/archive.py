@@ -62,10 +62,12 @@ class Archive:
 
 
 class ArchiveWriter(Archive):
-    """Append records to a new archive file.
+    """Append records to an archive file.
 
     A writer never truncates or overwrites: by default the file must not
     exist yet; with ``exclusive=False`` records are appended to it.
+    Records are buffered in memory (up to :data:`WRITE_BUFFER` bytes) and
+    written with one system call per :meth:`flush`.
 
     :param filename: path of the file.
     :param version: record format version (1 for StackTach compatibility).
@@ -81,11 +83,16 @@ class ArchiveWriter(Archive):
             raise exceptions.InvalidVersion(
                 "cannot write format version %r" % (version,))
         self.version = version
-        #: Records written, bytes written (including buffered ones).
+        #: Records written by this writer (buffered ones included).
         self.records = 0
         self._handle = open(self.filename, "xb" if exclusive else "ab",
-                            buffering=WRITE_BUFFER)
+                            buffering=0)
+        #: Bytes in the archive, buffered ones included.
         self.size = os.fstat(self._handle.fileno()).st_size
+        #: Bytes known to be on disk (fsynced).
+        self.synced_size = self.size
+        self._buffer = []
+        self._buffered = 0
 
     def write(self, metadata, payload):
         """Append one record (buffered until :meth:`flush` or :meth:`sync`).
@@ -95,9 +102,12 @@ class ArchiveWriter(Archive):
         :returns: the record's size in bytes.
         """
         data = record.pack(metadata, payload, self.version)
-        self._handle.write(data)
+        self._buffer.append(data)
+        self._buffered += len(data)
         self.records += 1
         self.size += len(data)
+        if self._buffered >= WRITE_BUFFER:
+            self.flush()
         return len(data)
 
     def tell(self):
@@ -106,12 +116,38 @@ class ArchiveWriter(Archive):
 
     def flush(self):
         """Hand buffered records to the operating system."""
-        self._handle.flush()
+        if self._buffer:
+            data = b"".join(self._buffer)
+            view = memoryview(data)
+            while view:  # a short write only happens near a full disk
+                written = self._handle.write(view)
+                view = view[written:]
+            self._buffer = []
+            self._buffered = 0
 
     def sync(self):
         """Flush and fsync: once this returns, the records survive a crash."""
-        self._handle.flush()
+        self.flush()
         os.fsync(self._handle.fileno())
+        self.synced_size = self.size
+
+    def abandon(self):
+        """Give up on what is not synced after a failed write: drop the
+        buffer, cut the file back to the last sync, close it.
+
+        :returns: the size kept (bytes).
+        """
+        handle, self._handle = self._handle, None
+        self._buffer = []
+        self._buffered = 0
+        if handle is not None:
+            try:
+                os.ftruncate(handle.fileno(), self.synced_size)
+                os.fsync(handle.fileno())
+            finally:
+                handle.close()
+        self.size = self.synced_size
+        return self.size
 
     def close(self):
         """Flush, fsync and close (idempotent)."""

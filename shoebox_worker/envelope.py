@@ -1,0 +1,176 @@
+"""From an AMQP message body to one record: the payload and its metadata.
+
+oslo.messaging publishes notifications in one of two shapes:
+
+* **v2** (driver ``messagingv2``, the default everywhere now): an envelope
+  ``{"oslo.version": "2.0", "oslo.message": "<the notification as a JSON
+  string>"}``. The record's payload is the ``oslo.message`` string exactly
+  as received (UTF-8), not re-serialised.
+* **v1** (driver ``messaging``): the notification object itself. The
+  payload is the body exactly as received.
+
+Metadata, all strings: ``event_type``, ``message_id``, ``timestamp``,
+``publisher_id``, ``priority``, ``request_id`` (from
+``_context_request_id``), ``queue``, ``routing_key``, plus configured
+dotted paths (``payload.instance_id``) and static pairs.
+
+Anything else is **malformed** and still kept: the body is archived
+verbatim with ``malformed=<reason>`` (and ``content_type``) in its
+metadata. :func:`parse` never raises for bad input.
+"""
+
+import dataclasses
+
+import orjson
+
+__all__ = ["Parsed", "MetadataExtractor", "parse", "to_bytes"]
+
+_VERSION_KEY = "oslo.version"
+_MESSAGE_KEY = "oslo.message"
+
+#: Top-level notification keys copied into metadata: (metadata key, key).
+STANDARD_FIELDS = (
+    ("event_type", "event_type"),
+    ("message_id", "message_id"),
+    ("timestamp", "timestamp"),
+    ("publisher_id", "publisher_id"),
+    ("priority", "priority"),
+    ("request_id", "_context_request_id"),
+)
+
+
+@dataclasses.dataclass
+class Parsed:
+    """One message, ready to write.
+
+    :ivar payload: the bytes to store.
+    :ivar notification: the decoded notification, or None when malformed.
+    :ivar malformed: why the body is not a notification, or None.
+    """
+
+    payload: bytes
+    notification: dict | None
+    malformed: str | None = None
+
+
+def to_bytes(body, encoding=None):
+    """The body as bytes, however the transport handed it over."""
+    if isinstance(body, bytes):
+        return body
+    if isinstance(body, str):
+        return body.encode(encoding or "utf-8", "surrogateescape")
+    if isinstance(body, (bytearray, memoryview)):
+        return bytes(body)
+    # kombu's memory/redis transports may hand over decoded JSON
+    return orjson.dumps(body)
+
+
+def _why_not_json(body, exc):
+    if not body.strip():
+        return "empty body"
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError:
+        return "not UTF-8"
+    if "recursion" in str(exc).lower():
+        return "JSON nested too deep"
+    return "not JSON"
+
+
+def parse(body):
+    """Unwrap one message body (bytes).
+
+    :returns: a :class:`Parsed`; ``malformed`` says what was wrong.
+    """
+    try:
+        outer = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        return Parsed(body, None, _why_not_json(body, exc))
+    if not isinstance(outer, dict):
+        return Parsed(body, None, "not a JSON object")
+    has_version = _VERSION_KEY in outer
+    has_message = _MESSAGE_KEY in outer
+    if not (has_version or has_message):
+        return Parsed(body, outer)  # v1: the notification itself
+    if not (has_version and has_message):
+        return Parsed(body, None, "broken envelope: missing %s"
+                      % (_MESSAGE_KEY if has_version else _VERSION_KEY))
+    version = outer[_VERSION_KEY]
+    if not isinstance(version, str) or version.split(".")[0] != "2":
+        return Parsed(body, None, "unknown envelope version %r"
+                      % (version,))
+    inner = outer[_MESSAGE_KEY]
+    if not isinstance(inner, str):
+        return Parsed(body, None, "broken envelope: %s is not a string"
+                      % _MESSAGE_KEY)
+    try:
+        payload = inner.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates from \ud800 escapes
+        return Parsed(body, None, "broken envelope: not UTF-8 inside")
+    try:
+        notification = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        return Parsed(body, None, "broken envelope: %s"
+                      % _why_not_json(payload, exc))
+    if not isinstance(notification, dict):
+        return Parsed(body, None, "broken envelope: not a JSON object")
+    return Parsed(payload, notification)
+
+
+def _as_text(value):
+    if isinstance(value, str):
+        return value
+    return orjson.dumps(value).decode("utf-8")
+
+
+class MetadataExtractor:
+    """Builds the ``str:str`` metadata of each record.
+
+    Compiled once from config, called once per message.
+
+    :param fields: dotted paths into the notification to add, e.g.
+        ``payload.instance_id``; the key is the path.
+    :param static: pairs added to every record (``region=dfw``).
+    """
+
+    def __init__(self, fields=(), static=None):
+        self.fields = [(path, path.split(".")) for path in fields]
+        self.static = dict(static or {})
+
+    def __call__(self, parsed, queue, routing_key, properties=None):
+        """Metadata for one parsed message.
+
+        :param parsed: a :class:`Parsed`.
+        :param queue: the queue it came from.
+        :param routing_key: its routing key.
+        :param properties: AMQP properties (for malformed bodies: the
+            message id and content type when the publisher set them).
+        """
+        metadata = {}
+        notification = parsed.notification
+        if notification is not None:
+            for key, source in STANDARD_FIELDS:
+                value = notification.get(source)
+                if value is not None:
+                    metadata[key] = _as_text(value)
+            for path, parts in self.fields:
+                value = notification
+                for part in parts:
+                    if not isinstance(value, dict):
+                        value = None
+                        break
+                    value = value.get(part)
+                if value is not None:
+                    metadata[path] = _as_text(value)
+            if "event_type" not in metadata:
+                metadata["malformed"] = "no event_type"
+        else:
+            metadata["malformed"] = parsed.malformed
+            properties = properties or {}
+            for key in ("message_id", "content_type", "content_encoding"):
+                if properties.get(key):
+                    metadata[key] = _as_text(properties[key])
+        metadata["queue"] = queue
+        metadata["routing_key"] = routing_key or ""
+        metadata.update(self.static)
+        return metadata

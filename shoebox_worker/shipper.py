@@ -1,0 +1,392 @@
+"""Shipping: run every closed archive through the callback chain, beside
+consumption, until it is done, across failures and restarts.
+
+The consumer hands a closed (fsynced) archive to :meth:`Shipper.submit`
+and goes on. A background thread runs the chain one step at a time; after
+each step the progress is saved in a small state file next to where the
+archive was written (``x.events.ship``: the file's current path and the
+next step), written atomically, so a crash at any point resumes at the step
+that was running. A failed step is retried with capped exponential backoff
+(with jitter); other archives keep moving meanwhile. Steps must be
+idempotent (see :mod:`shoebox_worker.contract`): a step may run again
+after a crash, never a step after it before it succeeded, so nothing is
+deleted before the upload before it was verified.
+
+Every state file is held under an exclusive ``flock`` while its archive is
+being shipped, and every active archive while it is being written, so
+several workers sharing a working directory never ship the same file twice
+nor take over each other's active archive. Locks die with their process,
+so a killed worker's files are taken over at the next start.
+
+:meth:`Shipper.recover` runs at start: it resumes every unlocked state
+file, and treats every unlocked archive that has none as left by a killed
+run: a torn tail is cut off (and reported), then it is shipped.
+"""
+
+import fcntl
+import heapq
+import json
+import logging
+import os
+import random
+import threading
+import time
+
+from shoebox_worker import archive
+from shoebox_worker import compression
+from shoebox_worker import exceptions
+
+__all__ = ["Shipper", "FileLock", "STATE_SUFFIX"]
+
+LOG = logging.getLogger(__name__)
+
+#: Suffix of the state file kept beside each archive until it is shipped.
+STATE_SUFFIX = ".ship"
+
+
+class FileLock:
+    """An exclusive, non-blocking flock on a path, held until release()."""
+
+    def __init__(self, path, create=True):
+        self.path = path
+        flags = os.O_RDWR | (os.O_CREAT if create else 0)
+        self.fd = os.open(path, flags, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            self.fd = None
+            raise
+
+    @classmethod
+    def try_acquire(cls, path, create=True):
+        """The lock, or None when another process holds it (or no file)."""
+        try:
+            return cls(path, create)
+        except (BlockingIOError, FileNotFoundError):
+            return None
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _write_json_atomic(path, data):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    compression.fsync_directory(path)
+
+
+class _Job:
+    """One archive on its way through the chain."""
+
+    def __init__(self, origin, path, step, lock):
+        self.origin = origin        # where the archive was written
+        self.path = path            # where it is now
+        self.step = step            # next step to run
+        self.lock = lock            # FileLock on the state file
+        self.attempts = 0           # failures of the current step
+        self.size = _size(path)
+        self.since = time.time()    # when it became waiting
+        self.failing_since = None
+
+    @property
+    def state_path(self):
+        return self.origin + STATE_SUFFIX
+
+
+def _size(path):
+    try:
+        return os.path.getsize(path)
+    except (OSError, TypeError):
+        return 0
+
+
+class Shipper:
+    """Runs the callback chain on closed archives in a background thread.
+
+    :param chain: a :class:`~shoebox_worker.callbacks.CallbackChain`.
+    :param retry_initial: first retry delay, seconds.
+    :param retry_max: longest retry delay, seconds.
+    :param stats: optional object with ``callback_done(name, seconds)``,
+        ``callback_failed(name)`` methods.
+    """
+
+    def __init__(self, chain, retry_initial=1.0, retry_max=300.0,
+                 stats=None):
+        self.chain = chain
+        self.chain_names = [name for name, _ in chain.steps]
+        self.retry_initial = float(retry_initial)
+        self.retry_max = float(retry_max)
+        self.stats = stats
+        self._heap = []             # (due, seq, job)
+        self._seq = 0
+        self._jobs = {}             # origin -> job
+        self._cond = threading.Condition()
+        self._thread = None
+        self._stopping = False
+        self._busy = None           # the job whose step is running
+
+    # -- what the consumer sees ---------------------------------------
+
+    def submit(self, path, lock=None):
+        """Hand over a closed archive; returns at once.
+
+        Writes its state file (durably) before returning, so the archive is
+        shipped even if the process dies right after.
+
+        :param lock: the archive's :class:`FileLock`, released once the
+            state file holds the archive.
+        """
+        state = FileLock(path + STATE_SUFFIX)
+        job = _Job(path, path, 0, state)
+        self._save(job)
+        if lock is not None:
+            lock.release()
+        self._enqueue(job, time.monotonic())
+
+    @property
+    def backlog(self):
+        """``(files, bytes, oldest_age_seconds)`` not yet through the chain."""
+        with self._cond:
+            jobs = list(self._jobs.values())
+        if not jobs:
+            return 0, 0, 0.0
+        now = time.time()
+        return (len(jobs), sum(j.size for j in jobs),
+                max(now - j.since for j in jobs))
+
+    def pending(self):
+        with self._cond:
+            return len(self._jobs)
+
+    def wait_idle(self, timeout=None, should_stop=None):
+        """Block until every archive went through the chain.
+
+        :returns: True when idle, False on timeout or when ``should_stop()``.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._jobs:
+                if should_stop is not None and should_stop():
+                    return False
+                left = None if deadline is None else deadline - \
+                    time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(0.2 if left is None else min(left, 0.2))
+            return True
+
+    # -- start-up ------------------------------------------------------
+
+    def recover(self, directory, pattern_match):
+        """Find what a previous run left in ``directory`` and queue it.
+
+        :param pattern_match: ``f(name) -> bool``: is this file name one of
+            our archives (as the writer names them)?
+        :returns: the number of archives queued.
+        """
+        if not os.path.isdir(directory):
+            return 0
+        names = sorted(os.listdir(directory))
+        count = 0
+        for name in names:  # a crash mid-rename leaves *.tmp behind
+            if name.endswith(STATE_SUFFIX + ".tmp"):
+                os.unlink(os.path.join(directory, name))
+        for name in names:
+            path = os.path.join(directory, name)
+            if name.endswith(STATE_SUFFIX):
+                count += self._resume(path)
+        names = sorted(os.listdir(directory))
+        for name in names:
+            path = os.path.join(directory, name)
+            if not pattern_match(name) or os.path.exists(path +
+                                                         STATE_SUFFIX):
+                continue
+            lock = FileLock.try_acquire(path, create=False)
+            if lock is None:
+                continue  # being written by a live worker
+            if os.path.exists(path + STATE_SUFFIX):
+                lock.release()
+                continue  # handed over between our two looks
+            if os.path.getsize(path) == 0:
+                LOG.warning("removing empty archive %s left by a killed run",
+                            path)
+                os.unlink(path)
+                lock.release()
+                continue
+            cut = archive.cut_torn_tail(path)
+            if cut is not None:
+                LOG.warning("%s: cut a torn tail of %d bytes at offset %d "
+                            "(a record being written when the last run "
+                            "died; it was never acked)", path, cut[1], cut[0])
+            LOG.info("shipping %s, left by a previous run", path)
+            self.submit(path, lock)
+            count += 1
+        return count
+
+    def _resume(self, state_path):
+        lock = FileLock.try_acquire(state_path, create=False)
+        if lock is None:
+            return 0
+        origin = state_path[:-len(STATE_SUFFIX)]
+        try:
+            with open(state_path) as f:
+                state = json.load(f)
+        except (OSError, ValueError):
+            state = {}
+        if state.get("done"):
+            lock.release()
+            return 0
+        path = state.get("path", origin)
+        step = int(state.get("step", 0))
+        if state.get("chain") != self.chain_names:
+            LOG.warning("%s: the callback chain changed since it was "
+                        "started (%s, now %s); running the new chain from "
+                        "its first step", origin, state.get("chain"),
+                        self.chain_names)
+            step = 0
+        if path is None or not os.path.exists(path):
+            if os.path.exists(origin):
+                path, step = origin, 0
+            else:
+                LOG.error("%s: state says %s, which is gone; nothing to "
+                          "ship", state_path, path)
+                self._finish(_Job(origin, None, step, lock))
+                return 0
+        job = _Job(origin, path, step, lock)
+        LOG.info("resuming shipping of %s at step %d of %d", path, step,
+                 len(self.chain_names))
+        self._enqueue(job, time.monotonic())
+        return 1
+
+    # -- the thread ----------------------------------------------------
+
+    def start(self):
+        self._thread = threading.Thread(target=self._run,
+                                        name="shoebox-shipper", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout=30.0):
+        """Stop after the step that is running (or ``timeout``)."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                LOG.warning("shipping step still running after %.0f s; "
+                            "its state file resumes it next start", timeout)
+        with self._cond:
+            left = len(self._jobs)
+        if left:
+            LOG.info("%d archive(s) not shipped yet; the next start "
+                     "resumes them", left)
+
+    def _enqueue(self, job, due):
+        with self._cond:
+            self._jobs[job.origin] = job
+            self._seq += 1
+            heapq.heappush(self._heap, (due, self._seq, job))
+            self._cond.notify_all()
+
+    def _next(self):
+        with self._cond:
+            while not self._stopping:
+                if self._heap:
+                    due = self._heap[0][0]
+                    wait = due - time.monotonic()
+                    if wait <= 0:
+                        job = heapq.heappop(self._heap)[2]
+                        self._busy = job
+                        return job
+                    self._cond.wait(min(wait, 1.0))
+                else:
+                    self._cond.wait(1.0)
+            return None
+
+    def _run(self):
+        while True:
+            job = self._next()
+            if job is None:
+                return
+            try:
+                self._ship(job)
+            except Exception:  # never let the thread die
+                LOG.exception("unexpected error shipping %s", job.path)
+                self._retry(job)
+            finally:
+                with self._cond:
+                    self._busy = None
+
+    def _ship(self, job):
+        while job.step < len(self.chain_names) and job.path is not None:
+            if self._stopping:
+                self._enqueue(job, time.monotonic())
+                return
+            name = self.chain_names[job.step]
+            started = time.monotonic()
+            try:
+                new_path = self.chain.run_step(job.step, job.path)
+            except exceptions.CallbackError as exc:
+                job.attempts += 1
+                if job.failing_since is None:
+                    job.failing_since = time.time()
+                if self.stats is not None:
+                    self.stats.callback_failed(name)
+                delay = self._delay(job.attempts)
+                LOG.error("%s (attempt %d; retrying in %.1f s)", exc,
+                          job.attempts, delay)
+                self._retry(job, delay)
+                return
+            if self.stats is not None:
+                self.stats.callback_done(name, time.monotonic() - started)
+            job.attempts = 0
+            job.failing_since = None
+            job.path = new_path
+            job.step += 1
+            job.size = _size(new_path)
+            if job.step < len(self.chain_names) and new_path is not None:
+                self._save(job)
+        self._finish(job)
+
+    def _delay(self, attempts):
+        base = min(self.retry_max, self.retry_initial * 2 ** (attempts - 1))
+        return base * random.uniform(0.75, 1.0)
+
+    def _retry(self, job, delay=None):
+        if delay is None:
+            delay = self._delay(max(job.attempts, 1))
+        self._enqueue(job, time.monotonic() + delay)
+
+    def _save(self, job):
+        _write_json_atomic(job.state_path, {
+            "path": job.path, "step": job.step, "chain": self.chain_names})
+
+    def _finish(self, job):
+        """The chain is done with this archive: drop its state."""
+        remains = job.path is not None and os.path.exists(job.path) and \
+            os.path.abspath(job.path) == os.path.abspath(job.origin)
+        if remains:
+            # still where it was written and named as written: remember it
+            # is done, or the next start would take it for a crashed one
+            _write_json_atomic(job.state_path, {"done": True,
+                                                "path": job.path})
+        else:
+            try:
+                os.unlink(job.state_path)
+            except FileNotFoundError:
+                pass
+            compression.fsync_directory(job.state_path)
+        job.lock.release()
+        with self._cond:
+            self._jobs.pop(job.origin, None)
+            self._cond.notify_all()
+        LOG.info("shipped %s%s", job.origin,
+                 "" if job.path in (None, job.origin) else
+                 " (now %s)" % job.path)

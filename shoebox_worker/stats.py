@@ -1,0 +1,102 @@
+"""Counters of what the worker did, and the periodic stats line.
+
+One :class:`Stats` per worker process; the consumer thread and the
+shipping thread update it. :mod:`shoebox_worker.metrics` exports the same
+numbers to Prometheus.
+"""
+
+import collections
+import logging
+import threading
+import time
+
+__all__ = ["Stats"]
+
+LOG = logging.getLogger(__name__)
+
+
+class Stats:
+    """What happened since start, and the data at risk now."""
+
+    def __init__(self, clock=time.monotonic):
+        self._clock = clock
+        self._lock = threading.Lock()
+        self.consumed_by_queue = collections.Counter()
+        self.malformed_by_queue = collections.Counter()
+        self.bytes_written = 0
+        self.acked_total = 0
+        self.rolls = 0
+        self.callback_successes = collections.Counter()
+        self.callback_failures = collections.Counter()
+        self.paused = False
+        #: object with a ``backlog`` property: (files, bytes, oldest age)
+        self.backlog_source = None
+        #: callables notified of events (metrics exporters)
+        self.listeners = []
+        self._last_time = clock()
+        self._last_consumed = 0
+        self._last_bytes = 0
+
+    # -- consumer thread --------------------------------------------------
+
+    def consumed(self, queue, size):
+        self.consumed_by_queue[queue] += 1
+        self.bytes_written += size
+
+    def acked(self, count):
+        self.acked_total += count
+
+    def malformed(self, queue):
+        self.malformed_by_queue[queue] += 1
+        return sum(self.malformed_by_queue.values())
+
+    def rolled(self):
+        self.rolls += 1
+
+    # -- shipping thread ----------------------------------------------------
+
+    def callback_done(self, name, seconds):
+        with self._lock:
+            self.callback_successes[name] += 1
+        for listener in self.listeners:
+            listener("callback_done", name, seconds)
+
+    def callback_failed(self, name):
+        with self._lock:
+            self.callback_failures[name] += 1
+        for listener in self.listeners:
+            listener("callback_failed", name, None)
+
+    # -- reading ------------------------------------------------------------
+
+    @property
+    def consumed_total(self):
+        return sum(self.consumed_by_queue.values())
+
+    @property
+    def unacked(self):
+        return self.consumed_total - self.acked_total
+
+    @property
+    def backlog(self):
+        if self.backlog_source is None:
+            return 0, 0, 0.0
+        return self.backlog_source.backlog
+
+    def log_line(self, force=False):
+        """Log rates since the last line, totals and the data at risk."""
+        now = self._clock()
+        elapsed = max(now - self._last_time, 1e-9)
+        consumed = self.consumed_total
+        rate = (consumed - self._last_consumed) / elapsed
+        byte_rate = (self.bytes_written - self._last_bytes) / elapsed
+        self._last_time = now
+        self._last_consumed = consumed
+        self._last_bytes = self.bytes_written
+        files, size, age = self.backlog
+        LOG.info("%.0f msg/s, %.2f MB/s; consumed %d, acked %d, malformed "
+                 "%d, rolls %d; unshipped %d file(s), %.1f MB, oldest "
+                 "%.0f s%s", rate, byte_rate / 1048576.0, consumed,
+                 self.acked_total, sum(self.malformed_by_queue.values()),
+                 self.rolls, files, size / 1048576.0, age,
+                 "; PAUSED" if self.paused else "")
