@@ -196,6 +196,7 @@ class ArchiveReader(Archive):
         self._pos = 0
         self._base = 0  # file offset of self._buf[0]
         self._eof = False
+        self._stream_error = None  # a decompression error not yet raised
 
     def __iter__(self):
         while True:
@@ -218,8 +219,15 @@ class ArchiveReader(Archive):
             return have
         parts = [self._buf[self._pos:]]
         while have < need:
-            chunk = self._handle.read(max(READ_CHUNK, min(need - have,
-                                                          1 << 24)))
+            try:
+                chunk = self._handle.read(max(READ_CHUNK, min(need - have,
+                                                              1 << 24)))
+            except compression.DECOMPRESS_ERRORS as exc:
+                # keep what was decoded; the rest is unreadable, which
+                # _parse_here reports once it reaches the end of it
+                self._stream_error = ("compressed stream is damaged: %s"
+                                      % (exc,))
+                chunk = b""
             if not chunk:
                 self._eof = True
                 break
@@ -234,12 +242,25 @@ class ArchiveReader(Archive):
         """Parse the record at the current position; raise on damage."""
         have = self._fill(record.HEADER_SIZE)
         if have == 0:
+            self._raise_stream_error()
             raise exceptions.EndOfFile("end of archive",
                                        self.offset, self.filename)
         if have >= record.HEADER_SIZE:
             size = record.record_size(self._buf, self._pos)
             self._fill(size)
-        return record.unpack_from(self._buf, self._pos)
+        try:
+            return record.unpack_from(self._buf, self._pos)
+        except exceptions.TornRecord:
+            self._raise_stream_error()
+            raise
+
+    def _raise_stream_error(self):
+        """A damaged compressed stream ends the readable bytes: say so
+        (once) instead of reporting a clean end or a torn record."""
+        if self._stream_error is not None:
+            message, self._stream_error = self._stream_error, None
+            raise exceptions.CorruptRecord(message, self.offset,
+                                           self.filename)
 
     def read(self):
         """The next ``(metadata, payload)``; payload is bytes.
@@ -346,6 +367,9 @@ def cut_torn_tail(filename):
 
     :returns: ``(offset, bytes_cut)`` when a tail was cut, else None.
     """
+    if compression.is_compressed(filename):
+        raise ValueError("%s is compressed: offsets are in its uncompressed "
+                         "bytes, so it cannot be cut in place" % (filename,))
     report = inspect_file(filename)
     if report.torn_offset is None:
         return None

@@ -8,15 +8,19 @@ truncated archive under the final name.
 
 import dataclasses
 import gzip
+import io
 import logging
 import os
 import shutil
+import zlib
 
 __all__ = [
     "Codec",
     "CODECS",
     "get_codec",
     "open_read",
+    "is_compressed",
+    "DECOMPRESS_ERRORS",
     "compress_file",
     "fsync_directory",
 ]
@@ -50,8 +54,7 @@ class Codec:
         """Open ``path`` for reading its uncompressed bytes."""
         if self.name == "gzip":
             return gzip.open(path, "rb")
-        return zstandard.ZstdDecompressor().stream_reader(
-            open(path, "rb"), closefd=True)
+        return io.BufferedReader(_ZstdReader(path), _COPY_CHUNK)
 
     def open_write(self, fileobj, level, mtime):
         """Wrap an open binary file for writing compressed bytes."""
@@ -62,9 +65,62 @@ class Codec:
             fileobj, closefd=False)
 
 
+class _ZstdReader(io.RawIOBase):
+    """Decompress a .zst file, frame after frame, and raise EOFError when
+    it ends inside a frame. (zstandard's ``stream_reader`` returns a
+    truncated frame's bytes as if the file ended cleanly.)"""
+
+    def __init__(self, path):
+        self._file = open(path, "rb")
+        self._dctx = zstandard.ZstdDecompressor()
+        self._frame = None  # decompressobj of the frame being read
+        self._out = b""
+        self._pos = 0
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        while self._pos == len(self._out):
+            if not self._decode_more():
+                return 0
+        n = min(len(buffer), len(self._out) - self._pos)
+        buffer[:n] = self._out[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def _decode_more(self):
+        data = self._file.read(1 << 16)
+        if not data:
+            if self._frame is not None:
+                raise EOFError("zstd stream ends inside a frame")
+            return False
+        out = []
+        while data:
+            if self._frame is None:
+                self._frame = self._dctx.decompressobj()
+            out.append(self._frame.decompress(data))
+            data = b""
+            if self._frame.eof:
+                data, self._frame = self._frame.unused_data, None
+        self._out, self._pos = b"".join(out), 0
+        return True
+
+    def close(self):
+        if not self.closed:
+            self._file.close()
+        super().close()
+
+
 CODECS = {"gzip": Codec("gzip", ".gz", b"\x1f\x8b", 6)}
 if zstandard is not None:
     CODECS["zstd"] = Codec("zstd", ".zst", b"\x28\xb5\x2f\xfd", 3)
+
+#: What reading a damaged or truncated compressed stream raises.
+DECOMPRESS_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)
+if zstandard is not None:
+    DECOMPRESS_ERRORS += (zstandard.ZstdError,)
+_MAGICS = (b"\x1f\x8b", b"\x28\xb5\x2f\xfd")
 
 
 def get_codec(name):
@@ -95,6 +151,12 @@ def open_read(path):
     if head.startswith(b"\x28\xb5\x2f\xfd"):
         get_codec("zstd")  # raises the install hint
     return open(path, "rb")
+
+
+def is_compressed(path):
+    """True when ``path`` starts with a gzip or zstd magic number."""
+    with open(path, "rb") as f:
+        return f.read(4).startswith(_MAGICS)
 
 
 def fsync_directory(path):
