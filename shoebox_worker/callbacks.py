@@ -147,8 +147,10 @@ class MoveFileCallback(ArchiveCallback):
         try:  # a hard link refuses to replace an existing name
             os.link(filename, new)
         except FileExistsError:
-            raise FileExistsError("%s exists; not overwriting it"
-                                  % new) from None
+            # a retry after a crash between link and unlink: same file
+            if not os.path.samefile(filename, new):
+                raise FileExistsError("%s exists; not overwriting it"
+                                      % new) from None
         except OSError:  # another filesystem: copy, then rename into place
             tmp = new + ".tmp"
             with open(filename, "rb") as src, open(tmp, "xb") as dst:
@@ -156,6 +158,8 @@ class MoveFileCallback(ArchiveCallback):
                     dst.write(chunk)
                 dst.flush()
                 os.fsync(dst.fileno())
+            stat = os.stat(filename)  # readers order files by mtime
+            os.utime(tmp, ns=(stat.st_atime_ns, stat.st_mtime_ns))
             if os.path.exists(new):
                 os.unlink(tmp)
                 raise FileExistsError("%s exists; not overwriting it"

@@ -176,6 +176,8 @@ class WritingRollManager(RollManager):
         # file was moved or deleted by a callback
         self._last_base = None
         self._last_counter = -1
+        # mtime of the last archive closed: the next one is stamped later
+        self._last_mtime_ns = None
 
     def _make_filename(self):
         return os.path.join(self.directory,
@@ -233,6 +235,25 @@ class WritingRollManager(RollManager):
         """Flush and fsync the active archive, if any."""
         if self.active_archive is not None:
             self.active_archive.sync()
+
+    def close(self):
+        """Close the active archive and run the callback's ``on_close``.
+
+        Readers order files by mtime, and a coarse file system clock can
+        stamp two archives alike (their names may then sort either way, at
+        a second boundary): each archive closed is stamped strictly later
+        than the one before.
+        """
+        if self.active_archive is not None:
+            self.active_archive.close()
+            stat = os.stat(self.active_filename)
+            mtime = stat.st_mtime_ns
+            if (self._last_mtime_ns is not None
+                    and mtime <= self._last_mtime_ns):
+                mtime = self._last_mtime_ns + 1
+                os.utime(self.active_filename, ns=(stat.st_atime_ns, mtime))
+            self._last_mtime_ns = mtime
+        return super().close()
 
 
 class ReadingRollManager(RollManager):
