@@ -6,6 +6,7 @@ Constructors take keyword arguments only, as strings from the config, and
 coerce them.
 """
 
+import math
 import time
 
 __all__ = [
@@ -26,8 +27,9 @@ def _positive(name, value, kind=float):
     except (TypeError, ValueError):
         raise ValueError("%s: expected a number, got %r"
                          % (name, value)) from None
-    if number <= 0:
-        raise ValueError("%s: must be greater than 0, got %r" % (name, value))
+    if not number > 0 or not math.isfinite(number):
+        raise ValueError("%s: must be a finite number greater than 0, got %r"
+                         % (name, value))
     return number
 
 
