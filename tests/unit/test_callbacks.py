@@ -1,0 +1,284 @@
+"""Tests for shoebox_worker.callbacks: each built-in and the chain."""
+
+import os
+
+import pytest
+from stevedore import driver
+
+from shoebox_worker import CallbackError
+from shoebox_worker import archive
+from shoebox_worker import callbacks
+from shoebox_worker import compression
+from shoebox_worker import contract
+
+RECORDS = [({"n": str(i)}, b"payload %d" % i) for i in range(100)]
+MTIME_NS = 1_600_000_000_123_456_789
+
+
+@pytest.fixture
+def events_file(tmp_path):
+    path = tmp_path / "x.events"
+    with archive.ArchiveWriter(path) as writer:
+        for metadata, payload in RECORDS:
+            writer.write(metadata, payload)
+    os.utime(path, ns=(MTIME_NS, MTIME_NS))
+    return str(path)
+
+
+def read(path):
+    with archive.ArchiveReader(path) as reader:
+        return list(reader)
+
+
+class Boom(callbacks.ArchiveCallback):
+    def on_close(self, filename):
+        raise OSError("disk on fire")
+
+
+class TestChangeExtension:
+    @pytest.mark.parametrize("extension", [".done", "done"])
+    def test_rename(self, events_file, extension):
+        callback = callbacks.ChangeExtensionCallback(new_extension=extension)
+        new = callback.on_close(events_file)
+        assert new == events_file + ".done"
+        assert not os.path.exists(events_file)
+        assert read(new) == RECORDS
+
+    def test_default_and_invalid(self):
+        assert callbacks.ChangeExtensionCallback().new_extension == ".done"
+        for bad in ("", ".", "a/b"):
+            with pytest.raises(ValueError):
+                callbacks.ChangeExtensionCallback(new_extension=bad)
+
+    def test_refuses_to_overwrite(self, events_file):
+        with open(events_file + ".done", "wb") as f:
+            f.write(b"other")
+        with pytest.raises(FileExistsError):
+            callbacks.ChangeExtensionCallback().on_close(events_file)
+        assert os.path.exists(events_file)
+        assert open(events_file + ".done", "rb").read() == b"other"
+
+
+class TestMove:
+    def test_move(self, events_file, tmp_path):
+        dest = tmp_path / "sub" / "dir"
+        callback = callbacks.MoveFileCallback(destination_folder=str(dest))
+        new = callback.on_close(events_file)
+        assert new == str(dest / "x.events")
+        assert not os.path.exists(events_file)
+        assert read(new) == RECORDS
+        assert os.stat(new).st_mtime_ns == MTIME_NS
+
+    def test_same_folder_is_a_no_op(self, events_file, tmp_path):
+        callback = callbacks.MoveFileCallback(destination_folder=tmp_path)
+        assert callback.on_close(events_file) == events_file
+        assert read(events_file) == RECORDS
+
+    def test_refuses_to_overwrite(self, events_file, tmp_path):
+        dest = tmp_path / "dest"
+        dest.mkdir()
+        (dest / "x.events").write_bytes(b"other")
+        callback = callbacks.MoveFileCallback(destination_folder=str(dest))
+        with pytest.raises(FileExistsError):
+            callback.on_close(events_file)
+        assert read(events_file) == RECORDS
+        assert (dest / "x.events").read_bytes() == b"other"
+
+    def test_rerun_after_crash_between_link_and_unlink(self, events_file,
+                                                      tmp_path):
+        dest = tmp_path / "dest"
+        dest.mkdir()
+        os.link(events_file, dest / "x.events")  # the crash left both
+        callback = callbacks.MoveFileCallback(destination_folder=str(dest))
+        assert callback.on_close(events_file) == str(dest / "x.events")
+        assert not os.path.exists(events_file)
+        assert read(dest / "x.events") == RECORDS
+
+    def test_across_filesystems(self, events_file, tmp_path, monkeypatch):
+        def no_link(src, dst):
+            raise OSError(18, "Invalid cross-device link")
+
+        monkeypatch.setattr(callbacks.os, "link", no_link)
+        dest = tmp_path / "dest"
+        callback = callbacks.MoveFileCallback(destination_folder=str(dest))
+        new = callback.on_close(events_file)
+        assert read(new) == RECORDS
+        assert os.stat(new).st_mtime_ns == MTIME_NS
+        assert not os.path.exists(events_file)
+        assert os.listdir(dest) == ["x.events"]
+        # a second file of the same name is still refused
+        with open(events_file, "wb") as f:
+            f.write(b"second")
+        with pytest.raises(FileExistsError):
+            callback.on_close(events_file)
+        assert sorted(os.listdir(dest)) == ["x.events"]
+        assert open(events_file, "rb").read() == b"second"
+
+
+class TestDelete:
+    def test_delete_is_idempotent(self, events_file):
+        callback = callbacks.DeleteFileCallback()
+        assert callback.on_close(events_file) is None
+        assert not os.path.exists(events_file)
+        assert callback.on_close(events_file) is None  # already gone
+
+
+class TestCompress:
+    @pytest.mark.parametrize("cls,suffix", [
+        (callbacks.GzipCallback, ".gz"), (callbacks.ZstdCallback, ".zst")])
+    def test_compress(self, events_file, cls, suffix):
+        callback = cls(level="3")
+        assert callback.level == 3
+        new = callback.on_close(events_file)
+        assert new == events_file + suffix
+        assert not os.path.exists(events_file)
+        assert not os.path.exists(new + ".tmp")
+        assert os.stat(new).st_mtime_ns == MTIME_NS
+        assert compression.is_compressed(new)
+        assert read(new) == RECORDS
+        # already compressed (a retry after the remove): passed through
+        assert callback.on_close(new) == new
+
+    @pytest.mark.parametrize("cls", [callbacks.GzipCallback,
+                                     callbacks.ZstdCallback])
+    def test_crash_between_rename_and_remove(self, events_file, cls,
+                                             monkeypatch):
+        callback = cls()
+        real_remove = os.remove
+
+        def crash(path):
+            raise KeyboardInterrupt("power cut")
+
+        monkeypatch.setattr(callbacks.os, "remove", crash)
+        with pytest.raises(KeyboardInterrupt):
+            callback.on_close(events_file)
+        assert os.path.exists(events_file)  # both exist now
+        first = open(events_file + callback.codec.suffix, "rb").read()
+        monkeypatch.setattr(callbacks.os, "remove", real_remove)
+
+        new = callback.on_close(events_file)  # the retry
+        assert new == events_file + callback.codec.suffix
+        assert not os.path.exists(events_file)
+        assert open(new, "rb").read() == first
+        assert os.stat(new).st_mtime_ns == MTIME_NS
+        assert read(new) == RECORDS
+
+    def test_defaults(self):
+        assert callbacks.GzipCallback().level == 6
+        assert callbacks.GzipCallback(level="").level == 6
+        assert callbacks.ZstdCallback().level == 3
+        with pytest.raises(ValueError):
+            callbacks.GzipCallback(level="fast")
+
+
+class TestMemory:
+    def test_records_and_fails(self):
+        callback = callbacks.MemoryCallback(fail_times="2")
+        callback.on_open("a")
+        for _ in range(2):
+            with pytest.raises(RuntimeError):
+                callback.on_close("a")
+        assert callback.on_close("a") == "a"
+        assert callback.events == [("open", "a"), ("fail", "a"),
+                                   ("fail", "a"), ("close", "a")]
+        assert callbacks.MemoryCallback.all_events[-4:] == callback.events
+
+
+class TestChain:
+    def test_order_and_path_passing(self, events_file, tmp_path):
+        first, last = callbacks.MemoryCallback(), callbacks.MemoryCallback()
+        dest = tmp_path / "shipped"
+        chain = callbacks.CallbackChain([
+            ("first", first),
+            callbacks.ChangeExtensionCallback(new_extension="closed"),
+            ("gzip", callbacks.GzipCallback()),
+            ("move", callbacks.MoveFileCallback(destination_folder=dest)),
+            ("last", last),
+        ])
+        assert len(chain) == 5
+        assert chain.steps[1][0] == "ChangeExtensionCallback"
+        chain.on_open(events_file)
+        final = chain.on_close(events_file)
+        assert final == str(dest / "x.events.closed.gz")
+        assert first.events == [("open", events_file),
+                                ("close", events_file)]
+        assert last.events == [("open", events_file), ("close", final)]
+        assert os.listdir(tmp_path) == ["shipped"]
+        assert read(final) == RECORDS
+
+    def test_none_ends_the_chain(self, events_file):
+        after = callbacks.MemoryCallback()
+        chain = callbacks.CallbackChain([callbacks.DeleteFileCallback(),
+                                         after])
+        assert chain.on_close(events_file) is None
+        assert after.events == []
+        assert not os.path.exists(events_file)
+
+    def test_failure_names_step_and_file_and_resumes(self, events_file):
+        flaky = callbacks.MemoryCallback(fail_times=1)
+        chain = callbacks.CallbackChain([
+            ("gzip", callbacks.GzipCallback()),
+            ("upload", flaky),
+            ("delete", callbacks.DeleteFileCallback()),
+        ])
+        gz = events_file + ".gz"
+        with pytest.raises(CallbackError) as info:
+            chain.on_close(events_file)
+        error = info.value
+        assert error.callback == "upload"
+        assert error.filename == gz
+        assert "upload" in str(error) and gz in str(error)
+        assert isinstance(error.__cause__, RuntimeError)
+        assert read(gz) == RECORDS  # left where the failing step got it
+        assert not os.path.exists(events_file)
+
+        assert chain.on_close(gz, start=1) is None
+        assert flaky.events == [("fail", gz), ("close", gz)]
+        assert not os.path.exists(gz)
+
+    def test_failing_first_step_keeps_the_file(self, events_file):
+        chain = callbacks.CallbackChain([("boom", Boom()),
+                                         callbacks.DeleteFileCallback()])
+        with pytest.raises(CallbackError, match="disk on fire") as info:
+            chain.on_close(events_file)
+        assert info.value.callback == "boom"
+        assert info.value.filename == events_file
+        assert read(events_file) == RECORDS
+        assert chain.run_step(1, events_file) is None
+
+    def test_empty_chain(self):
+        chain = callbacks.CallbackChain()
+        assert chain.on_close("x") == "x"
+        chain.on_open("x")
+
+    def test_steps_without_on_open(self, events_file):
+        class CloseOnly:
+            def on_close(self, filename):
+                return filename
+
+        chain = callbacks.CallbackChain([CloseOnly()])
+        chain.on_open(events_file)
+        assert chain.on_close(events_file) == events_file
+
+
+@pytest.mark.parametrize("name,kwargs,cls", [
+    ("change_extension", {"new_extension": ".done"},
+     callbacks.ChangeExtensionCallback),
+    ("move", {"destination_folder": "/tmp"}, callbacks.MoveFileCallback),
+    ("delete", {}, callbacks.DeleteFileCallback),
+    ("gzip", {"level": "9"}, callbacks.GzipCallback),
+    ("zstd", {"level": "19"}, callbacks.ZstdCallback),
+    ("memory", {"fail_times": "1"}, callbacks.MemoryCallback),
+])
+def test_load_by_name(name, kwargs, cls):
+    manager = driver.DriverManager("shoebox.callbacks", name,
+                                   invoke_on_load=True, invoke_kwds=kwargs)
+    assert type(manager.driver) is cls
+    assert isinstance(manager.driver, contract.ArchiveCallback)
+
+
+def test_unknown_option_is_refused():
+    with pytest.raises(TypeError):
+        callbacks.GzipCallback(levle="9")
+    with pytest.raises(TypeError):
+        callbacks.DeleteFileCallback(force="yes")

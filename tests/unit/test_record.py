@@ -1,0 +1,254 @@
+"""Tests for shoebox_worker.record: the byte format, pinned."""
+
+import struct
+import tracemalloc
+import zlib
+
+import pytest
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
+
+from shoebox_worker import exceptions
+from shoebox_worker import record
+
+MAGIC = 0x69867884
+METADATA = {"key": "value", "ünï": "cödé"}
+PAYLOAD = '{"a": 1}'
+
+text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)))
+metadata_st = st.dictionaries(text, text, max_size=8)
+payload_st = st.one_of(st.binary(max_size=300), text)
+
+
+def v1_by_hand(pairs, payload):
+    """StackTach shoebox 0.7's v1 layout, written out with struct."""
+    pairs = [(k.encode("utf-8"), v.encode("utf-8")) for k, v in pairs]
+    lengths = []
+    strings = b""
+    for key, value in pairs:
+        lengths += [len(key), len(value)]
+        strings += key + value
+    meta = struct.pack("<i", 4 * len(pairs))
+    meta += struct.pack("<%di" % len(lengths), *lengths) + strings
+    raw = struct.pack("<i%ds" % len(payload), len(payload), payload)
+    return (struct.pack("<ih", MAGIC, 1)
+            + struct.pack("<iii", len(meta), len(raw), 0) + meta + raw)
+
+
+class TestGoldenV1:
+    def test_metadata_and_payload(self):
+        expected = (
+            struct.pack("<ih", MAGIC, 1)
+            + struct.pack("<iii", 4 + 16 + 19, 4 + 8, 0)
+            # metadata block: 4 x pairs, then the lengths interleaved
+            + struct.pack("<i", 8)
+            + struct.pack("<iiii", 3, 5, 5, 6)
+            # then the strings interleaved
+            + b"key" + b"value" + b"\xc3\xbcn\xc3\xaf" + b"c\xc3\xb6d\xc3\xa9"
+            # raw block
+            + struct.pack("<i8s", 8, b'{"a": 1}'))
+        assert len(expected) == 6 + 12 + 39 + 12
+        assert expected == v1_by_hand(METADATA.items(), b'{"a": 1}')
+        assert record.pack(METADATA, PAYLOAD, version=1) == expected
+        assert record.pack(METADATA, PAYLOAD.encode(), version=1) == expected
+        assert expected.hex() == (
+            "84788669" "0100" "27000000" "0c000000" "00000000"
+            "08000000" "03000000" "05000000" "05000000" "06000000"
+            "6b6579" "76616c7565" "c3bc6ec3af" "63c3b664c3a9"
+            "08000000" "7b2261223a20317d")
+        metadata, payload, size = record.unpack_from(expected)
+        assert metadata == METADATA
+        assert list(metadata) == ["key", "ünï"]
+        assert payload == b'{"a": 1}'
+        assert size == len(expected)
+
+    def test_empty_metadata(self):
+        expected = (struct.pack("<ih", MAGIC, 1)
+                    + struct.pack("<iii", 4, 4 + 8, 0)
+                    + struct.pack("<i", 0)
+                    + struct.pack("<i8s", 8, b'{"a": 1}'))
+        assert record.pack({}, PAYLOAD, version=1) == expected
+        assert record.unpack_from(expected) == ({}, b'{"a": 1}',
+                                                len(expected))
+
+    def test_empty_payload(self):
+        data = record.pack({"a": ""}, b"", version=1)
+        assert data == v1_by_hand([("a", "")], b"")
+        assert record.unpack_from(data) == ({"a": ""}, b"", len(data))
+
+    def test_native_order_is_the_same_on_little_endian(self):
+        # what shoebox 0.7 wrote with native "ih" / "iii" on x86
+        if struct.pack("=i", 1) != struct.pack("<i", 1):
+            pytest.skip("big-endian host")
+        data = record.pack(METADATA, PAYLOAD, version=1)
+        assert data[:6] == struct.pack("ih", MAGIC, 1)
+        assert data[6:18] == struct.pack("iii", 39, 12, 0)
+
+
+class TestGoldenV2:
+    HEX = ("84788669" "0200" "27000000" "0c000000" "a0d060b2"
+           "08000000" "03000000" "05000000" "05000000" "06000000"
+           "6b657976616c7565c3bc6ec3af63c3b664c3a9"
+           "08000000" "7b2261223a20317d"
+           "d9f1ad51")
+    EMPTY_HEX = ("84788669" "0200" "04000000" "0c000000" "15b599c5"
+                 "00000000" "08000000" "7b2261223a20317d" "8dbc5a97")
+
+    def test_pinned_bytes(self):
+        data = record.pack(METADATA, PAYLOAD, version=2)
+        assert data.hex() == self.HEX
+        assert record.pack(METADATA, PAYLOAD) == data  # v2 is the default
+        assert record.pack({}, PAYLOAD, version=2).hex() == self.EMPTY_HEX
+
+    @pytest.mark.parametrize("hexdata", [HEX, EMPTY_HEX])
+    def test_layout(self, hexdata):
+        # the pinned bytes are v1's blocks, a header CRC over the 14 bytes
+        # before it and a record CRC over everything before the trailer
+        data = bytes.fromhex(hexdata)
+        magic, version, meta_len, raw_len, hcrc = struct.unpack_from(
+            "<ihIII", data)
+        assert (magic, version) == (MAGIC, 2)
+        assert hcrc == zlib.crc32(data[:14])
+        assert len(data) == 18 + meta_len + raw_len + 4
+        (crc,) = struct.unpack_from("<I", data, len(data) - 4)
+        assert crc == zlib.crc32(data[:-4])
+        v1 = record.pack(METADATA if meta_len > 4 else {}, PAYLOAD, 1)
+        assert data[18:-4] == v1[18:]
+
+    def test_read_back(self):
+        data = bytes.fromhex(self.HEX)
+        assert record.unpack_from(data) == (METADATA, b'{"a": 1}', len(data))
+
+
+class TestPack:
+    def test_unknown_version(self):
+        for version in (0, 3, "2", None):
+            with pytest.raises(exceptions.InvalidVersion):
+                record.pack({}, b"", version=version)
+
+    def test_bad_types(self):
+        with pytest.raises(TypeError):
+            record.pack({"a": 1}, b"")
+        with pytest.raises(TypeError):
+            record.pack({}, 12)
+
+    def test_bytes_keys_and_values_accepted(self):
+        data = record.pack({b"k": b"v"}, bytearray(b"x"))
+        assert record.unpack_from(data)[:2] == ({"k": "v"}, b"x")
+
+    def test_header_size(self):
+        assert record.HEADER_SIZE == 18
+        assert record.CURRENT_VERSION == 2
+
+
+class TestUnpack:
+    @pytest.mark.parametrize("version", [1, 2])
+    def test_offset_and_end(self, version):
+        one = record.pack({"n": "1"}, b"one", version)
+        two = record.pack({"n": "2"}, b"two", version)
+        buf = b"junk" + one + two
+        assert record.unpack_from(buf, 4)[:2] == ({"n": "1"}, b"one")
+        assert record.unpack_from(buf, 4 + len(one))[2] == len(two)
+        with pytest.raises(exceptions.TornRecord) as info:
+            record.unpack_from(buf, 4 + len(one), end=len(buf) - 1)
+        assert info.value.offset == 4 + len(one)
+        assert record.record_size(buf, 4) == len(one)
+        assert record.find_marker(buf, 0) == 4
+        assert record.find_marker(buf, 5) == 4 + len(one)
+        assert record.find_marker(buf, 5 + len(one)) == -1
+        assert record.is_record_start(buf, 4)
+        assert not record.is_record_start(buf, 5)
+
+    @pytest.mark.parametrize("version", [1, 2])
+    def test_every_truncation_is_torn(self, version):
+        data = record.pack(METADATA, PAYLOAD, version)
+        for cut in range(len(data)):
+            with pytest.raises(exceptions.TornRecord):
+                record.unpack_from(data[:cut])
+
+    def test_not_a_record(self):
+        with pytest.raises(exceptions.OutOfSync):
+            record.unpack_from(b"x" * 40)
+
+    def test_unknown_version_in_file(self):
+        data = bytearray(record.pack({}, b"x", 1))
+        data[4:6] = struct.pack("<h", 7)
+        with pytest.raises(exceptions.InvalidVersion):
+            record.unpack_from(bytes(data))
+
+    def test_v1_nonzero_end_of_header(self):
+        data = bytearray(record.pack({}, b"x", 1))
+        data[14:18] = struct.pack("<i", 5)
+        with pytest.raises(exceptions.CorruptRecord):
+            record.unpack_from(bytes(data))
+
+    @pytest.mark.parametrize("field,value", [
+        (6, -1), (10, -1),       # negative block lengths
+        (6, 2), (10, 3),         # blocks shorter than their length field
+        (18, 3),                 # metadata count not a multiple of 4
+        (18, -4),
+        (18, 400),               # more lengths than the block holds
+        (22, 2),                 # lengths do not add up
+        (30, 9),                 # payload length != raw block
+    ])
+    def test_v1_inconsistent_lengths(self, field, value):
+        data = bytearray(record.pack({"a": "b"}, b"payload!", 1))
+        data[field:field + 4] = struct.pack("<i", value)
+        with pytest.raises(exceptions.RecordError):
+            record.unpack_from(bytes(data))
+
+    def test_v2_every_bit_flip_is_detected(self):
+        data = record.pack(METADATA, PAYLOAD, 2)
+        for bit in range(len(data) * 8):
+            bad = bytearray(data)
+            bad[bit // 8] ^= 1 << (bit % 8)
+            with pytest.raises(exceptions.RecordError):
+                record.unpack_from(bytes(bad))
+
+    @pytest.mark.parametrize("version", [1, 2])
+    def test_huge_length_is_not_trusted(self, version):
+        fmt = "<ihIII" if version == 2 else "<ihiii"
+        head = struct.pack(fmt, MAGIC, version, 4, 0x7FFFFFF0, 0)
+        if version == 2:
+            head = head[:14] + struct.pack("<I", zlib.crc32(head[:14]))
+        tracemalloc.start()
+        try:
+            with pytest.raises(exceptions.TornRecord):
+                record.unpack_from(head + b"\0" * 64)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 1 << 20
+
+    def test_invalid_utf8_does_not_raise(self):
+        # shoebox 0.7 (Python 2) could store any bytes
+        meta = struct.pack("<iii", 4, 1, 1) + b"\xff\xfe"
+        data = (struct.pack("<ihiii", MAGIC, 1, len(meta), 4, 0) + meta
+                + struct.pack("<i", 0))
+        metadata, payload, _ = record.unpack_from(data)
+        assert metadata == {"\udcff": "\udcfe"}
+        # and it goes back out as the same bytes
+        assert record.pack(metadata, payload, 1) == data
+
+
+@settings(max_examples=150, deadline=None)
+@given(metadata=metadata_st, payload=payload_st,
+       version=st.sampled_from([1, 2]))
+def test_round_trip(metadata, payload, version):
+    data = record.pack(metadata, payload, version)
+    expected = payload.encode("utf-8") if isinstance(payload, str) else payload
+    assert record.unpack_from(data) == (metadata, expected, len(data))
+    if version == 1:
+        assert data == v1_by_hand(metadata.items(), expected)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=200))
+def test_random_bytes_raise_only_record_errors(data):
+    for prefix in (b"", struct.pack("<ih", MAGIC, 1),
+                   struct.pack("<ih", MAGIC, 2)):
+        try:
+            record.unpack_from(prefix + data)
+        except exceptions.RecordError:
+            pass

@@ -1,0 +1,149 @@
+"""Tests for shoebox_worker.roll_checker."""
+
+import os
+
+import pytest
+from stevedore import driver
+
+from shoebox_worker import callbacks
+from shoebox_worker import contract
+from shoebox_worker import roll_checker
+from shoebox_worker import roll_manager
+
+
+class FakeArchive:
+    def __init__(self, size=0, records=0):
+        self.size = size
+        self.records = records
+
+    def tell(self):
+        return self.size
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(roll_checker, "clock", lambda: now[0])
+    return now
+
+
+def test_never():
+    checker = roll_checker.NeverRollChecker()
+    archive = FakeArchive(size=10**12, records=10**9)
+    checker.start(archive)
+    assert checker.check(archive) is False
+
+
+def test_base_class():
+    checker = roll_checker.RollChecker()
+    assert checker.start(FakeArchive()) is None
+    assert checker.check(FakeArchive()) is False
+
+
+@pytest.mark.parametrize("value,limit", [
+    ("100", 100 * 1024 * 1024), ("0.5", 512 * 1024), (2, 2 * 1024 * 1024),
+    (" 1 ", 1024 * 1024)])
+def test_size(value, limit):
+    checker = roll_checker.SizeRollChecker(roll_size_mb=value)
+    assert checker.roll_size == limit
+    assert not checker.check(FakeArchive(size=limit - 1))
+    assert checker.check(FakeArchive(size=limit))
+    assert roll_checker.SizeRollChecker().roll_size == 100 * 1024 * 1024
+
+
+def test_time(clock):
+    checker = roll_checker.TimeRollChecker(roll_minutes="0.5")
+    assert checker.roll_minutes == 0.5
+    assert not checker.check(FakeArchive())  # not started: no archive yet
+    checker.start(FakeArchive())
+    clock[0] += 29.9
+    assert not checker.check(FakeArchive())
+    clock[0] += 0.1
+    assert checker.check(FakeArchive())
+    checker.start(FakeArchive())  # a new archive starts a new period
+    assert not checker.check(FakeArchive())
+    assert roll_checker.TimeRollChecker().roll_minutes == 60
+
+
+def test_count():
+    checker = roll_checker.CountRollChecker(roll_count="100")
+    assert checker.roll_count == 100
+    assert not checker.check(FakeArchive(records=99))
+    assert checker.check(FakeArchive(records=100))
+
+
+@pytest.mark.parametrize("cls,option", [
+    (roll_checker.SizeRollChecker, "roll_size_mb"),
+    (roll_checker.TimeRollChecker, "roll_minutes"),
+    (roll_checker.CountRollChecker, "roll_count"),
+])
+@pytest.mark.parametrize("value", [
+    "0", 0, "-1", -0.5, "", "abc", None, "nan", "inf", "-inf",
+    float("nan")])
+def test_invalid_values(cls, option, value):
+    with pytest.raises(ValueError, match=option):
+        cls(**{option: value})
+
+
+def test_count_must_be_whole():
+    with pytest.raises(ValueError):
+        roll_checker.CountRollChecker(roll_count="0.5")
+
+
+@pytest.mark.parametrize("cls", [roll_checker.SizeRollChecker,
+                                 roll_checker.TimeRollChecker,
+                                 roll_checker.CountRollChecker])
+def test_keyword_only_and_no_unknown_options(cls):
+    with pytest.raises(TypeError):
+        cls(5)
+    with pytest.raises(TypeError):
+        cls(roll_size_mbb=5)
+
+
+def test_time_rolls_an_idle_archive(tmp_path, clock):
+    checker = roll_checker.TimeRollChecker(roll_minutes="1")
+    memory = callbacks.MemoryCallback()
+    manager = roll_manager.WritingRollManager(
+        "idle_%Y.events", checker, directory=str(tmp_path),
+        archive_callback=memory)
+    assert manager.maybe_roll() is False  # nothing open yet
+    manager.write({"a": "b"}, "one")
+    first = manager.active_filename
+    clock[0] += 59
+    assert manager.maybe_roll() is False
+    clock[0] += 1
+    assert manager.maybe_roll() is True  # no write needed
+    assert manager.active_archive is None
+    assert memory.events == [("open", first), ("close", first)]
+    assert manager.maybe_roll() is False
+    manager.write({"a": "b"}, "two")  # the next write opens a new file
+    assert manager.active_filename != first
+    manager.close()
+    assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_size_rolls_through_manager(tmp_path):
+    checker = roll_checker.SizeRollChecker(roll_size_mb="0.01")  # ~10 KB
+    with roll_manager.WritingRollManager(
+            "size_%Y.events", checker, directory=str(tmp_path)) as manager:
+        for i in range(100):
+            manager.write({"i": str(i)}, "x" * 1000)
+    paths = roll_manager.sort_written_order(
+        str(p) for p in tmp_path.iterdir())
+    sizes = [os.path.getsize(p) for p in paths]
+    assert len(sizes) == 10
+    assert all(size >= checker.roll_size for size in sizes[:-1])
+    assert sizes[-1] < checker.roll_size
+
+
+@pytest.mark.parametrize("name,kwargs,cls", [
+    ("never", {}, roll_checker.NeverRollChecker),
+    ("size", {"roll_size_mb": "5"}, roll_checker.SizeRollChecker),
+    ("time", {"roll_minutes": "0.5"}, roll_checker.TimeRollChecker),
+    ("count", {"roll_count": "100"}, roll_checker.CountRollChecker),
+])
+def test_load_by_name(name, kwargs, cls):
+    manager = driver.DriverManager("shoebox.roll_checkers", name,
+                                   invoke_on_load=True, invoke_kwds=kwargs)
+    assert type(manager.driver) is cls
+    assert isinstance(manager.driver, contract.RollChecker)

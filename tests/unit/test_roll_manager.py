@@ -1,0 +1,291 @@
+"""Tests for shoebox_worker.roll_manager: series of archives."""
+
+import datetime
+import os
+
+import pytest
+
+import shoebox_worker
+from shoebox_worker import archive
+from shoebox_worker import callbacks
+from shoebox_worker import exceptions
+from shoebox_worker import record
+from shoebox_worker import roll_checker
+from shoebox_worker import roll_manager
+
+SECOND = "test_%Y%m%d_%H%M%S.events"  # one-second resolution
+FROZEN = datetime.datetime(2024, 2, 29, 23, 59, 59,
+                           tzinfo=datetime.timezone.utc)
+
+
+def records(count):
+    return [({"index": str(i)}, b"payload_%d" % i) for i in range(count)]
+
+
+def write(manager, items):
+    for metadata, payload in items:
+        manager.write(metadata, payload)
+
+
+def read_all(template, directory=".", **kwargs):
+    with roll_manager.ReadingRollManager(template, directory,
+                                         **kwargs) as manager:
+        return list(manager)
+
+
+@pytest.fixture
+def frozen(monkeypatch):
+    """Every file name is rendered in the same second."""
+    monkeypatch.setattr(roll_manager, "utcnow", lambda: FROZEN)
+
+
+def test_seed_readme_example(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    seen = []
+    # -- the seed README, verbatim but for the import --
+    from shoebox_worker import roll_checker, roll_manager  # noqa: F811, I001
+
+    checker = roll_checker.SizeRollChecker(roll_size_mb=100)
+    x = roll_manager.WritingRollManager("test_%c.events", checker)
+    for index in range(10):
+        x.write({"index": str(index)}, "payload_%d" % index)
+    x.close()
+
+    manager = roll_manager.ReadingRollManager("test_*.events")
+    while True:
+        try:
+            metadata, payload = manager.read()
+            seen.append((metadata, payload))  # (added: check what we read)
+        except roll_manager.NoMoreFiles:
+            break
+    # -- end --
+    assert seen == records(10)
+    [name] = os.listdir(tmp_path)
+    assert name.startswith("test_") and name.endswith(".events")
+    assert not set(" :/") & set(name)
+    assert roll_manager.NoMoreFiles is shoebox_worker.NoMoreFiles
+
+
+class TestSameSecondRolls:
+    def test_real_clock_percent_c(self, tmp_path):
+        checker = roll_checker.CountRollChecker(roll_count=1)
+        with roll_manager.WritingRollManager(
+                "test_%c.events", checker, directory=str(tmp_path)) as m:
+            write(m, records(50))
+        assert len(os.listdir(tmp_path)) == 50
+        assert read_all("test_*.events", str(tmp_path)) == records(50)
+
+    def test_frozen_clock(self, tmp_path, frozen):
+        checker = roll_checker.CountRollChecker(roll_count=1)
+        with roll_manager.WritingRollManager(
+                SECOND, checker, directory=str(tmp_path)) as manager:
+            write(manager, records(50))
+            assert manager.opened == 50
+        names = sorted(os.listdir(tmp_path))
+        assert len(names) == 50
+        assert "test_20240229_235959.events" in names
+        assert "test_20240229_235959~49.events" in names
+        assert read_all("test_*.events", str(tmp_path)) == records(50)
+
+    def test_files_moved_and_gzipped_away(self, tmp_path, frozen):
+        out = tmp_path / "out"
+        memory = callbacks.MemoryCallback()
+        chain = callbacks.CallbackChain([
+            callbacks.GzipCallback(),
+            callbacks.MoveFileCallback(destination_folder=str(out)),
+            memory])
+        checker = roll_checker.CountRollChecker(roll_count=1)
+        with roll_manager.WritingRollManager(
+                SECOND, checker, directory=str(tmp_path / "spool"),
+                archive_callback=chain) as manager:
+            write(manager, records(50))
+        assert os.listdir(tmp_path / "spool") == []
+        closed = [name for event, name in memory.events if event == "close"]
+        opened = [name for event, name in memory.events if event == "open"]
+        assert len(set(closed)) == len(set(opened)) == 50  # never reused
+        assert len(os.listdir(out)) == 50
+        assert read_all("test_*.events.gz", str(out)) == records(50)
+
+    def test_files_deleted_away(self, tmp_path, frozen):
+        memory = callbacks.MemoryCallback()
+        chain = callbacks.CallbackChain([memory,
+                                         callbacks.DeleteFileCallback()])
+        checker = roll_checker.CountRollChecker(roll_count=1)
+        with roll_manager.WritingRollManager(
+                SECOND, checker, directory=str(tmp_path),
+                archive_callback=chain) as manager:
+            write(manager, records(20))
+        names = [name for event, name in memory.events if event == "open"]
+        assert len(set(names)) == 20
+        assert os.listdir(tmp_path) == []
+
+    def test_second_boundary_with_coarse_timestamps(self, tmp_path,
+                                                    monkeypatch):
+        # The template changes second half-way, and the file system stamps
+        # every file with the same mtime (coarse clock). Read order must
+        # still be write order.
+        now = [FROZEN]
+        monkeypatch.setattr(roll_manager, "utcnow", lambda: now[0])
+        real_close = archive.ArchiveWriter.close
+
+        def coarse_close(self):
+            was_open = not self.closed
+            real_close(self)
+            if was_open:
+                os.utime(self.filename, ns=(10**18, 10**18))
+
+        monkeypatch.setattr(archive.ArchiveWriter, "close", coarse_close)
+        checker = roll_checker.CountRollChecker(roll_count=1)
+        with roll_manager.WritingRollManager(
+                "test_%c.events", checker,
+                directory=str(tmp_path)) as manager:
+            for i, item in enumerate(records(20)):
+                if i == 10:
+                    now[0] += datetime.timedelta(seconds=1)
+                write(manager, [item])
+        assert read_all("test_*.events", str(tmp_path)) == records(20)
+
+    def test_other_writer_took_the_name(self, tmp_path, frozen):
+        taken = tmp_path / "test_20240229_235959.events"
+        taken.write_bytes(b"not ours")
+        (tmp_path / "test_20240229_235959~1.events.gz").write_bytes(b"x")
+        checker = roll_checker.NeverRollChecker()
+        with roll_manager.WritingRollManager(
+                SECOND, checker, directory=str(tmp_path)) as manager:
+            write(manager, records(1))
+            assert manager.active_filename.endswith("235959~2.events")
+        assert taken.read_bytes() == b"not ours"
+
+
+class TestWriting:
+    def test_version_1_files(self, tmp_path):
+        checker = roll_checker.NeverRollChecker()
+        with roll_manager.WritingRollManager(
+                "v1_%Y.events", checker, directory=str(tmp_path),
+                version=1) as manager:
+            write(manager, records(3))
+            path = manager.active_filename
+        assert open(path, "rb").read() == b"".join(
+            record.pack(m, p, 1) for m, p in records(3))
+
+    def test_default_version_is_2(self, tmp_path):
+        with roll_manager.WritingRollManager(
+                "v_%Y.events", roll_checker.NeverRollChecker(),
+                directory=str(tmp_path)) as manager:
+            write(manager, records(1))
+            path = manager.active_filename
+        assert open(path, "rb").read() == record.pack(*records(1)[0], 2)
+
+    def test_unknown_version(self, tmp_path):
+        with pytest.raises(exceptions.InvalidVersion):
+            roll_manager.WritingRollManager(
+                "x", roll_checker.NeverRollChecker(), version=9)
+
+    def test_close_returns_callback_result_and_sync(self, tmp_path):
+        manager = roll_manager.WritingRollManager(
+            "c_%Y.events", roll_checker.NeverRollChecker(),
+            directory=str(tmp_path / "new"),
+            archive_callback=callbacks.ChangeExtensionCallback())
+        assert manager.close() is None  # nothing open
+        assert manager.write({"a": "b"}, "c") > 0
+        manager.sync()
+        path = manager.active_filename
+        assert os.path.getsize(path) > 0
+        assert manager.close() == path + ".done"
+        assert manager.close() is None
+
+    def test_callback_without_on_open(self, tmp_path):
+        class CloseOnly:
+            def on_close(self, filename):
+                return filename
+
+        with roll_manager.WritingRollManager(
+                "c_%Y.events", roll_checker.NeverRollChecker(),
+                directory=str(tmp_path),
+                archive_callback=CloseOnly()) as manager:
+            write(manager, records(1))
+
+
+class TestReading:
+    def test_compressed_files_in_order(self, tmp_path):
+        checker = roll_checker.CountRollChecker(roll_count=3)
+        with roll_manager.WritingRollManager(
+                "test_%Y.events", checker, directory=str(tmp_path)) as m:
+            write(m, records(18))
+        paths = roll_manager.sort_written_order(
+            str(p) for p in tmp_path.iterdir())
+        assert len(paths) == 6
+        callbacks.GzipCallback().on_close(paths[1])
+        callbacks.ZstdCallback().on_close(paths[2])
+        callbacks.GzipCallback().on_close(paths[4])
+        assert read_all("test_*.events*", str(tmp_path)) == records(18)
+        assert read_all("test_*.events", str(tmp_path)) == [
+            r for i, r in enumerate(records(18)) if i // 3 not in (1, 2, 4)]
+
+    def test_callbacks_on_read_files(self, tmp_path):
+        with roll_manager.WritingRollManager(
+                "r_%Y.events", roll_checker.CountRollChecker(roll_count=2),
+                directory=str(tmp_path)) as m:
+            write(m, records(4))
+        memory = callbacks.MemoryCallback()
+        assert read_all("r_*", str(tmp_path),
+                        archive_callback=memory) == records(4)
+        assert [event for event, _ in memory.events] == [
+            "open", "close", "open", "close"]
+
+    def test_no_files(self, tmp_path):
+        manager = roll_manager.ReadingRollManager("*.events", str(tmp_path))
+        with pytest.raises(roll_manager.NoMoreFiles):
+            manager.read()
+
+    def test_damaged_file_strict_and_salvage(self, tmp_path):
+        with roll_manager.WritingRollManager(
+                "d_%Y.events", roll_checker.CountRollChecker(roll_count=3),
+                directory=str(tmp_path)) as m:
+            write(m, records(6))
+        first = roll_manager.sort_written_order(
+            str(p) for p in tmp_path.iterdir())[0]
+        data = bytearray(open(first, "rb").read())
+        data[-2] ^= 1  # last record of the first file
+        stat = os.stat(first)
+        with open(first, "wb") as f:
+            f.write(data)
+        os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        manager = roll_manager.ReadingRollManager("d_*", str(tmp_path))
+        assert [manager.read(), manager.read()] == records(2)
+        with pytest.raises(exceptions.CorruptRecord):
+            manager.read()
+        got = read_all("d_*", str(tmp_path), salvage=True)
+        assert got == records(2) + records(6)[3:]
+
+
+class TestNames:
+    def test_render_template(self):
+        when = datetime.datetime(2024, 1, 2, 3, 4, 5)
+        assert roll_manager.render_template("a %c/b.events", when) == (
+            "a_Tue_Jan__2_03_04_05_2024_b.events")
+        assert roll_manager.render_template("%Y", when) == "2024"
+
+    def test_unique_path(self, tmp_path):
+        base = str(tmp_path / "x.events")
+        assert roll_manager.unique_path(base) == (base, 0)
+        assert roll_manager.unique_path(base) == (
+            str(tmp_path / "x~1.events"), 1)
+        (tmp_path / "x~2.events.gz").write_bytes(b"")
+        assert roll_manager.unique_path(base) == (
+            str(tmp_path / "x~3.events"), 3)
+        assert roll_manager.unique_path(base, start=7)[1] == 7
+        noext = str(tmp_path / "plain")
+        roll_manager.unique_path(noext)
+        assert roll_manager.unique_path(noext)[0] == noext + "~1"
+
+    def test_sort_written_order(self, tmp_path):
+        names = ["b.events", "a~2.events", "a~10.events.gz", "a.events"]
+        for name in names:
+            (tmp_path / name).write_bytes(b"")
+            os.utime(tmp_path / name, ns=(5, 5))
+        os.utime(tmp_path / "b.events", ns=(6, 6))
+        got = roll_manager.sort_written_order(
+            str(tmp_path / n) for n in names)
+        assert [os.path.basename(p) for p in got] == [
+            "a.events", "a~2.events", "a~10.events.gz", "b.events"]
