@@ -92,15 +92,27 @@ def _encode(text):
                     % type(text).__name__)
 
 
+_HEADS = {}
+
+
+def _head_struct(count):
+    """The Struct packing the count and ``count`` lengths (cached)."""
+    head = _HEADS.get(count)
+    if head is None:
+        head = _HEADS[count] = struct.Struct("<%di" % (count + 1))
+    return head
+
+
 def _metadata_block(metadata):
-    encoded = []
-    for key, value in metadata.items():
-        encoded.append(_encode(key))
-        encoded.append(_encode(value))
+    try:  # the common case: every key and value is a str
+        encoded = [s.encode("utf-8", "surrogateescape")
+                   for item in metadata.items() for s in item]
+    except AttributeError:
+        encoded = [_encode(s) for item in metadata.items() for s in item]
     count = len(encoded)
-    lengths = [len(s) for s in encoded]
-    head = struct.pack("<%di" % (count + 1), count * 2, *lengths)
-    return b"".join([head] + encoded)
+    head = _head_struct(count).pack(count * 2, *map(len, encoded))
+    encoded.insert(0, head)
+    return b"".join(encoded)
 
 
 def pack(metadata, payload, version=CURRENT_VERSION):

@@ -45,6 +45,7 @@ import os
 import re
 import shutil
 import socket
+import struct
 import time
 
 import kombu
@@ -72,6 +73,9 @@ BACKLOG_RESUME_RATIO = 0.9
 MALFORMED_LOG_INTERVAL = 10.0
 #: How often periodic work runs (idle rolls, fsync interval, backpressure).
 TICK = 0.1
+#: Longest a blocking read waits for the broker before periodic work runs
+#: (the kernel's SO_RCVTIMEO on the AMQP socket; see Worker.consume).
+RECV_TIMEOUT = 0.5
 
 W_MALFORMED = "archived a malformed message from %s (%s); %d so far"
 W_PAUSED = ("PAUSED consuming from %s: %s. Nothing more is taken off the "
@@ -252,6 +256,48 @@ class Worker(mixins.ConsumerMixin):
                  connection.as_uri())
         if self._paused:
             self._cancel_consumers()
+
+    def on_consume_end(self, connection, channel):
+        # ack the last batch while the channel is still open
+        if self.should_stop:
+            self.commit()
+
+    def consume(self, limit=None, timeout=None, safety_interval=1,
+                **kwargs):
+        """kombu's loop, reading without a Python-level socket timeout.
+
+        ``ConsumerMixin.consume`` drains with ``timeout=1``, so CPython
+        polls before every ``recv()`` (py-amqp makes about nine per message)
+        and py-amqp sets and resets the timeout on every call: about a fifth
+        of the throughput, measured. Here the socket stays blocking with a
+        kernel receive timeout (SO_RCVTIMEO), which py-amqp turns into the
+        same ``socket.timeout`` when no frame starts in time, so periodic
+        work, heartbeats and the stop flag still run while the queue is
+        idle. Other transports (memory, redis) use kombu's loop unchanged.
+        """
+        if getattr(self.connection.transport, "driver_type", "") != "amqp":
+            yield from super().consume(limit, timeout, safety_interval,
+                                       **kwargs)
+            return
+        interval = max(0.05, min(RECV_TIMEOUT, self.fsync_interval / 2))
+        with self.consumer_context(**kwargs) as (conn, channel, consumers):
+            sock = conn.connection.sock
+            sock.settimeout(None)
+            seconds = int(interval)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                            struct.pack("ll", seconds,
+                                        int((interval - seconds) * 1e6)))
+            while not self.should_stop:
+                self.on_iteration()
+                try:
+                    conn.drain_events(timeout=None)
+                except socket.timeout:
+                    conn.heartbeat_check()
+                except OSError:
+                    if not self.should_stop:
+                        raise
+                else:
+                    yield
 
     def on_connection_error(self, exc, interval):
         LOG.warning("broker connection error: %s; retrying in %.1f s",
