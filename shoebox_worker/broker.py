@@ -28,7 +28,8 @@ def declare(worker):
     """
     conn = worker.connection
     conn.ensure_connection(worker.on_connection_error,
-                           worker.connect_max_retries)
+                           worker.connect_max_retries,
+                           callback=worker.check_stop)
     for queue, consumer in zip(worker.queues, worker.config.consumers,
                                strict=True):
         if not consumer.declare:

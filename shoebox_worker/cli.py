@@ -82,7 +82,11 @@ def run_worker(conf, idle_exit=None):
     signal.signal(signal.SIGINT, on_signal)
     LOG.info("shoebox-worker %s starting: broker %s, archives in %s",
              __version__, conf.broker.redacted_url(), worker.directory)
-    broker.declare(worker)
+    try:
+        broker.declare(worker)
+    except worker_mod.StopRequested:
+        LOG.info("stopped before the broker answered")
+        return EXIT_OK
     if conf.metrics.port:
         from shoebox_worker import metrics
         metrics.serve(worker, conf.metrics.host, conf.metrics.port)

@@ -282,11 +282,24 @@ class Shipper:
             if self._thread.is_alive():
                 LOG.warning("shipping step still running after %.0f s; "
                             "its state file resumes it next start", timeout)
+        if self._thread is None or not self._thread.is_alive():
+            self._close_callbacks()
         with self._cond:
             left = len(self._jobs)
         if left:
             LOG.info("%d archive(s) not shipped yet; the next start "
                      "resumes them", left)
+
+    def _close_callbacks(self):
+        """Let callbacks release what they hold (connections, pools)."""
+        for name, callback in self.chain.steps:
+            close = getattr(callback, "close", None)
+            if callable(close):
+                try:
+                    close()
+                except Exception:
+                    LOG.warning("closing callback %s failed", name,
+                                exc_info=True)
 
     def _enqueue(self, job, due):
         with self._cond:

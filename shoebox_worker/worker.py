@@ -47,19 +47,21 @@ import shutil
 import socket
 import struct
 import time
+from contextlib import contextmanager
 
 import kombu
 from kombu import mixins
 
 from shoebox_worker import callbacks
 from shoebox_worker import envelope
+from shoebox_worker import exceptions
 from shoebox_worker import plugins
 from shoebox_worker import roll_manager
 from shoebox_worker import shipper as shipper_mod
 from shoebox_worker import stats as stats_mod
 
-__all__ = ["Worker", "make_connection", "make_queues", "worker_id",
-           "archive_pattern"]
+__all__ = ["Worker", "StopRequested", "make_connection", "make_queues",
+           "worker_id", "archive_pattern"]
 
 LOG = logging.getLogger(__name__)
 
@@ -69,6 +71,9 @@ RESUME_FREE_BYTES = 64 * 1024 * 1024
 #: Resume after a backlog pause once the backlog is under this share of
 #: ``max_backlog_mb``.
 BACKLOG_RESUME_RATIO = 0.9
+#: On SIGTERM, how long shipping may go on before the state files are left
+#: to the next start.
+SHUTDOWN_SHIP_GRACE = 10.0
 #: At most one log line per this many seconds about malformed messages.
 MALFORMED_LOG_INTERVAL = 10.0
 #: How often periodic work runs (idle rolls, fsync interval, backpressure).
@@ -127,6 +132,10 @@ def make_queues(consumers):
             queue_arguments=dict(c.queue_arguments) or None,
             no_declare=not c.declare))
     return queues
+
+
+class StopRequested(exceptions.ShoeboxError):
+    """Raised inside kombu's connection retries once we are told to stop."""
 
 
 class _Handoff:
@@ -223,10 +232,34 @@ class Worker(mixins.ConsumerMixin):
             LOG.info("idle: shipping %d archive(s) before exiting",
                      self.shipper.pending())
             self.shipper.wait_idle(should_stop=lambda: self._interrupted)
+        else:
+            self.shipper.wait_idle(SHUTDOWN_SHIP_GRACE,
+                                   should_stop=lambda: self._interrupted)
         self.shipper.stop(ship_timeout)
         self.stats.log_line(force=True)
 
     _interrupted = False
+
+    def run(self, _tokens=1, **kwargs):
+        """Consume until stopped (kombu reconnects on broker loss)."""
+        try:
+            super().run(_tokens, **kwargs)
+        except StopRequested:
+            LOG.info("stopped while waiting for the broker")
+
+    def check_stop(self):
+        """Called by kombu every second while it retries a connection."""
+        if self.should_stop:
+            raise StopRequested()
+
+    @contextmanager
+    def establish_connection(self):
+        # kombu's, plus a way out of the retry loop on SIGTERM
+        with self.create_connection() as conn:
+            conn.ensure_connection(self.on_connection_error,
+                                   self.connect_max_retries,
+                                   callback=self.check_stop)
+            yield conn
 
     def stop(self):
         """Ask the worker to stop (a signal handler calls this)."""
@@ -351,7 +384,11 @@ class Worker(mixins.ConsumerMixin):
         """fsync the archive, then ack every pending message at once."""
         if not self._pending:
             return
-        self.manager.sync()
+        try:
+            self.manager.sync()
+        except OSError as exc:
+            self._write_failed(exc)
+            return
         pending, self._pending = self._pending, []
         if self._multiple_ack:
             pending[-1].ack(multiple=True)
