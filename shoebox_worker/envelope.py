@@ -72,7 +72,8 @@ def _why_not_json(body, exc):
         body.decode("utf-8")
     except UnicodeDecodeError:
         return "not UTF-8"
-    if "recursion" in str(exc).lower():
+    reason = str(exc).lower()  # orjson 3.13: "depth limit exceeded"
+    if "recursion" in reason or "depth limit" in reason:
         return "JSON nested too deep"
     return "not JSON"
 
