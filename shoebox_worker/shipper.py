@@ -73,13 +73,27 @@ class FileLock:
 
 
 def _write_json_atomic(path, data):
+    """Replace ``path`` with ``data`` atomically.
+
+    :returns: a :class:`FileLock` held on the new file. It is taken on the
+        temporary file before the rename, so ``path`` is never unlocked (a
+        lock held on the file it replaces goes away with that file).
+    """
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    lock = FileLock(tmp)
+    try:
+        os.ftruncate(lock.fd, 0)
+        with os.fdopen(os.dup(lock.fd), "w") as f:
+            json.dump(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        lock.release()
+        raise
+    lock.path = path
     compression.fsync_directory(path)
+    return lock
 
 
 class _Job:
@@ -197,7 +211,11 @@ class Shipper:
         count = 0
         for name in names:  # a crash mid-rename leaves *.tmp behind
             if name.endswith(STATE_SUFFIX + ".tmp"):
-                os.unlink(os.path.join(directory, name))
+                path = os.path.join(directory, name)
+                lock = FileLock.try_acquire(path, create=False)
+                if lock is not None:  # else a live worker is writing it
+                    os.unlink(path)
+                    lock.release()
         for name in names:
             path = os.path.join(directory, name)
             if name.endswith(STATE_SUFFIX):
@@ -378,8 +396,10 @@ class Shipper:
         self._enqueue(job, time.monotonic() + delay)
 
     def _save(self, job):
-        _write_json_atomic(job.state_path, {
+        lock = _write_json_atomic(job.state_path, {
             "path": job.path, "step": job.step, "chain": self.chain_names})
+        old, job.lock = job.lock, lock
+        old.release()
 
     def _finish(self, job):
         """The chain is done with this archive: drop its state."""
@@ -389,7 +409,7 @@ class Shipper:
             # still where it was written and named as written: remember it
             # is done, or the next start would take it for a crashed one
             _write_json_atomic(job.state_path, {"done": True,
-                                                "path": job.path})
+                                                "path": job.path}).release()
         else:
             try:
                 os.unlink(job.state_path)
