@@ -1,0 +1,252 @@
+"""Tests for shoebox_worker.envelope: unwrapping bodies, building metadata."""
+
+import json
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
+
+from shoebox_worker import envelope
+
+# The inner string keeps its own key order and spacing: the payload must be
+# these bytes, not a re-serialisation of them.
+INNER = ('{"message_id":  "m-1", "event_type": "compute.instance.create.end",'
+         ' "priority": "INFO", "publisher_id": "compute.host1", '
+         '"timestamp": "2026-01-02 03:04:05.678",\n "_context_request_id": '
+         '"req-1", "payload": {"z": 1, "a": "\u00e9t\u00e9"}}')
+
+
+def v2(inner, version="2.0"):
+    return json.dumps({"oslo.version": version,
+                       "oslo.message": inner}).encode()
+
+
+class TestParse:
+    def test_v2_payload_is_the_inner_string_as_received(self):
+        parsed = envelope.parse(v2(INNER))
+        assert parsed.malformed is None
+        assert parsed.payload == INNER.encode("utf-8")
+        assert parsed.notification == json.loads(INNER)
+
+    def test_v2_with_non_ascii_outer_escapes(self):
+        # the outer JSON escapes non-ASCII (ensure_ascii); the payload is
+        # the decoded inner string in UTF-8
+        body = json.dumps({"oslo.message": INNER, "oslo.version": "2.0"},
+                          ensure_ascii=True).encode()
+        assert b"\\u00e9" in body
+        assert envelope.parse(body).payload == INNER.encode("utf-8")
+
+    def test_v2_minor_version_accepted(self):
+        assert envelope.parse(v2(INNER, "2.1")).malformed is None
+
+    def test_v1_body_as_is(self):
+        body = INNER.encode("utf-8")
+        parsed = envelope.parse(body)
+        assert parsed.malformed is None
+        assert parsed.payload is body
+        assert parsed.notification["message_id"] == "m-1"
+
+    @pytest.mark.parametrize("body, reason", [
+        (b"not json", "not JSON"),
+        (b'{"a": 1', "not JSON"),
+        (b"\xff\xfe{}", "not UTF-8"),
+        (b'{"a": "\xc3"}', "not UTF-8"),
+        (b"", "empty body"),
+        (b"  \n\t", "empty body"),
+        (b"[1, 2]", "not a JSON object"),
+        (b"42", "not a JSON object"),
+        (b'"a string"', "not a JSON object"),
+        (b"null", "not a JSON object"),
+        (b"[" * 2000, "JSON nested too deep"),
+        (b"[" * 2000 + b"]" * 2000, "JSON nested too deep"),
+        (b'{"oslo.version": "2.0"}', "broken envelope: missing oslo.message"),
+        (b'{"oslo.message": "{}"}', "broken envelope: missing oslo.version"),
+        (v2("{}", "3.0"), "unknown envelope version '3.0'"),
+        (b'{"oslo.version": 2, "oslo.message": "{}"}',
+         "unknown envelope version 2"),
+        (b'{"oslo.version": "2.0", "oslo.message": {"a": 1}}',
+         "broken envelope: oslo.message is not a string"),
+        (b'{"oslo.version": "2.0", "oslo.message": null}',
+         "broken envelope: oslo.message is not a string"),
+        (v2("nope"), "broken envelope: not JSON"),
+        (v2(""), "broken envelope: empty body"),
+        (v2("[1]"), "broken envelope: not a JSON object"),
+        (v2('"s"'), "broken envelope: not a JSON object"),
+        (v2("[" * 2000), "broken envelope: JSON nested too deep"),
+        # a lone surrogate escaped inside the inner JSON text
+        (v2('{"a": "\\ud800"}'), "broken envelope: not JSON"),
+        # a lone surrogate in the oslo.message string itself: orjson
+        # refuses the envelope already
+        (b'{"oslo.version": "2.0", '
+         b'"oslo.message": "{\\"a\\": \\"\\ud800\\"}"}', "not JSON"),
+    ])
+    def test_malformed_kept_verbatim_with_reason(self, body, reason):
+        parsed = envelope.parse(body)
+        assert parsed.malformed == reason
+        assert parsed.payload is body
+        assert parsed.notification is None
+
+    def test_nesting_under_the_depth_limit_parses(self):
+        assert envelope.parse(b"[" * 1000 + b"]" * 1000).malformed == \
+            "not a JSON object"
+
+    @settings(max_examples=300, deadline=None)
+    @given(body=st.binary(max_size=300))
+    def test_any_bytes_never_raise(self, body):
+        parsed = envelope.parse(body)
+        assert isinstance(parsed.payload, bytes)
+        assert (parsed.malformed is None) == (parsed.notification is not None)
+        if parsed.malformed is not None:
+            assert parsed.payload == body
+
+    @settings(max_examples=200, deadline=None)
+    @given(inner=st.text(max_size=200), version=st.text(max_size=5))
+    def test_any_envelope_never_raises(self, inner, version):
+        body = json.dumps({"oslo.version": version, "oslo.message": inner})
+        parsed = envelope.parse(body.encode())
+        if parsed.malformed is None:
+            assert parsed.payload == inner.encode("utf-8")
+        else:
+            assert parsed.payload == body.encode()
+
+    @settings(max_examples=200, deadline=None)
+    @given(notification=st.dictionaries(
+        st.text(max_size=10),
+        st.recursive(st.none() | st.booleans() | st.integers() |
+                     st.text(max_size=20),
+                     lambda children: st.lists(children, max_size=3) |
+                     st.dictionaries(st.text(max_size=5), children,
+                                     max_size=3), max_leaves=10),
+        max_size=5))
+    def test_round_trip_of_any_v2_notification(self, notification):
+        inner = json.dumps(notification, indent=1)
+        parsed = envelope.parse(v2(inner))
+        if "oslo.version" in notification or "oslo.message" in notification:
+            return  # still a valid v2 envelope around it
+        assert parsed.malformed is None
+        assert parsed.payload == inner.encode("utf-8")
+        assert parsed.notification == notification
+
+
+class TestToBytes:
+    def test_bytes_as_is(self):
+        body = b"\xff raw"
+        assert envelope.to_bytes(body) is body
+
+    def test_str_in_its_encoding(self):
+        assert envelope.to_bytes("\u00e9") == b"\xc3\xa9"
+        assert envelope.to_bytes("\u00e9", "utf-8") == b"\xc3\xa9"
+        assert envelope.to_bytes("\u00e9", "latin-1") == b"\xe9"
+
+    def test_str_with_undecodable_bytes_round_trips(self):
+        # a str carrying surrogate-escaped bytes goes back to those bytes
+        body = b"\xff\xfe{}"
+        text = body.decode("utf-8", "surrogateescape")
+        assert envelope.to_bytes(text) == body
+
+    def test_bytearray_and_memoryview(self):
+        assert envelope.to_bytes(bytearray(b"ab")) == b"ab"
+        assert envelope.to_bytes(memoryview(b"ab")) == b"ab"
+
+    def test_decoded_json(self):
+        assert orjson.loads(envelope.to_bytes({"a": [1]})) == {"a": [1]}
+
+
+class TestMetadataExtractor:
+    def test_standard_fields(self):
+        metadata = envelope.MetadataExtractor()(
+            envelope.parse(v2(INNER)), "notifications.info",
+            "notifications.info")
+        assert metadata == {
+            "event_type": "compute.instance.create.end",
+            "message_id": "m-1",
+            "timestamp": "2026-01-02 03:04:05.678",
+            "publisher_id": "compute.host1",
+            "priority": "INFO",
+            "request_id": "req-1",
+            "queue": "notifications.info",
+            "routing_key": "notifications.info",
+        }
+        assert all(isinstance(v, str) for v in metadata.values())
+
+    def test_absent_standard_fields_are_left_out(self):
+        parsed = envelope.parse(b'{"event_type": "x", "priority": null}')
+        metadata = envelope.MetadataExtractor()(parsed, "q", None)
+        assert metadata == {"event_type": "x", "queue": "q",
+                            "routing_key": ""}
+
+    def test_non_string_standard_fields_become_json_text(self):
+        parsed = envelope.parse(
+            b'{"event_type": "x", "timestamp": 17, "priority": true}')
+        metadata = envelope.MetadataExtractor()(parsed, "q", "rk")
+        assert metadata["timestamp"] == "17"
+        assert metadata["priority"] == "true"
+
+    def test_dotted_paths(self):
+        body = orjson.dumps({
+            "event_type": "x",
+            "payload": {"instance_id": "i-1", "count": 3, "flag": False,
+                        "nested": {"deep": {"k": "v"}}, "list": [1, "a"],
+                        "null": None, "text": "t"},
+        })
+        extract = envelope.MetadataExtractor([
+            "payload.instance_id", "payload.count", "payload.flag",
+            "payload.nested.deep", "payload.nested.deep.k", "payload.list",
+            "payload.null", "payload.missing", "payload.text.sub",
+            "payload.list.0", "nothing.at.all"])
+        metadata = extract(envelope.parse(body), "q", "rk")
+        assert metadata["payload.instance_id"] == "i-1"
+        assert metadata["payload.count"] == "3"
+        assert metadata["payload.flag"] == "false"
+        assert metadata["payload.nested.deep"] == '{"k":"v"}'
+        assert metadata["payload.nested.deep.k"] == "v"
+        assert metadata["payload.list"] == '[1,"a"]'
+        for missing in ("payload.null", "payload.missing",
+                        "payload.text.sub", "payload.list.0",
+                        "nothing.at.all"):
+            assert missing not in metadata
+        assert "malformed" not in metadata
+
+    def test_static_metadata_added_to_every_record(self):
+        extract = envelope.MetadataExtractor(
+            static={"region": "dfw", "cell": "c1"})
+        good = extract(envelope.parse(v2(INNER)), "q", "rk")
+        bad = extract(envelope.parse(b"junk"), "q", "rk")
+        for metadata in (good, bad):
+            assert metadata["region"] == "dfw"
+            assert metadata["cell"] == "c1"
+
+    def test_malformed_takes_id_and_content_type_from_properties(self):
+        extract = envelope.MetadataExtractor(["payload.x"])
+        metadata = extract(envelope.parse(b"\xff junk"), "q", "rk", {
+            "message_id": "amqp-id", "content_type": "application/json",
+            "content_encoding": "utf-8", "delivery_mode": 2,
+            "priority": 0})
+        assert metadata == {
+            "malformed": "not UTF-8", "message_id": "amqp-id",
+            "content_type": "application/json",
+            "content_encoding": "utf-8", "queue": "q", "routing_key": "rk"}
+
+    def test_malformed_without_properties(self):
+        for properties in (None, {}, {"message_id": "", "content_type": None}):
+            metadata = envelope.MetadataExtractor()(
+                envelope.parse(b"[]"), "q", "rk", properties)
+            assert metadata == {"malformed": "not a JSON object",
+                                "queue": "q", "routing_key": "rk"}
+
+    def test_properties_ignored_for_a_notification(self):
+        metadata = envelope.MetadataExtractor()(
+            envelope.parse(v2(INNER)), "q", "rk",
+            {"message_id": "amqp-id", "content_type": "x"})
+        assert metadata["message_id"] == "m-1"
+        assert "content_type" not in metadata
+
+    def test_no_event_type_is_flagged(self):
+        parsed = envelope.parse(b'{"message_id": "m-2", "payload": {}}')
+        assert parsed.malformed is None
+        metadata = envelope.MetadataExtractor()(parsed, "q", "rk")
+        assert metadata["malformed"] == "no event_type"
+        assert metadata["message_id"] == "m-2"
+        assert parsed.payload == b'{"message_id": "m-2", "payload": {}}'

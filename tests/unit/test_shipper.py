@@ -1,0 +1,511 @@
+"""Tests for shoebox_worker.shipper: the background chain, its state files,
+retries and recovery after a crash."""
+
+import gzip
+import json
+import os
+import shutil
+import threading
+import time
+
+import pytest
+
+from shoebox_worker import archive
+from shoebox_worker import callbacks
+from shoebox_worker import record
+from shoebox_worker import shipper
+
+RECORDS = [({"n": str(i)}, b'{"i": %d}' % i) for i in range(5)]
+
+
+def write_archive(path, records=RECORDS):
+    with archive.ArchiveWriter(path) as writer:
+        for metadata, payload in records:
+            writer.write(metadata, payload)
+    return str(path)
+
+
+def read(path):
+    with archive.ArchiveReader(path) as reader:
+        return list(reader)
+
+
+def state_of(path):
+    with open(str(path) + shipper.STATE_SUFFIX) as f:
+        return json.load(f)
+
+
+def is_archive(name):
+    return name.endswith(".events")
+
+
+class Recorder(callbacks.ArchiveCallback):
+    """Logs (name, filename, whether the file exists) into a shared list."""
+
+    def __init__(self, name, log):
+        self.name = name
+        self.log = log
+
+    def on_close(self, filename):
+        self.log.append((self.name, filename, os.path.exists(filename)))
+        return filename
+
+
+class Flaky(callbacks.ArchiveCallback):
+    def __init__(self, name, log, fail_times):
+        self.name = name
+        self.log = log
+        self.fail_times = fail_times
+
+    def on_close(self, filename):
+        if self.fail_times:
+            self.fail_times -= 1
+            self.log.append((self.name + ":fail", filename,
+                             os.path.exists(filename)))
+            raise OSError("upload refused")
+        self.log.append((self.name, filename, os.path.exists(filename)))
+        return filename
+
+
+class Blocking(callbacks.ArchiveCallback):
+    """Waits until the test releases it."""
+
+    def __init__(self):
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def on_close(self, filename):
+        self.entered.set()
+        assert self.release.wait(10)
+        return filename
+
+
+class Stats:
+    def __init__(self):
+        self.done = []
+        self.failed = []
+
+    def callback_done(self, name, seconds):
+        self.done.append(name)
+
+    def callback_failed(self, name):
+        self.failed.append(name)
+
+
+@pytest.fixture
+def make_shipper():
+    made = []
+
+    def make(steps, retry_initial=0.01, retry_max=0.05, stats=None,
+             start=True):
+        ship = shipper.Shipper(callbacks.CallbackChain(steps), retry_initial,
+                               retry_max, stats=stats)
+        if start:
+            ship.start()
+        made.append(ship)
+        return ship
+    yield make
+    for ship in made:
+        ship.stop(5)
+        with ship._cond:  # what the process exit would release
+            jobs = list(ship._jobs.values())
+        for job in jobs:
+            job.lock.release()
+
+
+class TestSubmit:
+    def test_chain_runs_in_the_background_thread(self, tmp_path,
+                                                 make_shipper):
+        path = write_archive(tmp_path / "a.events")
+        memory = callbacks.MemoryCallback()
+        threads = []
+
+        class Where(callbacks.ArchiveCallback):
+            def on_close(self, filename):
+                threads.append(threading.current_thread().name)
+                return filename
+
+        ship = make_shipper([("where", Where()), ("memory", memory)])
+        ship.submit(path)
+        assert ship.wait_idle(timeout=5)
+        assert memory.events == [("close", path)]
+        assert threads == ["shoebox-shipper"]
+        assert read(path) == RECORDS
+
+    def test_submit_releases_the_archive_lock(self, tmp_path, make_shipper):
+        path = write_archive(tmp_path / "a.events")
+        lock = shipper.FileLock(path, create=False)
+        ship = make_shipper([("memory", callbacks.MemoryCallback())])
+        ship.submit(path, lock)
+        assert lock.fd is None
+        assert ship.wait_idle(timeout=5)
+
+    def test_failing_step_is_retried_and_nothing_runs_after_it_before(
+            self, tmp_path, make_shipper):
+        path = write_archive(tmp_path / "a.events")
+        log = []
+        stats = Stats()
+        ship = make_shipper([("upload", Flaky("upload", log, 3)),
+                             ("after", Recorder("after", log)),
+                             ("delete", callbacks.DeleteFileCallback())],
+                            stats=stats)
+        ship.submit(path)
+        assert ship.wait_idle(timeout=5)
+        assert log == [("upload:fail", path, True)] * 3 + [
+            ("upload", path, True), ("after", path, True)]
+        assert not os.path.exists(path)
+        assert not os.path.exists(path + shipper.STATE_SUFFIX)
+        assert stats.failed == ["upload"] * 3
+        assert stats.done == ["upload", "after", "delete"]
+
+    def test_backoff_grows_and_is_capped(self):
+        ship = shipper.Shipper(callbacks.CallbackChain([]), 1.0, 5.0)
+        for attempts, (low, high) in {1: (0.75, 1), 2: (1.5, 2),
+                                      3: (3, 4), 4: (3.75, 5),
+                                      20: (3.75, 5)}.items():
+            for _ in range(20):
+                assert low <= ship._delay(attempts) <= high
+
+    def test_retry_waits_its_delay(self, tmp_path, make_shipper):
+        path = write_archive(tmp_path / "a.events")
+        times = []
+
+        class Timed(callbacks.ArchiveCallback):
+            def on_close(self, filename):
+                times.append(time.monotonic())
+                if len(times) < 3:
+                    raise OSError("no")
+                return filename
+
+        ship = make_shipper([("timed", Timed())], retry_initial=0.1,
+                            retry_max=0.2)
+        ship.submit(path)
+        assert ship.wait_idle(timeout=5)
+        assert times[1] - times[0] >= 0.075
+        assert times[2] - times[1] >= 0.15
+
+    def test_state_file_while_pending_gone_after_when_moved(
+            self, tmp_path, make_shipper):
+        path = write_archive(tmp_path / "a.events")
+        block = Blocking()
+        ship = make_shipper([("gzip", callbacks.GzipCallback()),
+                             ("block", block),
+                             ("delete", callbacks.DeleteFileCallback())])
+        ship.submit(path)
+        assert block.entered.wait(5)
+        state = state_of(path)
+        assert state == {"path": path + ".gz", "step": 1,
+                         "chain": ["gzip", "block", "delete"]}
+        assert ship.pending() == 1
+        block.release.set()
+        assert ship.wait_idle(timeout=5)
+        assert os.listdir(tmp_path) == []
+
+    def test_state_written_before_submit_returns(self, tmp_path,
+                                                 make_shipper):
+        path = write_archive(tmp_path / "a.events")
+        ship = make_shipper([("memory", callbacks.MemoryCallback())],
+                            start=False)
+        ship.submit(path)
+        assert state_of(path) == {"path": path, "step": 0,
+                                  "chain": ["memory"]}
+
+    def test_done_marked_when_the_file_stays_in_place(self, tmp_path,
+                                                      make_shipper):
+        path = write_archive(tmp_path / "a.events")
+        ship = make_shipper([("memory", callbacks.MemoryCallback())])
+        ship.submit(path)
+        assert ship.wait_idle(timeout=5)
+        assert state_of(path) == {"done": True, "path": path}
+        # and a new start neither resumes it nor takes it for a crashed one
+        memory = callbacks.MemoryCallback()
+        again = make_shipper([("memory", memory)])
+        assert again.recover(str(tmp_path), is_archive) == 0
+        assert again.pending() == 0 and memory.events == []
+
+    def test_renamed_in_place_is_not_done_marked(self, tmp_path,
+                                                 make_shipper):
+        path = write_archive(tmp_path / "a.events")
+        ship = make_shipper([("ext", callbacks.ChangeExtensionCallback())])
+        ship.submit(path)
+        assert ship.wait_idle(timeout=5)
+        assert sorted(os.listdir(tmp_path)) == ["a.events.done"]
+
+    def test_other_archives_keep_moving_while_one_fails(self, tmp_path,
+                                                        make_shipper):
+        bad = write_archive(tmp_path / "bad.events")
+        good = write_archive(tmp_path / "good.events")
+
+        class FailsOnBad(callbacks.ArchiveCallback):
+            def __init__(self):
+                self.seen = []
+
+            def on_close(self, filename):
+                self.seen.append(filename)
+                if filename == bad:
+                    raise OSError("no")
+                return filename
+
+        step = FailsOnBad()
+        ship = make_shipper([("step", step)], retry_initial=10,
+                            retry_max=10)
+        ship.submit(bad)
+        ship.submit(good)
+        deadline = time.monotonic() + 5
+        while good not in step.seen and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert step.seen == [bad, good]
+        assert ship.pending() == 1
+
+
+class TestBacklog:
+    def test_numbers(self, tmp_path, make_shipper):
+        block = Blocking()
+        ship = make_shipper([("block", block)])
+        assert ship.backlog == (0, 0, 0.0)
+        one = write_archive(tmp_path / "one.events")
+        two = write_archive(tmp_path / "two.events", RECORDS * 3)
+        ship.submit(one)
+        ship.submit(two)
+        assert block.entered.wait(5)
+        files, size, age = ship.backlog
+        assert files == 2 == ship.pending()
+        assert size == os.path.getsize(one) + os.path.getsize(two)
+        assert 0 <= age < 5
+        time.sleep(0.05)
+        assert ship.backlog[2] >= 0.05
+        block.release.set()
+        assert ship.wait_idle(timeout=5)
+        assert ship.backlog == (0, 0, 0.0)
+
+    def test_size_follows_the_current_file(self, tmp_path, make_shipper):
+        path = write_archive(tmp_path / "a.events", RECORDS * 50)
+        block = Blocking()
+        ship = make_shipper([("gzip", callbacks.GzipCallback()),
+                             ("block", block)])
+        ship.submit(path)
+        assert block.entered.wait(5)
+        assert ship.backlog[1] == os.path.getsize(path + ".gz")
+        block.release.set()
+        assert ship.wait_idle(timeout=5)
+
+    def test_wait_idle_times_out_and_stops(self, tmp_path, make_shipper):
+        block = Blocking()
+        ship = make_shipper([("block", block)])
+        ship.submit(write_archive(tmp_path / "a.events"))
+        assert ship.wait_idle(timeout=0.05) is False
+        assert ship.wait_idle(should_stop=lambda: True) is False
+        block.release.set()
+        assert ship.wait_idle(timeout=5)
+
+
+class TestRecover:
+    def test_resume_at_the_saved_step(self, tmp_path, make_shipper):
+        path = write_archive(tmp_path / "a.events")
+        with open(path, "rb") as src, gzip.open(path + ".gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.unlink(path)
+        with open(path + shipper.STATE_SUFFIX, "w") as f:
+            json.dump({"path": path + ".gz", "step": 1,
+                       "chain": ["gzip", "memory"]}, f)
+        log = []
+        memory = callbacks.MemoryCallback()
+        ship = make_shipper([("gzip", Recorder("gzip", log)),
+                             ("memory", memory)], start=False)
+        assert ship.recover(str(tmp_path), is_archive) == 1
+        ship.start()
+        assert ship.wait_idle(timeout=5)
+        assert log == []  # step 0 is not run again
+        assert memory.events == [("close", path + ".gz")]
+        assert not os.path.exists(path + shipper.STATE_SUFFIX)
+
+    def test_resume_after_a_crash_mid_chain(self, tmp_path, make_shipper):
+        """A first run dies during step 1; the next one resumes there."""
+        path = write_archive(tmp_path / "a.events")
+        block = Blocking()
+        first = make_shipper([("gzip", callbacks.GzipCallback()),
+                              ("block", block)])
+        first.submit(path)
+        assert block.entered.wait(5)
+        # "kill -9": the process and its locks are gone
+        first._stopping = True
+        with first._cond:
+            first._jobs[path].lock.release()
+        log = []
+        again = make_shipper([("gzip", Recorder("gzip", log)),
+                              ("block", Recorder("block", log))])
+        assert again.recover(str(tmp_path), is_archive) == 1
+        assert again.wait_idle(timeout=5)
+        assert log == [("block", path + ".gz", True)]
+        block.release.set()
+
+    def test_torn_tail_is_cut_and_the_archive_shipped(self, tmp_path,
+                                                      make_shipper):
+        path = write_archive(tmp_path / "a.events")
+        whole = os.path.getsize(path)
+        torn = record.pack({"n": "torn"}, b'{"never": "acked"}')
+        with open(path, "ab") as f:
+            f.write(torn[:len(torn) // 2])
+        memory = callbacks.MemoryCallback()
+        ship = make_shipper([("memory", memory)], start=False)
+        assert ship.recover(str(tmp_path), is_archive) == 1
+        assert os.path.getsize(path) == whole
+        ship.start()
+        assert ship.wait_idle(timeout=5)
+        assert memory.events == [("close", path)]
+        assert read(path) == RECORDS
+
+    def test_garbage_tail_is_cut(self, tmp_path, make_shipper):
+        path = write_archive(tmp_path / "a.events")
+        whole = os.path.getsize(path)
+        with open(path, "ab") as f:
+            f.write(b"\x00garbage\xff" * 10)
+        ship = make_shipper([("memory", callbacks.MemoryCallback())])
+        assert ship.recover(str(tmp_path), is_archive) == 1
+        assert ship.wait_idle(timeout=5)
+        assert os.path.getsize(path) == whole
+        assert read(path) == RECORDS
+
+    def test_locked_archive_is_not_taken(self, tmp_path, make_shipper):
+        path = write_archive(tmp_path / "a.events")
+        lock = shipper.FileLock(path, create=False)  # a live writer
+        try:
+            memory = callbacks.MemoryCallback()
+            ship = make_shipper([("memory", memory)])
+            assert ship.recover(str(tmp_path), is_archive) == 0
+            assert ship.pending() == 0
+            assert not os.path.exists(path + shipper.STATE_SUFFIX)
+        finally:
+            lock.release()
+        assert memory.events == []
+
+    def test_locked_state_file_is_not_resumed(self, tmp_path, make_shipper):
+        path = write_archive(tmp_path / "a.events")
+        busy = make_shipper([("memory", callbacks.MemoryCallback())],
+                            start=False)
+        busy.submit(path)  # holds the state file's lock, never ships
+        memory = callbacks.MemoryCallback()
+        other = make_shipper([("memory", memory)])
+        assert other.recover(str(tmp_path), is_archive) == 0
+        assert memory.events == []
+
+    def test_state_saved_after_a_step_stays_locked(self, tmp_path,
+                                                   make_shipper):
+        # the state file is replaced after every step: the new one must be
+        # locked too, or another worker would ship the same archive
+        path = write_archive(tmp_path / "a.events")
+        block = Blocking()
+        busy = make_shipper([("gzip", callbacks.GzipCallback()),
+                             ("block", block)])
+        busy.submit(path)
+        assert block.entered.wait(5)
+        assert state_of(path)["step"] == 1
+        log = []
+        other = make_shipper([("gzip", Recorder("gzip", log)),
+                              ("block", Recorder("block", log))])
+        assert other.recover(str(tmp_path), is_archive) == 0
+        assert other.pending() == 0
+        block.release.set()
+        assert busy.wait_idle(timeout=5)
+        assert log == []
+
+    def test_temporary_state_of_a_live_worker_is_kept(self, tmp_path,
+                                                      make_shipper):
+        tmp = tmp_path / ("a.events" + shipper.STATE_SUFFIX + ".tmp")
+        lock = shipper.FileLock(str(tmp))  # being written right now
+        try:
+            ship = make_shipper([("m", callbacks.MemoryCallback())])
+            ship.recover(str(tmp_path), is_archive)
+            assert tmp.exists()
+        finally:
+            lock.release()
+
+    def test_empty_archive_removed(self, tmp_path, make_shipper):
+        (tmp_path / "empty.events").write_bytes(b"")
+        (tmp_path / "other.txt").write_bytes(b"")
+        ship = make_shipper([("memory", callbacks.MemoryCallback())])
+        assert ship.recover(str(tmp_path), is_archive) == 0
+        assert sorted(os.listdir(tmp_path)) == ["other.txt"]
+
+    def test_stop_leaves_pending_state_for_the_next_start(
+            self, tmp_path, make_shipper):
+        path = write_archive(tmp_path / "a.events")
+        failing = callbacks.MemoryCallback(fail_times=1000)
+        first = make_shipper([("memory", failing)], retry_initial=60,
+                             retry_max=60)
+        first.submit(path)
+        deadline = time.monotonic() + 5
+        while not failing.events and time.monotonic() < deadline:
+            time.sleep(0.01)
+        first.stop(5)
+        assert not first._thread.is_alive()
+        assert state_of(path) == {"path": path, "step": 0,
+                                  "chain": ["memory"]}
+        with first._cond:  # the process exits
+            first._jobs[path].lock.release()
+        memory = callbacks.MemoryCallback()
+        again = make_shipper([("memory", memory)])
+        assert again.recover(str(tmp_path), is_archive) == 1
+        assert again.wait_idle(timeout=5)
+        assert memory.events == [("close", path)]
+
+    def test_chain_change_restarts_at_step_zero(self, tmp_path,
+                                                make_shipper):
+        path = write_archive(tmp_path / "a.events")
+        with open(path + shipper.STATE_SUFFIX, "w") as f:
+            json.dump({"path": path, "step": 1,
+                       "chain": ["zstd", "swift"]}, f)
+        log = []
+        ship = make_shipper([("first", Recorder("first", log)),
+                             ("second", Recorder("second", log))])
+        assert ship.recover(str(tmp_path), is_archive) == 1
+        assert ship.wait_idle(timeout=5)
+        assert log == [("first", path, True), ("second", path, True)]
+
+    def test_state_pointing_at_a_missing_file_restarts_from_origin(
+            self, tmp_path, make_shipper):
+        path = write_archive(tmp_path / "a.events")
+        with open(path + shipper.STATE_SUFFIX, "w") as f:
+            json.dump({"path": path + ".gz", "step": 1,
+                       "chain": ["first", "second"]}, f)
+        log = []
+        ship = make_shipper([("first", Recorder("first", log)),
+                             ("second", Recorder("second", log))])
+        assert ship.recover(str(tmp_path), is_archive) == 1
+        assert ship.wait_idle(timeout=5)
+        assert log == [("first", path, True), ("second", path, True)]
+
+    def test_state_of_a_vanished_file_is_dropped(self, tmp_path,
+                                                 make_shipper):
+        state = tmp_path / ("gone.events" + shipper.STATE_SUFFIX)
+        state.write_text(json.dumps({"path": str(tmp_path / "gone.x"),
+                                     "step": 1, "chain": ["m"]}))
+        ship = make_shipper([("m", callbacks.MemoryCallback())])
+        assert ship.recover(str(tmp_path), is_archive) == 0
+        assert os.listdir(tmp_path) == []
+
+    def test_corrupt_state_ships_from_the_start(self, tmp_path,
+                                                make_shipper):
+        path = write_archive(tmp_path / "a.events")
+        with open(path + shipper.STATE_SUFFIX, "w") as f:
+            f.write('{"path": ')  # not possible with the atomic write
+        memory = callbacks.MemoryCallback()
+        ship = make_shipper([("memory", memory)])
+        assert ship.recover(str(tmp_path), is_archive) == 1
+        assert ship.wait_idle(timeout=5)
+        assert memory.events == [("close", path)]
+
+    def test_leftover_temporary_state_removed(self, tmp_path, make_shipper):
+        path = write_archive(tmp_path / "a.events")
+        tmp = tmp_path / ("a.events" + shipper.STATE_SUFFIX + ".tmp")
+        tmp.write_text("{")
+        memory = callbacks.MemoryCallback()
+        ship = make_shipper([("memory", memory)])
+        assert ship.recover(str(tmp_path), is_archive) == 1
+        assert ship.wait_idle(timeout=5)
+        assert not tmp.exists()
+        assert memory.events == [("close", path)]
+
+    def test_missing_directory(self, tmp_path, make_shipper):
+        ship = make_shipper([], start=False)
+        assert ship.recover(str(tmp_path / "nope"), is_archive) == 0
