@@ -360,8 +360,13 @@ class Worker(mixins.ConsumerMixin):
         body = envelope.to_bytes(message.body, message.content_encoding)
         parsed = envelope.parse(body)
         delivery = message.delivery_info
+        properties = message.properties
+        if parsed.malformed is not None and "content_type" not in properties:
+            # kombu's virtual transports (redis, memory) keep these apart
+            properties = dict(properties, content_type=message.content_type,
+                              content_encoding=message.content_encoding)
         metadata = self.extract(parsed, queue, delivery.get("routing_key"),
-                                message.properties)
+                                properties)
         try:
             size = self.manager.write(metadata, parsed.payload)
         except OSError as exc:
