@@ -284,6 +284,8 @@ class Worker(mixins.ConsumerMixin):
 
     def on_consume_ready(self, connection, channel, consumers, **kwargs):
         self._consumers = consumers
+        # --idle-exit counts from here: time spent reconnecting is not idle
+        self._last_message = time.monotonic()
         LOG.info("consuming from %s on %s",
                  ", ".join(q.name for q in self.queues),
                  connection.as_uri())
