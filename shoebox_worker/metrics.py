@@ -1,0 +1,187 @@
+"""Prometheus metrics of a running worker, on ``[metrics] port``.
+
+:func:`serve` starts prometheus_client's HTTP server on a registry of its
+own (no default process/platform collectors). The counters are not
+touched on the hot path: a custom collector reads the worker's
+:class:`~shoebox_worker.stats.Stats` when Prometheus scrapes. Only the
+callback duration histogram is fed as events happen, from the shipping
+thread, through ``Stats.listeners``.
+
+Exported (``queue`` and ``callback`` labels are the config's names)::
+
+    shoebox_messages_consumed_total{queue}    messages written to archives
+    shoebox_messages_acked_total              messages acked to the broker
+    shoebox_messages_malformed_total{queue}   archived with malformed=...
+    shoebox_bytes_written_total               record bytes written
+    shoebox_rolls_total                       archives closed
+    shoebox_callback_successes_total{callback}
+    shoebox_callback_failures_total{callback} failed attempts (retried)
+    shoebox_upload_seconds{callback}          histogram of step durations
+
+and the data at risk, now::
+
+    shoebox_unacked_messages                  written, not yet acked
+    shoebox_unshipped_files                   closed archives not yet
+    shoebox_unshipped_bytes                   through the callback chain
+    shoebox_oldest_unshipped_age_seconds      since the oldest of them
+                                              was closed
+    shoebox_paused                            1 while consumption is paused
+
+With ``[worker] processes = N`` each worker process serves its own
+endpoint: worker ``k`` (0 to N-1) on ``port + k``.
+"""
+
+import logging
+import multiprocessing
+import re
+
+from prometheus_client import CollectorRegistry
+from prometheus_client import Histogram
+from prometheus_client import start_http_server
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import GaugeMetricFamily
+
+from shoebox_worker import exceptions
+
+__all__ = ["MetricsError", "StatsCollector", "serve", "worker_index"]
+
+LOG = logging.getLogger(__name__)
+
+#: Buckets of shoebox_upload_seconds: a gzip of a small archive to a
+#: slow upload of a large one.
+DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                    60.0, 120.0, 300.0, 600.0, float("inf"))
+
+_CHILD_NAME = re.compile(r"shoebox-worker-(\d+)\Z")
+
+
+class MetricsError(exceptions.ShoeboxError):
+    """The metrics endpoint cannot start."""
+
+
+class StatsCollector:
+    """Reads a worker's counters at scrape time.
+
+    :param worker: a :class:`~shoebox_worker.worker.Worker` (its
+        ``stats``, ``queues``, ``shipper`` and unacked messages are read).
+    """
+
+    def __init__(self, worker):
+        self.worker = worker
+        self.stats = worker.stats
+        self.queues = [queue.name for queue in worker.queues]
+        self.callbacks = list(worker.shipper.chain_names)
+
+    def _by_label(self, family, counter, names):
+        counts = dict(counter)  # one C-level copy: safe against writers
+        for name in dict.fromkeys(list(names) + sorted(counts)):
+            family.add_metric([name], counts.get(name, 0))
+        return family
+
+    def collect(self):
+        stats = self.stats
+        yield self._by_label(CounterMetricFamily(
+            "shoebox_messages_consumed",
+            "Messages written to an archive, by queue.", labels=["queue"]),
+            stats.consumed_by_queue, self.queues)
+        yield CounterMetricFamily(
+            "shoebox_messages_acked",
+            "Messages acked to the broker (after their records were "
+            "fsynced).", value=stats.acked_total)
+        yield self._by_label(CounterMetricFamily(
+            "shoebox_messages_malformed",
+            "Messages archived verbatim with malformed=<reason> in their "
+            "metadata, by queue.", labels=["queue"]),
+            stats.malformed_by_queue, self.queues)
+        yield CounterMetricFamily(
+            "shoebox_bytes_written",
+            "Record bytes written to archives (uncompressed).",
+            value=stats.bytes_written)
+        yield CounterMetricFamily(
+            "shoebox_rolls", "Archives closed and handed to the callback "
+            "chain.", value=stats.rolls)
+        yield self._by_label(CounterMetricFamily(
+            "shoebox_callback_successes",
+            "Callback steps that succeeded, by callback.",
+            labels=["callback"]), stats.callback_successes, self.callbacks)
+        yield self._by_label(CounterMetricFamily(
+            "shoebox_callback_failures",
+            "Callback steps that failed (and are retried), by callback.",
+            labels=["callback"]), stats.callback_failures, self.callbacks)
+
+        # the data at risk
+        yield GaugeMetricFamily(
+            "shoebox_unacked_messages",
+            "Messages written but not acked yet (the broker redelivers "
+            "them if the worker dies).", value=self._unacked())
+        files, size, age = stats.backlog
+        yield GaugeMetricFamily(
+            "shoebox_unshipped_files",
+            "Closed archives not yet through the callback chain.",
+            value=files)
+        yield GaugeMetricFamily(
+            "shoebox_unshipped_bytes",
+            "Bytes of the closed archives not yet through the callback "
+            "chain.", value=size)
+        yield GaugeMetricFamily(
+            "shoebox_oldest_unshipped_age_seconds",
+            "Seconds the oldest archive not yet through the callback chain "
+            "has waited: since it was closed, or since this worker started "
+            "for one left by a previous run (0 when none waits).",
+            value=age)
+        yield GaugeMetricFamily(
+            "shoebox_paused",
+            "1 while consumption is paused (disk full or backlog over "
+            "max_backlog_mb), else 0.", value=1 if stats.paused else 0)
+
+    def _unacked(self):
+        # the worker's batch of written, unacked messages; Stats' own
+        # consumed - acked drifts after a reconnect drops a batch
+        pending = getattr(self.worker, "_pending", None)
+        if pending is None:
+            return self.stats.unacked
+        return len(pending)
+
+
+def worker_index():
+    """``k`` in a supervised child ``shoebox-worker-k``, else 0."""
+    if multiprocessing.parent_process() is None:
+        return 0
+    match = _CHILD_NAME.match(multiprocessing.current_process().name)
+    return int(match.group(1)) if match else 0
+
+
+def serve(worker, host, port):
+    """Serve the worker's metrics over HTTP in a background thread.
+
+    :param worker: a :class:`~shoebox_worker.worker.Worker`.
+    :param host: address to listen on.
+    :param port: TCP port; a supervised child ``k`` listens on ``port + k``.
+    :returns: the registry.
+    :raises MetricsError: the port cannot be bound.
+    """
+    port += worker_index()
+    registry = CollectorRegistry()
+    registry.register(StatsCollector(worker))
+    durations = Histogram(
+        "shoebox_upload_seconds",
+        "Duration of each successful callback step (compress, upload, "
+        "...), by callback.", ["callback"], registry=registry,
+        buckets=DURATION_BUCKETS)
+    for name in worker.shipper.chain_names:
+        durations.labels(name)  # export zeros before the first roll
+
+    def on_event(event, name, seconds):
+        if event == "callback_done":
+            durations.labels(name).observe(seconds)
+
+    worker.stats.listeners.append(on_event)
+    try:
+        start_http_server(port, addr=host, registry=registry)
+    except OSError as err:
+        worker.stats.listeners.remove(on_event)
+        raise MetricsError("[metrics] cannot listen on %s:%d: %s" % (
+            host, port, err.strerror or err)) from None
+    LOG.info("serving Prometheus metrics on http://%s:%d/metrics", host,
+             port)
+    return registry
