@@ -199,11 +199,20 @@ class ArchiveReader(Archive):
         self._stream_error = None  # a decompression error not yet raised
 
     def __iter__(self):
+        unpack_from = record.unpack_from
         while True:
-            try:
-                yield self.read()
-            except exceptions.EndOfFile:
-                return
+            pos = self._pos
+            try:  # the common case, inline: the whole record is buffered
+                metadata, payload, size = unpack_from(self._buf, pos)
+            except exceptions.RecordError:
+                try:  # refill, end, damage: read() does it all
+                    yield self.read()
+                except exceptions.EndOfFile:
+                    return
+                continue
+            self._pos = pos + size
+            self.good_offset = self._base + self._pos
+            yield metadata, payload
 
     @property
     def offset(self):
@@ -270,7 +279,11 @@ class ArchiveReader(Archive):
         """
         while True:
             try:
-                metadata, payload, size = self._parse_here()
+                try:  # the common case: the whole record is buffered
+                    metadata, payload, size = record.unpack_from(
+                        self._buf, self._pos)
+                except exceptions.TornRecord:
+                    metadata, payload, size = self._parse_here()
             except exceptions.EndOfFile:
                 raise
             except exceptions.RecordError as exc:
@@ -281,7 +294,7 @@ class ArchiveReader(Archive):
                 self._skip(exc)
                 continue
             self._pos += size
-            self.good_offset = self.offset
+            self.good_offset = self._base + self._pos
             return metadata, payload
 
     def _skip(self, exc):

@@ -44,6 +44,8 @@ pure: :func:`pack` turns a record into bytes and :func:`unpack_from` parses
 one out of a buffer, never trusting a length past the bytes it was given.
 """
 
+import itertools
+import operator
 import struct
 import zlib
 
@@ -71,6 +73,7 @@ CURRENT_VERSION = 2
 _PREAMBLE = struct.Struct("<ih")
 _V1_HEAD = struct.Struct("<ihiii")
 _V2_HEAD = struct.Struct("<ihIII")
+_V2_PRE = struct.Struct("<ihII")  # the 14 bytes the header CRC covers
 _I32 = struct.Struct("<i")
 _U32 = struct.Struct("<I")
 _MAGIC_BYTES = _I32.pack(MAGIC)
@@ -104,12 +107,17 @@ def _head_struct(count):
 
 
 def _metadata_block(metadata):
-    try:  # the common case: every key and value is a str
-        encoded = [s.encode("utf-8", "surrogateescape")
-                   for item in metadata.items() for s in item]
-    except AttributeError:
-        encoded = [_encode(s) for item in metadata.items() for s in item]
-    count = len(encoded)
+    strings = list(itertools.chain.from_iterable(metadata.items()))
+    count = len(strings)
+    try:
+        joined = "".join(strings)
+    except TypeError:  # some bytes keys or values
+        joined = None
+    if joined is not None and joined.isascii():
+        # the common case: one encode, and characters are bytes
+        head = _head_struct(count).pack(count * 2, *map(len, strings))
+        return head + joined.encode("ascii")
+    encoded = [_encode(s) for s in strings]
     head = _head_struct(count).pack(count * 2, *map(len, encoded))
     encoded.insert(0, head)
     return b"".join(encoded)
@@ -124,21 +132,45 @@ def pack(metadata, payload, version=CURRENT_VERSION):
     :raises InvalidVersion: for any other version.
     """
     meta = _metadata_block(metadata)
-    body = _encode(payload)
+    body = payload if type(payload) is bytes else _encode(payload)
     if len(meta) > _MAX_LEN or len(body) > _MAX_LEN:
         raise ValueError("record too large for the format (2 GiB)")
     raw_len = _I32.pack(len(body))
     if version == 2:
-        head = _V2_HEAD.pack(MAGIC, 2, len(meta), len(body) + 4, 0)[:14]
-        head += _U32.pack(zlib.crc32(head))
-        crc = zlib.crc32(body, zlib.crc32(raw_len, zlib.crc32(
-            meta, zlib.crc32(head))))
-        return b"".join((head, meta, raw_len, body, _U32.pack(crc)))
+        head = _V2_PRE.pack(MAGIC, 2, len(meta), len(body) + 4)
+        data = b"".join((head, _U32.pack(zlib.crc32(head)), meta, raw_len,
+                         body))
+        return data + _U32.pack(zlib.crc32(data))
     if version == 1:
         head = _V1_HEAD.pack(MAGIC, 1, len(meta), len(body) + 4, 0)
         return b"".join((head, meta, raw_len, body))
     raise exceptions.InvalidVersion("cannot write format version %r"
                                     % (version,))
+
+
+def _header(buf, pos):
+    """Check the header at ``pos``: ``(version, meta_len, raw_len, size)``."""
+    magic, version, meta_len, raw_len, third = _V2_HEAD.unpack_from(buf, pos)
+    if magic != MAGIC:
+        raise exceptions.OutOfSync("no record marker", pos)
+    if version == 2:
+        if zlib.crc32(buf[pos:pos + 14]) != third:
+            raise exceptions.CorruptRecord("header checksum mismatch", pos)
+        size = HEADER_SIZE + meta_len + raw_len + TRAILER_SIZE
+    elif version == 1:
+        if third != 0:
+            raise exceptions.CorruptRecord("end-of-header marker is not 0",
+                                           pos)
+        if meta_len > 0x7FFFFFFF or raw_len > 0x7FFFFFFF:  # int32 < 0
+            raise exceptions.CorruptRecord("negative block length", pos)
+        size = HEADER_SIZE + meta_len + raw_len
+    else:
+        raise exceptions.InvalidVersion("unknown format version %d" % version,
+                                        pos)
+    if meta_len < 4 or raw_len < 4:
+        raise exceptions.CorruptRecord("block shorter than its length field",
+                                       pos)
+    return version, meta_len, raw_len, size
 
 
 def record_size(buf, pos=0):
@@ -152,48 +184,64 @@ def record_size(buf, pos=0):
     :raises InvalidVersion: a version this code does not know.
     :raises CorruptRecord: a header that fails its checks.
     """
-    magic, version, meta_len, raw_len, third = _V1_HEAD.unpack_from(buf, pos)
-    if magic != MAGIC:
-        raise exceptions.OutOfSync("no record marker", pos)
-    if version == 2:
-        meta_len, raw_len, hcrc = _V2_HEAD.unpack_from(buf, pos)[2:]
-        if zlib.crc32(memoryview(buf)[pos:pos + 14]) != hcrc:
-            raise exceptions.CorruptRecord("header checksum mismatch", pos)
-        size = HEADER_SIZE + meta_len + raw_len + TRAILER_SIZE
-    elif version == 1:
-        if third != 0:
-            raise exceptions.CorruptRecord("end-of-header marker is not 0",
-                                           pos)
-        if meta_len < 0 or raw_len < 0:
-            raise exceptions.CorruptRecord("negative block length", pos)
-        size = HEADER_SIZE + meta_len + raw_len
-    else:
-        raise exceptions.InvalidVersion("unknown format version %d" % version,
-                                        pos)
-    if meta_len < 4 or raw_len < 4:
-        raise exceptions.CorruptRecord("block shorter than its length field",
-                                       pos)
-    return size
+    return _header(buf, pos)[3]
+
+
+_LENGTHS = {}
+# lengths tuple -> (sum of the lengths, itemgetter of the strings' slices)
+_LAYOUTS = {}
+_MAX_LAYOUTS = 4096
+
+
+def _lengths_struct(n):
+    lengths = _LENGTHS.get(n)
+    if lengths is None:
+        lengths = struct.Struct("<%di" % n)
+        if n < 256:
+            _LENGTHS[n] = lengths
+    return lengths
+
+
+def _layout(lengths):
+    """Sum and slicer for these string lengths, checked and cached."""
+    if min(lengths) < 0:
+        return None
+    slices = []
+    off = 0
+    for length in lengths:
+        slices.append(slice(off, off + length))
+        off += length
+    layout = off, operator.itemgetter(*slices)
+    if len(_LAYOUTS) >= _MAX_LAYOUTS:
+        _LAYOUTS.clear()
+    _LAYOUTS[lengths] = layout
+    return layout
 
 
 def _parse_metadata(buf, start, end, pos):
     (count,) = _I32.unpack_from(buf, start)
     if count < 0 or count % 4:
         raise exceptions.CorruptRecord("bad metadata count %d" % count, pos)
+    if not count:
+        if end != start + 4:
+            raise exceptions.CorruptRecord("metadata lengths do not add up",
+                                           pos)
+        return {}
     n = count // 2
-    off = start + 4
-    if off + 4 * n > end:
+    off = start + 4 + 4 * n
+    if off > end:
         raise exceptions.CorruptRecord("metadata lengths overrun", pos)
-    lengths = struct.unpack_from("<%di" % n, buf, off)
-    off += 4 * n
-    if min(lengths, default=0) < 0 or off + sum(lengths) != end:
+    lengths = _lengths_struct(n).unpack_from(buf, start + 4)
+    layout = _LAYOUTS.get(lengths) or _layout(lengths)
+    if layout is None or off + layout[0] != end:
         raise exceptions.CorruptRecord("metadata lengths do not add up", pos)
-    strings = []
-    for length in lengths:
-        strings.append(bytes(buf[off:off + length]).decode(
-            "utf-8", "surrogateescape"))
-        off += length
-    return dict(zip(strings[::2], strings[1::2], strict=True))
+    region = bytes(buf[off:end])
+    if region.isascii():  # the common case: decode once, then slice
+        strings = iter(layout[1](region.decode("ascii")))
+    else:
+        strings = (s.decode("utf-8", "surrogateescape")
+                   for s in layout[1](region))
+    return dict(zip(strings, strings, strict=False))  # pairs: even count
 
 
 def unpack_from(buf, pos=0, end=None):
@@ -214,26 +262,23 @@ def unpack_from(buf, pos=0, end=None):
     if end - pos < HEADER_SIZE:
         raise exceptions.TornRecord("archive ends inside a record header",
                                     pos)
-    size = record_size(buf, pos)
+    version, meta_len, raw_len, size = _header(buf, pos)
     if pos + size > end:
         raise exceptions.TornRecord(
             "archive ends inside a record (%d of %d bytes)"
             % (end - pos, size), pos)
-    _, version, meta_len, raw_len = _V1_HEAD.unpack_from(buf, pos)[:4]
-    meta_start = pos + HEADER_SIZE
-    raw_start = meta_start + meta_len
+    raw_start = pos + HEADER_SIZE + meta_len
     raw_end = raw_start + raw_len
     if version == 2:
         (crc,) = _U32.unpack_from(buf, raw_end)
         if zlib.crc32(memoryview(buf)[pos:raw_end]) != crc:
             raise exceptions.CorruptRecord("record checksum mismatch", pos)
-    metadata = _parse_metadata(buf, meta_start, raw_start, pos)
+    metadata = _parse_metadata(buf, pos + HEADER_SIZE, raw_start, pos)
     (length,) = _I32.unpack_from(buf, raw_start)
     if length != raw_len - 4:
         raise exceptions.CorruptRecord("payload length does not match block",
                                        pos)
-    payload = bytes(buf[raw_start + 4:raw_end])
-    return metadata, payload, size
+    return metadata, bytes(buf[raw_start + 4:raw_end]), size
 
 
 def is_record_start(buf, pos, end=None):
