@@ -128,6 +128,19 @@ class TestReader:
                 reader.read()
             assert reader.good_offset == os.path.getsize(path)
 
+    def test_iteration_and_read_mix(self, tmp_path, monkeypatch):
+        monkeypatch.setattr(archive, "READ_CHUNK", 100)
+        path = tmp_path / "a.events"
+        records = sample_records(10)
+        write_archive(path, records)
+        got = []
+        with archive.ArchiveReader(path) as reader:
+            for item in reader:
+                got.append(item)
+                if len(got) % 3 == 0:
+                    got.append(reader.read())
+        assert got == records
+
     def test_empty_file(self, tmp_path):
         path = tmp_path / "a.events"
         path.write_bytes(b"")

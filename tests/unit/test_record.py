@@ -232,6 +232,13 @@ class TestUnpack:
         assert record.pack(metadata, payload, 1) == data
 
 
+def test_layout_cache_is_bounded():
+    for i in range(record._MAX_LAYOUTS + 10):
+        data = record.pack({"k": "v" * i}, b"")
+        assert record.unpack_from(data)[0] == {"k": "v" * i}
+        assert len(record._LAYOUTS) <= record._MAX_LAYOUTS
+
+
 @settings(max_examples=150, deadline=None)
 @given(metadata=metadata_st, payload=payload_st,
        version=st.sampled_from([1, 2]))
