@@ -229,8 +229,10 @@ class ArchiveReader(Archive):
         parts = [self._buf[self._pos:]]
         while have < need:
             try:
-                chunk = self._handle.read(max(READ_CHUNK, min(need - have,
-                                                              1 << 24)))
+                # read1: a damaged stream raises on the call that reaches
+                # the damage, after every byte decoded before it came back
+                chunk = self._handle.read1(max(READ_CHUNK, min(need - have,
+                                                               1 << 24)))
             except compression.DECOMPRESS_ERRORS as exc:
                 # keep what was decoded; the rest is unreadable, which
                 # _parse_here reports once it reaches the end of it

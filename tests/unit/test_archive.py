@@ -369,6 +369,33 @@ class TestCompressed:
             assert is_subsequence(got, records)
             assert skipped
 
+    @pytest.mark.parametrize("codec", ["gzip", "zstd"])
+    def test_truncated_stream_keeps_every_decodable_record(self, tmp_path,
+                                                           codec):
+        # the reader asks for READ_CHUNK (1 MiB) at a time: what was
+        # decoded by the call that hits the end must not be dropped
+        path = tmp_path / "a.events"
+        records = [({"n": str(i)}, os.urandom(100) * 30) for i in range(400)]
+        offsets = write_archive(path, records)
+        dst = compression.compress_file(str(path),
+                                        compression.get_codec(codec))
+        data = open(dst, "rb").read()
+        with open(dst, "wb") as f:
+            f.write(data[:len(data) * 9 // 10])
+        with compression.open_read(dst) as f:
+            decodable = b""
+            try:
+                while chunk := f.read1(1 << 16):
+                    decodable += chunk
+            except compression.DECOMPRESS_ERRORS:
+                pass
+        whole = sum(1 for o in offsets[1:] + [path.stat().st_size]
+                    if o <= len(decodable))
+        assert whole > 300
+        got, skipped = read_all(dst, salvage=True)
+        assert got == records[:whole]
+        assert skipped[-1].start == offsets[whole]
+
     @pytest.mark.parametrize("magic", [b"\x1f\x8b", b"\x28\xb5\x2f\xfd"])
     def test_garbage_after_magic(self, tmp_path, magic):
         path = tmp_path / "a.events"
