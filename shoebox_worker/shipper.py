@@ -42,6 +42,9 @@ LOG = logging.getLogger(__name__)
 
 #: Suffix of the state file kept beside each archive until it is shipped.
 STATE_SUFFIX = ".ship"
+#: recover() leaves an empty archive younger than this (seconds) alone: a
+#: live worker may have just created it and not locked it yet.
+EMPTY_ARCHIVE_GRACE = 60.0
 
 
 class FileLock:
@@ -225,6 +228,15 @@ class Shipper:
             path = os.path.join(directory, name)
             if not pattern_match(name) or os.path.exists(path +
                                                          STATE_SUFFIX):
+                continue
+            try:
+                stat = os.stat(path)
+            except FileNotFoundError:
+                continue
+            if stat.st_size == 0 and \
+                    time.time() - stat.st_mtime < EMPTY_ARCHIVE_GRACE:
+                # a live worker creates its archive, then locks it: not
+                # ours to remove (nor to lock, which would make it fail)
                 continue
             lock = FileLock.try_acquire(path, create=False)
             if lock is None:
