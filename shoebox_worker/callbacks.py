@@ -192,11 +192,18 @@ class CompressCallback(ArchiveCallback):
     """
 
     codec_name = None
+    #: The levels the codec takes: (lowest, highest).
+    levels = (1, 9)
 
     def __init__(self, *, level=None):
         self.codec = compression.get_codec(self.codec_name)
         self.level = (self.codec.default_level if level in (None, "")
                       else int(level))
+        low, high = self.levels
+        if not low <= self.level <= high:
+            # else every archive would fail to compress, forever
+            raise ValueError("level: expected %d to %d, got %r"
+                             % (low, high, level))
 
     def on_close(self, filename):
         if filename.endswith(self.codec.suffix):
@@ -220,6 +227,7 @@ class ZstdCallback(CompressCallback):
     """
 
     codec_name = "zstd"
+    levels = (1, 22)
 
 
 class MemoryCallback(ArchiveCallback):
