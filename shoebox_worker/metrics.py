@@ -21,10 +21,11 @@ Exported (``queue`` and ``callback`` labels are the config's names)::
 and the data at risk, now::
 
     shoebox_unacked_messages                  written, not yet acked
-    shoebox_unshipped_files                   closed archives not yet
-    shoebox_unshipped_bytes                   through the callback chain
-    shoebox_oldest_unshipped_age_seconds      since the oldest of them
-                                              was closed
+    shoebox_unshipped_files                   archives (the active one
+    shoebox_unshipped_bytes                   too) not yet through the
+                                              callback chain
+    shoebox_oldest_unshipped_age_seconds      age of the oldest record
+                                              among them
     shoebox_paused                            1 while consumption is paused
 
 With ``[worker] processes = N`` each worker process serves its own
@@ -117,17 +118,18 @@ class StatsCollector:
         files, size, age = stats.backlog
         yield GaugeMetricFamily(
             "shoebox_unshipped_files",
-            "Closed archives not yet through the callback chain.",
+            "Archives not yet through the callback chain, the active one "
+            "included.",
             value=files)
         yield GaugeMetricFamily(
             "shoebox_unshipped_bytes",
-            "Bytes of the closed archives not yet through the callback "
-            "chain.", value=size)
+            "Bytes of the archives not yet through the callback chain, the "
+            "active one included.", value=size)
         yield GaugeMetricFamily(
             "shoebox_oldest_unshipped_age_seconds",
-            "Seconds the oldest archive not yet through the callback chain "
-            "has waited: since it was closed, or since this worker started "
-            "for one left by a previous run (0 when none waits).",
+            "Age in seconds of the oldest record not yet through the "
+            "callback chain: since its archive was opened (for one left "
+            "by a previous run: since its last write); 0 when none waits.",
             value=age)
         yield GaugeMetricFamily(
             "shoebox_paused",

@@ -102,19 +102,27 @@ def _write_json_atomic(path, data):
 class _Job:
     """One archive on its way through the chain."""
 
-    def __init__(self, origin, path, step, lock):
+    def __init__(self, origin, path, step, lock, since=None):
         self.origin = origin        # where the archive was written
         self.path = path            # where it is now
         self.step = step            # next step to run
         self.lock = lock            # FileLock on the state file
         self.attempts = 0           # failures of the current step
         self.size = _size(path)
-        self.since = time.time()    # when it became waiting
+        # when its oldest record was written (at worst: its last write)
+        self.since = since if since is not None else _mtime(path)
         self.failing_since = None
 
     @property
     def state_path(self):
         return self.origin + STATE_SUFFIX
+
+
+def _mtime(path):
+    try:
+        return os.path.getmtime(path)
+    except (OSError, TypeError):
+        return time.time()
 
 
 def _size(path):
@@ -151,7 +159,7 @@ class Shipper:
 
     # -- what the consumer sees ---------------------------------------
 
-    def submit(self, path, lock=None):
+    def submit(self, path, lock=None, since=None):
         """Hand over a closed archive; returns at once.
 
         Writes its state file (durably) before returning, so the archive is
@@ -159,9 +167,11 @@ class Shipper:
 
         :param lock: the archive's :class:`FileLock`, released once the
             state file holds the archive.
+        :param since: when its first record was written (default: the
+            file's modification time).
         """
         state = FileLock(path + STATE_SUFFIX)
-        job = _Job(path, path, 0, state)
+        job = _Job(path, path, 0, state, since)
         self._save(job)
         if lock is not None:
             lock.release()

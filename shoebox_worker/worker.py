@@ -145,14 +145,18 @@ class _Handoff:
     def __init__(self, worker):
         self.worker = worker
         self.lock = None
+        #: when the active archive was opened (its first record's time)
+        self.opened_at = None
 
     def on_open(self, filename):
         self.lock = shipper_mod.FileLock(filename, create=False)
+        self.opened_at = time.time()
 
     def on_close(self, filename):
         lock, self.lock = self.lock, None
+        since, self.opened_at = self.opened_at, None
         self.worker.stats.rolled()
-        self.worker.shipper.submit(filename, lock)
+        self.worker.shipper.submit(filename, lock, since=since)
         return filename
 
 
@@ -182,7 +186,7 @@ class Worker(mixins.ConsumerMixin):
         self.shipper = shipper_mod.Shipper(
             self.chain, archive_conf.retry_initial, archive_conf.retry_max,
             stats=self.stats)
-        self.stats.backlog_source = self.shipper
+        self.stats.backlog_source = self
         self.template = archive_conf.template_for(self.ident)
         self.pattern = archive_pattern(archive_conf.filename_template)
         self.manager = roll_manager.WritingRollManager(
@@ -205,6 +209,20 @@ class Worker(mixins.ConsumerMixin):
         self._next_stats = time.monotonic() + config.worker.stats_interval
         self._malformed_logged = 0.0
         self.exit_code = 0
+
+    @property
+    def backlog(self):
+        """Data at risk: ``(files, bytes, oldest_age_seconds)`` of every
+        record not yet through the whole chain, the active archive's
+        included (it is on this disk only)."""
+        files, size, age = self.shipper.backlog
+        writer = self.manager.active_archive
+        opened_at = self.manager.archive_callback.opened_at
+        if writer is not None and opened_at is not None:
+            files += 1
+            size += writer.size
+            age = max(age, time.time() - opened_at)
+        return files, size, age
 
     # -- start and stop ------------------------------------------------
 
