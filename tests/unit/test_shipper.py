@@ -422,10 +422,32 @@ class TestRecover:
 
     def test_empty_archive_removed(self, tmp_path, make_shipper):
         (tmp_path / "empty.events").write_bytes(b"")
+        old = time.time() - shipper.EMPTY_ARCHIVE_GRACE - 1
+        os.utime(tmp_path / "empty.events", (old, old))
         (tmp_path / "other.txt").write_bytes(b"")
         ship = make_shipper([("memory", callbacks.MemoryCallback())])
         assert ship.recover(str(tmp_path), is_archive) == 0
         assert sorted(os.listdir(tmp_path)) == ["other.txt"]
+
+    def test_new_empty_archive_left_to_its_writer(self, tmp_path,
+                                                  make_shipper,
+                                                  monkeypatch):
+        # a live worker creates its archive first and locks it just after
+        path = tmp_path / "new.events"
+        path.write_bytes(b"")
+        acquired = []
+        try_acquire = shipper.FileLock.try_acquire
+
+        def spy(path, create=True):
+            acquired.append(path)
+            return try_acquire(path, create)
+
+        monkeypatch.setattr(shipper.FileLock, "try_acquire", spy)
+        ship = make_shipper([("memory", callbacks.MemoryCallback())])
+        assert ship.recover(str(tmp_path), is_archive) == 0
+        assert path.exists()
+        assert str(path) not in acquired
+        shipper.FileLock(str(path), create=False).release()  # the writer's
 
     def test_stop_leaves_pending_state_for_the_next_start(
             self, tmp_path, make_shipper):

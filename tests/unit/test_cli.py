@@ -1,0 +1,203 @@
+"""Tests for shoebox_worker.cli: check-config, run, and one-line errors."""
+
+import importlib.metadata
+import json
+import logging
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+import uuid
+
+import kombu
+import pytest
+
+from shoebox_worker import callbacks
+from shoebox_worker import cli
+from shoebox_worker import roll_manager
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+SCRIPT = pathlib.Path(sys.executable).parent / "shoebox-worker"
+COMMAND = [str(SCRIPT)] if SCRIPT.exists() else \
+    [sys.executable, "-m", "shoebox_worker.cli"]
+
+GOOD = """\
+[broker]
+url = memory://
+
+[consumer:notifications.info]
+exchange = nova
+
+[archive]
+working_directory = {work}
+roll_checker = count
+callbacks = gzip, memory
+
+[roll_checker:count]
+roll_count = 10
+
+[callback:gzip]
+level = 1
+"""
+
+
+@pytest.fixture
+def write(tmp_path):
+    def write(text, name="worker.conf"):
+        path = tmp_path / name
+        path.write_text(textwrap.dedent(text).format(work=tmp_path / "w"))
+        return str(path)
+    return write
+
+
+def run_cli(*args):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.run(COMMAND + list(args), capture_output=True,
+                          text=True, timeout=60, env=env, cwd=ROOT)
+
+
+def test_check_config_ok(write, capsys):
+    path = write(GOOD)
+    assert cli.main(["check-config", "--config", path]) == 0
+    out, err = capsys.readouterr()
+    assert out == "%s: OK\n" % path
+    assert err == ""
+
+
+def test_check_config_ok_in_a_subprocess(write):
+    path = write(GOOD)
+    result = run_cli("check-config", "--config", path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "%s: OK\n" % path
+
+
+NO_ROLL_SECTION = ("[roll_checker:count]\nroll_count = 10\n", "")
+
+
+@pytest.mark.parametrize("changes, expected", [
+    ([("[archive]", "[archiv]")],
+     "{path} [archiv]: unknown section (did you mean [archive]?)"),
+    ([("[consumer:notifications.info]", "[consumers:notifications.info]")],
+     "{path} [consumers:notifications.info]: unknown section (did you mean "
+     "[consumer:notifications.info]?)"),
+    ([("roll_count = 10", "roll_count = ten")],
+     "{path} [roll_checker:count] roll_count: expected a number, got "
+     "'ten'"),
+    ([("callbacks = gzip, memory", "callbacks = gzip, memory\n"
+       "fsync_every = x")],
+     "{path} [archive] fsync_every: expected an integer, got 'x'"),
+    ([("exchange = nova", "exchange = nova\ndurable = maybe")],
+     "{path} [consumer:notifications.info] durable: expected true or false "
+     "(or yes/no, on/off, 1/0), got 'maybe'"),
+    ([("level = 1", "level = 99")],
+     "{path} [callback:gzip] level: expected 1 to 9, got '99'"),
+    ([("callbacks = gzip, memory", "callbacks = gzip, swfit")],
+     "{path} [archive] callbacks: no callback named 'swfit' (installed: "
+     "{callbacks})"),
+    ([("roll_checker = count", "roll_checker = sise"), NO_ROLL_SECTION],
+     "{path} [archive] roll_checker: no roll checker named 'sise' "
+     "(installed: count, never, size, time)"),
+    ([("roll_checker = count", "roll_checker = size")],
+     "{path} [roll_checker:count]: roll checker 'count' is not the one "
+     "selected by [archive] roll_checker (size)"),
+    ([("level = 1", "levle = 1")],
+     "{path} [callback:gzip] levle: option not taken by gzip (takes: "
+     "level)"),
+    ([("roll_count = 10", "roll_count = 10\nroll_size_mb = 5")],
+     "{path} [roll_checker:count] roll_size_mb: option not taken by count "
+     "(takes: roll_count)"),
+    ([("url = memory://", "url = amqq://guest:secret@host//")],
+     "{path} [broker] url: unknown transport 'amqq' (did you mean amqp?)"),
+])
+def test_config_errors_are_one_line(write, changes, expected):
+    text = GOOD
+    for old, new in changes:
+        assert old in text
+        text = text.replace(old, new)
+    path = write(text)
+    installed = ", ".join(sorted(
+        ep.name for ep in importlib.metadata.entry_points(
+            group="shoebox.callbacks")))
+    result = run_cli("check-config", "--config", path)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr == "shoebox-worker: %s\n" % expected.format(
+        path=path, callbacks=installed)
+    assert "secret" not in result.stderr
+
+
+def test_missing_file(tmp_path):
+    path = str(tmp_path / "nope.conf")
+    result = run_cli("check-config", "--config", path)
+    assert result.returncode == 2
+    assert result.stderr == \
+        "shoebox-worker: %s: cannot read: No such file or directory\n" % path
+
+
+def test_run_with_a_bad_config_is_one_line(write):
+    path = write(GOOD.replace("[archive]", "[archives]"))
+    result = run_cli("run", "--config", path, "--idle-exit", "1")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert "[archives]: unknown section" in result.stderr
+
+
+def test_errors_in_process(write, capsys):
+    path = write(GOOD.replace("level = 1", "level = 0"))
+    assert cli.main(["check-config", "--config", path]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("shoebox-worker: %s [callback:gzip] level: " % path)
+    assert err.count("\n") == 1
+
+
+@pytest.fixture
+def quiet_process(monkeypatch):
+    """run installs signal handlers and replaces the root log handlers:
+    keep both to this test."""
+    monkeypatch.setattr(signal, "signal", lambda *args: None)
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    for handler in handlers:
+        root.addHandler(handler)
+    root.setLevel(level)
+
+
+def test_run_idle_exit_ships_everything(write, tmp_path, quiet_process):
+    queue = "q-" + uuid.uuid4().hex[:10]
+    exchange = kombu.Exchange("ex-" + queue, type="topic", durable=False)
+    bound = kombu.Queue(queue, exchange, routing_key=queue, durable=False)
+    path = write(GOOD.replace("notifications.info", queue).replace(
+        "exchange = nova", "exchange = ex-%s\nrouting_key = %s" % (
+            queue, queue)) + "\n[logging]\nlevel = WARNING\n")
+    bodies = [json.dumps({"event_type": "x", "message_id": str(n)}).encode()
+              for n in range(25)]
+    memory = callbacks.MemoryCallback.all_events
+    del memory[:]
+    with kombu.Connection("memory://") as conn:
+        with conn.Producer() as producer:
+            for body in bodies:
+                producer.publish(body, exchange=exchange, routing_key=queue,
+                                 declare=[bound], serializer=None,
+                                 content_type="application/json",
+                                 content_encoding="utf-8")
+        try:
+            assert cli.main(["run", "--config", path,
+                             "--idle-exit", "0.2"]) == 0
+            assert conn.default_channel._size(queue) == 0
+        finally:
+            bound(conn.default_channel).unbind_from(exchange,
+                                                   routing_key=queue)
+            bound(conn.default_channel).delete()
+    shipped = [f for event, f in memory if event == "close"]
+    assert len(shipped) == 3 and all(f.endswith(".gz") for f in shipped)
+    records = list(roll_manager.ReadingRollManager(
+        "*.gz", directory=str(tmp_path / "w")))
+    assert sorted(p for _, p in records) == sorted(bodies)

@@ -1,0 +1,769 @@
+"""Tests for shoebox_worker.worker over kombu's memory:// transport (and
+Redis through fakeredis): what is acked is on disk, nothing is lost."""
+
+import errno
+import json
+import os
+import shutil
+import textwrap
+import threading
+import time
+import uuid
+
+import kombu
+import pytest
+
+from shoebox_worker import archive
+from shoebox_worker import callbacks
+from shoebox_worker import config as config_mod
+from shoebox_worker import roll_checker
+from shoebox_worker import roll_manager
+from shoebox_worker import shipper as shipper_mod
+from shoebox_worker import worker as worker_mod
+
+#: How long a kombu drain waits while idle: keeps the loop (and the tests)
+#: quick.
+SAFETY = 0.01
+WAIT = 10.0
+
+
+def notification(n, **extra):
+    body = {"message_id": "m-%d" % n, "event_type": "compute.instance.update",
+            "priority": "INFO", "publisher_id": "compute.host1",
+            "timestamp": "2026-01-01 00:00:%02d" % (n % 60),
+            "_context_request_id": "req-%d" % n,
+            "payload": {"instance_id": "i-%d" % n, "n": n}}
+    body.update(extra)
+    return body
+
+
+def v2_body(n, **extra):
+    # the inner string keeps odd spacing: it must be stored as received
+    inner = json.dumps(notification(n, **extra), separators=(", ", ":  "))
+    return json.dumps({"oslo.version": "2.0", "oslo.message": inner}).encode()
+
+
+def inner_of(body):
+    return json.loads(body)["oslo.message"].encode()
+
+
+def wait_for(condition, timeout=WAIT, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for %s" % what)
+        time.sleep(0.005)
+
+
+class Broker:
+    """One test's exchange and queue on a kombu transport."""
+
+    def __init__(self, url, transport_options=None):
+        self.url = url
+        self.transport_options = transport_options or {}
+        uid = uuid.uuid4().hex[:10]
+        self.exchange_name = "ex-" + uid
+        self.queue_name = "q-" + uid
+        self.exchange = kombu.Exchange(self.exchange_name, type="topic",
+                                       durable=False)
+        self.queue = kombu.Queue(self.queue_name, self.exchange,
+                                 routing_key=self.queue_name, durable=False)
+        self.conn = self.connection()
+        self.queue(self.conn.default_channel).declare()
+
+    def connection(self):
+        return kombu.Connection(self.url,
+                                transport_options=self.transport_options)
+
+    def publish(self, bodies, **properties):
+        with self.conn.Producer() as producer:
+            for body in bodies:
+                producer.publish(
+                    body, exchange=self.exchange,
+                    routing_key=self.queue_name, serializer=None,
+                    content_type="application/json",
+                    content_encoding="utf-8", **properties)
+
+    def depth(self):
+        """Messages waiting in the queue (unacked ones come back to it
+        when the worker's channel closes)."""
+        return self.conn.default_channel._size(self.queue_name)
+
+    def close(self):
+        # memory:// is process-global, and queue_delete() leaves the queue
+        # in the exchange's table: unbind first
+        channel = self.conn.default_channel
+        bound = self.queue(channel)
+        try:
+            bound.unbind_from(self.exchange, routing_key=self.queue_name)
+        except Exception:  # noqa: BLE001 - best effort cleanup
+            pass
+        bound.delete()
+        self.conn.release()
+
+
+@pytest.fixture
+def broker():
+    b = Broker("memory://")
+    yield b
+    b.close()
+
+
+@pytest.fixture(autouse=True)
+def _clean_memory_events():
+    callbacks.MemoryCallback.all_events.clear()
+    yield
+    callbacks.MemoryCallback.all_events.clear()
+
+
+def write_config(tmp_path, broker, archive_options=None, sections="",
+                 broker_options=""):
+    archive = {"working_directory": str(tmp_path / "work"),
+               "roll_checker": "count", "callbacks": "memory",
+               "fsync_every": "5", "fsync_interval": "0.05",
+               "retry_initial": "0.01", "retry_max": "0.05"}
+    archive.update(archive_options or {})
+    text = textwrap.dedent("""\
+        [broker]
+        url = {url}
+        prefetch_count = 100
+        {broker_options}
+
+        [consumer:{queue}]
+        exchange = {exchange}
+        routing_key = {queue}
+
+        [archive]
+        {archive}
+
+        [worker]
+        stats_interval = 0
+        """).format(url=broker.url, queue=broker.queue_name,
+                    exchange=broker.exchange_name,
+                    broker_options=broker_options,
+                    archive="\n".join("%s = %s" % item
+                                      for item in archive.items()))
+    if "[roll_checker:" not in sections and \
+            archive["roll_checker"] == "count":
+        sections += "\n[roll_checker:count]\nroll_count = 1000\n"
+    path = tmp_path / ("worker-%s.conf" % uuid.uuid4().hex[:6])
+    path.write_text(text + textwrap.dedent(sections))
+    return config_mod.load(str(path))
+
+
+class Running:
+    """A worker consuming in a thread until the test stops it."""
+
+    def __init__(self, worker, start=True):
+        self.worker = worker
+        self.error = None
+        if start:
+            worker.start()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            self.worker.run(safety_interval=SAFETY)
+        except BaseException as exc:  # noqa: BLE001 - reported by stop()
+            self.error = exc
+
+    def wait_consumed(self, count, timeout=WAIT):
+        wait_for(lambda: self.worker.stats.consumed_total >= count or
+                 not self.thread.is_alive(), timeout,
+                 "%d messages consumed" % count)
+        assert self.error is None, self.error
+
+    def wait_acked(self, count, timeout=WAIT):
+        wait_for(lambda: self.worker.stats.acked_total >= count or
+                 not self.thread.is_alive(), timeout,
+                 "%d messages acked" % count)
+        assert self.error is None, self.error
+
+    def stop(self, timeout=WAIT):
+        self.worker.should_stop = True
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "worker did not stop"
+        self.worker.shutdown(ship_timeout=5)
+        if self.error is not None:
+            raise self.error
+
+
+def make_worker(conf, broker=None, **kwargs):
+    conn = broker.connection() if broker is not None else None
+    return worker_mod.Worker(conf, connection=conn, **kwargs)
+
+
+def archives(worker_or_dir, pattern=None):
+    """Every (metadata, payload) in the archives, in written order."""
+    if isinstance(worker_or_dir, worker_mod.Worker):
+        directory, pattern = worker_or_dir.directory, worker_or_dir.pattern
+    else:
+        directory = worker_or_dir
+    records = []
+    for suffix in ("", ".gz"):
+        manager = roll_manager.ReadingRollManager(pattern + suffix,
+                                                  directory=directory)
+        records.extend(manager)
+    return records
+
+
+def archive_files(worker):
+    return sorted(name for name in os.listdir(worker.directory)
+                  if not name.endswith(shipper_mod.STATE_SUFFIX))
+
+
+def memory_of(worker):
+    (step,) = [cb for _, cb in worker.chain.steps
+               if isinstance(cb, callbacks.MemoryCallback)]
+    return step
+
+
+# -- end to end ---------------------------------------------------------------
+
+class TestConsume:
+    def test_every_message_archived_exactly(self, tmp_path, broker):
+        conf = write_config(tmp_path, broker, {
+            "metadata_fields": "payload.instance_id, payload.n",
+            "static_metadata": "region=dfw, cell=c1"},
+            "[roll_checker:count]\nroll_count = 7\n")
+        bodies = [v2_body(n) for n in range(30)]
+        broker.publish(bodies)
+        worker = make_worker(conf, broker, ident="w1")
+        running = Running(worker)
+        running.wait_acked(30)
+        running.stop()
+        records = archives(worker)
+        assert [payload for _, payload in records] == \
+            [inner_of(body) for body in bodies]
+        metadata = records[3][0]
+        assert metadata == {
+            "event_type": "compute.instance.update", "message_id": "m-3",
+            "timestamp": "2026-01-01 00:00:03",
+            "publisher_id": "compute.host1", "priority": "INFO",
+            "request_id": "req-3", "queue": broker.queue_name,
+            "routing_key": broker.queue_name,
+            "payload.instance_id": "i-3", "payload.n": "3",
+            "region": "dfw", "cell": "c1"}
+        # 30 records, 7 per archive: 5 files, all shipped
+        files = archive_files(worker)
+        assert len(files) == 5
+        assert all("w1" in name for name in files)
+        closed = [os.path.basename(f) for event, f in memory_of(worker).events
+                  if event == "close"]
+        assert sorted(closed) == files
+        assert broker.depth() == 0
+        assert worker.stats.acked_total == 30
+
+    def test_v1_bodies_stored_as_is(self, tmp_path, broker):
+        conf = write_config(tmp_path, broker)
+        bodies = [json.dumps(notification(n), indent=2).encode()
+                  for n in range(3)]
+        broker.publish(bodies)
+        worker = make_worker(conf, broker)
+        running = Running(worker)
+        running.wait_acked(3)
+        running.stop()
+        assert [p for _, p in archives(worker)] == bodies
+
+    def test_consume_generator(self, tmp_path, broker):
+        conf = write_config(tmp_path, broker)
+        broker.publish([v2_body(n) for n in range(12)])
+        worker = make_worker(conf, broker)
+        worker.start()
+        seen = 0
+        for _ in worker.consume(safety_interval=SAFETY):
+            seen += 1
+            if seen == 12:
+                worker.should_stop = True
+        worker.shutdown()
+        assert worker.stats.acked_total == 12
+        assert len(archives(worker)) == 12
+        assert broker.depth() == 0
+
+
+class TestMalformed:
+    BAD = [
+        (b"not json at all", "not JSON"),
+        (b"\xff\xfe\x00", "not UTF-8"),
+        (b"", "empty body"),
+        (b"[1, 2, 3]", "not a JSON object"),
+        (b'{"oslo.version": "2.0"}', "broken envelope: missing oslo.message"),
+        (b'{"oslo.version": "3.0", "oslo.message": "{}"}',
+         "unknown envelope version '3.0'"),
+        (b'{"oslo.version": "2.0", "oslo.message": "nope"}',
+         "broken envelope: not JSON"),
+        (b"[" * 3000, "JSON nested too deep"),
+        (b'{"payload": {}}', "no event_type"),
+    ]
+
+    def test_archived_verbatim_acked_and_not_requeued(self, tmp_path,
+                                                      broker):
+        conf = write_config(tmp_path, broker)
+        good = [v2_body(n) for n in range(3)]
+        bodies = [good[0]] + [b for b, _ in self.BAD] + good[1:]
+        with broker.conn.Producer() as producer:
+            for n, body in enumerate(bodies):
+                producer.publish(
+                    body, exchange=broker.exchange,
+                    routing_key=broker.queue_name, serializer=None,
+                    content_type="application/json",
+                    content_encoding="utf-8", message_id="amqp-%d" % n)
+        worker = make_worker(conf, broker)
+        running = Running(worker)
+        running.wait_acked(len(bodies))
+        time.sleep(0.1)  # a requeue loop would show up as more consumed
+        running.stop()
+        assert worker.stats.consumed_total == len(bodies)
+        records = archives(worker)
+        assert [p for _, p in records] == \
+            [inner_of(good[0])] + [b for b, _ in self.BAD] + \
+            [inner_of(b) for b in good[1:]]
+        for (metadata, _), (_, reason) in zip(records[1:-2], self.BAD,
+                                              strict=True):
+            assert metadata["malformed"] == reason
+            assert metadata["queue"] == broker.queue_name
+        assert records[1][0]["message_id"] == "amqp-1"
+        assert records[1][0]["content_type"] == "application/json"
+        assert records[1][0]["content_encoding"] == "utf-8"
+        assert "malformed" not in records[0][0]
+        assert sum(worker.stats.malformed_by_queue.values()) == len(self.BAD)
+        assert broker.depth() == 0
+
+
+class TestAcks:
+    @pytest.fixture
+    def log(self, monkeypatch):
+        """Records writes, syncs and acks in the order they happen."""
+        events = []
+        write, sync = archive.ArchiveWriter.write, archive.ArchiveWriter.sync
+        ack = kombu.message.Message.ack
+
+        def logged_write(self, metadata, payload):
+            events.append(("write", metadata.get("message_id")))
+            return write(self, metadata, payload)
+
+        def logged_sync(self):
+            sync(self)
+            events.append(("sync", None))
+
+        def logged_ack(self, *args, **kwargs):
+            events.append(("ack", json.loads(json.loads(
+                self.body)["oslo.message"])["message_id"]))
+            return ack(self, *args, **kwargs)
+
+        monkeypatch.setattr(archive.ArchiveWriter, "write", logged_write)
+        monkeypatch.setattr(archive.ArchiveWriter, "sync", logged_sync)
+        monkeypatch.setattr(kombu.message.Message, "ack", logged_ack)
+        return events
+
+    def test_acked_only_after_sync(self, tmp_path, broker, log):
+        conf = write_config(tmp_path, broker, {"fsync_every": "4"},
+                            "[roll_checker:count]\nroll_count = 6\n")
+        broker.publish([v2_body(n) for n in range(23)])
+        worker = make_worker(conf, broker)
+        running = Running(worker)
+        running.wait_acked(23)
+        running.stop()
+        written, synced = set(), set()
+        for event, message_id in log:
+            if event == "write":
+                written.add(message_id)
+            elif event == "sync":
+                synced |= written
+            else:
+                assert message_id in synced, log
+        assert sum(1 for e, _ in log if e == "ack") == 23
+
+    def test_one_commit_per_fsync_every(self, tmp_path, broker, log):
+        conf = write_config(tmp_path, broker, {"fsync_every": "5",
+                                               "fsync_interval": "60"})
+        broker.publish([v2_body(n) for n in range(20)])
+        worker = make_worker(conf, broker)
+        running = Running(worker)
+        running.wait_acked(20)
+        running.stop()
+        batches, current = [], 0
+        for event, _ in log:
+            if event == "sync":
+                if current:
+                    batches.append(current)
+                current = 0
+            elif event == "ack":
+                current += 1
+        batches.append(current)
+        assert [b for b in batches if b] == [5, 5, 5, 5]
+
+    def test_fsync_interval_commits_while_idle(self, tmp_path, broker, log):
+        conf = write_config(tmp_path, broker, {"fsync_every": "50",
+                                               "fsync_interval": "0.1"})
+        broker.publish([v2_body(n) for n in range(3)])
+        worker = make_worker(conf, broker)
+        running = Running(worker)
+        running.wait_consumed(3)
+        running.wait_acked(3, timeout=2)  # fsync_every is far away
+        events = [e for e, _ in log]
+        assert events.count("ack") == 3
+        assert events.index("sync") < events.index("ack")
+        running.stop()
+
+
+class TestRolls:
+    def test_time_roll_fires_while_idle(self, tmp_path, broker,
+                                        monkeypatch):
+        now = [1000.0]
+        monkeypatch.setattr(roll_checker, "clock", lambda: now[0])
+        conf = write_config(tmp_path, broker, {"roll_checker": "time"},
+                            "[roll_checker:time]\nroll_minutes = 1\n")
+        broker.publish([v2_body(n) for n in range(2)])
+        worker = make_worker(conf, broker)
+        running = Running(worker)
+        running.wait_acked(2)
+        memory = memory_of(worker)
+        time.sleep(0.2)
+        assert memory.events == []
+        active = worker.manager.active_filename
+        now[0] += 61  # a minute later, and no new message
+        wait_for(lambda: any(e == "close" for e, _ in memory.events),
+                 what="an idle roll")
+        assert memory.events == [("close", active)]
+        with archive.ArchiveReader(active) as reader:
+            assert len(list(reader)) == 2
+        assert worker.stats.consumed_total == 2
+        running.stop()
+
+
+class TestIdleExit:
+    def test_stops_when_idle_and_ships_everything(self, tmp_path, broker):
+        conf = write_config(tmp_path, broker, {},
+                            "[roll_checker:count]\nroll_count = 3\n")
+        bodies = [v2_body(n) for n in range(7)]
+        broker.publish(bodies)
+        worker = make_worker(conf, broker, idle_exit=0.3)
+        running = Running(worker)
+        running.thread.join(WAIT)
+        assert not running.thread.is_alive(), "idle exit did not stop"
+        worker.shutdown()
+        assert running.error is None
+        assert worker.exit_code == 0
+        assert worker.shipper.pending() == 0
+        files = archive_files(worker)
+        assert len(files) == 3  # 3 + 3 + 1, the last closed by shutdown
+        closed = sorted(os.path.basename(f)
+                        for e, f in memory_of(worker).events
+                        if e == "close")
+        assert closed == files
+        assert [p for _, p in archives(worker)] == \
+            [inner_of(b) for b in bodies]
+        assert broker.depth() == 0
+
+    def test_idle_exit_with_nothing_to_do(self, tmp_path, broker):
+        conf = write_config(tmp_path, broker)
+        worker = make_worker(conf, broker, idle_exit=0.05)
+        running = Running(worker)
+        running.thread.join(WAIT)
+        assert not running.thread.is_alive()
+        worker.shutdown()
+        assert archive_files(worker) == []
+
+
+class TestDiskFull:
+    def test_enospc_requeues_cuts_pauses_and_resumes(self, tmp_path, broker,
+                                                     monkeypatch):
+        conf = write_config(tmp_path, broker, {"fsync_every": "4",
+                                               "fsync_interval": "0.3"},
+                            "[roll_checker:count]\nroll_count = 100\n")
+        flush = archive.ArchiveWriter.flush
+        full = threading.Event()
+
+        def flaky_flush(self):
+            if full.is_set() and self._buffer:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return flush(self)
+
+        monkeypatch.setattr(archive.ArchiveWriter, "flush", flaky_flush)
+        free = [10 << 30]
+        usage = shutil.disk_usage
+
+        def disk_usage(path):
+            real = usage(path)
+            return type(real)(real.total, real.used, free[0])
+
+        monkeypatch.setattr(worker_mod.shutil, "disk_usage", disk_usage)
+        bodies = [v2_body(n) for n in range(30)]
+        broker.publish(bodies[:8])
+        worker = make_worker(conf, broker)
+        running = Running(worker)
+        running.wait_acked(8)
+        # the disk fills up: the next batch cannot be synced
+        free[0] = 0
+        full.set()
+        broker.publish(bodies[8:])
+        wait_for(lambda: worker._paused is not None, what="a pause")
+        assert worker.stats.acked_total == 8
+        consumed = worker.stats.consumed_total
+        time.sleep(0.2)
+        # nothing taken meanwhile
+        assert worker.stats.consumed_total == consumed
+        assert worker.stats.acked_total == 8
+        assert worker._paused and worker.stats.paused
+        # the unsynced records were cut off the archive
+        assert len(archives(worker)) == 8
+        # the disk clears
+        full.clear()
+        free[0] = 10 << 30
+        running.wait_acked(30)
+        running.stop()
+        payloads = [p for _, p in archives(worker)]
+        assert sorted(payloads) == sorted(inner_of(b) for b in bodies)
+        assert len(payloads) == len(set(payloads)) == 30
+        assert broker.depth() == 0
+
+    def test_enospc_on_write(self, tmp_path, broker, monkeypatch):
+        conf = write_config(tmp_path, broker, {"fsync_every": "3",
+                                               "fsync_interval": "0.2"})
+        write = archive.ArchiveWriter.write
+        calls = [0]
+
+        def failing_write(self, metadata, payload):
+            calls[0] += 1
+            if calls[0] == 5:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return write(self, metadata, payload)
+
+        monkeypatch.setattr(archive.ArchiveWriter, "write", failing_write)
+        monkeypatch.setattr(worker_mod, "RESUME_FREE_BYTES", 0)
+        bodies = [v2_body(n) for n in range(10)]
+        broker.publish(bodies)
+        worker = make_worker(conf, broker)
+        running = Running(worker)
+        running.wait_acked(10)
+        running.stop()
+        payloads = [p for _, p in archives(worker)]
+        assert sorted(payloads) == sorted(inner_of(b) for b in bodies)
+        assert len(payloads) == 10
+        assert broker.depth() == 0
+
+    def test_other_write_errors_stop_the_worker(self, tmp_path, broker,
+                                                monkeypatch):
+        conf = write_config(tmp_path, broker)
+
+        def failing_write(self, metadata, payload):
+            raise OSError(errno.EROFS, "Read-only file system")
+
+        monkeypatch.setattr(archive.ArchiveWriter, "write", failing_write)
+        broker.publish([v2_body(0)])
+        worker = make_worker(conf, broker)
+        running = Running(worker)
+        running.thread.join(WAIT)
+        assert not running.thread.is_alive()
+        worker.shutdown()
+        assert worker.exit_code == 1
+        assert archive_files(worker) == []
+        assert broker.depth() == 1  # requeued, not lost
+
+
+class TestBacklog:
+    def test_pauses_over_max_backlog_and_resumes_when_shipped(
+            self, tmp_path, broker):
+        conf = write_config(
+            tmp_path, broker, {"max_backlog_mb": "0.0005"},  # 524 bytes
+            "[roll_checker:count]\nroll_count = 2\n"
+            "[callback:memory]\nfail_times = 1000000\n")
+        bodies = [v2_body(n) for n in range(12)]
+        broker.publish(bodies[:4])
+        worker = make_worker(conf, broker)
+        memory = memory_of(worker)
+        running = Running(worker)
+        # checked on the worker's tick: two archives wait, over the limit
+        wait_for(lambda: worker._paused is not None, what="a pause")
+        assert worker.stats.paused
+        assert worker.shipper.backlog[0] >= 1
+        consumed = worker.stats.consumed_total
+        broker.publish(bodies[4:])
+        time.sleep(0.3)
+        assert worker.stats.consumed_total == consumed
+        assert broker.depth() == 12 - consumed
+        memory.fail_times = 0  # the upload works again
+        running.wait_acked(12)
+        running.stop()
+        assert not worker.stats.paused
+        assert sorted(p for _, p in archives(worker)) == \
+            sorted(inner_of(b) for b in bodies)
+
+
+class TestNames:
+    def test_names_carry_the_worker_id(self, tmp_path, broker):
+        conf = write_config(tmp_path, broker)
+        worker = make_worker(conf, broker, ident="host-a-42")
+        assert worker.template.count("host-a-42") == 1
+        assert worker_mod.worker_id().endswith("-%d" % os.getpid())
+
+    @pytest.mark.parametrize("idents", [("w1", "w2"), ("same", "same")])
+    def test_two_workers_in_one_directory_never_collide(
+            self, tmp_path, broker, idents):
+        conf = write_config(tmp_path, broker, {"fsync_every": "2"},
+                            "[roll_checker:count]\nroll_count = 3\n")
+        bodies = [v2_body(n) for n in range(40)]
+        broker.publish(bodies)
+        workers = [make_worker(conf, broker, ident=i) for i in idents]
+        running = [Running(w) for w in workers]
+        wait_for(lambda: sum(w.stats.acked_total for w in workers) >= 40,
+                 what="all messages acked")
+        for r in running:
+            r.stop()
+        for w, ident in zip(workers, idents, strict=True):
+            assert all(ident in os.path.basename(f)
+                       for e, f in memory_of(w).events)
+        closed = [f for w in workers for e, f in memory_of(w).events]
+        assert len(closed) == len(set(closed)) >= 40 // 3
+        payloads = [p for _, p in archives(workers[0])]
+        assert sorted(payloads) == sorted(inner_of(b) for b in bodies)
+
+    def test_a_second_worker_does_not_take_the_active_archive(
+            self, tmp_path, broker):
+        conf = write_config(tmp_path, broker)
+        broker.publish([v2_body(n) for n in range(3)])
+        first = make_worker(conf, broker, ident="first")
+        running = Running(first)
+        running.wait_acked(3)
+        active = first.manager.active_filename
+        assert active is not None
+        second = make_worker(conf, broker, ident="second")
+        second.start()
+        assert memory_of(second).events == []
+        assert second.shipper.pending() == 0
+        second.shipper.stop(1)
+        running.stop()
+        assert memory_of(first).events == [("close", active)]
+
+
+class TestRecovery:
+    def test_leftover_archive_of_a_killed_run(self, tmp_path, broker):
+        conf = write_config(tmp_path, broker)
+        os.makedirs(conf.archive.working_directory)
+        leftover = os.path.join(conf.archive.working_directory,
+                                "shoebox_20260101T000000_dead-1.events")
+        with archive.ArchiveWriter(leftover) as writer:
+            for n in range(3):
+                writer.write({"message_id": "old-%d" % n}, b"{}")
+        whole = os.path.getsize(leftover)
+        with open(leftover, "ab") as f:
+            f.write(b"\x84\x78\x86\x69\x02\x00torn")
+        broker.publish([v2_body(n) for n in range(2)])
+        worker = make_worker(conf, broker)
+        running = Running(worker)
+        wait_for(lambda: ("close", leftover) in memory_of(worker).events,
+                 what="the leftover shipped")
+        running.wait_acked(2)
+        running.stop()
+        assert os.path.getsize(leftover) == whole
+        ids = [m["message_id"] for m, _ in archives(worker)]
+        assert ids == ["old-0", "old-1", "old-2", "m-0", "m-1"]
+
+
+# -- over Redis, through fakeredis ------------------------------------------
+# kombu's redis transport registers each client's socket with epoll, so an
+# in-process fakeredis client (no file descriptor) cannot be consumed from;
+# fakeredis' TcpFakeServer answers on a loopback port instead: still no
+# Redis server, and kombu's transport runs unchanged.
+
+@pytest.fixture(scope="module")
+def fake_redis_url():
+    fakeredis = pytest.importorskip("fakeredis")
+    server = fakeredis.TcpFakeServer(("127.0.0.1", 0), server_type="redis")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield "redis://127.0.0.1:%d/15" % server.server_address[1]
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+@pytest.fixture
+def redis_broker(fake_redis_url, monkeypatch):
+    # kombu re-delivers messages unacked for visibility_timeout (an hour)
+    # under a redis lock whose release is a Lua script, which fakeredis
+    # runs only with the optional lupa package: skip that scan
+    from kombu.transport import redis as kombu_redis
+    monkeypatch.setattr(kombu_redis.QoS, "restore_visible",
+                        lambda self, *args, **kwargs: None)
+    b = Broker(fake_redis_url)
+    yield b
+    b.close()
+
+
+class TestRedis:
+    def test_end_to_end(self, tmp_path, redis_broker):
+        broker = redis_broker
+        conf = write_config(tmp_path, broker, {
+            "metadata_fields": "payload.instance_id"},
+            "[roll_checker:count]\nroll_count = 6\n")
+        good = [v2_body(n) for n in range(20)]
+        bad = [b"\xff not utf-8", b'{"oslo.version": "2.0"}']
+        with broker.conn.Producer() as producer:
+            for n, body in enumerate(good[:10] + bad + good[10:]):
+                producer.publish(
+                    body, exchange=broker.exchange,
+                    routing_key=broker.queue_name, serializer=None,
+                    content_type="application/json",
+                    content_encoding="utf-8", message_id="amqp-%d" % n)
+        assert broker.depth() == 22
+        worker = make_worker(conf, ident="redis-1")
+        assert worker.connection.transport.driver_type == "redis"
+        running = Running(worker)
+        running.wait_acked(22)
+        running.stop()
+        records = archives(worker)
+        assert [p for _, p in records] == \
+            [inner_of(b) for b in good[:10]] + bad + \
+            [inner_of(b) for b in good[10:]]
+        assert records[0][0]["payload.instance_id"] == "i-0"
+        assert records[0][0]["queue"] == broker.queue_name
+        assert [m["malformed"] for m, _ in records[10:12]] == \
+            ["not UTF-8", "broken envelope: missing oslo.message"]
+        assert records[10][0]["message_id"] == "amqp-10"
+        assert records[10][0]["content_type"] == "application/json"
+        files = archive_files(worker)
+        assert len(files) == 4 and all("redis-1" in f for f in files)
+        assert sorted(os.path.basename(f)
+                      for e, f in memory_of(worker).events) == files
+        assert broker.depth() == 0
+        assert worker.stats.consumed_total == 22
+
+    def test_stop_acks_the_pending_batch(self, tmp_path, redis_broker):
+        broker = redis_broker
+        conf = write_config(tmp_path, broker, {"fsync_every": "50",
+                                               "fsync_interval": "60"})
+        bodies = [v2_body(n) for n in range(5)]
+        broker.publish(bodies)
+        worker = make_worker(conf)
+        running = Running(worker)
+        running.wait_consumed(5)
+        assert worker.stats.acked_total == 0
+        # no commit yet; a stop commits the batch before closing
+        running.stop()
+        assert worker.stats.acked_total == 5
+        assert broker.depth() == 0
+        assert [p for _, p in archives(worker)] == \
+            [inner_of(b) for b in bodies]
+
+    def test_unacked_come_back_when_killed_before_commit(
+            self, tmp_path, redis_broker, monkeypatch):
+        # (memory:// drops unacked messages when a channel closes: it
+        # cannot show this)
+        broker = redis_broker
+        conf = write_config(tmp_path, broker, {"fsync_every": "50",
+                                               "fsync_interval": "60"})
+        bodies = [v2_body(n) for n in range(5)]
+        broker.publish(bodies)
+        worker = make_worker(conf, broker)
+        running = Running(worker)
+        running.wait_consumed(5)
+        # dies before the batch is synced and acked: the broker keeps them
+        monkeypatch.setattr(worker, "commit", lambda: None)
+        worker.should_stop = True
+        running.thread.join(WAIT)
+        worker.shipper.stop(1)
+        assert worker.stats.acked_total == 0
+        assert broker.depth() == 5
