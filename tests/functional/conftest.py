@@ -1,0 +1,480 @@
+"""Shared fixtures of the functional tests: real servers, real processes.
+
+The worker tests run the venv's ``shoebox-worker run`` console script as a
+subprocess against the RabbitMQ on 127.0.0.1:5672 (guest/guest) and the
+Redis on 127.0.0.1:6379. A server that does not answer skips the tests
+that need it, or fails them when ``CI=true``.
+
+Every test uses its own queue and exchange names (``names`` fixture) and
+deletes them at the end (``rabbit.track_queue``/``track_exchange``).
+"""
+
+import dataclasses
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import types
+import uuid
+
+import pytest
+from kombu import Connection
+from kombu import Exchange
+from kombu import Queue
+
+from shoebox_worker import archive
+from shoebox_worker import generator
+
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
+REDIS_URL = "redis://127.0.0.1:6379/0"
+#: The worker's console script, next to the interpreter running the tests.
+WORKER = os.path.join(os.path.dirname(sys.executable), "shoebox-worker")
+
+#: Names of archive files (written, or compressed by a callback).
+ARCHIVE_NAME = re.compile(r"\.events(\.gz|\.zst)?\Z")
+
+
+def unavailable(message):
+    """Skip, or fail when CI=true: CI must not pass by skipping."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def _port_open(host, port):
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
+# -- RabbitMQ ---------------------------------------------------------------
+
+class Rabbit:
+    """A connection to the test broker, and what the test must delete."""
+
+    def __init__(self, url=AMQP_URL):
+        self.url = url
+        self.conn = Connection(url, connect_timeout=5)
+        self.conn.connect()
+        self.queues = []
+        self.exchanges = []
+
+    def channel(self):
+        """A fresh channel (reconnecting if a test cut the connection)."""
+        try:
+            return self.conn.channel()
+        except Exception:
+            self.conn.release()
+            self.conn = Connection(self.url, connect_timeout=5)
+            self.conn.connect()
+            return self.conn.channel()
+
+    def track_queue(self, name):
+        self.queues.append(name)
+        return name
+
+    def track_exchange(self, name):
+        self.exchanges.append(name)
+        return name
+
+    def depth(self, queue):
+        """Messages ready in ``queue`` (unacked ones are not counted), or
+        None when the queue does not exist (or the broker is away)."""
+        try:
+            channel = self.channel()
+        except Exception:
+            return None
+        try:
+            _, count, _ = channel.queue_declare(queue=queue, passive=True)
+            return count
+        except Exception:
+            return None
+        finally:
+            try:
+                channel.close()
+            except Exception:
+                pass
+
+    def consumers(self, queue):
+        channel = self.channel()
+        try:
+            return channel.queue_declare(queue=queue, passive=True)[2]
+        finally:
+            channel.close()
+
+    def declare(self, queue, exchange, routing_key, durable=False,
+                exchange_type="topic"):
+        """Declare an exchange and a queue bound to it (tracked)."""
+        self.track_exchange(exchange)
+        self.track_queue(queue)
+        channel = self.channel()
+        try:
+            ex = Exchange(exchange, type=exchange_type, durable=durable)
+            Queue(queue, ex, routing_key=routing_key,
+                  durable=durable)(channel).declare()
+        finally:
+            channel.close()
+
+    def publish_raw(self, exchange, routing_key, messages):
+        """Publish ``(body, properties)`` pairs as they are (persistent,
+        with publisher confirms); properties may set content_type,
+        content_encoding, message_id..."""
+        with Connection(self.url, transport_options={
+                "confirm_publish": True}) as conn:
+            producer = conn.Producer(exchange=Exchange(exchange),
+                                     auto_declare=False)
+            for body, properties in messages:
+                properties = dict(properties)
+                content_type = properties.pop("content_type",
+                                              "application/json")
+                content_encoding = properties.pop("content_encoding",
+                                                  "binary")
+                producer.publish(body, routing_key=routing_key,
+                                 content_type=content_type,
+                                 content_encoding=content_encoding,
+                                 delivery_mode=2, retry=False,
+                                 **properties)
+
+    def cleanup(self):
+        channel = self.channel()
+        for name in self.queues:
+            try:
+                channel.queue_delete(name)
+            except Exception:
+                channel = self.channel()
+        for name in self.exchanges:
+            try:
+                channel.exchange_delete(name)
+            except Exception:
+                channel = self.channel()
+        try:
+            channel.close()
+        except Exception:
+            pass
+        self.conn.release()
+
+
+@pytest.fixture(scope="session")
+def rabbit_available():
+    try:
+        Rabbit().conn.release()
+    except Exception as exc:
+        unavailable("RabbitMQ not reachable at %s: %s" % (AMQP_URL, exc))
+
+
+@pytest.fixture
+def rabbit(rabbit_available):
+    broker = Rabbit()
+    yield broker
+    broker.cleanup()
+
+
+@pytest.fixture
+def names(request):
+    """A unique base name for this test's queues and exchanges."""
+    test = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:30]
+    return "shoebox-ft-%s-%s" % (test.strip("-"), uuid.uuid4().hex[:8])
+
+
+@pytest.fixture(scope="session")
+def redis_available():
+    if not _port_open("127.0.0.1", 6379):
+        unavailable("Redis not reachable at 127.0.0.1:6379")
+    import redis
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_timeout=2).ping()
+    except Exception as exc:
+        unavailable("Redis not answering at %s: %s" % (REDIS_URL, exc))
+
+
+def publish(url, count, exchange, routing_key, queue=None, seed=1,
+            durable=False, confirm=True):
+    """Publish ``count`` synthetic notifications (v2 envelope) with
+    :func:`shoebox_worker.generator.publish`; returns their message_ids."""
+    generator.publish(url, count, exchange=exchange, routing_key=routing_key,
+                      durable=durable, seed=seed, declare_queue=queue,
+                      confirm=confirm)
+    return [n["message_id"] for n in generator.notifications(count,
+                                                             seed=seed)]
+
+
+# -- configs ----------------------------------------------------------------
+
+def write_config(path, sections):
+    """Write ``{section: {key: value}}`` as an INI file; returns the path."""
+    lines = []
+    for section, options in sections.items():
+        lines.append("[%s]" % section)
+        for key, value in options.items():
+            if isinstance(value, bool):
+                value = "true" if value else "false"
+            lines.append("%s = %s" % (key, value))
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return str(path)
+
+
+def worker_config(tmp_path, queue, exchange, *, url=AMQP_URL,
+                  routing_key="", durable=False, roll_checker="never",
+                  roll_options=None, callbacks=None, broker=None,
+                  archive_options=None, worker=None, consumers=None,
+                  consumer_options=None, name="worker.conf"):
+    """A worker config in ``tmp_path``; archives go to tmp_path/archive.
+
+    :param callbacks: ``{name: {option: value}}`` in chain order.
+    :param consumer_options: more options of ``[consumer:queue]``.
+    :param consumers: extra ``{queue: {option: value}}`` sections.
+    """
+    callbacks = callbacks or {}
+    sections = {
+        "broker": {"url": url, "heartbeat": 10, "connect_timeout": 5,
+                   **(broker or {})},
+        "consumer:%s" % queue: {"exchange": exchange,
+                                "routing_key": routing_key,
+                                "durable": durable,
+                                **(consumer_options or {})},
+    }
+    for extra, options in (consumers or {}).items():
+        sections["consumer:%s" % extra] = options
+    sections["archive"] = {
+        "working_directory": tmp_path / "archive",
+        "roll_checker": roll_checker,
+        "callbacks": ", ".join(callbacks),
+        "fsync_interval": 0.2,
+        "retry_initial": 0.2,
+        "retry_max": 1,
+        **(archive_options or {}),
+    }
+    if roll_options:
+        sections["roll_checker:%s" % roll_checker] = roll_options
+    for cb, options in callbacks.items():
+        sections["callback:%s" % cb] = options
+    sections["worker"] = {"stats_interval": 5, **(worker or {})}
+    sections["logging"] = {"level": "INFO"}
+    return write_config(tmp_path / name, sections)
+
+
+# -- running the worker -----------------------------------------------------
+
+class WorkerProcess:
+    """``shoebox-worker run`` as a subprocess; its log goes to a file."""
+
+    def __init__(self, config, idle_exit=None, log_path=None):
+        self.config = config
+        self.log_path = log_path or "%s.%s.log" % (config,
+                                                   uuid.uuid4().hex[:6])
+        argv = [WORKER, "run", "--config", str(config)]
+        if idle_exit is not None:
+            argv += ["--idle-exit", str(idle_exit)]
+        self.argv = argv
+        self._log = open(self.log_path, "wb")
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(argv, stdout=self._log,
+                                     stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL)
+        self.pid = self.proc.pid
+        self.elapsed = None
+
+    def wait(self, timeout):
+        """Wait for the exit; kill and fail the test after ``timeout``."""
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail("shoebox-worker did not exit within %.0f s; log:\n%s"
+                        % (timeout, self.log_tail()))
+        self.elapsed = time.monotonic() - self.started
+        self._log.close()
+        return code
+
+    def signal(self, signum):
+        if self.proc.poll() is None:
+            os.kill(self.pid, signum)
+
+    def kill(self):
+        self.signal(signal.SIGKILL)
+        self.proc.wait()
+        self._log.close()
+
+    def alive(self):
+        return self.proc.poll() is None
+
+    @property
+    def log(self):
+        with open(self.log_path, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+
+    def log_tail(self, lines=60):
+        return "\n".join(self.log.splitlines()[-lines:])
+
+    def wait_for_log(self, pattern, timeout):
+        """Wait until the log matches ``pattern`` (a regex)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if re.search(pattern, self.log):
+                return True
+            if not self.alive():
+                break
+            time.sleep(0.05)
+        return bool(re.search(pattern, self.log))
+
+
+@pytest.fixture
+def worker_procs():
+    """Start workers with ``worker_procs(config, idle_exit=...)``; any still
+    running at the end of the test are killed (with their children)."""
+    started = []
+
+    def start(config, idle_exit=None):
+        proc = WorkerProcess(config, idle_exit)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.alive():
+            for child in child_pids(proc.pid):
+                try:
+                    os.kill(child, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            proc.kill()
+
+
+def run_worker(config, idle_exit=2.0, timeout=90):
+    """Run the worker until it exits; returns the finished WorkerProcess
+    (``.returncode``, ``.log``, ``.elapsed``)."""
+    proc = WorkerProcess(config, idle_exit)
+    proc.returncode = proc.wait(timeout)
+    return proc
+
+
+def child_pids(pid):
+    """The pids of ``pid``'s children (``pgrep -P``)."""
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True,
+                         text=True).stdout
+    return sorted(int(line) for line in out.split())
+
+
+def _socket_inodes(pid):
+    inodes = set()
+    try:
+        fds = os.listdir("/proc/%d/fd" % pid)
+    except OSError:
+        return inodes
+    for fd in fds:
+        try:
+            target = os.readlink("/proc/%d/fd/%s" % (pid, fd))
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    return inodes
+
+
+def amqp_local_ports(pid, broker_port=5672):
+    """Local TCP ports of ``pid``'s connections to the broker."""
+    inodes = _socket_inodes(pid)
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                lines = f.readlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local, remote, inode = fields[1], fields[2], fields[9]
+            if inode in inodes and \
+                    int(remote.rsplit(":", 1)[1], 16) == broker_port:
+                ports.add(int(local.rsplit(":", 1)[1], 16))
+    return ports
+
+
+def rabbitmqctl(*args, timeout=60):
+    return subprocess.run(["rabbitmqctl", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def close_amqp_connections(pid, reason="test"):
+    """Close (broker side) only ``pid``'s AMQP connections, so other users
+    of the broker are left alone; returns how many were closed."""
+    ports = amqp_local_ports(pid)
+    listing = rabbitmqctl("list_connections", "-q", "pid", "peer_port")
+    closed = 0
+    for line in listing.stdout.splitlines():
+        conn_pid, _, port = line.rpartition("\t")
+        if port.strip().isdigit() and int(port) in ports:
+            result = rabbitmqctl("close_connection", conn_pid, reason)
+            assert result.returncode == 0, result.stderr
+            closed += 1
+    return closed
+
+
+def wait_until(predicate, timeout, interval=0.02, message="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    pytest.fail("timed out after %.0f s waiting for %s" % (timeout, message))
+
+
+# -- reading archives -------------------------------------------------------
+
+@dataclasses.dataclass
+class Record:
+    filename: str
+    metadata: dict
+    payload: bytes
+
+
+def archive_files(directory):
+    """Archive files in ``directory`` (plain and compressed), sorted."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(os.path.join(directory, name)
+                  for name in os.listdir(directory)
+                  if ARCHIVE_NAME.search(name))
+
+
+def read_archives(directory):
+    """Every record of every archive in ``directory``, strictly: a damaged
+    archive raises (a RecordError naming file and offset)."""
+    records = []
+    for path in archive_files(directory):
+        with archive.ArchiveReader(path) as reader:
+            for metadata, payload in reader:
+                records.append(Record(os.path.basename(path), metadata,
+                                      payload))
+    return records
+
+
+def worker_ids(filenames):
+    """The ``{worker_id}`` (host-pid) part of default archive names."""
+    ids = set()
+    for name in filenames:
+        match = re.search(r"_\d{8}T\d{6}_(.+?-\d+)(~\d+)?\.events",
+                          os.path.basename(name))
+        assert match, name
+        ids.add(match.group(1))
+    return ids
+
+
+@pytest.fixture
+def ft():
+    """The helpers above, for the test modules (conftest is not imported)."""
+    return types.SimpleNamespace(
+        AMQP_URL=AMQP_URL, REDIS_URL=REDIS_URL, publish=publish,
+        worker_config=worker_config, write_config=write_config,
+        run_worker=run_worker, read_archives=read_archives,
+        archive_files=archive_files, worker_ids=worker_ids,
+        child_pids=child_pids, wait_until=wait_until,
+        rabbitmqctl=rabbitmqctl,
+        close_amqp_connections=close_amqp_connections)
