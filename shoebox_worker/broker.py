@@ -30,6 +30,15 @@ def declare(worker):
     conn.ensure_connection(worker.on_connection_error,
                            worker.connect_max_retries,
                            callback=worker.check_stop)
+    try:
+        _declare_all(worker, conn)
+    finally:
+        # the consumer works on a clone of this connection: don't keep an
+        # idle second one open for the broker to time out
+        conn.release()
+
+
+def _declare_all(worker, conn):
     for queue, consumer in zip(worker.queues, worker.config.consumers,
                                strict=True):
         if not consumer.declare:

@@ -209,6 +209,24 @@ class Shipper:
                 self._cond.wait(0.2 if left is None else min(left, 0.2))
             return True
 
+    def settle(self, timeout):
+        """Block while a step runs or an archive is due now, up to
+        ``timeout`` seconds; archives waiting out a retry delay are left
+        to their state files (used on SIGTERM).
+
+        :returns: True when nothing is running or due.
+        """
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                due = self._heap and self._heap[0][0] <= now
+                if self._busy is None and not due:
+                    return True
+                if now >= deadline:
+                    return False
+                self._cond.wait(min(deadline - now, 0.2))
+
     # -- start-up ------------------------------------------------------
 
     def recover(self, directory, pattern_match):

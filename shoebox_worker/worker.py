@@ -250,9 +250,8 @@ class Worker(mixins.ConsumerMixin):
             LOG.info("idle: shipping %d archive(s) before exiting",
                      self.shipper.pending())
             self.shipper.wait_idle(should_stop=lambda: self._interrupted)
-        else:
-            self.shipper.wait_idle(SHUTDOWN_SHIP_GRACE,
-                                   should_stop=lambda: self._interrupted)
+        elif not self._interrupted:
+            self.shipper.settle(SHUTDOWN_SHIP_GRACE)
         self.shipper.stop(ship_timeout)
         self.stats.log_line(force=True)
 
