@@ -54,7 +54,12 @@ class ArchiveCallback(typing.Protocol):
     """One step of the chain run on every archive (compress, upload, ...)."""
 
     def on_open(self, filename: str) -> None:
-        """Called when a new archive file is created (optional)."""
+        """Optional: called when a new archive file is created.
+
+        Only the library's roll managers call it (when the chain is their
+        ``archive_callback``). The worker does not: there, callbacks run in
+        the shipping thread only, on closed archives.
+        """
 
     def on_close(self, filename: str) -> str | None:
         """Called for every closed archive, in chain order.
