@@ -134,6 +134,16 @@ def make_queues(consumers):
     return queues
 
 
+def _properties(message):
+    """A message's AMQP properties, for the metadata of a malformed body."""
+    properties = message.properties
+    if "content_type" not in properties:
+        # kombu's virtual transports (redis, memory) keep these apart
+        properties = dict(properties, content_type=message.content_type,
+                          content_encoding=message.content_encoding)
+    return properties
+
+
 class StopRequested(exceptions.ShoeboxError):
     """Raised inside kombu's connection retries once we are told to stop."""
 
@@ -192,7 +202,7 @@ class Worker(mixins.ConsumerMixin):
         self.manager = roll_manager.WritingRollManager(
             self.template, checker, directory=self.directory,
             archive_callback=_Handoff(self), version=archive_conf.version)
-        self.extract = envelope.MetadataExtractor(
+        self.unwrap = envelope.Unwrapper(
             archive_conf.metadata_fields, archive_conf.static_metadata)
         self.queues = make_queues(config.consumers)
         self.fsync_every = archive_conf.fsync_every
@@ -377,17 +387,11 @@ class Worker(mixins.ConsumerMixin):
             message.requeue()
             return
         body = envelope.to_bytes(message.body, message.content_encoding)
-        parsed = envelope.parse(body)
-        delivery = message.delivery_info
-        properties = message.properties
-        if parsed.malformed is not None and "content_type" not in properties:
-            # kombu's virtual transports (redis, memory) keep these apart
-            properties = dict(properties, content_type=message.content_type,
-                              content_encoding=message.content_encoding)
-        metadata = self.extract(parsed, queue, delivery.get("routing_key"),
-                                properties)
+        payload, metadata = self.unwrap(
+            body, queue, message.delivery_info.get("routing_key"),
+            functools.partial(_properties, message))
         try:
-            size = self.manager.write(metadata, parsed.payload)
+            size = self.manager.write(metadata, payload)
         except OSError as exc:
             self._pending.append(message)
             self._write_failed(exc)

@@ -9,6 +9,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 
 from shoebox_worker import envelope
+from shoebox_worker import generator
 
 # The inner string keeps its own key order and spacing: the payload must be
 # these bytes, not a re-serialisation of them.
@@ -252,3 +253,84 @@ class TestMetadataExtractor:
         assert metadata["malformed"] == "no event_type"
         assert metadata["message_id"] == "m-2"
         assert parsed.payload == b'{"message_id": "m-2", "payload": {}}'
+
+
+class TestUnwrapper:
+    """The fast path gives what parse() + MetadataExtractor give."""
+
+    FIELDS = ("payload.instance_id", "payload.tenant_id", "payload.nested",
+              "payload.missing.deeper", "n")
+
+    def reference(self, body, properties=None):
+        parsed = envelope.parse(body)
+        extract = envelope.MetadataExtractor(self.FIELDS, {"region": "r1"})
+        return parsed.payload, extract(parsed, "q", "rk", properties)
+
+    def check(self, unwrap, body, properties=None):
+        assert unwrap(body, "q", "rk", properties) == \
+            self.reference(body, properties)
+
+    def test_real_notifications_v1_and_v2(self):
+        unwrap = envelope.Unwrapper(self.FIELDS, {"region": "r1"})
+        for note in generator.notifications(300, seed=3):
+            note["payload"]["nested"] = {"a": [1, 2.5, None, "x"]}
+            self.check(unwrap, generator.envelope(note))
+            self.check(unwrap, json.dumps(note).encode())
+
+    def test_fast_path_is_taken_for_well_formed_bodies(self, monkeypatch):
+        unwrap = envelope.Unwrapper(self.FIELDS, {"region": "r1"})
+        monkeypatch.setattr(envelope, "parse", None)  # would fail if used
+        note = next(generator.notifications(1, seed=1))
+        payload, metadata = unwrap(generator.envelope(note), "q", "rk")
+        assert metadata["event_type"] == note["event_type"]
+
+    @pytest.mark.parametrize("body", [
+        b"", b"  ", b"\xff\xfe", b"[1, 2]", b'"x"', b"12", b"null",
+        b"{" * 3000, b"[" * 5000 + b"]" * 5000,
+        b'{"n": 123456789012345678901234567890, "event_type": "e"}',
+        b'{"oslo.version": "2.0"}', b'{"oslo.message": "{}"}',
+        b'{"oslo.version": null, "oslo.message": "{}"}',
+        b'{"oslo.version": "3.0", "oslo.message": "{}"}',
+        b'{"oslo.version": 2, "oslo.message": "{}"}',
+        b'{"oslo.version": "2.0", "oslo.message": 5}',
+        b'{"oslo.version": "2.0", "oslo.message": "[1]"}',
+        b'{"oslo.version": "2.0", "oslo.message": "not json"}',
+        b'{"oslo.version": "2.0", "oslo.message": "{\\"a\\": \\"\\ud800\\"}"}',
+        b'{"a": "\\ud800"}',
+        b'{"event_type": "\\u00e9\\ud83d\\ude00", "payload": {"x": 1}}',
+    ])
+    def test_odd_bodies(self, body):
+        unwrap = envelope.Unwrapper(self.FIELDS, {"region": "r1"})
+        props = {"message_id": "m1", "content_type": "text/plain"}
+        self.check(unwrap, body, props)
+        # and the parser is still usable afterwards
+        self.check(unwrap, b'{"event_type": "e"}')
+
+    def test_duplicate_keys_keep_the_payload(self):
+        # JSON leaves duplicate keys undefined: simdjson reads the first,
+        # orjson the last; the record's payload is the body either way
+        body = b'{"event_type": "e", "event_type": "f"}'
+        payload, metadata = envelope.Unwrapper()(body, "q", "rk")
+        assert payload == body
+        assert metadata["event_type"] in ("e", "f")
+
+    @settings(max_examples=300, deadline=None)
+    @given(note=st.dictionaries(
+        st.sampled_from(["event_type", "message_id", "timestamp",
+                         "publisher_id", "priority", "_context_request_id",
+                         "payload", "n", "oslo.version", "other"]),
+        st.recursive(st.none() | st.booleans() |
+                     st.integers(-2**70, 2**70) |
+                     st.floats(allow_nan=False, allow_infinity=False) |
+                     st.text(max_size=10),
+                     lambda children: st.lists(children, max_size=3) |
+                     st.dictionaries(st.sampled_from(
+                         ["instance_id", "tenant_id", "nested", "missing",
+                          "deeper"]), children, max_size=3),
+                     max_leaves=8), max_size=6),
+        wrap=st.booleans())
+    def test_any_notification(self, note, wrap):
+        unwrap = envelope.Unwrapper(self.FIELDS, {"region": "r1"})
+        inner = json.dumps(note)
+        body = v2(inner) if wrap else inner.encode()
+        self.check(unwrap, body)
