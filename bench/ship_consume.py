@@ -136,14 +136,16 @@ def swift_objects(container):
 
 
 def delete_container(container):
-    conn, objects = swift_objects(container)
-    for obj in objects:
-        conn.delete_object(container, obj["name"])
-    try:
-        conn.delete_container(container)
-    except swc.ClientException:
-        pass
-    conn.close()
+    """The container and its ``_segments`` (the callback makes both)."""
+    for name in (container, container + "_segments"):
+        conn, objects = swift_objects(name)
+        for obj in objects:
+            conn.delete_object(name, obj["name"])
+        try:
+            conn.delete_container(name)
+        except swc.ClientException:
+            pass
+        conn.close()
 
 
 def main():
