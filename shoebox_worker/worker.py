@@ -91,8 +91,9 @@ E_DISK = "cannot write archive %s: %s"
 
 def worker_id():
     """Host and process: part of every file name, so that workers sharing a
-    folder or a Swift container never write the same name."""
-    host = socket.gethostname().split(".")[0] or "localhost"
+    folder or a Swift container never write the same name. The whole host
+    name is used (``a.dc1`` and ``a.dc2`` differ), dots made dashes."""
+    host = socket.gethostname() or "localhost"
     host = re.sub(r"[^A-Za-z0-9_-]", "-", host)
     return "%s-%d" % (host, os.getpid())
 

@@ -767,3 +767,12 @@ class TestRedis:
         worker.shipper.stop(1)
         assert worker.stats.acked_total == 0
         assert broker.depth() == 5
+
+
+def test_worker_id_keeps_the_whole_host_name(monkeypatch):
+    # two hosts that share a short name must not share file names
+    monkeypatch.setattr(worker_mod.socket, "gethostname", lambda: "a.dc1")
+    first = worker_mod.worker_id()
+    monkeypatch.setattr(worker_mod.socket, "gethostname", lambda: "a.dc2")
+    assert first != worker_mod.worker_id()
+    assert first == "a-dc1-%d" % os.getpid()
