@@ -82,17 +82,19 @@ def run_worker(conf, idle_exit=None):
     signal.signal(signal.SIGINT, on_signal)
     LOG.info("shoebox-worker %s starting: broker %s, archives in %s",
              __version__, conf.broker.redacted_url(), worker.directory)
-    try:
-        broker.declare(worker)
-    except worker_mod.StopRequested:
-        LOG.info("stopped before the broker answered")
-        return EXIT_OK
     if conf.metrics.port:
         from shoebox_worker import metrics
         metrics.serve(worker, conf.metrics.host, conf.metrics.port)
+    # ship what a previous run left even while the broker is unreachable
     worker.start()
     try:
+        broker.declare(worker)
         worker.run()
+    except worker_mod.StopRequested:
+        LOG.info("stopped before the broker answered")
+    except exceptions.ConfigError:
+        worker.exit_code = EXIT_USAGE
+        raise
     finally:
         worker.shutdown()
     LOG.info("stopped")

@@ -248,8 +248,9 @@ class Worker(mixins.ConsumerMixin):
 
     def shutdown(self, ship_timeout=30.0):
         """After :meth:`run`: ack what is written, close the archive, then
-        finish shipping (``--idle-exit``: all of it) or leave it to the
-        state files for the next start."""
+        finish shipping (all of it when ``--idle-exit`` stopped the worker;
+        after a signal, only the steps running or due) and leave the rest
+        to the state files for the next start."""
         try:
             self.commit()
         except Exception:  # the connection may be gone; they come back
@@ -257,7 +258,7 @@ class Worker(mixins.ConsumerMixin):
                         "deliver it again", exc_info=True)
         self._pending = []
         self.manager.close()
-        if self.idle_exit is not None and self.exit_code == 0:
+        if self._stopped_idle and self.exit_code == 0:
             LOG.info("idle: shipping %d archive(s) before exiting",
                      self.shipper.pending())
             self.shipper.wait_idle(should_stop=lambda: self._interrupted)
@@ -267,6 +268,8 @@ class Worker(mixins.ConsumerMixin):
         self.stats.log_line(force=True)
 
     _interrupted = False
+    #: stopped by --idle-exit (not by a signal): ship everything first
+    _stopped_idle = False
 
     def run(self, _tokens=1, **kwargs):
         """Consume until stopped (kombu reconnects on broker loss)."""
@@ -442,6 +445,7 @@ class Worker(mixins.ConsumerMixin):
         if self.idle_exit is not None and now - self._last_message >= \
                 self.idle_exit and not self._pending:
             LOG.info("no message for %.0f s: stopping", self.idle_exit)
+            self._stopped_idle = True
             self.should_stop = True
         if self.config.worker.stats_interval and now >= self._next_stats:
             self._next_stats = now + self.config.worker.stats_interval

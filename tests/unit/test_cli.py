@@ -14,6 +14,7 @@ import uuid
 import kombu
 import pytest
 
+from shoebox_worker import archive
 from shoebox_worker import callbacks
 from shoebox_worker import cli
 from shoebox_worker import roll_manager
@@ -201,3 +202,36 @@ def test_run_idle_exit_ships_everything(write, tmp_path, quiet_process):
     records = list(roll_manager.ReadingRollManager(
         "*.gz", directory=str(tmp_path / "w")))
     assert sorted(p for _, p in records) == sorted(bodies)
+
+
+def test_leftovers_ship_while_the_broker_is_unreachable(write, tmp_path):
+    # a previous run left an archive; the broker is down (a closed port):
+    # shipping must not wait for it, and SIGTERM still stops the worker
+    import socket
+    import time
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = write(GOOD.replace("memory://", "amqp://guest:guest@127.0.0.1:%d//"
+                              % port).replace("gzip, memory", "gzip"))
+    work = tmp_path / "w"
+    work.mkdir()
+    left = work / "shoebox_20260101T000000_gone-1.events"
+    with archive.ArchiveWriter(str(left)) as writer:
+        writer.write({"event_type": "e"}, b"{}")
+    proc = subprocess.Popen(COMMAND + ["run", "--config", path],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 30
+        gz = work / (left.name + ".gz")
+        while not gz.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert gz.exists(), "the leftover was not shipped"
+        assert proc.poll() is None  # still waiting for the broker
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert list(archive.ArchiveReader(str(gz))) == [({"event_type": "e"},
+                                                     b"{}")]
