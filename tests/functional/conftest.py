@@ -467,6 +467,20 @@ def worker_ids(filenames):
     return ids
 
 
+def delete_swift_container(conn, name):
+    """Delete a container, its ``_segments`` twin and every object in them
+    (a swiftclient Connection); missing ones are fine."""
+    from swiftclient import client as swc
+    for cont in (name, name + "_segments"):
+        try:
+            for obj in conn.get_container(cont, full_listing=True)[1]:
+                conn.delete_object(cont, obj["name"])
+            conn.delete_container(cont)
+        except swc.ClientException as exc:
+            if exc.http_status != 404:
+                raise
+
+
 @pytest.fixture
 def ft():
     """The helpers above, for the test modules (conftest is not imported)."""
@@ -477,4 +491,5 @@ def ft():
         archive_files=archive_files, worker_ids=worker_ids,
         child_pids=child_pids, wait_until=wait_until,
         rabbitmqctl=rabbitmqctl,
-        close_amqp_connections=close_amqp_connections)
+        close_amqp_connections=close_amqp_connections,
+        delete_swift_container=delete_swift_container)

@@ -52,18 +52,11 @@ def conn(env):
 
 
 @pytest.fixture
-def container(conn):
+def container(conn, ft):
     """A unique container name; it and its segments go at the end."""
     name = "shoebox-test-%s" % uuid.uuid4().hex[:12]
     yield name
-    for cont in (name, name + "_segments"):
-        try:
-            for obj in conn.get_container(cont, full_listing=True)[1]:
-                conn.delete_object(cont, obj["name"])
-            conn.delete_container(cont)
-        except swc.ClientException as exc:
-            if exc.http_status != 404:
-                raise
+    ft.delete_swift_container(conn, name)
 
 
 def make_callback(env, container, **options):

@@ -142,19 +142,8 @@ def private_swift(swift_env):
             shutil.rmtree(directory, ignore_errors=True)
 
 
-def _delete_container(conn, name):
-    for cont in (name, name + "_segments"):
-        try:
-            for obj in conn.get_container(cont, full_listing=True)[1]:
-                conn.delete_object(cont, obj["name"])
-            conn.delete_container(cont)
-        except swc.ClientException as exc:
-            if exc.http_status != 404:
-                raise
-
-
 @pytest.fixture
-def container(request):
+def container(request, ft):
     """A unique container name; deleted (with its segments) at the end
     from the Swift the test used (``container.swift_env``)."""
     name = "shoebox-pipe-%s" % uuid.uuid4().hex[:12]
@@ -163,7 +152,7 @@ def container(request):
     if env is not None:
         conn = _connection(env)
         try:
-            _delete_container(conn, name)
+            ft.delete_swift_container(conn, name)
         finally:
             conn.close()
 
