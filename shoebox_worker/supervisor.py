@@ -40,7 +40,6 @@ class Supervisor:
         self.children = {}      # index -> Process
         self.delays = {}        # index -> next restart delay
         self.restart_at = {}    # index -> monotonic time
-        self.done = set()       # indexes that exited 0 after idle-exit
 
     def _start(self, index):
         proc = self._ctx.Process(target=_child,
@@ -74,7 +73,6 @@ class Supervisor:
                 del self.children[index]
                 if proc.exitcode == 0 and (self.stopping or
                                            self.idle_exit is not None):
-                    self.done.add(index)
                     continue
                 if proc.exitcode == 2:  # a config mistake: no restart helps
                     LOG.error("worker %d exited with a configuration "

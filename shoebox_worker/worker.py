@@ -380,9 +380,6 @@ class Worker(mixins.ConsumerMixin):
             self._pending = []
         LOG.info("connected to %s", self.connection.as_uri())
 
-    def on_decode_error(self, message, exc):  # pragma: no cover - not used
-        self.on_message("?", message)
-
     # -- the one place that decides ------------------------------------
 
     def on_message(self, queue, message):
