@@ -235,3 +235,47 @@ def test_leftovers_ship_while_the_broker_is_unreachable(write, tmp_path):
     assert proc.returncode == 0, err
     assert list(archive.ArchiveReader(str(gz))) == [({"event_type": "e"},
                                                      b"{}")]
+
+
+def test_sigterm_with_idle_exit_does_not_wait_for_a_failing_upload(
+        write, tmp_path):
+    # --idle-exit ships everything only when idleness stopped the worker; a
+    # signal leaves a failing archive to its state file for the next start
+    import time
+    path = write("""\
+        [broker]
+        url = memory://
+
+        [consumer:notifications.info]
+        exchange = nova
+
+        [archive]
+        working_directory = {work}
+        roll_checker = never
+        callbacks = memory
+        retry_initial = 30
+        retry_max = 60
+
+        [callback:memory]
+        fail_times = 1000000
+        """)
+    work = tmp_path / "w"
+    work.mkdir()
+    left = work / "shoebox_20260101T000000_gone-1.events"
+    with archive.ArchiveWriter(str(left)) as writer:
+        writer.write({"event_type": "e"}, b"{}")
+    proc = subprocess.Popen(COMMAND + ["run", "--config", path,
+                                       "--idle-exit", "600"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT)
+    state = work / (left.name + ".ship")
+    deadline = time.monotonic() + 20
+    while not state.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    started = time.monotonic()
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert time.monotonic() - started < 15
+    assert left.exists() and state.exists()  # resumed at the next start
