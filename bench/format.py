@@ -35,7 +35,7 @@ GOALS = {("write", 2): 0.7, ("read", 2): 0.5}
 def build(count):
     """``count`` (metadata, payload bytes) pairs like the worker writes."""
     try:
-        from shoebox_worker import generator
+        from shoebox_worker.tools import generator
         source = generator.notifications(
             count, seed=1, start=datetime.datetime(2024, 1, 1))
     except ImportError:  # pragma: no cover - generator not there

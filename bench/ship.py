@@ -1,7 +1,8 @@
 """Upload speed: the ``swift`` callback against python-swiftclient's CLI.
 
 Writes archives of 10 MB and 200 MB (synthetic nova notifications from
-shoebox_worker.generator, or inline JSON when it is missing), then uploads
+shoebox_worker.tools.generator, or inline JSON when it is missing), then
+uploads
 each one, in the same run, (a) with ``swift upload`` (the venv's CLI, whole
 process timed) and (b) with ``SwiftUploadCallback.on_close`` (a fresh
 callback each time, so authentication is timed too), alternating, best of
@@ -25,7 +26,7 @@ import uuid
 from swiftclient import client as swc
 
 from shoebox_worker import archive
-from shoebox_worker import swift
+from shoebox_worker.ship import swift
 
 GOAL = 0.9
 SEGMENT_SIZE = 1 << 30  # the callback's default
@@ -33,7 +34,7 @@ SEGMENT_SIZE = 1 << 30  # the callback's default
 
 def notifications():
     try:
-        from shoebox_worker import generator
+        from shoebox_worker.tools import generator
     except ImportError:
         generator = None
     if generator is not None:

@@ -27,7 +27,7 @@ import time
 
 import kombu
 
-from shoebox_worker import generator
+from shoebox_worker.tools import generator
 
 URL = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 EXCHANGE = "bench"

@@ -8,19 +8,18 @@ traceback.
 
 import argparse
 import logging
-import signal
 import sys
 
 from shoebox_worker import __version__
 from shoebox_worker import config as config_mod
 from shoebox_worker import exceptions
+from shoebox_worker.exceptions import EXIT_FAILURE
+from shoebox_worker.exceptions import EXIT_OK
+from shoebox_worker.exceptions import EXIT_USAGE
 
 __all__ = ["main"]
 
 LOG = logging.getLogger(__name__)
-
-#: Exit codes.
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s"
 
@@ -59,58 +58,10 @@ def cmd_run(args):
     conf = _load(args.config)
     setup_logging(conf.logging)
     if conf.worker.processes > 1:
-        from shoebox_worker import supervisor
+        from shoebox_worker.consume import supervisor
         return supervisor.Supervisor(conf, args.idle_exit).run()
-    return run_worker(conf, args.idle_exit)
-
-
-def run_worker(conf, idle_exit=None):
-    """Run one worker process until it is told to stop.
-
-    :returns: the exit code.
-    """
-    from shoebox_worker import broker
-    from shoebox_worker import worker as worker_mod
-
-    worker = worker_mod.Worker(conf, idle_exit=idle_exit)
-
-    def on_signal(signum, frame):
-        LOG.info("got %s: stopping", signal.Signals(signum).name)
-        worker.stop()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    LOG.info("shoebox-worker %s starting: broker %s, archives in %s",
-             __version__, conf.broker.redacted_url(), worker.directory)
-    if conf.metrics.port:
-        from shoebox_worker import metrics
-        metrics.serve(worker, conf.metrics.host, conf.metrics.port)
-    # ship what a previous run left even while the broker is unreachable
-    worker.start()
-    try:
-        broker.declare(worker)
-        worker.run()
-    except worker_mod.StopRequested:
-        LOG.info("stopped before the broker answered")
-    except exceptions.ConfigError:
-        worker.exit_code = EXIT_USAGE
-        raise
-    finally:
-        worker.shutdown()
-    LOG.info("stopped")
-    return worker.exit_code
-
-
-def run_child(conf, idle_exit=None):
-    """:func:`run_worker` in a supervised child: errors become exit codes."""
-    try:
-        return run_worker(conf, idle_exit)
-    except exceptions.ConfigError as exc:
-        print("shoebox-worker: %s" % exc, file=sys.stderr)
-        return EXIT_USAGE
-    except Exception:
-        LOG.exception("worker died")
-        return EXIT_FAILURE
+    from shoebox_worker.consume import runner
+    return runner.run_worker(conf, args.idle_exit)
 
 
 def build_parser():
@@ -135,7 +86,7 @@ def build_parser():
     check.set_defaults(func=cmd_check_config)
 
     try:
-        from shoebox_worker import tools
+        from shoebox_worker.tools import commands as tools
     except ImportError:  # pragma: no cover - tools ship with the package
         tools = None
     if tools is not None:

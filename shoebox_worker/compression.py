@@ -14,6 +14,8 @@ import os
 import shutil
 import zlib
 
+from shoebox_worker import files
+
 __all__ = [
     "Codec",
     "CODECS",
@@ -22,7 +24,6 @@ __all__ = [
     "is_compressed",
     "DECOMPRESS_ERRORS",
     "compress_file",
-    "fsync_directory",
 ]
 
 LOG = logging.getLogger(__name__)
@@ -159,16 +160,6 @@ def is_compressed(path):
         return f.read(4).startswith(_MAGICS)
 
 
-def fsync_directory(path):
-    """fsync the directory holding ``path`` so a create/rename survives."""
-    fd = os.open(os.path.dirname(os.path.abspath(path)) or ".",
-                 os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def compress_file(src, codec, level=None):
     """Compress ``src`` to ``src + codec.suffix``; the source is kept.
 
@@ -191,7 +182,7 @@ def compress_file(src, codec, level=None):
         os.fsync(raw.fileno())
     os.utime(tmp, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     os.replace(tmp, dst)
-    fsync_directory(dst)
+    files.fsync_directory(dst)
     LOG.debug("compressed %s to %s (%d -> %d bytes)", src, dst,
               stat.st_size, os.path.getsize(dst))
     return dst

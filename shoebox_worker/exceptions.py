@@ -18,7 +18,15 @@ __all__ = [
     "PluginError",
     "CallbackError",
     "UploadError",
+    "EXIT_OK",
+    "EXIT_FAILURE",
+    "EXIT_USAGE",
 ]
+
+#: Exit codes of every command: success; an operational failure (a broker
+#: that is down, a damaged archive); a mistake in the command line or the
+#: config (:class:`ConfigError`).
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
 class ShoeboxError(Exception):

@@ -32,8 +32,8 @@ import os
 import re
 
 from shoebox_worker import archive
-from shoebox_worker import compression
 from shoebox_worker import exceptions
+from shoebox_worker import files
 from shoebox_worker import record
 from shoebox_worker.exceptions import NoMoreFiles
 
@@ -197,7 +197,7 @@ class WritingRollManager(RollManager):
             except BaseException:
                 os.unlink(path)
                 raise
-            compression.fsync_directory(path)
+            files.fsync_directory(path)
             self._last_base, self._last_counter = base, counter
             self.active_filename = path
             self.opened += 1

@@ -20,7 +20,8 @@ from swiftclient import client as swc
 from shoebox_worker import archive
 from shoebox_worker import callbacks
 from shoebox_worker import exceptions
-from shoebox_worker import swift
+from shoebox_worker.ship import steps
+from shoebox_worker.ship import swift
 
 pytestmark = pytest.mark.functional
 
@@ -294,10 +295,10 @@ def test_chain_gzip_swift_delete(env, conn, container, tmp_path):
     path = str(tmp_path / "chain.events")
     records = write_archive(path, count=200)
     cb = make_callback(env, container)
-    chain = callbacks.CallbackChain([("gzip", callbacks.GzipCallback()),
+    chain = callbacks.CallbackChain([("gzip", steps.GzipCallback()),
                                      ("swift", cb),
                                      ("delete",
-                                      callbacks.DeleteFileCallback())])
+                                      steps.DeleteFileCallback())])
     try:
         assert chain.on_close(path) is None
     finally:

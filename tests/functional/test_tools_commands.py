@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from shoebox_worker import archive
 from shoebox_worker import compression
-from shoebox_worker import generator
+from shoebox_worker.tools import generator
 
 pytestmark = pytest.mark.functional
 

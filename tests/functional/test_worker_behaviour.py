@@ -13,8 +13,8 @@ from kombu import Connection
 from kombu import Exchange
 from kombu import Queue
 
-from shoebox_worker import generator
-from shoebox_worker import worker as worker_mod
+from shoebox_worker.consume import worker as worker_mod
+from shoebox_worker.tools import generator
 
 pytestmark = pytest.mark.functional
 

@@ -10,6 +10,7 @@ from shoebox_worker import archive
 from shoebox_worker import callbacks
 from shoebox_worker import compression
 from shoebox_worker import contract
+from shoebox_worker.ship import steps
 
 RECORDS = [({"n": str(i)}, b"payload %d" % i) for i in range(100)]
 MTIME_NS = 1_600_000_000_123_456_789
@@ -38,23 +39,23 @@ class Boom(callbacks.ArchiveCallback):
 class TestChangeExtension:
     @pytest.mark.parametrize("extension", [".done", "done"])
     def test_rename(self, events_file, extension):
-        callback = callbacks.ChangeExtensionCallback(new_extension=extension)
+        callback = steps.ChangeExtensionCallback(new_extension=extension)
         new = callback.on_close(events_file)
         assert new == events_file + ".done"
         assert not os.path.exists(events_file)
         assert read(new) == RECORDS
 
     def test_default_and_invalid(self):
-        assert callbacks.ChangeExtensionCallback().new_extension == ".done"
+        assert steps.ChangeExtensionCallback().new_extension == ".done"
         for bad in ("", ".", "a/b"):
             with pytest.raises(ValueError):
-                callbacks.ChangeExtensionCallback(new_extension=bad)
+                steps.ChangeExtensionCallback(new_extension=bad)
 
     def test_refuses_to_overwrite(self, events_file):
         with open(events_file + ".done", "wb") as f:
             f.write(b"other")
         with pytest.raises(FileExistsError):
-            callbacks.ChangeExtensionCallback().on_close(events_file)
+            steps.ChangeExtensionCallback().on_close(events_file)
         assert os.path.exists(events_file)
         assert open(events_file + ".done", "rb").read() == b"other"
 
@@ -62,7 +63,7 @@ class TestChangeExtension:
 class TestMove:
     def test_move(self, events_file, tmp_path):
         dest = tmp_path / "sub" / "dir"
-        callback = callbacks.MoveFileCallback(destination_folder=str(dest))
+        callback = steps.MoveFileCallback(destination_folder=str(dest))
         new = callback.on_close(events_file)
         assert new == str(dest / "x.events")
         assert not os.path.exists(events_file)
@@ -70,7 +71,7 @@ class TestMove:
         assert os.stat(new).st_mtime_ns == MTIME_NS
 
     def test_same_folder_is_a_no_op(self, events_file, tmp_path):
-        callback = callbacks.MoveFileCallback(destination_folder=tmp_path)
+        callback = steps.MoveFileCallback(destination_folder=tmp_path)
         assert callback.on_close(events_file) == events_file
         assert read(events_file) == RECORDS
 
@@ -78,7 +79,7 @@ class TestMove:
         dest = tmp_path / "dest"
         dest.mkdir()
         (dest / "x.events").write_bytes(b"other")
-        callback = callbacks.MoveFileCallback(destination_folder=str(dest))
+        callback = steps.MoveFileCallback(destination_folder=str(dest))
         with pytest.raises(FileExistsError):
             callback.on_close(events_file)
         assert read(events_file) == RECORDS
@@ -89,7 +90,7 @@ class TestMove:
         dest = tmp_path / "dest"
         dest.mkdir()
         os.link(events_file, dest / "x.events")  # the crash left both
-        callback = callbacks.MoveFileCallback(destination_folder=str(dest))
+        callback = steps.MoveFileCallback(destination_folder=str(dest))
         assert callback.on_close(events_file) == str(dest / "x.events")
         assert not os.path.exists(events_file)
         assert read(dest / "x.events") == RECORDS
@@ -98,9 +99,9 @@ class TestMove:
         def no_link(src, dst):
             raise OSError(18, "Invalid cross-device link")
 
-        monkeypatch.setattr(callbacks.os, "link", no_link)
+        monkeypatch.setattr(steps.os, "link", no_link)
         dest = tmp_path / "dest"
-        callback = callbacks.MoveFileCallback(destination_folder=str(dest))
+        callback = steps.MoveFileCallback(destination_folder=str(dest))
         new = callback.on_close(events_file)
         assert read(new) == RECORDS
         assert os.stat(new).st_mtime_ns == MTIME_NS
@@ -117,7 +118,7 @@ class TestMove:
 
 class TestDelete:
     def test_delete_is_idempotent(self, events_file):
-        callback = callbacks.DeleteFileCallback()
+        callback = steps.DeleteFileCallback()
         assert callback.on_close(events_file) is None
         assert not os.path.exists(events_file)
         assert callback.on_close(events_file) is None  # already gone
@@ -125,7 +126,7 @@ class TestDelete:
 
 class TestCompress:
     @pytest.mark.parametrize("cls,suffix", [
-        (callbacks.GzipCallback, ".gz"), (callbacks.ZstdCallback, ".zst")])
+        (steps.GzipCallback, ".gz"), (steps.ZstdCallback, ".zst")])
     def test_compress(self, events_file, cls, suffix):
         callback = cls(level="3")
         assert callback.level == 3
@@ -139,8 +140,8 @@ class TestCompress:
         # already compressed (a retry after the remove): passed through
         assert callback.on_close(new) == new
 
-    @pytest.mark.parametrize("cls", [callbacks.GzipCallback,
-                                     callbacks.ZstdCallback])
+    @pytest.mark.parametrize("cls", [steps.GzipCallback,
+                                     steps.ZstdCallback])
     def test_crash_between_rename_and_remove(self, events_file, cls,
                                              monkeypatch):
         callback = cls()
@@ -149,12 +150,12 @@ class TestCompress:
         def crash(path):
             raise KeyboardInterrupt("power cut")
 
-        monkeypatch.setattr(callbacks.os, "remove", crash)
+        monkeypatch.setattr(steps.os, "remove", crash)
         with pytest.raises(KeyboardInterrupt):
             callback.on_close(events_file)
         assert os.path.exists(events_file)  # both exist now
         first = open(events_file + callback.codec.suffix, "rb").read()
-        monkeypatch.setattr(callbacks.os, "remove", real_remove)
+        monkeypatch.setattr(steps.os, "remove", real_remove)
 
         new = callback.on_close(events_file)  # the retry
         assert new == events_file + callback.codec.suffix
@@ -164,16 +165,16 @@ class TestCompress:
         assert read(new) == RECORDS
 
     def test_defaults(self):
-        assert callbacks.GzipCallback().level == 6
-        assert callbacks.GzipCallback(level="").level == 6
-        assert callbacks.ZstdCallback().level == 3
+        assert steps.GzipCallback().level == 6
+        assert steps.GzipCallback(level="").level == 6
+        assert steps.ZstdCallback().level == 3
         with pytest.raises(ValueError):
-            callbacks.GzipCallback(level="fast")
+            steps.GzipCallback(level="fast")
 
 
 class TestMemory:
     def test_records_and_fails(self):
-        callback = callbacks.MemoryCallback(fail_times="2")
+        callback = steps.MemoryCallback(fail_times="2")
         callback.on_open("a")
         for _ in range(2):
             with pytest.raises(RuntimeError):
@@ -181,18 +182,18 @@ class TestMemory:
         assert callback.on_close("a") == "a"
         assert callback.events == [("open", "a"), ("fail", "a"),
                                    ("fail", "a"), ("close", "a")]
-        assert callbacks.MemoryCallback.all_events[-4:] == callback.events
+        assert steps.MemoryCallback.all_events[-4:] == callback.events
 
 
 class TestChain:
     def test_order_and_path_passing(self, events_file, tmp_path):
-        first, last = callbacks.MemoryCallback(), callbacks.MemoryCallback()
+        first, last = steps.MemoryCallback(), steps.MemoryCallback()
         dest = tmp_path / "shipped"
         chain = callbacks.CallbackChain([
             ("first", first),
-            callbacks.ChangeExtensionCallback(new_extension="closed"),
-            ("gzip", callbacks.GzipCallback()),
-            ("move", callbacks.MoveFileCallback(destination_folder=dest)),
+            steps.ChangeExtensionCallback(new_extension="closed"),
+            ("gzip", steps.GzipCallback()),
+            ("move", steps.MoveFileCallback(destination_folder=dest)),
             ("last", last),
         ])
         assert len(chain) == 5
@@ -207,19 +208,19 @@ class TestChain:
         assert read(final) == RECORDS
 
     def test_none_ends_the_chain(self, events_file):
-        after = callbacks.MemoryCallback()
-        chain = callbacks.CallbackChain([callbacks.DeleteFileCallback(),
+        after = steps.MemoryCallback()
+        chain = callbacks.CallbackChain([steps.DeleteFileCallback(),
                                          after])
         assert chain.on_close(events_file) is None
         assert after.events == []
         assert not os.path.exists(events_file)
 
     def test_failure_names_step_and_file_and_resumes(self, events_file):
-        flaky = callbacks.MemoryCallback(fail_times=1)
+        flaky = steps.MemoryCallback(fail_times=1)
         chain = callbacks.CallbackChain([
-            ("gzip", callbacks.GzipCallback()),
+            ("gzip", steps.GzipCallback()),
             ("upload", flaky),
-            ("delete", callbacks.DeleteFileCallback()),
+            ("delete", steps.DeleteFileCallback()),
         ])
         gz = events_file + ".gz"
         with pytest.raises(CallbackError) as info:
@@ -238,7 +239,7 @@ class TestChain:
 
     def test_failing_first_step_keeps_the_file(self, events_file):
         chain = callbacks.CallbackChain([("boom", Boom()),
-                                         callbacks.DeleteFileCallback()])
+                                         steps.DeleteFileCallback()])
         with pytest.raises(CallbackError, match="disk on fire") as info:
             chain.on_close(events_file)
         assert info.value.callback == "boom"
@@ -263,12 +264,12 @@ class TestChain:
 
 @pytest.mark.parametrize("name,kwargs,cls", [
     ("change_extension", {"new_extension": ".done"},
-     callbacks.ChangeExtensionCallback),
-    ("move", {"destination_folder": "/tmp"}, callbacks.MoveFileCallback),
-    ("delete", {}, callbacks.DeleteFileCallback),
-    ("gzip", {"level": "9"}, callbacks.GzipCallback),
-    ("zstd", {"level": "19"}, callbacks.ZstdCallback),
-    ("memory", {"fail_times": "1"}, callbacks.MemoryCallback),
+     steps.ChangeExtensionCallback),
+    ("move", {"destination_folder": "/tmp"}, steps.MoveFileCallback),
+    ("delete", {}, steps.DeleteFileCallback),
+    ("gzip", {"level": "9"}, steps.GzipCallback),
+    ("zstd", {"level": "19"}, steps.ZstdCallback),
+    ("memory", {"fail_times": "1"}, steps.MemoryCallback),
 ])
 def test_load_by_name(name, kwargs, cls):
     manager = driver.DriverManager("shoebox.callbacks", name,
@@ -279,6 +280,6 @@ def test_load_by_name(name, kwargs, cls):
 
 def test_unknown_option_is_refused():
     with pytest.raises(TypeError):
-        callbacks.GzipCallback(levle="9")
+        steps.GzipCallback(levle="9")
     with pytest.raises(TypeError):
-        callbacks.DeleteFileCallback(force="yes")
+        steps.DeleteFileCallback(force="yes")

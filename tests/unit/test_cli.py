@@ -15,9 +15,9 @@ import kombu
 import pytest
 
 from shoebox_worker import archive
-from shoebox_worker import callbacks
 from shoebox_worker import cli
 from shoebox_worker import roll_manager
+from shoebox_worker.ship import steps
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SCRIPT = pathlib.Path(sys.executable).parent / "shoebox-worker"
@@ -180,7 +180,7 @@ def test_run_idle_exit_ships_everything(write, tmp_path, quiet_process):
             queue, queue)) + "\n[logging]\nlevel = WARNING\n")
     bodies = [json.dumps({"event_type": "x", "message_id": str(n)}).encode()
               for n in range(25)]
-    memory = callbacks.MemoryCallback.all_events
+    memory = steps.MemoryCallback.all_events
     del memory[:]
     with kombu.Connection("memory://") as conn:
         with conn.Producer() as producer:

@@ -7,6 +7,7 @@ import pytest
 import zstandard
 
 from shoebox_worker import compression
+from shoebox_worker import files
 
 DATA = b"".join(b"record %d " % i for i in range(5000))
 
@@ -104,5 +105,5 @@ def test_truncated_stream_raises(source, name):
 
 
 def test_fsync_directory(tmp_path):
-    compression.fsync_directory(str(tmp_path / "anything"))
-    compression.fsync_directory("relative-name")
+    files.fsync_directory(str(tmp_path / "anything"))
+    files.fsync_directory("relative-name")

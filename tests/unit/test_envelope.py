@@ -1,4 +1,5 @@
-"""Tests for shoebox_worker.envelope: unwrapping bodies, building metadata."""
+"""Tests for shoebox_worker.consume.envelope: unwrapping bodies, building
+metadata."""
 
 import json
 
@@ -8,8 +9,8 @@ from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
 
-from shoebox_worker import envelope
-from shoebox_worker import generator
+from shoebox_worker.consume import envelope
+from shoebox_worker.tools import generator
 
 # The inner string keeps its own key order and spacing: the payload must be
 # these bytes, not a re-serialisation of them.

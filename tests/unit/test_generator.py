@@ -13,9 +13,9 @@ from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
 
-from shoebox_worker import generator
-from shoebox_worker.generator import envelope
-from shoebox_worker.generator import notifications
+from shoebox_worker.tools import generator
+from shoebox_worker.tools.generator import envelope
+from shoebox_worker.tools.generator import notifications
 
 START = datetime.datetime(2024, 3, 1, 12, 0, 0)
 

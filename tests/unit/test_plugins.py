@@ -17,6 +17,7 @@ from shoebox_worker import config
 from shoebox_worker import plugins
 from shoebox_worker.exceptions import ConfigError
 from shoebox_worker.exceptions import PluginError
+from shoebox_worker.ship import steps
 
 FAKE_PLUGINS = '''
 calls = []
@@ -365,7 +366,6 @@ def test_installed_names():
 
 
 def test_load_real_builtins():
-    from shoebox_worker import callbacks as builtin_callbacks
     from shoebox_worker import roll_checker as builtin_roll_checkers
 
     checker = plugins.load_roll_checker("never", {})
@@ -373,8 +373,7 @@ def test_load_real_builtins():
     ((name, callback),) = plugins.load_callbacks(
         ["change_extension"], {"change_extension": {"new_extension": ".x"}})
     assert name == "change_extension"
-    assert isinstance(callback,
-                      builtin_callbacks.ChangeExtensionCallback)
+    assert isinstance(callback, steps.ChangeExtensionCallback)
     assert callback.new_extension == ".x"
 
 
@@ -390,7 +389,6 @@ def test_real_builtin_option_errors():
 
 
 def test_build_the_sample(monkeypatch):
-    from shoebox_worker import callbacks as builtin_callbacks
     from shoebox_worker import roll_checker as builtin_roll_checkers
 
     monkeypatch.chdir(ROOT)
@@ -400,4 +398,4 @@ def test_build_the_sample(monkeypatch):
     assert roll_checker.roll_minutes == 60
     ((name, callback),) = callbacks
     assert name == "gzip"
-    assert isinstance(callback, builtin_callbacks.GzipCallback)
+    assert isinstance(callback, steps.GzipCallback)

@@ -5,10 +5,10 @@ import os
 import pytest
 from stevedore import driver
 
-from shoebox_worker import callbacks
 from shoebox_worker import contract
 from shoebox_worker import roll_checker
 from shoebox_worker import roll_manager
+from shoebox_worker.ship import steps
 
 
 class FakeArchive:
@@ -102,7 +102,7 @@ def test_keyword_only_and_no_unknown_options(cls):
 
 def test_time_rolls_an_idle_archive(tmp_path, clock):
     checker = roll_checker.TimeRollChecker(roll_minutes="1")
-    memory = callbacks.MemoryCallback()
+    memory = steps.MemoryCallback()
     manager = roll_manager.WritingRollManager(
         "idle_%Y.events", checker, directory=str(tmp_path),
         archive_callback=memory)

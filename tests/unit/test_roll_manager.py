@@ -12,6 +12,7 @@ from shoebox_worker import exceptions
 from shoebox_worker import record
 from shoebox_worker import roll_checker
 from shoebox_worker import roll_manager
+from shoebox_worker.ship import steps
 
 SECOND = "test_%Y%m%d_%H%M%S.events"  # one-second resolution
 FROZEN = datetime.datetime(2024, 2, 29, 23, 59, 59,
@@ -89,10 +90,10 @@ class TestSameSecondRolls:
 
     def test_files_moved_and_gzipped_away(self, tmp_path, frozen):
         out = tmp_path / "out"
-        memory = callbacks.MemoryCallback()
+        memory = steps.MemoryCallback()
         chain = callbacks.CallbackChain([
-            callbacks.GzipCallback(),
-            callbacks.MoveFileCallback(destination_folder=str(out)),
+            steps.GzipCallback(),
+            steps.MoveFileCallback(destination_folder=str(out)),
             memory])
         checker = roll_checker.CountRollChecker(roll_count=1)
         with roll_manager.WritingRollManager(
@@ -107,9 +108,9 @@ class TestSameSecondRolls:
         assert read_all("test_*.events.gz", str(out)) == records(50)
 
     def test_files_deleted_away(self, tmp_path, frozen):
-        memory = callbacks.MemoryCallback()
+        memory = steps.MemoryCallback()
         chain = callbacks.CallbackChain([memory,
-                                         callbacks.DeleteFileCallback()])
+                                         steps.DeleteFileCallback()])
         checker = roll_checker.CountRollChecker(roll_count=1)
         with roll_manager.WritingRollManager(
                 SECOND, checker, directory=str(tmp_path),
@@ -185,7 +186,7 @@ class TestWriting:
         manager = roll_manager.WritingRollManager(
             "c_%Y.events", roll_checker.NeverRollChecker(),
             directory=str(tmp_path / "new"),
-            archive_callback=callbacks.ChangeExtensionCallback())
+            archive_callback=steps.ChangeExtensionCallback())
         assert manager.close() is None  # nothing open
         assert manager.write({"a": "b"}, "c") > 0
         manager.sync()
@@ -215,9 +216,9 @@ class TestReading:
         paths = roll_manager.sort_written_order(
             str(p) for p in tmp_path.iterdir())
         assert len(paths) == 6
-        callbacks.GzipCallback().on_close(paths[1])
-        callbacks.ZstdCallback().on_close(paths[2])
-        callbacks.GzipCallback().on_close(paths[4])
+        steps.GzipCallback().on_close(paths[1])
+        steps.ZstdCallback().on_close(paths[2])
+        steps.GzipCallback().on_close(paths[4])
         assert read_all("test_*.events*", str(tmp_path)) == records(18)
         assert read_all("test_*.events", str(tmp_path)) == [
             r for i, r in enumerate(records(18)) if i // 3 not in (1, 2, 4)]
@@ -227,7 +228,7 @@ class TestReading:
                 "r_%Y.events", roll_checker.CountRollChecker(roll_count=2),
                 directory=str(tmp_path)) as m:
             write(m, records(4))
-        memory = callbacks.MemoryCallback()
+        memory = steps.MemoryCallback()
         assert read_all("r_*", str(tmp_path),
                         archive_callback=memory) == records(4)
         assert [event for event, _ in memory.events] == [

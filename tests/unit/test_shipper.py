@@ -1,4 +1,5 @@
-"""Tests for shoebox_worker.shipper: the background chain, its state files,
+"""Tests for shoebox_worker.ship.shipper: the background chain, its state
+files,
 retries and recovery after a crash."""
 
 import gzip
@@ -12,8 +13,10 @@ import pytest
 
 from shoebox_worker import archive
 from shoebox_worker import callbacks
+from shoebox_worker import files
 from shoebox_worker import record
-from shoebox_worker import shipper
+from shoebox_worker.ship import shipper
+from shoebox_worker.ship import steps
 
 RECORDS = [({"n": str(i)}, b'{"i": %d}' % i) for i in range(5)]
 
@@ -117,7 +120,7 @@ class TestSubmit:
     def test_chain_runs_in_the_background_thread(self, tmp_path,
                                                  make_shipper):
         path = write_archive(tmp_path / "a.events")
-        memory = callbacks.MemoryCallback()
+        memory = steps.MemoryCallback()
         threads = []
 
         class Where(callbacks.ArchiveCallback):
@@ -134,8 +137,8 @@ class TestSubmit:
 
     def test_submit_releases_the_archive_lock(self, tmp_path, make_shipper):
         path = write_archive(tmp_path / "a.events")
-        lock = shipper.FileLock(path, create=False)
-        ship = make_shipper([("memory", callbacks.MemoryCallback())])
+        lock = files.FileLock(path, create=False)
+        ship = make_shipper([("memory", steps.MemoryCallback())])
         ship.submit(path, lock)
         assert lock.fd is None
         assert ship.wait_idle(timeout=5)
@@ -147,7 +150,7 @@ class TestSubmit:
         stats = Stats()
         ship = make_shipper([("upload", Flaky("upload", log, 3)),
                              ("after", Recorder("after", log)),
-                             ("delete", callbacks.DeleteFileCallback())],
+                             ("delete", steps.DeleteFileCallback())],
                             stats=stats)
         ship.submit(path)
         assert ship.wait_idle(timeout=5)
@@ -188,9 +191,9 @@ class TestSubmit:
             self, tmp_path, make_shipper):
         path = write_archive(tmp_path / "a.events")
         block = Blocking()
-        ship = make_shipper([("gzip", callbacks.GzipCallback()),
+        ship = make_shipper([("gzip", steps.GzipCallback()),
                              ("block", block),
-                             ("delete", callbacks.DeleteFileCallback())])
+                             ("delete", steps.DeleteFileCallback())])
         ship.submit(path)
         assert block.entered.wait(5)
         state = state_of(path)
@@ -204,7 +207,7 @@ class TestSubmit:
     def test_state_written_before_submit_returns(self, tmp_path,
                                                  make_shipper):
         path = write_archive(tmp_path / "a.events")
-        ship = make_shipper([("memory", callbacks.MemoryCallback())],
+        ship = make_shipper([("memory", steps.MemoryCallback())],
                             start=False)
         ship.submit(path)
         assert state_of(path) == {"path": path, "step": 0,
@@ -213,12 +216,12 @@ class TestSubmit:
     def test_done_marked_when_the_file_stays_in_place(self, tmp_path,
                                                       make_shipper):
         path = write_archive(tmp_path / "a.events")
-        ship = make_shipper([("memory", callbacks.MemoryCallback())])
+        ship = make_shipper([("memory", steps.MemoryCallback())])
         ship.submit(path)
         assert ship.wait_idle(timeout=5)
         assert state_of(path) == {"done": True, "path": path}
         # and a new start neither resumes it nor takes it for a crashed one
-        memory = callbacks.MemoryCallback()
+        memory = steps.MemoryCallback()
         again = make_shipper([("memory", memory)])
         assert again.recover(str(tmp_path), is_archive) == 0
         assert again.pending() == 0 and memory.events == []
@@ -226,7 +229,7 @@ class TestSubmit:
     def test_renamed_in_place_is_not_done_marked(self, tmp_path,
                                                  make_shipper):
         path = write_archive(tmp_path / "a.events")
-        ship = make_shipper([("ext", callbacks.ChangeExtensionCallback())])
+        ship = make_shipper([("ext", steps.ChangeExtensionCallback())])
         ship.submit(path)
         assert ship.wait_idle(timeout=5)
         assert sorted(os.listdir(tmp_path)) == ["a.events.done"]
@@ -281,7 +284,7 @@ class TestBacklog:
     def test_size_follows_the_current_file(self, tmp_path, make_shipper):
         path = write_archive(tmp_path / "a.events", RECORDS * 50)
         block = Blocking()
-        ship = make_shipper([("gzip", callbacks.GzipCallback()),
+        ship = make_shipper([("gzip", steps.GzipCallback()),
                              ("block", block)])
         ship.submit(path)
         assert block.entered.wait(5)
@@ -309,7 +312,7 @@ class TestRecover:
             json.dump({"path": path + ".gz", "step": 1,
                        "chain": ["gzip", "memory"]}, f)
         log = []
-        memory = callbacks.MemoryCallback()
+        memory = steps.MemoryCallback()
         ship = make_shipper([("gzip", Recorder("gzip", log)),
                              ("memory", memory)], start=False)
         assert ship.recover(str(tmp_path), is_archive) == 1
@@ -323,7 +326,7 @@ class TestRecover:
         """A first run dies during step 1; the next one resumes there."""
         path = write_archive(tmp_path / "a.events")
         block = Blocking()
-        first = make_shipper([("gzip", callbacks.GzipCallback()),
+        first = make_shipper([("gzip", steps.GzipCallback()),
                               ("block", block)])
         first.submit(path)
         assert block.entered.wait(5)
@@ -346,7 +349,7 @@ class TestRecover:
         torn = record.pack({"n": "torn"}, b'{"never": "acked"}')
         with open(path, "ab") as f:
             f.write(torn[:len(torn) // 2])
-        memory = callbacks.MemoryCallback()
+        memory = steps.MemoryCallback()
         ship = make_shipper([("memory", memory)], start=False)
         assert ship.recover(str(tmp_path), is_archive) == 1
         assert os.path.getsize(path) == whole
@@ -360,7 +363,7 @@ class TestRecover:
         whole = os.path.getsize(path)
         with open(path, "ab") as f:
             f.write(b"\x00garbage\xff" * 10)
-        ship = make_shipper([("memory", callbacks.MemoryCallback())])
+        ship = make_shipper([("memory", steps.MemoryCallback())])
         assert ship.recover(str(tmp_path), is_archive) == 1
         assert ship.wait_idle(timeout=5)
         assert os.path.getsize(path) == whole
@@ -368,9 +371,9 @@ class TestRecover:
 
     def test_locked_archive_is_not_taken(self, tmp_path, make_shipper):
         path = write_archive(tmp_path / "a.events")
-        lock = shipper.FileLock(path, create=False)  # a live writer
+        lock = files.FileLock(path, create=False)  # a live writer
         try:
-            memory = callbacks.MemoryCallback()
+            memory = steps.MemoryCallback()
             ship = make_shipper([("memory", memory)])
             assert ship.recover(str(tmp_path), is_archive) == 0
             assert ship.pending() == 0
@@ -381,10 +384,10 @@ class TestRecover:
 
     def test_locked_state_file_is_not_resumed(self, tmp_path, make_shipper):
         path = write_archive(tmp_path / "a.events")
-        busy = make_shipper([("memory", callbacks.MemoryCallback())],
+        busy = make_shipper([("memory", steps.MemoryCallback())],
                             start=False)
         busy.submit(path)  # holds the state file's lock, never ships
-        memory = callbacks.MemoryCallback()
+        memory = steps.MemoryCallback()
         other = make_shipper([("memory", memory)])
         assert other.recover(str(tmp_path), is_archive) == 0
         assert memory.events == []
@@ -395,7 +398,7 @@ class TestRecover:
         # locked too, or another worker would ship the same archive
         path = write_archive(tmp_path / "a.events")
         block = Blocking()
-        busy = make_shipper([("gzip", callbacks.GzipCallback()),
+        busy = make_shipper([("gzip", steps.GzipCallback()),
                              ("block", block)])
         busy.submit(path)
         assert block.entered.wait(5)
@@ -412,9 +415,9 @@ class TestRecover:
     def test_temporary_state_of_a_live_worker_is_kept(self, tmp_path,
                                                       make_shipper):
         tmp = tmp_path / ("a.events" + shipper.STATE_SUFFIX + ".tmp")
-        lock = shipper.FileLock(str(tmp))  # being written right now
+        lock = files.FileLock(str(tmp))  # being written right now
         try:
-            ship = make_shipper([("m", callbacks.MemoryCallback())])
+            ship = make_shipper([("m", steps.MemoryCallback())])
             ship.recover(str(tmp_path), is_archive)
             assert tmp.exists()
         finally:
@@ -425,7 +428,7 @@ class TestRecover:
         old = time.time() - shipper.EMPTY_ARCHIVE_GRACE - 1
         os.utime(tmp_path / "empty.events", (old, old))
         (tmp_path / "other.txt").write_bytes(b"")
-        ship = make_shipper([("memory", callbacks.MemoryCallback())])
+        ship = make_shipper([("memory", steps.MemoryCallback())])
         assert ship.recover(str(tmp_path), is_archive) == 0
         assert sorted(os.listdir(tmp_path)) == ["other.txt"]
 
@@ -436,23 +439,23 @@ class TestRecover:
         path = tmp_path / "new.events"
         path.write_bytes(b"")
         acquired = []
-        try_acquire = shipper.FileLock.try_acquire
+        try_acquire = files.FileLock.try_acquire
 
         def spy(path, create=True):
             acquired.append(path)
             return try_acquire(path, create)
 
-        monkeypatch.setattr(shipper.FileLock, "try_acquire", spy)
-        ship = make_shipper([("memory", callbacks.MemoryCallback())])
+        monkeypatch.setattr(files.FileLock, "try_acquire", spy)
+        ship = make_shipper([("memory", steps.MemoryCallback())])
         assert ship.recover(str(tmp_path), is_archive) == 0
         assert path.exists()
         assert str(path) not in acquired
-        shipper.FileLock(str(path), create=False).release()  # the writer's
+        files.FileLock(str(path), create=False).release()  # the writer's
 
     def test_stop_leaves_pending_state_for_the_next_start(
             self, tmp_path, make_shipper):
         path = write_archive(tmp_path / "a.events")
-        failing = callbacks.MemoryCallback(fail_times=1000)
+        failing = steps.MemoryCallback(fail_times=1000)
         first = make_shipper([("memory", failing)], retry_initial=60,
                              retry_max=60)
         first.submit(path)
@@ -465,7 +468,7 @@ class TestRecover:
                                   "chain": ["memory"]}
         with first._cond:  # the process exits
             first._jobs[path].lock.release()
-        memory = callbacks.MemoryCallback()
+        memory = steps.MemoryCallback()
         again = make_shipper([("memory", memory)])
         assert again.recover(str(tmp_path), is_archive) == 1
         assert again.wait_idle(timeout=5)
@@ -502,7 +505,7 @@ class TestRecover:
         state = tmp_path / ("gone.events" + shipper.STATE_SUFFIX)
         state.write_text(json.dumps({"path": str(tmp_path / "gone.x"),
                                      "step": 1, "chain": ["m"]}))
-        ship = make_shipper([("m", callbacks.MemoryCallback())])
+        ship = make_shipper([("m", steps.MemoryCallback())])
         assert ship.recover(str(tmp_path), is_archive) == 0
         assert os.listdir(tmp_path) == []
 
@@ -511,7 +514,7 @@ class TestRecover:
         path = write_archive(tmp_path / "a.events")
         with open(path + shipper.STATE_SUFFIX, "w") as f:
             f.write('{"path": ')  # not possible with the atomic write
-        memory = callbacks.MemoryCallback()
+        memory = steps.MemoryCallback()
         ship = make_shipper([("memory", memory)])
         assert ship.recover(str(tmp_path), is_archive) == 1
         assert ship.wait_idle(timeout=5)
@@ -521,7 +524,7 @@ class TestRecover:
         path = write_archive(tmp_path / "a.events")
         tmp = tmp_path / ("a.events" + shipper.STATE_SUFFIX + ".tmp")
         tmp.write_text("{")
-        memory = callbacks.MemoryCallback()
+        memory = steps.MemoryCallback()
         ship = make_shipper([("memory", memory)])
         assert ship.recover(str(tmp_path), is_archive) == 1
         assert ship.wait_idle(timeout=5)

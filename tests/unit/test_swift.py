@@ -17,7 +17,7 @@ from swiftclient.exceptions import ClientException
 
 from shoebox_worker import archive
 from shoebox_worker import exceptions
-from shoebox_worker import swift
+from shoebox_worker.ship import swift
 
 V1 = {"auth": "http://swift.example:8080/auth/v1.0", "user": "acct:me",
       "key": "s3cret-key"}
@@ -396,7 +396,7 @@ def test_on_close_plain(monkeypatch, tmp_path, caplog):
     conn = FakeConnection()
     cb = fake_callback(monkeypatch, conn, object_prefix="%Y/%m/%d/",
                        delete_after="60")
-    with caplog.at_level(logging.INFO, logger="shoebox_worker.swift"):
+    with caplog.at_level(logging.INFO, logger="shoebox_worker.ship.swift"):
         assert cb.on_close(path) == path
     body, headers, etag = conn.objects["shoebox", "2024/03/09/a.events"]
     data = open(path, "rb").read()

@@ -1,4 +1,5 @@
-"""Tests for shoebox_worker.tools (cat, verify) and shoebox_worker.metrics,
+"""Tests for shoebox_worker.tools.commands (cat, verify) and
+shoebox_worker.consume.metrics,
 in process: no broker. The commands as a user runs them are in
 tests/functional/test_tools_commands.py."""
 
@@ -17,10 +18,10 @@ from prometheus_client import generate_latest
 from shoebox_worker import archive
 from shoebox_worker import cli
 from shoebox_worker import compression
-from shoebox_worker import metrics
 from shoebox_worker import record
-from shoebox_worker import stats as stats_mod
-from shoebox_worker import tools
+from shoebox_worker.consume import metrics
+from shoebox_worker.consume import stats as stats_mod
+from shoebox_worker.tools import commands as tools
 
 
 def write(path, records, version=2):

@@ -1,4 +1,5 @@
-"""Tests for shoebox_worker.worker over kombu's memory:// transport (and
+"""Tests for shoebox_worker.consume.worker over kombu's memory://
+transport (and
 Redis through fakeredis): what is acked is on disk, nothing is lost."""
 
 import errno
@@ -14,12 +15,12 @@ import kombu
 import pytest
 
 from shoebox_worker import archive
-from shoebox_worker import callbacks
 from shoebox_worker import config as config_mod
 from shoebox_worker import roll_checker
 from shoebox_worker import roll_manager
-from shoebox_worker import shipper as shipper_mod
-from shoebox_worker import worker as worker_mod
+from shoebox_worker.consume import worker as worker_mod
+from shoebox_worker.ship import shipper as shipper_mod
+from shoebox_worker.ship import steps
 
 #: How long a kombu drain waits while idle: keeps the loop (and the tests)
 #: quick.
@@ -111,9 +112,9 @@ def broker():
 
 @pytest.fixture(autouse=True)
 def _clean_memory_events():
-    callbacks.MemoryCallback.all_events.clear()
+    steps.MemoryCallback.all_events.clear()
     yield
-    callbacks.MemoryCallback.all_events.clear()
+    steps.MemoryCallback.all_events.clear()
 
 
 def write_config(tmp_path, broker, archive_options=None, sections="",
@@ -215,7 +216,7 @@ def archive_files(worker):
 
 def memory_of(worker):
     (step,) = [cb for _, cb in worker.chain.steps
-               if isinstance(cb, callbacks.MemoryCallback)]
+               if isinstance(cb, steps.MemoryCallback)]
     return step
 
 

@@ -32,6 +32,8 @@ from shoebox_worker import compression
 from shoebox_worker import exceptions
 from shoebox_worker import record
 from shoebox_worker import roll_manager
+from shoebox_worker.exceptions import EXIT_FAILURE
+from shoebox_worker.exceptions import EXIT_OK
 
 __all__ = [
     "ToolError",
@@ -54,8 +56,6 @@ EXIT_BROKEN_PIPE = 128 + 13
 BROKER_CONNECT_TIMEOUT = 5.0
 #: Connection attempts before replay/generate give up (per failover URL).
 BROKER_CONNECT_RETRIES = 1
-
-EXIT_OK, EXIT_FAILURE = 0, 1
 
 _PAYLOAD_WS = re.compile(rb'"(?:[^"\\]|\\.)*"|[ \t\r\n]+', re.DOTALL)
 
@@ -504,7 +504,7 @@ def cmd_replay(args):
     from kombu import Producer
 
     from shoebox_worker import config as config_mod
-    from shoebox_worker import generator
+    from shoebox_worker.tools import generator
 
     if args.rate is not None and args.rate <= 0:
         raise ToolError("--rate must be > 0, got %g" % args.rate)
@@ -619,7 +619,7 @@ def _envelope(metadata, payload):
 
 def cmd_generate(args):
     """Publish synthetic nova notifications."""
-    from shoebox_worker import generator
+    from shoebox_worker.tools import generator
 
     if args.count < 0:
         raise ToolError("--count must be >= 0, got %d" % args.count)

@@ -15,6 +15,8 @@ import os
 import signal
 import time
 
+from shoebox_worker.consume import runner
+
 __all__ = ["Supervisor"]
 
 LOG = logging.getLogger(__name__)
@@ -24,8 +26,7 @@ MAX_RESTART_DELAY = 30.0
 
 
 def _child(conf, idle_exit):
-    from shoebox_worker import cli
-    os._exit(cli.run_child(conf, idle_exit))
+    os._exit(runner.run_child(conf, idle_exit))
 
 
 class Supervisor:

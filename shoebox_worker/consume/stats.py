@@ -1,7 +1,8 @@
 """Counters of what the worker did, and the periodic stats line.
 
 One :class:`Stats` per worker process; the consumer thread and the
-shipping thread update it. :mod:`shoebox_worker.metrics` exports the same
+shipping thread update it. :mod:`shoebox_worker.consume.metrics` exports
+the same
 numbers to Prometheus.
 """
 

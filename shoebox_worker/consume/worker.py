@@ -26,9 +26,10 @@ disk refuses the write, requeues the unsynced batch, cuts it off the archive
 and pauses consumption until there is room again. Consumption also pauses
 while the archives waiting to be shipped exceed ``max_backlog_mb``.
 
-Closed archives go to the :class:`~shoebox_worker.shipper.Shipper`, which
-runs the callback chain (compress, upload, delete) in a background thread,
-retrying failures with backoff, so a slow upload never stalls consumption.
+Closed archives go to the :class:`~shoebox_worker.ship.shipper.Shipper`,
+which runs the callback chain (compress, upload, delete) in a background
+thread, retrying failures with backoff, so a slow upload never stalls
+consumption.
 
 Everything kombu already does is left to kombu: :class:`Worker` is a
 :class:`kombu.mixins.ConsumerMixin` (reconnects with backoff, failover
@@ -53,12 +54,13 @@ import kombu
 from kombu import mixins
 
 from shoebox_worker import callbacks
-from shoebox_worker import envelope
 from shoebox_worker import exceptions
+from shoebox_worker import files
 from shoebox_worker import plugins
 from shoebox_worker import roll_manager
-from shoebox_worker import shipper as shipper_mod
-from shoebox_worker import stats as stats_mod
+from shoebox_worker.consume import envelope
+from shoebox_worker.consume import stats as stats_mod
+from shoebox_worker.ship import shipper as shipper_mod
 
 __all__ = ["Worker", "StopRequested", "make_connection", "make_queues",
            "worker_id", "archive_pattern"]
@@ -160,7 +162,7 @@ class _Handoff:
         self.opened_at = None
 
     def on_open(self, filename):
-        self.lock = shipper_mod.FileLock(filename, create=False)
+        self.lock = files.FileLock(filename, create=False)
         self.opened_at = time.time()
 
     def on_close(self, filename):

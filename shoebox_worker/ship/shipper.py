@@ -23,7 +23,6 @@ file, and treats every unlocked archive that has none as left by a killed
 run: a torn tail is cut off (and reported), then it is shipped.
 """
 
-import fcntl
 import heapq
 import json
 import logging
@@ -33,10 +32,11 @@ import threading
 import time
 
 from shoebox_worker import archive
-from shoebox_worker import compression
 from shoebox_worker import exceptions
+from shoebox_worker import files
+from shoebox_worker.files import FileLock
 
-__all__ = ["Shipper", "FileLock", "STATE_SUFFIX"]
+__all__ = ["Shipper", "STATE_SUFFIX"]
 
 LOG = logging.getLogger(__name__)
 
@@ -45,58 +45,6 @@ STATE_SUFFIX = ".ship"
 #: recover() leaves an empty archive younger than this (seconds) alone: a
 #: live worker may have just created it and not locked it yet.
 EMPTY_ARCHIVE_GRACE = 60.0
-
-
-class FileLock:
-    """An exclusive, non-blocking flock on a path, held until release()."""
-
-    def __init__(self, path, create=True):
-        self.path = path
-        flags = os.O_RDWR | (os.O_CREAT if create else 0)
-        self.fd = os.open(path, flags, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
-            self.fd = None
-            raise
-
-    @classmethod
-    def try_acquire(cls, path, create=True):
-        """The lock, or None when another process holds it (or no file)."""
-        try:
-            return cls(path, create)
-        except (BlockingIOError, FileNotFoundError):
-            return None
-
-    def release(self):
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-
-def _write_json_atomic(path, data):
-    """Replace ``path`` with ``data`` atomically.
-
-    :returns: a :class:`FileLock` held on the new file. It is taken on the
-        temporary file before the rename, so ``path`` is never unlocked (a
-        lock held on the file it replaces goes away with that file).
-    """
-    tmp = path + ".tmp"
-    lock = FileLock(tmp)
-    try:
-        os.ftruncate(lock.fd, 0)
-        with os.fdopen(os.dup(lock.fd), "w") as f:
-            json.dump(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        lock.release()
-        raise
-    lock.path = path
-    compression.fsync_directory(path)
-    return lock
 
 
 class _Job:
@@ -436,7 +384,7 @@ class Shipper:
         self._enqueue(job, time.monotonic() + delay)
 
     def _save(self, job):
-        lock = _write_json_atomic(job.state_path, {
+        lock = files.write_json_atomic(job.state_path, {
             "path": job.path, "step": job.step, "chain": self.chain_names})
         old, job.lock = job.lock, lock
         old.release()
@@ -448,14 +396,14 @@ class Shipper:
         if remains:
             # still where it was written and named as written: remember it
             # is done, or the next start would take it for a crashed one
-            _write_json_atomic(job.state_path, {"done": True,
+            files.write_json_atomic(job.state_path, {"done": True,
                                                 "path": job.path}).release()
         else:
             try:
                 os.unlink(job.state_path)
             except FileNotFoundError:
                 pass
-            compression.fsync_directory(job.state_path)
+            files.fsync_directory(job.state_path)
         job.lock.release()
         with self._cond:
             self._jobs.pop(job.origin, None)

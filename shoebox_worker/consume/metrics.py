@@ -3,7 +3,7 @@
 :func:`serve` starts prometheus_client's HTTP server on a registry of its
 own (no default process/platform collectors). The counters are not
 touched on the hot path: a custom collector reads the worker's
-:class:`~shoebox_worker.stats.Stats` when Prometheus scrapes. Only the
+:class:`~shoebox_worker.consume.stats.Stats` when Prometheus scrapes. Only the
 callback duration histogram is fed as events happen, from the shipping
 thread, through ``Stats.listeners``.
 
@@ -63,7 +63,7 @@ class MetricsError(exceptions.ShoeboxError):
 class StatsCollector:
     """Reads a worker's counters at scrape time.
 
-    :param worker: a :class:`~shoebox_worker.worker.Worker` (its
+    :param worker: a :class:`~shoebox_worker.consume.worker.Worker` (its
         ``stats``, ``queues``, ``shipper`` and unacked messages are read).
     """
 
@@ -156,7 +156,7 @@ def worker_index():
 def serve(worker, host, port):
     """Serve the worker's metrics over HTTP in a background thread.
 
-    :param worker: a :class:`~shoebox_worker.worker.Worker`.
+    :param worker: a :class:`~shoebox_worker.consume.worker.Worker`.
     :param host: address to listen on.
     :param port: TCP port; a supervised child ``k`` listens on ``port + k``.
     :returns: the registry.

@@ -1,0 +1,66 @@
+"""One worker process, from a loaded config to its exit code.
+
+:func:`run_worker` is what ``shoebox-worker run`` does with ``processes =
+1``, and what each child of the supervisor does: build the worker, ship
+what a previous run left, declare, consume until told to stop, shut down.
+"""
+
+import logging
+import signal
+import sys
+
+from shoebox_worker import __version__
+from shoebox_worker import exceptions
+from shoebox_worker.consume import broker
+from shoebox_worker.consume import metrics
+from shoebox_worker.consume import worker as worker_mod
+from shoebox_worker.exceptions import EXIT_FAILURE
+from shoebox_worker.exceptions import EXIT_USAGE
+
+__all__ = ["run_worker", "run_child"]
+
+LOG = logging.getLogger(__name__)
+
+def run_worker(conf, idle_exit=None):
+    """Run one worker process until it is told to stop.
+
+    :returns: the exit code.
+    """
+    worker = worker_mod.Worker(conf, idle_exit=idle_exit)
+
+    def on_signal(signum, frame):
+        LOG.info("got %s: stopping", signal.Signals(signum).name)
+        worker.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    LOG.info("shoebox-worker %s starting: broker %s, archives in %s",
+             __version__, conf.broker.redacted_url(), worker.directory)
+    if conf.metrics.port:
+        metrics.serve(worker, conf.metrics.host, conf.metrics.port)
+    # ship what a previous run left even while the broker is unreachable
+    worker.start()
+    try:
+        broker.declare(worker)
+        worker.run()
+    except worker_mod.StopRequested:
+        LOG.info("stopped before the broker answered")
+    except exceptions.ConfigError:
+        worker.exit_code = EXIT_USAGE
+        raise
+    finally:
+        worker.shutdown()
+    LOG.info("stopped")
+    return worker.exit_code
+
+
+def run_child(conf, idle_exit=None):
+    """:func:`run_worker` in a supervised child: errors become exit codes."""
+    try:
+        return run_worker(conf, idle_exit)
+    except exceptions.ConfigError as exc:
+        print("shoebox-worker: %s" % exc, file=sys.stderr)
+        return EXIT_USAGE
+    except Exception:
+        LOG.exception("worker died")
+        return EXIT_FAILURE

@@ -1,0 +1,195 @@
+"""The built-in steps of the shipping chain (``shoebox.callbacks``).
+
+==================  =====================================================
+``change_extension`` ``x.events`` -> ``x.events.done`` (``new_extension``)
+``move``             into ``destination_folder``
+``gzip``, ``zstd``   compress (``level``), remove the original
+``delete``           remove the file; ends the chain
+``memory``           remember what it saw (tests and demos)
+``swift``            upload to OpenStack Swift (:mod:`.swift`)
+==================  =====================================================
+
+Each follows :class:`~shoebox_worker.contract.ArchiveCallbackSpec`: it may
+run again on the same file after a failure or a crash, so each is
+idempotent.
+"""
+
+import logging
+import os
+import threading
+
+from shoebox_worker import compression
+from shoebox_worker import files
+from shoebox_worker.callbacks import ArchiveCallback
+
+__all__ = [
+    "ChangeExtensionCallback",
+    "MoveFileCallback",
+    "DeleteFileCallback",
+    "CompressCallback",
+    "GzipCallback",
+    "ZstdCallback",
+    "MemoryCallback",
+]
+
+LOG = logging.getLogger(__name__)
+
+
+class ChangeExtensionCallback(ArchiveCallback):
+    """``x.events`` becomes ``x.events.done``.
+
+    :param new_extension: the extension appended (with or without its dot),
+        default ``.done``.
+    """
+
+    def __init__(self, *, new_extension=".done"):
+        extension = str(new_extension).lstrip(".")
+        if not extension or "/" in extension:
+            raise ValueError("new_extension: must be a non-empty name")
+        self.new_extension = "." + extension
+
+    def on_close(self, filename):
+        new = filename + self.new_extension
+        if os.path.exists(new):
+            raise FileExistsError("%s exists; not overwriting it" % new)
+        os.rename(filename, new)
+        files.fsync_directory(new)
+        return new
+
+
+class MoveFileCallback(ArchiveCallback):
+    """Move the file into ``destination_folder`` (created if missing).
+
+    An existing file of the same name is never overwritten.
+
+    :param destination_folder: default ``.``.
+    """
+
+    def __init__(self, *, destination_folder="."):
+        self.destination_folder = str(destination_folder)
+
+    def on_close(self, filename):
+        os.makedirs(self.destination_folder, exist_ok=True)
+        new = os.path.join(self.destination_folder,
+                           os.path.basename(filename))
+        if os.path.abspath(new) == os.path.abspath(filename):
+            return filename
+        try:  # a hard link refuses to replace an existing name
+            os.link(filename, new)
+        except FileExistsError:
+            # a retry after a crash between link and unlink: same file
+            if not os.path.samefile(filename, new):
+                raise FileExistsError("%s exists; not overwriting it"
+                                      % new) from None
+        except OSError:  # another filesystem: copy, then rename into place
+            tmp = new + ".tmp"
+            with open(filename, "rb") as src, open(tmp, "xb") as dst:
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
+                dst.flush()
+                os.fsync(dst.fileno())
+            stat = os.stat(filename)  # readers order files by mtime
+            os.utime(tmp, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+            if os.path.exists(new):
+                os.unlink(tmp)
+                raise FileExistsError("%s exists; not overwriting it"
+                                      % new) from None
+            os.rename(tmp, new)
+        files.fsync_directory(new)
+        os.unlink(filename)
+        return new
+
+
+class DeleteFileCallback(ArchiveCallback):
+    """Delete the file; the chain ends here (put it last)."""
+
+    def __init__(self):
+        pass
+
+    def on_close(self, filename):
+        try:
+            os.remove(filename)
+        except FileNotFoundError:  # a retry after a crash: already gone
+            pass
+        return None
+
+
+class CompressCallback(ArchiveCallback):
+    """Compress the file, fsync, rename into place, remove the original.
+
+    :param codec: ``gzip`` or ``zstd``.
+    :param level: compression level (codec default when empty).
+    """
+
+    codec_name = None
+    #: The levels the codec takes: (lowest, highest).
+    levels = (1, 9)
+
+    def __init__(self, *, level=None):
+        self.codec = compression.get_codec(self.codec_name)
+        self.level = (self.codec.default_level if level in (None, "")
+                      else int(level))
+        low, high = self.levels
+        if not low <= self.level <= high:
+            # else every archive would fail to compress, forever
+            raise ValueError("level: expected %d to %d, got %r"
+                             % (low, high, level))
+
+    def on_close(self, filename):
+        if filename.endswith(self.codec.suffix):
+            return filename  # already done before a crash
+        new = compression.compress_file(filename, self.codec, self.level)
+        os.remove(filename)
+        files.fsync_directory(filename)
+        return new
+
+
+class GzipCallback(CompressCallback):
+    """gzip the archive (``x.events`` -> ``x.events.gz``); ``level`` 1-9."""
+
+    codec_name = "gzip"
+
+
+class ZstdCallback(CompressCallback):
+    """zstd the archive (``x.events`` -> ``x.events.zst``); ``level`` 1-22.
+
+    Needs the ``zstandard`` package (``pip install shoebox-worker[zstd]``).
+    """
+
+    codec_name = "zstd"
+    levels = (1, 22)
+
+
+class MemoryCallback(ArchiveCallback):
+    """Remember every file it sees, for tests and demos.
+
+    Every instance appends ``(event, filename)`` to its own :attr:`events`
+    and to the class-wide :attr:`all_events`, so a test can see what a
+    worker loaded by name did.
+
+    :param fail_times: fail that many ``on_close`` calls before succeeding
+        (to exercise retries).
+    """
+
+    all_events = []
+    _lock = threading.Lock()
+
+    def __init__(self, *, fail_times=0):
+        self.fail_times = int(fail_times)
+        self.events = []
+
+    def _record(self, event, filename):
+        with self._lock:
+            self.events.append((event, filename))
+            MemoryCallback.all_events.append((event, filename))
+
+    def on_open(self, filename):
+        self._record("open", filename)
+
+    def on_close(self, filename):
+        if self.fail_times > 0:
+            self.fail_times -= 1
+            self._record("fail", filename)
+            raise RuntimeError("memory callback told to fail")
+        self._record("close", filename)
+        return filename
