@@ -21,7 +21,7 @@ __all__ = [
     "ArchiveWriter",
     "ArchiveReader",
     "Skipped",
-    "FileReport",
+    "ArchiveReport",
     "inspect_file",
     "cut_torn_tail",
 ]
@@ -85,6 +85,9 @@ class ArchiveWriter(Archive):
         self.version = version
         #: Records written by this writer (buffered ones included).
         self.records = 0
+        #: Metadata of the first and the last record written.
+        self.first_metadata = None
+        self.last_metadata = None
         self._handle = open(self.filename, "xb" if exclusive else "ab",
                             buffering=0)
         #: Bytes in the archive, buffered ones included.
@@ -104,6 +107,9 @@ class ArchiveWriter(Archive):
         data = record.pack(metadata, payload, self.version)
         self._buffer.append(data)
         self._buffered += len(data)
+        if not self.records:
+            self.first_metadata = metadata
+        self.last_metadata = metadata
         self.records += 1
         self.size += len(data)
         if self._buffered >= WRITE_BUFFER:
@@ -154,6 +160,19 @@ class ArchiveWriter(Archive):
         if self._handle is not None:
             self.sync()
             super().close()
+
+    def report(self):
+        """An :class:`ArchiveReport` of what this writer wrote, from its own
+        counts (the file is not read again).
+
+        Records the file held before an appending writer opened it are not
+        counted: use :func:`inspect_file` for those.
+        """
+        return ArchiveReport(
+            self.filename, records=self.records, size=self.size,
+            versions={self.version} if self.records else set(),
+            first_metadata=self.first_metadata,
+            last_metadata=self.last_metadata)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -329,12 +348,19 @@ class ArchiveReader(Archive):
 
 
 @dataclasses.dataclass
-class FileReport:
-    """What :func:`inspect_file` found in one archive.
+class ArchiveReport:
+    """What is known about one archive's records: the one report type.
 
+    The writer makes one when it closes an archive
+    (:meth:`ArchiveWriter.report`, from what it wrote: no re-read);
+    :func:`inspect_file` makes one by reading a file (verify, crash
+    recovery).
+
+    :ivar filename: the archive.
     :ivar records: valid records.
     :ivar size: bytes in the (uncompressed) archive.
-    :ivar skipped: damaged ranges, in order.
+    :ivar versions: record format versions seen.
+    :ivar skipped: damaged ranges (:class:`Skipped`), in order.
     :ivar torn_offset: where damage runs to the end of the file with no
         valid record after it (a torn tail), else None.
     :ivar first_metadata: metadata of the first valid record.
@@ -344,6 +370,7 @@ class FileReport:
     filename: str
     records: int = 0
     size: int = 0
+    versions: set = dataclasses.field(default_factory=set)
     skipped: list = dataclasses.field(default_factory=list)
     torn_offset: int | None = None
     first_metadata: dict | None = None
@@ -357,9 +384,9 @@ class FileReport:
 def inspect_file(filename):
     """Check every record of an archive in salvage mode.
 
-    :returns: a :class:`FileReport`.
+    :returns: an :class:`ArchiveReport`.
     """
-    report = FileReport(os.fspath(filename))
+    report = ArchiveReport(os.fspath(filename))
     with ArchiveReader(filename, salvage=True) as reader:
         for metadata, _ in reader:
             report.records += 1
