@@ -1,0 +1,92 @@
+"""Tests for shoebox_worker.consume.metrics: the Prometheus collector."""
+
+import types
+
+import kombu
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client import generate_latest
+
+from shoebox_worker.consume import metrics
+from shoebox_worker.consume import stats as stats_mod
+
+
+class FakeShipper:
+    chain_names = ["gzip", "swift"]
+    backlog = (2, 2048, 12.5)
+
+
+def fake_worker():
+    stats = stats_mod.Stats()
+    shipper = FakeShipper()
+    stats.backlog_source = shipper
+    return types.SimpleNamespace(
+        stats=stats, shipper=shipper, _pending=[object()] * 3,
+        queues=[kombu.Queue("notifications.info"),
+                kombu.Queue("notifications.error")])
+
+
+def samples(registry):
+    text = generate_latest(registry).decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+class TestMetrics:
+    def test_collector_reads_stats(self):
+        worker = fake_worker()
+        registry = CollectorRegistry()
+        registry.register(metrics.StatsCollector(worker))
+        stats = worker.stats
+        for _ in range(5):
+            stats.consumed("notifications.info", 100)
+        stats.consumed("notifications.error", 10)
+        stats.malformed("notifications.error")
+        stats.acked(3)
+        stats.rolled()
+        stats.callback_done("gzip", 0.5)
+        stats.callback_failed("swift")
+        stats.paused = True
+        got = samples(registry)
+        assert got['shoebox_messages_consumed_total{queue='
+                   '"notifications.info"}'] == 5
+        assert got['shoebox_messages_consumed_total{queue='
+                   '"notifications.error"}'] == 1
+        assert got['shoebox_messages_malformed_total{queue='
+                   '"notifications.info"}'] == 0
+        assert got['shoebox_messages_malformed_total{queue='
+                   '"notifications.error"}'] == 1
+        assert got["shoebox_messages_acked_total"] == 3
+        assert got["shoebox_bytes_written_total"] == 510
+        assert got["shoebox_rolls_total"] == 1
+        assert got['shoebox_callback_successes_total{callback="gzip"}'] == 1
+        assert got['shoebox_callback_successes_total{callback="swift"}'] \
+            == 0
+        assert got['shoebox_callback_failures_total{callback="swift"}'] == 1
+        assert got["shoebox_unacked_messages"] == 3
+        assert got["shoebox_unshipped_files"] == 2
+        assert got["shoebox_unshipped_bytes"] == 2048
+        assert got["shoebox_oldest_unshipped_age_seconds"] == 12.5
+        assert got["shoebox_paused"] == 1
+
+    def test_worker_index(self):
+        assert metrics.worker_index() == 0
+
+    def test_port_in_use_is_one_line(self):
+        import socket
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        worker = fake_worker()
+        try:
+            with pytest.raises(metrics.MetricsError,
+                               match=r"\[metrics\] cannot listen on "
+                                     r"127\.0\.0\.1:\d+"):
+                metrics.serve(worker, "127.0.0.1", sock.getsockname()[1])
+        finally:
+            sock.close()
+        assert worker.stats.listeners == []
