@@ -59,7 +59,7 @@ def cmd_run(args):
     setup_logging(conf.logging)
     if conf.worker.processes > 1:
         from shoebox_worker.consume import supervisor
-        return supervisor.Supervisor(conf, args.idle_exit).run()
+        return supervisor.Supervisor(conf, None, args.idle_exit).run()
     from shoebox_worker.consume import runner
     return runner.run_worker(conf, args.idle_exit)
 

@@ -54,8 +54,12 @@ def run_worker(conf, idle_exit=None):
     return worker.exit_code
 
 
-def run_child(conf, idle_exit=None):
-    """:func:`run_worker` in a supervised child: errors become exit codes."""
+def run_child(conf, plugins, idle_exit=None):
+    """:func:`run_worker` in a supervised child: errors become exit codes.
+
+    ``plugins`` are the ones the parent built, inherited through fork; not
+    used yet: :func:`run_worker` still builds its own.
+    """
     try:
         return run_worker(conf, idle_exit)
     except exceptions.ConfigError as exc:
