@@ -1,0 +1,297 @@
+"""Tests for shoebox_worker.files: FileLock, write_json_atomic and
+fsync_directory.
+
+flock locks belong to an open file description, so "another process" is
+played either by a second open of the path (a second FileLock) or by a real
+subprocess.
+"""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from shoebox_worker import files
+
+#: Bounds every subprocess in these tests.
+TIMEOUT = 10.0
+
+#: A process that takes the lock, says so, and holds it until stdin closes.
+HOLDER = textwrap.dedent("""
+    import fcntl, os, sys
+    fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    print("locked", flush=True)
+    sys.stdin.read()
+""")
+
+#: A process that tries the lock once and prints what happened.
+PROBE = textwrap.dedent("""
+    import fcntl, os, sys
+    fd = os.open(sys.argv[1], os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print("held")
+    else:
+        print("free")
+""")
+
+
+def probe(path):
+    """Whether another process can take the lock on ``path`` right now."""
+    out = subprocess.run([sys.executable, "-c", PROBE, str(path)],
+                         capture_output=True, text=True, check=True,
+                         timeout=TIMEOUT)
+    return out.stdout.strip()
+
+
+@pytest.fixture
+def holder():
+    """Starts a process holding the lock on a path; ends it at teardown."""
+    procs = []
+
+    def start(path):
+        proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(path)],
+                                stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True)
+        procs.append(proc)
+        assert proc.stdout.readline().strip() == "locked"
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.stdin.close()
+        proc.wait(timeout=TIMEOUT)
+
+
+def open_fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+class TestFileLock:
+
+    def test_lock_creates_the_file_and_holds_it(self, tmp_path):
+        path = tmp_path / "a.lock"
+        lock = files.FileLock(str(path))
+        assert path.exists()
+        assert lock.path == str(path)
+        assert os.fstat(lock.fd).st_ino == path.stat().st_ino
+        assert probe(path) == "held"
+        lock.release()
+        assert probe(path) == "free"
+
+    def test_second_open_in_the_same_process_is_refused(self, tmp_path):
+        path = str(tmp_path / "a.lock")
+        lock = files.FileLock(path)
+        with pytest.raises(BlockingIOError):
+            files.FileLock(path)
+        assert files.FileLock.try_acquire(path) is None
+        lock.release()
+        again = files.FileLock.try_acquire(path)
+        assert again is not None
+        again.release()
+
+    def test_held_by_another_process(self, tmp_path, holder):
+        path = tmp_path / "a.lock"
+        proc = holder(path)
+        assert files.FileLock.try_acquire(str(path)) is None
+        assert files.FileLock.try_acquire(str(path), create=False) is None
+        with pytest.raises(BlockingIOError):
+            files.FileLock(str(path))
+        # the lock dies with its process
+        proc.stdin.close()
+        proc.wait(timeout=TIMEOUT)
+        lock = files.FileLock.try_acquire(str(path), create=False)
+        assert lock is not None
+        lock.release()
+
+    def test_refused_lock_closes_its_descriptor(self, tmp_path):
+        path = str(tmp_path / "a.lock")
+        lock = files.FileLock(path)
+        before = open_fds()
+        for _ in range(5):
+            with pytest.raises(BlockingIOError):
+                files.FileLock(path)
+            assert files.FileLock.try_acquire(path) is None
+        assert open_fds() == before
+        lock.release()
+
+    def test_missing_file_without_create(self, tmp_path):
+        path = tmp_path / "gone.events"
+        assert files.FileLock.try_acquire(str(path), create=False) is None
+        with pytest.raises(FileNotFoundError):
+            files.FileLock(str(path), create=False)
+        assert not path.exists()
+
+    def test_other_errors_are_not_swallowed(self, tmp_path):
+        # only "held" and "no such file" mean None
+        with pytest.raises(IsADirectoryError):
+            files.FileLock.try_acquire(str(tmp_path))
+
+    def test_release_is_idempotent(self, tmp_path):
+        path = str(tmp_path / "a.lock")
+        lock = files.FileLock(path)
+        before = open_fds()
+        lock.release()
+        assert lock.fd is None
+        assert open_fds() == before - 1
+        lock.release()
+        assert lock.fd is None
+        assert open_fds() == before - 1
+        assert probe(path) == "free"
+
+    def test_release_does_not_touch_the_file(self, tmp_path):
+        path = tmp_path / "a.events"
+        path.write_bytes(b"data")
+        files.FileLock(str(path), create=False).release()
+        assert path.read_bytes() == b"data"
+
+
+class TestWriteJsonAtomic:
+
+    def test_writes_and_returns_a_lock_on_the_new_file(self, tmp_path):
+        path = tmp_path / "state.json"
+        lock = files.write_json_atomic(str(path), {"a": [1, 2]})
+        assert json.loads(path.read_text()) == {"a": [1, 2]}
+        assert lock.path == str(path)
+        assert os.fstat(lock.fd).st_ino == path.stat().st_ino
+        assert files.FileLock.try_acquire(str(path)) is None
+        assert probe(path) == "held"
+        assert not (tmp_path / "state.json.tmp").exists()
+        lock.release()
+        assert probe(path) == "free"
+
+    def test_replaces_by_rename_not_in_place(self, tmp_path):
+        path = tmp_path / "state.json"
+        path.write_text(json.dumps({"old": "x" * 1000}))
+        old_inode = path.stat().st_ino
+        with open(path) as reader:   # a reader of the old file
+            files.write_json_atomic(str(path), {"new": 1}).release()
+            assert json.loads(reader.read()) == {"old": "x" * 1000}
+        assert path.stat().st_ino != old_inode
+        assert json.loads(path.read_text()) == {"new": 1}
+
+    def test_a_stale_longer_temporary_file_is_truncated(self, tmp_path):
+        path = tmp_path / "state.json"
+        (tmp_path / "state.json.tmp").write_text("x" * 4096)  # a crash's
+        files.write_json_atomic(str(path), {"n": 1}).release()
+        assert json.loads(path.read_text()) == {"n": 1}
+
+    def test_old_lock_goes_with_the_replaced_file(self, tmp_path):
+        path = tmp_path / "state.json"
+        first = files.write_json_atomic(str(path), {"n": 1})
+        # the holder of the old file does not stop a rewrite...
+        second = files.write_json_atomic(str(path), {"n": 2})
+        # ...and the new file is locked by the new lock only
+        assert os.fstat(second.fd).st_ino == path.stat().st_ino
+        assert os.fstat(first.fd).st_ino != path.stat().st_ino
+        first.release()
+        assert probe(path) == "held"
+        second.release()
+        assert probe(path) == "free"
+
+    def test_data_is_fsynced_before_the_rename_then_the_directory(
+            self, tmp_path, monkeypatch):
+        path = tmp_path / "state.json"
+        tmp = tmp_path / "state.json.tmp"
+        seen = []
+        fsync = os.fsync
+
+        def spy(fd):
+            if stat.S_ISDIR(os.fstat(fd).st_mode):
+                seen.append(("dir", os.fstat(fd).st_ino,
+                             path.read_text() if path.exists() else None))
+            else:
+                seen.append(("file", tmp.exists() and tmp.read_text()))
+            fsync(fd)
+
+        monkeypatch.setattr(os, "fsync", spy)
+        files.write_json_atomic(str(path), {"n": 1}).release()
+        assert seen == [("file", '{"n": 1}'),
+                        ("dir", tmp_path.stat().st_ino, '{"n": 1}')]
+
+    def test_failure_leaves_old_content_and_no_lock(self, tmp_path):
+        path = tmp_path / "state.json"
+        path.write_text('{"old": 1}')
+        before = open_fds()
+        with pytest.raises(TypeError):
+            files.write_json_atomic(str(path), {"bad": object()})
+        assert json.loads(path.read_text()) == {"old": 1}
+        assert open_fds() == before
+        assert probe(path) == "free"
+        assert probe(tmp_path / "state.json.tmp") == "free"
+
+    def test_failure_of_the_rename_releases_the_lock(
+            self, tmp_path, monkeypatch):
+        path = tmp_path / "state.json"
+        path.write_text('{"old": 1}')
+
+        def fail(src, dst):
+            raise OSError("no rename today")
+
+        monkeypatch.setattr(os, "replace", fail)
+        before = open_fds()
+        with pytest.raises(OSError, match="no rename today"):
+            files.write_json_atomic(str(path), {"new": 1})
+        assert json.loads(path.read_text()) == {"old": 1}
+        assert open_fds() == before
+        assert probe(tmp_path / "state.json.tmp") == "free"
+
+    def test_concurrent_writer_holding_the_temporary_file(
+            self, tmp_path, holder):
+        path = tmp_path / "state.json"
+        path.write_text('{"old": 1}')
+        holder(tmp_path / "state.json.tmp")
+        with pytest.raises(BlockingIOError):
+            files.write_json_atomic(str(path), {"new": 1})
+        assert json.loads(path.read_text()) == {"old": 1}
+
+
+class TestFsyncDirectory:
+
+    @pytest.fixture
+    def fsyncs(self, monkeypatch):
+        seen = []
+        fsync = os.fsync
+
+        def spy(fd):
+            st = os.fstat(fd)
+            seen.append((stat.S_ISDIR(st.st_mode), st.st_ino))
+            fsync(fd)
+
+        monkeypatch.setattr(os, "fsync", spy)
+        return seen
+
+    def test_fsyncs_the_directory_holding_the_path(self, tmp_path, fsyncs):
+        sub = tmp_path / "sub"
+        sub.mkdir()
+        before = open_fds()
+        files.fsync_directory(str(sub / "not-yet-there"))
+        assert fsyncs == [(True, sub.stat().st_ino)]
+        assert open_fds() == before
+
+    def test_relative_path_is_the_current_directory(
+            self, tmp_path, monkeypatch, fsyncs):
+        monkeypatch.chdir(tmp_path)
+        files.fsync_directory("a.events")
+        assert fsyncs == [(True, tmp_path.stat().st_ino)]
+
+    def test_closes_the_directory_when_fsync_fails(
+            self, tmp_path, monkeypatch):
+        def fail(fd):
+            raise OSError("EIO")
+
+        monkeypatch.setattr(os, "fsync", fail)
+        before = open_fds()
+        with pytest.raises(OSError, match="EIO"):
+            files.fsync_directory(str(tmp_path / "a"))
+        assert open_fds() == before
+
+    def test_missing_directory(self, tmp_path):
+        with pytest.raises(FileNotFoundError):
+            files.fsync_directory(str(tmp_path / "nowhere" / "a"))
