@@ -80,8 +80,9 @@ class OptionError(ValueError):
 def coerce(option, value, coercer):
     """``coercer(value)``, naming ``option`` in the error.
 
-    For plugin constructors:
-    ``coerce("roll_minutes", roll_minutes, number(minimum=0, exclusive=True))``.
+    For plugin constructors::
+
+        self.level = coerce("level", level, integer_in(1, 9))
 
     :raises OptionError: with :attr:`~OptionError.option` set.
     """
