@@ -7,9 +7,11 @@ line naming the file, section and key, e.g.::
     worker.conf [archive] fsync_every: expected an integer, got 'ten'
 
 Each fixed section has one table of options (:data:`SECTIONS`: name ->
-parser and default, in documentation order). The validator reads it, and
-so does the test that checks ``etc/shoebox-worker.conf.sample`` documents
-every option, so the two cannot drift apart.
+parser and default, in documentation order; the parsers are the common
+coercers of :mod:`shoebox_worker.options` and a few of this file's own).
+The validator reads it, the section's dataclass takes its field defaults
+from it, and so does the test that checks ``etc/shoebox-worker.conf.sample``
+documents every option, so none of them can drift apart.
 
 ``[roll_checker:NAME]`` and ``[callback:NAME]`` are free-form: their
 options are handed as strings to the plugin's constructor by
@@ -24,7 +26,6 @@ broker with :meth:`BrokerConfig.redacted_url`.
 import configparser
 import dataclasses
 import difflib
-import math
 import os
 import re
 import time
@@ -35,7 +36,10 @@ from collections.abc import Mapping
 
 from kombu.transport import TRANSPORT_ALIASES
 
+from shoebox_worker import options
 from shoebox_worker.exceptions import ConfigError
+from shoebox_worker.options import OptionError
+from shoebox_worker.options import did_you_mean
 
 __all__ = [
     "ArchiveConfig",
@@ -67,210 +71,95 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _PLUGIN_NAME = re.compile(r"[A-Za-z0-9_.\-]+\Z")
 _SECRET_KEY = re.compile(r"pass|secret|token|credential|(^|_)key\Z")
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*)://")
-_INT = re.compile(r"[+-]?[0-9]+\Z")
-_BOOLEANS = {
-    "true": True, "yes": True, "on": True, "1": True,
-    "false": False, "no": False, "off": False, "0": False,
-}
 
 
-class _Invalid(Exception):
-    """A value that does not parse; the message says what was expected."""
-
-
-# -- value parsers: str -> typed value, or raise _Invalid -----------------
-
-def _integer(minimum=None, maximum=None, optional=False):
-    def parse(raw):
-        if optional and raw == "":
-            return None
-        if not _INT.match(raw):
-            raise _Invalid("expected an integer, got %r" % raw)
-        value = int(raw)
-        if maximum is not None and not minimum <= value <= maximum:
-            raise _Invalid("expected an integer from %d to %d, got %r"
-                           % (minimum, maximum, raw))
-        if minimum is not None and value < minimum:
-            raise _Invalid("expected an integer >= %d, got %r"
-                           % (minimum, raw))
-        return value
-    return parse
-
-
-def _number(minimum=0, exclusive=False):
-    def parse(raw):
-        try:
-            value = float(raw)
-        except ValueError:
-            value = math.nan
-        if not math.isfinite(value):
-            raise _Invalid("expected a number, got %r" % raw)
-        if exclusive and value <= minimum:
-            raise _Invalid("expected a number > %g, got %r" % (minimum, raw))
-        if value < minimum:
-            raise _Invalid("expected a number >= %g, got %r"
-                           % (minimum, raw))
-        return value
-    return parse
-
-
-def _boolean(optional=False):
-    def parse(raw):
-        if optional and raw == "":
-            return None
-        try:
-            return _BOOLEANS[raw.lower()]
-        except KeyError:
-            raise _Invalid("expected true or false (or yes/no, on/off, "
-                           "1/0), got %r" % raw) from None
-    return parse
-
-
-def _choice(*choices, upper=False):
-    def parse(raw):
-        value = raw.upper() if upper else raw.lower()
-        if value in choices:
-            return value
-        raise _Invalid("expected one of %s, got %r%s"
-                       % (", ".join(choices), raw, _did_you_mean(
-                           value, choices)))
-    return parse
-
-
-def _text(optional=False):
-    def parse(raw):
-        if not raw and not optional:
-            raise _Invalid("must not be empty")
-        return raw or None
-    return parse
-
-
-def _path(optional=False):
-    def parse(raw):
-        if not raw:
-            if optional:
-                return None
-            raise _Invalid("must not be empty")
-        return os.path.abspath(os.path.expanduser(raw))
-    return parse
-
-
-def _version(raw):
-    if raw not in ("1", "2"):
-        raise _Invalid("expected 1 or 2, got %r" % raw)
-    return int(raw)
-
-
-def _items(raw):
-    """Comma- (or newline-) separated items, blanks dropped."""
-    return [item.strip() for item in re.split(r"[,\n]", raw)
-            if item.strip()]
-
+# -- parsers of this file's own kinds of value (the common kinds, numbers,
+# -- booleans, paths..., are in shoebox_worker.options) ---------------------
 
 def _plugin_name(raw):
     if not _PLUGIN_NAME.match(raw):
         if "," in raw or " " in raw.strip():
-            raise _Invalid("expected one name, got %r" % raw)
-        raise _Invalid("expected a plugin name, got %r" % raw)
+            raise OptionError("expected one name, got %r" % raw)
+        raise OptionError("expected a plugin name, got %r" % raw)
     return raw
 
 
-def _plugin_names(raw):
-    names = []
-    for item in _items(raw):
-        if not _PLUGIN_NAME.match(item):
-            raise _Invalid("expected comma-separated names, got %r" % item)
-        if item in names:
-            raise _Invalid("%r is listed twice" % item)
-        names.append(item)
-    return tuple(names)
+def _plugin_name_item(item):
+    if not _PLUGIN_NAME.match(item):
+        raise OptionError("expected comma-separated names, got %r" % item)
+    return item
 
 
-def _dotted_paths(raw):
-    paths = []
-    for item in _items(raw):
-        if any(not part.strip() for part in item.split(".")) or (
-                " " in item):
-            raise _Invalid("expected dotted paths like payload.instance_id, "
-                           "got %r" % item)
-        if item in paths:
-            raise _Invalid("%r is listed twice" % item)
-        paths.append(item)
-    return tuple(paths)
-
-
-def _pairs(raw, convert=str):
-    result = {}
-    for item in _items(raw):
-        key, sep, value = item.partition("=")
-        key, value = key.strip(), value.strip()
-        if not sep or not key:
-            raise _Invalid("expected key=value, got %r" % item)
-        if key in result:
-            raise _Invalid("%r is set twice" % key)
-        result[key] = convert(value)
-    return types.MappingProxyType(result)
+def _dotted_path(item):
+    if any(not part.strip() for part in item.split(".")) or " " in item:
+        raise OptionError("expected dotted paths like payload.instance_id, "
+                          "got %r" % item)
+    return item
 
 
 def _argument_value(value):
-    if _INT.match(value):
-        return int(value)
+    try:
+        return options.integer()(value)
+    except OptionError:
+        pass
     if value.lower() in ("true", "false"):
         return value.lower() == "true"
     return value
 
 
-def _queue_arguments(raw):
-    return _pairs(raw, _argument_value)
+_queue_arguments = options.pairs(_argument_value)
 
 
 def _static_metadata(raw):
-    pairs = _pairs(raw)
+    pairs = options.pairs()(raw)
     for key in pairs:
         if key in RESERVED_METADATA:
-            raise _Invalid("%r is set by the worker itself" % key)
+            raise OptionError("%r is set by the worker itself" % key)
     return pairs
 
 
 def _url(raw):
     urls = [part.strip() for part in raw.split(";") if part.strip()]
     if not urls:
-        raise _Invalid("must not be empty")
+        raise OptionError("must not be empty")
     for number, url in enumerate(urls, 1):
         where = " (URL %d)" % number if len(urls) > 1 else ""
         scheme = _SCHEME.match(url)
         if not scheme:
-            raise _Invalid("expected a URL like amqp://user:password@host:"
-                           "5672//, got %r%s" % (redact_url(url), where))
+            raise OptionError("expected a URL like amqp://user:password@"
+                              "host:5672//, got %r%s"
+                              % (redact_url(url), where))
         transport = scheme.group(1).split("+")[0]
         if transport not in TRANSPORT_ALIASES:
-            raise _Invalid("unknown transport %r%s%s" % (
+            raise OptionError("unknown transport %r%s%s" % (
                 transport, where,
-                _did_you_mean(transport, sorted(TRANSPORT_ALIASES))))
+                did_you_mean(transport, sorted(TRANSPORT_ALIASES))))
         if any(char.isspace() for char in url):
-            raise _Invalid("a URL may not contain spaces, got %r%s"
-                           % (redact_url(url), where))
+            raise OptionError("a URL may not contain spaces, got %r%s"
+                              % (redact_url(url), where))
         netloc = url[scheme.end():].partition("/")[0]
         port = netloc.rpartition("@")[2].rpartition("]")[2]
         if ":" in port and not port.rpartition(":")[2].isdigit():
-            raise _Invalid("bad port in %r%s" % (redact_url(url), where))
+            raise OptionError("bad port in %r%s" % (redact_url(url), where))
     return ";".join(urls)
 
 
 def _filename_template(raw):
     if "{worker_id}" not in raw:
-        raise _Invalid("must contain {worker_id}, so that two workers never "
-                       "write the same file")
+        raise OptionError("must contain {worker_id}, so that two workers "
+                          "never write the same file")
     try:
         rendered = time.strftime(raw.replace("{worker_id}", "host-1"),
                                  time.gmtime(0))
     except ValueError as err:
-        raise _Invalid("not a valid strftime template: %s" % err) from None
+        raise OptionError("not a valid strftime template: %s"
+                          % err) from None
     if "/" in rendered or "\0" in rendered:
-        raise _Invalid("renders as %r, which contains '/': a file name, not "
-                       "a path (see working_directory)" % rendered)
+        raise OptionError("renders as %r, which contains '/': a file name, "
+                          "not a path (see working_directory)" % rendered)
     if rendered in (".", ".."):
-        raise _Invalid("renders as %r, which is not a file name" % rendered)
+        raise OptionError("renders as %r, which is not a file name"
+                          % rendered)
     return raw
 
 
@@ -297,56 +186,63 @@ def _table(*options):
 
 BROKER_OPTIONS = _table(
     Option("url", _url, None),
-    Option("prefetch_count", _integer(minimum=1), "2000"),
-    Option("heartbeat", _number(minimum=0), "60"),
-    Option("connect_timeout", _number(minimum=0, exclusive=True), "10"),
-    Option("connect_max_retries", _integer(minimum=0, optional=True), ""),
-    Option("failover_strategy", _choice("round-robin", "shuffle"),
+    Option("prefetch_count", options.integer(minimum=1), "2000"),
+    Option("heartbeat", options.number(minimum=0), "60"),
+    Option("connect_timeout", options.number(minimum=0, exclusive=True),
+           "10"),
+    Option("connect_max_retries", options.integer(minimum=0, empty=None),
+           ""),
+    Option("failover_strategy", options.choice("round-robin", "shuffle"),
            "round-robin"),
 )
 
 CONSUMER_OPTIONS = _table(
-    Option("exchange", _text(), "nova"),
-    Option("exchange_type", _choice("direct", "topic", "fanout", "headers"),
-           "topic"),
-    Option("routing_key", _text(optional=True), ""),
-    Option("durable", _boolean(), "false"),
-    Option("exchange_durable", _boolean(optional=True), ""),
-    Option("auto_delete", _boolean(), "false"),
+    Option("exchange", options.text(), "nova"),
+    Option("exchange_type",
+           options.choice("direct", "topic", "fanout", "headers"), "topic"),
+    Option("routing_key", options.text(empty=None), ""),
+    Option("durable", options.boolean(), "false"),
+    Option("exchange_durable", options.boolean(empty=None), ""),
+    Option("auto_delete", options.boolean(), "false"),
     Option("queue_arguments", _queue_arguments, ""),
-    Option("declare", _boolean(), "true"),
+    Option("declare", options.boolean(), "true"),
 )
 
 ARCHIVE_OPTIONS = _table(
-    Option("working_directory", _path(), "/var/lib/shoebox-worker"),
+    Option("working_directory", options.path(), "/var/lib/shoebox-worker"),
     Option("filename_template", _filename_template,
            "shoebox_%Y%m%dT%H%M%S_{worker_id}.events"),
-    Option("version", _version, "2"),
+    Option("version", options.integer_in(1, 2), "2"),
     Option("roll_checker", _plugin_name, "size"),
-    Option("callbacks", _plugin_names, ""),
-    Option("fsync_every", _integer(minimum=1), "1000"),
-    Option("fsync_interval", _number(minimum=0, exclusive=True), "1.0"),
-    Option("metadata_fields", _dotted_paths, ""),
+    Option("callbacks", options.names(_plugin_name_item), ""),
+    Option("fsync_every", options.integer(minimum=1), "1000"),
+    Option("fsync_interval", options.number(minimum=0, exclusive=True),
+           "1.0"),
+    Option("metadata_fields", options.names(_dotted_path), ""),
     Option("static_metadata", _static_metadata, ""),
-    Option("max_backlog_mb", _number(minimum=0, exclusive=True), "10240"),
-    Option("retry_initial", _number(minimum=0, exclusive=True), "1.0"),
-    Option("retry_max", _number(minimum=0, exclusive=True), "300"),
+    Option("max_backlog_mb", options.number(minimum=0, exclusive=True),
+           "10240"),
+    Option("retry_initial", options.number(minimum=0, exclusive=True),
+           "1.0"),
+    Option("retry_max", options.number(minimum=0, exclusive=True), "300"),
 )
 
 WORKER_OPTIONS = _table(
-    Option("processes", _integer(minimum=1), "1"),
-    Option("stats_interval", _number(minimum=0), "60"),
+    Option("processes", options.integer(minimum=1), "1"),
+    Option("stats_interval", options.number(minimum=0), "60"),
 )
 
 METRICS_OPTIONS = _table(
-    Option("port", _integer(minimum=1, maximum=65535, optional=True), ""),
-    Option("host", _text(), "127.0.0.1"),
+    Option("port", options.integer(minimum=1, maximum=65535, empty=None),
+           ""),
+    Option("host", options.text(), "127.0.0.1"),
 )
 
 LOGGING_OPTIONS = _table(
-    Option("level", _choice("DEBUG", "INFO", "WARNING", "ERROR", upper=True),
+    Option("level",
+           options.choice("DEBUG", "INFO", "WARNING", "ERROR", upper=True),
            "INFO"),
-    Option("file", _path(optional=True), ""),
+    Option("file", options.path(empty=None), ""),
 )
 
 #: Every fixed section's options, in the order the sample documents them.
@@ -388,6 +284,32 @@ def _redact_one(url):
     return "%s%s:%s@%s%s" % (scheme.group(0), user, MASK, host, path)
 
 
+def _defaults_from(table):
+    """Give a section's dataclass its defaults from the option table.
+
+    Each default is written once, as the string in ``table`` (the one the
+    sample documents), and parsed like a value from the file; a field
+    whose option has no default (``url``) or is not in the table
+    (``queue``) stays required.
+    """
+    def decorate(cls):
+        for name in cls.__annotations__:
+            option = table.get(name)
+            if option is None or option.default is None:
+                continue
+            value = option.parse(option.default)
+            try:
+                hash(value)
+            except TypeError:  # a read-only mapping: not a plain default
+                default = dataclasses.field(
+                    default_factory=lambda value=value: value)
+            else:
+                default = dataclasses.field(default=value)
+            setattr(cls, name, default)
+        return cls
+    return decorate
+
+
 class PluginOptions(Mapping):
     """The str -> str options of one plugin, read-only.
 
@@ -420,15 +342,16 @@ class PluginOptions(Mapping):
 
 
 @dataclasses.dataclass(frozen=True)
+@_defaults_from(BROKER_OPTIONS)
 class BrokerConfig:
     """``[broker]``. ``url`` is kombu's (``;`` between failover URLs)."""
 
     url: str
-    prefetch_count: int = 2000
-    heartbeat: float = 60.0
-    connect_timeout: float = 10.0
-    connect_max_retries: int | None = None
-    failover_strategy: str = "round-robin"
+    prefetch_count: int
+    heartbeat: float
+    connect_timeout: float
+    connect_max_retries: int | None
+    failover_strategy: str
 
     @property
     def urls(self):
@@ -447,21 +370,21 @@ class BrokerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+@_defaults_from(CONSUMER_OPTIONS)
 class ConsumerConfig:
     """One ``[consumer:QUEUE]``; defaults already resolved."""
 
     queue: str
-    exchange: str = "nova"
-    exchange_type: str = "topic"
+    exchange: str
+    exchange_type: str
     #: None: the queue name.
-    routing_key: str | None = None
-    durable: bool = False
+    routing_key: str | None
+    durable: bool
     #: None: same as ``durable``.
-    exchange_durable: bool | None = None
-    auto_delete: bool = False
-    queue_arguments: Mapping[str, int | bool | str] = dataclasses.field(
-        default_factory=lambda: types.MappingProxyType({}))
-    declare: bool = True
+    exchange_durable: bool | None
+    auto_delete: bool
+    queue_arguments: Mapping[str, int | bool | str]
+    declare: bool
 
     def __post_init__(self):
         if self.routing_key is None:
@@ -471,22 +394,22 @@ class ConsumerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+@_defaults_from(ARCHIVE_OPTIONS)
 class ArchiveConfig:
     """``[archive]``. ``working_directory`` is absolute."""
 
-    working_directory: str = "/var/lib/shoebox-worker"
-    filename_template: str = "shoebox_%Y%m%dT%H%M%S_{worker_id}.events"
-    version: int = 2
-    roll_checker: str = "size"
-    callbacks: tuple[str, ...] = ()
-    fsync_every: int = 1000
-    fsync_interval: float = 1.0
-    metadata_fields: tuple[str, ...] = ()
-    static_metadata: Mapping[str, str] = dataclasses.field(
-        default_factory=lambda: types.MappingProxyType({}))
-    max_backlog_mb: float = 10240.0
-    retry_initial: float = 1.0
-    retry_max: float = 300.0
+    working_directory: str
+    filename_template: str
+    version: int
+    roll_checker: str
+    callbacks: tuple[str, ...]
+    fsync_every: int
+    fsync_interval: float
+    metadata_fields: tuple[str, ...]
+    static_metadata: Mapping[str, str]
+    max_backlog_mb: float
+    retry_initial: float
+    retry_max: float
 
     def template_for(self, worker_id):
         """The strftime template with ``{worker_id}`` filled in.
@@ -502,27 +425,30 @@ class ArchiveConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+@_defaults_from(WORKER_OPTIONS)
 class WorkerConfig:
     """``[worker]``."""
 
-    processes: int = 1
-    stats_interval: float = 60.0
+    processes: int
+    stats_interval: float
 
 
 @dataclasses.dataclass(frozen=True)
+@_defaults_from(METRICS_OPTIONS)
 class MetricsConfig:
     """``[metrics]``; ``port`` None means no metrics endpoint."""
 
-    port: int | None = None
-    host: str = "127.0.0.1"
+    port: int | None
+    host: str
 
 
 @dataclasses.dataclass(frozen=True)
+@_defaults_from(LOGGING_OPTIONS)
 class LoggingConfig:
     """``[logging]``; ``file`` None means stderr."""
 
-    level: str = "INFO"
-    file: str | None = None
+    level: str
+    file: str | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -553,13 +479,6 @@ class Config:
 
 # -- loading ----------------------------------------------------------------
 
-def _did_you_mean(word, candidates, template="%s"):
-    match = difflib.get_close_matches(word, list(candidates), n=1)
-    if not match:
-        return ""
-    return " (did you mean %s?)" % (template % match[0])
-
-
 def _section_suggestion(name):
     prefix, sep, rest = name.partition(":")
     if sep:
@@ -568,7 +487,7 @@ def _section_suggestion(name):
             return " (did you mean [%s:%s]?)" % (match[0], rest)
     if name in PREFIXED_SECTIONS:
         return " (did you mean [%s:%s]?)" % (name, _PLACEHOLDERS[name])
-    suggestion = _did_you_mean(name, _FIXED_SECTIONS, "[%s]")
+    suggestion = did_you_mean(name, _FIXED_SECTIONS, "[%s]")
     if not suggestion:
         match = difflib.get_close_matches(name, PREFIXED_SECTIONS, n=1)
         if match:
@@ -648,7 +567,7 @@ def _read_section(parser, section, table, path, environ):
     raw, _ = _raw_options(parser, section, path, environ)
     for key in raw:
         if key not in table:
-            raise ConfigError("unknown option" + _did_you_mean(key, table),
+            raise ConfigError("unknown option" + did_you_mean(key, table),
                               path, section, key)
     values = {}
     for option in table.values():
@@ -658,7 +577,7 @@ def _read_section(parser, section, table, path, environ):
                               option.name)
         try:
             values[option.name] = option.parse(value)
-        except _Invalid as err:
+        except OptionError as err:
             raise ConfigError(str(err), path, section,
                               option.name) from None
     return values
@@ -737,7 +656,7 @@ def load(path, environ=None):
             raise ConfigError(
                 "roll checker %r is not the one selected by [archive] "
                 "roll_checker (%s)%s" % (
-                    name, archive.roll_checker, _did_you_mean(
+                    name, archive.roll_checker, did_you_mean(
                         name, [archive.roll_checker], "[roll_checker:%s]")),
                 path, section)
         roll_checker_options = _plugin_options(parser, section, path,
@@ -747,7 +666,7 @@ def load(path, environ=None):
         if name not in archive.callbacks:
             raise ConfigError(
                 "callback %r is not listed in [archive] callbacks%s" % (
-                    name, _did_you_mean(name, archive.callbacks,
+                    name, did_you_mean(name, archive.callbacks,
                                         "[callback:%s]")),
                 path, section)
         callback_options[name] = _plugin_options(parser, section, path,

@@ -13,22 +13,32 @@ and selected by name in the worker's config (``callbacks = gzip, tag``).
 **Construction.** The worker builds each plugin once at start with the
 options of its own config section as keyword arguments, all of them
 strings (``[callback:tag] suffix = .x`` gives ``TagCallback(suffix=".x")``).
-Declare them keyword-only with defaults and coerce them (``int(level)``);
-an option the constructor does not take stops the start with a config
-error, so an operator's typo never goes unnoticed. Constructors must not
-connect anywhere: ``check-config`` builds them too.
+Declare them keyword-only with defaults and coerce them, e.g. with
+:mod:`shoebox_worker.options`
+(``options.coerce("level", level, options.integer_in(1, 9))``), whose
+error names the option; a third-party plugin may instead raise
+``ValueError("level: expected 1 to 9, got '99'")``. Either way the worker
+stops with one line naming the file, section and option, as it does for
+an option the constructor does not take, so an operator's typo never goes
+unnoticed. Constructors must not connect anywhere: ``check-config``
+builds them too.
 
 **Threads.** The worker calls a roll checker from its consumer thread
 only, and each callback from its shipping thread only.
+
+The Protocols are named ``...Spec`` because they only describe: the
+convenience base classes a plugin may subclass are
+:class:`shoebox_worker.roll_checker.RollChecker` and
+:class:`shoebox_worker.callbacks.ArchiveCallback`.
 """
 
 import typing
 
-__all__ = ["RollChecker", "ArchiveCallback"]
+__all__ = ["RollCheckerSpec", "ArchiveCallbackSpec"]
 
 
 @typing.runtime_checkable
-class RollChecker(typing.Protocol):
+class RollCheckerSpec(typing.Protocol):
     """Decides when the active archive rolls over to a new file."""
 
     def start(self, archive) -> None:
@@ -41,8 +51,9 @@ class RollChecker(typing.Protocol):
     def check(self, archive) -> bool:
         """Should the archive roll now?
 
-        Called after every write, and about once a second while no message
-        arrives, so time-based rules fire on an idle queue. Must be cheap.
+        Called after every write, and every tick (0.1 s,
+        ``shoebox_worker.consume.worker.TICK``) while no message arrives,
+        so time-based rules fire on an idle queue. Must be cheap.
 
         :param archive: the active archive.
         :returns: True to close it and open a new one on the next write.
@@ -50,7 +61,7 @@ class RollChecker(typing.Protocol):
 
 
 @typing.runtime_checkable
-class ArchiveCallback(typing.Protocol):
+class ArchiveCallbackSpec(typing.Protocol):
     """One step of the chain run on every archive (compress, upload, ...)."""
 
     def on_open(self, filename: str) -> None:
@@ -66,6 +77,17 @@ class ArchiveCallback(typing.Protocol):
 
         :param filename: the path the previous step returned (the closed
             archive for the first step).
+        :param report: optional, for the steps that want it: an
+            ``on_close`` that declares a keyword-only parameter ``report``
+            (``def on_close(self, filename, *, report=None)``) is called as
+            ``on_close(filename, report=...)`` with the archive's
+            :class:`~shoebox_worker.archive.ArchiveReport` (its records,
+            format versions, and the first and last records' metadata),
+            known from the writer when the archive rolled, so the step
+            need not read the file. It describes the archive as written:
+            ``report.filename`` is the closed archive, while ``filename``
+            may since have been compressed or renamed by earlier steps.
+            Every other ``on_close`` is called ``on_close(filename)``.
         :returns: the path the next step should get: the same one, a new
             one (``gzip`` returns ``x.events.gz``), or None when the file
             is gone (``delete``), which ends the chain.

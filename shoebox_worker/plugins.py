@@ -7,12 +7,21 @@ ordered set of callbacks (``shoebox.callbacks``, a
 run before ``swift`` and ``swift`` before ``delete``). A third-party
 package adds a plugin by declaring an entry point in one of them.
 
-Options come from ``[roll_checker:NAME]`` / ``[callback:NAME]`` as strings
-and are passed to the plugin's constructor as keyword arguments. Every
-failure (a name that is not installed, a module that does not import, an
-option the constructor does not take or refuses) becomes a
+Both kinds are loaded without being invoked and built the same way
+(:func:`_construct`): options come from ``[roll_checker:NAME]`` /
+``[callback:NAME]`` as strings, are checked against the constructor's
+signature, and are passed to it as keyword arguments. Every failure (a
+name that is not installed, a module that does not import, an option the
+constructor does not take or refuses) becomes a
 :class:`~shoebox_worker.exceptions.PluginError`: one line naming the file,
-section and key, like every other config mistake.
+section and key, like every other config mistake. A constructor names the
+option it refuses with :func:`shoebox_worker.options.coerce` (or, for a
+third-party plugin, a ``ValueError("option: message")``).
+
+Which names are asked for is the config's business:
+:func:`shoebox_worker.config.load` refuses a callback listed twice and a
+plugin section nobody selected; this module checks only that each name is
+installed and builds.
 """
 
 import importlib.metadata
@@ -26,6 +35,7 @@ from stevedore import named
 
 from shoebox_worker.exceptions import ConfigError
 from shoebox_worker.exceptions import PluginError
+from shoebox_worker.options import OptionError
 
 __all__ = [
     "CALLBACKS",
@@ -65,31 +75,55 @@ def available(namespace):
     return sorted({ep.name for ep in _entry_points(namespace)})
 
 
-def _not_installed(namespace, names, config_file):
+def _require_installed(namespace, names, config_file):
+    """Refuse names not installed, from entry point metadata alone (no
+    plugin is imported when one of them is a typo).
+
+    :raises PluginError: one line listing the missing names and what is
+        installed.
+    """
+    installed = available(namespace)
+    _not_installed(namespace, config_file)(
+        [name for name in names if name not in installed])
+
+
+def _not_installed(namespace, config_file):
+    """Raise for missing names; stevedore's
+    ``on_missing_entrypoints_callback`` too."""
     kind, key, _ = _KINDS[namespace]
-    installed = ", ".join(available(namespace)) or "none"
-    if len(names) == 1:
-        message = "no %s named %r" % (kind, names[0])
-    else:
-        message = "no %ss named %s" % (kind, ", ".join(map(repr, names)))
-    return PluginError("%s (installed: %s)" % (message, installed),
-                       config_file, "archive", key)
+
+    def on_missing(names):
+        names = list(names)
+        if not names:
+            return
+        installed = ", ".join(available(namespace)) or "none"
+        if len(names) == 1:
+            message = "no %s named %r" % (kind, names[0])
+        else:
+            message = "no %ss named %s" % (kind, ", ".join(map(repr, names)))
+        raise PluginError("%s (installed: %s)" % (message, installed),
+                          config_file, "archive", key)
+    return on_missing
 
 
-def _load_error(namespace, ep, err, config_file):
+def _load_failed(namespace, config_file):
+    """stevedore's ``on_load_failure_callback``: a module that does not
+    import, or an entry point that names nothing, becomes a PluginError."""
     kind, key, _ = _KINDS[namespace]
-    return PluginError("cannot load %s %r (%s): %s: %s" % (
-        kind, ep.name, ep.value, type(err).__name__, _one_line(err)),
-        config_file, "archive", key)
+
+    def on_load_failure(manager, ep, err):
+        raise PluginError("cannot load %s %r (%s): %s: %s" % (
+            kind, ep.name, ep.value, type(err).__name__, _one_line(err)),
+            config_file, "archive", key) from err
+    return on_load_failure
 
 
-def _check_options(namespace, name, plugin, options, config_file):
+def _check_options(name, plugin, options, config_file, section):
     """Refuse options the constructor would not take, before calling it.
 
     :raises PluginError: an option it does not take, or one it requires
         that is missing.
     """
-    section = "%s:%s" % (_KINDS[namespace][2], name)
     try:
         signature = inspect.signature(plugin)
     except (TypeError, ValueError):
@@ -114,20 +148,22 @@ def _check_options(namespace, name, plugin, options, config_file):
                               config_file, section, p.name)
 
 
-def _construction_error(namespace, name, options, err, config_file):
+def _construction_error(kind, name, options, err, config_file, section):
     """A PluginError for a constructor that raised."""
-    kind, _, prefix = _KINDS[namespace]
-    section = "%s:%s" % (prefix, name)
     message = _one_line(err)
     if isinstance(err, ConfigError):
         return PluginError(_one_line(err.message),
                            err.filename or config_file,
                            err.section or section, err.key)
+    if isinstance(err, OptionError) and err.option:
+        # the built-ins name the option (shoebox_worker.options.coerce)
+        return PluginError(_one_line(err.message), config_file, section,
+                           err.option)
     if not isinstance(err, (ValueError, TypeError)):
         return PluginError("%s %r failed to start: %s: %s" % (
             kind, name, type(err).__name__, message), config_file, section)
-    # Which option? The one the message starts with or names, else the
-    # one whose value it quotes, else the only one given.
+    # A third-party plugin: which option? The one the message starts with
+    # or names, else the one whose value it quotes, else the only one given.
     for key in options:
         if message.startswith(key + ": "):
             return PluginError(message[len(key) + 2:], config_file, section,
@@ -144,102 +180,86 @@ def _construction_error(namespace, name, options, err, config_file):
         kind, name, message), config_file, section)
 
 
+def _construct(namespace, ext, options, config_file):
+    """Build one loaded plugin with its options: the one way both kinds
+    are built.
+
+    :param ext: the stevedore extension (loaded, not yet invoked).
+    :param options: ``{option: string}`` from its config section.
+    :raises PluginError: an option it does not take, one it requires that
+        is missing, or any exception from its constructor, named by its
+        section (and key, when it can be told).
+    """
+    kind, _, prefix = _KINDS[namespace]
+    section = "%s:%s" % (prefix, ext.name)
+    options = dict(options or {})
+    _check_options(ext.name, ext.plugin, options, config_file, section)
+    try:
+        plugin = ext.plugin(**options)
+    except Exception as err:
+        raise _construction_error(kind, ext.name, options, err, config_file,
+                                  section) from err
+    LOG.debug("%s %s: %r", kind, ext.name, plugin)
+    return plugin
+
+
 def load_roll_checker(name, options=None, *, config_file=None):
     """The roll checker ``name``, built with ``options``.
 
     :param name: entry point name in ``shoebox.roll_checkers``.
     :param options: keyword arguments (strings) for its constructor.
     :param config_file: named in errors.
-    :raises PluginError: see the module docstring.
+    :raises PluginError: see the module docstring; also when several
+        packages install a roll checker of that name.
     """
-    options = dict(options or {})
-    if name not in available(ROLL_CHECKERS):
-        raise _not_installed(ROLL_CHECKERS, [name], config_file)
-
-    def on_load_failure(manager, ep, err):
-        # Called for a failed import and for a failed constructor alike:
-        # loading the entry point again tells which (a module that failed
-        # to import is not left in sys.modules, so it fails again).
-        try:
-            plugin = ep.load()
-        except Exception as load_err:
-            raise _load_error(ROLL_CHECKERS, ep, load_err,
-                              config_file) from load_err
-        _check_options(ROLL_CHECKERS, name, plugin, options, config_file)
-        raise _construction_error(ROLL_CHECKERS, name, options, err,
-                                  config_file) from err
-
+    _require_installed(ROLL_CHECKERS, [name], config_file)
     try:
         manager = driver.DriverManager(
             ROLL_CHECKERS, name,
-            invoke_on_load=True,
-            invoke_kwds=options,
-            on_load_failure_callback=on_load_failure,
+            invoke_on_load=False,
+            on_load_failure_callback=_load_failed(ROLL_CHECKERS,
+                                                       config_file),
         )
-    except stevedore_exception.NoMatches:
-        raise _not_installed(ROLL_CHECKERS, [name], config_file) from None
+    except stevedore_exception.NoMatches:  # uninstalled since the check
+        _not_installed(ROLL_CHECKERS, config_file)([name])
     except stevedore_exception.MultipleMatches as err:
         raise PluginError("several packages install a roll checker named "
                           "%r: %s" % (name, _one_line(err)),
                           config_file, "archive", "roll_checker") from None
-    LOG.debug("roll checker %s: %r", name, manager.driver)
-    return manager.driver
+    (ext,) = manager.extensions
+    return _construct(ROLL_CHECKERS, ext, options, config_file)
 
 
 def load_callbacks(names, options_by_name=None, *, config_file=None):
     """The callbacks ``names``, in that order, each built with its options.
+
+    The names are taken as given: :func:`shoebox_worker.config.load` is
+    where a name listed twice, or a ``[callback:NAME]`` section for a
+    name not listed, is refused.
 
     :param names: entry point names in ``shoebox.callbacks``.
     :param options_by_name: ``{name: {option: string}}``; a name without
         an entry gets no options.
     :param config_file: named in errors.
     :returns: ``[(name, callback), ...]`` in the order of ``names``.
-    :raises PluginError: see the module docstring; also for a name given
-        twice, or options for a name not in ``names``.
+    :raises PluginError: see the module docstring.
     """
     names = list(names)
-    options_by_name = dict(options_by_name or {})
-    for index, name in enumerate(names):
-        if name in names[:index]:
-            raise PluginError("%r is listed twice" % name, config_file,
-                              "archive", "callbacks")
-    for name in options_by_name:
-        if name not in names:
-            raise PluginError("callback %r is not listed in [archive] "
-                              "callbacks" % name, config_file,
-                              "callback:%s" % name)
+    options_by_name = options_by_name or {}
     if not names:
         return []
-    installed = available(CALLBACKS)
-    missing = [name for name in names if name not in installed]
-    if missing:
-        raise _not_installed(CALLBACKS, missing, config_file)
-
-    def on_load_failure(manager, ep, err):
-        raise _load_error(CALLBACKS, ep, err, config_file) from err
-
-    def on_missing(missing_names):
-        raise _not_installed(CALLBACKS, sorted(missing_names), config_file)
-
+    _require_installed(CALLBACKS, names, config_file)
     manager = named.NamedExtensionManager(
         CALLBACKS, names,
         name_order=True,
         invoke_on_load=False,
-        on_load_failure_callback=on_load_failure,
-        on_missing_entrypoints_callback=on_missing,
+        on_load_failure_callback=_load_failed(CALLBACKS, config_file),
+        on_missing_entrypoints_callback=_not_installed(CALLBACKS,
+                                                       config_file),
     )
-    callbacks = []
-    for ext in manager:
-        options = dict(options_by_name.get(ext.name, {}))
-        _check_options(CALLBACKS, ext.name, ext.plugin, options, config_file)
-        try:
-            callback = ext.plugin(**options)
-        except Exception as err:
-            raise _construction_error(CALLBACKS, ext.name, options, err,
-                                      config_file) from err
-        LOG.debug("callback %s: %r", ext.name, callback)
-        callbacks.append((ext.name, callback))
-    return callbacks
+    return [(ext.name, _construct(CALLBACKS, ext,
+                                  options_by_name.get(ext.name), config_file))
+            for ext in manager]
 
 
 def build(config):

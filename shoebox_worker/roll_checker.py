@@ -3,11 +3,12 @@
 Loaded by name from ``shoebox.roll_checkers`` (``never``, ``size``,
 ``time``, ``count``); the contract is in :mod:`shoebox_worker.contract`.
 Constructors take keyword arguments only, as strings from the config, and
-coerce them.
+coerce them with :mod:`shoebox_worker.options`.
 """
 
-import math
 import time
+
+from shoebox_worker import options
 
 __all__ = [
     "RollChecker",
@@ -20,17 +21,8 @@ __all__ = [
 #: The clock time-based checkers read (monotonic: immune to clock steps).
 clock = time.monotonic
 
-
-def _positive(name, value, kind=float):
-    try:
-        number = kind(value)
-    except (TypeError, ValueError):
-        raise ValueError("%s: expected a number, got %r"
-                         % (name, value)) from None
-    if not number > 0 or not math.isfinite(number):
-        raise ValueError("%s: must be a finite number greater than 0, got %r"
-                         % (name, value))
-    return number
+_POSITIVE = options.number(minimum=0, exclusive=True)
+_POSITIVE_WHOLE = options.number(minimum=0, exclusive=True, whole=True)
 
 
 class RollChecker:
@@ -55,7 +47,8 @@ class SizeRollChecker(RollChecker):
     """
 
     def __init__(self, *, roll_size_mb=100):
-        self.roll_size_mb = _positive("roll_size_mb", roll_size_mb)
+        self.roll_size_mb = options.coerce("roll_size_mb", roll_size_mb,
+                                           _POSITIVE)
         self.roll_size = int(self.roll_size_mb * 1024 * 1024)
 
     def check(self, archive):
@@ -69,7 +62,8 @@ class TimeRollChecker(RollChecker):
     """
 
     def __init__(self, *, roll_minutes=60):
-        self.roll_minutes = _positive("roll_minutes", roll_minutes)
+        self.roll_minutes = options.coerce("roll_minutes", roll_minutes,
+                                           _POSITIVE)
         self.end_time = None
 
     def start(self, archive):
@@ -86,7 +80,8 @@ class CountRollChecker(RollChecker):
     """
 
     def __init__(self, *, roll_count=100000):
-        self.roll_count = _positive("roll_count", roll_count, int)
+        self.roll_count = options.coerce("roll_count", roll_count,
+                                         _POSITIVE_WHOLE)
 
     def check(self, archive):
         return archive.records >= self.roll_count

@@ -20,6 +20,7 @@ import threading
 
 from shoebox_worker import compression
 from shoebox_worker import files
+from shoebox_worker import options
 from shoebox_worker.callbacks import ArchiveCallback
 
 __all__ = [
@@ -43,9 +44,12 @@ class ChangeExtensionCallback(ArchiveCallback):
     """
 
     def __init__(self, *, new_extension=".done"):
-        extension = str(new_extension).lstrip(".")
-        if not extension or "/" in extension:
-            raise ValueError("new_extension: must be a non-empty name")
+        extension = options.coerce("new_extension", new_extension,
+                                   options.name()).lstrip(".")
+        if not extension:
+            raise options.OptionError("expected an extension like .done, "
+                                      "got %r" % (new_extension,),
+                                      "new_extension")
         self.new_extension = "." + extension
 
     def on_close(self, filename):
@@ -117,23 +121,21 @@ class DeleteFileCallback(ArchiveCallback):
 class CompressCallback(ArchiveCallback):
     """Compress the file, fsync, rename into place, remove the original.
 
-    :param codec: ``gzip`` or ``zstd``.
+    Subclasses set :attr:`codec_name` and :attr:`levels`.
+
     :param level: compression level (codec default when empty).
     """
 
+    #: ``gzip`` or ``zstd`` (:func:`shoebox_worker.compression.get_codec`).
     codec_name = None
     #: The levels the codec takes: (lowest, highest).
     levels = (1, 9)
 
     def __init__(self, *, level=None):
         self.codec = compression.get_codec(self.codec_name)
-        self.level = (self.codec.default_level if level in (None, "")
-                      else int(level))
-        low, high = self.levels
-        if not low <= self.level <= high:
-            # else every archive would fail to compress, forever
-            raise ValueError("level: expected %d to %d, got %r"
-                             % (low, high, level))
+        # checked now: else every archive would fail to compress, forever
+        self.level = options.coerce("level", level, options.integer_in(
+            *self.levels, empty=self.codec.default_level))
 
     def on_close(self, filename):
         if filename.endswith(self.codec.suffix):
@@ -175,7 +177,8 @@ class MemoryCallback(ArchiveCallback):
     _lock = threading.Lock()
 
     def __init__(self, *, fail_times=0):
-        self.fail_times = int(fail_times)
+        self.fail_times = options.coerce("fail_times", fail_times,
+                                         options.integer(minimum=0))
         self.events = []
 
     def _record(self, event, filename):

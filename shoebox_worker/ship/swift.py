@@ -72,18 +72,14 @@ from swiftclient import utils as swift_utils
 from shoebox_worker import archive
 from shoebox_worker import compression
 from shoebox_worker import exceptions
+from shoebox_worker import options as coercers
 from shoebox_worker import record
 
-__all__ = ["SwiftUploadCallback", "ArchiveSummary", "summarize",
-           "parse_size"]
+__all__ = ["SwiftUploadCallback", "ArchiveSummary", "summarize"]
 
 LOG = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-_SIZE = re.compile(r"\s*([0-9]+)\s*([KMGT]?)(?:I?B)?\s*\Z", re.IGNORECASE)
-_BOOLEANS = {"true": True, "yes": True, "on": True, "1": True,
-             "false": False, "no": False, "off": False, "0": False, "": False}
 #: Swift's default limit on one object (and so on one segment).
 MAX_SEGMENT_SIZE = 5 * (1 << 30)
 #: Swift refuses metadata values longer than this.
@@ -91,41 +87,14 @@ _MAX_META_VALUE = 256
 _SAFE_HEADER = re.compile(r"[\x20-\x7e]*\Z")
 
 
-# -- option coercion --------------------------------------------------------
+# -- option coercion (shoebox_worker.options) --------------------------------
 
-def parse_size(value):
-    """``"1048576"``, ``"100M"``, ``"1G"`` (binary units) -> bytes."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    match = _SIZE.match(str(value))
-    if not match:
-        raise ValueError("segment_size: %r is not a size (e.g. 1073741824, "
-                         "100M, 1G)" % (value,))
-    return int(match.group(1)) * _UNITS[match.group(2).upper()]
-
-
-def _boolean(name, value):
-    if isinstance(value, bool):
-        return value
-    try:
-        return _BOOLEANS[str(value).strip().lower()]
-    except KeyError:
-        raise ValueError("%s: %r is not a boolean" % (name, value)) from None
-
-
-def _integer(name, value, minimum=0):
-    try:
-        number = int(str(value).strip())
-    except ValueError:
-        raise ValueError("%s: %r is not an integer" % (name, value)) from None
-    if number < minimum:
-        raise ValueError("%s: must be >= %d, not %d" % (name, minimum,
-                                                         number))
-    return number
-
-
-def _text(value):
-    return "" if value is None else str(value).strip()
+_TEXT = coercers.text(empty="")
+_INSECURE = coercers.boolean(empty=False)
+_RETRIES = coercers.integer(minimum=0)
+_TIMEOUT = coercers.number(minimum=0, exclusive=True, empty=None)
+_SEGMENT_SIZE = coercers.size(minimum=1, maximum=MAX_SEGMENT_SIZE)
+_DELETE_AFTER = coercers.integer(minimum=1, empty=None)
 
 
 # -- what is in the archive -------------------------------------------------
@@ -335,74 +304,67 @@ class SwiftUploadCallback:
                  insecure="false", container="shoebox", object_prefix="",
                  segment_size="1G", delete_after="", retries="2",
                  timeout="60"):
-        key = _text(key) or os.environ.get("ST_KEY", "")
-        os_password = _text(os_password) or os.environ.get("OS_PASSWORD", "")
-        os_auth_url = _text(os_auth_url)
-        version = _text(auth_version).lower().lstrip("v")
+        def text(name, value):  # "" when not set
+            return coercers.coerce(name, value, _TEXT)
+
+        key = text("key", key) or os.environ.get("ST_KEY", "")
+        os_password = (text("os_password", os_password)
+                       or os.environ.get("OS_PASSWORD", ""))
+        os_auth_url = text("os_auth_url", os_auth_url)
+        version = text("auth_version", auth_version).lower().lstrip("v")
         if not version:
             version = "3" if os_auth_url else "1"
         version = {"1": "1", "1.0": "1", "3": "3", "3.0": "3"}.get(version)
         if version is None:
-            raise ValueError("auth_version: %r is not 1 or 3"
-                             % (auth_version,))
+            raise coercers.OptionError(
+                "expected 1 or 3, got %r" % (auth_version,), "auth_version")
         #: SwiftService-style options; every value explicit (the keys are
         #: python-swiftclient's, so nothing falls back to its env defaults).
         self.options = {
             "auth_version": version,
-            "auth": _text(auth),
-            "user": _text(user),
+            "auth": text("auth", auth),
+            "user": text("user", user),
             "key": key,
             "os_auth_url": os_auth_url,
-            "os_username": _text(os_username),
+            "os_username": text("os_username", os_username),
             "os_password": os_password,
-            "os_project_name": _text(os_project_name),
-            "os_project_id": _text(os_project_id),
-            "os_user_domain_name": _text(os_user_domain_name),
-            "os_project_domain_name": _text(os_project_domain_name),
-            "os_region_name": _text(os_region_name),
-            "os_storage_url": _text(os_storage_url),
-            "os_auth_token": _text(os_auth_token),
-            "insecure": _boolean("insecure", insecure),
-            "retries": _integer("retries", retries),
+            "os_project_name": text("os_project_name", os_project_name),
+            "os_project_id": text("os_project_id", os_project_id),
+            "os_user_domain_name": text("os_user_domain_name",
+                                        os_user_domain_name),
+            "os_project_domain_name": text("os_project_domain_name",
+                                           os_project_domain_name),
+            "os_region_name": text("os_region_name", os_region_name),
+            "os_storage_url": text("os_storage_url", os_storage_url),
+            "os_auth_token": text("os_auth_token", os_auth_token),
+            "insecure": coercers.coerce("insecure", insecure, _INSECURE),
+            "retries": coercers.coerce("retries", retries, _RETRIES),
             "timeout": self._timeout(timeout),
-            "segment_size": parse_size(segment_size),
+            "segment_size": coercers.coerce("segment_size", segment_size,
+                                            _SEGMENT_SIZE),
         }
         self._check_credentials()
-        self.container = _text(container)
-        if not self.container or "/" in self.container:
-            raise ValueError("container: %r is not a container name"
-                             % (container,))
+        self.container = coercers.coerce("container", container,
+                                         coercers.name())
         self.segment_container = self.container + "_segments"
         self.segment_size = self.options["segment_size"]
-        if not 0 < self.segment_size <= MAX_SEGMENT_SIZE:
-            raise ValueError("segment_size: must be 1 to %d bytes, not %d"
-                             % (MAX_SEGMENT_SIZE, self.segment_size))
         self.object_prefix = "" if object_prefix is None else str(
             object_prefix)
         try:  # a template strftime cannot render fails now, not later
             datetime.datetime(2000, 1, 2, tzinfo=datetime.UTC).strftime(
                 self.object_prefix)
         except ValueError as exc:
-            raise ValueError("object_prefix: %s" % exc) from None
-        self.delete_after = (None if _text(delete_after) == "" else
-                             _integer("delete_after", delete_after, 1))
+            raise coercers.OptionError(str(exc), "object_prefix") from None
+        self.delete_after = coercers.coerce("delete_after", delete_after,
+                                            _DELETE_AFTER)
         self._conn = None
         self._pool = None
         self._containers = set()
 
     @staticmethod
     def _timeout(value):
-        text = _text(value)
-        if text == "":
-            return None
-        try:
-            seconds = float(text)
-        except ValueError:
-            raise ValueError("timeout: %r is not a number of seconds"
-                             % (value,)) from None
-        if seconds <= 0:
-            raise ValueError("timeout: must be > 0, not %s" % text)
-        return seconds
+        """Seconds per HTTP request; None (no limit) when empty."""
+        return coercers.coerce("timeout", value, _TIMEOUT)
 
     def _check_credentials(self):
         o = self.options
@@ -414,14 +376,14 @@ class SwiftUploadCallback:
             need = ("os_auth_url", "os_username", "os_password")
         missing = [name for name in need if not o[name]]
         if missing:
-            raise ValueError(
-                "%s: required for auth_version %s (key and os_password may "
+            raise coercers.OptionError(
+                "required for auth_version %s (key and os_password may "
                 "also come from ST_KEY and OS_PASSWORD)"
-                % (", ".join(missing), o["auth_version"]))
+                % o["auth_version"], ", ".join(missing))
         if o["auth_version"] == "3" and not (o["os_project_name"]
                                              or o["os_project_id"]):
-            raise ValueError("os_project_name or os_project_id: required "
-                             "for auth_version 3")
+            raise coercers.OptionError("required for auth_version 3",
+                                       "os_project_name or os_project_id")
 
     def __repr__(self):
         return "<%s %s container=%s>" % (

@@ -275,7 +275,7 @@ def test_load_by_name(name, kwargs, cls):
     manager = driver.DriverManager("shoebox.callbacks", name,
                                    invoke_on_load=True, invoke_kwds=kwargs)
     assert type(manager.driver) is cls
-    assert isinstance(manager.driver, contract.ArchiveCallback)
+    assert isinstance(manager.driver, contract.ArchiveCallbackSpec)
 
 
 def test_unknown_option_is_refused():

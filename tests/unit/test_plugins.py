@@ -280,10 +280,18 @@ def test_only_named_callbacks_are_imported(fake):
     assert "shoebox_fake_broken" not in sys.modules
 
 
-def test_callback_listed_twice(fake):
-    assert error(plugins.load_callbacks, ["a", "b", "a"],
-                 config_file="worker.conf") == (
-        "worker.conf [archive] callbacks: 'a' is listed twice")
+def test_callback_names_are_checked_by_the_config_alone(fake, tmp_path):
+    # A name listed twice and a section for a name not listed are refused
+    # by config.load (tests/unit/test_config.py), before any plugin loads.
+    path = tmp_path / "worker.conf"
+    path.write_text("[broker]\nurl = memory://\n[consumer:q]\n"
+                    "[archive]\nroll_checker = bare\ncallbacks = a, b, a\n")
+    with pytest.raises(ConfigError) as info:
+        config.load(path, environ={})
+    assert not isinstance(info.value, PluginError)
+    assert str(info.value) == (
+        "%s [archive] callbacks: 'a' is listed twice" % path)
+    assert "shoebox_fake_plugins" not in sys.modules
 
 
 def test_callback_not_installed(fake):
@@ -313,13 +321,6 @@ def test_callback_option_not_taken(fake):
                  {"bare": {"level": "9"}}, config_file="worker.conf") == (
         "worker.conf [callback:bare] level: option not taken by bare (it "
         "takes no options)")
-
-
-def test_callback_options_for_a_name_not_listed(fake):
-    assert error(plugins.load_callbacks, ["a"], {"b": {"tag": "x"}},
-                 config_file="worker.conf") == (
-        "worker.conf [callback:b]: callback 'b' is not listed in [archive] "
-        "callbacks")
 
 
 # -- build ------------------------------------------------------------------
@@ -386,6 +387,23 @@ def test_real_builtin_option_errors():
                  config_file="worker.conf").startswith(
         "worker.conf [archive] roll_checker: no roll checker named 'sise' "
         "(installed: count, never, size, time")
+
+
+def test_builtin_options_are_named_by_their_key(monkeypatch):
+    monkeypatch.delenv("ST_KEY", raising=False)
+    assert error(plugins.load_callbacks, ["gzip"],
+                 {"gzip": {"level": "99"}}, config_file="worker.conf") == (
+        "worker.conf [callback:gzip] level: expected 1 to 9, got '99'")
+    assert error(plugins.load_roll_checker, "count", {"roll_count": "0"},
+                 config_file="worker.conf") == (
+        "worker.conf [roll_checker:count] roll_count: expected a number > "
+        "0, got '0'")
+    # an option that is missing, not refused, is named all the same
+    assert error(plugins.load_callbacks, ["swift"],
+                 {"swift": {"auth": "http://a/auth/v1.0", "user": "u"}},
+                 config_file="worker.conf") == (
+        "worker.conf [callback:swift] key: required for auth_version 1 "
+        "(key and os_password may also come from ST_KEY and OS_PASSWORD)")
 
 
 def test_build_the_sample(monkeypatch):

@@ -146,4 +146,4 @@ def test_load_by_name(name, kwargs, cls):
     manager = driver.DriverManager("shoebox.roll_checkers", name,
                                    invoke_on_load=True, invoke_kwds=kwargs)
     assert type(manager.driver) is cls
-    assert isinstance(manager.driver, contract.RollChecker)
+    assert isinstance(manager.driver, contract.RollCheckerSpec)
