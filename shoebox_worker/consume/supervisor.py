@@ -25,15 +25,23 @@ LOG = logging.getLogger(__name__)
 MAX_RESTART_DELAY = 30.0
 
 
-def _child(conf, idle_exit):
-    os._exit(runner.run_child(conf, idle_exit))
+def _child(conf, plugins, idle_exit):
+    os._exit(runner.run_child(conf, plugins, idle_exit))
 
 
 class Supervisor:
-    """Starts ``conf.worker.processes`` workers and watches them."""
+    """Starts ``conf.worker.processes`` workers and watches them.
 
-    def __init__(self, conf, idle_exit=None):
+    :param conf: a loaded :class:`~shoebox_worker.config.Config`.
+    :param plugins: ``(roll_checker, [(name, callback), ...])`` from
+        :func:`shoebox_worker.plugins.build`; each child inherits them
+        through fork.
+    :param idle_exit: passed on to each child's worker.
+    """
+
+    def __init__(self, conf, plugins, idle_exit=None):
         self.conf = conf
+        self.plugins = plugins
         self.idle_exit = idle_exit
         self.count = conf.worker.processes
         self.stopping = False
@@ -44,7 +52,8 @@ class Supervisor:
 
     def _start(self, index):
         proc = self._ctx.Process(target=_child,
-                                 args=(self.conf, self.idle_exit),
+                                 args=(self.conf, self.plugins,
+                                       self.idle_exit),
                                  name="shoebox-worker-%d" % index)
         proc.start()
         self.children[index] = proc

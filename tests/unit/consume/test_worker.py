@@ -16,6 +16,7 @@ import pytest
 
 from shoebox_worker import archive
 from shoebox_worker import config as config_mod
+from shoebox_worker import plugins
 from shoebox_worker import roll_checker
 from shoebox_worker import roll_manager
 from shoebox_worker.consume import worker as worker_mod
@@ -182,7 +183,7 @@ class Running:
         assert self.error is None, self.error
 
     def stop(self, timeout=WAIT):
-        self.worker.should_stop = True
+        self.worker.stop()
         self.thread.join(timeout)
         assert not self.thread.is_alive(), "worker did not stop"
         self.worker.shutdown(ship_timeout=5)
@@ -192,7 +193,9 @@ class Running:
 
 def make_worker(conf, broker=None, **kwargs):
     conn = broker.connection() if broker is not None else None
-    return worker_mod.Worker(conf, connection=conn, **kwargs)
+    checker, chain = plugins.build(conf)
+    return worker_mod.Worker(conf, roll_checker=checker, callbacks=chain,
+                             connection=conn, **kwargs)
 
 
 def archives(worker_or_dir, pattern=None):
@@ -276,7 +279,7 @@ class TestConsume:
         for _ in worker.consume(safety_interval=SAFETY):
             seen += 1
             if seen == 12:
-                worker.should_stop = True
+                worker.stop()
         worker.shutdown()
         assert worker.stats.acked_total == 12
         assert len(archives(worker)) == 12
@@ -500,14 +503,15 @@ class TestDiskFull:
         free[0] = 0
         full.set()
         broker.publish(bodies[8:])
-        wait_for(lambda: worker._paused is not None, what="a pause")
+        wait_for(lambda: worker.paused is not None, what="a pause")
         assert worker.stats.acked_total == 8
         consumed = worker.stats.consumed_total
         time.sleep(0.2)
         # nothing taken meanwhile
         assert worker.stats.consumed_total == consumed
         assert worker.stats.acked_total == 8
-        assert worker._paused and worker.stats.paused
+        assert worker.paused == worker_mod.PAUSE_DISK_FULL
+        assert worker.stats.paused
         # the unsynced records were cut off the archive
         assert len(archives(worker)) == 8
         # the disk clears
@@ -577,7 +581,7 @@ class TestBacklog:
         memory = memory_of(worker)
         running = Running(worker)
         # checked on the worker's tick: two archives wait, over the limit
-        wait_for(lambda: worker._paused is not None, what="a pause")
+        wait_for(lambda: worker.paused is not None, what="a pause")
         assert worker.stats.paused
         assert worker.shipper.backlog[0] >= 1
         consumed = worker.stats.consumed_total
@@ -762,8 +766,8 @@ class TestRedis:
         running = Running(worker)
         running.wait_consumed(5)
         # dies before the batch is synced and acked: the broker keeps them
-        monkeypatch.setattr(worker, "commit", lambda: None)
-        worker.should_stop = True
+        monkeypatch.setattr(worker.batch, "commit", lambda: 0)
+        worker.stop()
         running.thread.join(WAIT)
         worker.shipper.stop(1)
         assert worker.stats.acked_total == 0
