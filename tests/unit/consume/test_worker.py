@@ -16,6 +16,7 @@ import pytest
 
 from shoebox_worker import archive
 from shoebox_worker import config as config_mod
+from shoebox_worker import files
 from shoebox_worker import plugins
 from shoebox_worker import roll_checker
 from shoebox_worker import roll_manager
@@ -595,6 +596,54 @@ class TestBacklog:
         assert not worker.stats.paused
         assert sorted(p for _, p in archives(worker)) == \
             sorted(inner_of(b) for b in bodies)
+
+
+class TestHandoff:
+    def test_report_and_lock_go_to_the_shipper(self, tmp_path, broker,
+                                               monkeypatch):
+        conf = write_config(tmp_path, broker, {},
+                            "[roll_checker:count]\nroll_count = 4\n")
+        broker.publish([v2_body(n) for n in range(8)])
+        worker = make_worker(conf, broker)
+        submitted = []
+        submit = worker.shipper.submit
+
+        def spy(path, lock=None, since=None, report=None):
+            # still locked here: no other worker can take it over
+            assert files.FileLock.try_acquire(path, create=False) is None
+            submitted.append((path, lock, since, report))
+            return submit(path, lock, since=since, report=report)
+
+        monkeypatch.setattr(worker.shipper, "submit", spy)
+        running = Running(worker)
+        running.wait_acked(8)
+        running.stop()
+        assert len(submitted) == 2
+        for path, lock, since, report in submitted:
+            assert lock is not None and lock.fd is None  # released after
+            assert since is not None
+            assert report.filename == path and report.records == 4
+            assert report.size == os.path.getsize(path)
+            assert report.first_metadata["message_id"] in ("m-0", "m-4")
+        assert worker.stats.rolls == 2
+        assert worker.stats.bytes_written == sum(
+            r.size for _, _, _, r in submitted)
+
+    def test_data_at_risk_passed_down_to_stats(self, tmp_path, broker):
+        conf = write_config(tmp_path, broker, {"fsync_every": "50",
+                                               "fsync_interval": "60"})
+        broker.publish([v2_body(n) for n in range(3)])
+        worker = make_worker(conf, broker)
+        running = Running(worker)
+        running.wait_consumed(3)
+        wait_for(lambda: worker.stats.unacked == 3, what="unacked counted")
+        files_, size, age = worker.stats.backlog
+        assert files_ == 1  # the active archive
+        assert size == worker.manager.active_archive.size > 0
+        assert age >= 0
+        running.stop()
+        assert worker.stats.unacked == 0
+        assert worker.stats.acked_total == 3
 
 
 class TestNames:
