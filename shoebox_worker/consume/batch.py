@@ -16,15 +16,28 @@ carries it out, and is the only code that acks, requeues or nacks:
   broker delivers those messages again by itself (their records stay in the
   archive: duplicates are possible, losses are not).
 
-If ``sync`` raises, nothing is acked and the batch is kept, for the caller
-to requeue.
+If ``sync`` fails, nothing is acked, the batch is kept for the caller to
+requeue, and :class:`SyncFailed` carries the error: an error of the ack
+itself (the connection is gone: an ``OSError`` too) is not one, and
+propagates for kombu to reconnect.
 """
 
 import logging
 
-__all__ = ["Batch"]
+__all__ = ["Batch", "SyncFailed"]
 
 LOG = logging.getLogger(__name__)
+
+
+class SyncFailed(Exception):
+    """The archive could not be synced; nothing was acked.
+
+    :ivar error: the ``OSError`` of the sync.
+    """
+
+    def __init__(self, error):
+        super().__init__(str(error))
+        self.error = error
 
 
 class Batch:
@@ -60,12 +73,15 @@ class Batch:
         """Sync, then ack the whole batch.
 
         :returns: how many messages were acked.
-        :raises OSError: from ``sync``; nothing was acked, the batch is
-            kept.
+        :raises SyncFailed: ``sync`` raised an ``OSError``; nothing was
+            acked, the batch is kept.
         """
         if not self._messages:
             return 0
-        self._sync()
+        try:
+            self._sync()
+        except OSError as exc:
+            raise SyncFailed(exc) from exc
         messages, self._messages = self._messages, []
         if self.multiple:
             messages[-1].ack(multiple=True)

@@ -453,8 +453,8 @@ class Worker(broker.BlockingReads):
         handle it as a failed write)."""
         try:
             acked = self.batch.commit()
-        except OSError as exc:
-            self._write_failed(exc)
+        except batch_mod.SyncFailed as exc:
+            self._write_failed(exc.error)
             return
         self.stats.acked(acked)
 

@@ -77,10 +77,22 @@ class TestCommit:
     def test_failed_sync_acks_nothing_and_keeps_the_batch(self, log):
         batch = make(log, multiple=True, fail=True)
         fill(batch, log, 2)
-        with pytest.raises(OSError):
+        with pytest.raises(batch_mod.SyncFailed) as caught:
             batch.commit()
+        assert caught.value.error.errno == 28
         assert log == [("sync",)]
         assert len(batch) == 2
+
+    def test_a_failed_ack_is_not_a_failed_sync(self, log):
+        # the connection is gone: kombu must see it, not the disk-full path
+        class Gone(FakeMessage):
+            def ack(self, multiple=False):
+                raise ConnectionResetError(104, "Connection reset by peer")
+
+        batch = make(log, multiple=True)
+        batch.add(Gone(1, log), 0.0)
+        with pytest.raises(ConnectionResetError):
+            batch.commit()
 
     def test_since_is_the_oldest_message(self, log):
         batch = make(log, multiple=True)
