@@ -41,11 +41,14 @@ def setup_logging(conf=None, level=None):
 
 
 def _load(path):
+    """The config and its plugins, built once: building them checks their
+    names and options.
+
+    :returns: ``(conf, (roll_checker, [(name, callback), ...]))``.
+    """
     conf = config_mod.load(path)
-    # building the plugins checks their names and options
     from shoebox_worker import plugins
-    plugins.build(conf)
-    return conf
+    return conf, plugins.build(conf)
 
 
 def cmd_check_config(args):
@@ -55,13 +58,13 @@ def cmd_check_config(args):
 
 
 def cmd_run(args):
-    conf = _load(args.config)
+    conf, plugins = _load(args.config)
     setup_logging(conf.logging)
     if conf.worker.processes > 1:
         from shoebox_worker.consume import supervisor
-        return supervisor.Supervisor(conf, None, args.idle_exit).run()
+        return supervisor.Supervisor(conf, plugins, args.idle_exit).run()
     from shoebox_worker.consume import runner
-    return runner.run_worker(conf, args.idle_exit)
+    return runner.run_worker(conf, plugins, args.idle_exit)
 
 
 def build_parser():

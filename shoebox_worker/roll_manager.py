@@ -2,9 +2,13 @@
 
 "Roll" comes from "roll over": a :class:`WritingRollManager` writes to one
 archive until its roll checker says to move on, then closes it, runs the
-archive callback on it and opens the next file on the next write. A
-:class:`ReadingRollManager` reads a set of files matching a glob, in the
-order they were written::
+archive callback on it and opens the next file on the next write. A roll is
+returned, not looked for: :meth:`~WritingRollManager.write`,
+:meth:`~WritingRollManager.maybe_roll` and :meth:`~RollManager.close`
+return the closed archive's
+:class:`~shoebox_worker.archive.ArchiveReport` when they closed one, else
+None. A :class:`ReadingRollManager` reads a set of files matching a glob,
+in the order they were written::
 
     checker = roll_checker.SizeRollChecker(roll_size_mb=100)
     with roll_manager.WritingRollManager("test_%c.events", checker) as x:
@@ -25,6 +29,7 @@ by modification time, then by that counter, which is the order a manager
 wrote them, whatever the template.
 """
 
+import dataclasses
 import datetime
 import fnmatch
 import logging
@@ -128,19 +133,28 @@ class RollManager:
         self.active_filename = None
 
     def _roll_archive(self):
-        self.close()
+        return self.close()
 
     def close(self):
-        """Close the active archive and run the callback's ``on_close``."""
+        """Close the active archive and run the callback's ``on_close``.
+
+        :returns: what the archive tells of itself when closed (a
+            :class:`~shoebox_worker.archive.ArchiveReport` for a written
+            one), or None when none was open.
+        """
         if self.active_archive is None:
             return None
         filename = self.active_filename
+        report = self._closing_report()
         self.active_archive.close()
         self.active_archive = None
         self.active_filename = None
         if self.archive_callback is not None:
-            return self.archive_callback.on_close(filename)
-        return filename
+            self.archive_callback.on_close(filename)
+        return report
+
+    def _closing_report(self):
+        return None
 
     def __enter__(self):
         return self
@@ -178,6 +192,11 @@ class WritingRollManager(RollManager):
         self._last_counter = -1
         # mtime of the last archive closed: the next one is stamped later
         self._last_mtime_ns = None
+        #: Record bytes written so far, over every archive.
+        self.bytes_written = 0
+        # (records, last metadata) of the active archive at its last sync:
+        # what is left of it after cut_unsynced()
+        self._synced = (0, None)
 
     def _make_filename(self):
         return os.path.join(self.directory,
@@ -199,6 +218,7 @@ class WritingRollManager(RollManager):
                 raise
             files.fsync_directory(path)
             self._last_base, self._last_counter = base, counter
+            self._synced = (0, None)
             self.active_filename = path
             self.opened += 1
             LOG.debug("opened archive %s", path)
@@ -213,31 +233,70 @@ class WritingRollManager(RollManager):
 
         :param metadata: ``str:str`` dict.
         :param payload: str or bytes, most likely JSON.
-        :returns: the record's size in bytes.
+        :returns: the closed archive's
+            :class:`~shoebox_worker.archive.ArchiveReport` when this write
+            rolled it, else None.
         """
-        size = self.get_active_archive().write(metadata, payload)
+        self.bytes_written += self.get_active_archive().write(metadata,
+                                                              payload)
         if self.roll_checker.check(self.active_archive):
-            self._roll_archive()
-        return size
+            return self._roll_archive()
+        return None
 
     def maybe_roll(self):
         """Roll if the checker says so, without writing (for idle queues).
 
-        :returns: True when the active archive was rolled.
+        :returns: the closed archive's report when it rolled, else None.
         """
         if self.active_archive is not None and self.roll_checker.check(
                 self.active_archive):
-            self._roll_archive()
-            return True
-        return False
+            return self._roll_archive()
+        return None
 
     def sync(self):
         """Flush and fsync the active archive, if any."""
-        if self.active_archive is not None:
-            self.active_archive.sync()
+        writer = self.active_archive
+        if writer is not None:
+            writer.sync()
+            self._synced = (writer.records, writer.last_metadata)
+
+    def cut_unsynced(self):
+        """After a failed write or sync: cut the active archive back to its
+        last sync, close it and run the callback's ``on_close``.
+
+        What was never synced is dropped (its messages were never acked).
+        An archive left with no record is removed instead, and the
+        callback's ``on_close`` is not run for it.
+
+        :returns: the closed archive's report (its synced records only), or
+            None when there was no archive or nothing of it was synced.
+        """
+        writer, filename = self.active_archive, self.active_filename
+        if writer is None:
+            return None
+        self.active_archive = None
+        self.active_filename = None
+        report = writer.report()
+        kept = writer.abandon()
+        if kept == 0:
+            try:
+                os.unlink(filename)
+            except OSError:
+                pass
+            return None
+        records, last = self._synced
+        report = dataclasses.replace(report, size=kept, records=records,
+                                     last_metadata=last)
+        if self.archive_callback is not None:
+            self.archive_callback.on_close(filename)
+        return report
 
     def close(self):
         """Close the active archive and run the callback's ``on_close``.
+
+        :returns: the closed archive's report
+            (:meth:`~shoebox_worker.archive.ArchiveWriter.report`), or None
+            when none was open.
 
         Readers order files by mtime, and a coarse file system clock can
         stamp two archives alike (their names may then sort either way, at
@@ -254,6 +313,9 @@ class WritingRollManager(RollManager):
                 os.utime(self.active_filename, ns=(stat.st_atime_ns, mtime))
             self._last_mtime_ns = mtime
         return super().close()
+
+    def _closing_report(self):
+        return self.active_archive.report()
 
 
 class ReadingRollManager(RollManager):

@@ -3,7 +3,9 @@
 :func:`serve` starts prometheus_client's HTTP server on a registry of its
 own (no default process/platform collectors). The counters are not
 touched on the hot path: a custom collector reads the worker's
-:class:`~shoebox_worker.consume.stats.Stats` when Prometheus scrapes. Only the
+:class:`~shoebox_worker.consume.stats.Stats` (and nothing else) when
+Prometheus scrapes; the data-at-risk gauges are as of the worker's last
+tick (a tenth of a second). Only the
 callback duration histogram is fed as events happen, from the shipping
 thread, through ``Stats.listeners``.
 
@@ -63,15 +65,17 @@ class MetricsError(exceptions.ShoeboxError):
 class StatsCollector:
     """Reads a worker's counters at scrape time.
 
-    :param worker: a :class:`~shoebox_worker.consume.worker.Worker` (its
-        ``stats``, ``queues``, ``shipper`` and unacked messages are read).
+    :param stats: the worker's :class:`~shoebox_worker.consume.stats.Stats`,
+        the only thing read at scrape time.
+    :param queues: queue names (exported as zeros before their first
+        message).
+    :param callbacks: callback names, likewise.
     """
 
-    def __init__(self, worker):
-        self.worker = worker
-        self.stats = worker.stats
-        self.queues = [queue.name for queue in worker.queues]
-        self.callbacks = list(worker.shipper.chain_names)
+    def __init__(self, stats, queues, callbacks):
+        self.stats = stats
+        self.queues = list(queues)
+        self.callbacks = list(callbacks)
 
     def _by_label(self, family, counter, names):
         counts = dict(counter)  # one C-level copy: safe against writers
@@ -114,7 +118,7 @@ class StatsCollector:
         yield GaugeMetricFamily(
             "shoebox_unacked_messages",
             "Messages written but not acked yet (the broker redelivers "
-            "them if the worker dies).", value=self._unacked())
+            "them if the worker dies).", value=stats.unacked)
         files, size, age = stats.backlog
         yield GaugeMetricFamily(
             "shoebox_unshipped_files",
@@ -136,14 +140,6 @@ class StatsCollector:
             "1 while consumption is paused (disk full or backlog over "
             "max_backlog_mb), else 0.", value=1 if stats.paused else 0)
 
-    def _unacked(self):
-        # the worker's batch of written, unacked messages; Stats' own
-        # consumed - acked drifts after a reconnect drops a batch
-        pending = getattr(self.worker, "_pending", None)
-        if pending is None:
-            return self.stats.unacked
-        return len(pending)
-
 
 def worker_index():
     """``k`` in a supervised child ``shoebox-worker-k``, else 0."""
@@ -153,10 +149,12 @@ def worker_index():
     return int(match.group(1)) if match else 0
 
 
-def serve(worker, host, port):
-    """Serve the worker's metrics over HTTP in a background thread.
+def serve(stats, queues, callbacks, host, port):
+    """Serve a worker's metrics over HTTP in a background thread.
 
-    :param worker: a :class:`~shoebox_worker.consume.worker.Worker`.
+    :param stats: the worker's :class:`~shoebox_worker.consume.stats.Stats`.
+    :param queues: its queue names.
+    :param callbacks: the names of its callback chain's steps.
     :param host: address to listen on.
     :param port: TCP port; a supervised child ``k`` listens on ``port + k``.
     :returns: the registry.
@@ -164,24 +162,24 @@ def serve(worker, host, port):
     """
     port += worker_index()
     registry = CollectorRegistry()
-    registry.register(StatsCollector(worker))
+    registry.register(StatsCollector(stats, queues, callbacks))
     durations = Histogram(
         "shoebox_upload_seconds",
         "Duration of each successful callback step (compress, upload, "
         "...), by callback.", ["callback"], registry=registry,
         buckets=DURATION_BUCKETS)
-    for name in worker.shipper.chain_names:
+    for name in callbacks:
         durations.labels(name)  # export zeros before the first roll
 
     def on_event(event, name, seconds):
         if event == "callback_done":
             durations.labels(name).observe(seconds)
 
-    worker.stats.listeners.append(on_event)
+    stats.listeners.append(on_event)
     try:
         start_http_server(port, addr=host, registry=registry)
     except OSError as err:
-        worker.stats.listeners.remove(on_event)
+        stats.listeners.remove(on_event)
         raise MetricsError("[metrics] cannot listen on %s:%d: %s" % (
             host, port, err.strerror or err)) from None
     LOG.info("serving Prometheus metrics on http://%s:%d/metrics", host,

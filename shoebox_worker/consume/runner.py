@@ -3,6 +3,8 @@
 :func:`run_worker` is what ``shoebox-worker run`` does with ``processes =
 1``, and what each child of the supervisor does: build the worker, ship
 what a previous run left, declare, consume until told to stop, shut down.
+The plugins come built (``cli`` builds them once, from the config it
+checked; supervised children inherit them through fork).
 """
 
 import logging
@@ -21,12 +23,19 @@ __all__ = ["run_worker", "run_child"]
 
 LOG = logging.getLogger(__name__)
 
-def run_worker(conf, idle_exit=None):
+
+def run_worker(conf, plugins, idle_exit=None):
     """Run one worker process until it is told to stop.
 
+    :param conf: a loaded :class:`~shoebox_worker.config.Config`.
+    :param plugins: ``(roll_checker, [(name, callback), ...])`` from
+        :func:`shoebox_worker.plugins.build`.
+    :param idle_exit: stop once no message came for this many seconds.
     :returns: the exit code.
     """
-    worker = worker_mod.Worker(conf, idle_exit=idle_exit)
+    roll_checker, callbacks = plugins
+    worker = worker_mod.Worker(conf, roll_checker=roll_checker,
+                               callbacks=callbacks, idle_exit=idle_exit)
 
     def on_signal(signum, frame):
         LOG.info("got %s: stopping", signal.Signals(signum).name)
@@ -37,7 +46,9 @@ def run_worker(conf, idle_exit=None):
     LOG.info("shoebox-worker %s starting: broker %s, archives in %s",
              __version__, conf.broker.redacted_url(), worker.directory)
     if conf.metrics.port:
-        metrics.serve(worker, conf.metrics.host, conf.metrics.port)
+        metrics.serve(worker.stats, [queue.name for queue in worker.queues],
+                      worker.shipper.chain_names, conf.metrics.host,
+                      conf.metrics.port)
     # ship what a previous run left even while the broker is unreachable
     worker.start()
     try:
@@ -45,9 +56,6 @@ def run_worker(conf, idle_exit=None):
         worker.run()
     except worker_mod.StopRequested:
         LOG.info("stopped before the broker answered")
-    except exceptions.ConfigError:
-        worker.exit_code = EXIT_USAGE
-        raise
     finally:
         worker.shutdown()
     LOG.info("stopped")
@@ -55,13 +63,9 @@ def run_worker(conf, idle_exit=None):
 
 
 def run_child(conf, plugins, idle_exit=None):
-    """:func:`run_worker` in a supervised child: errors become exit codes.
-
-    ``plugins`` are the ones the parent built, inherited through fork; not
-    used yet: :func:`run_worker` still builds its own.
-    """
+    """:func:`run_worker` in a supervised child: errors become exit codes."""
     try:
-        return run_worker(conf, idle_exit)
+        return run_worker(conf, plugins, idle_exit)
     except exceptions.ConfigError as exc:
         print("shoebox-worker: %s" % exc, file=sys.stderr)
         return EXIT_USAGE

@@ -1,9 +1,12 @@
 """Counters of what the worker did, and the periodic stats line.
 
 One :class:`Stats` per worker process; the consumer thread and the
-shipping thread update it. :mod:`shoebox_worker.consume.metrics` exports
-the same
-numbers to Prometheus.
+shipping thread update it, and nothing in it reads back from the worker:
+the consumer thread counts each message as it goes and, once a tick,
+passes down what it alone knows (:meth:`Stats.update`: the unacked batch,
+the bytes written, the unshipped backlog).
+:mod:`shoebox_worker.consume.metrics` exports the same numbers to
+Prometheus.
 """
 
 import collections
@@ -30,8 +33,12 @@ class Stats:
         self.callback_successes = collections.Counter()
         self.callback_failures = collections.Counter()
         self.paused = False
-        #: object with a ``backlog`` property: (files, bytes, oldest age)
-        self.backlog_source = None
+        #: Data at risk, as of the worker's last tick: messages written but
+        #: not acked yet...
+        self.unacked = 0
+        #: ...and ``(files, bytes, oldest_age_seconds)`` of the archives not
+        #: yet through the callback chain, the active one included.
+        self.backlog = (0, 0, 0.0)
         #: callables notified of events (metrics exporters)
         self.listeners = []
         self._last_time = clock()
@@ -40,9 +47,20 @@ class Stats:
 
     # -- consumer thread --------------------------------------------------
 
-    def consumed(self, queue, size):
+    def consumed(self, queue):
         self.consumed_by_queue[queue] += 1
-        self.bytes_written += size
+
+    def update(self, unacked, bytes_written, backlog):
+        """What the consumer thread knows now (called once a tick).
+
+        :param unacked: messages written but not acked yet.
+        :param bytes_written: record bytes written since start.
+        :param backlog: ``(files, bytes, oldest_age_seconds)`` not yet
+            through the callback chain, the active archive included.
+        """
+        self.unacked = unacked
+        self.bytes_written = bytes_written
+        self.backlog = backlog
 
     def acked(self, count):
         self.acked_total += count
@@ -73,16 +91,6 @@ class Stats:
     @property
     def consumed_total(self):
         return sum(self.consumed_by_queue.values())
-
-    @property
-    def unacked(self):
-        return self.consumed_total - self.acked_total
-
-    @property
-    def backlog(self):
-        if self.backlog_source is None:
-            return 0, 0, 0.0
-        return self.backlog_source.backlog
 
     def log_line(self, force=False):
         """Log rates since the last line, totals and the data at risk."""

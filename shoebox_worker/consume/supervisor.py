@@ -30,7 +30,14 @@ def _child(conf, plugins, idle_exit):
 
 
 class Supervisor:
-    """Starts ``conf.worker.processes`` workers and watches them."""
+    """Starts ``conf.worker.processes`` workers and watches them.
+
+    :param conf: a loaded :class:`~shoebox_worker.config.Config`.
+    :param plugins: ``(roll_checker, [(name, callback), ...])`` from
+        :func:`shoebox_worker.plugins.build`; each child inherits them
+        through fork.
+    :param idle_exit: passed on to each child's worker.
+    """
 
     def __init__(self, conf, plugins, idle_exit=None):
         self.conf = conf

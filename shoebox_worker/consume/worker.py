@@ -21,21 +21,27 @@ written verbatim with ``malformed=<reason>`` in its metadata, acked, counted
 and logged at a bounded rate.
 
 One method decides what happens to a message: :meth:`Worker.on_message`.
-It writes (then the batch is acked by :meth:`Worker.commit`), or, when the
-disk refuses the write, requeues the unsynced batch, cuts it off the archive
-and pauses consumption until there is room again. Consumption also pauses
-while the archives waiting to be shipped exceed ``max_backlog_mb``.
+It writes the record and adds the message to the
+:class:`~shoebox_worker.consume.batch.Batch` (acked with it), or, when the
+disk refuses the write, has the unsynced batch requeued, cuts it off the
+archive and pauses consumption until there is room again. Consumption also
+pauses while the archives waiting to be shipped exceed ``max_backlog_mb``.
+The batch is the only code that acks or requeues.
 
-Closed archives go to the :class:`~shoebox_worker.ship.shipper.Shipper`,
-which runs the callback chain (compress, upload, delete) in a background
-thread, retrying failures with backoff, so a slow upload never stalls
-consumption.
+A roll is returned, not looked for: the roll manager's ``write()`` and
+``maybe_roll()`` return the closed archive's report, and the worker hands
+it to the :class:`~shoebox_worker.ship.shipper.Shipper`, which runs the
+callback chain (compress, upload, delete) in a background thread, retrying
+failures with backoff, so a slow upload never stalls consumption. Each
+archive is locked from its creation until the shipper's state file holds
+it, so no other worker sharing the folder takes it over.
 
 Everything kombu already does is left to kombu: :class:`Worker` is a
 :class:`kombu.mixins.ConsumerMixin` (reconnects with backoff, failover
 between broker URLs, heartbeats); it adds ``on_message`` and the periodic
 work in ``on_iteration`` (time-based rolls while the queue is idle, the
-fsync interval, backpressure, the stats line).
+fsync interval, backpressure, the stats line). On RabbitMQ it reads through
+:class:`~shoebox_worker.consume.broker.BlockingReads` (measured faster).
 """
 
 import errno
@@ -46,18 +52,17 @@ import os
 import re
 import shutil
 import socket
-import struct
 import time
 from contextlib import contextmanager
 
 import kombu
-from kombu import mixins
 
-from shoebox_worker import callbacks
+from shoebox_worker import callbacks as callbacks_mod
 from shoebox_worker import exceptions
 from shoebox_worker import files
-from shoebox_worker import plugins
 from shoebox_worker import roll_manager
+from shoebox_worker.consume import batch as batch_mod
+from shoebox_worker.consume import broker
 from shoebox_worker.consume import envelope
 from shoebox_worker.consume import stats as stats_mod
 from shoebox_worker.ship import shipper as shipper_mod
@@ -81,8 +86,23 @@ MALFORMED_LOG_INTERVAL = 10.0
 #: How often periodic work runs (idle rolls, fsync interval, backpressure).
 TICK = 0.1
 #: Longest a blocking read waits for the broker before periodic work runs
-#: (the kernel's SO_RCVTIMEO on the AMQP socket; see Worker.consume).
+#: (the kernel's SO_RCVTIMEO on the AMQP socket; see
+#: :class:`~shoebox_worker.consume.broker.BlockingReads`).
 RECV_TIMEOUT = 0.5
+
+#: Why a worker stops (:attr:`Worker.stopping`), None while it runs.
+#: SIGTERM/SIGINT: ship what is running or due, leave the rest.
+STOP_SIGNAL = "signal"
+#: A second signal: leave all shipping to the next start.
+STOP_INTERRUPTED = "interrupted"
+#: ``--idle-exit``: ship everything before exiting.
+STOP_IDLE = "idle"
+#: The archive directory is not writable: exit code 1.
+STOP_FAILED = "failed"
+
+#: Why consumption is paused (:attr:`Worker.paused`), None while it runs.
+PAUSE_DISK_FULL = "disk full"
+PAUSE_BACKLOG = "backlog"
 
 W_MALFORMED = "archived a malformed message from %s (%s); %d so far"
 W_PAUSED = ("PAUSED consuming from %s: %s. Nothing more is taken off the "
@@ -151,12 +171,13 @@ class StopRequested(exceptions.ShoeboxError):
     """Raised inside kombu's connection retries once we are told to stop."""
 
 
-class _Handoff:
-    """The write manager's archive callback: lock new archives while they
-    are written, hand closed ones to the shipper."""
+class _ArchiveLock(callbacks_mod.ArchiveCallback):
+    """The roll manager's archive callback in a worker: locks each archive
+    as soon as it exists, and keeps the lock after it is closed, until
+    :meth:`take` hands it on (to the shipper, which releases it once the
+    archive's state file exists)."""
 
-    def __init__(self, worker):
-        self.worker = worker
+    def __init__(self):
         self.lock = None
         #: when the active archive was opened (its first record's time)
         self.opened_at = None
@@ -165,26 +186,36 @@ class _Handoff:
         self.lock = files.FileLock(filename, create=False)
         self.opened_at = time.time()
 
-    def on_close(self, filename):
-        lock, self.lock = self.lock, None
-        since, self.opened_at = self.opened_at, None
-        self.worker.stats.rolled()
-        self.worker.shipper.submit(filename, lock, since=since)
-        return filename
+    def take(self):
+        """``(lock, opened_at)`` of the archive just closed."""
+        taken = self.lock, self.opened_at
+        self.lock = self.opened_at = None
+        return taken
+
+    def release(self):
+        """Unlock an archive that was removed instead of closed."""
+        lock, _ = self.take()
+        if lock is not None:
+            lock.release()
 
 
-class Worker(mixins.ConsumerMixin):
+class Worker(broker.BlockingReads):
     """Consumes ``[consumer:*]`` queues into rolling archives.
 
     :param config: a loaded :class:`~shoebox_worker.config.Config`.
+    :param roll_checker: the roll checker, and
+    :param callbacks: ``[(name, callback), ...]``, the callback chain, both
+        as :func:`shoebox_worker.plugins.build` returns them.
     :param connection: a kombu Connection (default: from ``[broker]``).
     :param idle_exit: stop once no message came for this many seconds;
         :meth:`shutdown` then ships everything before returning.
     :param ident: the worker id put into file names.
+    :param stats: a :class:`~shoebox_worker.consume.stats.Stats` to count
+        into (default: a new one).
     """
 
-    def __init__(self, config, connection=None, idle_exit=None, ident=None,
-                 stats=None):
+    def __init__(self, config, *, roll_checker, callbacks, connection=None,
+                 idle_exit=None, ident=None, stats=None):
         self.config = config
         self.connection = connection or make_connection(config.broker)
         self.connect_max_retries = config.broker.connect_max_retries
@@ -194,48 +225,50 @@ class Worker(mixins.ConsumerMixin):
         self.directory = os.path.abspath(archive_conf.working_directory)
         os.makedirs(self.directory, exist_ok=True)
         self.stats = stats or stats_mod.Stats()
-        checker, chain = plugins.build(config)
-        self.chain = callbacks.CallbackChain(chain)
+        self.chain = callbacks_mod.CallbackChain(callbacks)
         self.shipper = shipper_mod.Shipper(
             self.chain, archive_conf.retry_initial, archive_conf.retry_max,
             stats=self.stats)
-        self.stats.backlog_source = self
         self.template = archive_conf.template_for(self.ident)
         self.pattern = archive_pattern(archive_conf.filename_template)
+        self._archive_lock = _ArchiveLock()
         self.manager = roll_manager.WritingRollManager(
-            self.template, checker, directory=self.directory,
-            archive_callback=_Handoff(self), version=archive_conf.version)
+            self.template, roll_checker, directory=self.directory,
+            archive_callback=self._archive_lock,
+            version=archive_conf.version)
+        self.batch = batch_mod.Batch(self.manager.sync)
         self.unwrap = envelope.Unwrapper(
             archive_conf.metadata_fields, archive_conf.static_metadata)
         self.queues = make_queues(config.consumers)
         self.fsync_every = archive_conf.fsync_every
         self.fsync_interval = archive_conf.fsync_interval
+        self.receive_timeout = max(0.05, min(RECV_TIMEOUT,
+                                             self.fsync_interval / 2))
         self.max_backlog = archive_conf.max_backlog_mb * 1024 * 1024
-        self._pending = []          # received, written, not yet acked
-        self._pending_since = 0.0
-        self._multiple_ack = None   # decided once the channel is known
+        #: Why the worker stops (``STOP_*``), None while it runs.
+        self.stopping = None
+        #: Why consumption is paused (``PAUSE_*``), None while it runs.
+        self.paused = None
         self._consumers = []
-        self._paused = None         # why consumption is paused, or None
-        self._disk_full = False
         self._last_message = time.monotonic()
         self._next_tick = 0.0
         self._next_stats = time.monotonic() + config.worker.stats_interval
         self._malformed_logged = 0.0
-        self.exit_code = 0
 
     @property
-    def backlog(self):
-        """Data at risk: ``(files, bytes, oldest_age_seconds)`` of every
-        record not yet through the whole chain, the active archive's
-        included (it is on this disk only)."""
-        files, size, age = self.shipper.backlog
-        writer = self.manager.active_archive
-        opened_at = self.manager.archive_callback.opened_at
-        if writer is not None and opened_at is not None:
-            files += 1
-            size += writer.size
-            age = max(age, time.time() - opened_at)
-        return files, size, age
+    def should_stop(self):
+        """kombu's stop flag, read by its loops: true once stopping."""
+        return self.stopping is not None
+
+    @should_stop.setter
+    def should_stop(self, value):
+        # kombu's way to stop a ConsumerMixin: as a signal would
+        if value and self.stopping is None:
+            self.stopping = STOP_SIGNAL
+
+    @property
+    def exit_code(self):
+        return 1 if self.stopping == STOP_FAILED else 0
 
     # -- start and stop ------------------------------------------------
 
@@ -248,30 +281,36 @@ class Worker(mixins.ConsumerMixin):
                      "shipping", recovered)
         self.shipper.start()
 
+    def stop(self):
+        """Ask the worker to stop (a signal handler calls this); a second
+        call stops the wait for shipping too."""
+        if self.stopping is None:
+            self.stopping = STOP_SIGNAL
+        elif self.stopping != STOP_FAILED:
+            self.stopping = STOP_INTERRUPTED
+
     def shutdown(self, ship_timeout=30.0):
         """After :meth:`run`: ack what is written, close the archive, then
         finish shipping (all of it when ``--idle-exit`` stopped the worker;
         after a signal, only the steps running or due) and leave the rest
         to the state files for the next start."""
         try:
-            self.commit()
+            self._commit()
         except Exception:  # the connection may be gone; they come back
             LOG.warning("could not ack the last batch; the broker will "
                         "deliver it again", exc_info=True)
-        self._pending = []
-        self.manager.close()
-        if self._stopped_idle and self.exit_code == 0:
+        self.batch.forget()
+        self._ship(self.manager.close())
+        if self.stopping == STOP_IDLE:
             LOG.info("idle: shipping %d archive(s) before exiting",
                      self.shipper.pending())
-            self.shipper.wait_idle(should_stop=lambda: self._interrupted)
-        elif not self._interrupted:
+            self.shipper.wait_idle(
+                should_stop=lambda: self.stopping == STOP_INTERRUPTED)
+        elif self.stopping != STOP_INTERRUPTED:
             self.shipper.settle(SHUTDOWN_SHIP_GRACE)
         self.shipper.stop(ship_timeout)
+        self._update_stats()
         self.stats.log_line(force=True)
-
-    _interrupted = False
-    #: stopped by --idle-exit (not by a signal): ship everything first
-    _stopped_idle = False
 
     def run(self, _tokens=1, **kwargs):
         """Consume until stopped (kombu reconnects on broker loss)."""
@@ -294,21 +333,12 @@ class Worker(mixins.ConsumerMixin):
                                    callback=self.check_stop)
             yield conn
 
-    def stop(self):
-        """Ask the worker to stop (a signal handler calls this)."""
-        if self.should_stop:
-            self._interrupted = True  # a second signal: don't wait to ship
-        self.should_stop = True
-
     # -- kombu hooks -----------------------------------------------------
 
     def get_consumers(self, Consumer, channel):
         if hasattr(channel, "auto_decode"):
             channel.auto_decode = False  # we want the body's bytes
-        # py-amqp acks up to a tag with one frame; kombu's virtual
-        # transports (memory, redis) ack one tag at a time
-        self._multiple_ack = getattr(
-            self.connection.transport, "driver_type", "") == "amqp"
+        self.batch.multiple = broker.is_amqp(self.connection)
         return [Consumer(queues=[queue], accept=[],
                          on_message=functools.partial(self.on_message,
                                                       queue.name),
@@ -322,50 +352,13 @@ class Worker(mixins.ConsumerMixin):
         LOG.info("consuming from %s on %s",
                  ", ".join(q.name for q in self.queues),
                  connection.as_uri())
-        if self._paused:
+        if self.paused:
             self._cancel_consumers()
 
     def on_consume_end(self, connection, channel):
         # ack the last batch while the channel is still open
         if self.should_stop:
-            self.commit()
-
-    def consume(self, limit=None, timeout=None, safety_interval=1,
-                **kwargs):
-        """kombu's loop, reading without a Python-level socket timeout.
-
-        ``ConsumerMixin.consume`` drains with ``timeout=1``, so CPython
-        polls before every ``recv()`` (py-amqp makes about nine per message)
-        and py-amqp sets and resets the timeout on every call: about a fifth
-        of the throughput, measured. Here the socket stays blocking with a
-        kernel receive timeout (SO_RCVTIMEO), which py-amqp turns into the
-        same ``socket.timeout`` when no frame starts in time, so periodic
-        work, heartbeats and the stop flag still run while the queue is
-        idle. Other transports (memory, redis) use kombu's loop unchanged.
-        """
-        if getattr(self.connection.transport, "driver_type", "") != "amqp":
-            yield from super().consume(limit, timeout, safety_interval,
-                                       **kwargs)
-            return
-        interval = max(0.05, min(RECV_TIMEOUT, self.fsync_interval / 2))
-        with self.consumer_context(**kwargs) as (conn, channel, consumers):
-            sock = conn.connection.sock
-            sock.settimeout(None)
-            seconds = int(interval)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
-                            struct.pack("ll", seconds,
-                                        int((interval - seconds) * 1e6)))
-            while not self.should_stop:
-                self.on_iteration()
-                try:
-                    conn.drain_events(timeout=None)
-                except socket.timeout:
-                    conn.heartbeat_check()
-                except OSError:
-                    if not self.should_stop:
-                        raise
-                else:
-                    yield
+            self._commit()
 
     def on_connection_error(self, exc, interval):
         LOG.warning("broker connection error: %s; retrying in %.1f s",
@@ -374,59 +367,42 @@ class Worker(mixins.ConsumerMixin):
     def on_connection_revived(self):
         # unacked messages of the old channel are redelivered; their
         # records stay in the archive (duplicates are allowed, losses not)
-        if self._pending:
+        dropped = self.batch.forget()
+        if dropped:
             LOG.warning("connection lost with %d written but unacked "
                         "message(s); they will be delivered again",
-                        len(self._pending))
-            self.manager.sync()
-            self._pending = []
+                        dropped)
         LOG.info("connected to %s", self.connection.as_uri())
 
     # -- the one place that decides ------------------------------------
 
     def on_message(self, queue, message):
-        """Write one message; ack it with its batch; or requeue it."""
-        if self._disk_full:
-            message.requeue()
+        """Write one message and add it to the batch (acked with it); or,
+        while the disk is full, requeue it."""
+        if self.paused == PAUSE_DISK_FULL:
+            self.batch.requeue_one(message)
             return
         body = envelope.to_bytes(message.body, message.content_encoding)
         payload, metadata = self.unwrap(
             body, queue, message.delivery_info.get("routing_key"),
             functools.partial(_properties, message))
+        now = time.monotonic()
         try:
-            size = self.manager.write(metadata, payload)
+            closed = self.manager.write(metadata, payload)
         except OSError as exc:
-            self._pending.append(message)
+            self.batch.add(message, now)  # requeued with the unsynced rest
             self._write_failed(exc)
             return
-        now = time.monotonic()
         self._last_message = now
-        if not self._pending:
-            self._pending_since = now
-        self._pending.append(message)
-        self.stats.consumed(queue, size)
+        self.batch.add(message, now)
+        self.stats.consumed(queue)
         if "malformed" in metadata:
             self._malformed(queue, metadata["malformed"], now)
-        if (len(self._pending) >= self.fsync_every
-                or self.manager.active_archive is None):
-            self.commit()
-
-    def commit(self):
-        """fsync the archive, then ack every pending message at once."""
-        if not self._pending:
-            return
-        try:
-            self.manager.sync()
-        except OSError as exc:
-            self._write_failed(exc)
-            return
-        pending, self._pending = self._pending, []
-        if self._multiple_ack:
-            pending[-1].ack(multiple=True)
-        else:
-            for message in pending:
-                message.ack()
-        self.stats.acked(len(pending))
+        if closed is not None:
+            self._ship(closed)
+            self._commit()
+        elif len(self.batch) >= self.fsync_every:
+            self._commit()
 
     # -- periodic work ---------------------------------------------------
 
@@ -435,20 +411,34 @@ class Worker(mixins.ConsumerMixin):
         if now < self._next_tick:
             return
         self._next_tick = now + TICK
-        if self._pending and now - self._pending_since >= \
-                self.fsync_interval:
-            self.commit()
-        if self.manager.maybe_roll():
-            self.commit()
+        if self.batch and now - self.batch.since >= self.fsync_interval:
+            self._commit()
+        closed = self.manager.maybe_roll()
+        if closed is not None:
+            self._ship(closed)
+            self._commit()
         self._check_backpressure()
-        if self.idle_exit is not None and now - self._last_message >= \
-                self.idle_exit and not self._pending:
+        if self.idle_exit is not None and not self.batch and \
+                now - self._last_message >= self.idle_exit and \
+                self.stopping is None:
             LOG.info("no message for %.0f s: stopping", self.idle_exit)
-            self._stopped_idle = True
-            self.should_stop = True
+            self.stopping = STOP_IDLE
+        self._update_stats()
         if self.config.worker.stats_interval and now >= self._next_stats:
             self._next_stats = now + self.config.worker.stats_interval
             self.stats.log_line()
+
+    def _update_stats(self):
+        """Pass down what only the consumer thread knows: the data at
+        risk."""
+        files_, size, age = self.shipper.backlog
+        if self.manager.active_archive is not None and \
+                self._archive_lock.opened_at is not None:
+            files_ += 1
+            size += self.manager.active_archive.size
+            age = max(age, time.time() - self._archive_lock.opened_at)
+        self.stats.update(len(self.batch), self.manager.bytes_written,
+                          (files_, size, age))
 
     def _malformed(self, queue, reason, now):
         count = self.stats.malformed(queue)
@@ -456,88 +446,82 @@ class Worker(mixins.ConsumerMixin):
             self._malformed_logged = now
             LOG.warning(W_MALFORMED, queue, reason, count)
 
-    # -- backpressure ------------------------------------------------------
+    # -- acks, rolls, write failures -------------------------------------
+
+    def _commit(self):
+        """fsync the archive, then ack the batch (or, when the fsync fails,
+        handle it as a failed write)."""
+        try:
+            acked = self.batch.commit()
+        except batch_mod.SyncFailed as exc:
+            self._write_failed(exc.error)
+            return
+        self.stats.acked(acked)
+
+    def _ship(self, report):
+        """Hand a closed archive (its report from the roll manager, or None
+        when none closed) and its lock to the shipper."""
+        if report is None:
+            return
+        lock, since = self._archive_lock.take()
+        self.stats.rolled()
+        self.shipper.submit(report.filename, lock, since=since,
+                            report=report)
 
     def _write_failed(self, exc):
-        """The disk refused a write: requeue what is not synced, cut it off
-        the archive, and pause until there is room (or stop on other
-        errors)."""
-        pending, self._pending = self._pending, []
-        filename = self.manager.active_filename
-        LOG.error(E_DISK, filename, exc)
-        writer = self.manager.active_archive
-        synced = 0
-        try:
-            if writer is not None:
-                synced = writer.abandon()
-        finally:
-            self.manager.active_archive = None
-            self.manager.active_filename = None
-            if filename is not None and synced == 0:
-                self._drop_empty(filename)
-            elif filename is not None:
-                self.manager.archive_callback.on_close(filename)
-        if pending:
-            self._requeue(pending)
+        """The disk refused a write or a sync: cut what is not synced off
+        the archive, requeue its messages, and pause until there is room
+        (or stop on other errors)."""
+        LOG.error(E_DISK, self.manager.active_filename, exc)
+        closed = self.manager.cut_unsynced()
+        if closed is None:
+            self._archive_lock.release()  # the empty archive is gone
+        requeued = self.batch.requeue()
+        if requeued:
+            LOG.warning("requeued %d unsynced message(s)", requeued)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            self._disk_full = True
-            self._pause("disk full under %s" % self.directory)
+            self._pause(PAUSE_DISK_FULL,
+                        "disk full under %s" % self.directory)
         else:
             LOG.critical("stopping: the archive directory is not writable "
                          "(%s)", exc)
-            self.exit_code = 1
-            self.should_stop = True
+            self.stopping = STOP_FAILED
+        self._ship(closed)
 
-    def _drop_empty(self, filename):
-        handoff = self.manager.archive_callback
-        if handoff.lock is not None:
-            handoff.lock.release()
-            handoff.lock = None
-        try:
-            os.unlink(filename)
-        except OSError:
-            pass
-
-    def _requeue(self, messages):
-        if self._multiple_ack:
-            last = messages[-1]
-            last.channel.basic_nack(last.delivery_tag, multiple=True,
-                                    requeue=True)
-        else:
-            for message in messages:
-                message.requeue()
-        LOG.warning("requeued %d unsynced message(s)", len(messages))
+    # -- backpressure ------------------------------------------------------
 
     def _check_backpressure(self):
-        if self._disk_full:
+        if self.paused == PAUSE_DISK_FULL:
             free = shutil.disk_usage(self.directory).free
             if free >= RESUME_FREE_BYTES:
-                self._disk_full = False
                 self._resume("disk has %d MB free" % (free >> 20))
             return
-        files, size, _ = self.shipper.backlog
-        if not self._paused and size > self.max_backlog:
-            self._pause("%d archive(s), %.1f MB waiting to be shipped, over "
-                        "max_backlog_mb = %g" % (
-                            files, size / 1048576.0,
+        files_, size, _ = self.shipper.backlog
+        if not self.paused and size > self.max_backlog:
+            self._pause(PAUSE_BACKLOG,
+                        "%d archive(s), %.1f MB waiting to be shipped, "
+                        "over max_backlog_mb = %g" % (
+                            files_, size / 1048576.0,
                             self.max_backlog / 1048576.0))
-        elif self._paused and size <= self.max_backlog * \
+        elif self.paused and size <= self.max_backlog * \
                 BACKLOG_RESUME_RATIO:
             self._resume("backlog down to %.1f MB" % (size / 1048576.0))
 
-    def _pause(self, why):
-        if self._paused:
+    def _pause(self, cause, why):
+        """Stop taking messages; a full disk outranks the backlog."""
+        if self.paused in (cause, PAUSE_DISK_FULL):
             return
-        self._paused = why
-        self.commit()
-        self._cancel_consumers()
-        self.stats.paused = True
+        was_paused, self.paused = self.paused is not None, cause
         LOG.critical(W_PAUSED, ", ".join(q.name for q in self.queues), why)
+        if not was_paused:
+            self._commit()
+            self._cancel_consumers()
+            self.stats.paused = True
 
     def _resume(self, why):
-        if not self._paused:
+        if not self.paused:
             return
-        self._paused = None
+        self.paused = None
         self.stats.paused = False
         for consumer in self._consumers:
             consumer.consume()

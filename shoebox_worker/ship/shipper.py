@@ -107,7 +107,7 @@ class Shipper:
 
     # -- what the consumer sees ---------------------------------------
 
-    def submit(self, path, lock=None, since=None):
+    def submit(self, path, lock=None, since=None, report=None):
         """Hand over a closed archive; returns at once.
 
         Writes its state file (durably) before returning, so the archive is

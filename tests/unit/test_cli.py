@@ -156,6 +156,42 @@ def test_errors_in_process(write, capsys):
     assert err.count("\n") == 1
 
 
+@pytest.mark.parametrize("processes", [1, 2])
+def test_plugins_built_once_and_passed_down(write, monkeypatch, processes,
+                                            quiet_process):
+    from shoebox_worker import plugins
+    from shoebox_worker.consume import runner
+    from shoebox_worker.consume import supervisor
+
+    built, ran = [], []
+    build = plugins.build
+
+    def counting_build(conf):
+        built.append(build(conf))
+        return built[-1]
+
+    def fake_run_worker(conf, plugins, idle_exit=None):
+        ran.append(("runner", plugins, idle_exit))
+        return 0
+
+    def fake_supervisor_run(self):
+        ran.append(("supervisor", self.plugins, self.idle_exit))
+        return 0
+
+    monkeypatch.setattr(plugins, "build", counting_build)
+    monkeypatch.setattr(runner, "run_worker", fake_run_worker)
+    monkeypatch.setattr(supervisor.Supervisor, "run", fake_supervisor_run)
+    path = write(GOOD + "\n[worker]\nprocesses = %d\n" % processes)
+    assert cli.main(["check-config", "--config", path]) == 0
+    assert len(built) == 1
+    assert cli.main(["run", "--config", path, "--idle-exit", "3"]) == 0
+    assert len(built) == 2  # once per command
+    checker, callbacks = built[1]
+    assert [name for name, _ in callbacks] == ["gzip", "memory"]
+    kind = "runner" if processes == 1 else "supervisor"
+    assert ran == [(kind, built[1], 3.0)]
+
+
 @pytest.fixture
 def quiet_process(monkeypatch):
     """run installs signal handlers and replaces the root log handlers:

@@ -106,16 +106,17 @@ def test_time_rolls_an_idle_archive(tmp_path, clock):
     manager = roll_manager.WritingRollManager(
         "idle_%Y.events", checker, directory=str(tmp_path),
         archive_callback=memory)
-    assert manager.maybe_roll() is False  # nothing open yet
+    assert manager.maybe_roll() is None  # nothing open yet
     manager.write({"a": "b"}, "one")
     first = manager.active_filename
     clock[0] += 59
-    assert manager.maybe_roll() is False
+    assert manager.maybe_roll() is None
     clock[0] += 1
-    assert manager.maybe_roll() is True  # no write needed
+    closed = manager.maybe_roll()  # no write needed
+    assert (closed.filename, closed.records) == (first, 1)
     assert manager.active_archive is None
     assert memory.events == [("open", first), ("close", first)]
-    assert manager.maybe_roll() is False
+    assert manager.maybe_roll() is None
     manager.write({"a": "b"}, "two")  # the next write opens a new file
     assert manager.active_filename != first
     manager.close()

@@ -182,18 +182,77 @@ class TestWriting:
             roll_manager.WritingRollManager(
                 "x", roll_checker.NeverRollChecker(), version=9)
 
-    def test_close_returns_callback_result_and_sync(self, tmp_path):
+    def test_close_returns_the_report_and_runs_the_callback(self,
+                                                            tmp_path):
         manager = roll_manager.WritingRollManager(
             "c_%Y.events", roll_checker.NeverRollChecker(),
             directory=str(tmp_path / "new"),
             archive_callback=steps.ChangeExtensionCallback())
         assert manager.close() is None  # nothing open
-        assert manager.write({"a": "b"}, "c") > 0
+        assert manager.write({"a": "b"}, "c") is None
+        assert manager.write({"a": "d"}, "e") is None
         manager.sync()
         path = manager.active_filename
-        assert os.path.getsize(path) > 0
-        assert manager.close() == path + ".done"
+        size = os.path.getsize(path)
+        assert size > 0
+        assert manager.bytes_written == size
+        report = manager.close()
+        assert report == archive.ArchiveReport(
+            path, records=2, size=size, versions={record.CURRENT_VERSION},
+            first_metadata={"a": "b"}, last_metadata={"a": "d"})
+        assert os.path.exists(path + ".done")  # the callback ran
         assert manager.close() is None
+
+    def test_write_returns_the_report_of_a_roll(self, tmp_path):
+        memory = steps.MemoryCallback()
+        manager = roll_manager.WritingRollManager(
+            "r_%Y.events", roll_checker.CountRollChecker(roll_count=2),
+            directory=str(tmp_path), archive_callback=memory)
+        assert manager.write({"n": "0"}, "a") is None
+        first = manager.active_filename
+        report = manager.write({"n": "1"}, "b")
+        assert (report.filename, report.records) == (first, 2)
+        assert report.size == os.path.getsize(first)
+        assert memory.events == [("open", first), ("close", first)]
+        assert manager.maybe_roll() is None
+        manager.write({"n": "2"}, "c")
+        assert manager.close().records == 1
+
+
+class TestCutUnsynced:
+    def manager(self, tmp_path, callback=None):
+        return roll_manager.WritingRollManager(
+            "u_%Y.events", roll_checker.NeverRollChecker(),
+            directory=str(tmp_path), archive_callback=callback)
+
+    def test_cuts_back_to_the_last_sync_and_closes(self, tmp_path):
+        memory = steps.MemoryCallback()
+        manager = self.manager(tmp_path, memory)
+        write(manager, records(3))
+        manager.sync()
+        synced = os.path.getsize(manager.active_filename)
+        write(manager, records(5)[3:])
+        path = manager.active_filename
+        report = manager.cut_unsynced()
+        assert manager.active_archive is None
+        assert (report.filename, report.records, report.size) == (
+            path, 3, synced)
+        assert report.last_metadata == {"index": "2"}
+        assert memory.events == [("open", path), ("close", path)]
+        assert read_all("u_*", str(tmp_path)) == records(3)
+        assert manager.cut_unsynced() is None  # nothing open
+
+    def test_nothing_synced_removes_the_file(self, tmp_path):
+        memory = steps.MemoryCallback()
+        manager = self.manager(tmp_path, memory)
+        write(manager, records(2))
+        path = manager.active_filename
+        assert manager.cut_unsynced() is None
+        assert os.listdir(tmp_path) == []
+        assert memory.events == [("open", path)]  # no on_close: it is gone
+        write(manager, records(1))  # the next write opens a new file
+        assert manager.active_filename != path
+        assert manager.close().records == 1
 
     def test_callback_without_on_open(self, tmp_path):
         class CloseOnly:

@@ -1,8 +1,5 @@
 """Tests for shoebox_worker.consume.metrics: the Prometheus collector."""
 
-import types
-
-import kombu
 import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client import generate_latest
@@ -10,20 +7,8 @@ from prometheus_client import generate_latest
 from shoebox_worker.consume import metrics
 from shoebox_worker.consume import stats as stats_mod
 
-
-class FakeShipper:
-    chain_names = ["gzip", "swift"]
-    backlog = (2, 2048, 12.5)
-
-
-def fake_worker():
-    stats = stats_mod.Stats()
-    shipper = FakeShipper()
-    stats.backlog_source = shipper
-    return types.SimpleNamespace(
-        stats=stats, shipper=shipper, _pending=[object()] * 3,
-        queues=[kombu.Queue("notifications.info"),
-                kombu.Queue("notifications.error")])
+QUEUES = ["notifications.info", "notifications.error"]
+CALLBACKS = ["gzip", "swift"]
 
 
 def samples(registry):
@@ -38,13 +23,14 @@ def samples(registry):
 
 class TestMetrics:
     def test_collector_reads_stats(self):
-        worker = fake_worker()
+        stats = stats_mod.Stats()
         registry = CollectorRegistry()
-        registry.register(metrics.StatsCollector(worker))
-        stats = worker.stats
+        registry.register(metrics.StatsCollector(stats, QUEUES, CALLBACKS))
         for _ in range(5):
-            stats.consumed("notifications.info", 100)
-        stats.consumed("notifications.error", 10)
+            stats.consumed("notifications.info")
+        stats.consumed("notifications.error")
+        stats.update(unacked=3, bytes_written=510,
+                     backlog=(2, 2048, 12.5))
         stats.malformed("notifications.error")
         stats.acked(3)
         stats.rolled()
@@ -81,12 +67,13 @@ class TestMetrics:
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         sock.listen()
-        worker = fake_worker()
+        stats = stats_mod.Stats()
         try:
             with pytest.raises(metrics.MetricsError,
                                match=r"\[metrics\] cannot listen on "
                                      r"127\.0\.0\.1:\d+"):
-                metrics.serve(worker, "127.0.0.1", sock.getsockname()[1])
+                metrics.serve(stats, QUEUES, CALLBACKS, "127.0.0.1",
+                              sock.getsockname()[1])
         finally:
             sock.close()
-        assert worker.stats.listeners == []
+        assert stats.listeners == []

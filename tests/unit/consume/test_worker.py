@@ -16,6 +16,8 @@ import pytest
 
 from shoebox_worker import archive
 from shoebox_worker import config as config_mod
+from shoebox_worker import files
+from shoebox_worker import plugins
 from shoebox_worker import roll_checker
 from shoebox_worker import roll_manager
 from shoebox_worker.consume import worker as worker_mod
@@ -182,7 +184,7 @@ class Running:
         assert self.error is None, self.error
 
     def stop(self, timeout=WAIT):
-        self.worker.should_stop = True
+        self.worker.stop()
         self.thread.join(timeout)
         assert not self.thread.is_alive(), "worker did not stop"
         self.worker.shutdown(ship_timeout=5)
@@ -192,7 +194,9 @@ class Running:
 
 def make_worker(conf, broker=None, **kwargs):
     conn = broker.connection() if broker is not None else None
-    return worker_mod.Worker(conf, connection=conn, **kwargs)
+    checker, chain = plugins.build(conf)
+    return worker_mod.Worker(conf, roll_checker=checker, callbacks=chain,
+                             connection=conn, **kwargs)
 
 
 def archives(worker_or_dir, pattern=None):
@@ -276,7 +280,7 @@ class TestConsume:
         for _ in worker.consume(safety_interval=SAFETY):
             seen += 1
             if seen == 12:
-                worker.should_stop = True
+                worker.stop()
         worker.shutdown()
         assert worker.stats.acked_total == 12
         assert len(archives(worker)) == 12
@@ -500,14 +504,15 @@ class TestDiskFull:
         free[0] = 0
         full.set()
         broker.publish(bodies[8:])
-        wait_for(lambda: worker._paused is not None, what="a pause")
+        wait_for(lambda: worker.paused is not None, what="a pause")
         assert worker.stats.acked_total == 8
         consumed = worker.stats.consumed_total
         time.sleep(0.2)
         # nothing taken meanwhile
         assert worker.stats.consumed_total == consumed
         assert worker.stats.acked_total == 8
-        assert worker._paused and worker.stats.paused
+        assert worker.paused == worker_mod.PAUSE_DISK_FULL
+        assert worker.stats.paused
         # the unsynced records were cut off the archive
         assert len(archives(worker)) == 8
         # the disk clears
@@ -577,7 +582,7 @@ class TestBacklog:
         memory = memory_of(worker)
         running = Running(worker)
         # checked on the worker's tick: two archives wait, over the limit
-        wait_for(lambda: worker._paused is not None, what="a pause")
+        wait_for(lambda: worker.paused is not None, what="a pause")
         assert worker.stats.paused
         assert worker.shipper.backlog[0] >= 1
         consumed = worker.stats.consumed_total
@@ -591,6 +596,54 @@ class TestBacklog:
         assert not worker.stats.paused
         assert sorted(p for _, p in archives(worker)) == \
             sorted(inner_of(b) for b in bodies)
+
+
+class TestHandoff:
+    def test_report_and_lock_go_to_the_shipper(self, tmp_path, broker,
+                                               monkeypatch):
+        conf = write_config(tmp_path, broker, {},
+                            "[roll_checker:count]\nroll_count = 4\n")
+        broker.publish([v2_body(n) for n in range(8)])
+        worker = make_worker(conf, broker)
+        submitted = []
+        submit = worker.shipper.submit
+
+        def spy(path, lock=None, since=None, report=None):
+            # still locked here: no other worker can take it over
+            assert files.FileLock.try_acquire(path, create=False) is None
+            submitted.append((path, lock, since, report))
+            return submit(path, lock, since=since, report=report)
+
+        monkeypatch.setattr(worker.shipper, "submit", spy)
+        running = Running(worker)
+        running.wait_acked(8)
+        running.stop()
+        assert len(submitted) == 2
+        for path, lock, since, report in submitted:
+            assert lock is not None and lock.fd is None  # released after
+            assert since is not None
+            assert report.filename == path and report.records == 4
+            assert report.size == os.path.getsize(path)
+            assert report.first_metadata["message_id"] in ("m-0", "m-4")
+        assert worker.stats.rolls == 2
+        assert worker.stats.bytes_written == sum(
+            r.size for _, _, _, r in submitted)
+
+    def test_data_at_risk_passed_down_to_stats(self, tmp_path, broker):
+        conf = write_config(tmp_path, broker, {"fsync_every": "50",
+                                               "fsync_interval": "60"})
+        broker.publish([v2_body(n) for n in range(3)])
+        worker = make_worker(conf, broker)
+        running = Running(worker)
+        running.wait_consumed(3)
+        wait_for(lambda: worker.stats.unacked == 3, what="unacked counted")
+        files_, size, age = worker.stats.backlog
+        assert files_ == 1  # the active archive
+        assert size == worker.manager.active_archive.size > 0
+        assert age >= 0
+        running.stop()
+        assert worker.stats.unacked == 0
+        assert worker.stats.acked_total == 3
 
 
 class TestNames:
@@ -762,8 +815,8 @@ class TestRedis:
         running = Running(worker)
         running.wait_consumed(5)
         # dies before the batch is synced and acked: the broker keeps them
-        monkeypatch.setattr(worker, "commit", lambda: None)
-        worker.should_stop = True
+        monkeypatch.setattr(worker.batch, "commit", lambda: 0)
+        worker.stop()
         running.thread.join(WAIT)
         worker.shipper.stop(1)
         assert worker.stats.acked_total == 0

@@ -1,0 +1,122 @@
+"""The batch of messages written but not acked yet: the one home for acks.
+
+The worker decides what happens to a message (:meth:`Worker.on_message
+<shoebox_worker.consume.worker.Worker.on_message>`); a :class:`Batch`
+carries it out, and is the only code that acks, requeues or nacks:
+
+- :meth:`Batch.add` a message once its record is written;
+- :meth:`Batch.commit` fsyncs the archive (the ``sync`` passed in), then
+  acks every message of the batch: one ``basic.ack(multiple=True)`` on
+  AMQP, one ack per message on kombu's virtual transports (memory, redis),
+  which ack one delivery tag at a time;
+- :meth:`Batch.requeue` gives the batch back to the broker when its records
+  could not be synced (one ``basic.nack(multiple=True, requeue=True)`` on
+  AMQP), and :meth:`requeue_one` a message that was not written at all;
+- :meth:`Batch.forget` drops the batch when the connection was lost: the
+  broker delivers those messages again by itself (their records stay in the
+  archive: duplicates are possible, losses are not).
+
+If ``sync`` fails, nothing is acked, the batch is kept for the caller to
+requeue, and :class:`SyncFailed` carries the error: an error of the ack
+itself (the connection is gone: an ``OSError`` too) is not one, and
+propagates for kombu to reconnect.
+"""
+
+import logging
+
+__all__ = ["Batch", "SyncFailed"]
+
+LOG = logging.getLogger(__name__)
+
+
+class SyncFailed(Exception):
+    """The archive could not be synced; nothing was acked.
+
+    :ivar error: the ``OSError`` of the sync.
+    """
+
+    def __init__(self, error):
+        super().__init__(str(error))
+        self.error = error
+
+
+class Batch:
+    """Written, unacked messages, and how to ack or requeue them.
+
+    :param sync: called with no argument before acking; must make every
+        record written so far durable (flush and fsync), or raise.
+    """
+
+    def __init__(self, sync):
+        self._sync = sync
+        self._messages = []
+        #: When the oldest message of the batch was added.
+        self.since = 0.0
+        #: Ack and requeue a batch with one frame (py-amqp), or message by
+        #: message (kombu's virtual transports). Set per connection.
+        self.multiple = False
+
+    def __len__(self):
+        return len(self._messages)
+
+    def add(self, message, now):
+        """Take a message whose record is written (not yet synced).
+
+        :param now: the monotonic time (kept in :attr:`since` when the
+            batch was empty).
+        """
+        if not self._messages:
+            self.since = now
+        self._messages.append(message)
+
+    def commit(self):
+        """Sync, then ack the whole batch.
+
+        :returns: how many messages were acked.
+        :raises SyncFailed: ``sync`` raised an ``OSError``; nothing was
+            acked, the batch is kept.
+        """
+        if not self._messages:
+            return 0
+        try:
+            self._sync()
+        except OSError as exc:
+            raise SyncFailed(exc) from exc
+        messages, self._messages = self._messages, []
+        if self.multiple:
+            messages[-1].ack(multiple=True)
+        else:
+            for message in messages:
+                message.ack()
+        return len(messages)
+
+    def requeue(self):
+        """Give every message of the batch back to the broker.
+
+        :returns: how many messages were requeued.
+        """
+        messages, self._messages = self._messages, []
+        if not messages:
+            return 0
+        if self.multiple:
+            last = messages[-1]
+            last.channel.basic_nack(last.delivery_tag, multiple=True,
+                                    requeue=True)
+        else:
+            for message in messages:
+                message.requeue()
+        return len(messages)
+
+    @staticmethod
+    def requeue_one(message):
+        """Give back a message that was not written (and not added)."""
+        message.requeue()
+
+    def forget(self):
+        """Drop the batch without a word to the broker: its channel is gone
+        and the broker delivers those messages again.
+
+        :returns: how many messages were dropped.
+        """
+        count, self._messages = len(self._messages), []
+        return count

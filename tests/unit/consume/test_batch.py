@@ -1,0 +1,164 @@
+"""Tests for shoebox_worker.consume.batch: the one home for acks."""
+
+import json
+import uuid
+
+import kombu
+import pytest
+
+from shoebox_worker.consume import batch as batch_mod
+
+
+class FakeChannel:
+    def __init__(self, log):
+        self.log = log
+
+    def basic_nack(self, delivery_tag, multiple=False, requeue=True):
+        self.log.append(("nack", delivery_tag, multiple, requeue))
+
+
+class FakeMessage:
+    """Records what is done to it, in one log shared by the test."""
+
+    def __init__(self, tag, log):
+        self.delivery_tag = tag
+        self.log = log
+        self.channel = FakeChannel(log)
+
+    def ack(self, multiple=False):
+        self.log.append(("ack", self.delivery_tag, multiple))
+
+    def requeue(self):
+        self.log.append(("requeue", self.delivery_tag))
+
+
+@pytest.fixture
+def log():
+    return []
+
+
+def make(log, multiple, fail=False):
+    def sync():
+        log.append(("sync",))
+        if fail:
+            raise OSError(28, "No space left on device")
+
+    batch = batch_mod.Batch(sync)
+    batch.multiple = multiple
+    return batch
+
+
+def fill(batch, log, count, now=5.0):
+    for tag in range(1, count + 1):
+        batch.add(FakeMessage(tag, log), now + tag)
+
+
+class TestCommit:
+    def test_amqp_one_multiple_ack_after_the_sync(self, log):
+        batch = make(log, multiple=True)
+        fill(batch, log, 3)
+        assert len(batch) == 3 and batch.since == 6.0
+        assert batch.commit() == 3
+        assert log == [("sync",), ("ack", 3, True)]
+        assert len(batch) == 0 and not batch
+
+    def test_virtual_transports_ack_each_after_the_sync(self, log):
+        batch = make(log, multiple=False)
+        fill(batch, log, 3)
+        assert batch.commit() == 3
+        assert log == [("sync",), ("ack", 1, False), ("ack", 2, False),
+                       ("ack", 3, False)]
+
+    def test_empty_batch_neither_syncs_nor_acks(self, log):
+        batch = make(log, multiple=True)
+        assert batch.commit() == 0
+        assert log == []
+
+    def test_failed_sync_acks_nothing_and_keeps_the_batch(self, log):
+        batch = make(log, multiple=True, fail=True)
+        fill(batch, log, 2)
+        with pytest.raises(batch_mod.SyncFailed) as caught:
+            batch.commit()
+        assert caught.value.error.errno == 28
+        assert log == [("sync",)]
+        assert len(batch) == 2
+
+    def test_a_failed_ack_is_not_a_failed_sync(self, log):
+        # the connection is gone: kombu must see it, not the disk-full path
+        class Gone(FakeMessage):
+            def ack(self, multiple=False):
+                raise ConnectionResetError(104, "Connection reset by peer")
+
+        batch = make(log, multiple=True)
+        batch.add(Gone(1, log), 0.0)
+        with pytest.raises(ConnectionResetError):
+            batch.commit()
+
+    def test_since_is_the_oldest_message(self, log):
+        batch = make(log, multiple=True)
+        batch.add(FakeMessage(1, log), 10.0)
+        batch.add(FakeMessage(2, log), 11.0)
+        assert batch.since == 10.0
+        batch.commit()
+        batch.add(FakeMessage(3, log), 20.0)
+        assert batch.since == 20.0
+
+
+class TestRequeue:
+    def test_amqp_one_multiple_nack(self, log):
+        batch = make(log, multiple=True)
+        fill(batch, log, 4)
+        assert batch.requeue() == 4
+        assert log == [("nack", 4, True, True)]
+        assert len(batch) == 0
+
+    def test_virtual_transports_requeue_each(self, log):
+        batch = make(log, multiple=False)
+        fill(batch, log, 2)
+        assert batch.requeue() == 2
+        assert log == [("requeue", 1), ("requeue", 2)]
+
+    def test_empty(self, log):
+        assert make(log, multiple=True).requeue() == 0
+        assert log == []
+
+    def test_requeue_one(self, log):
+        batch_mod.Batch.requeue_one(FakeMessage(7, log))
+        assert log == [("requeue", 7)]
+
+
+def test_forget_tells_the_broker_nothing(log):
+    batch = make(log, multiple=True)
+    fill(batch, log, 3)
+    assert batch.forget() == 3
+    assert log == [] and len(batch) == 0
+    assert batch.commit() == 0
+
+
+def test_over_memory_transport_acked_messages_leave_the_queue():
+    uid = uuid.uuid4().hex[:10]
+    exchange = kombu.Exchange("ex-" + uid, type="topic", durable=False)
+    queue = kombu.Queue("q-" + uid, exchange, routing_key="q-" + uid,
+                        durable=False)
+    synced = []
+    with kombu.Connection("memory://") as conn:
+        channel = conn.channel()
+        bound = queue(channel)
+        bound.declare()
+        with conn.Producer(channel) as producer:
+            for n in range(5):
+                producer.publish({"n": n}, exchange=exchange,
+                                 routing_key=queue.routing_key)
+        batch = batch_mod.Batch(lambda: synced.append(len(batch)))
+        for _ in range(3):
+            batch.add(bound.get(no_ack=False), 0.0)
+        assert batch.commit() == 3 and synced == [3]
+        requeued = bound.get(no_ack=False)
+        batch.add(requeued, 0.0)
+        assert batch.requeue() == 1
+        left = []
+        while (message := bound.get(no_ack=False)) is not None:
+            left.append(json.loads(message.body)["n"])
+            message.ack()
+        assert sorted(left) == [3, 4]
+        bound.delete()

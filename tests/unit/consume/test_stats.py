@@ -1,0 +1,69 @@
+"""Tests for shoebox_worker.consume.stats: counters and the stats line."""
+
+import logging
+
+from shoebox_worker.consume import stats as stats_mod
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_counts_and_values_passed_down():
+    stats = stats_mod.Stats()
+    assert (stats.unacked, stats.backlog, stats.bytes_written) == (
+        0, (0, 0, 0.0), 0)
+    stats.consumed("a")
+    stats.consumed("a")
+    stats.consumed("b")
+    assert stats.malformed("b") == 1
+    assert stats.malformed("a") == 2
+    stats.acked(2)
+    stats.rolled()
+    stats.update(unacked=1, bytes_written=4096, backlog=(2, 8192, 3.5))
+    assert stats.consumed_total == 3
+    assert dict(stats.consumed_by_queue) == {"a": 2, "b": 1}
+    assert stats.acked_total == 2 and stats.rolls == 1
+    assert stats.unacked == 1 and stats.bytes_written == 4096
+    assert stats.backlog == (2, 8192, 3.5)
+
+
+def test_callback_events_reach_listeners():
+    stats = stats_mod.Stats()
+    heard = []
+    stats.listeners.append(lambda *event: heard.append(event))
+    stats.callback_done("gzip", 0.25)
+    stats.callback_failed("swift")
+    assert stats.callback_successes == {"gzip": 1}
+    assert stats.callback_failures == {"swift": 1}
+    assert heard == [("callback_done", "gzip", 0.25),
+                     ("callback_failed", "swift", None)]
+
+
+def test_log_line_format_and_rates(caplog):
+    clock = Clock()
+    stats = stats_mod.Stats(clock=clock)
+    for _ in range(300):
+        stats.consumed("q")
+    stats.malformed("q")
+    stats.acked(250)
+    stats.rolled()
+    stats.update(unacked=50, bytes_written=3 * 1048576,
+                 backlog=(2, 5 * 1048576, 42.0))
+    clock.now += 2.0
+    with caplog.at_level(logging.INFO, logger=stats_mod.__name__):
+        stats.log_line()
+        stats.paused = True
+        clock.now += 1.0
+        stats.log_line()
+    first, second = (r.getMessage() for r in caplog.records)
+    assert first == ("150 msg/s, 1.50 MB/s; consumed 300, acked 250, "
+                     "malformed 1, rolls 1; unshipped 2 file(s), 5.0 MB, "
+                     "oldest 42 s")
+    # rates are since the last line
+    assert second.startswith("0 msg/s, 0.00 MB/s; consumed 300")
+    assert second.endswith("oldest 42 s; PAUSED")
