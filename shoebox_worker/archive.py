@@ -215,8 +215,11 @@ class ArchiveReader(Archive):
         self.good_offset = 0
         self._handle = compression.open_read(self.filename)
         self._walk = None  # made on the first read: salvage may change
+        self._damage = None  # the error that stopped a strict walk
 
     def _walker(self):
+        if self._damage is not None:  # stopped there: say so again
+            raise self._damage
         if self._walk is None:
             self._walk = record.walk(
                 self._handle, salvage=self.salvage, on_skip=self._skipped,
@@ -234,7 +237,7 @@ class ArchiveReader(Archive):
                 self.good_offset = found.offset + found.size
                 yield found
         except exceptions.RecordError as exc:
-            exc.filename = self.filename
+            self._failed(exc)
             raise
 
     def __iter__(self):
@@ -243,7 +246,7 @@ class ArchiveReader(Archive):
                 self.good_offset = found.offset + found.size
                 yield found.metadata, found.payload
         except exceptions.RecordError as exc:
-            exc.filename = self.filename
+            self._failed(exc)
             raise
 
     @property
@@ -256,9 +259,9 @@ class ArchiveReader(Archive):
     def read(self):
         """The next ``(metadata, payload)``; payload is bytes.
 
-        :raises EndOfFile: after the last record (and after damage that
-            was raised in strict mode: the walk stops there).
-        :raises RecordError: damage, in strict mode.
+        :raises EndOfFile: after the last record.
+        :raises RecordError: damage, in strict mode (again on every later
+            read: the walk stops there).
         """
         try:
             found = next(self._walker())
@@ -266,10 +269,14 @@ class ArchiveReader(Archive):
             raise exceptions.EndOfFile("end of archive", self.offset,
                                        self.filename) from None
         except exceptions.RecordError as exc:
-            exc.filename = self.filename
+            self._failed(exc)
             raise
         self.good_offset = found.offset + found.size
         return found.metadata, found.payload
+
+    def _failed(self, exc):
+        exc.filename = self.filename
+        self._damage = exc
 
     def _skipped(self, start, end, reason):
         skipped = Skipped(self.filename, start, end, reason)

@@ -167,6 +167,20 @@ class TestReader:
         archive.inspect_file(path, on_record=seen.append)
         assert [r.metadata for r in seen] == [{"v": "1"}, {"v": "2"}]
 
+    def test_strict_damage_is_raised_again(self, tmp_path):
+        path = tmp_path / "a.events"
+        one = record.pack({"n": "1"}, b"a")
+        path.write_bytes(one + b"junk" + record.pack({"n": "2"}, b"b"))
+        with archive.ArchiveReader(path) as reader:
+            assert reader.read() == ({"n": "1"}, b"a")
+            for _ in range(2):
+                with pytest.raises(exceptions.OutOfSync) as info:
+                    reader.read()
+                assert info.value.offset == reader.offset == len(one)
+                assert info.value.filename == str(path)
+            with pytest.raises(exceptions.OutOfSync):
+                list(reader)
+
     def test_records_span_read_chunks(self, tmp_path, monkeypatch):
         monkeypatch.setattr(archive, "READ_CHUNK", 7)
         path = tmp_path / "a.events"
