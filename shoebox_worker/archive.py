@@ -193,9 +193,8 @@ class ArchiveReader(Archive):
 
     Iterating yields ``(metadata, payload)`` pairs; :meth:`read` returns the
     next one and raises :class:`EndOfFile` after the last; :meth:`records`
-    yields each :class:`~shoebox_worker.record.Record` with its offset,
-    version and size. All three share one :func:`record.walk` over the
-    file, so they can be mixed.
+    yields each with its offset, version and size. All three share one
+    :func:`record.walk` over the file, so they can be mixed.
 
     :param filename: the archive (``.gz``/``.zst`` read transparently).
     :param salvage: False (default): raise a :class:`RecordError` carrying
@@ -228,13 +227,14 @@ class ArchiveReader(Archive):
         return self._walk
 
     def records(self):
-        """Yield each remaining record as a :class:`record.Record`.
+        """Yield each remaining record as ``(offset, version, size,
+        metadata, payload)`` (see :func:`record.walk`).
 
         :raises RecordError: damage, in strict mode.
         """
         try:
             for found in self._walker():
-                self.good_offset = found.offset + found.size
+                self.good_offset = found[0] + found[2]
                 yield found
         except exceptions.RecordError as exc:
             self._failed(exc)
@@ -242,9 +242,9 @@ class ArchiveReader(Archive):
 
     def __iter__(self):
         try:
-            for found in self._walker():
-                self.good_offset = found.offset + found.size
-                yield found.metadata, found.payload
+            for offset, _, size, metadata, payload in self._walker():
+                self.good_offset = offset + size
+                yield metadata, payload
         except exceptions.RecordError as exc:
             self._failed(exc)
             raise
@@ -264,15 +264,15 @@ class ArchiveReader(Archive):
             read: the walk stops there).
         """
         try:
-            found = next(self._walker())
+            offset, _, size, metadata, payload = next(self._walker())
         except StopIteration:
             raise exceptions.EndOfFile("end of archive", self.offset,
                                        self.filename) from None
         except exceptions.RecordError as exc:
             self._failed(exc)
             raise
-        self.good_offset = found.offset + found.size
-        return found.metadata, found.payload
+        self.good_offset = offset + size
+        return metadata, payload
 
     def _failed(self, exc):
         exc.filename = self.filename
@@ -324,8 +324,8 @@ class ArchiveReport:
 def inspect_file(filename, on_record=None):
     """Check every record of an archive in salvage mode.
 
-    :param on_record: called with each valid
-        :class:`~shoebox_worker.record.Record`, in order (verify's salvage
+    :param on_record: called with each valid record, in order, as
+        ``(offset, version, size, metadata, payload)`` (verify's salvage
         keeps them).
     :returns: an :class:`ArchiveReport`, ``versions`` from each record's
         own header.
@@ -334,11 +334,12 @@ def inspect_file(filename, on_record=None):
     versions = report.versions
     with ArchiveReader(filename, salvage=True) as reader:
         for found in reader.records():
+            metadata = found[3]
             report.records += 1
-            versions.add(found.version)
+            versions.add(found[1])
             if report.first_metadata is None:
-                report.first_metadata = found.metadata
-            report.last_metadata = found.metadata
+                report.first_metadata = metadata
+            report.last_metadata = metadata
             if on_record is not None:
                 on_record(found)
         report.skipped = list(reader.skipped)

@@ -50,7 +50,6 @@ through it, so this module is the only one that knows the layout.
 import itertools
 import operator
 import struct
-import typing
 import zlib
 
 from shoebox_worker import exceptions
@@ -61,7 +60,6 @@ __all__ = [
     "CURRENT_VERSION",
     "HEADER_SIZE",
     "READ_CHUNK",
-    "Record",
     "pack",
     "record_size",
     "unpack_from",
@@ -95,24 +93,6 @@ _MAX_LEN = 0x7FFFFFFF - 64
 READ_CHUNK = 1 << 20
 # The most one read asks for, however long a record claims to be.
 _MAX_READ = 1 << 24
-
-
-class Record(typing.NamedTuple):
-    """One record as :func:`walk` found it.
-
-    :ivar offset: where it starts in the (uncompressed) stream.
-    :ivar version: its format version, from its own header.
-    :ivar size: its length in bytes; the next record starts at
-        ``offset + size``.
-    :ivar metadata: the ``str:str`` dict.
-    :ivar payload: the payload bytes.
-    """
-
-    offset: int
-    version: int
-    size: int
-    metadata: dict
-    payload: bytes
 
 
 def _encode(text):
@@ -288,12 +268,12 @@ def unpack_from(buf, pos=0, end=None):
     """
     _, metadata, payload, size = _unpack(
         buf, pos, len(buf) if end is None else end)
-    return metadata, payload, size
+    return metadata, bytes(payload), size
 
 
 def _unpack(buf, pos, end):
     """:func:`unpack_from` with the version: ``(version, metadata, payload,
-    size)``."""
+    size)``; the payload is a slice of ``buf`` (bytes when ``buf`` is)."""
     if end - pos < HEADER_SIZE:
         raise exceptions.TornRecord("archive ends inside a record header",
                                     pos)
@@ -313,7 +293,7 @@ def _unpack(buf, pos, end):
     if length != raw_len - 4:
         raise exceptions.CorruptRecord("payload length does not match block",
                                        pos)
-    return version, metadata, bytes(buf[raw_start + 4:raw_end]), size
+    return version, metadata, buf[raw_start + 4:raw_end], size
 
 
 def is_record_start(buf, pos, end=None):
@@ -337,7 +317,13 @@ def find_marker(buf, start, end=None):
 
 def walk(stream, *, salvage=False, on_skip=None, stream_errors=(),
          chunk_size=READ_CHUNK):
-    """Yield every record of a binary stream, in order, as :class:`Record`.
+    """Yield every record of a binary stream, in order.
+
+    Each is a tuple ``(offset, version, size, metadata, payload)``: where
+    the record starts in the (uncompressed) stream, its format version from
+    its own header, its length in bytes (the next record starts at
+    ``offset + size``), its ``str:str`` metadata and its payload bytes.
+    (A plain tuple: reading is this format's hot loop.)
 
     The stream is read in chunks (``read1`` when it has one, so a damaged
     compressed stream gives up every byte decoded before the damage). A
@@ -381,8 +367,7 @@ class _Walk:
         self.stream_error = None  # a damaged stream, not yet reported
 
     def records(self):
-        new, unpack, record_error = tuple.__new__, _unpack, \
-            exceptions.RecordError
+        unpack, record_error = _unpack, exceptions.RecordError
         while True:
             buf, pos, base = self.buf, self.pos, self.base
             end = len(buf)
@@ -391,8 +376,7 @@ class _Walk:
                     version, metadata, payload, size = unpack(buf, pos, end)
                 except record_error:
                     break
-                yield new(Record, (base + pos, version, size, metadata,
-                                   payload))
+                yield base + pos, version, size, metadata, payload
                 pos += size
             self.pos = pos
             found = self._next()  # refill, end or damage
@@ -413,7 +397,7 @@ class _Walk:
                 self._skip(exc)
                 continue
             if found is not None:
-                self.pos += found.size
+                self.pos += found[2]
             return found
 
     def _fill(self, need):
@@ -458,8 +442,7 @@ class _Walk:
         except exceptions.TornRecord:
             self._raise_stream_error()
             raise
-        return Record(self.base + self.pos, version, size, metadata,
-                      payload)
+        return self.base + self.pos, version, size, metadata, payload
 
     def _raise_stream_error(self):
         """A damaged stream ends the readable bytes: say so (once) instead

@@ -111,13 +111,17 @@ def open_reader(path, salvage=False):
     one-line :class:`ToolError` when it cannot be opened."""
     try:
         return archive.ArchiveReader(path, salvage=salvage)
-    except IsADirectoryError:
-        raise ToolError("%s: is a directory" % path) from None
-    except ValueError as err:  # zstd without zstandard
-        raise ToolError("%s: %s" % (path, err)) from None
-    except OSError as err:
-        raise ToolError("%s: cannot read: %s" % (
-            path, err.strerror or err)) from None
+    except (OSError, ValueError) as err:
+        raise _unreadable(path, err) from None
+
+
+def _unreadable(path, err):
+    """The one line for an archive that cannot be opened or read."""
+    if isinstance(err, IsADirectoryError):
+        return ToolError("%s: is a directory" % path)
+    if isinstance(err, OSError):
+        return ToolError("%s: cannot read: %s" % (path, err.strerror or err))
+    return ToolError("%s: %s" % (path, err))  # zstd without zstandard
 
 
 def damaged(err, hint):
@@ -329,21 +333,17 @@ def verify_file(path, salvage=False):
         salvaged copy, or None when none was written.
     :raises ToolError: the file cannot be read.
     """
-    kept = [] if salvage else None
-    keep = None
-    if salvage:
-        def keep(found):
-            kept.append(record.pack(found.metadata, found.payload,
-                                    found.version))
+    kept = []
+
+    def keep(found):
+        _, version, _, metadata, payload = found
+        kept.append(record.pack(metadata, payload, version))
+
     try:
-        report = archive.inspect_file(path, on_record=keep)
-    except IsADirectoryError:
-        raise ToolError("%s: is a directory" % path) from None
-    except ValueError as err:  # zstd without zstandard
-        raise ToolError("%s: %s" % (path, err)) from None
-    except OSError as err:
-        raise ToolError("%s: cannot read: %s" % (
-            path, err.strerror or err)) from None
+        report = archive.inspect_file(path,
+                                      on_record=keep if salvage else None)
+    except (OSError, ValueError) as err:
+        raise _unreadable(path, err) from None
     salvaged_to = None
     if salvage and not report.ok:
         salvaged_to = _write_salvaged(path, kept)

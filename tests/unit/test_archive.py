@@ -157,15 +157,14 @@ class TestReader:
         one = record.pack({"v": "1"}, b"a", 1)
         path.write_bytes(one + record.pack({"v": "2"}, b"b", 2))
         with archive.ArchiveReader(path) as reader:
-            got = [(r.offset, r.version, r.payload)
-                   for r in reader.records()]
+            got = [(r[0], r[1], r[4]) for r in reader.records()]
             assert reader.good_offset == reader.offset == path.stat().st_size
         assert got == [(0, 1, b"a"), (len(one), 2, b"b")]
         report = archive.inspect_file(path)
         assert report.versions == {1, 2} and report.records == 2
         seen = []
         archive.inspect_file(path, on_record=seen.append)
-        assert [r.metadata for r in seen] == [{"v": "1"}, {"v": "2"}]
+        assert [r[3] for r in seen] == [{"v": "1"}, {"v": "2"}]
 
     def test_strict_damage_is_raised_again(self, tmp_path):
         path = tmp_path / "a.events"

@@ -287,25 +287,24 @@ class TestWalk:
         one = record.pack({"n": "1"}, b"one", 1)
         two = record.pack({"n": "2"}, b"two", 2)
         got = list(record.walk(io.BytesIO(one + two)))
-        assert got == [
-            record.Record(0, 1, len(one), {"n": "1"}, b"one"),
-            record.Record(len(one), 2, len(two), {"n": "2"}, b"two")]
-        assert got[1].version == 2 and got[1].offset == len(one)
+        assert got == [(0, 1, len(one), {"n": "1"}, b"one"),
+                       (len(one), 2, len(two), {"n": "2"}, b"two")]
+        assert all(type(r[4]) is bytes for r in got)
 
     @pytest.mark.parametrize("step", [1, 7, 1000])
     def test_chunk_boundaries(self, step):
         data = b"".join(record.pack({"i": str(i)}, b"x" * i, 1 + i % 2)
                         for i in range(30))
         got = list(record.walk(_Trickle(data, step), chunk_size=step))
-        assert [r.metadata["i"] for r in got] == [str(i) for i in range(30)]
-        assert [r.version for r in got] == [1 + i % 2 for i in range(30)]
-        assert got[-1].offset + got[-1].size == len(data)
+        assert [r[3]["i"] for r in got] == [str(i) for i in range(30)]
+        assert [r[1] for r in got] == [1 + i % 2 for i in range(30)]
+        assert got[-1][0] + got[-1][2] == len(data)
 
     def test_strict_raises_with_the_offset(self):
         one = record.pack({"n": "1"}, b"one")
         data = one + b"junk" + record.pack({"n": "2"}, b"two")
         walker = record.walk(io.BytesIO(data))
-        assert next(walker).payload == b"one"
+        assert next(walker)[4] == b"one"
         with pytest.raises(exceptions.OutOfSync) as info:
             next(walker)
         assert info.value.offset == len(one)
@@ -326,7 +325,7 @@ class TestWalk:
         got = list(record.walk(_Trickle(data, 3), salvage=True,
                                on_skip=lambda *s: skips.append(s),
                                chunk_size=3))
-        assert [(r.offset, r.version, r.payload) for r in got] == [
+        assert [(r[0], r[1], r[4]) for r in got] == [
             (0, 2, b"one"), (len(one) + 4, 1, b"two")]
         end = len(one) + 4 + len(two)
         assert skips == [
@@ -347,7 +346,7 @@ class TestWalk:
         data = one + record.pack({"n": "2"}, b"two")[:10]
         walker = record.walk(_Trickle(data, 4, EOFError("cut")),
                              stream_errors=(EOFError,))
-        assert next(walker).payload == b"one"
+        assert next(walker)[4] == b"one"
         with pytest.raises(exceptions.CorruptRecord) as info:
             next(walker)
         assert info.value.offset == len(one)
@@ -357,6 +356,6 @@ class TestWalk:
         got = list(record.walk(_Trickle(one, 4, EOFError("cut")),
                                salvage=True, stream_errors=(EOFError,),
                                on_skip=lambda *s: skips.append(s)))
-        assert [r.payload for r in got] == [b"one"]
+        assert [r[4] for r in got] == [b"one"]
         assert skips == [(len(one), len(one),
                           "compressed stream is damaged: cut")]
