@@ -42,9 +42,11 @@ The raw block (both versions)::
 ``docs/format.md`` draws both with worked examples. :func:`pack` turns a
 record into bytes and :func:`unpack_from` parses one out of a buffer, never
 trusting a length past the bytes it was given; both are pure.
-:func:`walk` is the one reader of record streams: everything that reads
-archive bytes (the archive reader, verify, crash recovery, shipping) goes
-through it, so this module is the only one that knows the layout.
+:func:`walk` is the one reader of record streams: it yields each record
+with its offset, version and size, strictly or salvaging past damage.
+:class:`~shoebox_worker.archive.ArchiveReader` is built on it, and
+``inspect_file``, ``cat`` and ``verify`` on that reader, so that the
+layout is known here and nowhere else.
 """
 
 import itertools
