@@ -1,6 +1,6 @@
 """What the record format costs, against plain file I/O of the same bytes.
 
-Builds realistic notifications (the project's generator, seed 1: nova
+Builds realistic notifications (the project's simulator, seed 1: nova
 notifications of about 2.8 KB as JSON) with the eight metadata keys the
 worker writes, then in the same run and on the same disk measures:
 
@@ -35,10 +35,10 @@ GOALS = {("write", 2): 0.7, ("read", 2): 0.5}
 def build(count):
     """``count`` (metadata, payload bytes) pairs like the worker writes."""
     try:
-        from shoebox_worker.tools import generator
-        source = generator.notifications(
+        from shoebox_worker.tools import simulator
+        source = simulator.notifications(
             count, seed=1, start=datetime.datetime(2024, 1, 1))
-    except ImportError:  # pragma: no cover - generator not there
+    except ImportError:  # pragma: no cover - simulator not there
         source = _inline(count)
     out = []
     for notification in source:

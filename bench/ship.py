@@ -1,7 +1,7 @@
 """Upload speed: the ``swift`` callback against python-swiftclient's CLI.
 
 Writes archives of 10 MB and 200 MB (synthetic nova notifications from
-shoebox_worker.tools.generator, or inline JSON when it is missing), then
+shoebox_worker.tools.simulator, or inline JSON when it is missing), then
 uploads
 each one, in the same run, (a) with ``swift upload`` (the venv's CLI, whole
 process timed) and (b) with ``SwiftUploadCallback.on_close`` (a fresh
@@ -34,11 +34,11 @@ SEGMENT_SIZE = 1 << 30  # the callback's default
 
 def notifications():
     try:
-        from shoebox_worker.tools import generator
+        from shoebox_worker.tools import simulator
     except ImportError:
-        generator = None
-    if generator is not None:
-        yield from generator.notifications(
+        simulator = None
+    if simulator is not None:
+        yield from simulator.notifications(
             seed=42, start=datetime.datetime(2026, 1, 1))
         return
     moment = datetime.datetime(2026, 1, 1)

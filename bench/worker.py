@@ -1,7 +1,7 @@
 """How close the worker runs to what the broker can deliver, measured here.
 
 Pre-fills a queue on the local RabbitMQ with realistic notifications (the
-project's generator, oslo.messaging v2 envelope), then in the same run
+project's simulator, oslo.messaging v2 envelope), then in the same run
 drains it with:
 
 (a) N plain kombu consumers that ack (one multiple-ack per 1000, prefetch
@@ -27,7 +27,8 @@ import time
 
 import kombu
 
-from shoebox_worker.tools import generator
+from shoebox_worker.consume import envelope
+from shoebox_worker.tools import simulator
 
 URL = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 EXCHANGE = "bench"
@@ -102,8 +103,8 @@ def prefill(conn, queue, count):
     broker holds them all."""
     producer = kombu.Producer(conn.channel(), exchange=queue.exchange)
     queue(producer.channel).declare()
-    bodies = [generator.envelope(n) for n in
-              generator.notifications(min(count, 5000), seed=7)]
+    bodies = [envelope.wrap(n) for n in
+              simulator.notifications(min(count, 5000), seed=7)]
     for i in range(count):
         producer.publish(bodies[i % len(bodies)], routing_key=queue.name,
                          content_type="application/json",

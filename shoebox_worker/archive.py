@@ -29,7 +29,7 @@ __all__ = [
 LOG = logging.getLogger(__name__)
 
 #: How much is read from disk at a time.
-READ_CHUNK = 1 << 20
+READ_CHUNK = record.READ_CHUNK
 #: The writer's buffer; records are appended to it and flushed by sync().
 WRITE_BUFFER = 1 << 20
 
@@ -192,7 +192,9 @@ class ArchiveReader(Archive):
     """Read the records of one archive, plain or compressed.
 
     Iterating yields ``(metadata, payload)`` pairs; :meth:`read` returns the
-    next one and raises :class:`EndOfFile` after the last.
+    next one and raises :class:`EndOfFile` after the last; :meth:`records`
+    yields each with its offset, version and size. All three share one
+    :func:`record.walk` over the file, so they can be mixed.
 
     :param filename: the archive (``.gz``/``.zst`` read transparently).
     :param salvage: False (default): raise a :class:`RecordError` carrying
@@ -211,135 +213,73 @@ class ArchiveReader(Archive):
         #: Offset just past the last good record returned.
         self.good_offset = 0
         self._handle = compression.open_read(self.filename)
-        self._buf = b""
-        self._pos = 0
-        self._base = 0  # file offset of self._buf[0]
-        self._eof = False
-        self._stream_error = None  # a decompression error not yet raised
+        self._walk = None  # made on the first read: salvage may change
+        self._damage = None  # the error that stopped a strict walk
+
+    def _walker(self):
+        if self._damage is not None:  # stopped there: say so again
+            raise self._damage
+        if self._walk is None:
+            self._walk = record.walk(
+                self._handle, salvage=self.salvage, on_skip=self._skipped,
+                stream_errors=compression.DECOMPRESS_ERRORS,
+                chunk_size=READ_CHUNK)
+        return self._walk
+
+    def records(self):
+        """Yield each remaining record as ``(offset, version, size,
+        metadata, payload)`` (see :func:`record.walk`).
+
+        :raises RecordError: damage, in strict mode.
+        """
+        try:
+            for found in self._walker():
+                self.good_offset = found[0] + found[2]
+                yield found
+        except exceptions.RecordError as exc:
+            self._failed(exc)
+            raise
 
     def __iter__(self):
-        unpack_from = record.unpack_from
-        while True:
-            pos = self._pos
-            try:  # the common case, inline: the whole record is buffered
-                metadata, payload, size = unpack_from(self._buf, pos)
-            except exceptions.RecordError:
-                try:  # refill, end, damage: read() does it all
-                    yield self.read()
-                except exceptions.EndOfFile:
-                    return
-                continue
-            self._pos = pos + size
-            self.good_offset = self._base + self._pos
-            yield metadata, payload
+        try:
+            for offset, _, size, metadata, payload in self._walker():
+                self.good_offset = offset + size
+                yield metadata, payload
+        except exceptions.RecordError as exc:
+            self._failed(exc)
+            raise
 
     @property
     def offset(self):
         """Offset of the next byte to parse in the uncompressed archive."""
-        return self._base + self._pos
-
-    def _fill(self, need):
-        """Make ``need`` bytes available at the current position if the file
-        has them. Reads in bounded chunks: a hostile length never makes us
-        allocate more than the file holds."""
-        have = len(self._buf) - self._pos
-        if have >= need or self._eof:
-            return have
-        parts = [self._buf[self._pos:]]
-        while have < need:
-            try:
-                # read1: a damaged stream raises on the call that reaches
-                # the damage, after every byte decoded before it came back
-                chunk = self._handle.read1(max(READ_CHUNK, min(need - have,
-                                                               1 << 24)))
-            except compression.DECOMPRESS_ERRORS as exc:
-                # keep what was decoded; the rest is unreadable, which
-                # _parse_here reports once it reaches the end of it
-                self._stream_error = ("compressed stream is damaged: %s"
-                                      % (exc,))
-                chunk = b""
-            if not chunk:
-                self._eof = True
-                break
-            parts.append(chunk)
-            have += len(chunk)
-        self._base += self._pos
-        self._buf = b"".join(parts)
-        self._pos = 0
-        return have
-
-    def _parse_here(self):
-        """Parse the record at the current position; raise on damage."""
-        have = self._fill(record.HEADER_SIZE)
-        if have == 0:
-            self._raise_stream_error()
-            raise exceptions.EndOfFile("end of archive",
-                                       self.offset, self.filename)
-        if have >= record.HEADER_SIZE:
-            size = record.record_size(self._buf, self._pos)
-            self._fill(size)
-        try:
-            return record.unpack_from(self._buf, self._pos)
-        except exceptions.TornRecord:
-            self._raise_stream_error()
-            raise
-
-    def _raise_stream_error(self):
-        """A damaged compressed stream ends the readable bytes: say so
-        (once) instead of reporting a clean end or a torn record."""
-        if self._stream_error is not None:
-            message, self._stream_error = self._stream_error, None
-            raise exceptions.CorruptRecord(message, self.offset,
-                                           self.filename)
+        if self.skipped and self.skipped[-1].end > self.good_offset:
+            return self.skipped[-1].end
+        return self.good_offset
 
     def read(self):
         """The next ``(metadata, payload)``; payload is bytes.
 
         :raises EndOfFile: after the last record.
-        :raises RecordError: damage, in strict mode.
+        :raises RecordError: damage, in strict mode (again on every later
+            read: the walk stops there).
         """
-        while True:
-            try:
-                try:  # the common case: the whole record is buffered
-                    metadata, payload, size = record.unpack_from(
-                        self._buf, self._pos)
-                except exceptions.TornRecord:
-                    metadata, payload, size = self._parse_here()
-            except exceptions.EndOfFile:
-                raise
-            except exceptions.RecordError as exc:
-                exc.offset = self.offset
-                exc.filename = self.filename
-                if not self.salvage:
-                    raise
-                self._skip(exc)
-                continue
-            self._pos += size
-            self.good_offset = self._base + self._pos
-            return metadata, payload
+        try:
+            offset, _, size, metadata, payload = next(self._walker())
+        except StopIteration:
+            raise exceptions.EndOfFile("end of archive", self.offset,
+                                       self.filename) from None
+        except exceptions.RecordError as exc:
+            self._failed(exc)
+            raise
+        self.good_offset = offset + size
+        return metadata, payload
 
-    def _skip(self, exc):
-        """Salvage: move to the next offset where a valid record starts."""
-        start = self.offset
-        self._pos += 1
-        while True:
-            self._fill(record.HEADER_SIZE)
-            found = record.find_marker(self._buf, self._pos)
-            if found < 0:
-                # keep the last bytes: a marker may straddle chunks
-                self._pos = max(self._pos, len(self._buf) - 3)
-                if self._eof or self._fill(READ_CHUNK) <= 3:
-                    self._pos = len(self._buf)
-                    break
-                continue
-            self._pos = found
-            try:
-                self._parse_here()
-                break
-            except exceptions.RecordError:
-                self._pos += 1
-        skipped = Skipped(self.filename, start, self.offset,
-                          exc.message)
+    def _failed(self, exc):
+        exc.filename = self.filename
+        self._damage = exc
+
+    def _skipped(self, start, end, reason):
+        skipped = Skipped(self.filename, start, end, reason)
         self.skipped.append(skipped)
         LOG.warning("%s: skipped bytes %d-%d: %s", self.filename,
                     skipped.start, skipped.end, skipped.reason)
@@ -381,18 +321,27 @@ class ArchiveReport:
         return not self.skipped
 
 
-def inspect_file(filename):
+def inspect_file(filename, on_record=None):
     """Check every record of an archive in salvage mode.
 
-    :returns: an :class:`ArchiveReport`.
+    :param on_record: called with each valid record, in order, as
+        ``(offset, version, size, metadata, payload)`` (verify's salvage
+        keeps them).
+    :returns: an :class:`ArchiveReport`, ``versions`` from each record's
+        own header.
     """
     report = ArchiveReport(os.fspath(filename))
+    versions = report.versions
     with ArchiveReader(filename, salvage=True) as reader:
-        for metadata, _ in reader:
+        for found in reader.records():
+            metadata = found[3]
             report.records += 1
+            versions.add(found[1])
             if report.first_metadata is None:
                 report.first_metadata = metadata
             report.last_metadata = metadata
+            if on_record is not None:
+                on_record(found)
         report.skipped = list(reader.skipped)
         report.size = reader.offset
     if report.skipped and report.skipped[-1].end == report.size:

@@ -39,9 +39,14 @@ The raw block (both versions)::
     int32           L, the payload length (R = 4 + L)
     L bytes         the payload exactly as given
 
-``docs/format.md`` draws both with worked examples. The functions here are
-pure: :func:`pack` turns a record into bytes and :func:`unpack_from` parses
-one out of a buffer, never trusting a length past the bytes it was given.
+``docs/format.md`` draws both with worked examples. :func:`pack` turns a
+record into bytes and :func:`unpack_from` parses one out of a buffer, never
+trusting a length past the bytes it was given; both are pure.
+:func:`walk` is the one reader of record streams: it yields each record
+with its offset, version and size, strictly or salvaging past damage.
+:class:`~shoebox_worker.archive.ArchiveReader` is built on it, and
+``inspect_file``, ``cat`` and ``verify`` on that reader, so that the
+layout is known here and nowhere else.
 """
 
 import itertools
@@ -56,11 +61,13 @@ __all__ = [
     "VERSIONS",
     "CURRENT_VERSION",
     "HEADER_SIZE",
+    "READ_CHUNK",
     "pack",
     "record_size",
     "unpack_from",
     "is_record_start",
     "find_marker",
+    "walk",
 ]
 
 #: Beginning-of-record marker ("EVNT" in the prior art's comment).
@@ -84,6 +91,10 @@ HEADER_SIZE = _V1_HEAD.size
 TRAILER_SIZE = _U32.size
 # Longest field the format can hold (int32 lengths in v1's layout).
 _MAX_LEN = 0x7FFFFFFF - 64
+#: How much :func:`walk` reads at a time (more only for a longer record).
+READ_CHUNK = 1 << 20
+# The most one read asks for, however long a record claims to be.
+_MAX_READ = 1 << 24
 
 
 def _encode(text):
@@ -257,8 +268,14 @@ def unpack_from(buf, pos=0, end=None):
     :raises RecordError: any other damage (OutOfSync, CorruptRecord,
         InvalidVersion).
     """
-    if end is None:
-        end = len(buf)
+    _, metadata, payload, size = _unpack(
+        buf, pos, len(buf) if end is None else end)
+    return metadata, bytes(payload), size
+
+
+def _unpack(buf, pos, end):
+    """:func:`unpack_from` with the version: ``(version, metadata, payload,
+    size)``; the payload is a slice of ``buf`` (bytes when ``buf`` is)."""
     if end - pos < HEADER_SIZE:
         raise exceptions.TornRecord("archive ends inside a record header",
                                     pos)
@@ -278,7 +295,7 @@ def unpack_from(buf, pos=0, end=None):
     if length != raw_len - 4:
         raise exceptions.CorruptRecord("payload length does not match block",
                                        pos)
-    return metadata, bytes(buf[raw_start + 4:raw_end]), size
+    return version, metadata, buf[raw_start + 4:raw_end], size
 
 
 def is_record_start(buf, pos, end=None):
@@ -298,3 +315,163 @@ def find_marker(buf, start, end=None):
     if end is None:
         end = len(buf)
     return buf.find(_MAGIC_BYTES, start, end)
+
+
+def walk(stream, *, salvage=False, on_skip=None, stream_errors=(),
+         chunk_size=READ_CHUNK):
+    """Yield every record of a binary stream, in order.
+
+    Each is a tuple ``(offset, version, size, metadata, payload)``: where
+    the record starts in the (uncompressed) stream, its format version from
+    its own header, its length in bytes (the next record starts at
+    ``offset + size``), its ``str:str`` metadata and its payload bytes.
+    (A plain tuple: reading is this format's hot loop.)
+
+    The stream is read in chunks (``read1`` when it has one, so a damaged
+    compressed stream gives up every byte decoded before the damage). A
+    record's length fields are checked against its header first and never
+    trusted past the bytes the stream holds: a hostile length makes the
+    walker read on until the stream ends, never allocate what it claims.
+
+    :param stream: a binary file object (plain or decompressing).
+    :param salvage: False: raise at the first damage. True: report each
+        damaged range to ``on_skip`` and go on at the next offset where a
+        whole, valid record starts (or at the end of the stream).
+    :param on_skip: in salvage mode, called as ``on_skip(start, end,
+        reason)`` for each damaged range, ``end`` being the offset of the
+        next valid record or of the end of the stream.
+    :param stream_errors: exceptions with which ``stream`` says its own
+        bytes are damaged (a broken ``.gz``): the bytes read before count,
+        the rest is reported once, as a :class:`CorruptRecord` at the
+        offset where the readable bytes stop making records.
+    :param chunk_size: bytes per read.
+    :raises RecordError: in strict mode, at the first damage, with
+        ``offset`` set to where the bad record starts (a
+        :class:`TornRecord` when the stream ends inside one).
+    """
+    return _Walk(stream, salvage, on_skip, stream_errors,
+                 chunk_size).records()
+
+
+class _Walk:
+    """The state of one :func:`walk`: a buffer over the stream."""
+
+    def __init__(self, stream, salvage, on_skip, stream_errors, chunk_size):
+        self.read = getattr(stream, "read1", None) or stream.read
+        self.salvage = salvage
+        self.on_skip = on_skip
+        self.stream_errors = stream_errors
+        self.chunk_size = chunk_size
+        self.buf = b""
+        self.pos = 0
+        self.base = 0  # stream offset of self.buf[0]
+        self.eof = False
+        self.stream_error = None  # a damaged stream, not yet reported
+
+    def records(self):
+        unpack, record_error = _unpack, exceptions.RecordError
+        while True:
+            buf, pos, base = self.buf, self.pos, self.base
+            end = len(buf)
+            while True:  # the common case: whole records in the buffer
+                try:
+                    version, metadata, payload, size = unpack(buf, pos, end)
+                except record_error:
+                    break
+                yield base + pos, version, size, metadata, payload
+                pos += size
+            self.pos = pos
+            found = self._next()  # refill, end or damage
+            if found is None:
+                return
+            yield found
+
+    def _next(self):
+        """The next record past a buffer's end or damage, or None at the
+        end of the stream."""
+        while True:
+            try:
+                found = self._parse_here()
+            except exceptions.RecordError as exc:
+                exc.offset = self.base + self.pos
+                if not self.salvage:
+                    raise
+                self._skip(exc)
+                continue
+            if found is not None:
+                self.pos += found[2]
+            return found
+
+    def _fill(self, need):
+        """Make ``need`` bytes available at the current position if the
+        stream has them; returns how many are."""
+        have = len(self.buf) - self.pos
+        if have >= need or self.eof:
+            return have
+        parts = [self.buf[self.pos:]]
+        while have < need:
+            try:
+                chunk = self.read(max(self.chunk_size,
+                                      min(need - have, _MAX_READ)))
+            except self.stream_errors as exc:
+                # keep what was decoded; _parse_here reports the rest
+                # once it reaches the end of it
+                self.stream_error = ("compressed stream is damaged: %s"
+                                     % (exc,))
+                chunk = b""
+            if not chunk:
+                self.eof = True
+                break
+            parts.append(chunk)
+            have += len(chunk)
+        self.base += self.pos
+        self.buf = b"".join(parts)
+        self.pos = 0
+        return have
+
+    def _parse_here(self):
+        """The record at the current position (not consumed), None at a
+        clean end; raises on damage."""
+        have = self._fill(HEADER_SIZE)
+        if have == 0:
+            self._raise_stream_error()
+            return None
+        if have >= HEADER_SIZE:
+            self._fill(_header(self.buf, self.pos)[3])
+        try:
+            version, metadata, payload, size = _unpack(
+                self.buf, self.pos, len(self.buf))
+        except exceptions.TornRecord:
+            self._raise_stream_error()
+            raise
+        return self.base + self.pos, version, size, metadata, payload
+
+    def _raise_stream_error(self):
+        """A damaged stream ends the readable bytes: say so (once) instead
+        of reporting a clean end or a torn record."""
+        if self.stream_error is not None:
+            message, self.stream_error = self.stream_error, None
+            raise exceptions.CorruptRecord(message, self.base + self.pos)
+
+    def _skip(self, exc):
+        """Salvage: move to the next offset where a valid record starts."""
+        start = self.base + self.pos
+        self.pos += 1
+        while True:
+            self._fill(HEADER_SIZE)
+            found = self.buf.find(_MAGIC_BYTES, self.pos)
+            if found < 0:
+                # keep the last bytes: a marker may straddle chunks
+                self.pos = max(self.pos, len(self.buf) - 3)
+                if self.eof or self._fill(self.chunk_size) <= 3:
+                    self.pos = len(self.buf)
+                    break
+                continue
+            self.pos = found
+            try:
+                self._parse_here()
+                break
+            except exceptions.RecordError:
+                self.pos += 1
+        if self.on_skip is not None:
+            self.on_skip(start, self.base + self.pos, exc.message)

@@ -17,6 +17,10 @@ dotted paths (``payload.instance_id``) and static pairs.
 Anything else is **malformed** and still kept: the body is archived
 verbatim with ``malformed=<reason>`` (and ``content_type``) in its
 metadata. :func:`parse` never raises for bad input.
+
+:func:`wrap` is the other way, for the tools that publish (``replay``,
+``generate``): a notification into the v2 envelope, as oslo.messaging's
+notifier sends it.
 """
 
 import dataclasses
@@ -28,7 +32,8 @@ try:  # the fast path; everything works without it, slower
 except ImportError:  # pragma: no cover - a dependency, normally present
     simdjson = None
 
-__all__ = ["Parsed", "MetadataExtractor", "Unwrapper", "parse", "to_bytes"]
+__all__ = ["Parsed", "MetadataExtractor", "Unwrapper", "parse", "to_bytes",
+           "wrap"]
 
 _VERSION_KEY = "oslo.version"
 _MESSAGE_KEY = "oslo.message"
@@ -68,6 +73,21 @@ def to_bytes(body, encoding=None):
         return bytes(body)
     # kombu's memory/redis transports may hand over decoded JSON
     return orjson.dumps(body)
+
+
+def wrap(notification):
+    """Wrap a notification in oslo.messaging's v2 envelope.
+
+    :param notification: the notification: a dict (serialised here), or
+        its JSON text (str or UTF-8 bytes, used exactly as given).
+    :returns: JSON bytes ``{"oslo.version": "2.0", "oslo.message": "..."}``
+        whose ``oslo.message`` is the notification's JSON text as a string.
+    """
+    if isinstance(notification, dict):
+        notification = orjson.dumps(notification)
+    if isinstance(notification, bytes):
+        notification = notification.decode("utf-8")
+    return orjson.dumps({_VERSION_KEY: "2.0", _MESSAGE_KEY: notification})
 
 
 def _why_not_json(body, exc):

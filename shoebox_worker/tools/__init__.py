@@ -1,5 +1,23 @@
 """The operator tools: ``cat``, ``verify``, ``replay``, ``generate``.
 
-``commands`` (the subcommands) and ``generator`` (synthetic nova
-notifications for demos and load tests).
+* :mod:`~shoebox_worker.tools.read`: finding and reading archives,
+  ``cat`` and ``verify``;
+* :mod:`~shoebox_worker.tools.publish`: the broker side, ``replay`` and
+  ``generate``, and :func:`~shoebox_worker.tools.publish.publish`;
+* :mod:`~shoebox_worker.tools.simulator`: synthetic nova notifications;
+* :mod:`~shoebox_worker.tools.commands`: the subcommands' argparse wiring,
+  which ``cli`` adds to ``shoebox-worker``.
+
+Errors (a missing file, a damaged archive, a broker that is down or
+refuses) are one line on stderr and a non-zero exit code, never a
+traceback: they are raised as :class:`ToolError`, which ``cli.main``
+prints.
 """
+
+from shoebox_worker import exceptions
+
+__all__ = ["ToolError"]
+
+
+class ToolError(exceptions.ShoeboxError):
+    """A tool cannot go on; ``str()`` is the one line shown."""

@@ -26,7 +26,8 @@ from kombu import Exchange
 from kombu import Queue
 
 from shoebox_worker import archive
-from shoebox_worker.tools import generator
+from shoebox_worker.tools import publish as publish_mod
+from shoebox_worker.tools import simulator
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -195,12 +196,12 @@ def redis_available():
 def publish(url, count, exchange, routing_key, queue=None, seed=1,
             durable=False, confirm=True):
     """Publish ``count`` synthetic notifications (v2 envelope) with
-    :func:`shoebox_worker.tools.generator.publish`; returns their
+    :func:`shoebox_worker.tools.publish.publish`; returns their
     message_ids."""
-    generator.publish(url, count, exchange=exchange, routing_key=routing_key,
-                      durable=durable, seed=seed, declare_queue=queue,
-                      confirm=confirm)
-    return [n["message_id"] for n in generator.notifications(count,
+    publish_mod.publish(url, count, exchange=exchange,
+                        routing_key=routing_key, durable=durable, seed=seed,
+                        declare_queue=queue, confirm=confirm)
+    return [n["message_id"] for n in simulator.notifications(count,
                                                              seed=seed)]
 
 

@@ -13,8 +13,8 @@ from kombu import Connection
 from kombu import Exchange
 from kombu import Queue
 
-from shoebox_worker.tools.generator import notifications
-from shoebox_worker.tools.generator import publish
+from shoebox_worker.tools.publish import publish
+from shoebox_worker.tools.simulator import notifications
 
 pytestmark = pytest.mark.functional
 

@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from shoebox_worker import archive
 from shoebox_worker import compression
-from shoebox_worker.tools import generator
+from shoebox_worker.tools import simulator
 
 pytestmark = pytest.mark.functional
 
@@ -63,7 +63,7 @@ def write_notifications(path, count, seed, version=2, malformed=()):
     payloads of the notifications (bytes), in order."""
     payloads = []
     with archive.ArchiveWriter(str(path), version=version) as writer:
-        for index, note in enumerate(generator.notifications(count,
+        for index, note in enumerate(simulator.notifications(count,
                                                              seed=seed)):
             if index in malformed:
                 writer.write({"malformed": "not JSON", "queue": "q"},
@@ -372,7 +372,7 @@ class TestGenerate:
             outer = json.loads(message.body)
             ids.append(json.loads(outer["oslo.message"])["message_id"])
         assert ids == [n["message_id"] for n in
-                       generator.notifications(120, seed=5)]
+                       simulator.notifications(120, seed=5)]
 
     def test_errors(self, rabbit, names):
         started = time.monotonic()

@@ -13,8 +13,9 @@ from kombu import Connection
 from kombu import Exchange
 from kombu import Queue
 
+from shoebox_worker.consume import envelope
 from shoebox_worker.consume import worker as worker_mod
-from shoebox_worker.tools import generator
+from shoebox_worker.tools import simulator
 
 pytestmark = pytest.mark.functional
 
@@ -22,8 +23,8 @@ ROUTING_KEY = "notifications.info"
 
 
 def _good(count, seed):
-    return [(generator.envelope(n), {"content_encoding": "utf-8"},
-             n["message_id"]) for n in generator.notifications(count,
+    return [(envelope.wrap(n), {"content_encoding": "utf-8"},
+             n["message_id"]) for n in simulator.notifications(count,
                                                                seed=seed)]
 
 
@@ -190,13 +191,13 @@ def test_redis_transport(redis_names, tmp_path, ft):
     count = 500
     exchange = Exchange(names, type="topic")
     queue = Queue(names, exchange, routing_key=ROUTING_KEY)
-    notifications = list(generator.notifications(count, seed=8))
+    notifications = list(simulator.notifications(count, seed=8))
     with Connection(ft.REDIS_URL) as conn:
         channel = conn.channel()
         queue(channel).declare()  # the binding must exist to route
         producer = conn.Producer(channel, exchange=exchange)
         for notification in notifications:
-            producer.publish(generator.envelope(notification),
+            producer.publish(envelope.wrap(notification),
                              routing_key=ROUTING_KEY,
                              content_type="application/json",
                              content_encoding="utf-8", retry=False)

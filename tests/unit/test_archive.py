@@ -152,6 +152,34 @@ class TestReader:
                          + record.pack({"v": "2"}, b"b", 2))
         assert read_all(path)[0] == [({"v": "1"}, b"a"), ({"v": "2"}, b"b")]
 
+    def test_records_give_offset_and_version(self, tmp_path):
+        path = tmp_path / "a.events"
+        one = record.pack({"v": "1"}, b"a", 1)
+        path.write_bytes(one + record.pack({"v": "2"}, b"b", 2))
+        with archive.ArchiveReader(path) as reader:
+            got = [(r[0], r[1], r[4]) for r in reader.records()]
+            assert reader.good_offset == reader.offset == path.stat().st_size
+        assert got == [(0, 1, b"a"), (len(one), 2, b"b")]
+        report = archive.inspect_file(path)
+        assert report.versions == {1, 2} and report.records == 2
+        seen = []
+        archive.inspect_file(path, on_record=seen.append)
+        assert [r[3] for r in seen] == [{"v": "1"}, {"v": "2"}]
+
+    def test_strict_damage_is_raised_again(self, tmp_path):
+        path = tmp_path / "a.events"
+        one = record.pack({"n": "1"}, b"a")
+        path.write_bytes(one + b"junk" + record.pack({"n": "2"}, b"b"))
+        with archive.ArchiveReader(path) as reader:
+            assert reader.read() == ({"n": "1"}, b"a")
+            for _ in range(2):
+                with pytest.raises(exceptions.OutOfSync) as info:
+                    reader.read()
+                assert info.value.offset == reader.offset == len(one)
+                assert info.value.filename == str(path)
+            with pytest.raises(exceptions.OutOfSync):
+                list(reader)
+
     def test_records_span_read_chunks(self, tmp_path, monkeypatch):
         monkeypatch.setattr(archive, "READ_CHUNK", 7)
         path = tmp_path / "a.events"

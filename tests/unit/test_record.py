@@ -1,5 +1,6 @@
 """Tests for shoebox_worker.record: the byte format, pinned."""
 
+import io
 import struct
 import tracemalloc
 import zlib
@@ -259,3 +260,102 @@ def test_random_bytes_raise_only_record_errors(data):
             record.unpack_from(prefix + data)
         except exceptions.RecordError:
             pass
+
+
+class _Trickle(io.RawIOBase):
+    """A stream handing out at most ``step`` bytes a read, then maybe
+    raising ``error`` where its bytes end (a damaged compressed stream)."""
+
+    def __init__(self, data, step=5, error=None):
+        self.data, self.pos, self.step, self.error = data, 0, step, error
+        self.asked = []
+
+    def readable(self):
+        return True
+
+    def read1(self, size=-1):
+        self.asked.append(size)
+        if self.pos >= len(self.data) and self.error is not None:
+            raise self.error
+        chunk = self.data[self.pos:self.pos + min(size, self.step)]
+        self.pos += len(chunk)
+        return chunk
+
+
+class TestWalk:
+    def test_yields_offset_version_size_metadata_payload(self):
+        one = record.pack({"n": "1"}, b"one", 1)
+        two = record.pack({"n": "2"}, b"two", 2)
+        got = list(record.walk(io.BytesIO(one + two)))
+        assert got == [(0, 1, len(one), {"n": "1"}, b"one"),
+                       (len(one), 2, len(two), {"n": "2"}, b"two")]
+        assert all(type(r[4]) is bytes for r in got)
+
+    @pytest.mark.parametrize("step", [1, 7, 1000])
+    def test_chunk_boundaries(self, step):
+        data = b"".join(record.pack({"i": str(i)}, b"x" * i, 1 + i % 2)
+                        for i in range(30))
+        got = list(record.walk(_Trickle(data, step), chunk_size=step))
+        assert [r[3]["i"] for r in got] == [str(i) for i in range(30)]
+        assert [r[1] for r in got] == [1 + i % 2 for i in range(30)]
+        assert got[-1][0] + got[-1][2] == len(data)
+
+    def test_strict_raises_with_the_offset(self):
+        one = record.pack({"n": "1"}, b"one")
+        data = one + b"junk" + record.pack({"n": "2"}, b"two")
+        walker = record.walk(io.BytesIO(data))
+        assert next(walker)[4] == b"one"
+        with pytest.raises(exceptions.OutOfSync) as info:
+            next(walker)
+        assert info.value.offset == len(one)
+
+    def test_strict_torn_tail(self):
+        one = record.pack({"n": "1"}, b"one")
+        data = one + record.pack({"n": "2"}, b"two")[:-3]
+        with pytest.raises(exceptions.TornRecord) as info:
+            list(record.walk(io.BytesIO(data)))
+        assert info.value.offset == len(one)
+
+    def test_salvage_reports_ranges_and_resyncs(self):
+        one = record.pack({"n": "1"}, b"one")
+        two = record.pack({"n": "2"}, b"two", 1)
+        torn = record.pack({"n": "3"}, b"three")[:-1]
+        data = one + b"junk" + two + torn
+        skips = []
+        got = list(record.walk(_Trickle(data, 3), salvage=True,
+                               on_skip=lambda *s: skips.append(s),
+                               chunk_size=3))
+        assert [(r[0], r[1], r[4]) for r in got] == [
+            (0, 2, b"one"), (len(one) + 4, 1, b"two")]
+        end = len(one) + 4 + len(two)
+        assert skips == [
+            (len(one), len(one) + 4, "no record marker"),
+            (end, len(data), "archive ends inside a record (%d of %d bytes)"
+             % (len(torn), len(torn) + 1))]
+
+    def test_hostile_length_reads_only_what_the_stream_has(self):
+        head = struct.pack("<ihIII", MAGIC, 2, 4, 0x7FFFFFF0, 0)
+        head = head[:14] + struct.pack("<I", zlib.crc32(head[:14]))
+        stream = _Trickle(head + b"\0" * 100, 1 << 20)
+        with pytest.raises(exceptions.TornRecord):
+            list(record.walk(stream, chunk_size=64))
+        assert max(stream.asked) <= 1 << 24
+
+    def test_damaged_stream_keeps_records_then_reports_once(self):
+        one = record.pack({"n": "1"}, b"one")
+        data = one + record.pack({"n": "2"}, b"two")[:10]
+        walker = record.walk(_Trickle(data, 4, EOFError("cut")),
+                             stream_errors=(EOFError,))
+        assert next(walker)[4] == b"one"
+        with pytest.raises(exceptions.CorruptRecord) as info:
+            next(walker)
+        assert info.value.offset == len(one)
+        assert "compressed stream is damaged: cut" in str(info.value)
+
+        skips = []
+        got = list(record.walk(_Trickle(one, 4, EOFError("cut")),
+                               salvage=True, stream_errors=(EOFError,),
+                               on_skip=lambda *s: skips.append(s)))
+        assert [r[4] for r in got] == [b"one"]
+        assert skips == [(len(one), len(one),
+                          "compressed stream is damaged: cut")]

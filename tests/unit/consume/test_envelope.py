@@ -10,7 +10,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 
 from shoebox_worker.consume import envelope
-from shoebox_worker.tools import generator
+from shoebox_worker.tools import simulator
 
 # The inner string keeps its own key order and spacing: the payload must be
 # these bytes, not a re-serialisation of them.
@@ -23,6 +23,25 @@ INNER = ('{"message_id":  "m-1", "event_type": "compute.instance.create.end",'
 def v2(inner, version="2.0"):
     return json.dumps({"oslo.version": version,
                        "oslo.message": inner}).encode()
+
+
+class TestWrap:
+    def test_round_trip(self):
+        for note in simulator.notifications(500, seed=2):
+            body = envelope.wrap(note)
+            outer = json.loads(body.decode("utf-8"))
+            assert set(outer) == {"oslo.version", "oslo.message"}
+            assert outer["oslo.version"] == "2.0"
+            assert json.loads(outer["oslo.message"]) == note
+            parsed = envelope.parse(body)
+            assert parsed.malformed is None and parsed.notification == note
+
+    def test_json_text_is_kept_as_given(self):
+        body = envelope.wrap(INNER.encode("utf-8"))
+        assert envelope.wrap(INNER) == body
+        assert envelope.parse(body).payload == INNER.encode("utf-8")
+        assert body == orjson.dumps({"oslo.version": "2.0",
+                                     "oslo.message": INNER})
 
 
 class TestParse:
@@ -273,16 +292,16 @@ class TestUnwrapper:
 
     def test_real_notifications_v1_and_v2(self):
         unwrap = envelope.Unwrapper(self.FIELDS, {"region": "r1"})
-        for note in generator.notifications(300, seed=3):
+        for note in simulator.notifications(300, seed=3):
             note["payload"]["nested"] = {"a": [1, 2.5, None, "x"]}
-            self.check(unwrap, generator.envelope(note))
+            self.check(unwrap, envelope.wrap(note))
             self.check(unwrap, json.dumps(note).encode())
 
     def test_fast_path_is_taken_for_well_formed_bodies(self, monkeypatch):
         unwrap = envelope.Unwrapper(self.FIELDS, {"region": "r1"})
         monkeypatch.setattr(envelope, "parse", None)  # would fail if used
-        note = next(generator.notifications(1, seed=1))
-        payload, metadata = unwrap(generator.envelope(note), "q", "rk")
+        note = next(simulator.notifications(1, seed=1))
+        payload, metadata = unwrap(envelope.wrap(note), "q", "rk")
         assert metadata["event_type"] == note["event_type"]
 
     @pytest.mark.parametrize("body", [

@@ -1,4 +1,4 @@
-"""Synthetic nova notifications for demos, smoke and load tests; a publisher.
+"""Synthetic nova notifications for demos, smoke and load tests.
 
 :func:`notifications` simulates a small nova cloud: tenants create
 instances, rename them, resize them and delete them, and the usage audit
@@ -9,40 +9,25 @@ about 5 KB). Several operations run at once and their events interleave, as
 they do on a real bus; the events of one operation share a request id, and
 timestamps only go forward.
 
-:func:`envelope` wraps a notification in oslo.messaging's v2 envelope and
-:func:`publish` sends a stream of them to a broker through kombu, the way
-oslo.messaging's notifier does.
+Sending them to a broker is :func:`shoebox_worker.tools.publish.publish`'s
+job; the envelope they go in is
+:func:`shoebox_worker.consume.envelope.wrap`'s.
 
 The same seed and start give the same stream, byte for byte.
 """
 
 import base64
 import datetime
-import logging
 import random
-import time
 import uuid
-from collections.abc import Callable
 from collections.abc import Iterator
 
 import orjson
-from kombu import Connection
-from kombu import Exchange
-from kombu import Producer
-from kombu import Queue
 
 __all__ = [
     "EVENT_TYPES",
-    "OSLO_VERSION",
-    "envelope",
     "notifications",
-    "publish",
 ]
-
-LOG = logging.getLogger(__name__)
-
-#: The envelope version oslo.messaging writes (``oslo.version``).
-OSLO_VERSION = "2.0"
 
 #: Every event type :func:`notifications` emits.
 EVENT_TYPES = frozenset({
@@ -988,107 +973,3 @@ def _stream(cloud, count):
             continue
         produced += 1
         yield notification
-
-
-def envelope(notification: dict) -> bytes:
-    """Wrap a notification in oslo.messaging's v2 envelope.
-
-    :param notification: the notification dict.
-    :returns: JSON bytes ``{"oslo.version": "2.0", "oslo.message": "..."}``
-        whose ``oslo.message`` is the notification serialised as a JSON
-        string.
-    """
-    message = orjson.dumps(notification).decode("utf-8")
-    return orjson.dumps({"oslo.version": OSLO_VERSION,
-                         "oslo.message": message})
-
-
-class _Pacer:
-    """Hold a loop to at most ``rate`` iterations a second.
-
-    A token schedule: the n-th message is due at ``t0 + n / rate``; it sleeps
-    only when the loop is ahead of that schedule, so there is no sleep per
-    message when the sender is slower than the rate anyway.
-    """
-
-    def __init__(self, rate):
-        if rate is not None and rate <= 0:
-            raise ValueError(f"rate must be > 0, not {rate!r}")
-        self.interval = None if rate is None else 1.0 / rate
-        self.start = time.monotonic()
-
-    def wait(self, sent):
-        if self.interval is None:
-            return
-        delay = self.start + sent * self.interval - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-
-
-def publish(url: str, count: int, *, exchange: str = "nova",
-            routing_key: str = "notifications.info",
-            exchange_type: str = "topic", durable: bool = False,
-            rate: float | None = None, seed: int | None = None,
-            declare_queue: str | None = None, confirm: bool = True,
-            progress: Callable[[int], object] | None = None) -> int:
-    """Publish ``count`` synthetic notifications in the v2 envelope.
-
-    Sends as oslo.messaging's notifier does: to a ``topic`` exchange
-    (non-durable by default, like oslo.messaging's default), JSON, UTF-8,
-    persistent delivery mode.
-
-    :param url: kombu broker URL, e.g. ``amqp://guest:guest@localhost//``.
-    :param count: how many to publish.
-    :param exchange: exchange name (declared once, before publishing).
-    :param routing_key: routing key, ``<topic>.<priority>``.
-    :param exchange_type: exchange type.
-    :param durable: durability of the exchange (and of ``declare_queue``);
-        it must match an existing declaration or the broker refuses it.
-    :param rate: at most this many messages a second; None for as fast as
-        the broker takes them.
-    :param seed: seed for :func:`notifications`.
-    :param declare_queue: name of a queue to declare and bind to the
-        exchange with ``routing_key`` before publishing, so that nothing is
-        dropped when no consumer has declared it yet.
-    :param confirm: use publisher confirms: each publish waits for the
-        broker's ack and a refusal raises.
-    :param progress: optional callable, called with the number sent so far
-        after each message.
-    :returns: the number of messages published.
-    """
-    if count < 0:
-        raise ValueError(f"count must be >= 0, not {count!r}")
-    if rate is not None and rate <= 0:
-        raise ValueError(f"rate must be > 0, not {rate!r}")
-    transport_options = {"confirm_publish": True} if confirm else {}
-    sent = 0
-    with Connection(url, transport_options=transport_options) as conn:
-        conn.connect()
-        channel = conn.channel()
-        target = Exchange(exchange, type=exchange_type, durable=durable,
-                          auto_delete=False)
-        target(channel).declare()
-        if declare_queue:
-            Queue(declare_queue, exchange=target, routing_key=routing_key,
-                  durable=durable, auto_delete=False)(channel).declare()
-        producer = Producer(channel, exchange=target, auto_declare=False)
-        LOG.info("publishing %d notifications to exchange %s (%s) with "
-                 "routing key %s on %s%s", count, exchange, exchange_type,
-                 routing_key, conn.as_uri(),
-                 " with confirms" if confirm else "")
-        pacer = _Pacer(rate)
-        started = pacer.start
-        publish_one = producer.publish
-        for notification in notifications(count, seed=seed):
-            pacer.wait(sent)
-            publish_one(envelope(notification), routing_key=routing_key,
-                        content_type="application/json",
-                        content_encoding="utf-8", delivery_mode=2,
-                        declare=[], retry=False)
-            sent += 1
-            if progress is not None:
-                progress(sent)
-        elapsed = time.monotonic() - started
-        LOG.info("published %d notifications in %.2fs (%.0f msg/s)", sent,
-                 elapsed, sent / elapsed if elapsed > 0 else 0.0)
-    return sent

@@ -1,0 +1,274 @@
+"""Tests for shoebox_worker.tools.read (finding archives, rendering, cat,
+verify), in process. The commands as a user runs them are in
+tests/functional/test_tools_commands.py."""
+
+import argparse
+import io
+import json
+import os
+import sys
+import types
+
+import pytest
+
+from shoebox_worker import archive
+from shoebox_worker import cli
+from shoebox_worker import compression
+from shoebox_worker import record
+from shoebox_worker.tools import ToolError
+from shoebox_worker.tools import read
+
+
+def write(path, records, version=2):
+    with archive.ArchiveWriter(path, version=version) as writer:
+        offsets = []
+        for metadata, payload in records:
+            offsets.append(writer.tell())
+            writer.write(metadata, payload)
+    return offsets
+
+
+def notes(count, start=0):
+    return [({"event_type": "compute.instance.update" if n % 2 else
+              "compute.instance.exists", "n": str(n)},
+             json.dumps({"n": n, "event_type": "x"}))
+            for n in range(start, start + count)]
+
+
+def run(argv, capsysbinary):
+    code = cli.main(argv)
+    out, err = capsysbinary.readouterr()
+    return code, out, err.decode()
+
+
+class TestRender:
+    def test_json_payload_unchanged(self):
+        payload = b'{"b": 1,  "a": [1, 2.50]}'
+        assert read.render_record({}, payload) == payload + b"\n"
+
+    def test_newlines_compacted_strings_kept(self):
+        payload = b'{\n  "a": "x  y\\n z",\n  "b": [1,\n 2]\n}'
+        line = read.render_record({}, payload)
+        assert line == b'{"a":"x  y\\n z","b":[1,2]}\n'
+        assert json.loads(line) == json.loads(payload)
+
+    def test_escaped_quotes_in_strings(self):
+        payload = b'{"a": "say \\"hi\\"  \\\\",\n "b": "\\\\"}'
+        line = read.render_record({}, payload)
+        assert json.loads(line) == json.loads(payload)
+        assert b'"say \\"hi\\"  \\\\"' in line
+
+    def test_big_integers_are_json(self):
+        payload = b'{"a": 123456789012345678901234567890}'
+        assert read.render_record({}, payload) == payload + b"\n"
+
+    def test_not_json_becomes_a_string(self):
+        assert json.loads(read.render_record({}, b"hello")) == "hello"
+        assert json.loads(read.render_record({}, b"NaN")) == "NaN"
+        assert json.loads(read.render_record({}, b"\xff\xfeok")) == \
+            "\\xff\\xfeok"
+
+    def test_with_metadata(self):
+        line = read.render_record({"k": "v", "bad": "\udcff"}, b"[1]",
+                                   with_metadata=True)
+        assert json.loads(line) == {"metadata": {"k": "v", "bad": "\\xff"},
+                                    "payload": [1]}
+        assert line.count(b"\n") == 1
+
+
+class TestMatch:
+    def test_parse(self):
+        key, match = read.parse_match("event_type=compute.*")
+        assert key == "event_type"
+        assert match("compute.instance.exists")
+        assert not match("scheduler.run")
+        key, match = read.parse_match("a=b=c")
+        assert key == "a" and match("b=c")
+
+    @pytest.mark.parametrize("text", ["noequals", "=glob"])
+    def test_refused(self, text):
+        with pytest.raises(argparse.ArgumentTypeError):
+            read.parse_match(text)
+
+
+class TestFindArchives:
+    def test_directory_recursive_written_order_archives_only(self, tmp_path):
+        sub = tmp_path / "sub"
+        sub.mkdir()
+        paths = []
+        for index, name in enumerate(["z.events", "sub/a.events",
+                                      "m.events"]):
+            path = str(tmp_path / name)
+            write(path, notes(2, index * 2))
+            os.utime(path, ns=(0, (index + 1) * 10**9))
+            paths.append(path)
+        gz = compression.compress_file(paths[2], compression.CODECS["gzip"])
+        os.utime(gz, ns=(0, 4 * 10**9))
+        (tmp_path / "notes.txt").write_text("not an archive")
+        (tmp_path / "x.events.ship").write_text('{"step": 0}')
+        (tmp_path / "log.gz").write_bytes(compression.gzip.compress(b"hi"))
+        assert read.find_archives([str(tmp_path)]) == paths + [gz]
+
+    def test_damaged_first_record_still_found(self, tmp_path):
+        path = tmp_path / "d.events"
+        write(path, notes(3))
+        data = bytearray(path.read_bytes())
+        data[0:4] = b"XXXX"
+        path.write_bytes(bytes(data))
+        assert read.find_archives([str(tmp_path)]) == [str(path)]
+
+    def test_files_in_given_order(self, tmp_path):
+        a, b = str(tmp_path / "a"), str(tmp_path / "b")
+        write(a, notes(1))
+        write(b, notes(1))
+        assert read.find_archives([b, a]) == [b, a]
+
+    def test_missing_and_empty(self, tmp_path):
+        with pytest.raises(ToolError, match="no such file"):
+            read.find_archives([str(tmp_path / "nope")])
+        with pytest.raises(ToolError, match="no archives"):
+            read.find_archives([str(tmp_path)])
+
+
+class TestCat:
+    def test_versions_and_codecs(self, tmp_path, capsysbinary):
+        write(tmp_path / "a.events", notes(3), version=1)
+        write(tmp_path / "b.events", notes(2, 3))
+        zst = compression.compress_file(str(tmp_path / "b.events"),
+                                        compression.CODECS["zstd"])
+        code, out, err = run(["cat", str(tmp_path / "a.events"), zst],
+                             capsysbinary)
+        assert (code, err) == (0, "")
+        assert [json.loads(line)["n"] for line in out.splitlines()] == \
+            [0, 1, 2, 3, 4]
+
+    def test_metadata_and_match(self, tmp_path, capsysbinary):
+        write(tmp_path / "a.events", notes(6))
+        code, out, _ = run(["cat", "--metadata", "--match",
+                            "event_type=*.update", "--match", "n=[135]",
+                            str(tmp_path / "a.events")], capsysbinary)
+        assert code == 0
+        lines = [json.loads(line) for line in out.splitlines()]
+        assert [line["metadata"]["n"] for line in lines] == ["1", "3", "5"]
+        assert lines[0]["payload"] == {"n": 1, "event_type": "x"}
+
+    def test_missing_key_does_not_match(self, tmp_path, capsysbinary):
+        write(tmp_path / "a.events", notes(2))
+        code, out, _ = run(["cat", "--match", "nope=*",
+                            str(tmp_path / "a.events")], capsysbinary)
+        assert (code, out) == (0, b"")
+
+    def test_big_output_in_chunks(self, tmp_path, capsysbinary, monkeypatch):
+        monkeypatch.setattr(read, "OUTPUT_CHUNK", 100)
+        write(tmp_path / "a.events", notes(50))
+        code, out, _ = run(["cat", str(tmp_path / "a.events")],
+                           capsysbinary)
+        assert code == 0 and len(out.splitlines()) == 50
+
+    def test_damage_stops_with_one_line(self, tmp_path, capsysbinary):
+        path = tmp_path / "a.events"
+        offsets = write(path, notes(4))
+        data = bytearray(path.read_bytes())
+        data[offsets[2] + 30] ^= 0xFF
+        path.write_bytes(bytes(data))
+        code, out, err = run(["cat", str(path)], capsysbinary)
+        assert code == 1
+        assert len(out.splitlines()) == 2  # the records before it
+        assert err.count("\n") == 1
+        assert "offset %d" % offsets[2] in err and "--salvage" in err
+        code, out, err = run(["cat", "--salvage", str(path)], capsysbinary)
+        assert code == 0
+        assert [json.loads(x)["n"] for x in out.splitlines()] == [0, 1, 3]
+        assert "skipped damaged bytes %d-%d" % (offsets[2], offsets[3]) \
+            in err
+
+    def test_broken_pipe_is_quiet(self, tmp_path, monkeypatch):
+        write(tmp_path / "a.events", notes(3))
+
+        class Closed(io.RawIOBase):
+            def writable(self):
+                return True
+
+            def write(self, data):
+                raise BrokenPipeError(32, "Broken pipe")
+
+            def fileno(self):
+                return fd
+
+        fd = os.open(os.devnull, os.O_WRONLY)
+        monkeypatch.setattr(sys, "stdout", types.SimpleNamespace(
+            buffer=Closed(), flush=lambda: None))
+        try:
+            assert cli.main(["cat", str(tmp_path / "a.events")]) == \
+                read.EXIT_BROKEN_PIPE
+        finally:
+            os.close(fd)
+
+
+class TestVerify:
+    def test_ok(self, tmp_path):
+        path = str(tmp_path / "a.events")
+        write(path, notes(3), version=1)
+        report, salvaged_to = read.verify_file(path)
+        assert report.ok and report.records == 3 and salvaged_to is None
+        assert read.report_line(report) == (
+            "%s: OK: 3 records, %d bytes, version 1" % (
+                path, os.path.getsize(path)))
+
+    def test_damage_and_torn_tail(self, tmp_path):
+        path = str(tmp_path / "a.events")
+        pieces = ([record.pack(m, p, 1) for m, p in notes(3)]
+                  + [record.pack(m, p, 2) for m, p in notes(3, 3)])
+        offsets = [sum(map(len, pieces[:i])) for i in range(len(pieces))]
+        data = bytearray(b"".join(pieces)[:-10])  # the last one is torn
+        data[offsets[1] + 2] ^= 0x01  # no marker: bad bytes
+        with open(path, "wb") as f:
+            f.write(data)
+        size = len(data)
+        report, _ = read.verify_file(path)
+        assert not report.ok
+        assert report.records == 4  # 0, 2 (v1), 3, 4 (v2)
+        assert report.versions == {1, 2}
+        assert [(s.start, s.end) for s in report.skipped] == [
+            (offsets[1], offsets[2]), (offsets[5], size)]
+        assert report.torn_offset == offsets[5]
+        line = read.report_line(report)
+        assert "DAMAGED: 4 records, %d bytes, versions 1, 2" % size in line
+        assert "bad bytes %d-%d" % (offsets[1], offsets[2]) in line
+        assert "torn tail at offset %d (%d bytes" % (
+            offsets[5], size - offsets[5]) in line
+
+    def test_salvage_keeps_versions(self, tmp_path):
+        path = str(tmp_path / "a.events")
+        offsets = write(path, notes(3), version=1)
+        with open(path, "ab") as out:
+            out.write(record.pack({"n": "3"}, b"{}", 2))
+            out.write(b"\x84\x78\x86\x69\x02\x00torn")
+        data = bytearray(open(path, "rb").read())
+        data[offsets[1] + 7] ^= 0x01  # v1 header: end-of-header marker
+        open(path, "wb").write(bytes(data))
+        report, salvaged_to = read.verify_file(path, salvage=True)
+        assert salvaged_to == path + ".salvaged"
+        expected = (record.pack(*notes(1)[0], 1)
+                    + record.pack(*notes(1, 2)[0], 1)
+                    + record.pack({"n": "3"}, b"{}", 2))
+        with open(salvaged_to, "rb") as f:
+            assert f.read() == expected
+        assert "3 good records written to %s" % salvaged_to in \
+            read.report_line(report, salvaged_to)
+        assert read.verify_file(salvaged_to)[0].ok
+
+    def test_no_salvaged_copy_when_ok(self, tmp_path):
+        path = str(tmp_path / "a.events")
+        write(path, notes(1))
+        assert read.verify_file(path, salvage=True)[1] is None
+        assert not os.path.exists(path + ".salvaged")
+
+    def test_command_exit_codes(self, tmp_path, capsys):
+        good = str(tmp_path / "good.events")
+        write(good, notes(2))
+        assert cli.main(["verify", good]) == 0
+        assert capsys.readouterr().out.startswith(good + ": OK")
+        assert cli.main(["verify", good, str(tmp_path / "missing")]) == 1
+        out, err = capsys.readouterr()
+        assert "OK" in out and "missing: no such file" in err
