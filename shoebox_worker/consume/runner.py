@@ -43,6 +43,10 @@ def run_worker(conf, plugins, idle_exit=None):
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # a supervised child starts with them blocked (see Supervisor._start):
+    # one that came meanwhile is delivered now, to the handler above
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGTERM,
+                                               signal.SIGINT))
     LOG.info("shoebox-worker %s starting: broker %s, archives in %s",
              __version__, conf.broker.redacted_url(), worker.directory)
     if conf.metrics.port:

@@ -23,6 +23,8 @@ LOG = logging.getLogger(__name__)
 
 #: Restart delays for a child that keeps dying: doubles up to this.
 MAX_RESTART_DELAY = 30.0
+#: The signals that stop the supervisor and, through it, every child.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def _child(conf, plugins, idle_exit):
@@ -49,20 +51,38 @@ class Supervisor:
         self.children = {}      # index -> Process
         self.delays = {}        # index -> next restart delay
         self.restart_at = {}    # index -> monotonic time
+        self._signal = None     # the stop signal received, not yet logged
 
     def _start(self, index):
         proc = self._ctx.Process(target=_child,
                                  args=(self.conf, self.plugins,
                                        self.idle_exit),
                                  name="shoebox-worker-%d" % index)
-        proc.start()
-        self.children[index] = proc
+        # SIGTERM and SIGINT wait while the child is forked and recorded:
+        # here, so that a stop arriving meanwhile reaches the new child
+        # too; in the child (which inherits the mask), until the worker
+        # has its own handlers (runner.run_worker unblocks them)
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            proc.start()
+            self.children[index] = proc
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         LOG.info("started worker %d (pid %d)", index, proc.pid)
 
     def _on_signal(self, signum, frame):
-        if not self.stopping:
+        # no logging here: a handler that interrupts a log call and logs
+        # again breaks the log stream; run() says it
+        self._signal = signum
+        self._stop_children()
+
+    def _log_signal(self):
+        signum, self._signal = self._signal, None
+        if signum is not None:
             LOG.info("got %s: stopping %d worker(s)",
-                     signal.Signals(signum).name, len(self.children))
+                     signal.Signals(signum).name, self.count)
+
+    def _stop_children(self):
         self.stopping = True
         for proc in self.children.values():
             if proc.is_alive():
@@ -76,6 +96,7 @@ class Supervisor:
             self._start(index)
         code = 0
         while self.children or (self.restart_at and not self.stopping):
+            self._log_signal()
             for index, proc in list(self.children.items()):
                 proc.join(timeout=0.2 / max(len(self.children), 1))
                 if proc.exitcode is None:
@@ -88,7 +109,7 @@ class Supervisor:
                     LOG.error("worker %d exited with a configuration "
                               "error; stopping", index)
                     code = 2
-                    self._on_signal(signal.SIGTERM, None)
+                    self._stop_children()
                     continue
                 if self.stopping:
                     code = code or 1
@@ -107,5 +128,6 @@ class Supervisor:
                     self._start(index)
             if not self.children:
                 time.sleep(0.2)
+        self._log_signal()
         LOG.info("all workers stopped")
         return code

@@ -17,6 +17,8 @@ import os
 import pathlib
 import re
 import signal
+import subprocess
+import sys
 import time
 import traceback
 import types
@@ -80,6 +82,8 @@ def fake_child(conf, plugins, idle_exit=None):
     got = []
     signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
     signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
+    # as runner.run_worker does once its handlers are in place
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, supervisor.STOP_SIGNALS)
     n = sum(e["event"] == "start" for e in read_events(events))
     record(events, "start", ppid=os.getppid(), plugins=id(plugins),
            idle_exit=idle_exit)
@@ -326,3 +330,41 @@ def test_child_failing_while_stopping_returns_1(make_run, on_term):
     assert run.starts() == [first, second]   # no restart while stopping
     assert sorted(e["pid"] for e in run.events("signal")) == \
         sorted([first["pid"], second["pid"]])
+
+
+RACE = r'''
+import os, signal, sys, time, types
+from shoebox_worker.consume import runner, supervisor
+
+def child(conf, plugins, idle_exit=None):
+    signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, supervisor.STOP_SIGNALS)
+    time.sleep(5)
+    return 3  # never told to stop
+
+runner.run_child = child
+conf = types.SimpleNamespace(worker=types.SimpleNamespace(processes=1))
+sup = supervisor.Supervisor(conf, None)
+Base = sup._ctx.Process
+
+class Process(Base):
+    def start(self):
+        super().start()
+        os.kill(os.getpid(), signal.SIGTERM)  # the stop lands mid-_start
+
+sup._ctx = types.SimpleNamespace(Process=Process)
+started = time.monotonic()
+code = sup.run()
+print(code, round(time.monotonic() - started, 1))
+'''
+
+
+def test_stop_during_a_fork_reaches_the_new_child():
+    """A SIGTERM between a child's fork and its registration is not lost:
+    signals wait (blocked) until the child is recorded, and in the child
+    until its own handlers are in place."""
+    out = subprocess.run([sys.executable, "-c", RACE], capture_output=True,
+                         text=True, timeout=30, check=True).stdout.split()
+    code, seconds = int(out[0]), float(out[1])
+    assert code == 0
+    assert seconds < 4
