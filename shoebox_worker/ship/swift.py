@@ -43,19 +43,21 @@ time, or the one read once when a crashed run's archive was recovered), so
 the file is not read for them. Called without one (library use), the
 callback reads it with :func:`~shoebox_worker.archive.inspect_file`.
 
-**Integrity.** The file is read once, as it is sent: the MD5 of the bytes
-of each request (the whole object, or each segment) and the SHA-256 of the
-whole file are computed on the bytes as the HTTP layer reads them. Swift
-answers every PUT with the MD5 of what it received (its ETag); a PUT whose
-ETag is not the MD5 of what was sent fails the upload. A plain object is
-then given its ``X-Object-Meta-Sha256`` by a POST (which replaces the
-object's metadata, so it carries all of it again, ``X-Delete-At``
-included); for a Static Large Object the segments are PUT first and the
-manifest, carrying the SHA-256, last, and Swift checks each segment's size
-and ETag against it. Finally a HEAD must show the local size, the MD5
-(plain) or the SLO ETag (the MD5 of the segments' MD5s, in quotes), and
-the SHA-256. Until that HEAD passed, the upload has failed and the local
-file is kept.
+**Integrity.** The file is read once, as it is sent (its first 4 bytes
+before that, for the content type): the MD5 of the bytes of each request
+(the whole object, or each segment) and the SHA-256 of the whole file are
+computed on the bytes as the HTTP layer reads them (:data:`SEND_BLOCK` at
+a time). Swift answers every PUT with the MD5 of
+what it received (its ETag); a PUT whose ETag is not the MD5 of what was
+sent fails the upload. A plain object is then given its
+``X-Object-Meta-Sha256`` by a POST (which replaces the object's metadata,
+so it carries all of it again, ``X-Delete-At`` included); for a Static
+Large Object the segments are PUT first and the manifest, carrying the
+SHA-256, last, and Swift checks each segment's size and ETag against it.
+So an object with a SHA-256 passed the ETag checks. Finally a HEAD must
+show the local size, the MD5 (plain) or the SLO ETag (the MD5 of the
+segments' MD5s, in quotes), and the SHA-256. Until that HEAD passed, the
+upload has failed and the local file is kept.
 
 **Idempotence.** The object name depends only on the file (its first
 record, or its mtime, and its name), so an upload after a crash replaces
