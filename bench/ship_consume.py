@@ -169,9 +169,9 @@ def main():
     workdir = tempfile.mkdtemp(prefix="shoebox-bench-ship-")
     container = "bench-ship-%s" % uuid.uuid4().hex[:8]
     print("%d messages per run, %d round(s), rolls every %g MB, gzip level "
-          "%d, broker %s, swift %s" % (
+          "%d, broker %s, swift %s, container %s" % (
               args.count, args.rounds, args.roll_mb, args.level,
-              URL.split("@")[-1], os.environ["ST_AUTH"]))
+              URL.split("@")[-1], os.environ["ST_AUTH"], container))
     plain, shipped, tails = [], [], []
     with kombu.Connection(URL) as conn:
         exchange = kombu.Exchange(bench_worker.EXCHANGE, type="topic",
@@ -189,9 +189,9 @@ def main():
                 tails.append(tail)
             _, objects = swift_objects(container)
         finally:
+            delete_container(container)  # first: the broker may be gone
             with conn.channel() as ch:
                 queue(ch).delete()
-            delete_container(container)
     subprocess.run(["rm", "-rf", workdir], check=False)
     a, b = max(plain), max(shipped)
     ratio = b / a
