@@ -2,18 +2,21 @@
 
 Writes archives of 10 MB and 200 MB (synthetic nova notifications from
 shoebox_worker.tools.simulator, or inline JSON when it is missing), then
-uploads
-each one, in the same run, (a) with ``swift upload`` (the venv's CLI, whole
-process timed) and (b) with ``SwiftUploadCallback.on_close`` (a fresh
-callback each time, so authentication is timed too), alternating, best of
-3 each, with the same segment size so both do SLO or neither.
+uploads each one, in the same run, (a) with ``swift upload`` (the venv's
+CLI, whole process timed) and (b) with ``SwiftUploadCallback.on_close``
+given the writer's report, as the shipper calls it (a fresh callback each
+time, so authentication is timed too), alternating, best of 3 each. Each
+segment size in ``--segment-sizes`` is one round, the same for both, so
+both do SLO or neither: the default 1G (the callback's default: a plain
+object up to 1 GiB) and 64M (a 200 MB archive as an SLO of 3 segments;
+the CLI PUTs its segments in parallel, the callback in order).
 
 Needs ST_AUTH, ST_USER and ST_KEY (``env="$(scripts/swift-saio start)" &&
-eval "$env"``). Usage: ``python bench/ship.py [--sizes 10,200] [--runs 3]``.
+eval "$env"``). Usage: ``python bench/ship.py [--sizes 10,200]
+[--segment-sizes 1G,64M] [--runs 3]``.
 """
 
 import argparse
-import concurrent.futures
 import datetime
 import json
 import os
@@ -26,10 +29,10 @@ import uuid
 from swiftclient import client as swc
 
 from shoebox_worker import archive
+from shoebox_worker import options
 from shoebox_worker.ship import swift
 
 GOAL = 0.9
-SEGMENT_SIZE = 1 << 30  # the callback's default
 
 
 def notifications():
@@ -56,6 +59,7 @@ def notifications():
 
 
 def write_archive(path, megabytes):
+    """:returns: the writer's report (what the shipper passes on)."""
     limit = megabytes * 1000 * 1000
     with archive.ArchiveWriter(path) as writer:
         for n in notifications():
@@ -66,42 +70,29 @@ def write_archive(path, megabytes):
             writer.write(meta, json.dumps(n))
             if writer.tell() >= limit:
                 break
-    return writer.records
+    return writer.report()
 
 
-def cli_upload(env, container, path):
+def cli_upload(env, container, path, segment_size):
     swift_cli = os.path.join(os.path.dirname(sys.executable), "swift")
     started = time.perf_counter()
     subprocess.run([swift_cli, "-A", env["ST_AUTH"], "-U", env["ST_USER"],
                     "-K", env["ST_KEY"], "upload", "--segment-size",
-                    str(SEGMENT_SIZE), "--object-name",
+                    str(segment_size), "--object-name",
                     os.path.basename(path), container, path],
                    check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - started
 
 
-def callback_upload(env, container, path):
+def callback_upload(env, container, path, segment_size, report):
     started = time.perf_counter()
     cb = swift.SwiftUploadCallback(
         auth=env["ST_AUTH"], user=env["ST_USER"], key=env["ST_KEY"],
-        container=container, segment_size=str(SEGMENT_SIZE))
+        container=container, segment_size=str(segment_size))
     try:
-        cb.on_close(path)
+        cb.on_close(path, report=report)
     finally:
         cb.close()
-    return time.perf_counter() - started
-
-
-def pre_pass(path):
-    """What the callback does before its PUT (for the breakdown)."""
-    size = os.path.getsize(path)
-    started = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        sha = pool.submit(swift._hash_range, path, "sha256", 0, size)
-        md5 = pool.submit(swift._hash_range, path, "md5", 0, size)
-        swift.summarize(path)
-        sha.result()
-        md5.result()
     return time.perf_counter() - started
 
 
@@ -123,6 +114,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="10,200",
                         help="archive sizes in MB (default 10,200)")
+    parser.add_argument("--segment-sizes", default="1G,64M",
+                        help="one round per segment size (default 1G,64M)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--dir", default=None, help="where to write them")
     args = parser.parse_args(argv)
@@ -140,28 +133,35 @@ def main(argv=None):
         try:
             for megabytes in (int(s) for s in args.sizes.split(",")):
                 path = os.path.join(tmp, "bench-%dmb.events" % megabytes)
-                records = write_archive(path, megabytes)
+                report = write_archive(path, megabytes)
                 size = os.path.getsize(path)
-                cli, cb = [], []
-                for _ in range(args.runs):
-                    cli.append(cli_upload(env, cli_container, path))
-                    cb.append(callback_upload(env, cb_container, path))
-                prep = min(pre_pass(path) for _ in range(args.runs))
-                cli_rate = size / min(cli) / 1e6
-                cb_rate = size / min(cb) / 1e6
-                ratio = cb_rate / cli_rate
-                verdict = "PASS" if ratio >= GOAL else "MISS"
-                verdicts.append(verdict)
-                print("%4d MB archive (%d bytes, %d records), best of %d:"
-                      % (megabytes, size, records, args.runs))
-                print("  swift upload CLI      %6.3f s  %7.1f MB/s"
-                      % (min(cli), cli_rate))
-                print("  SwiftUploadCallback   %6.3f s  %7.1f MB/s"
-                      "   (pre-pass MD5 | SHA-256 | record walk: %.3f s)"
-                      % (min(cb), cb_rate, prep))
-                print("  ratio callback/CLI    %.2fx  goal %.1fx  %s"
-                      % (ratio, GOAL, verdict))
-                sys.stdout.flush()
+                for text in args.segment_sizes.split(","):
+                    segment_size = options.size()(text)
+                    kind = ("SLO of %d segments"
+                            % -(-size // segment_size)
+                            if size > segment_size else "plain object")
+                    cli, cb = [], []
+                    for _ in range(args.runs):
+                        cli.append(cli_upload(env, cli_container, path,
+                                              segment_size))
+                        cb.append(callback_upload(env, cb_container, path,
+                                                  segment_size, report))
+                    cli_rate = size / min(cli) / 1e6
+                    cb_rate = size / min(cb) / 1e6
+                    ratio = cb_rate / cli_rate
+                    verdict = "PASS" if ratio >= GOAL else "MISS"
+                    verdicts.append(verdict)
+                    print("%4d MB archive (%d bytes, %d records), segment "
+                          "size %s: %s, best of %d:"
+                          % (megabytes, size, report.records, text, kind,
+                             args.runs))
+                    print("  swift upload CLI      %6.3f s  %7.1f MB/s"
+                          % (min(cli), cli_rate))
+                    print("  SwiftUploadCallback   %6.3f s  %7.1f MB/s"
+                          % (min(cb), cb_rate))
+                    print("  ratio callback/CLI    %.2fx  goal %.1fx  %s"
+                          % (ratio, GOAL, verdict))
+                    sys.stdout.flush()
         finally:
             cleanup(env, [cli_container, cli_container + "_segments",
                           cb_container, cb_container + "_segments"])

@@ -5,7 +5,17 @@ returns the path the next one should get; :class:`CallbackChain` runs
 several in order. The contract is in :mod:`shoebox_worker.contract`; the
 built-in steps (``gzip``, ``swift``, ``delete``, ...) are in
 :mod:`shoebox_worker.ship.steps` and :mod:`shoebox_worker.ship.swift`.
+
+A step that wants to know what is in the archive (record count, first and
+last metadata, format versions) declares a keyword-only ``report``
+parameter, ``on_close(self, filename, *, report=None)``; the chain then
+passes it the :class:`~shoebox_worker.archive.ArchiveReport` it was given
+(the writer's, made at roll time), so the step need not read the file for
+it. Other steps are called ``on_close(filename)``. The chain decides which
+is which once, from each ``on_close`` signature, when it is built.
 """
+
+import inspect
 
 from shoebox_worker import exceptions
 
@@ -30,6 +40,17 @@ def _name_of(callback):
     return getattr(callback, "name", None) or type(callback).__name__
 
 
+def _takes_report(callback):
+    """Does ``callback.on_close`` declare a keyword-only ``report``?"""
+    try:
+        parameters = inspect.signature(callback.on_close).parameters
+    except (AttributeError, TypeError, ValueError):
+        return False
+    parameter = parameters.get("report")
+    return (parameter is not None
+            and parameter.kind is inspect.Parameter.KEYWORD_ONLY)
+
+
 class CallbackChain(ArchiveCallback):
     """Run callbacks in order, each on the path the previous returned.
 
@@ -38,12 +59,15 @@ class CallbackChain(ArchiveCallback):
     """
 
     def __init__(self, callbacks=()):
+        #: ``(name, callback)`` pairs, in order.
         self.steps = []
         for item in callbacks:
             if isinstance(item, tuple):
                 self.steps.append(item)
             else:
                 self.steps.append((_name_of(item), item))
+        self._wants_report = tuple(_takes_report(callback)
+                                   for _, callback in self.steps)
 
     def __len__(self):
         return len(self.steps)
@@ -54,24 +78,35 @@ class CallbackChain(ArchiveCallback):
             if on_open is not None:
                 on_open(filename)
 
-    def run_step(self, index, filename):
+    def wants_report(self, index):
+        """Does step ``index`` take the archive's report?"""
+        return self._wants_report[index]
+
+    def run_step(self, index, filename, report=None):
         """Run step ``index`` on ``filename``.
 
+        :param report: the archive's
+            :class:`~shoebox_worker.archive.ArchiveReport` (or None), passed
+            on to a step that declares ``report``.
         :returns: the path the step returned (None: the file is gone).
         :raises CallbackError: naming the step and the file; the file is
             left where it was.
         """
         name, callback = self.steps[index]
         try:
+            if self._wants_report[index]:
+                return callback.on_close(filename, report=report)
             return callback.on_close(filename)
         except Exception as exc:
             raise exceptions.CallbackError(
                 "%s: %s" % (type(exc).__name__, exc), callback=name,
                 filename=filename) from exc
 
-    def on_close(self, filename, start=0):
+    def on_close(self, filename, start=0, *, report=None):
         """Run the chain from step ``start``.
 
+        :param report: passed to the steps that take it (see the module
+            documentation).
         :returns: the final path, or None when a step removed the file.
         :raises CallbackError: the first failing step; later steps do not
             run and the file stays where that step got it.
@@ -79,5 +114,5 @@ class CallbackChain(ArchiveCallback):
         for index in range(start, len(self.steps)):
             if filename is None:
                 break
-            filename = self.run_step(index, filename)
+            filename = self.run_step(index, filename, report)
         return filename

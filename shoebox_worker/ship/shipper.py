@@ -1,16 +1,20 @@
 """Shipping: run every closed archive through the callback chain, beside
 consumption, until it is done, across failures and restarts.
 
-The consumer hands a closed (fsynced) archive to :meth:`Shipper.submit`
-and goes on. A background thread runs the chain one step at a time; after
-each step the progress is saved in a small state file next to where the
-archive was written (``x.events.ship``: the file's current path and the
-next step), written atomically, so a crash at any point resumes at the step
-that was running. A failed step is retried with capped exponential backoff
-(with jitter); other archives keep moving meanwhile. Steps must be
-idempotent (see :mod:`shoebox_worker.contract`): a step may run again
-after a crash, never a step after it before it succeeded, so nothing is
-deleted before the upload before it was verified.
+The consumer hands a closed (fsynced) archive to :meth:`Shipper.submit`,
+with the :class:`~shoebox_worker.archive.ArchiveReport` its writer made
+(record count, first and last metadata, format versions), and goes on. A
+background thread runs the chain one step at a time, passing the report to
+the steps that take it (see :mod:`shoebox_worker.callbacks`), so no step
+reads the archive to learn what is in it. After each step the progress is
+saved in a small state file next to where the archive was written
+(``x.events.ship``: the file's current path, the next step and the
+report), written atomically, so a crash at any point resumes at the step
+that was running, with the same report. A failed step is retried with
+capped exponential backoff (with jitter); other archives keep moving
+meanwhile. Steps must be idempotent (see :mod:`shoebox_worker.contract`):
+a step may run again after a crash, never a step after it before it
+succeeded, so nothing is deleted before the upload before it was verified.
 
 Every state file is held under an exclusive ``flock`` while its archive is
 being shipped, and every active archive while it is being written, so
@@ -20,9 +24,14 @@ so a killed worker's files are taken over at the next start.
 
 :meth:`Shipper.recover` runs at start: it resumes every unlocked state
 file, and treats every unlocked archive that has none as left by a killed
-run: a torn tail is cut off (and reported), then it is shipped.
+run: it is read once (:func:`~shoebox_worker.archive.inspect_file`) for its
+report, a torn tail is cut off (and reported), then it is shipped. An
+archive whose report is not known (a state file written without one, or
+one handed over without) gets it from the same function, in the shipping
+thread, just before the first step that takes it.
 """
 
+import dataclasses
 import heapq
 import json
 import logging
@@ -50,11 +59,12 @@ EMPTY_ARCHIVE_GRACE = 60.0
 class _Job:
     """One archive on its way through the chain."""
 
-    def __init__(self, origin, path, step, lock, since=None):
+    def __init__(self, origin, path, step, lock, since=None, report=None):
         self.origin = origin        # where the archive was written
         self.path = path            # where it is now
         self.step = step            # next step to run
         self.lock = lock            # FileLock on the state file
+        self.report = report        # ArchiveReport of its records, or None
         self.attempts = 0           # failures of the current step
         self.size = _size(path)
         # when its oldest record was written (at worst: its last write)
@@ -78,6 +88,51 @@ def _size(path):
         return os.path.getsize(path)
     except (OSError, TypeError):
         return 0
+
+
+def _report_to_state(report):
+    """An :class:`~shoebox_worker.archive.ArchiveReport` as JSON values."""
+    return {
+        "records": report.records,
+        "size": report.size,
+        "versions": sorted(report.versions),
+        "skipped": [[s.start, s.end, s.reason] for s in report.skipped],
+        "torn_offset": report.torn_offset,
+        "first_metadata": report.first_metadata,
+        "last_metadata": report.last_metadata,
+    }
+
+
+def _report_from_state(origin, data):
+    """The report a state file saved, or None when it has none (or one
+    that does not parse)."""
+    if data is None:
+        return None
+    try:
+        return archive.ArchiveReport(
+            origin, records=int(data["records"]), size=int(data["size"]),
+            versions={int(v) for v in data["versions"]},
+            skipped=[archive.Skipped(origin, int(start), int(end),
+                                     str(reason))
+                     for start, end, reason in data["skipped"]],
+            torn_offset=data["torn_offset"],
+            first_metadata=data["first_metadata"],
+            last_metadata=data["last_metadata"])
+    except (KeyError, TypeError, ValueError):
+        LOG.warning("%s%s: the saved archive report does not parse; it is "
+                    "read again from the archive", origin, STATE_SUFFIX)
+        return None
+
+
+def _inspect(path):
+    """Read an archive for its report; None when it cannot be read (the
+    steps that take a report then do without)."""
+    try:
+        return archive.inspect_file(path)
+    except Exception as exc:  # unreadable: the steps decide what to do
+        LOG.warning("%s: cannot read its records for a report: %s", path,
+                    exc)
+        return None
 
 
 class Shipper:
@@ -117,9 +172,13 @@ class Shipper:
             state file holds the archive.
         :param since: when its first record was written (default: the
             file's modification time).
+        :param report: the :class:`~shoebox_worker.archive.ArchiveReport`
+            of the whole file (``ArchiveWriter.report()`` at roll time);
+            kept in the state file and passed to the steps that take it.
+            Without one it is read from the file when a step needs it.
         """
         state = FileLock(path + STATE_SUFFIX)
-        job = _Job(path, path, 0, state, since)
+        job = _Job(path, path, 0, state, since, report)
         self._save(job)
         if lock is not None:
             lock.release()
@@ -226,15 +285,33 @@ class Shipper:
                 os.unlink(path)
                 lock.release()
                 continue
-            cut = archive.cut_torn_tail(path)
-            if cut is not None:
-                LOG.warning("%s: cut a torn tail of %d bytes at offset %d "
-                            "(a record being written when the last run "
-                            "died; it was never acked)", path, cut[1], cut[0])
+            report = self._recovered_report(path)
             LOG.info("shipping %s, left by a previous run", path)
-            self.submit(path, lock)
+            self.submit(path, lock, report=report)
             count += 1
         return count
+
+    @staticmethod
+    def _recovered_report(path):
+        """Read an archive left by a killed run for its report, and cut off
+        a torn tail (the record being written when that run died; it was
+        never acked).
+
+        :returns: the report of what is left.
+        """
+        report = archive.inspect_file(path)
+        if report.torn_offset is None:
+            return report
+        # the cut reads the file again; only after a crash mid-write
+        cut = archive.cut_torn_tail(path)
+        if cut is None:  # not torn on this second look: read it afresh
+            return archive.inspect_file(path)
+        LOG.warning("%s: cut a torn tail of %d bytes at offset %d (a record "
+                    "being written when the last run died; it was never "
+                    "acked)", path, cut[1], cut[0])
+        # no valid record was in the tail: only its damaged range goes
+        return dataclasses.replace(report, skipped=report.skipped[:-1],
+                                   size=cut[0], torn_offset=None)
 
     def _resume(self, state_path):
         lock = FileLock.try_acquire(state_path, create=False)
@@ -265,7 +342,8 @@ class Shipper:
                           "ship", state_path, path)
                 self._finish(_Job(origin, None, step, lock))
                 return 0
-        job = _Job(origin, path, step, lock)
+        report = _report_from_state(origin, state.get("report"))
+        job = _Job(origin, path, step, lock, report=report)
         LOG.info("resuming shipping of %s at step %d of %d", path, step,
                  len(self.chain_names))
         self._enqueue(job, time.monotonic())
@@ -349,9 +427,14 @@ class Shipper:
                 self._enqueue(job, time.monotonic())
                 return
             name = self.chain_names[job.step]
+            if job.report is None and self.chain.wants_report(job.step):
+                job.report = _inspect(job.path)
+                if job.report is not None:
+                    self._save(job)  # read once, even across a restart
             started = time.monotonic()
             try:
-                new_path = self.chain.run_step(job.step, job.path)
+                new_path = self.chain.run_step(job.step, job.path,
+                                               job.report)
             except exceptions.CallbackError as exc:
                 job.attempts += 1
                 if job.failing_since is None:
@@ -384,8 +467,11 @@ class Shipper:
         self._enqueue(job, time.monotonic() + delay)
 
     def _save(self, job):
-        lock = files.write_json_atomic(job.state_path, {
-            "path": job.path, "step": job.step, "chain": self.chain_names})
+        state = {"path": job.path, "step": job.step,
+                 "chain": self.chain_names}
+        if job.report is not None:
+            state["report"] = _report_to_state(job.report)
+        lock = files.write_json_atomic(job.state_path, state)
         old, job.lock = job.lock, lock
         old.release()
 

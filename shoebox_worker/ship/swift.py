@@ -35,15 +35,29 @@ An empty ``key`` is read from ``ST_KEY`` and an empty ``os_password`` from
 environment: swiftclient's own defaults (read from ``OS_*``/``ST_*`` when it
 is imported) are never used.
 
-**Integrity.** Before sending, the file is read once: MD5 (of the whole
-file, or of each segment) and SHA-256 in two threads, and the record headers
-are walked for the count, the first and last metadata and the format
-versions. A plain object is PUT with ``ETag: <md5>``, so Swift refuses
-(422) bytes that do not match; then a HEAD must show the local size and
-MD5. For a Static Large Object every segment is PUT with its own MD5 ETag,
-the manifest PUT makes Swift check each segment's size and ETag, and a HEAD
-must show the local size and the SLO ETag (the MD5 of the segments' MD5s,
-in quotes).
+**What is in the archive.** The object metadata says how many records it
+holds, the timestamps of its first and last, and its format versions. They
+come from the :class:`~shoebox_worker.archive.ArchiveReport` the chain
+passes to :meth:`SwiftUploadCallback.on_close` (the writer's, made at roll
+time, or the one read once when a crashed run's archive was recovered), so
+the file is not read for them. Called without one (library use), the
+callback reads it with :func:`~shoebox_worker.archive.inspect_file`.
+
+**Integrity.** The file is read once, as it is sent (its first 4 bytes
+before that, for the content type): the MD5 of the bytes of each request
+(the whole object, or each segment) and the SHA-256 of the whole file are
+computed on the bytes as the HTTP layer reads them (:data:`SEND_BLOCK` at
+a time). Swift answers every PUT with the MD5 of
+what it received (its ETag); a PUT whose ETag is not the MD5 of what was
+sent fails the upload. A plain object is then given its
+``X-Object-Meta-Sha256`` by a POST (which replaces the object's metadata,
+so it carries all of it again, ``X-Delete-At`` included); for a Static
+Large Object the segments are PUT first and the manifest, carrying the
+SHA-256, last, and Swift checks each segment's size and ETag against it.
+So an object with a SHA-256 passed the ETag checks. Finally a HEAD must
+show the local size, the MD5 (plain) or the SLO ETag (the MD5 of the
+segments' MD5s, in quotes), and the SHA-256. Until that HEAD passed, the
+upload has failed and the local file is kept.
 
 **Idempotence.** The object name depends only on the file (its first
 record, or its mtime, and its name), so an upload after a crash replaces
@@ -51,10 +65,14 @@ the same object. Segment names are ``<object>/<size>/<segment_size>/<index>``:
 a re-upload overwrites them, and segments of an earlier attempt with other
 sizes are deleted once the new object is verified. Both containers are
 created (when missing) at the first upload.
+
+**Secrets in logs.** swiftclient logs every failed request (at INFO, and
+every request at DEBUG) with the first characters of ``X-Auth-Key`` and
+``X-Auth-Token``. The first connection adds a filter to the ``swiftclient``
+logger that blanks those header values; swiftclient's own
+``logger_settings`` are left as they are.
 """
 
-import concurrent.futures
-import dataclasses
 import datetime
 import hashlib
 import json
@@ -65,26 +83,28 @@ import re
 import time
 import urllib.parse
 
+import requests.adapters
 from swiftclient import client as swiftclient
 from swiftclient import exceptions as swift_exceptions
-from swiftclient import utils as swift_utils
 
 from shoebox_worker import archive
 from shoebox_worker import compression
 from shoebox_worker import exceptions
 from shoebox_worker import options as coercers
-from shoebox_worker import record
 
-__all__ = ["SwiftUploadCallback", "ArchiveSummary", "summarize"]
+__all__ = ["SwiftUploadCallback"]
 
 LOG = logging.getLogger(__name__)
 
-_CHUNK = 1 << 20
 #: Swift's default limit on one object (and so on one segment).
 MAX_SEGMENT_SIZE = 5 * (1 << 30)
 #: Swift refuses metadata values longer than this.
 _MAX_META_VALUE = 256
 _SAFE_HEADER = re.compile(r"[\x20-\x7e]*\Z")
+#: Bytes the HTTP layer reads from a request body (and hashes, and sends)
+#: at a time; urllib3's default, 16 KiB, costs a 200 MB upload 12,000
+#: rounds of Python code.
+SEND_BLOCK = 1 << 20
 
 
 # -- option coercion (shoebox_worker.options) --------------------------------
@@ -99,113 +119,16 @@ _DELETE_AFTER = coercers.integer(minimum=1, empty=None)
 
 # -- what is in the archive -------------------------------------------------
 
-@dataclasses.dataclass
-class ArchiveSummary:
-    """What the object metadata says about an archive.
-
-    :ivar records: records found (None: unreadable).
-    :ivar first_metadata: metadata of the first record (or None).
-    :ivar last_metadata: metadata of the last record (or None).
-    :ivar versions: record format versions seen.
-    :ivar damaged: damaged ranges (0 for a clean archive; at least 1 when
-        the records could not all be read).
-    """
-
-    records: int = 0
-    first_metadata: dict | None = None
-    last_metadata: dict | None = None
-    versions: set = dataclasses.field(default_factory=set)
-    damaged: int = 0
-
-
-def _walk(filename):
-    """Walk record headers only (payload checksums are not checked).
-
-    :raises RecordError: at the first damage.
-    """
-    summary = ArchiveSummary()
-    last = None
-    with compression.open_read(filename) as stream:
-        buf = b""
-        pos = 0
-        while True:
-            if len(buf) - pos < record.HEADER_SIZE:
-                buf = buf[pos:] + stream.read(_CHUNK)
-                pos = 0
-                if not buf:
-                    break
-                if len(buf) < record.HEADER_SIZE:
-                    raise exceptions.TornRecord("torn record header")
-            size = record.record_size(buf, pos)
-            have = len(buf) - pos
-            if have < size:
-                parts = [buf[pos:]]
-                while have < size:
-                    chunk = stream.read(max(_CHUNK, size - have))
-                    if not chunk:
-                        raise exceptions.TornRecord("torn record")
-                    parts.append(chunk)
-                    have += len(chunk)
-                buf = b"".join(parts)
-                pos = 0
-            summary.versions.add(buf[pos + 4] | buf[pos + 5] << 8)
-            if summary.records == 0:
-                summary.first_metadata = record.unpack_from(buf, pos)[0]
-            last = (buf, pos)
-            summary.records += 1
-            pos += size
-    if last is not None:
-        summary.last_metadata = record.unpack_from(*last)[0]
-    return summary
-
-
-def _marker_versions(filename):
-    """Versions of every valid record header in a (damaged) archive."""
-    versions = set()
-    with compression.open_read(filename) as stream:
-        tail = b""
-        while chunk := stream.read(_CHUNK):
-            buf = tail + chunk
-            pos = record.find_marker(buf, 0)
-            while 0 <= pos <= len(buf) - record.HEADER_SIZE:
-                try:
-                    record.record_size(buf, pos)
-                    versions.add(buf[pos + 4] | buf[pos + 5] << 8)
-                except exceptions.RecordError:
-                    pass
-                pos = record.find_marker(buf, pos + 1)
-            tail = buf[max(0, len(buf) - record.HEADER_SIZE + 1):]
-    return versions
-
-
-def summarize(filename):
-    """Count the records of an archive (plain or compressed) and take its
-    first and last metadata and its format versions.
-
-    A clean archive is read by its record headers alone (fast); a damaged
-    one falls back to :func:`~shoebox_worker.archive.inspect_file`. Damage
-    never raises: what could not be read is uploaded all the same, and an
-    archive nothing could be made of gives ``records = None``.
-
-    :returns: an :class:`ArchiveSummary`.
-    """
+def _inspect(filename):
+    """Read an archive for its report when none was passed; never raises:
+    an archive nothing could be made of is uploaded without record
+    metadata (None)."""
     try:
-        return _walk(filename)
-    except Exception as exc:  # damage: records, or the compressed stream
-        LOG.debug("%s: fast record walk stopped (%s); inspecting it",
-                  filename, exc)
-    try:
-        report = archive.inspect_file(filename)
-        versions = _marker_versions(filename)
-    except Exception as exc:
+        return archive.inspect_file(filename)
+    except Exception as exc:  # the records, or the compressed stream
         LOG.warning("%s: cannot read its records (%s); uploading it without "
                     "record metadata", filename, exc)
-        return ArchiveSummary(records=None, damaged=1)
-    return ArchiveSummary(records=report.records,
-                          first_metadata=report.first_metadata,
-                          last_metadata=report.last_metadata,
-                          versions=versions,
-                          damaged=max(len(report.skipped), 1))
+        return None
 
 
 def _record_time(metadata):
@@ -230,23 +153,95 @@ def _header_value(value):
     return value[:_MAX_META_VALUE]
 
 
-# -- hashing ----------------------------------------------------------------
+# -- hashing while sending --------------------------------------------------
 
-def _hash_range(filename, algorithm, offset, length):
-    digest = hashlib.new(algorithm)
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
-    with open(filename, "rb", buffering=0) as f:
-        f.seek(offset)
-        left = length
-        while left > 0:
-            n = f.readinto(view[:min(_CHUNK, left)])
-            if not n:
-                raise OSError("%s shrank while being read" % filename)
-            digest.update(view[:n])
-            left -= n
-    return digest.hexdigest()
+class _FileHash:
+    """The SHA-256 of a whole file, fed by the :class:`_Part` readers as
+    they send it, in order. Bytes sent again (swiftclient retrying a
+    request) are not hashed twice."""
 
+    def __init__(self, filename):
+        self.filename = filename
+        self._sha256 = hashlib.sha256()
+        self._hashed = 0  # bytes of the file hashed so far
+
+    def update(self, offset, data):
+        skip = self._hashed - offset
+        if skip < 0:
+            raise RuntimeError("%s: bytes %d-%d were never sent"
+                               % (self.filename, self._hashed, offset))
+        if skip < len(data):
+            self._sha256.update(memoryview(data)[skip:])
+            self._hashed = offset + len(data)
+
+    def hexdigest(self, size):
+        """The SHA-256, once all ``size`` bytes went through."""
+        if self._hashed != size:
+            raise _Mismatch("%s: %d of %d bytes were sent"
+                            % (self.filename, self._hashed, size))
+        return self._sha256.hexdigest()
+
+
+class _Part:
+    """``length`` bytes of an open file from ``offset``, as a request body:
+    the HTTP layer reads it as it sends, and the bytes are hashed on the
+    way (:attr:`md5` of this request, and the file's :class:`_FileHash`).
+    swiftclient calls :meth:`reset` before it retries the request."""
+
+    def __init__(self, fd, offset, length, file_hash):
+        self._fd = fd
+        self._offset = offset
+        self._length = length
+        self._file_hash = file_hash
+        self.reset()
+
+    def __len__(self):
+        return self._length
+
+    def reset(self, *args, **kwargs):
+        """Start again from the first byte (swiftclient's retry hook)."""
+        self.md5 = hashlib.md5(usedforsecurity=False)
+        self.sent = 0
+
+    def read(self, size=-1):
+        left = self._length - self.sent
+        if left <= 0:
+            return b""
+        if size is not None and size >= 0:
+            left = min(left, size)
+        position = self._offset + self.sent
+        data = os.pread(self._fd, left, position)
+        if not data:
+            raise OSError("%s shrank while being sent"
+                          % self._file_hash.filename)
+        self.md5.update(data)
+        self._file_hash.update(position, data)
+        self.sent += len(data)
+        return data
+
+
+class _BlockAdapter(requests.adapters.HTTPAdapter):
+    """requests' adapter, reading request bodies :data:`SEND_BLOCK` bytes
+    at a time."""
+
+    def init_poolmanager(self, *args, **kwargs):
+        kwargs.setdefault("blocksize", SEND_BLOCK)
+        super().init_poolmanager(*args, **kwargs)
+
+
+class _Connection(swiftclient.Connection):
+    """swiftclient's Connection, sending bodies in :data:`SEND_BLOCK`
+    reads."""
+
+    def http_connection(self, url=None):
+        parsed, conn = super().http_connection(url)
+        adapter = _BlockAdapter()
+        for prefix in ("http://", "https://"):
+            conn.request_session.mount(prefix, adapter)
+        return parsed, conn
+
+
+# -- errors and logs --------------------------------------------------------
 
 class _Mismatch(Exception):
     """Swift's copy is not the local file."""
@@ -281,6 +276,33 @@ def _describe(exc):
     if txn:
         text += " (txn %s)" % txn
     return text
+
+
+#: A secret header and its value, as swiftclient logs them: ``-H "Name:
+#: value"`` in a request line, ``'Name': 'value'`` in a header dict.
+_SECRET_HEADER = re.compile(
+    r"(?i)\b(%s)(['\"]?\s*:\s*['\"]?)[^'\"\s,}]*"
+    % "|".join(re.escape(name)
+               for name in swiftclient.LOGGER_SENSITIVE_HEADERS))
+
+
+class _RedactSecrets(logging.Filter):
+    """Blank the value of every secret header (``X-Auth-Key``,
+    ``X-Auth-Token``, ...) in a log record."""
+
+    def filter(self, record):
+        message = record.getMessage()
+        redacted = _SECRET_HEADER.sub(r"\1\2...", message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
+
+
+def _redact_swiftclient_logs():
+    """Put a :class:`_RedactSecrets` on the ``swiftclient`` logger (once)."""
+    logger = logging.getLogger("swiftclient")
+    if not any(isinstance(f, _RedactSecrets) for f in logger.filters):
+        logger.addFilter(_RedactSecrets())
 
 
 # -- the callback -----------------------------------------------------------
@@ -358,7 +380,6 @@ class SwiftUploadCallback:
         self.delete_after = coercers.coerce("delete_after", delete_after,
                                             _DELETE_AFTER)
         self._conn = None
-        self._pool = None
         self._containers = set()
 
     @staticmethod
@@ -426,17 +447,9 @@ class SwiftUploadCallback:
 
     def _connection(self):
         if self._conn is None:
-            # swiftclient logs failed requests at INFO with the first
-            # characters of X-Auth-Key/X-Auth-Token; log none of them
-            swiftclient.logger_settings["reveal_sensitive_prefix"] = 0
-            self._conn = swiftclient.Connection(**self.connection_kwargs())
+            _redact_swiftclient_logs()
+            self._conn = _Connection(**self.connection_kwargs())
         return self._conn
-
-    def _executor(self):
-        if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(
-                max_workers=2, thread_name_prefix="swift-hash")
-        return self._pool
 
     def _drop_connection(self):
         conn, self._conn = self._conn, None
@@ -449,11 +462,8 @@ class SwiftUploadCallback:
                           exc_info=True)
 
     def close(self):
-        """Release the connection and the hashing threads (idempotent)."""
+        """Release the connection (idempotent)."""
         self._drop_connection()
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True)
 
     def __enter__(self):
         return self
@@ -485,52 +495,46 @@ class SwiftUploadCallback:
     def on_open(self, filename):
         """Nothing to do when an archive is opened."""
 
-    def on_close(self, filename):
+    def on_close(self, filename, *, report=None):
         """Upload ``filename``; return it unchanged.
 
+        :param report: the archive's
+            :class:`~shoebox_worker.archive.ArchiveReport` (records, first
+            and last metadata, versions) for the object metadata and name;
+            None: read from the file.
         :raises UploadError: anything went wrong; the file is untouched.
         """
         filename = os.fspath(filename)
         target = self.container + "/?"
-        futures = []
         started = time.monotonic()
         try:
-            stat = os.stat(filename)
-            size = stat.st_size
-            if size > self.segment_size:
-                step = self.segment_size
-                ranges = [(i * step, min(step, size - i * step))
-                          for i in range(math.ceil(size / step))]
-            else:
-                ranges = [(0, size)]
-            pool = self._executor()
-            sha256 = pool.submit(_hash_range, filename, "sha256", 0, size)
-            md5s = [pool.submit(_hash_range, filename, "md5", offset, length)
-                    for offset, length in ranges]
-            futures = [sha256] + md5s
-            # while the threads hash: walk the records, connect, list the
-            # segments of earlier attempts
-            summary = summarize(filename)
-            moment = (_record_time(summary.first_metadata)
-                      or datetime.datetime.fromtimestamp(stat.st_mtime,
-                                                         datetime.UTC))
-            obj = self.object_name(filename, moment)
-            target = "%s/%s" % (self.container, obj)
-            headers = self._headers(filename, summary)
-            conn = self._connection()
-            # both, so that the segment listing never meets a 404
-            self._ensure_container(conn, self.container)
-            self._ensure_container(conn, self.segment_container)
-            stale = self._stale_segments(conn, obj, size, len(ranges))
-            if len(ranges) == 1:
-                self._put_plain(conn, filename, obj, size, md5s[0], sha256,
-                                headers)
-            else:
-                self._put_slo(conn, filename, obj, size, ranges, md5s,
-                              sha256, headers)
+            with open(filename, "rb", buffering=0) as f:
+                stat = os.fstat(f.fileno())
+                size = stat.st_size
+                if report is None:
+                    report = _inspect(filename)
+                first = report.first_metadata if report is not None else None
+                moment = (_record_time(first)
+                          or datetime.datetime.fromtimestamp(stat.st_mtime,
+                                                             datetime.UTC))
+                obj = self.object_name(filename, moment)
+                target = "%s/%s" % (self.container, obj)
+                headers = self._headers(filename, report)
+                content_type = self._content_type(f.fileno())
+                count = max(1, math.ceil(size / self.segment_size))
+                conn = self._connection()
+                # both, so that the segment listing never meets a 404
+                self._ensure_container(conn, self.container)
+                self._ensure_container(conn, self.segment_container)
+                stale = self._stale_segments(conn, obj, size, count)
+                file_hash = _FileHash(filename)
+                if count == 1:
+                    self._put_plain(conn, f.fileno(), obj, size, file_hash,
+                                    headers, content_type)
+                else:
+                    self._put_slo(conn, f.fileno(), obj, size, count,
+                                  file_hash, headers, content_type)
         except Exception as exc:
-            for future in futures:
-                future.cancel()
             self._drop_connection()  # the next call starts afresh
             raise exceptions.UploadError(
                 "upload to %s failed: %s" % (target, _describe(exc)),
@@ -542,21 +546,23 @@ class SwiftUploadCallback:
                  size / seconds / 1e6)
         return filename
 
-    def _headers(self, filename, summary):
-        first = summary.first_metadata or {}
-        last = summary.last_metadata or {}
+    def _headers(self, filename, report):
         meta = {"Filename": os.path.basename(filename)}
-        if summary.records is not None:
-            meta["Records"] = summary.records
-        if summary.versions:
-            meta["Format-Versions"] = ",".join(
-                str(v) for v in sorted(summary.versions))
-        if first.get("timestamp"):
-            meta["First-Timestamp"] = first["timestamp"]
-        if last.get("timestamp"):
-            meta["Last-Timestamp"] = last["timestamp"]
-        if summary.damaged:
-            meta["Damaged-Ranges"] = summary.damaged
+        if report is None:  # nothing could be read
+            meta["Damaged-Ranges"] = 1
+        else:
+            first = report.first_metadata or {}
+            last = report.last_metadata or {}
+            meta["Records"] = report.records
+            if report.versions:
+                meta["Format-Versions"] = ",".join(
+                    str(v) for v in sorted(report.versions))
+            if first.get("timestamp"):
+                meta["First-Timestamp"] = first["timestamp"]
+            if last.get("timestamp"):
+                meta["Last-Timestamp"] = last["timestamp"]
+            if report.skipped:
+                meta["Damaged-Ranges"] = len(report.skipped)
         headers = {"X-Object-Meta-" + name: _header_value(value)
                    for name, value in meta.items()}
         if self.delete_after is not None:
@@ -565,9 +571,9 @@ class SwiftUploadCallback:
                                          + self.delete_after)
         return headers
 
-    def _content_type(self, filename):
-        with open(filename, "rb") as f:
-            head = f.read(4)
+    @staticmethod
+    def _content_type(fd):
+        head = os.pread(fd, 4, 0)
         for codec in compression.CODECS.values():
             if head.startswith(codec.magic):
                 return {"gzip": "application/gzip",
@@ -579,25 +585,31 @@ class SwiftUploadCallback:
             conn.put_container(container)
             self._containers.add(container)
 
-    def _put(self, conn, container, obj, f, offset, length, etag, headers,
-             content_type):
-        f.seek(offset)
+    def _put(self, conn, container, obj, part, headers, content_type):
+        """PUT one body; check that Swift got what was sent.
+
+        :returns: its MD5 (hex), which is Swift's ETag for it.
+        """
         response = {}
         try:
             returned = conn.put_object(
-                container, obj, swift_utils.LengthWrapper(f, length),
-                content_length=length, etag=etag, headers=headers,
-                content_type=content_type, response_dict=response)
+                container, obj, part, content_length=len(part),
+                headers=headers, content_type=content_type,
+                response_dict=response)
         except swift_exceptions.ClientException as exc:
             if exc.http_status == 404:  # the container went away
                 self._containers.discard(container)
             raise
-        if returned != etag:
-            raise _Mismatch("PUT %s/%s returned ETag %s, local MD5 %s"
-                            % (container, obj, returned, etag),
+        md5 = part.md5.hexdigest()
+        if part.sent != len(part) or returned != md5:
+            raise _Mismatch("PUT %s/%s returned ETag %s; MD5 of the %d of "
+                            "%d bytes sent: %s" % (
+                                container, obj, returned, part.sent,
+                                len(part), md5),
                             _trans_id(response.get("headers")))
+        return md5
 
-    def _head(self, conn, obj, size, etag, slo):
+    def _head(self, conn, obj, size, etag, sha256, slo):
         head = conn.head_object(self.container, obj)
         txn = _trans_id(head)
         got_size = int(head.get("content-length", -1))
@@ -606,43 +618,52 @@ class SwiftUploadCallback:
             raise _Mismatch("HEAD %s/%s: %d bytes, ETag %s; expected %d "
                             "bytes, ETag %s" % (self.container, obj, got_size,
                                                 got_etag, size, etag), txn)
+        got_sha256 = head.get("x-object-meta-sha256")
+        if got_sha256 != sha256:
+            raise _Mismatch("HEAD %s/%s: SHA-256 %s; expected %s"
+                            % (self.container, obj, got_sha256, sha256), txn)
         if slo and head.get("x-static-large-object", "").lower() != "true":
             raise _Mismatch("HEAD %s/%s: not a Static Large Object"
                             % (self.container, obj), txn)
 
-    def _put_plain(self, conn, filename, obj, size, md5, sha256, headers):
-        content_type = self._content_type(filename)
-        etag = md5.result()
-        headers = dict(headers, **{"X-Object-Meta-Sha256": sha256.result()})
-        with open(filename, "rb") as f:
-            self._put(conn, self.container, obj, f, 0, size, etag, headers,
-                      content_type)
-        self._head(conn, obj, size, etag, slo=False)
+    def _put_plain(self, conn, fd, obj, size, file_hash, headers,
+                   content_type):
+        """PUT, then POST the metadata with the SHA-256 known only now
+        (the POST replaces all of it), then HEAD."""
+        etag = self._put(conn, self.container, obj,
+                         _Part(fd, 0, size, file_hash), headers,
+                         content_type)
+        sha256 = file_hash.hexdigest(size)
+        conn.post_object(self.container, obj, headers=dict(
+            headers, **{"X-Object-Meta-Sha256": sha256}))
+        self._head(conn, obj, size, etag, sha256, slo=False)
 
-    def _put_slo(self, conn, filename, obj, size, ranges, md5s, sha256,
-                 headers):
-        content_type = self._content_type(filename)
+    def _put_slo(self, conn, fd, obj, size, count, file_hash, headers,
+                 content_type):
+        """The segments in order, then the manifest (with the SHA-256 of
+        them all), then HEAD."""
         segment_headers = {k: v for k, v in headers.items()
                            if k == "X-Delete-At"}
         manifest = []
-        with open(filename, "rb") as f:
-            pairs = enumerate(zip(ranges, md5s, strict=True))
-            for index, ((offset, length), md5) in pairs:
-                etag = md5.result()
-                name = self.segment_name(obj, size, index)
-                self._put(conn, self.segment_container, name, f, offset,
-                          length, etag, segment_headers,
-                          "application/octet-stream")
-                manifest.append({"path": "/%s/%s" % (self.segment_container,
-                                                     name),
-                                 "etag": etag, "size_bytes": length})
-        headers = dict(headers, **{"X-Object-Meta-Sha256": sha256.result()})
+        for index in range(count):
+            offset = index * self.segment_size
+            length = min(self.segment_size, size - offset)
+            name = self.segment_name(obj, size, index)
+            etag = self._put(conn, self.segment_container, name,
+                             _Part(fd, offset, length, file_hash),
+                             segment_headers, "application/octet-stream")
+            manifest.append({"path": "/%s/%s" % (self.segment_container,
+                                                 name),
+                             "etag": etag, "size_bytes": length})
+        sha256 = file_hash.hexdigest(size)
         conn.put_object(self.container, obj, json.dumps(manifest),
-                        headers=headers, content_type=content_type,
+                        headers=dict(headers,
+                                     **{"X-Object-Meta-Sha256": sha256}),
+                        content_type=content_type,
                         query_string="multipart-manifest=put")
         slo_etag = hashlib.md5("".join(m["etag"] for m in manifest).encode(
-            "ascii")).hexdigest()
-        self._head(conn, obj, size, slo_etag, slo=True)
+            "ascii"), usedforsecurity=False).hexdigest()
+        self._head(conn, obj, size, slo_etag, sha256, slo=True)
 
     def _stale_segments(self, conn, obj, size, count):
         """Segments of earlier attempts at ``obj`` that this upload will

@@ -10,7 +10,6 @@ import hashlib
 import json
 import logging
 import os
-import subprocess
 import time
 import uuid
 
@@ -28,7 +27,6 @@ pytestmark = pytest.mark.functional
 ENV_VARS = ("ST_AUTH", "ST_USER", "ST_KEY")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
-SAIO = os.path.join(ROOT, "scripts", "swift-saio")
 START = datetime.datetime(2025, 12, 31, 23, 58, 1, 250000)
 
 
@@ -69,7 +67,10 @@ def make_callback(env, container, **options):
 
 
 def write_archive(path, count=300, pad=300):
-    """``count`` notification-like records, one a quarter second apart."""
+    """``count`` notification-like records, one a quarter second apart.
+
+    :returns: ``(records, the writer's report)``.
+    """
     records = []
     with archive.ArchiveWriter(path) as writer:
         for i in range(count):
@@ -87,12 +88,17 @@ def write_archive(path, count=300, pad=300):
             }).encode()
             writer.write(meta, payload)
             records.append((meta, payload))
-    return records
+    return records, writer.report()
 
 
 def md5_of(path):
     with open(path, "rb") as f:
         return hashlib.md5(f.read()).hexdigest()
+
+
+def sha256_of(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def download(conn, container, obj, path):
@@ -102,18 +108,13 @@ def download(conn, container, obj, path):
     return headers
 
 
-def saio(command):
-    return subprocess.run([SAIO, command], capture_output=True, text=True,
-                          timeout=180)
-
-
 def test_upload_download_and_metadata(env, conn, container, tmp_path):
     path = str(tmp_path / "host1-20251231T235801-0001.events")
-    records = write_archive(path)
+    records, report = write_archive(path)
     data = open(path, "rb").read()
     cb = make_callback(env, container)
     try:
-        assert cb.on_close(path) == path
+        assert cb.on_close(path, report=report) == path
     finally:
         cb.close()
     obj = "2025/12/31/host1-20251231T235801-0001.events"
@@ -136,6 +137,7 @@ def test_upload_download_and_metadata(env, conn, container, tmp_path):
     assert headers["x-object-meta-sha256"] == hashlib.sha256(
         data).hexdigest()
     assert headers["x-object-meta-filename"] == os.path.basename(path)
+    assert headers["content-type"] == "application/octet-stream"
     assert "x-delete-at" not in headers
     assert open(path, "rb").read() == data  # the local file is untouched
 
@@ -146,13 +148,15 @@ def test_key_from_environment_and_delete_after(env, conn, container,
     path = str(tmp_path / "a.events")
     write_archive(path, count=20)
     cb = make_callback(env, container, key="", object_prefix="",
-                       delete_after="3600")
+                       delete_after="3600")  # re-sent by the metadata POST
     try:
         cb.on_close(path)
     finally:
         cb.close()
     head = conn.head_object(container, "a.events")
     assert abs(int(head["x-delete-at"]) - (time.time() + 3600)) < 60
+    assert head["x-object-meta-sha256"] == sha256_of(path)
+    assert head["x-object-meta-records"] == "20"
 
 
 def test_static_large_object(env, conn, container, tmp_path):
@@ -169,6 +173,8 @@ def test_static_large_object(env, conn, container, tmp_path):
     head = conn.head_object(container, obj)
     assert head["x-static-large-object"].lower() == "true"
     assert int(head["content-length"]) == size
+    assert head["x-object-meta-sha256"] == sha256_of(path)
+    assert head["x-object-meta-records"] == "1200"
     _, segments = conn.get_container(container + "_segments",
                                      full_listing=True)
     count = -(-size // (256 << 10))
@@ -221,30 +227,45 @@ def test_reupload_is_idempotent(env, conn, container, tmp_path):
     assert conn.head_object(container, obj)["etag"] == md5_of(path)
 
 
-def test_etag_mismatch_is_refused(env, conn, container, tmp_path,
-                                  monkeypatch):
+@pytest.mark.parametrize("segment_size", ["1G", "64K"])
+def test_damaged_in_transit_is_refused(env, conn, container, tmp_path,
+                                       monkeypatch, segment_size):
+    """Bytes changed after they were hashed (on the wire): Swift's ETag is
+    not the MD5 of what was sent, so the upload fails, and the object never
+    gets its SHA-256 (the mark of a verified upload)."""
     path = str(tmp_path / "bad.events")
-    write_archive(path, count=20)
-    real = swift._hash_range
+    write_archive(path, count=100)
+    real = swift._Part.read
 
-    def wrong_md5(filename, algorithm, offset, length):
-        if algorithm == "md5":
-            return "0" * 32
-        return real(filename, algorithm, offset, length)
+    def damaging_read(self, size=-1):
+        data = real(self, size)
+        return data[:-1] + bytes([data[-1] ^ 1]) if data else data
 
-    monkeypatch.setattr(swift, "_hash_range", wrong_md5)
-    cb = make_callback(env, container, retries="0")
+    monkeypatch.setattr(swift._Part, "read", damaging_read)
+    cb = make_callback(env, container, retries="0",
+                       segment_size=segment_size)
     try:
         with pytest.raises(exceptions.UploadError) as info:
             cb.on_close(path)
     finally:
         cb.close()
     text = str(info.value)
-    assert "422" in text and "(txn tx" in text
+    assert "returned ETag" in text and "(txn tx" in text
     assert "%s/2025/12/31/bad.events" % container in text
-    with pytest.raises(swc.ClientException) as missing:
-        conn.head_object(container, "2025/12/31/bad.events")
-    assert missing.value.http_status == 404
+    try:
+        head = conn.head_object(container, "2025/12/31/bad.events")
+    except swc.ClientException as exc:
+        assert exc.http_status == 404
+    else:
+        assert "x-object-meta-sha256" not in head
+    monkeypatch.undo()
+    cb = make_callback(env, container, segment_size=segment_size)
+    try:
+        cb.on_close(path)  # the retry replaces it
+    finally:
+        cb.close()
+    head = conn.head_object(container, "2025/12/31/bad.events")
+    assert head["x-object-meta-sha256"] == sha256_of(path)
 
 
 def test_wrong_key(env, container, tmp_path, caplog):
@@ -268,39 +289,34 @@ def test_wrong_key(env, container, tmp_path, caplog):
     assert md5_of(path) == before
 
 
-def test_swift_down_then_up(env, conn, container, tmp_path):
-    path = str(tmp_path / "outage.events")
-    write_archive(path, count=50)
-    before = md5_of(path)
-    cb = make_callback(env, container, retries="0", timeout="5")
+def test_failed_request_logs_no_token(env, conn, container, tmp_path,
+                                      caplog):
+    path = str(tmp_path / "a.events")
+    write_archive(path, count=5)
+    _, token = conn.get_auth()  # the same user's token, while valid
+    cb = make_callback(env, "x" * 300, retries="0")  # too long: 400
     try:
-        stopped = saio("stop")
-        assert stopped.returncode == 0, stopped.stderr
-        with pytest.raises(exceptions.UploadError) as info:
+        with caplog.at_level(logging.DEBUG), \
+                pytest.raises(exceptions.UploadError, match="400"):
             cb.on_close(path)
-        assert "ConnectionError" in str(info.value)
-        assert md5_of(path) == before
-        started = saio("start")
-        assert started.returncode == 0, started.stderr
-        assert cb.on_close(path) == path  # the same instance recovers
     finally:
         cb.close()
-        if saio("status").returncode != 0:
-            saio("start")
-    assert conn.head_object(container, "2025/12/31/outage.events")[
-        "etag"] == before
+    assert "X-Auth-Token" in caplog.text  # swiftclient logged the request
+    assert token[len("AUTH_tk"):][:6] not in caplog.text
+    assert env["ST_KEY"] not in caplog.text.replace("X-Auth-Key", "")
+    assert swc.logger_settings["reveal_sensitive_prefix"] == 16
 
 
 def test_chain_gzip_swift_delete(env, conn, container, tmp_path):
     path = str(tmp_path / "chain.events")
-    records = write_archive(path, count=200)
+    records, report = write_archive(path, count=200)
     cb = make_callback(env, container)
     chain = callbacks.CallbackChain([("gzip", steps.GzipCallback()),
                                      ("swift", cb),
                                      ("delete",
                                       steps.DeleteFileCallback())])
     try:
-        assert chain.on_close(path) is None
+        assert chain.on_close(path, report=report) is None
     finally:
         cb.close()
     assert os.listdir(tmp_path) == []
@@ -308,6 +324,7 @@ def test_chain_gzip_swift_delete(env, conn, container, tmp_path):
     got = str(tmp_path / "got.events.gz")
     headers = download(conn, container, obj, got)
     assert headers["x-object-meta-records"] == "200"
+    assert headers["x-object-meta-format-versions"] == "2"
     assert headers["content-type"] == "application/gzip"
     with archive.ArchiveReader(got) as reader:
         assert list(reader) == records

@@ -9,10 +9,11 @@ metadata matches its records.
 
 Needs ST_AUTH, ST_USER and ST_KEY (``env="$(scripts/swift-saio start)" &&
 eval "$env"``) and RabbitMQ; without them the tests are skipped, or fail
-when CI=true. The pipeline test uses that Swift. The outage and kill tests
-stop and start Swift with ``scripts/swift-saio``; so that other users of
-the shared instance are not cut off, they do it on a private instance of
-their own (same script, own ``SAIO_DIR`` and free ports).
+when CI=true. The pipeline test uses that Swift. The outage tests (the
+worker's, and one of the ``swift`` callback alone) and the kill test stop
+and start Swift with ``scripts/swift-saio``; so that other users of the
+shared instance are not cut off, they do it on a private instance of their
+own (same script, own ``SAIO_DIR`` and free ports).
 """
 
 import collections
@@ -31,6 +32,8 @@ import pytest
 from swiftclient import client as swc
 
 from shoebox_worker import archive
+from shoebox_worker import exceptions
+from shoebox_worker.ship import swift
 
 pytestmark = pytest.mark.functional
 
@@ -421,3 +424,41 @@ def test_killed_during_upload_ships_once(
     assert slos == len(objects)
     assert_exactly_once(ids, published)
     assert rabbit.depth(names) == 0
+
+
+def test_swift_callback_down_then_up(private_swift, container, tmp_path,
+                                     request):
+    """One callback instance fails cleanly while Swift is down and uploads
+    once it is back (its broken connection is dropped, not reused)."""
+    env = private_swift.env
+    request.node.swift_env_used = env
+    path = str(tmp_path / "outage.events")
+    with archive.ArchiveWriter(path) as writer:
+        for i in range(50):
+            writer.write({"timestamp": "2025-12-31 23:58:%02d.000000" % i},
+                         b'{"n": %d}' % i)
+    with open(path, "rb") as f:
+        before = hashlib.md5(f.read()).hexdigest()
+    cb = swift.SwiftUploadCallback(
+        auth=env["ST_AUTH"], user=env["ST_USER"], key=env["ST_KEY"],
+        container=container, object_prefix=PREFIX, retries="0",
+        timeout="5")
+    try:
+        private_swift.stop()
+        with pytest.raises(exceptions.UploadError) as info:
+            cb.on_close(path, report=writer.report())
+        assert "ConnectionError" in str(info.value)
+        private_swift.ensure_started()
+        assert cb.on_close(path, report=writer.report()) == path
+    finally:
+        cb.close()
+        private_swift.ensure_started()
+    with open(path, "rb") as f:
+        assert hashlib.md5(f.read()).hexdigest() == before
+    conn = _connection(env)
+    try:
+        head = conn.head_object(container, "2025/12/31/outage.events")
+    finally:
+        conn.close()
+    assert head["etag"] == before
+    assert head["x-object-meta-records"] == "50"

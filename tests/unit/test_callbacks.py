@@ -252,6 +252,70 @@ class TestChain:
         assert chain.on_close("x") == "x"
         chain.on_open("x")
 
+    def test_report_goes_to_the_steps_that_declare_it(self, events_file):
+        seen = []
+
+        class Takes:
+            def on_close(self, filename, *, report=None):
+                seen.append(("takes", filename, report))
+                return filename
+
+        class Plain:
+            def on_close(self, filename):
+                seen.append(("plain", filename))
+                return filename
+
+        class Positional:  # a positional "report" is not the keyword
+            def on_close(self, filename, report=None):
+                seen.append(("positional", filename, report))
+                return filename
+
+        class Anything:  # nor is **kwargs
+            def on_close(self, filename, **kwargs):
+                seen.append(("anything", filename, kwargs))
+                return filename
+
+        chain = callbacks.CallbackChain([Takes(), Plain(), Positional(),
+                                         Anything()])
+        assert [chain.wants_report(i) for i in range(4)] == [
+            True, False, False, False]
+        report = archive.inspect_file(events_file)
+        assert chain.on_close(events_file, report=report) == events_file
+        assert seen == [("takes", events_file, report),
+                        ("plain", events_file),
+                        ("positional", events_file, None),
+                        ("anything", events_file, {})]
+        seen.clear()
+        chain.run_step(0, events_file)
+        assert seen == [("takes", events_file, None)]
+
+    def test_signature_read_once_when_built(self, events_file):
+        class Takes:
+            def on_close(self, filename, *, report=None):
+                return report
+
+        step = Takes()
+        chain = callbacks.CallbackChain([step])
+        step.on_close = lambda filename: filename  # too late to matter
+        with pytest.raises(CallbackError, match="report"):
+            chain.run_step(0, events_file, report="r")
+
+    def test_a_chain_in_a_chain_passes_it_on(self, events_file):
+        inner = steps.MemoryCallback()
+        seen = []
+
+        class Takes:
+            def on_close(self, filename, *, report=None):
+                seen.append(report)
+                return filename
+
+        chain = callbacks.CallbackChain([
+            callbacks.CallbackChain([Takes(), inner])])
+        assert chain.wants_report(0)
+        chain.on_close(events_file, report="the report")
+        assert seen == ["the report"]
+        assert inner.events == [("close", events_file)]
+
     def test_steps_without_on_open(self, events_file):
         class CloseOnly:
             def on_close(self, filename):

@@ -70,6 +70,37 @@ class Flaky(callbacks.ArchiveCallback):
         return filename
 
 
+class Reports(callbacks.ArchiveCallback):
+    """Takes the report: logs (filename, report) into a shared list."""
+
+    def __init__(self, log):
+        self.log = log
+
+    def on_close(self, filename, *, report=None):
+        self.log.append((filename, report))
+        return filename
+
+
+def writer_report(path, records=RECORDS):
+    with archive.ArchiveWriter(path) as writer:
+        for metadata, payload in records:
+            writer.write(metadata, payload)
+    return writer.report()
+
+
+def count_inspections(monkeypatch):
+    """Count archive.inspect_file calls (they still run)."""
+    calls = []
+    real = archive.inspect_file
+
+    def counted(path):
+        calls.append(path)
+        return real(path)
+
+    monkeypatch.setattr(archive, "inspect_file", counted)
+    return calls
+
+
 class Blocking(callbacks.ArchiveCallback):
     """Waits until the test releases it."""
 
@@ -300,6 +331,142 @@ class TestBacklog:
         assert ship.wait_idle(should_stop=lambda: True) is False
         block.release.set()
         assert ship.wait_idle(timeout=5)
+
+
+class TestReport:
+    def test_the_writers_report_reaches_the_steps_that_take_it(
+            self, tmp_path, make_shipper, monkeypatch):
+        path = str(tmp_path / "a.events")
+        report = writer_report(path)
+        inspected = count_inspections(monkeypatch)
+        seen, log = [], []
+        ship = make_shipper([("gzip", steps.GzipCallback()),
+                             ("plain", Recorder("plain", log)),
+                             ("swift", Reports(seen))])
+        ship.submit(path, report=report)
+        assert ship.wait_idle(timeout=5)
+        assert seen == [(path + ".gz", report)]
+        assert log == [("plain", path + ".gz", True)]
+        assert inspected == []  # the file was not read for it
+
+    def test_kept_in_the_state_file_and_resumed_with(self, tmp_path,
+                                                     make_shipper,
+                                                     monkeypatch):
+        path = str(tmp_path / "a.events")
+        report = writer_report(path)
+        block = Blocking()
+        first = make_shipper([("block", block), ("swift", Reports([]))])
+        first.submit(path, report=report)
+        assert block.entered.wait(5)
+        saved = state_of(path)["report"]
+        assert saved["records"] == len(RECORDS)
+        assert saved["versions"] == [record.CURRENT_VERSION]
+        assert saved["first_metadata"] == RECORDS[0][0]
+        assert saved["last_metadata"] == RECORDS[-1][0]
+        # "kill -9" during the first step
+        first._stopping = True
+        with first._cond:
+            first._jobs[path].lock.release()
+        inspected = count_inspections(monkeypatch)
+        seen = []
+        again = make_shipper([("block", Recorder("block", [])),
+                              ("swift", Reports(seen))])
+        assert again.recover(str(tmp_path), is_archive) == 1
+        assert again.wait_idle(timeout=5)
+        assert seen == [(path, report)]
+        assert inspected == []
+        block.release.set()
+
+    def test_recovered_archive_is_read_once(self, tmp_path, make_shipper,
+                                            monkeypatch):
+        path = write_archive(tmp_path / "a.events")
+        inspected = count_inspections(monkeypatch)
+        seen = []
+        ship = make_shipper([("swift", Reports(seen))])
+        assert ship.recover(str(tmp_path), is_archive) == 1
+        assert ship.wait_idle(timeout=5)
+        assert inspected == [path]
+        ((filename, report),) = seen
+        assert filename == path
+        assert (report.records, report.skipped) == (len(RECORDS), [])
+        assert report.first_metadata == RECORDS[0][0]
+        assert report.last_metadata == RECORDS[-1][0]
+        assert report.versions == {record.CURRENT_VERSION}
+
+    def test_recovered_torn_archive_reports_what_is_left(self, tmp_path,
+                                                         make_shipper):
+        path = write_archive(tmp_path / "a.events")
+        whole = os.path.getsize(path)
+        torn = record.pack({"n": "torn"}, b'{"never": "acked"}')
+        with open(path, "ab") as f:
+            f.write(torn[:len(torn) // 2])
+        seen = []
+        ship = make_shipper([("swift", Reports(seen))])
+        assert ship.recover(str(tmp_path), is_archive) == 1
+        assert ship.wait_idle(timeout=5)
+        ((_, report),) = seen
+        assert os.path.getsize(path) == whole
+        assert (report.records, report.size) == (len(RECORDS), whole)
+        assert (report.skipped, report.torn_offset) == ([], None)
+        assert report.last_metadata == RECORDS[-1][0]
+
+    def test_state_without_report_is_read_once_before_the_step(
+            self, tmp_path, make_shipper, monkeypatch):
+        path = write_archive(tmp_path / "a.events")
+        with open(path + shipper.STATE_SUFFIX, "w") as f:
+            json.dump({"path": path, "step": 0,
+                       "chain": ["plain", "swift"]}, f)
+        inspected = count_inspections(monkeypatch)
+        seen = []
+        block = Blocking()
+        ship = make_shipper([("plain", block), ("swift", Reports(seen))])
+        assert ship.recover(str(tmp_path), is_archive) == 1
+        assert block.entered.wait(5)
+        assert inspected == []  # not for a step that does not take it
+        assert "report" not in state_of(path)
+        block.release.set()
+        assert ship.wait_idle(timeout=5)
+        assert inspected == [path]
+        ((_, report),) = seen
+        assert report.records == len(RECORDS)
+
+    def test_report_read_for_a_step_is_saved(self, tmp_path, make_shipper):
+        path = write_archive(tmp_path / "a.events")
+        block = Blocking()
+        ship = make_shipper([("swift", Reports([])), ("block", block)])
+        ship.submit(path)  # no report: read before the swift step
+        assert block.entered.wait(5)
+        assert state_of(path)["report"]["records"] == len(RECORDS)
+        block.release.set()
+        assert ship.wait_idle(timeout=5)
+
+    def test_unparsable_saved_report_is_read_again(self, tmp_path,
+                                                   make_shipper):
+        path = write_archive(tmp_path / "a.events")
+        with open(path + shipper.STATE_SUFFIX, "w") as f:
+            json.dump({"path": path, "step": 0, "chain": ["swift"],
+                       "report": {"records": "many"}}, f)
+        seen = []
+        ship = make_shipper([("swift", Reports(seen))])
+        assert ship.recover(str(tmp_path), is_archive) == 1
+        assert ship.wait_idle(timeout=5)
+        ((_, report),) = seen
+        assert report.records == len(RECORDS)
+
+    def test_unreadable_archive_gives_the_step_none(self, tmp_path,
+                                                    make_shipper,
+                                                    monkeypatch):
+        path = write_archive(tmp_path / "a.events")
+
+        def fail(path):
+            raise OSError("unreadable")
+
+        monkeypatch.setattr(archive, "inspect_file", fail)
+        seen = []
+        ship = make_shipper([("swift", Reports(seen))])
+        ship.submit(path)
+        assert ship.wait_idle(timeout=5)
+        assert seen == [(path, None)]
 
 
 class TestRecover:

@@ -1,5 +1,6 @@
-"""SwiftUploadCallback without a Swift: options, naming, summaries, and
-the upload logic against a fake connection."""
+"""SwiftUploadCallback without a Swift: options, naming, the object
+metadata from the archive's report, hashing while sending, the upload logic
+against a fake connection, and what swiftclient logs."""
 
 import datetime
 import gzip
@@ -203,15 +204,25 @@ def test_mapping_preauth():
 
 def test_constructor_does_not_connect(monkeypatch):
     built = []
-    monkeypatch.setattr(swift.swiftclient, "Connection",
-                        lambda **kw: built.append(kw))
+    monkeypatch.setattr(swift, "_Connection", lambda **kw: built.append(kw))
     started = time.monotonic()
     cb = swift.SwiftUploadCallback(auth="http://192.0.2.1:9/auth/v1.0",
                                    user="u", key="k")
     assert built == []
-    assert cb._conn is None and cb._pool is None
+    assert cb._conn is None
     assert time.monotonic() - started < 1
     cb.close()  # nothing to release: fine
+
+
+def test_connection_sends_large_blocks():
+    conn = swift._Connection(**swift.SwiftUploadCallback(
+        **V1).connection_kwargs())
+    _, http = conn.http_connection("http://swift.example:8080/v1/AUTH_x")
+    for url in ("http://swift.example/v1", "https://swift.example/v1"):
+        adapter = http.request_session.get_adapter(url)
+        pool = adapter.poolmanager.connection_from_url(url)
+        assert pool.conn_kw["blocksize"] == swift.SEND_BLOCK
+    http.close()
 
 
 def test_secrets_not_in_repr():
@@ -220,15 +231,43 @@ def test_secrets_not_in_repr():
     assert "s3cret" not in text
 
 
-def test_swiftclient_logs_no_secret_prefix(monkeypatch):
-    monkeypatch.setitem(swiftclient.logger_settings,
-                        "reveal_sensitive_prefix", 16)
+class FakeResponse:
+    def __init__(self, status, headers):
+        self.status = status
+        self.reason = "Unauthorized" if status == 401 else "Error"
+        self._headers = headers
+
+    def getheaders(self):
+        return list(self._headers.items())
+
+
+@pytest.mark.parametrize("level", [logging.INFO, logging.DEBUG])
+@pytest.mark.parametrize("status", [401, 500, 201])
+def test_swiftclient_logs_no_key_nor_token(monkeypatch, caplog, level,
+                                           status):
+    settings = dict(swiftclient.logger_settings)
     cb = fake_callback(monkeypatch, FakeConnection())
-    assert swiftclient.safe_value("X-Auth-Key", "s3cret-key") != "..."
     cb._connection()
-    assert swiftclient.safe_value("X-Auth-Key", "s3cret-key") == "..."
-    assert swiftclient.safe_value("X-Auth-Token", "AUTH_tk0123456789"
-                                  "abcdef") == "..."
+    key, token = "Zq9s3cretKey0123456789", "AUTH_tkZq9t0ken0123456789abcdef"
+    with caplog.at_level(level, logger="swiftclient"):
+        # what swiftclient logs for a request (auth, or one with a token)
+        swiftclient.http_log(
+            ("http://swift.example/v1/AUTH_x/c/o", "PUT"),
+            {"headers": {"X-Auth-Key": key, "X-Auth-Token": token,
+                         "X-Auth-User": "acct:me"}},
+            FakeResponse(status, {"X-Auth-Token": token,
+                                  "X-Storage-Token": token,
+                                  "X-Auth-Token-Expires": "86399",
+                                  "X-Trans-Id": "tx1"}), b"")
+    if status >= 300 or level == logging.DEBUG:
+        assert "curl -i" in caplog.text and "X-Auth-Key" in caplog.text
+        assert "acct:me" in caplog.text and "86399" in caplog.text
+    assert "Zq9" not in caplog.text
+    assert swiftclient.logger_settings == settings  # left as they were
+    cb._drop_connection()
+    cb._connection()  # the filter is put on once
+    assert sum(isinstance(f, swift._RedactSecrets) for f in logging.getLogger(
+        "swiftclient").filters) == 1
 
 
 def test_entry_point():
@@ -267,47 +306,86 @@ def test_segment_names_are_deterministic():
         "2024/a.events.gz/1/1/00000000")
 
 
-# -- summaries ----------------------------------------------------------------
+# -- what the object metadata says ------------------------------------------
 
-def test_summarize_plain_and_gzip(tmp_path):
+def headers_of(report, **options):
+    cb = swift.SwiftUploadCallback(**dict(V1, **options))
+    return cb._headers("/x/a.events", report)
+
+
+def test_headers_from_the_writers_report(tmp_path):
     path = str(tmp_path / "a.events")
     records = write_archive(path, count=7)
-    summary = swift.summarize(path)
-    assert summary.records == 7
-    assert summary.versions == {2}
-    assert summary.first_metadata == records[0][0]
-    assert summary.last_metadata == records[-1][0]
-    assert summary.damaged == 0
-    with open(path, "rb") as f, gzip.open(path + ".gz", "wb") as g:
-        g.write(f.read())
-    assert swift.summarize(path + ".gz") == summary
+    report = archive.inspect_file(path)
+    report.versions = {2}  # what the writer's report says
+    assert headers_of(report) == {
+        "X-Object-Meta-Filename": "a.events",
+        "X-Object-Meta-Records": "7",
+        "X-Object-Meta-Format-Versions": "2",
+        "X-Object-Meta-First-Timestamp": records[0][0]["timestamp"],
+        "X-Object-Meta-Last-Timestamp": records[-1][0]["timestamp"],
+    }
 
 
-def test_summarize_mixed_versions_and_empty(tmp_path):
-    path = str(tmp_path / "m.events")
-    write_archive(path, count=2, version=1)
-    with archive.ArchiveWriter(path, version=2, exclusive=False) as writer:
-        writer.write({"timestamp": "2024-03-10 00:00:05.000000"}, b"{}")
-    summary = swift.summarize(path)
-    assert (summary.records, summary.versions) == (3, {1, 2})
-    assert summary.last_metadata == {"timestamp":
-                                     "2024-03-10 00:00:05.000000"}
-    empty = tmp_path / "e.events"
-    empty.write_bytes(b"")
-    assert swift.summarize(str(empty)) == swift.ArchiveSummary()
+def test_headers_of_an_empty_damaged_and_unreadable_archive():
+    empty = archive.ArchiveReport("e.events")
+    assert headers_of(empty) == {"X-Object-Meta-Filename": "a.events",
+                                 "X-Object-Meta-Records": "0"}
+    damaged = archive.ArchiveReport("d.events", records=5, versions={1, 2},
+                                    skipped=[archive.Skipped("d", 1, 2, "x"),
+                                             archive.Skipped("d", 5, 9, "y")])
+    headers = headers_of(damaged)
+    assert headers["X-Object-Meta-Damaged-Ranges"] == "2"
+    assert headers["X-Object-Meta-Format-Versions"] == "1,2"
+    assert headers_of(None) == {"X-Object-Meta-Filename": "a.events",
+                                "X-Object-Meta-Damaged-Ranges": "1"}
+    odd = archive.ArchiveReport("o.events", records=1, first_metadata={
+        "timestamp": "2024-03-09 \u00e9t\u00e9" + "x" * 300})
+    value = headers_of(odd, delete_after="60")[
+        "X-Object-Meta-First-Timestamp"]
+    assert len(value) == 256 and value.isascii()
+    assert "X-Delete-At" in headers_of(odd, delete_after="60")
 
 
-def test_summarize_damaged_falls_back_to_salvage(tmp_path):
-    path = str(tmp_path / "d.events")
-    write_archive(path, count=6)
-    data = bytearray(open(path, "rb").read())
-    size = len(data) // 6
-    data[size * 2 + 2] ^= 0xFF  # break the third record's header
-    open(path, "wb").write(bytes(data) + b"torn tail")
-    summary = swift.summarize(path)
-    assert summary.records == 5
-    assert summary.damaged >= 1
-    assert summary.versions == {2}
+# -- hashing while sending --------------------------------------------------
+
+def test_parts_hash_what_they_send_and_a_retry_is_not_hashed_twice(
+        tmp_path):
+    data = os.urandom(300000)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    file_hash = swift._FileHash(str(path))
+    with open(path, "rb") as f:
+        first = swift._Part(f.fileno(), 0, 100000, file_hash)
+        assert len(first) == 100000
+        first.read(70000)
+        first.reset()  # swiftclient retries the request
+        body = b"".join(iter(lambda: first.read(16384), b""))
+        assert body == data[:100000] and first.sent == 100000
+        assert first.md5.hexdigest() == hashlib.md5(body).hexdigest()
+        second = swift._Part(f.fileno(), 100000, 200000, file_hash)
+        with pytest.raises(swift._Mismatch, match="100000 of 300000"):
+            file_hash.hexdigest(300000)
+        assert second.read() == data[100000:]
+        assert second.read(10) == b""
+    assert file_hash.hexdigest(300000) == hashlib.sha256(data).hexdigest()
+
+
+def test_a_part_of_a_file_that_shrank_fails(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * 10)
+    with open(path, "rb") as f:
+        part = swift._Part(f.fileno(), 0, 20, swift._FileHash(str(path)))
+        assert part.read(10) == b"x" * 10
+        with pytest.raises(OSError, match="shrank"):
+            part.read(10)
+
+
+def test_skipped_bytes_are_never_hashed(tmp_path):
+    file_hash = swift._FileHash("f")
+    file_hash.update(0, b"abc")
+    with pytest.raises(RuntimeError, match="never sent"):
+        file_hash.update(5, b"def")
 
 
 # -- on_close against a fake connection ---------------------------------------
@@ -352,7 +430,8 @@ class FakeConnection:
                 break
             chunks.append(chunk)
         body = b"".join(chunks)
-        if self.corrupt:
+        self.calls[-1] += (etag, len(body))
+        if self.corrupt:  # damaged on the way: Swift hashes what it got
             body = body[:-1] + b"!"
         md5 = hashlib.md5(body).hexdigest()
         if etag and etag != md5:
@@ -360,10 +439,23 @@ class FakeConnection:
                                   http_reason="Unprocessable Entity",
                                   http_response_headers={
                                       "X-Trans-Id": "tx422"})
-        self.objects[container, obj] = (body, dict(headers or {}), md5)
+        headers = dict(headers or {}, **{"Content-Type": content_type})
+        self.objects[container, obj] = (body, headers, md5)
         if response_dict is not None:
             response_dict["headers"] = {"x-trans-id": "txput"}
         return md5
+
+    def post_object(self, container, obj, headers, response_dict=None):
+        """Like Swift: replaces all user metadata (and X-Delete-At)."""
+        self._check("post_object")
+        self.calls.append(("post_object", container, obj))
+        if self.fail and self.fail[0] == "lose_post":
+            return
+        body, old, etag = self.objects[container, obj]
+        kept = {k: v for k, v in old.items()
+                if not k.lower().startswith("x-object-meta-")
+                and k.lower() != "x-delete-at"}
+        self.objects[container, obj] = (body, dict(kept, **headers), etag)
 
     def head_object(self, container, obj):
         body, headers, etag = self.objects[container, obj]
@@ -386,20 +478,49 @@ class FakeConnection:
 
 
 def fake_callback(monkeypatch, conn, **options):
-    monkeypatch.setattr(swift.swiftclient, "Connection", lambda **kw: conn)
+    monkeypatch.setattr(swift, "_Connection", lambda **kw: conn)
     return swift.SwiftUploadCallback(**dict(V1, **options))
+
+
+def report_of(path, records):
+    """The report the writer makes for ``records`` (``write_archive``)."""
+    return archive.ArchiveReport(
+        path, records=len(records), size=os.path.getsize(path),
+        versions={2}, first_metadata=records[0][0],
+        last_metadata=records[-1][0])
+
+
+def count_reads(monkeypatch):
+    """Bytes read through os.pread (how the callback reads the file), and
+    no archive.inspect_file."""
+    read = []
+    real = os.pread
+
+    def pread(fd, n, offset):
+        data = real(fd, n, offset)
+        read.append(len(data))
+        return data
+
+    def inspect_file(path):
+        raise AssertionError("the file was read for a report")
+
+    monkeypatch.setattr(os, "pread", pread)
+    monkeypatch.setattr(archive, "inspect_file", inspect_file)
+    return read
 
 
 def test_on_close_plain(monkeypatch, tmp_path, caplog):
     path = str(tmp_path / "a.events")
     records = write_archive(path, count=4)
+    data = open(path, "rb").read()
     conn = FakeConnection()
     cb = fake_callback(monkeypatch, conn, object_prefix="%Y/%m/%d/",
                        delete_after="60")
+    read = count_reads(monkeypatch)
     with caplog.at_level(logging.INFO, logger="shoebox_worker.ship.swift"):
-        assert cb.on_close(path) == path
+        assert cb.on_close(path, report=report_of(path, records)) == path
+    assert sum(read) == len(data) + 4  # once, and its magic for the type
     body, headers, etag = conn.objects["shoebox", "2024/03/09/a.events"]
-    data = open(path, "rb").read()
     assert body == data
     assert etag == hashlib.md5(data).hexdigest()
     assert headers["X-Object-Meta-Records"] == "4"
@@ -412,7 +533,13 @@ def test_on_close_plain(monkeypatch, tmp_path, caplog):
         data).hexdigest()
     assert headers["X-Object-Meta-Filename"] == "a.events"
     assert abs(int(headers["X-Delete-At"]) - (time.time() + 60)) < 5
+    assert headers["Content-Type"] == "application/octet-stream"
     assert conn.containers == {"shoebox", "shoebox_segments"}
+    # sent without an ETag (it is not known before), checked after
+    puts = [c for c in conn.calls if c[0] == "put_object"]
+    assert puts == [("put_object", "shoebox", "2024/03/09/a.events", None,
+                     None, len(data))]
+    assert ("post_object", "shoebox", "2024/03/09/a.events") in conn.calls
     (line,) = [r.getMessage() for r in caplog.records]
     assert "2024/03/09/a.events" in line and "MB/s" in line
     assert "s3cret" not in caplog.text
@@ -420,18 +547,75 @@ def test_on_close_plain(monkeypatch, tmp_path, caplog):
     assert conn.closed
 
 
+def test_on_close_without_report_reads_it(monkeypatch, tmp_path):
+    path = str(tmp_path / "a.events")
+    records = write_archive(path, count=3)
+    with open(path, "rb") as f, gzip.open(path + ".gz", "wb") as g:
+        g.write(f.read())
+    conn = FakeConnection()
+    fake_callback(monkeypatch, conn).on_close(path + ".gz")
+    _, headers, _ = conn.objects["shoebox", "a.events.gz"]
+    assert headers["X-Object-Meta-Records"] == "3"
+    assert headers["X-Object-Meta-Last-Timestamp"] == \
+        records[-1][0]["timestamp"]
+    assert headers["Content-Type"] == "application/gzip"
+    assert headers["X-Object-Meta-Format-Versions"] == "2"
+
+
+def test_on_close_unreadable_archive_is_uploaded_all_the_same(
+        monkeypatch, tmp_path):
+    path = tmp_path / "junk.events.gz"
+    path.write_bytes(b"\x1f\x8b\x08\x00 not really gzip" * 10)
+
+    def fail(filename):
+        raise OSError("cannot read")
+
+    monkeypatch.setattr(archive, "inspect_file", fail)
+    conn = FakeConnection()
+    os.utime(path, (1e9, 1e9))
+    fake_callback(monkeypatch, conn, object_prefix="%Y/").on_close(path)
+    body, headers, _ = conn.objects["shoebox", "2001/junk.events.gz"]
+    assert body == path.read_bytes()
+    assert headers["X-Object-Meta-Damaged-Ranges"] == "1"
+    assert "X-Object-Meta-Records" not in headers
+
+
+def test_lost_metadata_post_fails_the_upload(monkeypatch, tmp_path):
+    path = str(tmp_path / "a.events")
+    records = write_archive(path)
+    conn = FakeConnection(fail=("lose_post", None))
+    cb = fake_callback(monkeypatch, conn)
+    with pytest.raises(exceptions.UploadError,
+                       match="HEAD shoebox/a.events: SHA-256 None.*txhead"):
+        cb.on_close(path, report=report_of(path, records))
+
 def test_on_close_slo_and_stale_segments(monkeypatch, tmp_path):
     path = str(tmp_path / "big.events")
     write_archive(path, count=40)
     size = os.path.getsize(path)
+    data = open(path, "rb").read()
     conn = FakeConnection()
-    cb = fake_callback(monkeypatch, conn, segment_size="4K")
-    cb.on_close(path)
-    body, _, etag = conn.objects["shoebox", "big.events"]
-    assert body == open(path, "rb").read()
+    cb = fake_callback(monkeypatch, conn, segment_size="4K",
+                       delete_after="60")
+    records = archive.inspect_file(path)
+    read = count_reads(monkeypatch)
+    cb.on_close(path, report=records)
+    assert sum(read) == size + 4  # once, and its magic for the type
+    body, headers, etag = conn.objects["shoebox", "big.events"]
+    assert body == data
+    assert headers["X-Object-Meta-Sha256"] == hashlib.sha256(
+        data).hexdigest()
+    assert headers["X-Object-Meta-Records"] == "40"
     segments = sorted(o for c, o in conn.objects if c == "shoebox_segments")
     assert segments == ["big.events/%d/4096/%08d" % (size, i)
                         for i in range((size + 4095) // 4096)]
+    for name in segments:  # each with the same expiry as the manifest
+        assert conn.objects["shoebox_segments", name][1]["X-Delete-At"] == \
+            headers["X-Delete-At"]
+    # the manifest goes last, once the SHA-256 is known
+    assert conn.calls[-1][:4] == ("put_object", "shoebox", "big.events",
+                                  "multipart-manifest=put")
+    monkeypatch.undo()
     # other settings after a crash: the old segments go once verified
     cb2 = fake_callback(monkeypatch, conn, segment_size="8K")
     cb2.on_close(path)
@@ -445,18 +629,21 @@ def test_on_close_slo_and_stale_segments(monkeypatch, tmp_path):
                                                             "rb").read()
 
 
-def test_on_close_refused_by_swift(monkeypatch, tmp_path):
+@pytest.mark.parametrize("segment_size", ["1G", "1K"])
+def test_on_close_damaged_in_transit(monkeypatch, tmp_path, segment_size):
     path = str(tmp_path / "a.events")
     write_archive(path)
     before = open(path, "rb").read()
     conn = FakeConnection(corrupt=True)
-    cb = fake_callback(monkeypatch, conn)
+    cb = fake_callback(monkeypatch, conn, segment_size=segment_size)
     with pytest.raises(exceptions.UploadError) as info:
         cb.on_close(path)
     text = str(info.value)
     assert "\n" not in text
     assert path in text and "shoebox/a.events" in text
-    assert "422" in text and "tx422" in text
+    assert "returned ETag" in text and "(txn txput)" in text
+    assert ("post_object", "shoebox", "a.events") not in conn.calls
+    assert not [c for c in conn.calls if c[0] == "put_object" and c[3]]
     assert info.value.callback == "swift" and info.value.filename == path
     assert open(path, "rb").read() == before
     assert cb._conn is None  # dropped: the next call reconnects
