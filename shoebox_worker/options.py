@@ -123,6 +123,15 @@ def _is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _as_int(value):
+    """An int, or a string holding only an integer, as an int; else None."""
+    if _is_int(value):
+        return value
+    if isinstance(value, str) and _INT.match(value.strip()):
+        return int(value)
+    return None
+
+
 def integer(minimum=None, maximum=None, empty=_REFUSED):
     """An integer, written as one (``2.0`` is not), within bounds."""
     if maximum is not None and minimum is not None:
@@ -133,11 +142,8 @@ def integer(minimum=None, maximum=None, empty=_REFUSED):
         bounds = "<= %d" % maximum
 
     def parse(value):
-        if _is_int(value):
-            number = value
-        elif isinstance(value, str) and _INT.match(value.strip()):
-            number = int(value)
-        else:
+        number = _as_int(value)
+        if number is None:
             raise OptionError("expected an integer, got %r" % (value,))
         if ((minimum is not None and number < minimum)
                 or (maximum is not None and number > maximum)):
@@ -153,12 +159,7 @@ def integer_in(low, high, empty=_REFUSED):
     expected = ("%d or %d" if high == low + 1 else "%d to %d") % (low, high)
 
     def parse(value):
-        if _is_int(value):
-            number = value
-        elif isinstance(value, str) and _INT.match(value.strip()):
-            number = int(value)
-        else:
-            number = None
+        number = _as_int(value)
         if number is None or not low <= number <= high:
             raise OptionError("expected %s, got %r" % (expected, value))
         return number
