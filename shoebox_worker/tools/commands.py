@@ -6,7 +6,7 @@ They are subcommands of ``shoebox-worker`` (``cli`` calls
     shoebox-worker cat [--metadata] [--match KEY=GLOB ...] PATH...
     shoebox-worker verify [--salvage] PATH...
     shoebox-worker replay --config FILE --exchange E --routing-key K PATH...
-    shoebox-worker generate --url URL --count N
+    shoebox-worker generate --url URL --count N [--seed N [--start TIME]]
 
 A PATH is an archive (plain, ``.gz`` or ``.zst``; format v1 or v2) or a
 directory, searched recursively for archives (files whose bytes hold
@@ -18,10 +18,23 @@ live in :mod:`~shoebox_worker.tools.read`, ``replay`` and ``generate`` in
 :mod:`~shoebox_worker.tools.publish`.
 """
 
+import argparse
+import datetime
+
 from shoebox_worker.tools import publish
 from shoebox_worker.tools import read
 
-__all__ = ["add_commands"]
+__all__ = ["add_commands", "parse_time"]
+
+
+def parse_time(text):
+    """``--start``'s ISO 8601 time (naive means UTC), or a usage error."""
+    try:
+        return datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            "not an ISO 8601 time: %r (e.g. 2024-03-01T12:00:00)"
+            % text) from None
 
 
 def _add_match(parser):
@@ -71,8 +84,11 @@ def add_commands(subparsers):
         "replay", help="republish archived notifications",
         description="Republish archived notifications in oslo.messaging's "
                     "v2 envelope to the broker of the config's [broker] url, "
-                    "with publisher confirms. Malformed records are skipped "
-                    "and counted. Exit 1 if any publish failed.")
+                    "as mandatory, with publisher confirms; print how many "
+                    "the broker confirmed. Malformed records are skipped "
+                    "and counted. Exit 1 if the broker returned any (no "
+                    "queue bound to the routing key), refused any, or "
+                    "failed.")
     replay.add_argument("--config", required=True,
                         help="the worker's INI file (for [broker] url)")
     replay.add_argument("--exchange", required=True,
@@ -90,8 +106,13 @@ def add_commands(subparsers):
     generate = subparsers.add_parser(
         "generate", help="publish synthetic nova notifications",
         description="Publish realistic synthetic nova notifications in the "
-                    "oslo.messaging v2 envelope, with publisher confirms "
-                    "(for demos, smoke and load tests).")
+                    "oslo.messaging v2 envelope, as mandatory, with "
+                    "publisher confirms (for demos, smoke and load tests); "
+                    "print how many the broker confirmed. Exit 1 if it "
+                    "returned any (no queue bound to the routing key) or "
+                    "refused any. The notifications are random unless "
+                    "--seed is given; --seed repeats all but their times, "
+                    "--seed with --start repeats every byte.")
     generate.add_argument("--url", required=True,
                           help="kombu broker URL, e.g. "
                                "amqp://guest:guest@127.0.0.1:5672//")
@@ -106,8 +127,16 @@ def add_commands(subparsers):
                                "to match an existing durable one")
     generate.add_argument("--rate", type=float, metavar="N",
                           help="at most N messages a second")
-    generate.add_argument("--seed", type=int,
-                          help="the same seed gives the same notifications")
+    generate.add_argument("--seed", type=int, metavar="N",
+                          help="seed of the simulator (default: a random "
+                               "one, so each run differs); the same seed "
+                               "gives the same notifications but for their "
+                               "times, which start now unless --start")
+    generate.add_argument("--start", type=parse_time, metavar="TIME",
+                          help="ISO 8601 time of the first notification "
+                               "(default: now; naive means UTC), e.g. "
+                               "2024-03-01T12:00:00; with --seed every byte "
+                               "repeats")
     generate.add_argument("--queue", metavar="NAME",
                           help="declare this queue and bind it with the "
                                "routing key first, so nothing is dropped "

@@ -2,14 +2,24 @@
 
 Both send notifications as oslo.messaging's notifier does: in the v2
 envelope (:func:`shoebox_worker.consume.envelope.wrap`), JSON, UTF-8,
-persistent, with publisher confirms, so a refusal is counted and never
-silent. ``replay`` republishes archived notifications (read with
-:mod:`shoebox_worker.tools.read`); ``generate`` publishes the simulator's
-(:mod:`shoebox_worker.tools.simulator`). A broker that is down or refuses
-is one :class:`~shoebox_worker.tools.ToolError` line within a few seconds
-(:func:`connect`). :class:`Pacer` holds either to ``--rate``.
+persistent, mandatory, with publisher confirms, so that a message the
+broker refuses (nacks) or cannot route to any queue (returns) is counted
+and never silent: both commands print how many were confirmed, and exit 1
+when any was returned or nacked. ``replay`` republishes archived
+notifications (read with :mod:`shoebox_worker.tools.read`); ``generate``
+publishes the simulator's (:mod:`shoebox_worker.tools.simulator`).
+
+A broker that is down or refuses is one
+:class:`~shoebox_worker.tools.ToolError` line within a few seconds
+(:func:`connect`), never a retry loop; :func:`broker_error` tells the
+errors that retrying cannot fix (a refused login or permission, a missing
+vhost or exchange, an exchange declared with other settings) from the
+transient ones, and says what to check. :class:`Pacer` holds either
+command to ``--rate``.
 """
 
+import dataclasses
+import datetime
 import logging
 import sys
 import time
@@ -24,13 +34,13 @@ from kombu import Queue
 
 from shoebox_worker import config
 from shoebox_worker.consume import envelope
-from shoebox_worker.exceptions import EXIT_FAILURE
 from shoebox_worker.exceptions import EXIT_OK
 from shoebox_worker.tools import ToolError
 from shoebox_worker.tools import read
 from shoebox_worker.tools import simulator
 
 __all__ = [
+    "Outcome",
     "Pacer",
     "broker_error",
     "broker_errors",
@@ -60,18 +70,60 @@ def broker_errors(conn=None):
     return errors
 
 
-def broker_error(url, err):
-    """A one-line :class:`ToolError` for a broker failure, password
-    redacted."""
+#: What to check when the broker refuses with an AMQP reply code that
+#: retrying cannot fix (the default hints; a command may give its own).
+PERMANENT_HINTS = {
+    403: "check the user's permissions on the vhost",
+    404: "check the exchange name and the vhost",
+    406: "it exists with other settings: match them or use another name",
+    530: "check the vhost in the URL and the user's access to it",
+}
+#: The hint for a refused login (a 403 at connection time).
+LOGIN_HINT = "check the user name and password in the URL"
+#: The hint for a broker that cannot be reached (which may heal).
+UNREACHABLE_HINT = ("check that the broker runs and listens at that "
+                    "address, then try again")
+
+
+def is_permanent(err):
+    """Whether retrying cannot fix ``err``: an AMQP refusal (403 access
+    refused, 404 not found, 406 precondition failed, 530 not allowed),
+    as opposed to a broker that is down or a connection that drops."""
+    return (isinstance(err, amqp.exceptions.AMQPError)
+            and getattr(err, "code", None) in PERMANENT_HINTS)
+
+
+def broker_error(url, err, hints=None):
+    """A one-line :class:`ToolError` for a broker failure: the URL
+    (password redacted), what the broker said, and what to do; an error
+    that retrying cannot fix (:func:`is_permanent`) says so.
+
+    :param hints: ``{reply code: what to check}``, over
+        :data:`PERMANENT_HINTS`.
+    """
     text = " ".join(str(err).split()) or type(err).__name__
+    if is_permanent(err):
+        code = err.code
+        if code == 403 and "Login was refused" in text:
+            hint = LOGIN_HINT
+        else:
+            hint = {**PERMANENT_HINTS, **(hints or {})}[code]
+        text += "; retrying will not help: " + hint
+    elif isinstance(err, OSError | kombu.exceptions.OperationalError):
+        text += "; " + UNREACHABLE_HINT
     return ToolError("broker %s: %s" % (config.redact_url(url), text))
 
 
-def _progress(total=None, unit="msg"):
-    """A tqdm bar on stderr, shown only when stderr is a terminal."""
+def _progress(total=None, unit="msg", file=None, enabled=None):
+    """A tqdm bar on ``file`` (stderr), shown only when it is a terminal
+    (or ``enabled``); it counts whole messages, never scaled (not
+    ``31.0/1.00k``)."""
     from tqdm import tqdm
-    return tqdm(total=total, unit=unit, unit_scale=True, file=sys.stderr,
-                disable=not sys.stderr.isatty(), dynamic_ncols=True)
+    file = sys.stderr if file is None else file
+    if enabled is None:
+        enabled = file.isatty()
+    return tqdm(total=total, unit=unit, unit_scale=False, file=file,
+                disable=not enabled, dynamic_ncols=True)
 
 
 def connect(url):
@@ -89,14 +141,101 @@ def connect(url):
     return conn
 
 
-class _Returned:
-    """Collects basic.return (mandatory message that no queue took)."""
+@dataclasses.dataclass
+class Outcome:
+    """How the broker took the messages sent.
 
-    def __init__(self):
-        self.error = None
+    ``confirmed`` ones were acked and routed to a queue; ``returned`` ones
+    were acked but no queue is bound for their routing key (the broker
+    dropped them); ``nacked`` ones the broker refused. Without publisher
+    confirms nothing is counted but ``sent``.
+    """
 
-    def __call__(self, exc, exchange, routing_key, message):
-        self.error = exc
+    sent: int = 0
+    confirmed: int = 0
+    returned: int = 0
+    nacked: int = 0
+
+    @property
+    def lost(self):
+        """How many the broker did not queue: returned and nacked."""
+        return self.returned + self.nacked
+
+    def summary(self):
+        """``5 confirmed``, or ``0 confirmed, 5 returned, 1 nacked``."""
+        parts = ["%d confirmed" % self.confirmed]
+        if self.returned:
+            parts.append("%d returned" % self.returned)
+        if self.nacked:
+            parts.append("%d nacked" % self.nacked)
+        return ", ".join(parts)
+
+    def error(self, exchange, routing_key,
+              fix="bind a queue, or check --routing-key"):
+        """The one-line :class:`ToolError` for what was lost, or None;
+        ``fix`` says what to do about returned messages."""
+        if not self.lost:
+            return None
+        reasons = []
+        if self.returned:
+            reasons.append(
+                "%d of %d returned: no queue is bound to exchange %s with "
+                "routing key %s: %s" % (
+                    self.returned, self.sent, exchange, routing_key, fix))
+        if self.nacked:
+            reasons.append(
+                "%d of %d nacked: the broker refused them (see its log)"
+                % (self.nacked, self.sent))
+        return ToolError("; ".join(reasons))
+
+
+class _Sender:
+    """Publishes bodies as mandatory to one exchange and routing key and
+    counts the :class:`Outcome`.
+
+    With publisher confirms, a basic.return comes before the ack that ends
+    ``publish``, so each message is known to be confirmed, returned or
+    nacked when :meth:`send` returns.
+    """
+
+    def __init__(self, channel, exchange, routing_key, confirm=True):
+        self.outcome = Outcome()
+        self.routing_key = routing_key
+        self.confirm = confirm
+        self._returned = False
+        self._producer = Producer(channel, exchange=exchange,
+                                  auto_declare=False,
+                                  on_return=self._on_return)
+
+    def _on_return(self, exc, exchange, routing_key, message):
+        self._returned = True
+
+    def send(self, body):
+        """Publish one body; broker errors other than a nack propagate."""
+        outcome = self.outcome
+        self._returned = False
+        outcome.sent += 1
+        try:
+            self._producer.publish(
+                body, routing_key=self.routing_key,
+                content_type="application/json", content_encoding="utf-8",
+                delivery_mode=2, mandatory=True, declare=[], retry=False)
+        except amqp.exceptions.MessageNacked:
+            outcome.nacked += 1
+            return
+        if self._returned:
+            outcome.returned += 1
+        elif self.confirm:
+            outcome.confirmed += 1
+
+
+def _declare(channel, exchange):
+    """Declare ``exchange``; a reserved ``amq.*`` one, which a client may
+    not declare, is only checked to exist."""
+    if exchange.name.startswith("amq."):
+        channel.exchange_declare(exchange.name, exchange.type, passive=True)
+    else:
+        exchange(channel).declare()
 
 
 class Pacer:
@@ -129,17 +268,20 @@ def publish(url: str, count: int, *, exchange: str = "nova",
             routing_key: str = "notifications.info",
             exchange_type: str = "topic", durable: bool = False,
             rate: float | None = None, seed: int | None = None,
+            start: datetime.datetime | None = None,
             declare_queue: str | None = None, confirm: bool = True,
-            progress: Callable[[int], object] | None = None) -> int:
+            progress: Callable[[int], object] | None = None) -> Outcome:
     """Publish ``count`` synthetic notifications in the v2 envelope.
 
     Sends as oslo.messaging's notifier does: to a ``topic`` exchange
     (non-durable by default, like oslo.messaging's default), JSON, UTF-8,
-    persistent delivery mode.
+    persistent delivery mode; and as mandatory, so that the broker returns
+    what no queue takes instead of dropping it silently.
 
     :param url: kombu broker URL, e.g. ``amqp://guest:guest@localhost//``.
     :param count: how many to publish.
-    :param exchange: exchange name (declared once, before publishing).
+    :param exchange: exchange name (declared once, before publishing; a
+        reserved ``amq.*`` exchange is only checked to exist).
     :param routing_key: routing key, ``<topic>.<priority>``.
     :param exchange_type: exchange type.
     :param durable: durability of the exchange (and of ``declare_queue``);
@@ -148,54 +290,67 @@ def publish(url: str, count: int, *, exchange: str = "nova",
         the broker takes them.
     :param seed: seed for
         :func:`~shoebox_worker.tools.simulator.notifications`.
+    :param start: time of the first notification (default now); with the
+        same ``seed`` the same ``start`` gives the same bytes.
     :param declare_queue: name of a queue to declare and bind to the
         exchange with ``routing_key`` before publishing, so that nothing is
         dropped when no consumer has declared it yet.
     :param confirm: use publisher confirms: each publish waits for the
-        broker's ack and a refusal raises.
+        broker's ack, and the :class:`Outcome` counts what was confirmed,
+        returned and nacked.
     :param progress: optional callable, called with the number sent so far
         after each message.
-    :returns: the number of messages published.
+    :returns: the :class:`Outcome`: how many were sent, confirmed, returned
+        and nacked.
+    :raises: the transport's errors (:func:`broker_errors`) on anything
+        but a nack or a return.
     """
     if count < 0:
         raise ValueError(f"count must be >= 0, not {count!r}")
     if rate is not None and rate <= 0:
         raise ValueError(f"rate must be > 0, not {rate!r}")
     transport_options = {"confirm_publish": True} if confirm else {}
-    sent = 0
     with Connection(url, transport_options=transport_options) as conn:
         conn.connect()
         channel = conn.channel()
         target = Exchange(exchange, type=exchange_type, durable=durable,
                           auto_delete=False)
-        target(channel).declare()
+        _declare(channel, target)
         if declare_queue:
             Queue(declare_queue, exchange=target, routing_key=routing_key,
                   durable=durable, auto_delete=False)(channel).declare()
-        producer = Producer(channel, exchange=target, auto_declare=False)
+        sender = _Sender(channel, target, routing_key, confirm=confirm)
         LOG.info("publishing %d notifications to exchange %s (%s) with "
                  "routing key %s on %s%s", count, exchange, exchange_type,
                  routing_key, conn.as_uri(),
                  " with confirms" if confirm else "")
         pacer = Pacer(rate)
         started = pacer.start
-        publish_one = producer.publish
-        for notification in simulator.notifications(count, seed=seed):
+        send = sender.send
+        for sent, notification in enumerate(
+                simulator.notifications(count, seed=seed, start=start)):
             pacer.wait(sent)
-            publish_one(envelope.wrap(notification), routing_key=routing_key,
-                        content_type="application/json",
-                        content_encoding="utf-8", delivery_mode=2,
-                        declare=[], retry=False)
-            sent += 1
+            send(envelope.wrap(notification))
             if progress is not None:
-                progress(sent)
+                progress(sent + 1)
+        outcome = sender.outcome
         elapsed = time.monotonic() - started
-        LOG.info("published %d notifications in %.2fs (%.0f msg/s)", sent,
-                 elapsed, sent / elapsed if elapsed > 0 else 0.0)
-    return sent
+        LOG.info("published %d notifications in %.2fs (%.0f msg/s): %s",
+                 outcome.sent, elapsed,
+                 outcome.sent / elapsed if elapsed > 0 else 0.0,
+                 outcome.summary())
+    return outcome
 
 
 # -- replay -----------------------------------------------------------------
+
+#: What ``replay`` says to check when the broker refuses for good.
+REPLAY_HINTS = {
+    404: "check --exchange (replay publishes only to an existing "
+         "exchange) and the vhost of [broker] url",
+    403: "check the permissions of [broker] url's user on the vhost",
+}
+
 
 def cmd_replay(args):
     """Republish archived notifications in the oslo.messaging v2 envelope."""
@@ -210,24 +365,21 @@ def cmd_replay(args):
     if sys.stderr.isatty():  # the bar needs a total: count first
         total = sum(1 for path in files
                     for _ in read.read_records(path, args.salvage))
-    published = failed = malformed = filtered = unroutable = 0
+    malformed = filtered = 0
     conn = connect(url)
     errors = broker_errors(conn)
     error = None
-    started = False
+    sender = None
     bar = _progress(total)
     try:
         channel = conn.channel()
         exchange = Exchange(args.exchange, type="topic", passive=True)
-        if getattr(conn.transport, "driver_type", "") == "amqp":
+        if (args.exchange and
+                getattr(conn.transport, "driver_type", "") == "amqp"):
             # an exchange that does not exist would drop everything
-            exchange(channel).declare()
-        returned = _Returned()
-        producer = Producer(channel, exchange=exchange, auto_declare=False,
-                            on_return=returned)
-        started = True
+            channel.exchange_declare(args.exchange, "topic", passive=True)
+        sender = _Sender(channel, exchange, args.routing_key)
         pacer = Pacer(args.rate)
-        attempts = 0
         for path in files:
             for metadata, payload in read.read_records(path, args.salvage):
                 bar.update(1)
@@ -238,51 +390,30 @@ def cmd_replay(args):
                 if body is None:
                     malformed += 1
                     continue
-                pacer.wait(attempts)
-                attempts += 1
-                returned.error = None
-                try:
-                    producer.publish(
-                        body, routing_key=args.routing_key,
-                        content_type="application/json",
-                        content_encoding="utf-8", delivery_mode=2,
-                        mandatory=True, declare=[], retry=False)
-                except errors as err:
-                    failed += 1
-                    if _is_nack(err):
-                        continue
-                    raise
-                if returned.error is not None:
-                    failed += 1
-                    unroutable += 1
-                    continue
-                published += 1
+                pacer.wait(sender.outcome.sent)
+                sender.send(body)
     except errors as err:
-        error = broker_error(url, err)
+        error = broker_error(url, err, REPLAY_HINTS)
     except ToolError as err:  # a damaged or unreadable archive
         error = err
     finally:
         bar.close()
         conn.release()
-    if not started:
+    if sender is None:
         raise error
-    print("replayed to exchange %s with routing key %s: %d published, %d "
-          "failed, %d skipped (malformed)%s" % (
-              args.exchange, args.routing_key, published, failed, malformed,
+    outcome = sender.outcome
+    print("replayed to exchange %s with routing key %s: %d published, %s, "
+          "%d skipped (malformed)%s" % (
+              args.exchange, args.routing_key, outcome.sent,
+              outcome.summary(), malformed,
               ", %d not matching --match" % filtered if args.match else ""),
           flush=True)
     if error is not None:
         raise error
-    if unroutable:
-        raise ToolError("%d message%s returned unroutable: no queue is bound "
-                        "to exchange %s with routing key %s" % (
-                            unroutable, "s were" if unroutable > 1 else
-                            " was", args.exchange, args.routing_key))
-    return EXIT_FAILURE if failed else EXIT_OK
-
-
-def _is_nack(err):
-    return isinstance(err, amqp.exceptions.MessageNacked)
+    lost = outcome.error(args.exchange, args.routing_key)
+    if lost is not None:
+        raise lost
+    return EXIT_OK
 
 
 def _envelope(metadata, payload):
@@ -301,6 +432,15 @@ def _envelope(metadata, payload):
 
 # -- generate ---------------------------------------------------------------
 
+#: What ``generate`` says to check when the broker refuses for good.
+GENERATE_HINTS = {
+    404: "check --exchange and the vhost in --url (generate declares any "
+         "exchange but a reserved amq.* one, which must exist)",
+    406: "the exchange (or --queue) exists with other settings: match "
+         "them (--durable) or use another name",
+}
+
+
 def cmd_generate(args):
     """Publish synthetic nova notifications."""
     if args.count < 0:
@@ -311,17 +451,24 @@ def cmd_generate(args):
     conn.release()
     bar = _progress(args.count)
     try:
-        sent = publish(
+        outcome = publish(
             args.url, args.count, exchange=args.exchange,
             routing_key=args.routing_key, durable=args.durable,
-            rate=args.rate, seed=args.seed, declare_queue=args.queue,
+            rate=args.rate, seed=args.seed, start=args.start,
+            declare_queue=args.queue,
             progress=None if bar.disable else lambda n: bar.update(1))
     except broker_errors() as err:
-        raise broker_error(args.url, err) from None
+        raise broker_error(args.url, err, GENERATE_HINTS) from None
     finally:
         bar.close()
     print("published %d notification%s to exchange %s with routing key %s "
-          "on %s" % (sent, "" if sent == 1 else "s", args.exchange,
-                     args.routing_key, config.redact_url(args.url)),
+          "on %s: %s" % (outcome.sent, "" if outcome.sent == 1 else "s",
+                         args.exchange, args.routing_key,
+                         config.redact_url(args.url), outcome.summary()),
           flush=True)
+    lost = outcome.error(args.exchange, args.routing_key,
+                         "bind a queue (or pass --queue NAME), or check "
+                         "--routing-key")
+    if lost is not None:
+        raise lost
     return EXIT_OK

@@ -13,6 +13,7 @@ from kombu import Connection
 from kombu import Exchange
 from kombu import Queue
 
+from shoebox_worker.tools.publish import Outcome
 from shoebox_worker.tools.publish import publish
 from shoebox_worker.tools.simulator import notifications
 
@@ -44,9 +45,9 @@ def test_publish_and_read_back(conn):
     channel = conn.channel()
     seen = []
     try:
-        sent = publish(URL, 500, exchange=name, declare_queue=name, seed=99,
-                       progress=seen.append)
-        assert sent == 500
+        outcome = publish(URL, 500, exchange=name, declare_queue=name,
+                          seed=99, progress=seen.append)
+        assert outcome == Outcome(sent=500, confirmed=500)
         assert seen == list(range(1, 501))
 
         bound = queue(channel)
@@ -75,4 +76,16 @@ def test_publish_and_read_back(conn):
     finally:
         queue(channel).delete()
         exchange(channel).delete()
+        channel.close()
+
+
+def test_unroutable_messages_are_counted_as_returned(conn):
+    name = f"shoebox-test-generator-{uuid.uuid4().hex[:12]}"
+    channel = conn.channel()
+    try:
+        outcome = publish(URL, 5, exchange=name, routing_key="nobody.listens",
+                          seed=1)
+        assert outcome == Outcome(sent=5, confirmed=0, returned=5)
+    finally:
+        Exchange(name)(channel).delete()
         channel.close()

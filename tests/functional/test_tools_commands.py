@@ -256,7 +256,8 @@ class TestReplay:
         assert result.returncode == 0, result.stderr
         assert result.stdout.decode().strip() == (
             "replayed to exchange %s with routing key notifications.info: "
-            "248 published, 0 failed, 2 skipped (malformed)" % exchange)
+            "248 published, 248 confirmed, 2 skipped (malformed)"
+            % exchange)
         assert rabbit.depth(queue) == 248
 
         worker = ft.run_worker(config, idle_exit=1.5)
@@ -295,13 +296,16 @@ class TestReplay:
         err = one_line_error(sh("replay", "--config", config, "--exchange",
                                 names + "-missing", "--routing-key", "k",
                                 tmp_path / "a.events"))
-        assert "NOT_FOUND" in err
+        assert "NOT_FOUND" in err and "retrying will not help" in err
+        assert "check --exchange" in err
 
         result = sh("replay", "--config", config, "--exchange", names,
                     "--routing-key", "nobody.listens", tmp_path / "a.events")
-        assert result.returncode == 1
-        assert b"0 published, 5 failed" in result.stdout
-        assert b"5 messages were returned unroutable" in result.stderr
+        err = one_line_error(result)
+        assert b": 5 published, 0 confirmed, 5 returned, 0 skipped" in (
+            result.stdout)
+        assert ("5 of 5 returned: no queue is bound to exchange %s with "
+                "routing key nobody.listens" % names) in err
 
         down = ft.worker_config(tmp_path, names, names, name="down.conf",
                                 url="amqp://guest:guest@127.0.0.1:%d//"
@@ -320,6 +324,7 @@ class TestReplay:
                                 names, "--routing-key", "k",
                                 tmp_path / "a.events"))
         assert "ACCESS_REFUSED" in err and "wrong" not in err
+        assert "retrying will not help" in err
 
         bad = tmp_path / "bad.conf"
         bad.write_text("[broker]\nurl = amqp://x//\nbogus = 1\n"
@@ -347,10 +352,10 @@ class TestReplay:
         result = sh(*replay)
         err = one_line_error(result)
         assert "offset %d" % offsets[6] in err and "--salvage" in err
-        assert b": 6 published, 0 failed" in result.stdout
+        assert b": 6 published, 6 confirmed" in result.stdout
         result = sh("replay", "--salvage", *replay[1:])
         assert result.returncode == 0
-        assert b": 9 published, 0 failed" in result.stdout
+        assert b": 9 published, 9 confirmed" in result.stdout
         assert rabbit.depth(names) == 15
 
 
@@ -363,8 +368,8 @@ class TestGenerate:
         assert result.returncode == 0, result.stderr
         assert result.stdout.decode().strip() == (
             "published 120 notifications to exchange %s with routing key "
-            "notifications.info on amqp://guest:***@127.0.0.1:5672//"
-            % names)
+            "notifications.info on amqp://guest:***@127.0.0.1:5672//: "
+            "120 confirmed" % names)
         assert result.stderr == b""  # no progress bar without a terminal
         channel = rabbit.channel()
         ids = []
@@ -389,14 +394,82 @@ class TestGenerate:
 
         rabbit.track_exchange(names)
         assert sh("generate", "--url", AMQP_URL, "--count", 1, "--exchange",
-                  names).returncode == 0
+                  names, "--queue", rabbit.track_queue(names)).returncode == 0
         err = one_line_error(sh("generate", "--url", AMQP_URL, "--count", 1,
                                 "--exchange", names, "--durable"))
         assert "PRECONDITION_FAILED" in err
+        assert "retrying will not help" in err and "--durable" in err
+
+        err = one_line_error(sh("generate", "--url", AMQP_URL, "--count", 1,
+                                "--exchange", "amq.%s" % names))
+        assert "NOT_FOUND" in err and "retrying will not help" in err
+
+        err = one_line_error(sh("generate", "--url", AMQP_URL + names,
+                                "--count", 1, "--exchange", names))
+        assert "NOT_ALLOWED" in err and "retrying will not help" in err
 
         err = one_line_error(sh("generate", "--url", AMQP_URL, "--count",
                                 -1))
         assert "--count" in err
+
+
+    def test_returned_messages_fail_the_command(self, rabbit, names):
+        rabbit.track_exchange(names)
+        result = sh("generate", "--url", AMQP_URL, "--count", 5,
+                    "--exchange", names, "--routing-key", "nobody.listens")
+        err = one_line_error(result)
+        assert result.stdout.decode().strip() == (
+            "published 5 notifications to exchange %s with routing key "
+            "nobody.listens on amqp://guest:***@127.0.0.1:5672//: "
+            "0 confirmed, 5 returned" % names)
+        assert ("5 of 5 returned: no queue is bound to exchange %s with "
+                "routing key nobody.listens" % names) in err
+        assert "--queue" in err
+
+    def test_access_refused_says_retrying_will_not_help(self, rabbit, names,
+                                                        ft):
+        user = "shoebox-ft-denied-" + names[-8:]
+        created = ft.rabbitmqctl("add_user", user, "pw")
+        assert created.returncode == 0, created.stderr
+        try:
+            denied = ft.rabbitmqctl("set_permissions", "-p", "/", user,
+                                    "^$", "^$", "^$")
+            assert denied.returncode == 0, denied.stderr
+            err = one_line_error(sh(
+                "generate", "--url",
+                "amqp://%s:pw@127.0.0.1:5672//" % user, "--count", 1,
+                "--exchange", names))
+        finally:
+            ft.rabbitmqctl("delete_user", user)
+        assert "ACCESS_REFUSED" in err and "retrying will not help" in err
+        assert "permissions" in err
+
+    def test_seed_and_start_repeat_every_byte(self, rabbit, names):
+        queue = rabbit.track_queue(names)
+        rabbit.track_exchange(names)
+
+        def run(*extra):
+            result = sh("generate", "--url", AMQP_URL, "--count", 30,
+                        "--exchange", names, "--queue", queue, "--seed", 8,
+                        *extra)
+            assert result.returncode == 0, result.stderr
+            channel = rabbit.channel()
+            bodies = []
+            while (message := channel.basic_get(queue, no_ack=True)):
+                bodies.append(message.body)
+            assert len(bodies) == 30
+            return bodies
+
+        first = run("--start", "2024-03-01T12:00:00")
+        assert run("--start", "2024-03-01T12:00:00") == first
+        now = run()  # the seed alone: all but the times
+        assert now != first
+        assert [_message_id(b) for b in now] == [
+            _message_id(b) for b in first]
+
+
+def _message_id(body):
+    return json.loads(json.loads(body)["oslo.message"])["message_id"]
 
 
 # -- metrics -----------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Tests for shoebox_worker.tools.commands: the subcommands' wiring."""
 
 import argparse
+import datetime
 
 import pytest
 
@@ -36,3 +37,30 @@ def test_match_is_parsed(parser):
     assert not test("image.update") and args.metadata
     with pytest.raises(SystemExit):
         parser.parse_args(["cat", "--match", "nokey", "a"])
+
+
+def test_generate_start_is_an_iso_time(parser):
+    args = parser.parse_args(["generate", "--url", "memory://", "--count",
+                              "3", "--seed", "4", "--start",
+                              "2024-03-01T12:00:00"])
+    assert args.seed == 4
+    assert args.start == datetime.datetime(2024, 3, 1, 12)
+    assert parser.parse_args(["generate", "--url", "memory://", "--count",
+                              "3"]).start is None
+
+
+def test_generate_bad_start_is_a_usage_error(parser, capsys):
+    with pytest.raises(SystemExit) as info:
+        parser.parse_args(["generate", "--url", "memory://", "--count", "3",
+                           "--start", "yesterday"])
+    assert info.value.code == 2
+    assert "not an ISO 8601 time: 'yesterday'" in capsys.readouterr().err
+
+
+def test_generate_help_says_what_seed_and_start_repeat(parser, capsys):
+    with pytest.raises(SystemExit):
+        parser.parse_args(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "random unless --seed" in text
+    assert "--seed repeats all but their times" in text
+    assert "--seed with --start repeats every byte" in text

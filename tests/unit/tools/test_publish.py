@@ -1,9 +1,13 @@
 """Tests for shoebox_worker.tools.publish that need no broker: the pacer,
-the replay envelope, a broker that is down. Publishing to RabbitMQ is in
+the replay envelope, the outcome's lines, the broker errors' lines, the
+progress bar. Publishing to RabbitMQ is in
 tests/functional/test_generator_publish.py and test_tools_commands.py."""
 
+import io
 import json
 
+import amqp.exceptions
+import kombu.exceptions
 import pytest
 
 from shoebox_worker.tools import ToolError
@@ -59,3 +63,85 @@ def test_connect_to_a_broker_that_is_down_is_one_line():
     text = str(info.value)
     assert text.startswith("broker amqp://guest:***@127.0.0.1:1//: ")
     assert "\n" not in text and "secret" not in text
+
+
+class TestOutcome:
+    def test_all_confirmed(self):
+        outcome = publish.Outcome(sent=5, confirmed=5)
+        assert outcome.summary() == "5 confirmed"
+        assert outcome.lost == 0
+        assert outcome.error("nova", "k") is None
+
+    def test_returned_and_nacked(self):
+        outcome = publish.Outcome(sent=6, confirmed=0, returned=5, nacked=1)
+        assert outcome.summary() == "0 confirmed, 5 returned, 1 nacked"
+        err = outcome.error("nova", "nobody.listens", "bind one")
+        assert isinstance(err, ToolError)
+        assert str(err) == (
+            "5 of 6 returned: no queue is bound to exchange nova with "
+            "routing key nobody.listens: bind one; 1 of 6 nacked: the "
+            "broker refused them (see its log)")
+
+
+URL = "amqp://guest:secret@127.0.0.1:5672//"
+
+
+def _amqp(cls, text, method=(40, 10)):
+    return cls(reply_text=text, method_sig=method)
+
+
+class TestBrokerError:
+    @pytest.mark.parametrize("err,hint", [
+        (_amqp(amqp.exceptions.NotFound,
+               "NOT_FOUND - no exchange 'x' in vhost '/'"),
+         publish.PERMANENT_HINTS[404]),
+        (_amqp(amqp.exceptions.AccessRefused,
+               "ACCESS_REFUSED - access to exchange 'x' in vhost '/' "
+               "refused for user 'u'"),
+         publish.PERMANENT_HINTS[403]),
+        (_amqp(amqp.exceptions.AccessRefused,
+               "ACCESS_REFUSED - Login was refused using authentication "
+               "mechanism PLAIN.", (0, 0)),
+         publish.LOGIN_HINT),
+        (_amqp(amqp.exceptions.PreconditionFailed,
+               "PRECONDITION_FAILED - inequivalent arg 'durable'"),
+         publish.PERMANENT_HINTS[406]),
+        (_amqp(amqp.exceptions.NotAllowed,
+               "NOT_ALLOWED - vhost v not found", (10, 40)),
+         publish.PERMANENT_HINTS[530]),
+    ])
+    def test_permanent_says_retrying_will_not_help(self, err, hint):
+        assert publish.is_permanent(err)
+        text = str(publish.broker_error(URL, err))
+        assert text.startswith("broker amqp://guest:***@127.0.0.1:5672//: ")
+        assert text.endswith("; retrying will not help: " + hint)
+        assert "\n" not in text and "secret" not in text
+
+    def test_command_hint_replaces_the_default(self):
+        err = _amqp(amqp.exceptions.NotFound, "NOT_FOUND - no exchange")
+        text = str(publish.broker_error(URL, err, {404: "check --exchange"}))
+        assert text.endswith("retrying will not help: check --exchange")
+
+    @pytest.mark.parametrize("err", [
+        ConnectionRefusedError(111, "Connection refused"),
+        kombu.exceptions.OperationalError("[Errno 111] Connection refused"),
+    ])
+    def test_unreachable_is_not_permanent(self, err):
+        assert not publish.is_permanent(err)
+        text = str(publish.broker_error(URL, err))
+        assert "retrying will not help" not in text
+        assert text.endswith("; " + publish.UNREACHABLE_HINT)
+
+
+def test_progress_bar_shows_whole_counts():
+    out = io.StringIO()
+    bar = publish._progress(1000, file=out, enabled=True)
+    bar.update(31)
+    bar.refresh()
+    bar.close()
+    assert "31/1000" in out.getvalue()
+    assert "1.00k" not in out.getvalue()
+
+
+def test_progress_bar_hidden_off_a_terminal():
+    assert publish._progress(10, file=io.StringIO()).disable
