@@ -3,16 +3,12 @@
 import dataclasses
 import os
 import pathlib
-import re
 import textwrap
 
 import pytest
 
 from shoebox_worker import config
 from shoebox_worker.exceptions import ConfigError
-
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-SAMPLE = ROOT / "etc" / "shoebox-worker.conf.sample"
 
 BASE = """\
 [broker]
@@ -704,80 +700,3 @@ def test_config_is_frozen(write):
     with pytest.raises(TypeError):
         conf.archive.static_metadata["a"] = "b"
 
-
-# -- the sample -------------------------------------------------------------
-
-def test_sample_loads_with_the_documented_values(monkeypatch):
-    monkeypatch.chdir(ROOT)
-    conf = config.load("etc/shoebox-worker.conf.sample", environ={})
-    assert conf.filename == "etc/shoebox-worker.conf.sample"
-    assert conf.broker.url == "amqp://guest:guest@127.0.0.1:5672//"
-    assert conf.broker.redacted_url() == "amqp://guest:***@127.0.0.1:5672//"
-    assert conf.consumers == (config.ConsumerConfig(
-        queue="notifications.info", exchange="nova"),)
-    assert conf.archive.working_directory == str(ROOT / "var" / "archive")
-    assert conf.archive.roll_checker == "time"
-    assert dict(conf.roll_checker_options) == {"roll_minutes": "60"}
-    assert conf.archive.callbacks == ("gzip",)
-    assert {k: dict(v) for k, v in conf.callback_options.items()} == {
-        "gzip": {}}
-    assert conf.archive == dataclasses.replace(
-        config.ArchiveConfig(), working_directory=str(ROOT / "var/archive"),
-        roll_checker="time", callbacks=("gzip",))
-    assert conf.worker == config.WorkerConfig()
-    assert conf.metrics == config.MetricsConfig()
-    assert conf.logging == config.LoggingConfig()
-
-
-_HEADER = re.compile(r"^#?\[([^\]]+)\]\s*$")
-_KEY = re.compile(r"^(#?)([a-z_][a-z0-9_]*) =(?: (.*))?$")
-
-
-def _sample_options():
-    """{section: [(key, commented, value)]} of the sample's fixed sections.
-
-    ``#key = value`` is a documented default; ``# text`` is prose.
-    """
-    found, section = {}, None
-    for line in SAMPLE.read_text().splitlines():
-        header = _HEADER.match(line)
-        if header:
-            name = header.group(1)
-            section = "consumer" if name.startswith("consumer:") else name
-            if section in config.SECTIONS:
-                assert section not in found, "%s documented twice" % name
-                found[section] = []
-            continue
-        match = _KEY.match(line)
-        if match and section in config.SECTIONS:
-            found[section].append(
-                (match.group(2), match.group(1) == "#", match.group(3) or ""))
-    return found
-
-
-def test_sample_documents_every_option_in_table_order():
-    found = _sample_options()
-    assert list(found) == list(config.SECTIONS)
-    for section, table in config.SECTIONS.items():
-        assert [key for key, _, _ in found[section]] == list(table), section
-
-
-def test_sample_shows_the_real_defaults():
-    for section, options in _sample_options().items():
-        table = config.SECTIONS[section]
-        for key, commented, value in options:
-            if commented:
-                assert value == table[key].default, (section, key)
-
-
-def test_sample_explains_every_option():
-    # Above every option line (set or commented out) there is an
-    # explanation, possibly shared with the options or the section header
-    # just before it.
-    lines = SAMPLE.read_text().splitlines()
-    for number, line in enumerate(lines):
-        if _KEY.match(line):
-            above = number - 1
-            while _KEY.match(lines[above]) or _HEADER.match(lines[above]):
-                above -= 1
-            assert lines[above].startswith("# "), line
