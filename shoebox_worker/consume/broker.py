@@ -1,11 +1,23 @@
 """Connecting, declaring, and reading from the broker.
 
-oslo.messaging declares its exchanges and queues non-durable unless
-``amqp_durable_queues`` is set, and RabbitMQ refuses
+:func:`make_connection` and :func:`make_queues` turn ``[broker]`` and the
+``[consumer:QUEUE]`` sections into kombu objects. :func:`declare` runs
+once at start, before consuming: it connects (retrying as configured),
+declares every queue whose section says ``declare = true`` and checks that
+every other one exists. What the broker refuses there is one
+:class:`~shoebox_worker.exceptions.ConfigError` line naming the option to
+change: oslo.messaging declares its exchanges and queues non-durable
+unless ``amqp_durable_queues`` is set, and RabbitMQ refuses
 (``PRECONDITION_FAILED``) a declaration that differs from the existing
-one. :func:`declare` runs the worker's declarations once at start and
-turns that refusal into one line saying which ``[consumer:QUEUE]`` option
-to change, instead of a reconnect loop.
+one, naming the argument that differs.
+
+Once consuming, :class:`Reconnecting` leaves reconnecting to kombu and
+only changes how failures are told: an :class:`Outage` logs the first
+failure with its reason, then one line a minute at most with a count and a
+duration, never a traceback per retry. Errors that retrying cannot fix
+(the login or the vhost refused, a queue that is gone) are said to be so at
+once and retried with backoff (at most every :data:`RETRY_MAX` seconds),
+so that fixing them heals the worker without a restart.
 
 :func:`is_amqp` tells py-amqp (one frame acks a whole batch) from kombu's
 virtual transports (memory, redis: one ack per message), and
@@ -14,31 +26,243 @@ throughput.
 """
 
 import logging
+import re
 import socket
 import struct
+import time
+from contextlib import contextmanager
 
+import kombu
+import kombu.exceptions
 from kombu import mixins
+from kombu.utils.objects import cached_property
 
 from shoebox_worker import exceptions
 
-__all__ = ["declare", "is_amqp", "BlockingReads"]
+__all__ = ["make_connection", "make_queues", "declare", "is_amqp",
+           "BrokerError", "StopRequested", "Outage", "permanent_advice",
+           "BlockingReads", "Reconnecting"]
 
 LOG = logging.getLogger(__name__)
 
-#: AMQP reply code for PRECONDITION_FAILED.
+#: AMQP reply codes.
+ACCESS_REFUSED = 403
+NOT_FOUND = 404
 PRECONDITION_FAILED = 406
+NOT_ALLOWED = 530
+
+#: Backoff between attempts after an error that retrying cannot fix:
+#: ``RETRY_STEP`` seconds more each time, at most ``RETRY_MAX`` (kombu's
+#: defaults for connection retries).
+RETRY_STEP = 2.0
+RETRY_MAX = 30.0
+
+#: Broker errors that retrying does not fix, by AMQP reply code, and what
+#: to do about them.
+PERMANENT = {
+    ACCESS_REFUSED: "check the user and password in [broker] url and the "
+                    "user's permissions on the vhost",
+    NOT_FOUND: "declare it on the broker, or set declare = true in its "
+               "[consumer:QUEUE] section",
+    PRECONDITION_FAILED: "make the [consumer:QUEUE] options match what the "
+                         "broker has, or set declare = false",
+    NOT_ALLOWED: "check the vhost in [broker] url, and that the user may "
+                 "use it",
+}
+
+W_FAILED = "broker %s: %s; %s"
+W_PERMANENT = ("broker %s: %s; this will not heal by retrying: %s "
+               "(retrying in %.0f s, then with backoff up to every %.0f s, "
+               "so that a fix heals the worker)")
+W_STILL = "broker %s still failing after %d attempts, %s: %s"
+I_BACK = "broker %s back after %d failed attempt(s), %s"
+
+_INEQUIVALENT = re.compile(
+    r"inequivalent arg '(?P<arg>[^']*)' for (?P<kind>queue|exchange) "
+    r"'(?P<name>.*?)' in vhost '(?P<vhost>.*?)': received (?P<received>.*)"
+    r" but current is (?P<current>.*)\Z")
+
+
+class BrokerError(exceptions.ShoeboxError):
+    """The broker cannot be reached, or refused what the worker asked."""
+
+
+class StopRequested(exceptions.ShoeboxError):
+    """Raised inside kombu's connection retries once we are told to
+    stop."""
+
+
+def make_connection(broker):
+    """A kombu Connection from ``[broker]`` (failover URLs, heartbeat)."""
+    return kombu.Connection(
+        broker.url,
+        heartbeat=broker.heartbeat or None,
+        connect_timeout=broker.connect_timeout,
+        failover_strategy=broker.failover_strategy,
+        transport_options={"max_retries": broker.connect_max_retries}
+        if broker.connect_max_retries is not None else None,
+    )
+
+
+def make_queues(consumers):
+    """kombu Queues from the ``[consumer:QUEUE]`` sections."""
+    queues = []
+    for c in consumers:
+        exchange = kombu.Exchange(c.exchange, type=c.exchange_type,
+                                  durable=c.exchange_durable,
+                                  no_declare=not c.declare)
+        queues.append(kombu.Queue(
+            c.queue, exchange, routing_key=c.routing_key, durable=c.durable,
+            auto_delete=c.auto_delete,
+            queue_arguments=dict(c.queue_arguments) or None,
+            no_declare=not c.declare))
+    return queues
+
+
+def reason(exc):
+    """One line for a broker error: the broker's reply, or the OS error."""
+    text = getattr(exc, "reply_text", None) or str(exc)
+    text = " ".join(text.split()).rstrip(". ")
+    return text or type(exc).__name__
+
+
+def reply_code(exc):
+    """The AMQP reply code of a broker error (an int), or None. kombu's
+    virtual transports (redis, memory) give it as a string."""
+    try:
+        return int(getattr(exc, "reply_code", None))
+    except (TypeError, ValueError):
+        return None
+
+
+def permanent_advice(exc):
+    """What to do about an error that retrying cannot fix, or None when
+    ``exc`` may heal by itself (a refused or lost connection)."""
+    return PERMANENT.get(reply_code(exc))
+
+
+def _duration(seconds):
+    if seconds < 90:
+        return "%.0f s" % seconds
+    if seconds < 90 * 60:
+        return "%.0f min" % (seconds / 60)
+    return "%.1f h" % (seconds / 3600)
+
+
+class Outage:
+    """A run of broker failures, told once and then at a bounded rate.
+
+    :meth:`failed` is called on every failed attempt; the first one is
+    logged with its reason, an error that retrying cannot fix is logged at
+    once (as such), and the rest at most once per :attr:`report_interval`
+    with a count and a duration. :meth:`recovered` ends the run.
+
+    :param clock: monotonic seconds (injected by tests).
+    :param listeners: callables told ``("broker_failed", kind, None)`` on
+        each failure, ``kind`` being ``"permanent"`` or ``"transient"``
+        (as :attr:`Stats.listeners
+        <shoebox_worker.consume.stats.Stats.listeners>` are).
+    """
+
+    #: Longest silence while failures go on.
+    report_interval = 60.0
+
+    def __init__(self, clock=time.monotonic, listeners=()):
+        self._clock = clock
+        self.listeners = listeners
+        #: failed attempts since the last success, and since when
+        self.attempts = 0
+        self.since = None
+        #: whether the last failure was one retrying cannot fix
+        self.permanent = False
+        self._next_report = 0.0
+
+    def failed(self, where, exc, retry_in):
+        """Count one failed attempt and log it if it is due.
+
+        :param where: the broker URL, passwords masked.
+        :param exc: the error.
+        :param retry_in: seconds until the next attempt (0: at once).
+        """
+        now = self._clock()
+        advice = permanent_advice(exc)
+        first = self.since is None
+        if first:
+            self.since = now
+        self.attempts += 1
+        newly_permanent = advice is not None and not self.permanent
+        self.permanent = advice is not None
+        for listener in self.listeners:
+            listener("broker_failed",
+                     "permanent" if advice else "transient", None)
+        then = "retrying in %.0f s" % retry_in if retry_in else \
+            "reconnecting"
+        if newly_permanent:
+            LOG.error(W_PERMANENT, where, reason(exc), advice, retry_in,
+                      RETRY_MAX)
+        elif first:
+            LOG.warning(W_FAILED, where, reason(exc), then)
+        elif now >= self._next_report:
+            LOG.warning(W_STILL, where, self.attempts,
+                        _duration(now - self.since), reason(exc))
+        else:
+            LOG.debug(W_FAILED, where, reason(exc), then)
+            return
+        self._next_report = now + self.report_interval
+
+    def recovered(self, where):
+        """The broker works again: log how long it did not, if it did not.
+
+        :returns: True when this ended a run of failures.
+        """
+        if self.since is None:
+            return False
+        LOG.info(I_BACK, where, self.attempts,
+                 _duration(self._clock() - self.since))
+        self.attempts, self.since, self.permanent = 0, None, False
+        return True
+
+    def gave_up(self, where, exc, retries):
+        """The error to raise once ``connect_max_retries`` ran out."""
+        attempts = self.attempts
+        duration = _duration(self._clock() - self.since) \
+            if self.since is not None else "0 s"
+        return BrokerError(
+            "cannot connect to the broker %s: %s (gave up after %d failed "
+            "attempt(s), %s, as [broker] connect_max_retries = %s says); "
+            "check that it runs and that [broker] url points to it"
+            % (where, reason(exc), attempts + 1, duration, retries))
 
 
 def declare(worker):
-    """Connect (retrying as configured) and declare every queue.
+    """Connect (retrying as configured), declare every queue that is ours
+    to declare, and check that the others exist.
 
-    :raises ConfigError: the broker refused a declaration because an
-        existing exchange or queue has other flags.
+    :raises ConfigError: the broker refused the login, the vhost or a
+        declaration (an existing exchange or queue has other flags), or a
+        ``declare = false`` queue does not exist.
+    :raises BrokerError: the broker cannot be reached within
+        ``connect_max_retries``, or refused something else.
     """
     conn = worker.connection
-    conn.ensure_connection(worker.on_connection_error,
-                           worker.connect_max_retries,
-                           callback=worker.check_stop)
+    where = conn.as_uri()
+    try:
+        conn.ensure_connection(worker.on_connection_error,
+                               worker.connect_max_retries,
+                               callback=worker.check_stop)
+    except kombu.exceptions.OperationalError as exc:
+        raise worker.outage.gave_up(
+            where, exc.__cause__ or exc,
+            worker.connect_max_retries) from None
+    except conn.connection_errors + conn.channel_errors as exc:
+        if permanent_advice(exc) is None:
+            raise BrokerError("cannot connect to the broker %s: %s"
+                              % (where, reason(exc))) from None
+        raise exceptions.ConfigError(
+            "the broker %s refused the connection: %s: %s" % (
+                where, reason(exc), PERMANENT[ACCESS_REFUSED]),
+            filename=worker.config.filename, section="broker",
+            key="url") from None
     try:
         _declare_all(worker, conn)
     finally:
@@ -50,29 +274,91 @@ def declare(worker):
 def _declare_all(worker, conn):
     for queue, consumer in zip(worker.queues, worker.config.consumers,
                                strict=True):
-        if not consumer.declare:
-            continue
         channel = conn.channel()
         try:
-            queue(channel).declare()
+            if consumer.declare:
+                queue(channel).declare()
+            else:
+                channel.queue_declare(queue=queue.name, passive=True)
         except conn.channel_errors as exc:
-            if getattr(exc, "reply_code", getattr(exc, "code", None)) != \
-                    PRECONDITION_FAILED:
-                raise
-            raise exceptions.ConfigError(
-                "the broker refused the declaration: %s. The exchange or "
-                "queue already exists with other flags: set durable, "
-                "exchange_durable, auto_delete and queue_arguments to what "
-                "the services declared (oslo.messaging declares "
-                "non-durable unless amqp_durable_queues = true), or "
-                "declare = false" % (getattr(exc, "reply_text", None) or exc),
-                filename=worker.config.filename,
-                section="consumer:%s" % consumer.queue) from None
+            raise _refused(worker.config.filename, consumer, exc) from None
         finally:
             try:
                 channel.close()
             except Exception:  # closed by the broker after the error
                 pass
+
+
+def _refused(filename, consumer, exc):
+    """The one line for a declaration (or check) the broker refused."""
+    section = "consumer:%s" % consumer.queue
+    code = reply_code(exc)
+    text = reason(exc)
+    if code == NOT_FOUND and not consumer.declare:
+        return exceptions.ConfigError(
+            "no queue %r on the broker (%s): with declare = false the "
+            "worker only reads a queue that exists; have the services "
+            "declare it first, or set declare = true" % (consumer.queue,
+                                                         text),
+            filename=filename, section=section, key="declare")
+    if code == PRECONDITION_FAILED:
+        return _mismatch(filename, section, text)
+    if code == ACCESS_REFUSED:
+        return exceptions.ConfigError(
+            "the broker refused: %s; give the user configure permission "
+            "on it, or set declare = false" % text
+            if consumer.declare else "the broker refused: %s; give the "
+            "user read permission on the queue" % text,
+            filename=filename, section=section)
+    return BrokerError("[%s] the broker refused: %s" % (section, text))
+
+
+def _mismatch(filename, section, text):
+    """``PRECONDITION_FAILED``: name the option that differs and the value
+    the broker has."""
+    match = _INEQUIVALENT.search(text)
+    option = None
+    if match:
+        arg, kind = match.group("arg"), match.group("kind")
+        if kind == "exchange":
+            option = {"durable": "exchange_durable",
+                      "type": "exchange_type"}.get(arg)
+        elif arg in ("durable", "auto_delete"):
+            option = arg
+        elif arg.startswith("x-"):
+            option = "queue_arguments"
+    if option is None:
+        return exceptions.ConfigError(
+            "the broker refused the declaration: %s; set durable, "
+            "exchange_durable, auto_delete and queue_arguments to what the "
+            "services declared, or declare = false" % text,
+            filename=filename, section=section)
+    arg = match.group("arg")
+    broker_value = _quoted(match.group("current"))
+    ours = _quoted(match.group("received"))
+    has = "without %s" % arg if broker_value is None else \
+        "with %s = %s" % (arg, broker_value)
+    ours = "no %s" % arg if ours is None else "%s = %s" % (arg, ours)
+    if option == "queue_arguments":
+        fix = "set queue_arguments to match"
+    else:
+        fix = "set %s = %s" % (option, broker_value)
+    hint = ""
+    if arg == "durable":
+        hint = (" (oslo.messaging declares non-durable unless "
+                "amqp_durable_queues = true)")
+    return exceptions.ConfigError(
+        "%s %r exists on the broker %s, this config says %s%s: %s, or "
+        "declare = false to use it as it is"
+        % (match.group("kind"), match.group("name"), has, ours, hint, fix),
+        filename=filename, section=section, key=option)
+
+
+def _quoted(text):
+    """``'true'`` or ``the value 'quorum' of type 'longstr'``: the value;
+    ``none``: None."""
+    quoted = re.search(r"'([^']*)'", text)
+    return quoted.group(1) if quoted else None
 
 
 def is_amqp(connection):
@@ -128,3 +414,90 @@ class BlockingReads(mixins.ConsumerMixin):
                         raise
                 else:
                     yield
+
+
+class Reconnecting(BlockingReads):
+    """The read loop, with broker failures told once and a way out.
+
+    kombu's ``run()`` reconnects: when :meth:`consume` ends, it starts it
+    again (at most once a second), and ``ensure_connection`` retries the
+    connection with backoff, calling :meth:`on_connection_error` on each
+    failure. This class only changes what is said: a failure that ends
+    :meth:`consume` goes to the :attr:`outage` instead of kombu's
+    traceback, and an error that retrying cannot fix waits
+    longer each time (:attr:`retry_step` more, at most :attr:`retry_max`
+    seconds) before the next attempt. A stop
+    request (:attr:`should_stop`) ends the waits; once
+    ``connect_max_retries`` ran out, :class:`BrokerError` ends the run.
+    """
+
+    #: After an error that retrying cannot fix, wait this many seconds
+    #: more each attempt before the next one...
+    retry_step = RETRY_STEP
+    #: ...and at most this many.
+    retry_max = RETRY_MAX
+    #: The broker's connect_max_retries (None: retry for ever).
+    connect_max_retries = None
+
+    @cached_property
+    def outage(self):
+        """The :class:`Outage` that tells this consumer's failures."""
+        return Outage()
+
+    def run(self, _tokens=1, **kwargs):
+        """Consume until stopped (kombu reconnects on broker loss)."""
+        try:
+            super().run(_tokens, **kwargs)
+        except StopRequested:
+            LOG.info("stopped while waiting for the broker")
+
+    def check_stop(self):
+        """Called by kombu every second while it retries a connection."""
+        if self.should_stop:
+            raise StopRequested()
+
+    @contextmanager
+    def establish_connection(self):
+        # kombu's, plus a way out of the retry loop on SIGTERM
+        with self.create_connection() as conn:
+            conn.ensure_connection(self.on_connection_error,
+                                   self.connect_max_retries,
+                                   callback=self.check_stop)
+            yield conn
+
+    def on_connection_error(self, exc, interval):
+        self.outage.failed(self.connection.as_uri(), exc, interval)
+
+    def on_consume_ready(self, connection, channel, consumers, **kwargs):
+        self.outage.recovered(connection.as_uri())
+
+    def consume(self, limit=None, timeout=None, safety_interval=1,
+                **kwargs):
+        errors = self.connection.connection_errors + \
+            self.connection.channel_errors
+        try:
+            yield from super().consume(limit, timeout, safety_interval,
+                                       **kwargs)
+        except kombu.exceptions.OperationalError as exc:
+            raise self.outage.gave_up(
+                self.connection.as_uri(), exc.__cause__ or exc,
+                self.connect_max_retries) from None
+        except errors as exc:
+            if self.should_stop:
+                return
+            if permanent_advice(exc) is None:
+                # kombu's run() reconnects (ensure_connection retries)
+                self.outage.failed(self.connection.as_uri(), exc, 0)
+                return
+            interval = min(self.retry_step * (self.outage.attempts + 1),
+                           self.retry_max)
+            self.outage.failed(self.connection.as_uri(), exc, interval)
+            self._wait(interval)
+
+    def _wait(self, seconds):
+        deadline = time.monotonic() + seconds
+        while not self.should_stop:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(left, 0.2))

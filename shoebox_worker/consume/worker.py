@@ -53,31 +53,21 @@ import re
 import shutil
 import socket
 import time
-from contextlib import contextmanager
-
-import kombu
 
 from shoebox_worker import callbacks as callbacks_mod
-from shoebox_worker import exceptions
 from shoebox_worker import files
 from shoebox_worker import roll_manager
+from shoebox_worker.consume import backpressure as backpressure_mod
 from shoebox_worker.consume import batch as batch_mod
 from shoebox_worker.consume import broker
 from shoebox_worker.consume import envelope
 from shoebox_worker.consume import stats as stats_mod
 from shoebox_worker.ship import shipper as shipper_mod
 
-__all__ = ["Worker", "StopRequested", "make_connection", "make_queues",
-           "worker_id", "archive_pattern"]
+__all__ = ["Worker", "StopRequested", "worker_id", "archive_pattern"]
 
 LOG = logging.getLogger(__name__)
 
-#: Free space needed on the archive's filesystem before a paused worker
-#: (disk full) takes messages again.
-RESUME_FREE_BYTES = 64 * 1024 * 1024
-#: Resume after a backlog pause once the backlog is under this share of
-#: ``max_backlog_mb``.
-BACKLOG_RESUME_RATIO = 0.9
 #: On SIGTERM, how long shipping may go on before the state files are left
 #: to the next start.
 SHUTDOWN_SHIP_GRACE = 10.0
@@ -99,10 +89,6 @@ STOP_INTERRUPTED = "interrupted"
 STOP_IDLE = "idle"
 #: The archive directory is not writable: exit code 1.
 STOP_FAILED = "failed"
-
-#: Why consumption is paused (:attr:`Worker.paused`), None while it runs.
-PAUSE_DISK_FULL = "disk full"
-PAUSE_BACKLOG = "backlog"
 
 W_MALFORMED = "archived a malformed message from %s (%s); %d so far"
 W_PAUSED = ("PAUSED consuming from %s: %s. Nothing more is taken off the "
@@ -130,33 +116,6 @@ def archive_pattern(template):
     return pattern
 
 
-def make_connection(broker):
-    """A kombu Connection from ``[broker]`` (failover URLs, heartbeat)."""
-    return kombu.Connection(
-        broker.url,
-        heartbeat=broker.heartbeat or None,
-        connect_timeout=broker.connect_timeout,
-        failover_strategy=broker.failover_strategy,
-        transport_options={"max_retries": broker.connect_max_retries}
-        if broker.connect_max_retries is not None else None,
-    )
-
-
-def make_queues(consumers):
-    """kombu Queues from the ``[consumer:QUEUE]`` sections."""
-    queues = []
-    for c in consumers:
-        exchange = kombu.Exchange(c.exchange, type=c.exchange_type,
-                                  durable=c.exchange_durable,
-                                  no_declare=not c.declare)
-        queues.append(kombu.Queue(
-            c.queue, exchange, routing_key=c.routing_key, durable=c.durable,
-            auto_delete=c.auto_delete,
-            queue_arguments=dict(c.queue_arguments) or None,
-            no_declare=not c.declare))
-    return queues
-
-
 def _properties(message):
     """A message's AMQP properties, for the metadata of a malformed body."""
     properties = message.properties
@@ -167,8 +126,8 @@ def _properties(message):
     return properties
 
 
-class StopRequested(exceptions.ShoeboxError):
-    """Raised inside kombu's connection retries once we are told to stop."""
+#: Raised inside kombu's connection retries once we are told to stop.
+StopRequested = broker.StopRequested
 
 
 class _ArchiveLock(callbacks_mod.ArchiveCallback):
@@ -199,7 +158,7 @@ class _ArchiveLock(callbacks_mod.ArchiveCallback):
             lock.release()
 
 
-class Worker(broker.BlockingReads):
+class Worker(broker.Reconnecting):
     """Consumes ``[consumer:*]`` queues into rolling archives.
 
     :param config: a loaded :class:`~shoebox_worker.config.Config`.
@@ -217,7 +176,7 @@ class Worker(broker.BlockingReads):
     def __init__(self, config, *, roll_checker, callbacks, connection=None,
                  idle_exit=None, ident=None, stats=None):
         self.config = config
-        self.connection = connection or make_connection(config.broker)
+        self.connection = connection or broker.make_connection(config.broker)
         self.connect_max_retries = config.broker.connect_max_retries
         self.idle_exit = idle_exit
         self.ident = ident or worker_id()
@@ -239,17 +198,19 @@ class Worker(broker.BlockingReads):
         self.batch = batch_mod.Batch(self.manager.sync)
         self.unwrap = envelope.Unwrapper(
             archive_conf.metadata_fields, archive_conf.static_metadata)
-        self.queues = make_queues(config.consumers)
+        self.queues = broker.make_queues(config.consumers)
         self.fsync_every = archive_conf.fsync_every
         self.fsync_interval = archive_conf.fsync_interval
         self.receive_timeout = max(0.05, min(RECV_TIMEOUT,
                                              self.fsync_interval / 2))
-        self.max_backlog = archive_conf.max_backlog_mb * 1024 * 1024
+        self.backpressure = backpressure_mod.Backpressure(
+            archive_conf.max_backlog_mb * 1024 * 1024)
         #: Why the worker stops (``STOP_*``), None while it runs.
         self.stopping = None
-        #: Why consumption is paused (``PAUSE_*``), None while it runs.
-        self.paused = None
         self._consumers = []
+        #: whether consuming ever started (else no stats line at the end)
+        self._consumed = False
+        self.outage = broker.Outage(listeners=self.stats.listeners)
         self._last_message = time.monotonic()
         self._next_tick = 0.0
         self._next_stats = time.monotonic() + config.worker.stats_interval
@@ -265,6 +226,12 @@ class Worker(broker.BlockingReads):
         # kombu's way to stop a ConsumerMixin: as a signal would
         if value and self.stopping is None:
             self.stopping = STOP_SIGNAL
+
+    @property
+    def paused(self):
+        """Why consumption is paused (``backpressure.PAUSE_*``), None while
+        it runs."""
+        return self.backpressure.paused
 
     @property
     def exit_code(self):
@@ -296,9 +263,9 @@ class Worker(broker.BlockingReads):
         to the state files for the next start."""
         try:
             self._commit()
-        except Exception:  # the connection may be gone; they come back
-            LOG.warning("could not ack the last batch; the broker will "
-                        "deliver it again", exc_info=True)
+        except Exception as exc:  # the connection may be gone
+            LOG.warning("could not ack the last batch (%s); the broker "
+                        "will deliver it again", broker.reason(exc))
         self.batch.forget()
         self._ship(self.manager.close())
         if self.stopping == STOP_IDLE:
@@ -310,28 +277,8 @@ class Worker(broker.BlockingReads):
             self.shipper.settle(SHUTDOWN_SHIP_GRACE)
         self.shipper.stop(ship_timeout)
         self._update_stats()
-        self.stats.log_line(force=True)
-
-    def run(self, _tokens=1, **kwargs):
-        """Consume until stopped (kombu reconnects on broker loss)."""
-        try:
-            super().run(_tokens, **kwargs)
-        except StopRequested:
-            LOG.info("stopped while waiting for the broker")
-
-    def check_stop(self):
-        """Called by kombu every second while it retries a connection."""
-        if self.should_stop:
-            raise StopRequested()
-
-    @contextmanager
-    def establish_connection(self):
-        # kombu's, plus a way out of the retry loop on SIGTERM
-        with self.create_connection() as conn:
-            conn.ensure_connection(self.on_connection_error,
-                                   self.connect_max_retries,
-                                   callback=self.check_stop)
-            yield conn
+        if self._consumed:  # else there is nothing to say
+            self.stats.log_line(force=True)
 
     # -- kombu hooks -----------------------------------------------------
 
@@ -346,6 +293,8 @@ class Worker(broker.BlockingReads):
                 for queue in self.queues]
 
     def on_consume_ready(self, connection, channel, consumers, **kwargs):
+        super().on_consume_ready(connection, channel, consumers, **kwargs)
+        self._consumed = True
         self._consumers = consumers
         # --idle-exit counts from here: time spent reconnecting is not idle
         self._last_message = time.monotonic()
@@ -360,10 +309,6 @@ class Worker(broker.BlockingReads):
         if self.should_stop:
             self._commit()
 
-    def on_connection_error(self, exc, interval):
-        LOG.warning("broker connection error: %s; retrying in %.1f s",
-                    exc, interval)
-
     def on_connection_revived(self):
         # unacked messages of the old channel are redelivered; their
         # records stay in the archive (duplicates are allowed, losses not)
@@ -372,14 +317,15 @@ class Worker(broker.BlockingReads):
             LOG.warning("connection lost with %d written but unacked "
                         "message(s); they will be delivered again",
                         dropped)
-        LOG.info("connected to %s", self.connection.as_uri())
+        if self.outage.since is None:  # else recovered() tells it
+            LOG.info("connected to %s", self.connection.as_uri())
 
     # -- the one place that decides ------------------------------------
 
     def on_message(self, queue, message):
         """Write one message and add it to the batch (acked with it); or,
         while the disk is full, requeue it."""
-        if self.paused == PAUSE_DISK_FULL:
+        if self.paused == backpressure_mod.PAUSE_DISK_FULL:
             self.batch.requeue_one(message)
             return
         body = envelope.to_bytes(message.body, message.content_encoding)
@@ -417,7 +363,9 @@ class Worker(broker.BlockingReads):
         if closed is not None:
             self._ship(closed)
             self._commit()
-        self._check_backpressure()
+        self._apply(self.backpressure.check(
+            self.shipper.backlog,
+            lambda: shutil.disk_usage(self.directory).free))
         if self.idle_exit is not None and not self.batch and \
                 now - self._last_message >= self.idle_exit and \
                 self.stopping is None:
@@ -480,8 +428,8 @@ class Worker(broker.BlockingReads):
         if requeued:
             LOG.warning("requeued %d unsynced message(s)", requeued)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            self._pause(PAUSE_DISK_FULL,
-                        "disk full under %s" % self.directory)
+            self._apply(self.backpressure.disk_full(
+                "disk full under %s" % self.directory))
         else:
             LOG.critical("stopping: the archive directory is not writable "
                          "(%s)", exc)
@@ -490,42 +438,23 @@ class Worker(broker.BlockingReads):
 
     # -- backpressure ------------------------------------------------------
 
-    def _check_backpressure(self):
-        if self.paused == PAUSE_DISK_FULL:
-            free = shutil.disk_usage(self.directory).free
-            if free >= RESUME_FREE_BYTES:
-                self._resume("disk has %d MB free" % (free >> 20))
+    def _apply(self, change):
+        """Do what the backpressure decided: cancel the consumers (after
+        acking what is written), or resume them."""
+        if change is None:
             return
-        files_, size, _ = self.shipper.backlog
-        if not self.paused and size > self.max_backlog:
-            self._pause(PAUSE_BACKLOG,
-                        "%d archive(s), %.1f MB waiting to be shipped, "
-                        "over max_backlog_mb = %g" % (
-                            files_, size / 1048576.0,
-                            self.max_backlog / 1048576.0))
-        elif self.paused and size <= self.max_backlog * \
-                BACKLOG_RESUME_RATIO:
-            self._resume("backlog down to %.1f MB" % (size / 1048576.0))
-
-    def _pause(self, cause, why):
-        """Stop taking messages; a full disk outranks the backlog."""
-        if self.paused in (cause, PAUSE_DISK_FULL):
+        if change.action == backpressure_mod.PAUSE:
+            LOG.critical(W_PAUSED, ", ".join(q.name for q in self.queues),
+                         change.reason)
+            if not change.was_paused:
+                self._commit()
+                self._cancel_consumers()
+                self.stats.paused = True
             return
-        was_paused, self.paused = self.paused is not None, cause
-        LOG.critical(W_PAUSED, ", ".join(q.name for q in self.queues), why)
-        if not was_paused:
-            self._commit()
-            self._cancel_consumers()
-            self.stats.paused = True
-
-    def _resume(self, why):
-        if not self.paused:
-            return
-        self.paused = None
         self.stats.paused = False
         for consumer in self._consumers:
             consumer.consume()
-        LOG.warning(W_RESUMED, why)
+        LOG.warning(W_RESUMED, change.reason)
 
     def _cancel_consumers(self):
         for consumer in self._consumers:

@@ -150,8 +150,11 @@ def test_durable_mismatch_is_one_line_and_exit_2(rabbit, names, tmp_path,
     lines = [line for line in result.log.splitlines()
              if "[consumer:%s]" % names in line]
     assert len(lines) == 1, result.log
-    assert "durable" in lines[0] and "PRECONDITION_FAILED" in lines[0]
-    assert lines[0].startswith("shoebox-worker: %s" % config)
+    assert lines[0].startswith("shoebox-worker: %s [consumer:%s] "
+                               "exchange_durable: " % (config, names))
+    assert "with durable = true" in lines[0]
+    assert "set exchange_durable = true" in lines[0]
+    assert "msg/s" not in result.log
     assert "Traceback" not in result.log
     assert "retrying" not in result.log and "consuming" not in result.log
 

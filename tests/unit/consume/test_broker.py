@@ -2,13 +2,17 @@
 loop. The RabbitMQ tests use the local broker (127.0.0.1:5672) with names
 of their own, and are skipped when it does not answer."""
 
+import functools
+import logging
 import socket
 import textwrap
+import threading
 import time
 import uuid
 
 import kombu
 import pytest
+from amqp import exceptions as amqp_exceptions
 
 from shoebox_worker import config as config_mod
 from shoebox_worker import exceptions
@@ -99,25 +103,112 @@ class TestDeclare:
                 broker.declare(worker)
             message = str(caught.value)
             assert "\n" not in message
-            assert "[consumer:%s]" % queue in message
-            assert "PRECONDITION_FAILED" in message
-            assert "durable" in message
-            assert conf.filename in message
+            # the option that differs, and the broker's value
+            assert message.startswith("%s [consumer:%s] durable: "
+                                      % (conf.filename, queue))
+            assert "with durable = false" in message
+            assert "set durable = false" in message
+            # not every flag it might be
+            assert "auto_delete" not in message
+            assert "queue_arguments" not in message
         finally:
             with rabbit.channel() as channel:
                 channel.queue_delete(queue)
                 channel.exchange_delete(exchange)
 
-    def test_declare_false_declares_nothing(self, tmp_path):
+    def test_declare_false_checks_and_declares_nothing(self, tmp_path):
+        exchange, queue = names()
+        with kombu.Connection("memory://") as conn:
+            conn.channel().queue_declare(queue=queue)
+            conf = load_config(tmp_path, "memory://", exchange, queue,
+                               "declare = false")
+            broker.declare(make_worker(conf))
+            # the exchange was not declared, nor bound
+            assert exchange not in conn.default_channel.state.exchanges
+            conn.channel().queue_delete(queue)
+
+    def test_declare_false_queue_missing_is_one_config_error_line(
+            self, tmp_path):
         exchange, queue = names()
         conf = load_config(tmp_path, "memory://", exchange, queue,
                            "declare = false")
+        with pytest.raises(exceptions.ConfigError) as caught:
+            broker.declare(make_worker(conf))
+        message = str(caught.value)
+        assert message.startswith("%s [consumer:%s] declare: no queue %r"
+                                  % (conf.filename, queue, queue))
+        assert "set declare = true" in message
+        assert "\n" not in message
+
+    @pytest.mark.parametrize("existing, consumer, option, says", [
+        ({"exchange_durable": True}, "exchange_durable = false",
+         "exchange_durable", "exchange %r exists on the broker with "
+         "durable = true, this config says durable = false"),
+        ({"exchange_type": "direct"}, "", "exchange_type",
+         "with type = direct, this config says type = topic"),
+        ({"auto_delete": True}, "", "auto_delete",
+         "with auto_delete = true, this config says auto_delete = false"),
+        ({"queue_arguments": {"x-max-length": 10}}, "", "queue_arguments",
+         "with x-max-length = 10, this config says no x-max-length"),
+    ])
+    def test_mismatch_names_the_option_and_the_brokers_value(
+            self, tmp_path, rabbit, existing, consumer, option, says):
+        exchange, queue = names()
+        says = says % exchange if "%r" in says else says
+        with rabbit.channel() as channel:
+            kombu.Queue(queue, kombu.Exchange(
+                exchange, type=existing.get("exchange_type", "topic"),
+                durable=existing.get("exchange_durable", False)),
+                routing_key=queue, durable=False,
+                auto_delete=existing.get("auto_delete", False),
+                queue_arguments=existing.get("queue_arguments"))(
+                    channel).declare()
+        conf = load_config(tmp_path, AMQP_URL, exchange, queue, consumer)
+        try:
+            with pytest.raises(exceptions.ConfigError) as caught:
+                broker.declare(make_worker(conf))
+            message = str(caught.value)
+            assert message.startswith("%s [consumer:%s] %s: "
+                                      % (conf.filename, queue, option))
+            assert says in message, message
+        finally:
+            with rabbit.channel() as channel:
+                channel.queue_delete(queue)
+                channel.exchange_delete(exchange)
+
+    def test_refused_login_is_a_config_error_on_the_url(self, tmp_path,
+                                                        rabbit):
+        exchange, queue = names()
+        conf = load_config(tmp_path,
+                           "amqp://guest:wrong@127.0.0.1:5672//",
+                           exchange, queue)
+        with pytest.raises(exceptions.ConfigError) as caught:
+            broker.declare(make_worker(conf))
+        message = str(caught.value)
+        assert message.startswith("%s [broker] url: " % conf.filename)
+        assert "ACCESS_REFUSED" in message
+        assert "check the user and password" in message
+        assert "wrong" not in message
+
+    def test_unreachable_gives_up_in_one_line(self, tmp_path):
+        exchange, queue = names()
+        with socket.socket() as sock:  # a port nobody listens on
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        conf = load_config(tmp_path, "amqp://guest:guest@127.0.0.1:%d//"
+                           % port, exchange, queue)
         worker = make_worker(conf)
-        broker.declare(worker)
-        with kombu.Connection("memory://") as conn:
-            with pytest.raises(conn.channel_errors):
-                kombu.Queue(queue, channel=conn.channel()).queue_declare(
-                    passive=True)
+        worker.connection.ensure_connection = functools.partial(
+            worker.connection.ensure_connection, interval_start=0.01,
+            interval_step=0.01)
+        with pytest.raises(broker.BrokerError) as caught:
+            broker.declare(worker)
+        message = str(caught.value)
+        assert "Connection refused" in message
+        assert "gave up after 2 failed attempt(s)" in message
+        assert "connect_max_retries = 1" in message
+        assert isinstance(caught.value, exceptions.ShoeboxError)
+        assert not isinstance(caught.value, exceptions.ConfigError)
 
 
 class Counter(broker.BlockingReads):
@@ -185,3 +276,137 @@ class TestBlockingReads:
         counter, _ = self.run("memory://", 5)
         assert [b["n"] for b in counter.bodies] == list(range(5))
         assert counter.idle_ticks == 3
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+class TestOutage:
+    URL = "amqp://guest:**@host//"
+
+    def test_once_then_bounded_with_count_and_duration(self, caplog):
+        clock = FakeClock()
+        events = []
+        outage = broker.Outage(clock, listeners=[
+            lambda *event: events.append(event)])
+        refused = ConnectionRefusedError(111, "Connection refused")
+        with caplog.at_level(logging.DEBUG, logger=broker.LOG.name):
+            for _ in range(12):  # kombu's backoff: 2, 4, ... 24 s
+                outage.failed(self.URL, refused, 2.0 * (outage.attempts + 1))
+                clock.now += 2.0 * outage.attempts
+        lines = [r.getMessage() for r in caplog.records
+                 if r.levelno >= logging.WARNING]
+        assert lines[0] == ("broker %s: [Errno 111] Connection refused; "
+                            "retrying in 2 s" % self.URL)
+        # 156 s of failures: the first line, then one a minute at most
+        assert len(lines) == 3, lines
+        assert lines[1:] == [
+            "broker %s still failing after 9 attempts, 72 s: [Errno 111] "
+            "Connection refused" % self.URL,
+            "broker %s still failing after 12 attempts, 2 min: [Errno 111] "
+            "Connection refused" % self.URL]
+        assert not any(r.exc_info for r in caplog.records)
+        assert events == [("broker_failed", "transient", None)] * 12
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger=broker.LOG.name):
+            assert outage.recovered(self.URL)
+            assert not outage.recovered(self.URL)
+        assert [r.getMessage() for r in caplog.records] == [
+            "broker %s back after 12 failed attempt(s), 3 min" % self.URL]
+
+    def test_permanent_is_said_at_once(self, caplog):
+        clock = FakeClock()
+        outage = broker.Outage(clock)
+        refused = amqp_exceptions.AccessRefused(
+            "ACCESS_REFUSED - Login was refused using authentication "
+            "mechanism PLAIN. For details see the broker logfile.")
+        with caplog.at_level(logging.WARNING, logger=broker.LOG.name):
+            outage.failed(self.URL, OSError("Connection reset by peer"), 0)
+            outage.failed(self.URL, refused, 2)
+            outage.failed(self.URL, refused, 4)
+        lines = [r.getMessage() for r in caplog.records]
+        assert lines[0].endswith("Connection reset by peer; reconnecting")
+        assert len(lines) == 2
+        assert caplog.records[1].levelno == logging.ERROR
+        assert lines[1].startswith(
+            "broker %s: ACCESS_REFUSED - Login was refused using "
+            "authentication mechanism PLAIN. For details see the broker "
+            "logfile; this will not heal by retrying: check the user and "
+            "password in [broker] url" % self.URL)
+        assert outage.permanent
+
+
+class Healing(broker.Reconnecting):
+    """A consumer on the reconnecting loop, with a fast backoff."""
+
+    retry_step = 0.05
+    retry_max = 0.2
+    receive_timeout = 0.05
+
+    def __init__(self, connection, queue):
+        self.connection = connection
+        self.queue = queue
+        self.bodies = []
+        self.ready = threading.Event()
+
+    def get_consumers(self, Consumer, channel):
+        return [Consumer(queues=[self.queue], on_message=self.on_message,
+                         accept=["json"])]
+
+    def on_consume_ready(self, connection, channel, consumers, **kwargs):
+        super().on_consume_ready(connection, channel, consumers, **kwargs)
+        self.ready.set()
+
+    def on_message(self, message):
+        self.bodies.append(message.payload)
+        message.ack()
+        self.should_stop = True
+
+
+def test_a_missing_queue_is_told_once_and_heals_when_declared(rabbit,
+                                                              caplog):
+    exchange_name, queue_name = names()
+    exchange = kombu.Exchange(exchange_name, type="topic", durable=False)
+    queue = kombu.Queue(queue_name, exchange, routing_key=queue_name,
+                        durable=False, no_declare=True)
+    healing = Healing(rabbit.clone(), queue)
+    thread = threading.Thread(target=healing.run, daemon=True)
+    try:
+        with caplog.at_level(logging.INFO):
+            thread.start()
+            deadline = time.monotonic() + 10
+            while healing.outage.attempts < 3:
+                assert time.monotonic() < deadline, "no retries"
+                time.sleep(0.01)
+            assert not healing.ready.is_set()
+            # the fix: the queue exists now
+            with rabbit.channel() as channel:
+                kombu.Queue(queue_name, exchange, routing_key=queue_name,
+                            durable=False)(channel).declare()
+            assert healing.ready.wait(10), "did not heal"
+            with rabbit.Producer() as producer:
+                producer.publish({"n": 1}, exchange=exchange,
+                                 routing_key=queue_name)
+            thread.join(10)
+            assert not thread.is_alive()
+    finally:
+        healing.should_stop = True
+        thread.join(10)
+        with rabbit.channel() as channel:
+            channel.queue_delete(queue_name)
+            channel.exchange_delete(exchange_name)
+    assert healing.bodies == [{"n": 1}]
+    ours = [r for r in caplog.records if r.name == broker.LOG.name]
+    errors = [r.getMessage() for r in ours if r.levelno >= logging.WARNING]
+    assert len(errors) == 1, errors
+    assert "NOT_FOUND - no queue %r" % queue_name in errors[0]
+    assert "will not heal by retrying" in errors[0]
+    assert ours[-1].getMessage().startswith("broker amqp://")
+    assert "back after" in ours[-1].getMessage()
+    # kombu's "Connection to broker lost" traceback never shows
+    assert not any(r.exc_info for r in caplog.records)

@@ -4,6 +4,7 @@ Redis through fakeredis): what is acked is on disk, nothing is lost."""
 
 import errno
 import json
+import logging
 import os
 import shutil
 import textwrap
@@ -20,6 +21,7 @@ from shoebox_worker import files
 from shoebox_worker import plugins
 from shoebox_worker import roll_checker
 from shoebox_worker import roll_manager
+from shoebox_worker.consume import backpressure
 from shoebox_worker.consume import worker as worker_mod
 from shoebox_worker.ship import shipper as shipper_mod
 from shoebox_worker.ship import steps
@@ -511,7 +513,7 @@ class TestDiskFull:
         # nothing taken meanwhile
         assert worker.stats.consumed_total == consumed
         assert worker.stats.acked_total == 8
-        assert worker.paused == worker_mod.PAUSE_DISK_FULL
+        assert worker.paused == backpressure.PAUSE_DISK_FULL
         assert worker.stats.paused
         # the unsynced records were cut off the archive
         assert len(archives(worker)) == 8
@@ -538,7 +540,7 @@ class TestDiskFull:
             return write(self, metadata, payload)
 
         monkeypatch.setattr(archive.ArchiveWriter, "write", failing_write)
-        monkeypatch.setattr(worker_mod, "RESUME_FREE_BYTES", 0)
+        monkeypatch.setattr(backpressure, "RESUME_FREE_BYTES", 0)
         bodies = [v2_body(n) for n in range(10)]
         broker.publish(bodies)
         worker = make_worker(conf, broker)
@@ -830,3 +832,27 @@ def test_worker_id_keeps_the_whole_host_name(monkeypatch):
     monkeypatch.setattr(worker_mod.socket, "gethostname", lambda: "a.dc2")
     assert first != worker_mod.worker_id()
     assert first == "a-dc1-%d" % os.getpid()
+
+
+class TestStatsLineAtShutdown:
+    def stats_lines(self, caplog):
+        return [r for r in caplog.records if "msg/s" in r.getMessage()]
+
+    def test_none_when_the_worker_never_consumed(self, tmp_path, broker,
+                                                 caplog):
+        # e.g. the broker refused a declaration: the error is the last
+        # word, not "0 msg/s ... consumed 0"
+        worker = make_worker(write_config(tmp_path, broker), broker)
+        worker.start()
+        with caplog.at_level(logging.INFO):
+            worker.shutdown()
+        assert self.stats_lines(caplog) == []
+
+    def test_one_after_consuming(self, tmp_path, broker, caplog):
+        broker.publish([v2_body(0)])
+        worker = make_worker(write_config(tmp_path, broker), broker)
+        running = Running(worker)
+        running.wait_acked(1)
+        with caplog.at_level(logging.INFO):
+            running.stop()
+        assert len(self.stats_lines(caplog)) == 1
