@@ -202,12 +202,15 @@ class ArchiveReader(Archive):
         record, record the skipped range in :attr:`skipped` and call
         ``on_skip``.
     :param on_skip: called with a :class:`Skipped` in salvage mode.
+    :param quiet: do not log a warning for each skipped range (the caller
+        reports them).
     """
 
-    def __init__(self, filename, salvage=False, on_skip=None):
+    def __init__(self, filename, salvage=False, on_skip=None, quiet=False):
         super().__init__(filename)
         self.salvage = salvage
         self.on_skip = on_skip
+        self.quiet = quiet
         #: Ranges passed over in salvage mode.
         self.skipped = []
         #: Offset just past the last good record returned.
@@ -281,8 +284,9 @@ class ArchiveReader(Archive):
     def _skipped(self, start, end, reason):
         skipped = Skipped(self.filename, start, end, reason)
         self.skipped.append(skipped)
-        LOG.warning("%s: skipped bytes %d-%d: %s", self.filename,
-                    skipped.start, skipped.end, skipped.reason)
+        if not self.quiet:
+            LOG.warning("%s: skipped bytes %d-%d: %s", self.filename,
+                        skipped.start, skipped.end, skipped.reason)
         if self.on_skip is not None:
             self.on_skip(skipped)
 
@@ -321,18 +325,20 @@ class ArchiveReport:
         return not self.skipped
 
 
-def inspect_file(filename, on_record=None):
+def inspect_file(filename, on_record=None, quiet=False):
     """Check every record of an archive in salvage mode.
 
     :param on_record: called with each valid record, in order, as
         ``(offset, version, size, metadata, payload)`` (verify's salvage
         keeps them).
+    :param quiet: log nothing about damaged ranges: the caller reports
+        them (from ``skipped``).
     :returns: an :class:`ArchiveReport`, ``versions`` from each record's
         own header.
     """
     report = ArchiveReport(os.fspath(filename))
     versions = report.versions
-    with ArchiveReader(filename, salvage=True) as reader:
+    with ArchiveReader(filename, salvage=True, quiet=quiet) as reader:
         for found in reader.records():
             metadata = found[3]
             report.records += 1
@@ -350,18 +356,23 @@ def inspect_file(filename, on_record=None):
     return report
 
 
-def cut_torn_tail(filename):
+def cut_torn_tail(filename, report=None):
     """Cut a torn tail (a crash mid-write) off an uncompressed archive.
 
     Everything before the damage is kept; nothing after it is a valid
-    record, so nothing readable is lost.
+    record, so nothing readable is lost. Nothing is logged: the caller
+    reports the cut, once.
 
+    :param report: the file's :class:`ArchiveReport`, just made by
+        :func:`inspect_file` (the file is then not read again); None: read
+        it (quietly).
     :returns: ``(offset, bytes_cut)`` when a tail was cut, else None.
     """
     if compression.is_compressed(filename):
         raise ValueError("%s is compressed: offsets are in its uncompressed "
                          "bytes, so it cannot be cut in place" % (filename,))
-    report = inspect_file(filename)
+    if report is None:
+        report = inspect_file(filename, quiet=True)
     if report.torn_offset is None:
         return None
     cut = report.size - report.torn_offset
@@ -369,6 +380,4 @@ def cut_torn_tail(filename):
         f.truncate(report.torn_offset)
         f.flush()
         os.fsync(f.fileno())
-    LOG.warning("%s: cut a torn tail of %d bytes at offset %d", filename,
-                cut, report.torn_offset)
     return report.torn_offset, cut

@@ -90,13 +90,27 @@ class CallbackChain(ArchiveCallback):
             on to a step that declares ``report``.
         :returns: the path the step returned (None: the file is gone).
         :raises CallbackError: naming the step and the file; the file is
-            left where it was.
+            left where it was. A step's own :class:`CallbackError` (such
+            as swift's ``UploadError``) goes up as it is, its step and
+            file filled in when it names none; any other exception is
+            wrapped in one, ``permanent`` when it is a
+            :class:`~shoebox_worker.exceptions.PermanentError`.
         """
         name, callback = self.steps[index]
         try:
             if self._wants_report[index]:
                 return callback.on_close(filename, report=report)
             return callback.on_close(filename)
+        except exceptions.CallbackError as exc:
+            if exc.callback is None:
+                exc.callback = name
+            if exc.filename is None:
+                exc.filename = filename
+            raise
+        except exceptions.PermanentError as exc:
+            raise exceptions.CallbackError(
+                exc.message, callback=name, filename=filename,
+                permanent=True, hint=exc.hint) from exc
         except Exception as exc:
             raise exceptions.CallbackError(
                 "%s: %s" % (type(exc).__name__, exc), callback=name,

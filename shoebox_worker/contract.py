@@ -98,4 +98,16 @@ class ArchiveCallbackSpec(typing.Protocol):
             the same file after a failure or a crash: make it idempotent
             (write to a temporary name and rename; upload under a name
             derived from the file's name).
+        :raises shoebox_worker.exceptions.PermanentError: a failure that
+            retrying will not fix until an operator changes something
+            (credentials refused, a name the destination refuses):
+            ``raise PermanentError("login refused", hint="check
+            [callback:tag] password")``. The worker logs it at once as one
+            that will not heal by retrying, with the hint, counts it in
+            ``shoebox_callback_permanent_failures_total``, and still retries
+            it, every ``retry_max`` seconds, so that the fix heals the
+            worker without a restart. (A step of this project may instead
+            raise a :class:`~shoebox_worker.exceptions.CallbackError` with
+            ``permanent=True``; its message is then logged as it is, not
+            wrapped again.)
         """

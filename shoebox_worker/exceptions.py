@@ -18,6 +18,7 @@ __all__ = [
     "PluginError",
     "CallbackError",
     "UploadError",
+    "PermanentError",
     "EXIT_OK",
     "EXIT_FAILURE",
     "EXIT_USAGE",
@@ -119,13 +120,22 @@ class CallbackError(ShoeboxError):
 
     :param callback: the callback's name (entry point name or class name).
     :param filename: the file the callback was given.
+    :param permanent: retrying will not fix it (a refused key, a name
+        Swift refuses) until an operator changes something; it is still
+        retried, at the longest retry delay, so the fix heals the worker
+        without a restart.
+    :param hint: for a permanent error, what to check, e.g.
+        ``"check [callback:swift] key"``.
     """
 
-    def __init__(self, message, callback=None, filename=None):
+    def __init__(self, message, callback=None, filename=None,
+                 permanent=False, hint=None):
         super().__init__(message)
         self.message = message
         self.callback = callback
         self.filename = filename
+        self.permanent = permanent
+        self.hint = hint
 
     def __str__(self):
         return "callback %s failed on %s: %s" % (
@@ -134,3 +144,20 @@ class CallbackError(ShoeboxError):
 
 class UploadError(CallbackError):
     """An upload did not reach its destination intact."""
+
+
+class PermanentError(ShoeboxError):
+    """What a callback raises for a failure that retrying will not fix
+    (see :mod:`shoebox_worker.contract`): credentials refused, a name the
+    destination refuses. The shipper logs it as such at once and retries
+    it at the longest retry delay only.
+
+    :param message: what failed.
+    :param hint: what the operator should check or change, e.g.
+        ``"check [callback:tag] destination"``.
+    """
+
+    def __init__(self, message, hint=None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint

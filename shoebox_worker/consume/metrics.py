@@ -18,6 +18,9 @@ Exported (``queue`` and ``callback`` labels are the config's names)::
     shoebox_rolls_total                       archives closed
     shoebox_callback_successes_total{callback}
     shoebox_callback_failures_total{callback} failed attempts (retried)
+    shoebox_callback_permanent_failures_total{callback}
+                                              those of them that retrying
+                                              will not fix (a refused key)
     shoebox_upload_seconds{callback}          histogram of step durations
 
 and the data at risk, now::
@@ -29,6 +32,12 @@ and the data at risk, now::
     shoebox_oldest_unshipped_age_seconds      age of the oldest record
                                               among them
     shoebox_paused                            1 while consumption is paused
+    shoebox_failing_archives{kind}            archives whose current step
+                                              fails now, by the kind of its
+                                              last failure (transient or
+                                              permanent)
+    shoebox_oldest_failure_age_seconds        how long the oldest of them
+                                              has been failing; 0 if none
 
 With ``[worker] processes = N`` each worker process serves its own
 endpoint: worker ``k`` (0 to N-1) on ``port + k``.
@@ -113,6 +122,13 @@ class StatsCollector:
             "shoebox_callback_failures",
             "Callback steps that failed (and are retried), by callback.",
             labels=["callback"]), stats.callback_failures, self.callbacks)
+        yield self._by_label(CounterMetricFamily(
+            "shoebox_callback_permanent_failures",
+            "Callback steps that failed in a way retrying will not fix "
+            "(credentials or names refused; still retried, every retry_max "
+            "seconds), by callback.",
+            labels=["callback"]), stats.callback_permanent_failures,
+            self.callbacks)
 
         # the data at risk
         yield GaugeMetricFamily(
@@ -139,6 +155,18 @@ class StatsCollector:
             "shoebox_paused",
             "1 while consumption is paused (disk full or backlog over "
             "max_backlog_mb), else 0.", value=1 if stats.paused else 0)
+        failing = GaugeMetricFamily(
+            "shoebox_failing_archives",
+            "Archives whose current callback step fails now, by the kind "
+            "of its last failure: transient, or permanent (retrying will "
+            "not fix it).", labels=["kind"])
+        for kind, (count, _) in sorted(stats.failing_now.items()):
+            failing.add_metric([kind], count)
+        yield failing
+        yield GaugeMetricFamily(
+            "shoebox_oldest_failure_age_seconds",
+            "How long the archive failing longest has been failing, in "
+            "seconds; 0 when none fails.", value=stats.failing_age())
 
 
 def worker_index():

@@ -4,7 +4,8 @@ One :class:`Stats` per worker process; the consumer thread and the
 shipping thread update it, and nothing in it reads back from the worker:
 the consumer thread counts each message as it goes and, once a tick,
 passes down what it alone knows (:meth:`Stats.update`: the unacked batch,
-the bytes written, the unshipped backlog).
+the bytes written, the unshipped backlog); the shipping thread passes the
+archives failing now (:meth:`Stats.failing`).
 :mod:`shoebox_worker.consume.metrics` exports the same numbers to
 Prometheus.
 """
@@ -32,6 +33,14 @@ class Stats:
         self.rolls = 0
         self.callback_successes = collections.Counter()
         self.callback_failures = collections.Counter()
+        #: the failures among them that retrying will not fix
+        self.callback_permanent_failures = collections.Counter()
+        #: ``{"transient" | "permanent": (archives, since)}``: the archives
+        #: whose current step fails now, by the kind of its last failure,
+        #: and the wall-clock time the oldest of them started failing (None
+        #: when none fails).
+        self.failing_now = {"transient": (0, None),
+                            "permanent": (0, None)}
         self.paused = False
         #: Data at risk, as of the worker's last tick: messages written but
         #: not acked yet...
@@ -80,11 +89,26 @@ class Stats:
         for listener in self.listeners:
             listener("callback_done", name, seconds)
 
-    def callback_failed(self, name):
+    def callback_failed(self, name, permanent=False):
+        """A step failed; ``permanent``: retrying will not fix it."""
         with self._lock:
             self.callback_failures[name] += 1
+            if permanent:
+                self.callback_permanent_failures[name] += 1
         for listener in self.listeners:
             listener("callback_failed", name, None)
+
+    def failing(self, by_kind):
+        """The archives failing now (see :attr:`failing_now`)."""
+        self.failing_now = dict(by_kind)
+
+    def failing_age(self, now=None):
+        """How long the oldest failing archive has been failing (seconds;
+        0 when none fails)."""
+        since = [s for _, s in self.failing_now.values() if s is not None]
+        if not since:
+            return 0.0
+        return max(0.0, (time.time() if now is None else now) - min(since))
 
     # -- reading ------------------------------------------------------------
 

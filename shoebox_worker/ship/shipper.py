@@ -16,6 +16,28 @@ meanwhile. Steps must be idempotent (see :mod:`shoebox_worker.contract`):
 a step may run again after a crash, never a step after it before it
 succeeded, so nothing is deleted before the upload before it was verified.
 
+**Finished archives.** When the chain is done, the state file goes. An
+archive the chain left where it was written, under its own name (no
+callbacks, or only ``swift``), is then listed in one small file per
+working directory, ``.finished.ship`` (:data:`DONE_FILE`): its name,
+inode, size and modification time. The next start ships no archive listed
+there with the same inode, size and time, so a finished archive is never
+shipped again, and no file is left beside it. The list is written
+atomically before the state file is removed (a crash in between: the next
+start finds the archive listed and removes its state file), under a
+``flock`` on the directory (several workers may share it), and entries of
+archives no longer there are dropped whenever it is written.
+
+**Failures.** A step that fails is retried; each failing step's failures
+are logged once, when they start (and when a failure of the other kind
+joins them), then at most every :data:`FAILURE_LOG_INTERVAL` seconds with
+a count and a duration ("still failing after 12 attempts, 5 min"), and
+once more when the step works again, never with a traceback per retry. A
+failure retrying cannot fix (``CallbackError.permanent``: a refused key, a
+name Swift refuses; see :mod:`shoebox_worker.contract`) is logged as such,
+with what to check, and retried every ``retry_max`` seconds only, so that
+fixing it heals the worker without a restart.
+
 Every state file is held under an exclusive ``flock`` while its archive is
 being shipped, and every active archive while it is being written, so
 several workers sharing a working directory never ship the same file twice
@@ -25,13 +47,15 @@ so a killed worker's files are taken over at the next start.
 :meth:`Shipper.recover` runs at start: it resumes every unlocked state
 file, and treats every unlocked archive that has none as left by a killed
 run: it is read once (:func:`~shoebox_worker.archive.inspect_file`) for its
-report, a torn tail is cut off (and reported), then it is shipped. An
+report, a torn tail is cut off (and reported, in one line), then it is
+shipped. An
 archive whose report is not known (a state file written without one, or
 one handed over without) gets it from the same function, in the shipping
 thread, just before the first step that takes it.
 """
 
 import dataclasses
+import fcntl
 import heapq
 import json
 import logging
@@ -45,15 +69,26 @@ from shoebox_worker import exceptions
 from shoebox_worker import files
 from shoebox_worker.files import FileLock
 
-__all__ = ["Shipper", "STATE_SUFFIX"]
+__all__ = ["Shipper", "STATE_SUFFIX", "DONE_FILE"]
 
 LOG = logging.getLogger(__name__)
 
 #: Suffix of the state file kept beside each archive until it is shipped.
 STATE_SUFFIX = ".ship"
+#: The list of finished archives left where they were written, one per
+#: working directory (a ``.ship`` file too: all shipping state is).
+DONE_FILE = ".finished" + STATE_SUFFIX
 #: recover() leaves an empty archive younger than this (seconds) alone: a
 #: live worker may have just created it and not locked it yet.
 EMPTY_ARCHIVE_GRACE = 60.0
+#: A failing step is logged again at most this often (seconds).
+FAILURE_LOG_INTERVAL = 300.0
+
+E_FAILED = "%s (attempt %d; retrying in %.1f s)"
+E_PERMANENT = "%s: will not heal by retrying: %s; retrying every %.0f s"
+E_STILL = ("callback %s still failing after %d attempts, %s, on %d "
+           "archive(s); the last: %s")
+I_HEALED = "callback %s works again, after %d failed attempts in %s"
 
 
 class _Job:
@@ -69,7 +104,8 @@ class _Job:
         self.size = _size(path)
         # when its oldest record was written (at worst: its last write)
         self.since = since if since is not None else _mtime(path)
-        self.failing_since = None
+        self.failing_since = None   # wall-clock time of its first failure
+        self.permanent = False      # is its last failure a permanent one?
 
     @property
     def state_path(self):
@@ -88,6 +124,89 @@ def _size(path):
         return os.path.getsize(path)
     except (OSError, TypeError):
         return 0
+
+
+def _duration(seconds):
+    """``45 s``, ``5 min``, ``3.2 h``."""
+    if seconds < 120:
+        return "%.0f s" % seconds
+    if seconds < 7200:
+        return "%.0f min" % (seconds / 60)
+    return "%.1f h" % (seconds / 3600)
+
+
+class _Episode:
+    """The failures of one step, from its first to its next success."""
+
+    def __init__(self, now):
+        self.started = now
+        self.attempts = 0
+        self.origins = set()    # the archives failing at this step
+        self.kinds = set()      # permanent flags seen
+        self.logged = now       # when the last line about it was logged
+
+
+# -- the list of finished archives ---------------------------------------
+
+def _identity(stat):
+    return [stat.st_ino, stat.st_size, stat.st_mtime_ns]
+
+
+def _load_done(directory):
+    """``{name: [inode, size, mtime_ns]}`` of :data:`DONE_FILE`."""
+    path = os.path.join(directory, DONE_FILE)
+    try:
+        with open(path) as f:
+            done = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        LOG.warning("%s does not parse (%s): archives it listed as shipped "
+                    "are shipped again", path, exc)
+        return {}
+    if not isinstance(done, dict):
+        return {}
+    return done
+
+
+def _done_stamp(directory):
+    """What changes when :data:`DONE_FILE` is replaced."""
+    try:
+        stat = os.stat(os.path.join(directory, DONE_FILE))
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
+
+
+def _is_done(path, done):
+    """Is the archive at ``path`` the one ``done`` lists as finished?"""
+    entry = done.get(os.path.basename(path))
+    if entry is None:
+        return False
+    try:
+        return _identity(os.stat(path)) == entry
+    except OSError:
+        return False
+
+
+def _update_done(directory, add=None):
+    """Add ``add`` (a path in ``directory``) to its :data:`DONE_FILE` and
+    drop the archives no longer there; the file is replaced atomically,
+    and only when it changes, under a ``flock`` on the directory."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released with the fd
+        done = _load_done(directory)
+        names = set(os.listdir(directory))
+        kept = {name: entry for name, entry in done.items()
+                if name in names}
+        if add is not None:
+            kept[os.path.basename(add)] = _identity(os.stat(add))
+        if kept != done:
+            files.write_json_atomic(os.path.join(directory, DONE_FILE),
+                                    kept).release()
+    finally:
+        os.close(fd)
 
 
 def _report_to_state(report):
@@ -142,8 +261,12 @@ class Shipper:
     :param retry_initial: first retry delay, seconds.
     :param retry_max: longest retry delay, seconds.
     :param stats: optional object with ``callback_done(name, seconds)``,
-        ``callback_failed(name)`` methods.
+        ``callback_failed(name, permanent)`` and ``failing(by_kind)``
+        methods (see :class:`~shoebox_worker.consume.stats.Stats`).
     """
+
+    #: A failing step is logged again at most this often (seconds).
+    failure_log_interval = FAILURE_LOG_INTERVAL
 
     def __init__(self, chain, retry_initial=1.0, retry_max=300.0,
                  stats=None):
@@ -159,6 +282,7 @@ class Shipper:
         self._thread = None
         self._stopping = False
         self._busy = None           # the job whose step is running
+        self._episodes = {}         # step name -> _Episode while failing
 
     # -- what the consumer sees ---------------------------------------
 
@@ -256,13 +380,19 @@ class Shipper:
                     lock.release()
         for name in names:
             path = os.path.join(directory, name)
-            if name.endswith(STATE_SUFFIX):
+            if name.endswith(STATE_SUFFIX) and name != DONE_FILE:
                 count += self._resume(path)
+        if os.path.exists(os.path.join(directory, DONE_FILE)):
+            _update_done(directory)  # forget the archives gone since
+        done_stamp = _done_stamp(directory)
+        done = _load_done(directory)
         names = sorted(os.listdir(directory))
         for name in names:
             path = os.path.join(directory, name)
             if not pattern_match(name) or os.path.exists(path +
                                                          STATE_SUFFIX):
+                continue
+            if _is_done(path, done):
                 continue
             try:
                 stat = os.stat(path)
@@ -279,6 +409,14 @@ class Shipper:
             if os.path.exists(path + STATE_SUFFIX):
                 lock.release()
                 continue  # handed over between our two looks
+            # finished since we read the list? It is written before the
+            # state file goes, so a fresh look tells.
+            if _done_stamp(directory) != done_stamp:
+                done_stamp = _done_stamp(directory)
+                done = _load_done(directory)
+                if _is_done(path, done):
+                    lock.release()
+                    continue
             if os.path.getsize(path) == 0:
                 LOG.warning("removing empty archive %s left by a killed run",
                             path)
@@ -295,20 +433,23 @@ class Shipper:
     def _recovered_report(path):
         """Read an archive left by a killed run for its report, and cut off
         a torn tail (the record being written when that run died; it was
-        never acked).
+        never acked), saying so in one line.
 
         :returns: the report of what is left.
         """
-        report = archive.inspect_file(path)
-        if report.torn_offset is None:
+        report = archive.inspect_file(path, quiet=True)
+        tail = report.skipped[-1] if report.torn_offset is not None \
+            else None
+        for skipped in report.skipped:
+            if skipped is not tail:  # damage before the end: said as read
+                LOG.warning("%s: skipped bytes %d-%d: %s", path,
+                            skipped.start, skipped.end, skipped.reason)
+        if tail is None:
             return report
-        # the cut reads the file again; only after a crash mid-write
-        cut = archive.cut_torn_tail(path)
-        if cut is None:  # not torn on this second look: read it afresh
-            return archive.inspect_file(path)
-        LOG.warning("%s: cut a torn tail of %d bytes at offset %d (a record "
-                    "being written when the last run died; it was never "
-                    "acked)", path, cut[1], cut[0])
+        cut = archive.cut_torn_tail(path, report)
+        LOG.warning("%s: cut a torn tail of %d bytes at offset %d (%s: a "
+                    "record being written when the last run died; it was "
+                    "never acked)", path, cut[1], cut[0], tail.reason)
         # no valid record was in the tail: only its damaged range goes
         return dataclasses.replace(report, skipped=report.skipped[:-1],
                                    size=cut[0], torn_offset=None)
@@ -323,8 +464,13 @@ class Shipper:
                 state = json.load(f)
         except (OSError, ValueError):
             state = {}
-        if state.get("done"):
-            lock.release()
+        directory = os.path.dirname(origin) or "."
+        if state.get("done") or _is_done(origin, _load_done(directory)):
+            # finished: by an older version, which kept a state file saying
+            # so, or by a run that died before it removed this one
+            if state.get("done") and os.path.exists(origin):
+                _update_done(directory, origin)
+            self._drop_state(state_path, lock)
             return 0
         path = state.get("path", origin)
         step = int(state.get("step", 0))
@@ -414,8 +560,13 @@ class Shipper:
                 return
             try:
                 self._ship(job)
-            except Exception:  # never let the thread die
-                LOG.exception("unexpected error shipping %s", job.path)
+            except Exception as exc:  # never let the thread die
+                job.attempts += 1
+                if job.attempts == 1:
+                    LOG.exception("unexpected error shipping %s", job.path)
+                else:
+                    LOG.debug("unexpected error shipping %s again (attempt "
+                              "%d): %s", job.path, job.attempts, exc)
                 self._retry(job)
             finally:
                 with self._cond:
@@ -436,20 +587,11 @@ class Shipper:
                 new_path = self.chain.run_step(job.step, job.path,
                                                job.report)
             except exceptions.CallbackError as exc:
-                job.attempts += 1
-                if job.failing_since is None:
-                    job.failing_since = time.time()
-                if self.stats is not None:
-                    self.stats.callback_failed(name)
-                delay = self._delay(job.attempts)
-                LOG.error("%s (attempt %d; retrying in %.1f s)", exc,
-                          job.attempts, delay)
-                self._retry(job, delay)
+                self._failed(job, name, exc)
                 return
             if self.stats is not None:
                 self.stats.callback_done(name, time.monotonic() - started)
-            job.attempts = 0
-            job.failing_since = None
+            self._worked(job, name)
             job.path = new_path
             job.step += 1
             job.size = _size(new_path)
@@ -457,14 +599,100 @@ class Shipper:
                 self._save(job)
         self._finish(job)
 
-    def _delay(self, attempts):
-        base = min(self.retry_max, self.retry_initial * 2 ** (attempts - 1))
+    def _delay(self, attempts, permanent=False):
+        if permanent:
+            base = self.retry_max
+        else:
+            base = min(self.retry_max,
+                       self.retry_initial * 2 ** (attempts - 1))
         return base * random.uniform(0.75, 1.0)
+
+    def _failed(self, job, name, exc):
+        """Step ``name`` failed on ``job``: count it, log it (see the
+        module documentation) and retry it later."""
+        now = time.monotonic()
+        job.attempts += 1
+        job.permanent = exc.permanent
+        if job.failing_since is None:
+            job.failing_since = time.time()
+        if self.stats is not None:
+            self.stats.callback_failed(name, exc.permanent)
+        delay = self._delay(job.attempts, exc.permanent)
+        with self._cond:
+            episode = self._episodes.get(name)
+            new = episode is None
+            if new:
+                episode = self._episodes[name] = _Episode(now)
+            episode.attempts += 1
+            episode.origins.add(job.origin)
+            kind_is_new = exc.permanent not in episode.kinds
+            episode.kinds.add(exc.permanent)
+            due = now - episode.logged >= self.failure_log_interval
+            if kind_is_new or due:
+                episode.logged = now
+        if kind_is_new and exc.permanent:
+            LOG.error(E_PERMANENT, exc, exc.hint or "see the error",
+                      self.retry_max)
+        elif kind_is_new:
+            LOG.error(E_FAILED, exc, job.attempts, delay)
+        elif due:
+            LOG.error(E_STILL, name, episode.attempts,
+                      _duration(now - episode.started),
+                      len(episode.origins), exc)
+        else:
+            LOG.debug(E_FAILED, exc, job.attempts, delay)
+        self._report_failing()
+        self._retry(job, delay)
+
+    def _worked(self, job, name):
+        """Step ``name`` succeeded on ``job``."""
+        was_failing = job.failing_since is not None
+        job.attempts = 0
+        job.failing_since = None
+        job.permanent = False
+        healed = None
+        with self._cond:
+            episode = self._episodes.get(name)
+            if episode is not None:
+                episode.origins.discard(job.origin)
+                if not episode.origins:
+                    healed = self._episodes.pop(name)
+        if healed is not None:
+            LOG.info(I_HEALED, name, healed.attempts,
+                     _duration(time.monotonic() - healed.started))
+        if was_failing:
+            self._report_failing()
+
+    def _report_failing(self):
+        """Tell the stats how many archives fail now, and since when."""
+        if self.stats is None:
+            return
+        by_kind = {"transient": (0, None), "permanent": (0, None)}
+        with self._cond:
+            jobs = list(self._jobs.values())
+        for job in jobs:
+            if job.failing_since is None:
+                continue
+            kind = "permanent" if job.permanent else "transient"
+            count, since = by_kind[kind]
+            by_kind[kind] = (count + 1, job.failing_since if since is None
+                             else min(since, job.failing_since))
+        self.stats.failing(by_kind)
 
     def _retry(self, job, delay=None):
         if delay is None:
             delay = self._delay(max(job.attempts, 1))
         self._enqueue(job, time.monotonic() + delay)
+
+    @staticmethod
+    def _drop_state(state_path, lock):
+        """Remove a state file (durably), then release its lock."""
+        try:
+            os.unlink(state_path)
+        except FileNotFoundError:
+            pass
+        files.fsync_directory(state_path)
+        lock.release()
 
     def _save(self, job):
         state = {"path": job.path, "step": job.step,
@@ -480,17 +708,10 @@ class Shipper:
         remains = job.path is not None and os.path.exists(job.path) and \
             os.path.abspath(job.path) == os.path.abspath(job.origin)
         if remains:
-            # still where it was written and named as written: remember it
-            # is done, or the next start would take it for a crashed one
-            files.write_json_atomic(job.state_path, {"done": True,
-                                                "path": job.path}).release()
-        else:
-            try:
-                os.unlink(job.state_path)
-            except FileNotFoundError:
-                pass
-            files.fsync_directory(job.state_path)
-        job.lock.release()
+            # still where it was written and named as written: list it as
+            # done, or the next start would take it for a crashed one
+            _update_done(os.path.dirname(job.origin) or ".", job.origin)
+        self._drop_state(job.state_path, job.lock)
         with self._cond:
             self._jobs.pop(job.origin, None)
             self._cond.notify_all()

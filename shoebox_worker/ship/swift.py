@@ -101,6 +101,10 @@ MAX_SEGMENT_SIZE = 5 * (1 << 30)
 #: Swift refuses metadata values longer than this.
 _MAX_META_VALUE = 256
 _SAFE_HEADER = re.compile(r"[\x20-\x7e]*\Z")
+#: HTTP statuses of a request Swift refuses for good: a bad name (400),
+#: a method it does not allow there (405), too large (413), too long a
+#: name (414).
+_REFUSED = frozenset((400, 405, 413, 414))
 #: Bytes the HTTP layer reads from a request body (and hashes, and sends)
 #: at a time; urllib3's default, 16 KiB, costs a 200 MB upload 12,000
 #: rounds of Python code.
@@ -536,15 +540,47 @@ class SwiftUploadCallback:
                                   file_hash, headers, content_type)
         except Exception as exc:
             self._drop_connection()  # the next call starts afresh
+            hint = self._permanent(exc)
             raise exceptions.UploadError(
                 "upload to %s failed: %s" % (target, _describe(exc)),
-                callback=self.name, filename=filename) from exc
+                callback=self.name, filename=filename,
+                permanent=hint is not None, hint=hint) from exc
         self._delete_segments(conn, obj, stale)
         seconds = max(time.monotonic() - started, 1e-6)
         LOG.info("uploaded %s to %s/%s: %d bytes in %.2f s (%.1f MB/s)",
                  filename, self.container, obj, size, seconds,
                  size / seconds / 1e6)
         return filename
+
+    def _permanent(self, exc):
+        """What the operator must fix when retrying cannot fix ``exc``
+        (credentials or rights refused, a name Swift refuses); None for
+        a failure that may pass (network, 5xx, a checksum mismatch)."""
+        if not isinstance(exc, swift_exceptions.ClientException):
+            return None
+        status = exc.http_status
+        # keystoneauth's 401 comes without a status (swiftclient rewords it)
+        if status == 401 or (status is None and
+                             str(exc.msg).startswith("Unauthorized")):
+            o = self.options
+            if o["os_storage_url"] and o["os_auth_token"]:
+                return "check [callback:swift] os_auth_token"
+            if o["auth_version"] == "1":
+                return "check [callback:swift] user and key"
+            return ("check [callback:swift] os_username, os_password and "
+                    "the project")
+        if status == 403:
+            return ("check that [callback:swift] user may write to "
+                    "containers %s and %s" % (self.container,
+                                              self.segment_container))
+        if status in _REFUSED:
+            # /v1/<account>/<container>[/<object>]
+            parts = (exc.http_path or "").strip("/").split("/", 3)
+            if len(parts) == 3:
+                return "check [callback:swift] container"
+            return ("check [callback:swift] object_prefix and segment_size "
+                    "(Swift refuses the object's name or size)")
+        return None
 
     def _headers(self, filename, report):
         meta = {"Filename": os.path.basename(filename)}

@@ -328,3 +328,28 @@ def test_chain_gzip_swift_delete(env, conn, container, tmp_path):
     assert headers["content-type"] == "application/gzip"
     with archive.ArchiveReader(got) as reader:
         assert list(reader) == records
+
+
+def test_wrong_key_is_permanent_and_said_once(env, container, tmp_path):
+    path = str(tmp_path / "a.events")
+    _, report = write_archive(path, count=3)
+    with make_callback(env, container, key="wrong") as cb:
+        chain = callbacks.CallbackChain([("swift", cb)])
+        with pytest.raises(exceptions.UploadError) as info:
+            chain.on_close(path, report=report)
+    error = info.value
+    assert error.permanent
+    assert error.hint == "check [callback:swift] user and key"
+    assert str(error).count("failed on") == 1
+    assert "401 Unauthorized" in str(error)
+    assert os.path.exists(path)
+
+
+def test_container_name_swift_refuses_is_permanent(env, tmp_path):
+    path = str(tmp_path / "a.events")
+    _, report = write_archive(path, count=3)
+    with make_callback(env, "c" * 300) as cb:
+        with pytest.raises(exceptions.UploadError) as info:
+            cb.on_close(path, report=report)
+    assert info.value.permanent, str(info.value)
+    assert info.value.hint == "check [callback:swift] container"

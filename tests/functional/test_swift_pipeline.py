@@ -332,6 +332,12 @@ def test_swift_outage_blocks_nothing_loses_nothing(
     published = publish(ft, rabbit, names, 3000, seed=12)
     config = pipeline_config(ft, tmp_path, names, env, container,
                              roll_count=500)
+    # a retry after the first failure is logged at DEBUG only
+    with open(config) as f:
+        text = f.read()
+    assert "level = INFO" in text
+    with open(config, "w") as f:
+        f.write(text.replace("level = INFO", "level = DEBUG"))
     try:
         private_swift.stop()
         worker = worker_procs(config, idle_exit=2)

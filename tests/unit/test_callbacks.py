@@ -10,6 +10,7 @@ from shoebox_worker import archive
 from shoebox_worker import callbacks
 from shoebox_worker import compression
 from shoebox_worker import contract
+from shoebox_worker import exceptions
 from shoebox_worker.ship import steps
 
 RECORDS = [({"n": str(i)}, b"payload %d" % i) for i in range(100)]
@@ -246,6 +247,43 @@ class TestChain:
         assert info.value.filename == events_file
         assert read(events_file) == RECORDS
         assert chain.run_step(1, events_file) is None
+
+    def test_a_steps_own_callback_error_is_said_once(self, events_file):
+        class Uploads:
+            def on_close(self, filename):
+                raise exceptions.UploadError(
+                    "upload to c/x failed: 401 Unauthorized",
+                    callback="swift", filename=filename, permanent=True,
+                    hint="check [callback:swift] user and key")
+
+        chain = callbacks.CallbackChain([("swift", Uploads())])
+        with pytest.raises(exceptions.UploadError) as info:
+            chain.on_close(events_file)
+        assert str(info.value) == (
+            "callback swift failed on %s: upload to c/x failed: 401 "
+            "Unauthorized" % events_file)
+        assert info.value.permanent
+        assert info.value.hint == "check [callback:swift] user and key"
+
+    def test_permanent_error_of_a_third_party_step(self, events_file):
+        class Refused:
+            def on_close(self, filename):
+                raise exceptions.PermanentError(
+                    "login refused", hint="check [callback:tag] password")
+
+        chain = callbacks.CallbackChain([("tag", Refused())])
+        with pytest.raises(CallbackError) as info:
+            chain.on_close(events_file)
+        assert str(info.value) == ("callback tag failed on %s: login "
+                                   "refused" % events_file)
+        assert info.value.permanent
+        assert info.value.hint == "check [callback:tag] password"
+
+    def test_other_errors_may_heal(self, events_file):
+        chain = callbacks.CallbackChain([("boom", Boom())])
+        with pytest.raises(CallbackError) as info:
+            chain.on_close(events_file)
+        assert not info.value.permanent and info.value.hint is None
 
     def test_empty_chain(self):
         chain = callbacks.CallbackChain()

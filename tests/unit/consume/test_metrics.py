@@ -1,5 +1,7 @@
 """Tests for shoebox_worker.consume.metrics: the Prometheus collector."""
 
+import time
+
 import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client import generate_latest
@@ -36,6 +38,9 @@ class TestMetrics:
         stats.rolled()
         stats.callback_done("gzip", 0.5)
         stats.callback_failed("swift")
+        stats.callback_failed("swift", permanent=True)
+        stats.failing({"transient": (0, None),
+                       "permanent": (2, time.time() - 60)})
         stats.paused = True
         got = samples(registry)
         assert got['shoebox_messages_consumed_total{queue='
@@ -52,7 +57,14 @@ class TestMetrics:
         assert got['shoebox_callback_successes_total{callback="gzip"}'] == 1
         assert got['shoebox_callback_successes_total{callback="swift"}'] \
             == 0
-        assert got['shoebox_callback_failures_total{callback="swift"}'] == 1
+        assert got['shoebox_callback_failures_total{callback="swift"}'] == 2
+        assert got['shoebox_callback_permanent_failures_total{callback='
+                   '"swift"}'] == 1
+        assert got['shoebox_callback_permanent_failures_total{callback='
+                   '"gzip"}'] == 0
+        assert got['shoebox_failing_archives{kind="permanent"}'] == 2
+        assert got['shoebox_failing_archives{kind="transient"}'] == 0
+        assert 60 <= got["shoebox_oldest_failure_age_seconds"] < 70
         assert got["shoebox_unacked_messages"] == 3
         assert got["shoebox_unshipped_files"] == 2
         assert got["shoebox_unshipped_bytes"] == 2048

@@ -38,10 +38,23 @@ def test_callback_events_reach_listeners():
     stats.listeners.append(lambda *event: heard.append(event))
     stats.callback_done("gzip", 0.25)
     stats.callback_failed("swift")
+    stats.callback_failed("swift", permanent=True)
     assert stats.callback_successes == {"gzip": 1}
-    assert stats.callback_failures == {"swift": 1}
+    assert stats.callback_failures == {"swift": 2}
+    assert stats.callback_permanent_failures == {"swift": 1}
     assert heard == [("callback_done", "gzip", 0.25),
+                     ("callback_failed", "swift", None),
                      ("callback_failed", "swift", None)]
+
+
+def test_failing_archives_and_how_long():
+    stats = stats_mod.Stats()
+    assert stats.failing_age() == 0.0
+    stats.failing({"transient": (1, 1000.0), "permanent": (2, 900.0)})
+    assert stats.failing_now["permanent"] == (2, 900.0)
+    assert stats.failing_age(now=1200.0) == 300.0
+    stats.failing({"transient": (0, None), "permanent": (0, None)})
+    assert stats.failing_age(now=1200.0) == 0.0
 
 
 def test_log_line_format_and_rates(caplog):

@@ -4,6 +4,7 @@ retries and recovery after a crash."""
 
 import gzip
 import json
+import logging
 import os
 import shutil
 import threading
@@ -13,6 +14,7 @@ import pytest
 
 from shoebox_worker import archive
 from shoebox_worker import callbacks
+from shoebox_worker import exceptions
 from shoebox_worker import files
 from shoebox_worker import record
 from shoebox_worker.ship import shipper
@@ -93,9 +95,9 @@ def count_inspections(monkeypatch):
     calls = []
     real = archive.inspect_file
 
-    def counted(path):
+    def counted(path, **kwargs):
         calls.append(path)
-        return real(path)
+        return real(path, **kwargs)
 
     monkeypatch.setattr(archive, "inspect_file", counted)
     return calls
@@ -118,12 +120,17 @@ class Stats:
     def __init__(self):
         self.done = []
         self.failed = []
+        self.failing_now = []
 
     def callback_done(self, name, seconds):
         self.done.append(name)
 
-    def callback_failed(self, name):
-        self.failed.append(name)
+    def callback_failed(self, name, permanent=False):
+        self.failed.append((name, permanent) if permanent else name)
+
+    def failing(self, by_kind):
+        self.failing_now.append({kind: count for kind, (count, _)
+                                 in by_kind.items()})
 
 
 @pytest.fixture
@@ -192,6 +199,82 @@ class TestSubmit:
         assert stats.failed == ["upload"] * 3
         assert stats.done == ["upload", "after", "delete"]
 
+    def test_failures_logged_once_then_at_a_bounded_rate(
+            self, tmp_path, make_shipper, caplog):
+        path = write_archive(tmp_path / "a.events")
+        log = []
+        ship = make_shipper([("upload", Flaky("upload", log, 30))],
+                            retry_initial=0.001, retry_max=0.002,
+                            start=False)
+        with caplog.at_level(logging.DEBUG, logger="shoebox_worker"):
+            ship.submit(path)
+            ship.start()
+            assert ship.wait_idle(timeout=10)
+        lines = [r for r in caplog.records if r.levelno >= logging.INFO
+                 and r.name == "shoebox_worker.ship.shipper"
+                 and not r.getMessage().startswith("shipped ")]
+        messages = [r.getMessage() for r in lines]
+        assert len(messages) == 2, messages  # failing, works again
+        assert messages[0] == (
+            "callback upload failed on %s: OSError: upload refused "
+            "(attempt 1; retrying in %s)"
+            % (path, messages[0].rpartition("retrying in ")[2][:-1]))
+        assert messages[1].startswith("callback upload works again, after "
+                                      "30 failed attempts in ")
+        assert not any(r.exc_info for r in caplog.records)
+
+    def test_still_failing_says_how_often_and_how_long(
+            self, tmp_path, make_shipper, caplog):
+        paths = [write_archive(tmp_path / name)
+                 for name in ("a.events", "b.events")]
+        log = []
+        ship = make_shipper([("upload", Flaky("upload", log, 6))],
+                            retry_initial=0.001, retry_max=0.002,
+                            start=False)
+        ship.failure_log_interval = 0.0
+        with caplog.at_level(logging.INFO, logger="shoebox_worker"):
+            for path in paths:
+                ship.submit(path)
+            ship.start()
+            assert ship.wait_idle(timeout=10)
+        still = [r.getMessage() for r in caplog.records
+                 if "still failing" in r.getMessage()]
+        assert len(still) == 5
+        assert still[-1].startswith(
+            "callback upload still failing after 6 attempts, 0 s, on 2 "
+            "archive(s); the last: callback upload failed on ")
+
+    def test_permanent_failure_said_at_once_retried_at_retry_max(
+            self, tmp_path, make_shipper, caplog):
+        path = write_archive(tmp_path / "a.events")
+        times = []
+
+        class Refused(callbacks.ArchiveCallback):
+            def on_close(self, filename):
+                times.append(time.monotonic())
+                if len(times) < 3:
+                    raise exceptions.PermanentError(
+                        "key refused", hint="check [callback:up] key")
+                return filename
+
+        stats = Stats()
+        ship = make_shipper([("up", Refused())], retry_initial=0.001,
+                            retry_max=0.2, stats=stats, start=False)
+        with caplog.at_level(logging.INFO, logger="shoebox_worker"):
+            ship.submit(path)
+            ship.start()
+            assert ship.wait_idle(timeout=10)  # the fix heals it
+        assert times[1] - times[0] >= 0.15 and times[2] - times[1] >= 0.15
+        errors = [r.getMessage() for r in caplog.records
+                  if r.levelno >= logging.ERROR]
+        assert errors == [
+            "callback up failed on %s: key refused: will not heal by "
+            "retrying: check [callback:up] key; retrying every 0 s" % path]
+        assert stats.failed == [("up", True)] * 2
+        assert stats.failing_now == [
+            {"transient": 0, "permanent": 1}] * 2 + [
+            {"transient": 0, "permanent": 0}]
+
     def test_backoff_grows_and_is_capped(self):
         ship = shipper.Shipper(callbacks.CallbackChain([]), 1.0, 5.0)
         for attempts, (low, high) in {1: (0.75, 1), 2: (1.5, 2),
@@ -244,18 +327,90 @@ class TestSubmit:
         assert state_of(path) == {"path": path, "step": 0,
                                   "chain": ["memory"]}
 
-    def test_done_marked_when_the_file_stays_in_place(self, tmp_path,
-                                                      make_shipper):
+    @pytest.mark.parametrize("chain", [[], ["memory"]])
+    def test_done_listed_when_the_file_stays_in_place(self, tmp_path,
+                                                      make_shipper, chain):
         path = write_archive(tmp_path / "a.events")
-        ship = make_shipper([("memory", steps.MemoryCallback())])
+        other = write_archive(tmp_path / "b.events")
+        ship = make_shipper([(name, steps.MemoryCallback())
+                             for name in chain])
         ship.submit(path)
+        ship.submit(other)
         assert ship.wait_idle(timeout=5)
-        assert state_of(path) == {"done": True, "path": path}
-        # and a new start neither resumes it nor takes it for a crashed one
+        # no state file stays beside them: one list for the folder
+        assert sorted(os.listdir(tmp_path)) == [
+            shipper.DONE_FILE, "a.events", "b.events"]
+        # a new start neither resumes them nor takes them for crashed ones
         memory = steps.MemoryCallback()
         again = make_shipper([("memory", memory)])
         assert again.recover(str(tmp_path), is_archive) == 0
         assert again.pending() == 0 and memory.events == []
+
+    def test_done_list_forgets_archives_gone(self, tmp_path, make_shipper):
+        paths = [write_archive(tmp_path / name)
+                 for name in ("a.events", "b.events")]
+        ship = make_shipper([])
+        for path in paths:
+            ship.submit(path)
+        assert ship.wait_idle(timeout=5)
+        os.unlink(paths[0])  # taken away by the operator
+        make_shipper([]).recover(str(tmp_path), is_archive)
+        with open(tmp_path / shipper.DONE_FILE) as f:
+            assert sorted(json.load(f)) == ["b.events"]
+
+    def test_a_new_file_under_a_listed_name_is_shipped(self, tmp_path,
+                                                       make_shipper):
+        path = write_archive(tmp_path / "a.events")
+        ship = make_shipper([])
+        ship.submit(path)
+        assert ship.wait_idle(timeout=5)
+        os.unlink(path)
+        write_archive(path, RECORDS[:2])  # not the archive listed
+        memory = steps.MemoryCallback()
+        again = make_shipper([("memory", memory)])
+        assert again.recover(str(tmp_path), is_archive) == 1
+        assert again.wait_idle(timeout=5)
+        assert memory.events == [("close", path)]
+
+    def test_crash_after_listing_before_the_state_went(self, tmp_path,
+                                                       make_shipper,
+                                                       monkeypatch):
+        path = write_archive(tmp_path / "a.events")
+        ship = make_shipper([("memory", steps.MemoryCallback())],
+                            start=False)
+        ship.submit(path)
+        saved = state_of(path)
+
+        def crash(state_path, lock):
+            raise SystemExit("killed")  # the process dies here
+
+        monkeypatch.setattr(shipper.Shipper, "_drop_state",
+                            staticmethod(crash))
+        job = ship._jobs[path]
+        with pytest.raises(SystemExit):
+            ship._finish(job)
+        job.lock.release()
+        monkeypatch.undo()
+        assert state_of(path) == saved  # the state file stayed
+        memory = steps.MemoryCallback()
+        again = make_shipper([("memory", memory)])
+        assert again.recover(str(tmp_path), is_archive) == 0
+        assert again.pending() == 0 and memory.events == []
+        assert sorted(os.listdir(tmp_path)) == [shipper.DONE_FILE,
+                                                "a.events"]
+
+    def test_done_state_of_an_older_version_moves_to_the_list(
+            self, tmp_path, make_shipper):
+        path = write_archive(tmp_path / "a.events")
+        with open(path + shipper.STATE_SUFFIX, "w") as f:
+            json.dump({"done": True, "path": path}, f)
+        memory = steps.MemoryCallback()
+        ship = make_shipper([("memory", memory)])
+        assert ship.recover(str(tmp_path), is_archive) == 0
+        assert sorted(os.listdir(tmp_path)) == [shipper.DONE_FILE,
+                                                "a.events"]
+        assert make_shipper([]).recover(str(tmp_path), is_archive) == 0
+        assert memory.events == []
 
     def test_renamed_in_place_is_not_done_marked(self, tmp_path,
                                                  make_shipper):
@@ -286,8 +441,8 @@ class TestSubmit:
         ship.submit(bad)
         ship.submit(good)
         deadline = time.monotonic() + 5
-        while good not in step.seen and time.monotonic() < deadline:
-            time.sleep(0.01)
+        while ship.pending() > 1 and time.monotonic() < deadline:
+            time.sleep(0.01)  # good is through while bad waits 10 s
         assert step.seen == [bad, good]
         assert ship.pending() == 1
 
@@ -524,6 +679,41 @@ class TestRecover:
         assert ship.wait_idle(timeout=5)
         assert memory.events == [("close", path)]
         assert read(path) == RECORDS
+
+    def test_torn_tail_is_reported_once(self, tmp_path, make_shipper,
+                                        caplog):
+        path = write_archive(tmp_path / "a.events")
+        torn = record.pack({"n": "torn"}, b'{"never": "acked"}')
+        with open(path, "ab") as f:
+            f.write(torn[:len(torn) // 2])
+        ship = make_shipper([("memory", steps.MemoryCallback())],
+                            start=False)
+        with caplog.at_level(logging.INFO):
+            assert ship.recover(str(tmp_path), is_archive) == 1
+        warnings = [r.getMessage() for r in caplog.records
+                    if r.levelno >= logging.WARNING]
+        assert len(warnings) == 1, warnings
+        assert "cut a torn tail of %d bytes" % (len(torn) // 2) in \
+            warnings[0]
+
+    def test_damage_before_a_torn_tail_is_reported_too(self, tmp_path,
+                                                        make_shipper,
+                                                        caplog):
+        path = write_archive(tmp_path / "a.events")
+        with open(path, "r+b") as f:
+            f.seek(0)
+            f.write(b"XXXX")  # the first record's marker
+        with open(path, "ab") as f:
+            f.write(b"\x00garbage")
+        ship = make_shipper([("memory", steps.MemoryCallback())],
+                            start=False)
+        with caplog.at_level(logging.INFO):
+            assert ship.recover(str(tmp_path), is_archive) == 1
+        warnings = [r.getMessage() for r in caplog.records
+                    if r.levelno >= logging.WARNING]
+        assert len(warnings) == 2, warnings
+        assert "skipped bytes 0-" in warnings[0]
+        assert "cut a torn tail" in warnings[1]
 
     def test_garbage_tail_is_cut(self, tmp_path, make_shipper):
         path = write_archive(tmp_path / "a.events")

@@ -406,6 +406,7 @@ class FakeConnection:
             raise self.fail[1]
 
     def put_container(self, container):
+        self._check("put_container")
         self.calls.append(("put_container", container))
         self.containers.add(container)
 
@@ -690,3 +691,51 @@ def test_describe_client_exception():
                           http_response_headers={"X-Trans-Id": "tx1"})
     assert swift._describe(exc) == \
         "Auth GET failed: 401 Unauthorized (txn tx1)"
+
+
+@pytest.mark.parametrize("op, exc, hint", [
+    ("put_object", ClientException("Auth GET failed", http_status=401,
+                                   http_reason="Unauthorized"),
+     "check [callback:swift] user and key"),
+    ("put_object", ClientException("Unauthorized. Check username, "
+                                   "password and tenant name/id."),
+     "check [callback:swift] user and key"),
+    ("put_object", ClientException("Object PUT failed", http_status=403,
+                                   http_reason="Forbidden"),
+     "check that [callback:swift] user may write to containers shoebox "
+     "and shoebox_segments"),
+    ("put_container", ClientException(
+        "Container PUT failed", http_status=400, http_reason="Bad Request",
+        http_path="/v1/AUTH_test/" + "c" * 300),
+     "check [callback:swift] container"),
+    ("put_object", ClientException(
+        "Object PUT failed", http_status=400, http_reason="Bad Request",
+        http_path="/v1/AUTH_test/shoebox/" + "o" * 2000),
+     "check [callback:swift] object_prefix and segment_size (Swift "
+     "refuses the object's name or size)"),
+])
+def test_errors_retrying_cannot_fix_are_told_apart(monkeypatch, tmp_path,
+                                                   op, exc, hint):
+    path = str(tmp_path / "a.events")
+    records = write_archive(path)
+    cb = fake_callback(monkeypatch, FakeConnection(fail=(op, exc)))
+    with pytest.raises(exceptions.UploadError) as info:
+        cb.on_close(path, report=report_of(path, records))
+    assert info.value.permanent and info.value.hint == hint
+    assert str(info.value).count("failed on") == 1
+
+
+@pytest.mark.parametrize("exc", [
+    ClientException("Object PUT failed", http_status=503,
+                    http_reason="Service Unavailable"),
+    ClientException("Object PUT failed", http_status=422),
+    ConnectionRefusedError(111, "Connection refused"),
+])
+def test_errors_that_may_pass_are_not_permanent(monkeypatch, tmp_path,
+                                                exc):
+    path = str(tmp_path / "a.events")
+    records = write_archive(path)
+    cb = fake_callback(monkeypatch, FakeConnection(fail=("put_object", exc)))
+    with pytest.raises(exceptions.UploadError) as info:
+        cb.on_close(path, report=report_of(path, records))
+    assert not info.value.permanent and info.value.hint is None
