@@ -6,8 +6,9 @@ touched on the hot path: a custom collector reads the worker's
 :class:`~shoebox_worker.consume.stats.Stats` (and nothing else) when
 Prometheus scrapes; the data-at-risk gauges are as of the worker's last
 tick (a tenth of a second). Only the
-callback duration histogram is fed as events happen, from the shipping
-thread, through ``Stats.listeners``.
+callback duration histogram and the broker failure counter are fed as
+events happen (from the shipping and the consumer thread), through
+``Stats.listeners``.
 
 Exported (``queue`` and ``callback`` labels are the config's names)::
 
@@ -22,6 +23,12 @@ Exported (``queue`` and ``callback`` labels are the config's names)::
                                               those of them that retrying
                                               will not fix (a refused key)
     shoebox_upload_seconds{callback}          histogram of step durations
+    shoebox_broker_failures_total{kind}       failed broker connections
+                                              and declarations, by kind:
+                                              transient, or permanent
+                                              (retrying will not fix it:
+                                              a refused login, a queue
+                                              that is gone)
 
 and the data at risk, now::
 
@@ -48,6 +55,7 @@ import multiprocessing
 import re
 
 from prometheus_client import CollectorRegistry
+from prometheus_client import Counter
 from prometheus_client import Histogram
 from prometheus_client import start_http_server
 from prometheus_client.core import CounterMetricFamily
@@ -198,10 +206,19 @@ def serve(stats, queues, callbacks, host, port):
         buckets=DURATION_BUCKETS)
     for name in callbacks:
         durations.labels(name)  # export zeros before the first roll
+    broker_failures = Counter(
+        "shoebox_broker_failures",
+        "Failed broker connections and declarations, by kind: transient, "
+        "or permanent (retrying will not fix it).", ["kind"],
+        registry=registry)
+    for kind in ("transient", "permanent"):
+        broker_failures.labels(kind)
 
     def on_event(event, name, seconds):
         if event == "callback_done":
             durations.labels(name).observe(seconds)
+        elif event == "broker_failed":
+            broker_failures.labels(name).inc()
 
     stats.listeners.append(on_event)
     try:

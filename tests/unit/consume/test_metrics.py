@@ -89,3 +89,25 @@ class TestMetrics:
         finally:
             sock.close()
         assert stats.listeners == []
+
+
+def test_events_feed_the_histogram_and_the_broker_failures():
+    """What happens between scrapes comes through Stats.listeners: step
+    durations and broker failures by kind (the worker's Outage tells)."""
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    stats = stats_mod.Stats()
+    registry = metrics.serve(stats, QUEUES, CALLBACKS, "127.0.0.1", port)
+    before = samples(registry)
+    assert before['shoebox_broker_failures_total{kind="permanent"}'] == 0
+    for listener in stats.listeners:
+        listener("broker_failed", "permanent", None)
+        listener("broker_failed", "transient", None)
+        listener("broker_failed", "transient", None)
+        listener("callback_done", "gzip", 0.2)
+    after = samples(registry)
+    assert after['shoebox_broker_failures_total{kind="permanent"}'] == 1
+    assert after['shoebox_broker_failures_total{kind="transient"}'] == 2
+    assert after['shoebox_upload_seconds_count{callback="gzip"}'] == 1
