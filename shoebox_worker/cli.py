@@ -1,23 +1,30 @@
 """The ``shoebox-worker`` command.
 
 ``run`` the worker, ``check-config`` without connecting, and the operator
-tools (``cat``, ``verify``, ``replay``, ``generate``). A mistake in the
-config or the command line is one line on stderr and exit code 2, never a
-traceback.
+tools (``cat``, ``verify``, ``replay``, ``generate``).
+
+Every error that reaches :func:`main` is one line on stderr naming what
+failed and what to do (:func:`describe`), never a traceback unless
+``--debug`` asks for one: exit code 2 for a mistake in the config or the
+command line, 1 for anything else (a broker that is down, a damaged
+archive, an unexpected error, which says to rerun with ``--debug``).
 """
 
 import argparse
 import logging
+import os
 import sys
+import traceback
 
 from shoebox_worker import __version__
 from shoebox_worker import config as config_mod
 from shoebox_worker import exceptions
+from shoebox_worker import files
 from shoebox_worker.exceptions import EXIT_FAILURE
 from shoebox_worker.exceptions import EXIT_OK
 from shoebox_worker.exceptions import EXIT_USAGE
 
-__all__ = ["main"]
+__all__ = ["main", "describe", "check_working_directory"]
 
 LOG = logging.getLogger(__name__)
 
@@ -40,15 +47,40 @@ def setup_logging(conf=None, level=None):
     logging.getLogger("swiftclient").setLevel(logging.WARNING)
 
 
+def check_working_directory(conf):
+    """Create ``[archive] working_directory`` if missing and prove that it
+    takes a file.
+
+    :raises ConfigError: it cannot be created or written, naming the
+        option and the reason.
+    """
+    path = os.path.abspath(conf.archive.working_directory)
+    try:
+        files.ensure_writable_directory(path)
+    except OSError as exc:
+        if os.path.isdir(path):
+            what = "cannot write in %s: %s" % (path, exc.strerror or exc)
+        elif os.path.lexists(path):
+            what = "%s is a file, not a folder" % path
+        else:
+            what = "cannot create %s: %s" % (path, exc.strerror or exc)
+        raise exceptions.ConfigError(
+            "%s; set it to a folder this user can create and write" % what,
+            filename=conf.filename, section="archive",
+            key="working_directory") from exc
+
+
 def _load(path):
-    """The config and its plugins, built once: building them checks their
-    names and options.
+    """The config and its plugins, built once (building them checks their
+    names and options), after checking the working directory.
 
     :returns: ``(conf, (roll_checker, [(name, callback), ...]))``.
     """
     conf = config_mod.load(path)
     from shoebox_worker import plugins
-    return conf, plugins.build(conf)
+    built = plugins.build(conf)
+    check_working_directory(conf)
+    return conf, built
 
 
 def cmd_check_config(args):
@@ -59,7 +91,7 @@ def cmd_check_config(args):
 
 def cmd_run(args):
     conf, plugins = _load(args.config)
-    setup_logging(conf.logging)
+    setup_logging(conf.logging, level="DEBUG" if args.debug else None)
     if conf.worker.processes > 1:
         from shoebox_worker.consume import supervisor
         return supervisor.Supervisor(conf, plugins, args.idle_exit).run()
@@ -67,12 +99,26 @@ def cmd_run(args):
     return runner.run_worker(conf, plugins, args.idle_exit)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake on one line (exit code 2) instead of
+    the usage text and the error."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, "%s: %s (see %s --help)\n" % (
+            self.prog, message, self.prog))
+
+
+#: Help of ``--debug``, taken before or after the command.
+DEBUG_HELP = "on an error, show the traceback (and log at DEBUG)"
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="shoebox-worker",
         description="Archive OpenStack notifications from RabbitMQ.")
     parser.add_argument("--version", action="version",
                         version="%(prog)s " + __version__)
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -94,24 +140,74 @@ def build_parser():
         tools = None
     if tools is not None:
         tools.add_commands(sub)
+    for command in sub.choices.values():
+        # SUPPRESS: not given after the command, the value before it stays
+        command.add_argument("--debug", action="store_true",
+                             default=argparse.SUPPRESS, help=DEBUG_HELP)
+        command.set_defaults(command_parser=command)
     return parser
+
+
+def _broker_errors():
+    """The exception types of kombu, py-amqp and redis-py."""
+    import amqp.exceptions
+    import kombu.exceptions
+    errors = (kombu.exceptions.KombuError, amqp.exceptions.AMQPError)
+    try:
+        import redis.exceptions
+    except ImportError:  # pragma: no cover - redis is a dependency
+        return errors
+    return errors + (redis.exceptions.RedisError,)
+
+
+def describe(exc):
+    """The one line and the exit code for an error that stops a command.
+
+    :returns: ``(line, exit_code)``; the line names what failed and what to
+        do, without the ``shoebox-worker:`` prefix.
+    """
+    if isinstance(exc, exceptions.ConfigError):
+        return str(exc), EXIT_USAGE
+    if isinstance(exc, exceptions.ShoeboxError):
+        return str(exc), EXIT_FAILURE
+    if isinstance(exc, OSError) and exc.strerror:
+        where = "%s: " % exc.filename if exc.filename else ""
+        return ("%s%s (rerun with --debug to see what was being done)" % (
+            where, exc.strerror)), EXIT_FAILURE
+    if isinstance(exc, _broker_errors()):
+        return ("broker error: %s: %s; check the broker and [broker] url "
+                "(rerun with --debug for details)" % (
+                    type(exc).__name__, exc)), EXIT_FAILURE
+    return ("unexpected error: %s: %s; this is a bug: rerun with --debug "
+            "and report the traceback" % (type(exc).__name__, exc),
+            EXIT_FAILURE)
+
+
+def _logs_to_a_file():
+    return any(isinstance(handler, logging.FileHandler)
+               for handler in logging.getLogger().handlers)
 
 
 def main(argv=None):
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # said by the command's parser, which names its --help
+        getattr(args, "command_parser", parser).error(
+            "unrecognized arguments: %s" % " ".join(extra))
     if args.command != "run":
-        setup_logging(level="WARNING")
+        setup_logging(level="DEBUG" if args.debug else "WARNING")
     try:
         return args.func(args)
-    except exceptions.ConfigError as exc:
-        print("shoebox-worker: %s" % exc, file=sys.stderr)
-        return EXIT_USAGE
-    except exceptions.ShoeboxError as exc:
-        print("shoebox-worker: %s" % exc, file=sys.stderr)
-        return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        line, code = describe(exc)
+        if args.debug:
+            traceback.print_exc()
+        if _logs_to_a_file():  # run with [logging] file: say it there too
+            LOG.critical("%s", line)
+        print("shoebox-worker: %s" % line, file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,15 +1,23 @@
-"""Small file-system helpers every layer uses: a lock, a durable rename.
+"""Small file-system helpers every layer uses: a lock, a durable rename,
+a check that a folder can be written.
 
 A create or rename is durable only once the directory holding it is
 fsynced (:func:`fsync_directory`); a lock is an exclusive, non-blocking
-``flock`` that dies with its process (:class:`FileLock`).
+``flock`` that dies with its process (:class:`FileLock`);
+:func:`ensure_writable_directory` creates a folder and proves it takes a
+file, before anything depends on it.
 """
 
 import fcntl
 import json
 import os
+import tempfile
 
-__all__ = ["FileLock", "fsync_directory", "write_json_atomic"]
+__all__ = ["FileLock", "ensure_writable_directory", "fsync_directory",
+           "write_json_atomic"]
+
+#: Prefix of the probe file :func:`ensure_writable_directory` writes.
+PROBE_PREFIX = ".shoebox-probe-"
 
 
 def fsync_directory(path):
@@ -72,3 +80,21 @@ def write_json_atomic(path, data):
     lock.path = path
     fsync_directory(path)
     return lock
+
+
+def ensure_writable_directory(path):
+    """Create the folder ``path`` if missing, then write, fsync and remove
+    a probe file in it.
+
+    :raises OSError: the folder cannot be created, or does not take a file
+        (read-only, not a folder, no permission, disk full); its
+        ``filename`` is the path that failed.
+    """
+    os.makedirs(path, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=PROBE_PREFIX, dir=path)
+    try:
+        os.write(fd, b"probe")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        os.unlink(probe)

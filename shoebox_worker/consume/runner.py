@@ -5,23 +5,30 @@
 what a previous run left, declare, consume until told to stop, shut down.
 The plugins come built (``cli`` builds them once, from the config it
 checked; supervised children inherit them through fork).
+
+A broker that cannot be reached within ``[broker] connect_max_retries``
+ends the run with one :class:`~shoebox_worker.exceptions.ShoeboxError`
+line naming it (password masked) and what to do.
 """
 
 import logging
 import signal
-import sys
+
+import kombu.exceptions
 
 from shoebox_worker import __version__
 from shoebox_worker import exceptions
 from shoebox_worker.consume import broker
 from shoebox_worker.consume import metrics
 from shoebox_worker.consume import worker as worker_mod
-from shoebox_worker.exceptions import EXIT_FAILURE
-from shoebox_worker.exceptions import EXIT_USAGE
 
 __all__ = ["run_worker", "run_child"]
 
 LOG = logging.getLogger(__name__)
+
+E_BROKER = ("cannot reach the broker %s: %s (gave up after [broker] "
+            "connect_max_retries = %s); start the broker or correct [broker] "
+            "url in %s")
 
 
 def run_worker(conf, plugins, idle_exit=None):
@@ -32,6 +39,7 @@ def run_worker(conf, plugins, idle_exit=None):
         :func:`shoebox_worker.plugins.build`.
     :param idle_exit: stop once no message came for this many seconds.
     :returns: the exit code.
+    :raises ShoeboxError: the broker could not be reached.
     """
     roll_checker, callbacks = plugins
     worker = worker_mod.Worker(conf, roll_checker=roll_checker,
@@ -60,6 +68,11 @@ def run_worker(conf, plugins, idle_exit=None):
         worker.run()
     except worker_mod.StopRequested:
         LOG.info("stopped before the broker answered")
+    except kombu.exceptions.OperationalError as exc:
+        # kombu gave up connecting (connect_max_retries)
+        raise exceptions.ShoeboxError(E_BROKER % (
+            conf.broker.redacted_url(), exc,
+            conf.broker.connect_max_retries, conf.filename)) from exc
     finally:
         worker.shutdown()
     LOG.info("stopped")
@@ -67,12 +80,14 @@ def run_worker(conf, plugins, idle_exit=None):
 
 
 def run_child(conf, plugins, idle_exit=None):
-    """:func:`run_worker` in a supervised child: errors become exit codes."""
+    """:func:`run_worker` in a supervised child: an error becomes one log
+    line and an exit code, as ``cli.main`` makes them (the traceback only
+    when logging at DEBUG, as ``--debug`` does)."""
     try:
         return run_worker(conf, plugins, idle_exit)
-    except exceptions.ConfigError as exc:
-        print("shoebox-worker: %s" % exc, file=sys.stderr)
-        return EXIT_USAGE
-    except Exception:
-        LOG.exception("worker died")
-        return EXIT_FAILURE
+    except Exception as exc:
+        from shoebox_worker import cli  # the one place errors are worded
+        line, code = cli.describe(exc)
+        LOG.error("worker stopped: %s", line,
+                  exc_info=LOG.isEnabledFor(logging.DEBUG))
+        return code

@@ -52,6 +52,9 @@ __all__ = [
 OUTPUT_CHUNK = 1 << 20
 #: How much of a file is looked at to decide whether it is an archive.
 SNIFF_BYTES = 1 << 16
+#: Bytes kept from one block to the next when looking for a record
+#: marker (a marker is 4 bytes).
+MARKER_OVERLAP = 3
 #: Exit code after a closed pipe (``| head``), as if killed by SIGPIPE.
 EXIT_BROKEN_PIPE = 128 + 13
 
@@ -71,6 +74,42 @@ def _looks_like_archive(path):
     except (OSError, ValueError):
         return False
     return record.find_marker(head, 0) >= 0
+
+
+def _holds_no_record(path):
+    """True when the (uncompressed) file has bytes but not one record
+    marker in them: not an archive at all, so ``--salvage`` cannot help.
+    Read only after an error at offset 0."""
+    tail = b""
+    size = 0
+    try:
+        with compression.open_read(path) as f:
+            while block := f.read(OUTPUT_CHUNK):
+                size += len(block)
+                buf = tail + block
+                if record.find_marker(buf, 0) >= 0:
+                    return False
+                tail = buf[-MARKER_OVERLAP:]
+    except compression.DECOMPRESS_ERRORS:
+        return False  # a damaged compressed archive: say it is damaged
+    except (OSError, ValueError):
+        return False  # unreadable: the reader's error says why
+    return size > 0
+
+
+def _all_noise(reader, path):
+    """After a salvaging read: True when the whole file was one skipped
+    range with no record marker in it (not an archive)."""
+    skipped = reader.skipped
+    return (len(skipped) == 1 and skipped[0].start == 0 and
+            skipped[0].end == reader.offset and _holds_no_record(path))
+
+
+def _not_an_archive(path):
+    """The one line for a file that is not an archive at all."""
+    return ToolError("%s: not a shoebox archive (no record in it); check "
+                     "the path: cat, verify and replay read the worker's "
+                     "archives (plain, .gz or .zst)" % path)
 
 
 def find_archives(paths):
@@ -169,7 +208,11 @@ def read_records(path, salvage):
     try:
         with reader:
             yield from reader
+            if salvage and _all_noise(reader, path):
+                raise _not_an_archive(path)
     except exceptions.RecordError as err:
+        if err.offset == 0 and _holds_no_record(path):
+            raise _not_an_archive(path) from None
         raise damaged(err, "use --salvage to skip damaged records") \
             from None
 
@@ -299,10 +342,14 @@ def _cat_file(path, out, match, with_metadata, salvage):
                     out.write(b"".join(chunk))
                     chunk, size = [], 0
             _flush(out, chunk)
+            if salvage and _all_noise(reader, path):
+                raise _not_an_archive(path)
             _report_skips(reader, seen_skips)
     except exceptions.RecordError as err:
         _flush(out, chunk)
         out.flush()
+        if err.offset == 0 and _holds_no_record(path):
+            raise _not_an_archive(path) from None
         raise damaged(err, "use --salvage to skip damaged records, or "
                             "run verify") from None
 
@@ -331,7 +378,7 @@ def verify_file(path, salvage=False):
     :returns: ``(report, salvaged_to)``: an
         :class:`~shoebox_worker.archive.ArchiveReport` and the path of the
         salvaged copy, or None when none was written.
-    :raises ToolError: the file cannot be read.
+    :raises ToolError: the file cannot be read, or is not an archive.
     """
     kept = []
 
@@ -344,6 +391,8 @@ def verify_file(path, salvage=False):
                                       on_record=keep if salvage else None)
     except (OSError, ValueError) as err:
         raise _unreadable(path, err) from None
+    if report.records == 0 and not report.ok and _holds_no_record(path):
+        raise _not_an_archive(path)
     salvaged_to = None
     if salvage and not report.ok:
         salvaged_to = _write_salvaged(path, kept)

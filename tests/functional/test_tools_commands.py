@@ -151,7 +151,8 @@ class TestCat:
 
         (tmp_path / "notes.txt").write_text("hello\n")
         err = one_line_error(sh("cat", tmp_path / "notes.txt"))
-        assert "offset 0" in err
+        assert "notes.txt: not a shoebox archive" in err
+        assert "--salvage" not in err
 
         (tmp_path / "empty").mkdir()
         err = one_line_error(sh("cat", tmp_path / "empty"))

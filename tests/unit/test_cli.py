@@ -12,6 +12,7 @@ import textwrap
 import uuid
 
 import kombu
+import kombu.exceptions
 import pytest
 
 from shoebox_worker import archive
@@ -315,3 +316,184 @@ def test_sigterm_with_idle_exit_does_not_wait_for_a_failing_upload(
     assert proc.returncode == 0, err
     assert time.monotonic() - started < 15
     assert left.exists() and state.exists()  # resumed at the next start
+
+
+# -- the one rule: one line, exit 1 or 2, a traceback only with --debug ----
+
+def _read_only_folder(tmp_path):
+    """A folder that refuses new files: chmod 555, or /sys for root."""
+    if os.geteuid() == 0:
+        return "/sys"
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    return str(folder)
+
+
+@pytest.mark.parametrize("where, expected", [
+    ("/proc/shoebox-nope", "cannot create /proc/shoebox-nope: No such file "
+                           "or directory"),
+    ("{tmp}/f/sub", "cannot create {tmp}/f/sub: Not a directory"),
+    ("{tmp}/f", "{tmp}/f is a file, not a folder"),
+    ("read-only", "cannot write in {ro}: "),
+])
+@pytest.mark.parametrize("command", ["check-config", "run"])
+def test_working_directory_checked_before_anything(
+        write, tmp_path, capsys, command, where, expected, quiet_process):
+    (tmp_path / "f").write_text("x")
+    ro = _read_only_folder(tmp_path) if where == "read-only" else None
+    folder = ro or where.format(tmp=tmp_path)
+    path = write(GOOD.replace("{work}", folder))
+    bounded = ["--idle-exit", "0.2"] if command == "run" else []
+    assert cli.main([command, "--config", path] + bounded) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    prefix = "shoebox-worker: %s [archive] working_directory: %s" % (
+        path, expected.format(tmp=tmp_path, ro=ro))
+    assert err.startswith(prefix), err
+    assert err.endswith("; set it to a folder this user can create and "
+                        "write\n")
+    assert err.count("\n") == 1
+
+
+def test_check_config_creates_the_working_directory(write, tmp_path):
+    path = write(GOOD)
+    assert cli.main(["check-config", "--config", path]) == 0
+    assert list((tmp_path / "w").iterdir()) == []
+
+
+@pytest.mark.parametrize("argv", [
+    ["--debug", "cat", "{missing}"],
+    ["cat", "--debug", "{missing}"],
+    ["cat", "{missing}", "--debug"],
+])
+def test_debug_shows_the_traceback_wherever_it_is_typed(tmp_path, argv):
+    missing = str(tmp_path / "missing.events")
+    result = run_cli(*[arg.format(missing=missing) for arg in argv])
+    assert result.returncode == 1
+    assert result.stderr.startswith("Traceback (most recent call last):")
+    assert result.stderr.endswith(
+        "shoebox-worker: %s: no such file or directory\n" % missing)
+
+
+def test_without_debug_one_line(tmp_path):
+    missing = str(tmp_path / "missing.events")
+    result = run_cli("cat", missing)
+    assert (result.returncode, result.stderr) == (
+        1, "shoebox-worker: %s: no such file or directory\n" % missing)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["frob"], "shoebox-worker: argument COMMAND: invalid choice: 'frob'"),
+    ([], "shoebox-worker: the following arguments are required: COMMAND"),
+    (["cat", "--bogus", "x"], "shoebox-worker cat: unrecognized arguments: "
+                              "--bogus (see shoebox-worker cat --help)"),
+    (["generate", "--url", "memory://", "--count", "x"],
+     "shoebox-worker generate: argument --count: invalid int value: 'x'"),
+    (["check-config"], "shoebox-worker check-config: the following "
+                       "arguments are required: --config"),
+])
+def test_usage_mistakes_are_one_line(capsys, argv, expected):
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith(expected) and err.count("\n") == 1, err
+
+
+class _Weird(Exception):
+    pass
+
+
+def _raises(exc):
+    def command(args):
+        raise exc
+    return command
+
+
+@pytest.mark.parametrize("exc, code, expected", [
+    (_Weird("no"), 1, "unexpected error: _Weird: no; this is a bug: rerun "
+                      "with --debug and report the traceback"),
+    (PermissionError(13, "Permission denied", "/x/y"), 1,
+     "/x/y: Permission denied (rerun with --debug to see what was being "
+     "done)"),
+    (kombu.exceptions.OperationalError("[Errno 111] Connection refused"), 1,
+     "broker error: OperationalError: [Errno 111] Connection refused; check "
+     "the broker and [broker] url (rerun with --debug for details)"),
+    (cli.exceptions.ConfigError("bad", "f.conf", "archive", "k"), 2,
+     "f.conf [archive] k: bad"),
+    (cli.exceptions.UploadError("401", "swift", "a.gz"), 1,
+     "callback swift failed on a.gz: 401"),
+])
+def test_every_error_reaching_main_is_one_line(monkeypatch, capsys, exc,
+                                               code, expected,
+                                               quiet_process):
+    from shoebox_worker.tools import read
+    monkeypatch.setattr(read, "cmd_cat", _raises(exc))
+    assert cli.main(["cat", "x"]) == code
+    out, err = capsys.readouterr()
+    assert err == "shoebox-worker: %s\n" % expected
+    assert cli.main(["cat", "--debug", "x"]) == code
+    out, err = capsys.readouterr()
+    assert err.startswith("Traceback") and err.endswith(expected + "\n")
+
+
+# -- the runner: a broker that cannot be reached ----------------------------
+
+@pytest.mark.parametrize("log_file", [False, True])
+def test_broker_gone_is_one_error_naming_it(write, tmp_path, monkeypatch,
+                                           quiet_process, capsys, log_file):
+    from shoebox_worker.consume import broker
+    log = tmp_path / "worker.log"
+    path = write(GOOD.replace(
+        "memory://", "amqp://guest:s3cret@127.0.0.1:1//\n"
+        "connect_max_retries = 2") +
+        ("\n[logging]\nfile = %s\n" % log if log_file else ""))
+
+    def refused(worker):
+        raise kombu.exceptions.OperationalError(
+            "[Errno 111] Connection refused")
+
+    monkeypatch.setattr(broker, "declare", refused)
+    assert cli.main(["run", "--config", path]) == 1
+    err = capsys.readouterr().err
+    line = err.splitlines()[-1]
+    assert line == (
+        "shoebox-worker: cannot reach the broker "
+        "amqp://guest:***@127.0.0.1:1//: [Errno 111] Connection refused "
+        "(gave up after [broker] connect_max_retries = 2); start the broker "
+        "or correct [broker] url in %s" % path)
+    assert "Traceback" not in err and "s3cret" not in err
+    if log_file:  # said in the log too, once, without a traceback
+        logged = log.read_text()
+        assert logged.count(line[len("shoebox-worker: "):]) == 1
+        assert "Traceback" not in logged and "s3cret" not in logged
+
+
+@pytest.mark.parametrize("level, traceback", [("INFO", False),
+                                              ("DEBUG", True)])
+def test_a_supervised_child_logs_one_line(write, monkeypatch, caplog, level,
+                                          traceback):
+    from shoebox_worker.consume import runner
+    conf = cli.config_mod.load(write(GOOD))
+
+    def broken(conf, plugins, idle_exit=None):
+        raise _Weird("boom")
+
+    monkeypatch.setattr(runner, "run_worker", broken)
+    caplog.set_level(level)
+    assert runner.run_child(conf, None) == 1
+    records = [r for r in caplog.records if r.name == runner.__name__]
+    assert [r.getMessage() for r in records] == [
+        "worker stopped: unexpected error: _Weird: boom; this is a bug: "
+        "rerun with --debug and report the traceback"]
+    assert bool(records[0].exc_info) == traceback
+
+
+def test_a_supervised_child_with_a_config_error_exits_2(write, monkeypatch):
+    from shoebox_worker.consume import runner
+    conf = cli.config_mod.load(write(GOOD))
+    monkeypatch.setattr(runner, "run_worker", lambda *args: (_ for _ in ())
+                        .throw(cli.exceptions.ConfigError("bad")))
+    assert runner.run_child(conf, None) == 2

@@ -295,3 +295,43 @@ class TestFsyncDirectory:
     def test_missing_directory(self, tmp_path):
         with pytest.raises(FileNotFoundError):
             files.fsync_directory(str(tmp_path / "nowhere" / "a"))
+
+
+def _read_only_folder(tmp_path):
+    """A folder that refuses new files to this user: a chmod 555 one, or
+    /sys for root (whom permission bits do not stop)."""
+    if os.geteuid() == 0:
+        return "/sys"
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    return str(folder)
+
+
+class TestEnsureWritableDirectory:
+    def test_creates_missing_folders_and_leaves_them_empty(self, tmp_path):
+        path = tmp_path / "a" / "b"
+        files.ensure_writable_directory(str(path))
+        assert path.is_dir() and list(path.iterdir()) == []
+
+    def test_an_existing_folder_is_left_as_it_was(self, tmp_path):
+        (tmp_path / "kept").write_text("x")
+        files.ensure_writable_directory(str(tmp_path))
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
+
+    @pytest.mark.parametrize("where", ["under_a_file", "a_file", "proc"])
+    def test_cannot_create(self, tmp_path, where):
+        (tmp_path / "f").write_text("x")
+        path = {"under_a_file": str(tmp_path / "f" / "sub"),
+                "a_file": str(tmp_path / "f"),
+                "proc": "/proc/shoebox-nope"}[where]
+        with pytest.raises(OSError):
+            files.ensure_writable_directory(path)
+
+    def test_read_only_folder(self, tmp_path):
+        path = _read_only_folder(tmp_path)
+        before = os.listdir(path)
+        with pytest.raises(OSError) as info:
+            files.ensure_writable_directory(path)
+        assert info.value.errno in (13, 30)  # EACCES, EROFS
+        assert os.listdir(path) == before

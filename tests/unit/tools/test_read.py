@@ -272,3 +272,70 @@ class TestVerify:
         assert cli.main(["verify", good, str(tmp_path / "missing")]) == 1
         out, err = capsys.readouterr()
         assert "OK" in out and "missing: no such file" in err
+
+
+class TestNotAnArchive:
+    """A file with no record in it: saying so, not the salvage hint."""
+
+    TEXT = b"# README\n\nnot an archive at all\n" * 100
+
+    @pytest.fixture(params=["plain", "gz"])
+    def text_file(self, request, tmp_path):
+        path = tmp_path / "README.md"
+        if request.param == "gz":
+            path = tmp_path / "README.md.gz"
+            import gzip
+            path.write_bytes(gzip.compress(self.TEXT))
+        else:
+            path.write_bytes(self.TEXT)
+        return str(path)
+
+    @pytest.mark.parametrize("argv", [["cat"], ["cat", "--salvage"],
+                                      ["verify"], ["verify", "--salvage"]])
+    def test_said_in_one_line(self, text_file, capsys, argv):
+        assert cli.main(argv + [text_file]) == 1
+        out, err = capsys.readouterr()
+        assert out == ""
+        assert err == (
+            "shoebox-worker: %s: not a shoebox archive (no record in it); "
+            "check the path: cat, verify and replay read the worker's "
+            "archives (plain, .gz or .zst)\n" % text_file)
+        assert not os.path.exists(text_file + ".salvaged")
+
+    @pytest.mark.parametrize("salvage", [False, True])
+    def test_read_records(self, text_file, salvage):
+        with pytest.raises(ToolError, match="not a shoebox archive"):
+            list(read.read_records(text_file, salvage=salvage))
+
+    def test_a_marker_past_the_first_block_is_damage(self, tmp_path,
+                                                     monkeypatch, capsys):
+        # garbage first, then a record: --salvage helps, so say that
+        monkeypatch.setattr(read, "OUTPUT_CHUNK", 64)
+        good = tmp_path / "good.events"
+        write(good, notes(1))
+        path = tmp_path / "a.events"
+        path.write_bytes(self.TEXT + good.read_bytes())
+        assert cli.main(["cat", str(path)]) == 1
+        err = capsys.readouterr().err
+        assert "not a shoebox archive" not in err
+        assert "use --salvage" in err
+        assert cli.main(["cat", "--salvage", str(path)]) == 0
+
+    def test_a_damaged_first_record_is_damage(self, tmp_path, capsys):
+        path = tmp_path / "a.events"
+        write(path, notes(1))
+        data = bytearray(path.read_bytes())
+        data[30] ^= 0xFF
+        path.write_bytes(bytes(data))
+        assert cli.main(["cat", str(path)]) == 1
+        err = capsys.readouterr().err
+        assert "offset 0" in err and "use --salvage" in err
+        assert cli.main(["verify", str(path)]) == 1
+        out, err = capsys.readouterr()
+        assert "DAMAGED" in out and err == ""
+
+    def test_empty_file_is_an_empty_archive(self, tmp_path, capsys):
+        path = tmp_path / "empty.events"
+        path.write_bytes(b"")
+        assert cli.main(["verify", str(path)]) == 0
+        assert ": OK: 0 records" in capsys.readouterr().out
