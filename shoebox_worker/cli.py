@@ -45,6 +45,9 @@ def setup_logging(conf=None, level=None):
     root.setLevel(level or (conf.level if conf is not None else "INFO"))
     # kombu and swiftclient are chatty at INFO about things we log better
     logging.getLogger("swiftclient").setLevel(logging.WARNING)
+    # kombu's ConsumerMixin says "Connected to ..." at each (re)connect,
+    # next to the worker's own line
+    logging.getLogger("kombu.mixins").setLevel(logging.WARNING)
 
 
 def check_working_directory(conf):

@@ -14,10 +14,7 @@ line naming it (password masked) and what to do.
 import logging
 import signal
 
-import kombu.exceptions
-
 from shoebox_worker import __version__
-from shoebox_worker import exceptions
 from shoebox_worker.consume import broker
 from shoebox_worker.consume import metrics
 from shoebox_worker.consume import worker as worker_mod
@@ -25,11 +22,6 @@ from shoebox_worker.consume import worker as worker_mod
 __all__ = ["run_worker", "run_child"]
 
 LOG = logging.getLogger(__name__)
-
-E_BROKER = ("cannot reach the broker %s: %s (gave up after [broker] "
-            "connect_max_retries = %s); start the broker or correct [broker] "
-            "url in %s")
-
 
 def run_worker(conf, plugins, idle_exit=None):
     """Run one worker process until it is told to stop.
@@ -39,7 +31,8 @@ def run_worker(conf, plugins, idle_exit=None):
         :func:`shoebox_worker.plugins.build`.
     :param idle_exit: stop once no message came for this many seconds.
     :returns: the exit code.
-    :raises ShoeboxError: the broker could not be reached.
+    :raises BrokerError: the broker could not be reached within
+        ``[broker] connect_max_retries`` (see :mod:`.broker`).
     """
     roll_checker, callbacks = plugins
     worker = worker_mod.Worker(conf, roll_checker=roll_checker,
@@ -68,11 +61,6 @@ def run_worker(conf, plugins, idle_exit=None):
         worker.run()
     except worker_mod.StopRequested:
         LOG.info("stopped before the broker answered")
-    except kombu.exceptions.OperationalError as exc:
-        # kombu gave up connecting (connect_max_retries)
-        raise exceptions.ShoeboxError(E_BROKER % (
-            conf.broker.redacted_url(), exc,
-            conf.broker.connect_max_retries, conf.filename)) from exc
     finally:
         worker.shutdown()
     LOG.info("stopped")
