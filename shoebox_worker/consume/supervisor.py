@@ -14,10 +14,12 @@ to systemd; it is its children's service manager in turn. Each child gets
 ``NOTIFY_SOCKET`` naming a :class:`~shoebox_worker.consume.notify.Listener`
 of the supervisor's, and the unit's ``WATCHDOG_USEC``, and notifies as a
 single worker would. The supervisor sends ``READY=1`` once every child has
-(once every child consumes), ``WATCHDOG=1`` every half of ``WATCHDOG_USEC``
-but only while every running child has pinged it within ``WATCHDOG_USEC``
-(a child whose consume loop hangs stops the pings, and systemd restarts the
-service), and ``STOPPING=1`` when it stops its children.
+(once every child consumes), then ``WATCHDOG=1`` every half of
+``WATCHDOG_USEC``, but only while every running child has pinged it within
+``WATCHDOG_USEC`` (a child whose consume loop hangs stops the pings, and
+systemd restarts the service; a restarted child has ``WATCHDOG_USEC`` from
+its start for its first ping), and ``STOPPING=1`` when it stops its
+children.
 """
 
 import logging
@@ -82,6 +84,7 @@ class Supervisor:
         if self.notifier.watchdog_interval is not None:
             self._watchdog_usec = int(self.notifier.watchdog_interval * 2e6)
         self._ready = set()     # indexes whose child sent READY=1
+        self._ready_sent = False  # READY=1 sent to the service manager
         self._pinged = {}       # index -> monotonic time of its last ping
         self._hung = set()      # indexes already said to be hung
 
@@ -194,15 +197,18 @@ class Supervisor:
                 continue
             if fields.get("READY") == "1" and index not in self._ready:
                 self._ready.add(index)
-                if len(self._ready) == self.count:
+                if len(self._ready) == self.count and \
+                        not self._ready_sent:
+                    self._ready_sent = True
                     self.notifier.ready("%d workers consuming" % self.count)
             if fields.get("WATCHDOG") == "1":
                 self._pinged[index] = now
                 if index in self._hung:
                     self._hung.discard(index)
                     LOG.info("worker %d pings again", index)
-        if self._watchdog_usec is None or self.stopping:
-            return
+        if self._watchdog_usec is None or self.stopping or \
+                not self._ready_sent:
+            return  # systemd's watchdog runs from READY=1 to STOPPING=1
         timeout = self._watchdog_usec / 1e6
         healthy = True
         for index, proc in self.children.items():

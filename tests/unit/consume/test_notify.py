@@ -4,10 +4,12 @@ fake clock for the watchdog's rate."""
 import os
 import socket
 import threading
+import types
 
 import pytest
 
 from shoebox_worker.consume import notify
+from shoebox_worker.consume import supervisor
 
 
 class Clock:
@@ -177,3 +179,92 @@ def test_listener_tells_the_sender_by_pid():
         ]
     finally:
         listener.close()
+
+
+# -- the supervisor as its children's service manager ------------------------
+
+class FakeListener:
+    address = "@fake"
+
+    def __init__(self):
+        self.queue = []
+
+    def receive(self):
+        received, self.queue = self.queue, []
+        return received
+
+
+class Supervised:
+    """A Supervisor of two children (pids 1001, 1002) whose notify
+    socket and clock the test drives; what it sends goes to ``sock``."""
+
+    def __init__(self, address, sock, monkeypatch):
+        self.clock = Clock()
+        monkeypatch.setattr(supervisor, "time", types.SimpleNamespace(
+            monotonic=self.clock))
+        conf = types.SimpleNamespace(worker=types.SimpleNamespace(
+            processes=2))
+        self.sup = supervisor.Supervisor(
+            conf, None, notifier=notify.Notifier(address, 2_000_000))
+        self.sup._listener = self.listener = FakeListener()
+        self.sock = sock
+        self.sup.children = {0: types.SimpleNamespace(pid=1001, is_alive=bool),
+                             1: types.SimpleNamespace(pid=1002, is_alive=bool)}
+        for index in self.sup.children:
+            self.sup._pinged[index] = self.clock.now
+
+    def tell(self, pid, **fields):
+        self.listener.queue.append((pid, fields))
+
+    def step(self, seconds=0.0):
+        """Let ``seconds`` pass, run one round; what it sent."""
+        self.clock.now += seconds
+        self.sup._notify()
+        return pending(self.sock)
+
+
+@pytest.fixture
+def supervised(path_socket, monkeypatch):
+    address, sock = path_socket
+    return Supervised(address, sock, monkeypatch)
+
+
+def test_supervisor_is_ready_once_every_child_is(supervised):
+    supervised.tell(1001, READY="1", STATUS="x")
+    supervised.tell(1001, WATCHDOG="1")
+    assert supervised.step(1) == []  # one of two: not yet, and no pings
+    supervised.tell(9999, READY="1")  # not a child of ours
+    assert supervised.step() == []
+    supervised.tell(1002, READY="1")
+    supervised.tell(1002, WATCHDOG="1")
+    assert supervised.step() == ["READY=1\nSTATUS=2 workers consuming\n",
+                                 "WATCHDOG=1\n"]
+    # a restarted child does not make the service ready again
+    supervised.sup._ready.discard(0)
+    supervised.tell(1001, READY="1")
+    assert supervised.step() == []
+
+
+def test_supervisor_pings_only_while_every_child_pings(supervised, caplog):
+    supervised.tell(1001, READY="1")
+    supervised.tell(1002, READY="1")
+    assert supervised.step() == ["READY=1\nSTATUS=2 workers consuming\n",
+                                 "WATCHDOG=1\n"]
+    for _ in range(3):  # both ping every second: so does the supervisor
+        supervised.tell(1001, WATCHDOG="1")
+        supervised.tell(1002, WATCHDOG="1")
+        assert supervised.step(1) == ["WATCHDOG=1\n"]
+    supervised.tell(1001, WATCHDOG="1")  # 1002 hangs
+    assert supervised.step(1) == ["WATCHDOG=1\n"]  # 1 s < WATCHDOG_USEC
+    supervised.tell(1001, WATCHDOG="1")
+    assert supervised.step(1.5) == []  # 2.5 s: no more
+    supervised.tell(1001, WATCHDOG="1")
+    assert supervised.step(1) == []
+    assert "worker 1 (pid 1002) sent no watchdog ping" in caplog.text
+    supervised.tell(1002, WATCHDOG="1")  # back
+    assert supervised.step(0.1) == ["WATCHDOG=1\n"]
+    caplog.clear()
+    supervised.sup._stop_children()
+    # children that ship before they exit do not ping: that is no hang
+    assert supervised.step(5) == ["STOPPING=1\n"]
+    assert "watchdog" not in caplog.text
