@@ -301,3 +301,20 @@ def test_a_hung_child_stops_the_supervisors_pings(
     notify_socket.wait_for(lambda: notify_socket.pings(since=resumed), 15,
                            "pings once the child runs again", worker)
     _stop(worker, notify_socket)
+
+
+def test_a_worker_waiting_for_the_broker_pings_on(
+        tmp_path, worker_procs, ft, notify_socket, names):
+    # a broker outage is not a hang: kombu's retries ping too (here at the
+    # start, where nothing answers on the broker's port)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = ft.worker_config(
+        tmp_path, names, names, routing_key=ROUTING_KEY,
+        url="amqp://guest:guest@127.0.0.1:%d//" % port)
+    worker = worker_procs(config)
+    notify_socket.wait_for(lambda: len(notify_socket.pings()) >= 3,
+                           3 * WATCHDOG + 15, "3 watchdog pings", worker)
+    assert "READY" not in notify_socket.kinds()
+    _stop(worker, notify_socket)
