@@ -38,6 +38,7 @@ from kombu import mixins
 from kombu.utils.objects import cached_property
 
 from shoebox_worker import exceptions
+from shoebox_worker.consume import notify
 
 __all__ = ["make_connection", "make_queues", "declare", "is_amqp",
            "BrokerError", "StopRequested", "Outage", "permanent_advice",
@@ -438,6 +439,10 @@ class Reconnecting(BlockingReads):
     retry_max = RETRY_MAX
     #: The broker's connect_max_retries (None: retry for ever).
     connect_max_retries = None
+    #: The service manager's :class:`~shoebox_worker.consume.notify.
+    #: Notifier`: pinged while retrying too, so that a broker outage is
+    #: not taken for a hung worker.
+    notifier = notify.DISABLED
 
     @cached_property
     def outage(self):
@@ -453,6 +458,7 @@ class Reconnecting(BlockingReads):
 
     def check_stop(self):
         """Called by kombu every second while it retries a connection."""
+        self.notifier.watchdog()
         if self.should_stop:
             raise StopRequested()
 
@@ -497,6 +503,7 @@ class Reconnecting(BlockingReads):
     def _wait(self, seconds):
         deadline = time.monotonic() + seconds
         while not self.should_stop:
+            self.notifier.watchdog()
             left = deadline - time.monotonic()
             if left <= 0:
                 return

@@ -7,6 +7,19 @@ and file locks keep children from taking over each other's archives.
 
 The supervisor restarts a child that dies (with backoff), passes SIGTERM
 and SIGINT on, and exits 0 once every child has exited 0.
+
+Under systemd (``Type=notify``, ``KillMode=mixed``, ``NotifyAccess=main``)
+the supervisor is the service's main process and the only one that talks
+to systemd; it is its children's service manager in turn. Each child gets
+``NOTIFY_SOCKET`` naming a :class:`~shoebox_worker.consume.notify.Listener`
+of the supervisor's, and the unit's ``WATCHDOG_USEC``, and notifies as a
+single worker would. The supervisor sends ``READY=1`` once every child has
+(once every child consumes), then ``WATCHDOG=1`` every half of
+``WATCHDOG_USEC``, but only while every running child has pinged it within
+``WATCHDOG_USEC`` (a child whose consume loop hangs stops the pings, and
+systemd restarts the service; a restarted child has ``WATCHDOG_USEC`` from
+its start for its first ping), and ``STOPPING=1`` when it stops its
+children.
 """
 
 import logging
@@ -15,6 +28,7 @@ import os
 import signal
 import time
 
+from shoebox_worker.consume import notify
 from shoebox_worker.consume import runner
 
 __all__ = ["Supervisor"]
@@ -27,7 +41,16 @@ MAX_RESTART_DELAY = 30.0
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-def _child(conf, plugins, idle_exit):
+W_HUNG = ("worker %d (pid %d) sent no watchdog ping for %.0f s: no more "
+          "pings to the service manager, which will restart the service")
+
+
+def _child(conf, plugins, idle_exit, notify_address, watchdog_usec):
+    for name in (notify.NOTIFY_SOCKET, notify.WATCHDOG_USEC,
+                 notify.WATCHDOG_PID):
+        os.environ.pop(name, None)
+    os.environ.update(notify.child_environ(notify_address, watchdog_usec,
+                                           os.getpid()))
     os._exit(runner.run_child(conf, plugins, idle_exit))
 
 
@@ -39,9 +62,12 @@ class Supervisor:
         :func:`shoebox_worker.plugins.build`; each child inherits them
         through fork.
     :param idle_exit: passed on to each child's worker.
+    :param notifier: the service manager's
+        :class:`~shoebox_worker.consume.notify.Notifier` (default: from
+        ``NOTIFY_SOCKET``; without it the children get none either).
     """
 
-    def __init__(self, conf, plugins, idle_exit=None):
+    def __init__(self, conf, plugins, idle_exit=None, notifier=None):
         self.conf = conf
         self.plugins = plugins
         self.idle_exit = idle_exit
@@ -52,11 +78,22 @@ class Supervisor:
         self.delays = {}        # index -> next restart delay
         self.restart_at = {}    # index -> monotonic time
         self._signal = None     # the stop signal received, not yet logged
+        self.notifier = notifier or notify.Notifier.from_environ()
+        self._listener = None   # the children's notify socket
+        self._watchdog_usec = None
+        if self.notifier.watchdog_interval is not None:
+            self._watchdog_usec = int(self.notifier.watchdog_interval * 2e6)
+        self._ready = set()     # indexes whose child sent READY=1
+        self._ready_sent = False  # READY=1 sent to the service manager
+        self._pinged = {}       # index -> monotonic time of its last ping
+        self._hung = set()      # indexes already said to be hung
 
     def _start(self, index):
+        address = self._listener.address if self._listener else None
         proc = self._ctx.Process(target=_child,
                                  args=(self.conf, self.plugins,
-                                       self.idle_exit),
+                                       self.idle_exit, address,
+                                       self._watchdog_usec),
                                  name="shoebox-worker-%d" % index)
         # SIGTERM and SIGINT wait while the child is forked and recorded:
         # here, so that a stop arriving meanwhile reaches the new child
@@ -66,6 +103,9 @@ class Supervisor:
         try:
             proc.start()
             self.children[index] = proc
+            self._ready.discard(index)
+            self._pinged[index] = time.monotonic()  # its first ping's grace
+            self._hung.discard(index)
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         LOG.info("started worker %d (pid %d)", index, proc.pid)
@@ -83,6 +123,7 @@ class Supervisor:
                      signal.Signals(signum).name, self.count)
 
     def _stop_children(self):
+        self.notifier.stopping()
         self.stopping = True
         for proc in self.children.values():
             if proc.is_alive():
@@ -92,11 +133,21 @@ class Supervisor:
         """Supervise until stopped; returns the exit code."""
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        if self.notifier.enabled:
+            self._listener = notify.Listener()
+        try:
+            return self._supervise()
+        finally:
+            if self._listener is not None:
+                self._listener.close()
+
+    def _supervise(self):
         for index in range(self.count):
             self._start(index)
         code = 0
         while self.children or (self.restart_at and not self.stopping):
             self._log_signal()
+            self._notify()
             for index, proc in list(self.children.items()):
                 proc.join(timeout=0.2 / max(len(self.children), 1))
                 if proc.exitcode is None:
@@ -131,3 +182,41 @@ class Supervisor:
         self._log_signal()
         LOG.info("all workers stopped")
         return code
+
+    def _notify(self):
+        """Read what the children told, and tell systemd (see the module
+        docstring)."""
+        if self._listener is None:
+            return
+        now = time.monotonic()
+        index_of = {proc.pid: index
+                    for index, proc in self.children.items()}
+        for pid, fields in self._listener.receive():
+            index = index_of.get(pid)
+            if index is None:
+                continue
+            if fields.get("READY") == "1" and index not in self._ready:
+                self._ready.add(index)
+                if len(self._ready) == self.count and \
+                        not self._ready_sent:
+                    self._ready_sent = True
+                    self.notifier.ready("%d workers consuming" % self.count)
+            if fields.get("WATCHDOG") == "1":
+                self._pinged[index] = now
+                if index in self._hung:
+                    self._hung.discard(index)
+                    LOG.info("worker %d pings again", index)
+        if self._watchdog_usec is None or self.stopping or \
+                not self._ready_sent:
+            return  # systemd's watchdog runs from READY=1 to STOPPING=1
+        timeout = self._watchdog_usec / 1e6
+        healthy = True
+        for index, proc in self.children.items():
+            silent = now - self._pinged.get(index, now)
+            if silent > timeout:
+                healthy = False
+                if index not in self._hung:
+                    self._hung.add(index)
+                    LOG.error(W_HUNG, index, proc.pid, silent)
+        if healthy:
+            self.notifier.watchdog(now)

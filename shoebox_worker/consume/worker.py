@@ -42,6 +42,12 @@ between broker URLs, heartbeats); it adds ``on_message`` and the periodic
 work in ``on_iteration`` (time-based rolls while the queue is idle, the
 fsync interval, backpressure, the stats line). On RabbitMQ it reads through
 :class:`~shoebox_worker.consume.broker.BlockingReads` (measured faster).
+
+Under systemd (``Type=notify``) the worker tells its service manager,
+through :class:`~shoebox_worker.consume.notify.Notifier`: ``READY=1`` once
+it consumes, ``WATCHDOG=1`` from ``on_iteration`` (and while kombu retries
+a connection), ``STOPPING=1`` when asked to stop. Without ``NOTIFY_SOCKET``
+nothing is sent.
 """
 
 import errno
@@ -61,6 +67,7 @@ from shoebox_worker.consume import backpressure as backpressure_mod
 from shoebox_worker.consume import batch as batch_mod
 from shoebox_worker.consume import broker
 from shoebox_worker.consume import envelope
+from shoebox_worker.consume import notify
 from shoebox_worker.consume import stats as stats_mod
 from shoebox_worker.ship import shipper as shipper_mod
 
@@ -171,10 +178,13 @@ class Worker(broker.Reconnecting):
     :param ident: the worker id put into file names.
     :param stats: a :class:`~shoebox_worker.consume.stats.Stats` to count
         into (default: a new one).
+    :param notifier: a :class:`~shoebox_worker.consume.notify.Notifier`
+        (default: the service manager's, from ``NOTIFY_SOCKET``; it does
+        nothing when that is unset).
     """
 
     def __init__(self, config, *, roll_checker, callbacks, connection=None,
-                 idle_exit=None, ident=None, stats=None):
+                 idle_exit=None, ident=None, stats=None, notifier=None):
         self.config = config
         self.connection = connection or broker.make_connection(config.broker)
         self.connect_max_retries = config.broker.connect_max_retries
@@ -184,6 +194,7 @@ class Worker(broker.Reconnecting):
         self.directory = os.path.abspath(archive_conf.working_directory)
         os.makedirs(self.directory, exist_ok=True)
         self.stats = stats or stats_mod.Stats()
+        self.notifier = notifier or notify.Notifier.from_environ()
         self.chain = callbacks_mod.CallbackChain(callbacks)
         self.shipper = shipper_mod.Shipper(
             self.chain, archive_conf.retry_initial, archive_conf.retry_max,
@@ -251,6 +262,7 @@ class Worker(broker.Reconnecting):
     def stop(self):
         """Ask the worker to stop (a signal handler calls this); a second
         call stops the wait for shipping too."""
+        self.notifier.stopping()
         if self.stopping is None:
             self.stopping = STOP_SIGNAL
         elif self.stopping != STOP_FAILED:
@@ -261,6 +273,7 @@ class Worker(broker.Reconnecting):
         finish shipping (all of it when ``--idle-exit`` stopped the worker;
         after a signal, only the steps running or due) and leave the rest
         to the state files for the next start."""
+        self.notifier.stopping()
         try:
             self._commit()
         except Exception as exc:  # the connection may be gone
@@ -294,6 +307,9 @@ class Worker(broker.Reconnecting):
 
     def on_consume_ready(self, connection, channel, consumers, **kwargs):
         super().on_consume_ready(connection, channel, consumers, **kwargs)
+        if not self._consumed:
+            self.notifier.ready("consuming from %s" % ", ".join(
+                q.name for q in self.queues))
         self._consumed = True
         self._consumers = consumers
         # --idle-exit counts from here: time spent reconnecting is not idle
@@ -357,6 +373,7 @@ class Worker(broker.Reconnecting):
         if now < self._next_tick:
             return
         self._next_tick = now + TICK
+        self.notifier.watchdog(now)
         if self.batch and now - self.batch.since >= self.fsync_interval:
             self._commit()
         closed = self.manager.maybe_roll()

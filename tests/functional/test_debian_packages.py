@@ -60,13 +60,15 @@ def test_hidden_binaries_are_listed(bare_path):
     assert result.returncode == 0, result.stderr
     # rabbitmq-server and redis-server are hidden too, but listed only
     # when their server does not answer.
-    assert result.stdout.split() == _servers_missing() + ["strace", "jq"]
+    assert result.stdout.split() == _servers_missing() + ["strace", "jq",
+                                                          "systemd"]
 
 
 def test_a_binary_on_path_is_not_listed(bare_path):
     (bare_path / "jq").symlink_to(shutil.which("jq") or "/bin/true")
     result = _run(bare_path, "--dry-run")
-    assert result.stdout.split() == _servers_missing() + ["strace"]
+    assert result.stdout.split() == _servers_missing() + ["strace",
+                                                          "systemd"]
 
 
 def test_no_python_that_makes_a_venv_lists_python3_venv(bare_path):
@@ -75,11 +77,13 @@ def test_no_python_that_makes_a_venv_lists_python3_venv(bare_path):
 
 
 def test_with_the_full_path_only_what_is_missing_is_listed():
-    expected = [name for name in ("strace", "jq") if not shutil.which(name)]
+    tools = {"strace": "strace", "jq": "jq", "systemd": "systemd-analyze"}
+    expected = [name for name, binary in tools.items()
+                if not shutil.which(binary)]
     result = _run(os.environ["PATH"], "--dry-run")
     assert result.returncode == 0, result.stderr
     assert [name for name in result.stdout.split()
-            if name in ("strace", "jq")] == expected
+            if name in tools] == expected
 
 
 def test_not_root_says_what_to_install_in_one_line(bare_path):
@@ -96,4 +100,4 @@ def test_not_root_says_what_to_install_in_one_line(bare_path):
         r"them: apt-get install (.*)\n", result.stderr)
     assert line, result.stderr
     assert line.group(1) == line.group(2)
-    assert line.group(1).endswith("strace jq")
+    assert line.group(1).endswith("strace jq systemd")
