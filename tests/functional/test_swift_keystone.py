@@ -28,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from swiftclient import client as swc
 
 from shoebox_worker import archive
+from shoebox_worker import exceptions
 from shoebox_worker.ship import swift
 
 pytestmark = pytest.mark.functional
@@ -355,3 +356,60 @@ def test_refused_credentials_are_one_permanent_line_and_consuming_goes_on(
     archives = [name for name in os.listdir(tmp_path / "archive")
                 if ".events" in name and not name.endswith(".ship")]
     assert archives
+
+
+# -- application credentials ------------------------------------------------
+
+@pytest.fixture
+def application_credential(ks):
+    """An application credential of the operator user, made by the user
+    itself through Keystone's API; deleted at the end."""
+    session = swift.keystone_session(swift.SwiftUploadCallback(
+        **ks.swift_options()).options)
+    user_id = session.get_user_id()
+    url = ks.values["os_auth_url"].rstrip("/")
+    name = "shoebox-test-%s" % uuid.uuid4().hex[:8]
+    created = session.post(
+        "%s/users/%s/application_credentials" % (url, user_id),
+        json={"application_credential": {"name": name}}).json()[
+            "application_credential"]
+    yield {"id": created["id"], "name": name, "secret": created["secret"],
+           "user_id": user_id}
+    session.delete("%s/users/%s/application_credentials/%s"
+                   % (url, user_id, created["id"]))
+
+
+@pytest.mark.parametrize("by", ["id", "name"])
+def test_application_credential(ks, container, tmp_path,
+                                application_credential, by):
+    cred = application_credential
+    options = {"os_auth_url": ks.values["os_auth_url"],
+               "os_auth_type": "v3applicationcredential",
+               "os_application_credential_secret": cred["secret"],
+               "os_region_name": ks.values["os_region_name"],
+               "container": container, "retries": "0"}
+    if by == "id":
+        options["os_application_credential_id"] = cred["id"]
+    else:
+        options.update(os_application_credential_name=cred["name"],
+                       os_user_id=cred["user_id"])
+    path = tmp_path / "a.bin"
+    data = os.urandom(100000)
+    path.write_bytes(data)
+    with swift.SwiftUploadCallback(**options) as cb:
+        assert cb.on_close(str(path)) == str(path)
+        assert cred["secret"] not in repr(cb)
+        conn = connection(cb)
+        try:
+            assert conn.get_object(container, "a.bin")[1] == data
+        finally:
+            conn.close()
+    wrong = dict(options, os_application_credential_secret="not-it")
+    with swift.SwiftUploadCallback(**wrong) as cb:
+        with pytest.raises(exceptions.UploadError) as info:
+            cb.on_close(str(path))
+    assert info.value.permanent
+    assert info.value.hint == (
+        "check [callback:swift] os_application_credential_id (or _name) "
+        "and os_application_credential_secret")
+    assert "not-it" not in str(info.value)
