@@ -7,14 +7,24 @@ Options (``[callback:swift]``, all strings, named like python-swiftclient's
 ``auth``, ``user``, ``key``  v1 (tempauth/swauth) URL and credentials
 ``auth_version``             ``1`` or ``3``; default ``3`` when
                              ``os_auth_url`` is set, else ``1``
-``os_auth_url``,             Keystone v3 (through keystoneauth1)
-``os_username``,
-``os_password``,
-``os_project_name``,
-``os_project_id``,
+``os_auth_url``              Keystone v3 (through a keystoneauth1 session)
+``os_auth_type``             ``password`` (default; ``v3password`` too) or
+                             ``v3applicationcredential``
+``os_username``,             the user, by name (with
+``os_user_id``               ``os_user_domain_name`` or ``_id``) or by id
 ``os_user_domain_name``,
+``os_user_domain_id``
+``os_password``
+``os_project_name``,         the project, by name (with
+``os_project_id``            ``os_project_domain_name`` or ``_id``) or id
 ``os_project_domain_name``,
-``os_region_name``
+``os_project_domain_id``
+``os_application_credential_id``, ``_name``, ``_secret``: with
+                             ``v3applicationcredential`` (a name needs the
+                             user; no project options: it has its project)
+``os_region_name``,          which ``object-store`` endpoint of the
+``os_endpoint_type``,        catalog (default interface ``public``)
+``os_service_type``
 ``os_storage_url``,          skip auth: storage URL and token
 ``os_auth_token``
 ``insecure``                 do not check TLS certificates (default false)
@@ -30,10 +40,14 @@ Options (``[callback:swift]``, all strings, named like python-swiftclient's
 ``timeout``                  seconds per HTTP request (default 60)
 ==========================  ==================================================
 
-An empty ``key`` is read from ``ST_KEY`` and an empty ``os_password`` from
-``OS_PASSWORD`` when the callback is built. Nothing else comes from the
-environment: swiftclient's own defaults (read from ``OS_*``/``ST_*`` when it
-is imported) are never used.
+An empty ``key`` is read from ``ST_KEY``, an empty ``os_password`` from
+``OS_PASSWORD`` and an empty ``os_application_credential_secret`` from
+``OS_APPLICATION_CREDENTIAL_SECRET`` when the callback is built. Nothing
+else comes from the environment: swiftclient's own defaults (read from
+``OS_*``/``ST_*`` when it is imported) are never used. The options are
+checked when the callback is built: a combination Keystone cannot accept
+(a user name without its domain, no project, ...) is one line naming the
+option(s).
 
 **What is in the archive.** The object metadata says how many records it
 holds, the timestamps of its first and last, and its format versions. They
@@ -66,6 +80,13 @@ a re-upload overwrites them, and segments of an earlier attempt with other
 sizes are deleted once the new object is verified. Both containers are
 created (when missing) at the first upload.
 
+**Keystone tokens expire.** swiftclient keeps the token it got until a
+request with it is refused (401); then it asks the session for a new one
+and sends the request again, once, whatever ``retries`` says (a segment
+from its first byte, hashed once). A token with less than
+:data:`TOKEN_MARGIN` seconds left is renewed before each upload and each
+segment, so that a large body is not sent with a token about to expire.
+
 **Secrets in logs.** swiftclient logs every failed request (at INFO, and
 every request at DEBUG) with the first characters of ``X-Auth-Key`` and
 ``X-Auth-Token``. The first connection adds a filter to the ``swiftclient``
@@ -84,6 +105,9 @@ import time
 import urllib.parse
 
 import requests.adapters
+from keystoneauth1 import exceptions as ks_exceptions
+from keystoneauth1 import session as ks_session
+from keystoneauth1.identity import v3 as identity_v3
 from swiftclient import client as swiftclient
 from swiftclient import exceptions as swift_exceptions
 
@@ -109,6 +133,19 @@ _REFUSED = frozenset((400, 405, 413, 414))
 #: at a time; urllib3's default, 16 KiB, costs a 200 MB upload 12,000
 #: rounds of Python code.
 SEND_BLOCK = 1 << 20
+#: A Keystone token with less than this many seconds left is renewed
+#: before a request (each upload, each segment) instead of being sent to
+#: expire on the way: a large body sent with an expired token may be cut
+#: off (a connection error) rather than answered 401.
+TOKEN_MARGIN = 10
+#: ``os_auth_type`` values (keystoneauth1's plugin names) and what they
+#: mean here.
+_AUTH_TYPES = {"": "password", "password": "password",
+               "v3password": "password",
+               "v3applicationcredential": "v3applicationcredential"}
+#: What an application credential must not be given: it has its project.
+_PROJECT_OPTIONS = ("os_project_name", "os_project_id",
+                    "os_project_domain_name", "os_project_domain_id")
 
 
 # -- option coercion (shoebox_worker.options) --------------------------------
@@ -244,6 +281,16 @@ class _Connection(swiftclient.Connection):
             conn.request_session.mount(prefix, adapter)
         return parsed, conn
 
+    def put_object(self, container, obj, contents, **kwargs):
+        """swiftclient's, except that a :class:`_Part` body is sent again
+        from its first byte whenever the request is: after a 401 (with a
+        new token) even when ``retries = 0``, where swiftclient's own
+        wrapper would refuse to resend a body."""
+        if not isinstance(contents, _Part):
+            return super().put_object(container, obj, contents, **kwargs)
+        return self._retry(contents.reset, swiftclient.put_object, container,
+                           obj, contents, **kwargs)
+
 
 # -- errors and logs --------------------------------------------------------
 
@@ -309,6 +356,41 @@ def _redact_swiftclient_logs():
         logger.addFilter(_RedactSecrets())
 
 
+# -- Keystone -----------------------------------------------------------------
+
+def keystone_session(options):
+    """A keystoneauth1 session for Keystone v3 from the callback's checked
+    ``os_*`` options (a reader of ``swift://`` uses the same). Building it
+    sends nothing; it authenticates at the first token asked, and again
+    after :meth:`~keystoneauth1.session.Session.invalidate`."""
+    o = options
+
+    def given(name):
+        return o.get(name) or None
+
+    user = {"user_id": given("os_user_id"),
+            "username": given("os_username"),
+            "user_domain_id": given("os_user_domain_id"),
+            "user_domain_name": given("os_user_domain_name")}
+    if o.get("os_auth_type") == "v3applicationcredential":
+        plugin = identity_v3.ApplicationCredential(
+            auth_url=o["os_auth_url"],
+            application_credential_id=given("os_application_credential_id"),
+            application_credential_name=given(
+                "os_application_credential_name"),
+            application_credential_secret=o[
+                "os_application_credential_secret"], **user)
+    else:
+        plugin = identity_v3.Password(
+            auth_url=o["os_auth_url"], password=o["os_password"],
+            project_id=given("os_project_id"),
+            project_name=given("os_project_name"),
+            project_domain_id=given("os_project_domain_id"),
+            project_domain_name=given("os_project_domain_name"), **user)
+    return ks_session.Session(auth=plugin, verify=not o.get("insecure"),
+                              timeout=o.get("timeout"))
+
+
 # -- the callback -----------------------------------------------------------
 
 class SwiftUploadCallback:
@@ -323,10 +405,15 @@ class SwiftUploadCallback:
     name = "swift"
 
     def __init__(self, *, auth="", user="", key="", auth_version="",
-                 os_auth_url="", os_username="", os_password="",
-                 os_project_name="", os_project_id="",
-                 os_user_domain_name="", os_project_domain_name="",
-                 os_region_name="", os_storage_url="", os_auth_token="",
+                 os_auth_url="", os_username="", os_user_id="",
+                 os_password="", os_user_domain_name="",
+                 os_user_domain_id="", os_project_name="", os_project_id="",
+                 os_project_domain_name="", os_project_domain_id="",
+                 os_auth_type="", os_application_credential_id="",
+                 os_application_credential_name="",
+                 os_application_credential_secret="", os_region_name="",
+                 os_endpoint_type="", os_service_type="",
+                 os_storage_url="", os_auth_token="",
                  insecure="false", container="shoebox", object_prefix="",
                  segment_size="1G", delete_after="", retries="2",
                  timeout="60"):
@@ -336,6 +423,10 @@ class SwiftUploadCallback:
         key = text("key", key) or os.environ.get("ST_KEY", "")
         os_password = (text("os_password", os_password)
                        or os.environ.get("OS_PASSWORD", ""))
+        os_application_credential_secret = (
+            text("os_application_credential_secret",
+                 os_application_credential_secret)
+            or os.environ.get("OS_APPLICATION_CREDENTIAL_SECRET", ""))
         os_auth_url = text("os_auth_url", os_auth_url)
         version = text("auth_version", auth_version).lower().lstrip("v")
         if not version:
@@ -352,15 +443,25 @@ class SwiftUploadCallback:
             "user": text("user", user),
             "key": key,
             "os_auth_url": os_auth_url,
-            "os_username": text("os_username", os_username),
+            "os_auth_type": text("os_auth_type", os_auth_type).lower(),
             "os_password": os_password,
-            "os_project_name": text("os_project_name", os_project_name),
-            "os_project_id": text("os_project_id", os_project_id),
-            "os_user_domain_name": text("os_user_domain_name",
-                                        os_user_domain_name),
-            "os_project_domain_name": text("os_project_domain_name",
-                                           os_project_domain_name),
-            "os_region_name": text("os_region_name", os_region_name),
+            "os_application_credential_secret":
+                os_application_credential_secret,
+            **{name: text(name, value) for name, value in (
+                ("os_username", os_username), ("os_user_id", os_user_id),
+                ("os_project_name", os_project_name),
+                ("os_project_id", os_project_id),
+                ("os_user_domain_name", os_user_domain_name),
+                ("os_user_domain_id", os_user_domain_id),
+                ("os_project_domain_name", os_project_domain_name),
+                ("os_project_domain_id", os_project_domain_id),
+                ("os_application_credential_id",
+                 os_application_credential_id),
+                ("os_application_credential_name",
+                 os_application_credential_name),
+                ("os_region_name", os_region_name),
+                ("os_endpoint_type", os_endpoint_type),
+                ("os_service_type", os_service_type))},
             "os_storage_url": text("os_storage_url", os_storage_url),
             "os_auth_token": text("os_auth_token", os_auth_token),
             "insecure": coercers.coerce("insecure", insecure, _INSECURE),
@@ -392,23 +493,60 @@ class SwiftUploadCallback:
         return coercers.coerce("timeout", value, _TIMEOUT)
 
     def _check_credentials(self):
+        """One line naming the option(s) when the credentials cannot
+        work, before anything connects."""
         o = self.options
         if o["os_storage_url"] and o["os_auth_token"]:
             return
         if o["auth_version"] == "1":
-            need = ("auth", "user", "key")
-        else:
-            need = ("os_auth_url", "os_username", "os_password")
-        missing = [name for name in need if not o[name]]
-        if missing:
+            missing = [name for name in ("auth", "user", "key")
+                       if not o[name]]
+            if missing:
+                raise coercers.OptionError(
+                    "required for auth_version 1 (key and os_password may "
+                    "also come from ST_KEY and OS_PASSWORD)",
+                    ", ".join(missing))
+            return
+        auth_type = _AUTH_TYPES.get(o["os_auth_type"])
+        if auth_type is None:
             raise coercers.OptionError(
-                "required for auth_version %s (key and os_password may "
-                "also come from ST_KEY and OS_PASSWORD)"
-                % o["auth_version"], ", ".join(missing))
-        if o["auth_version"] == "3" and not (o["os_project_name"]
-                                             or o["os_project_id"]):
-            raise coercers.OptionError("required for auth_version 3",
-                                       "os_project_name or os_project_id")
+                "expected password or v3applicationcredential, got %r"
+                % o["os_auth_type"], "os_auth_type")
+        o["os_auth_type"] = auth_type
+
+        def need(names, why):
+            if not any(o[name] for name in names):
+                raise coercers.OptionError(why, " or ".join(names))
+
+        need(("os_auth_url",), "required for auth_version 3")
+        if auth_type == "v3applicationcredential":
+            need(("os_application_credential_secret",),
+                 "required for os_auth_type v3applicationcredential (may "
+                 "also come from OS_APPLICATION_CREDENTIAL_SECRET)")
+            need(("os_application_credential_id",
+                  "os_application_credential_name"),
+                 "required for os_auth_type v3applicationcredential")
+            if not o["os_application_credential_id"]:
+                need(("os_user_id", "os_username"), "required with "
+                     "os_application_credential_name")
+            scoped = [name for name in _PROJECT_OPTIONS if o[name]]
+            if scoped:
+                raise coercers.OptionError(
+                    "not used with an application credential, which "
+                    "carries its project: remove it", ", ".join(scoped))
+        else:
+            need(("os_password",), "required for auth_version 3 (may also "
+                 "come from OS_PASSWORD)")
+            need(("os_username", "os_user_id"),
+                 "required for auth_version 3")
+            need(("os_project_name", "os_project_id"),
+                 "required for auth_version 3")
+            if o["os_project_name"] and not o["os_project_id"]:
+                need(("os_project_domain_name", "os_project_domain_id"),
+                     "required with os_project_name")
+        if o["os_username"] and not o["os_user_id"]:
+            need(("os_user_domain_name", "os_user_domain_id"),
+                 "required with os_username")
 
     def __repr__(self):
         return "<%s %s container=%s>" % (
@@ -419,26 +557,18 @@ class SwiftUploadCallback:
     # -- connection ----------------------------------------------------------
 
     def connection_kwargs(self):
-        """The keyword arguments for ``swiftclient.client.Connection``."""
+        """The keyword arguments for ``swiftclient.client.Connection``.
+
+        Keystone v3 goes through a keystoneauth1 session
+        (:func:`keystone_session`): swiftclient asks it for the token and
+        the ``object-store`` endpoint, and on a 401 to a request with a
+        token it invalidates it, gets a new token and sends the request
+        again (once per request).
+        """
         o = self.options
-        if o["auth_version"] == "1":
-            authurl, user, key = o["auth"], o["user"], o["key"]
-            os_options = {}
-        else:
-            authurl, user, key = (o["os_auth_url"], o["os_username"],
-                                  o["os_password"])
-            os_options = {
-                name: o["os_" + name] or None
-                for name in ("project_name", "project_id",
-                             "user_domain_name", "project_domain_name",
-                             "region_name")
-            }
-        return {
-            "authurl": authurl or None,
-            "user": user or None,
-            "key": key or None,
+        kwargs = {
             "auth_version": o["auth_version"],
-            "os_options": os_options,
+            "os_options": {},
             "preauthurl": o["os_storage_url"] or None,
             "preauthtoken": o["os_auth_token"] or None,
             "insecure": o["insecure"],
@@ -448,12 +578,35 @@ class SwiftUploadCallback:
             "starting_backoff": 1,
             "max_backoff": 16,
         }
+        if o["auth_version"] == "1":
+            kwargs.update(authurl=o["auth"] or None, user=o["user"] or None,
+                          key=o["key"] or None)
+        elif not (o["os_storage_url"] and o["os_auth_token"]):
+            kwargs["session"] = keystone_session(o)
+            kwargs["os_options"] = {
+                name: value for name, value in (
+                    ("region_name", o["os_region_name"]),
+                    ("service_type", o["os_service_type"]),
+                    ("endpoint_type", o["os_endpoint_type"]),
+                    ("object_storage_url", o["os_storage_url"])) if value}
+        return kwargs
 
     def _connection(self):
         if self._conn is None:
             _redact_swiftclient_logs()
             self._conn = _Connection(**self.connection_kwargs())
         return self._conn
+
+    @staticmethod
+    def _renew_token_if_expiring(conn):
+        """Forget a Keystone token that expires within
+        :data:`TOKEN_MARGIN`; swiftclient gets a new one at the next
+        request. (An expired one is also renewed on the 401 it gets.)"""
+        session = getattr(conn, "session", None)
+        auth_ref = getattr(getattr(session, "auth", None), "auth_ref", None)
+        if auth_ref is not None and auth_ref.will_expire_soon(TOKEN_MARGIN):
+            session.invalidate()
+            conn.url = conn.token = None
 
     def _drop_connection(self):
         conn, self._conn = self._conn, None
@@ -527,6 +680,7 @@ class SwiftUploadCallback:
                 content_type = self._content_type(f.fileno())
                 count = max(1, math.ceil(size / self.segment_size))
                 conn = self._connection()
+                self._renew_token_if_expiring(conn)
                 # both, so that the segment listing never meets a 404
                 self._ensure_container(conn, self.container)
                 self._ensure_container(conn, self.segment_container)
@@ -556,23 +710,26 @@ class SwiftUploadCallback:
         """What the operator must fix when retrying cannot fix ``exc``
         (credentials or rights refused, a name Swift refuses); None for
         a failure that may pass (network, 5xx, a checksum mismatch)."""
+        if isinstance(exc, ks_exceptions.EndpointNotFound):
+            return ("check [callback:swift] os_region_name, "
+                    "os_endpoint_type and os_service_type (no such endpoint "
+                    "in the Keystone catalog)")
+        if isinstance(exc, ks_exceptions.HttpError) and exc.http_status in (
+                400, 401, 403, 404):
+            # Keystone refused the credentials, or the scope
+            return self._credentials_hint()
         if not isinstance(exc, swift_exceptions.ClientException):
             return None
         status = exc.http_status
         # keystoneauth's 401 comes without a status (swiftclient rewords it)
         if status == 401 or (status is None and
                              str(exc.msg).startswith("Unauthorized")):
-            o = self.options
-            if o["os_storage_url"] and o["os_auth_token"]:
-                return "check [callback:swift] os_auth_token"
-            if o["auth_version"] == "1":
-                return "check [callback:swift] user and key"
-            return ("check [callback:swift] os_username, os_password and "
-                    "the project")
+            return self._credentials_hint()
         if status == 403:
-            return ("check that [callback:swift] user may write to "
-                    "containers %s and %s" % (self.container,
-                                              self.segment_container))
+            return ("check that the [callback:swift] user may write to "
+                    "containers %s and %s (with Keystone: an operator role "
+                    "of Swift's keystoneauth in the project)"
+                    % (self.container, self.segment_container))
         if status in _REFUSED:
             # /v1/<account>/<container>[/<object>]
             parts = (exc.http_path or "").strip("/").split("/", 3)
@@ -581,6 +738,18 @@ class SwiftUploadCallback:
             return ("check [callback:swift] object_prefix and segment_size "
                     "(Swift refuses the object's name or size)")
         return None
+
+    def _credentials_hint(self):
+        o = self.options
+        if o["os_storage_url"] and o["os_auth_token"]:
+            return "check [callback:swift] os_auth_token"
+        if o["auth_version"] == "1":
+            return "check [callback:swift] user and key"
+        if o["os_auth_type"] == "v3applicationcredential":
+            return ("check [callback:swift] os_application_credential_id "
+                    "(or _name) and os_application_credential_secret")
+        return ("check [callback:swift] os_username (or os_user_id), "
+                "os_password, the domains and the project")
 
     def _headers(self, filename, report):
         meta = {"Filename": os.path.basename(filename)}
@@ -627,6 +796,7 @@ class SwiftUploadCallback:
         :returns: its MD5 (hex), which is Swift's ETag for it.
         """
         response = {}
+        self._renew_token_if_expiring(conn)
         try:
             returned = conn.put_object(
                 container, obj, part, content_length=len(part),

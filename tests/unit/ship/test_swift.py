@@ -13,6 +13,8 @@ import time
 
 import pytest
 import requests
+from keystoneauth1 import exceptions as ks_exceptions
+from keystoneauth1.identity import v3 as identity_v3
 from swiftclient import client as swiftclient
 from swiftclient.exceptions import ClientException
 
@@ -31,7 +33,8 @@ V3 = {"os_auth_url": "https://keystone.example:5000/v3",
 @pytest.fixture(autouse=True)
 def _no_env(monkeypatch):
     for name in ("ST_KEY", "OS_PASSWORD", "ST_AUTH", "ST_USER",
-                 "OS_AUTH_URL", "OS_USERNAME", "OS_PROJECT_NAME"):
+                 "OS_AUTH_URL", "OS_USERNAME", "OS_PROJECT_NAME",
+                 "OS_APPLICATION_CREDENTIAL_SECRET"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -130,7 +133,12 @@ def test_secrets_from_environment(monkeypatch):
     v1 = swift.SwiftUploadCallback(auth=V1["auth"], user=V1["user"], key="")
     assert v1.connection_kwargs()["key"] == "from-env"
     v3 = swift.SwiftUploadCallback(**dict(V3, os_password=""))
-    assert v3.connection_kwargs()["key"] == "pw-from-env"
+    assert v3.options["os_password"] == "pw-from-env"
+    assert auth_plugin(v3).auth_methods[0].password == "pw-from-env"
+    monkeypatch.setenv("OS_APPLICATION_CREDENTIAL_SECRET", "ac-from-env")
+    app = swift.SwiftUploadCallback(**APP)
+    method = auth_plugin(app).auth_methods[0]
+    assert method.application_credential_secret == "ac-from-env"
     # an explicit value wins
     assert swift.SwiftUploadCallback(
         **V1).connection_kwargs()["key"] == "s3cret-key"
@@ -164,32 +172,213 @@ def test_mapping_v1():
                                                    "s3cret-key")
 
 
-def test_mapping_v3_reaches_keystone_auth(monkeypatch):
-    cb = swift.SwiftUploadCallback(**V3)
+def auth_plugin(cb):
+    """The keystoneauth1 plugin of the session the callback would use."""
+    kwargs = cb.connection_kwargs()
+    assert "authurl" not in kwargs and "key" not in kwargs
+    return kwargs["session"].auth
+
+
+def test_mapping_v3_names_to_a_keystoneauth_session():
+    cb = swift.SwiftUploadCallback(os_endpoint_type="internal", **V3)
     kwargs = cb.connection_kwargs()
     assert kwargs["auth_version"] == "3"
-    assert (kwargs["authurl"], kwargs["user"], kwargs["key"]) == (
-        V3["os_auth_url"], "shoebox", "s3cret-pw")
-    assert kwargs["os_options"] == {
-        "project_name": "archives", "project_id": None,
-        "user_domain_name": "Default", "project_domain_name": "Default",
-        "region_name": "DFW"}
-    seen = {}
+    assert kwargs["os_options"] == {"region_name": "DFW",
+                                    "endpoint_type": "internal"}
+    plugin = kwargs["session"].auth
+    assert isinstance(plugin, identity_v3.Password)
+    assert plugin.auth_url == V3["os_auth_url"]
+    method = plugin.auth_methods[0]
+    assert (method.username, method.password, method.user_domain_name,
+            method.user_id, method.user_domain_id) == (
+        "shoebox", "s3cret-pw", "Default", None, None)
+    assert (plugin.project_name, plugin.project_domain_name,
+            plugin.project_id, plugin.project_domain_id) == (
+        "archives", "Default", None, None)
+    conn = swift._Connection(**kwargs)  # accepted as they are
+    assert conn.session is kwargs["session"]
+    assert conn.os_options["region_name"] == "DFW"
 
-    def fake_keystone(auth_url, user, key, os_options, **kw):
-        seen.update(auth_url=auth_url, user=user, key=key,
-                    os_options=dict(os_options), **kw)
-        return "https://swift.example/v1/AUTH_p", "tok"
 
-    monkeypatch.setattr(swiftclient, "get_auth_keystone", fake_keystone)
-    conn = swiftclient.Connection(**kwargs)
-    assert conn.get_auth() == ("https://swift.example/v1/AUTH_p", "tok")
-    assert seen["auth_url"] == V3["os_auth_url"]
-    assert (seen["user"], seen["key"]) == ("shoebox", "s3cret-pw")
-    assert seen["auth_version"] == "3"
-    assert seen["os_options"]["project_name"] == "archives"
-    assert seen["os_options"]["user_domain_name"] == "Default"
-    assert seen["os_options"]["region_name"] == "DFW"
+def test_mapping_v3_ids():
+    cb = swift.SwiftUploadCallback(
+        os_auth_url=V3["os_auth_url"], os_user_id="u1", os_password="pw",
+        os_project_id="p1")
+    plugin = auth_plugin(cb)
+    method = plugin.auth_methods[0]
+    assert (method.user_id, method.username) == ("u1", None)
+    assert (plugin.project_id, plugin.project_name) == ("p1", None)
+    cb = swift.SwiftUploadCallback(**dict(
+        V3, os_user_domain_name="", os_user_domain_id="d1",
+        os_project_domain_name="", os_project_domain_id="d2"))
+    plugin = auth_plugin(cb)
+    assert plugin.auth_methods[0].user_domain_id == "d1"
+    assert plugin.project_domain_id == "d2"
+
+
+APP = {"os_auth_url": "https://keystone.example:5000/v3",
+       "os_auth_type": "v3applicationcredential",
+       "os_application_credential_id": "ac1"}
+
+
+def test_mapping_application_credential():
+    cb = swift.SwiftUploadCallback(
+        os_application_credential_secret="ac-s3cret", **APP)
+    plugin = auth_plugin(cb)
+    assert isinstance(plugin, identity_v3.ApplicationCredential)
+    method = plugin.auth_methods[0]
+    assert (method.application_credential_id,
+            method.application_credential_secret) == (
+        "ac1", "ac-s3cret")
+    by_name = swift.SwiftUploadCallback(
+        os_auth_url=APP["os_auth_url"],
+        os_auth_type="v3applicationcredential",
+        os_application_credential_name="shoebox-ac",
+        os_application_credential_secret="ac-s3cret", os_username="shoebox",
+        os_user_domain_name="Default")
+    method = auth_plugin(by_name).auth_methods[0]
+    assert (method.application_credential_name, method.username,
+            method.user_domain_name) == ("shoebox-ac", "shoebox", "Default")
+    assert "ac-s3cret" not in repr(cb) + repr(by_name)
+
+
+@pytest.mark.parametrize("options, named", [
+    (dict(V3, os_username=""), "os_username or os_user_id"),
+    (dict(V3, os_user_domain_name=""),
+     "os_user_domain_name or os_user_domain_id"),
+    (dict(V3, os_project_domain_name=""),
+     "os_project_domain_name or os_project_domain_id"),
+    (dict(V3, os_auth_url="", auth_version="3"), "os_auth_url"),
+    (dict(V3, os_auth_type="token"), "os_auth_type"),
+    (dict(APP), "os_application_credential_secret"),
+    (dict(APP, os_application_credential_id="",
+          os_application_credential_secret="s"),
+     "os_application_credential_id or os_application_credential_name"),
+    (dict(APP, os_application_credential_id="",
+          os_application_credential_name="n",
+          os_application_credential_secret="s"),
+     "os_user_id or os_username"),
+    (dict(APP, os_application_credential_secret="s",
+          os_project_name="archives"), "os_project_name"),
+])
+def test_bad_keystone_options_name_the_option(options, named):
+    with pytest.raises(ValueError, match=named) as info:
+        swift.SwiftUploadCallback(**options)
+    assert "\n" not in str(info.value)
+    assert "s3cret" not in str(info.value)
+
+
+class FakeSession:
+    """A keystoneauth1 session's token side: a new token after each
+    invalidate()."""
+
+    def __init__(self):
+        self.tokens = 0
+        self.current = None
+
+    def get_endpoint(self, **kwargs):
+        return "http://swift.example/v1/AUTH_p"
+
+    def get_token(self):
+        if self.current is None:
+            self.tokens += 1
+            self.current = "token-%d" % self.tokens
+        return self.current
+
+    def invalidate(self):
+        self.current = None
+        return True
+
+
+def test_expired_token_mid_slo_renewed_and_segment_resent(monkeypatch,
+                                                          tmp_path):
+    """A 401 to a segment PUT: swiftclient invalidates the session's token,
+    gets a new one and sends the segment again from its first byte; the
+    file is still hashed once, the upload completes and is verified."""
+    path = str(tmp_path / "a.events")
+    records = write_archive(path, count=40)
+    size = os.path.getsize(path)
+    session = FakeSession()
+    fake = FakeConnection()
+    sent = []
+    real_put = FakeConnection.put_object
+
+    def put_object(url, token, container, name, contents, **kwargs):
+        """swiftclient's module function, sending to the fake."""
+        for unused in ("http_conn", "service_token", "chunk_size"):
+            kwargs.pop(unused, None)
+        if isinstance(contents, str):  # the manifest
+            sent.append((name, token, len(contents)))
+        else:
+            assert contents.sent == 0  # sent from its first byte
+            body = contents.read(len(contents))
+            sent.append((name, token, len(body)))
+            if name.endswith("/00000001") and token == "token-1":
+                raise ClientException("Object PUT failed", http_status=401)
+            contents.reset()
+        return real_put(fake, container, name, contents, **kwargs)
+
+    monkeypatch.setattr(swiftclient, "put_object", put_object)
+
+    class Conn(swift._Connection):
+        """The real put_object (its _retry and re-auth), the fake's
+        other requests."""
+
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            for name in ("put_container", "post_object", "head_object",
+                         "get_container", "delete_object", "close"):
+                setattr(self, name, getattr(fake, name))
+
+    cb = swift.SwiftUploadCallback(segment_size=str(size // 3 + 1),
+                                   retries="0", **V3)
+    monkeypatch.setattr(swift, "_Connection", lambda **kw: Conn(
+        **dict(kw, session=session)))
+    monkeypatch.setattr(swift.time, "sleep", lambda s: None)
+    monkeypatch.setattr(swiftclient, "sleep", lambda s: None)
+    cb.on_close(path, report=report_of(path, records))
+    segments = [(n.rsplit("/", 1)[1], tok) for n, tok, _ in sent
+                if "/" in n]
+    assert segments == [("00000000", "token-1"), ("00000001", "token-1"),
+                        ("00000001", "token-2"), ("00000002", "token-2")]
+    assert sent[-1][1] == "token-2"  # the manifest
+    assert session.tokens == 2
+    with open(path, "rb") as f:
+        data = f.read()
+    body, headers, _ = fake.objects["shoebox", "a.events"]
+    assert body == data
+    assert headers["X-Object-Meta-Sha256"] == hashlib.sha256(
+        data).hexdigest()
+
+
+def test_token_about_to_expire_renewed_before_a_request():
+    class AuthRef:
+        def __init__(self, left):
+            self.left = left
+
+        def will_expire_soon(self, seconds):
+            return self.left < seconds
+
+    class Session:
+        invalidated = 0
+
+        def invalidate(self):
+            self.invalidated += 1
+
+    class Conn:
+        url, token = "http://s/v1/AUTH_p", "tok"
+
+    conn = Conn()
+    conn.session = Session()
+    conn.session.auth = type("Plugin", (), {})()
+    conn.session.auth.auth_ref = AuthRef(swift.TOKEN_MARGIN + 5)
+    swift.SwiftUploadCallback._renew_token_if_expiring(conn)
+    assert (conn.url, conn.token, conn.session.invalidated) == (
+        "http://s/v1/AUTH_p", "tok", 0)
+    conn.session.auth.auth_ref = AuthRef(swift.TOKEN_MARGIN - 1)
+    swift.SwiftUploadCallback._renew_token_if_expiring(conn)
+    assert (conn.url, conn.token, conn.session.invalidated) == (
+        None, None, 1)
 
 
 def test_mapping_preauth():
@@ -702,8 +891,9 @@ def test_describe_client_exception():
      "check [callback:swift] user and key"),
     ("put_object", ClientException("Object PUT failed", http_status=403,
                                    http_reason="Forbidden"),
-     "check that [callback:swift] user may write to containers shoebox "
-     "and shoebox_segments"),
+     "check that the [callback:swift] user may write to containers shoebox "
+     "and shoebox_segments (with Keystone: an operator role of Swift's "
+     "keystoneauth in the project)"),
     ("put_container", ClientException(
         "Container PUT failed", http_status=400, http_reason="Bad Request",
         http_path="/v1/AUTH_test/" + "c" * 300),
@@ -739,3 +929,35 @@ def test_errors_that_may_pass_are_not_permanent(monkeypatch, tmp_path,
     with pytest.raises(exceptions.UploadError) as info:
         cb.on_close(path, report=report_of(path, records))
     assert not info.value.permanent and info.value.hint is None
+
+
+@pytest.mark.parametrize("exc, hint", [
+    (ks_exceptions.Unauthorized("The request you have made requires "
+                                "authentication.", http_status=401),
+     "check [callback:swift] os_username (or os_user_id), os_password, "
+     "the domains and the project"),
+    (ks_exceptions.EndpointNotFound("no object-store"),
+     "check [callback:swift] os_region_name, os_endpoint_type and "
+     "os_service_type (no such endpoint in the Keystone catalog)"),
+])
+def test_keystone_refusals_are_permanent(monkeypatch, tmp_path, exc, hint):
+    path = str(tmp_path / "a.events")
+    records = write_archive(path)
+    monkeypatch.setattr(swift, "_Connection", lambda **kw: FakeConnection(
+        fail=("put_container", exc)))
+    cb = swift.SwiftUploadCallback(**V3)
+    with pytest.raises(exceptions.UploadError) as info:
+        cb.on_close(path, report=report_of(path, records))
+    assert info.value.permanent and info.value.hint == hint
+    assert "s3cret" not in str(info.value)
+
+
+def test_keystone_unreachable_may_pass(monkeypatch, tmp_path):
+    path = str(tmp_path / "a.events")
+    records = write_archive(path)
+    monkeypatch.setattr(swift, "_Connection", lambda **kw: FakeConnection(
+        fail=("put_container", ks_exceptions.ConnectFailure("refused"))))
+    cb = swift.SwiftUploadCallback(**V3)
+    with pytest.raises(exceptions.UploadError) as info:
+        cb.on_close(path, report=report_of(path, records))
+    assert not info.value.permanent
