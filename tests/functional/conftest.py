@@ -234,6 +234,7 @@ KEYSTONE_VARS = {
     "norole_username": "SHOEBOX_TEST_KS_NOROLE_USERNAME",
     "norole_password": "SHOEBOX_TEST_KS_NOROLE_PASSWORD",
     "token_expiration": "SHOEBOX_TEST_KS_TOKEN_EXPIRATION",
+    "swift_conf": "SHOEBOX_TEST_KS_SWIFT_CONF",
 }
 
 

@@ -1,9 +1,9 @@
 """scripts/keystone, and the Swift all-in-one's proxy validating its tokens.
 
 Needs the variables that scripts/keystone exports (``keystone`` fixture in
-conftest) and a Swift all-in-one started after them, with their
-SAIO_KEYSTONE_CONF: ./scripts/test does both.  Without them the tests skip,
-or fail when CI=true.
+conftest) and a Swift all-in-one started after them, with
+SAIO_KEYSTONE_CONF=$SHOEBOX_TEST_KS_SWIFT_CONF: ./scripts/test does both.
+Without them the tests skip, or fail when CI=true.
 
 The expired-token test waits for the lifetime of a token taken when the
 first test of this module starts (KEYSTONE_TOKEN_EXPIRATION, 60 s by
@@ -185,10 +185,8 @@ def test_an_expired_token_is_refused(keystone, early_token):
 
 
 def test_start_again_is_a_no_op_that_prints_the_same_env(keystone):
-    conf = os.environ.get('SAIO_KEYSTONE_CONF')
-    if not conf:
-        pytest.skip('SAIO_KEYSTONE_CONF not set')
-    env = dict(os.environ, KEYSTONE_DIR=os.path.dirname(conf))
+    env = dict(os.environ,
+               KEYSTONE_DIR=os.path.dirname(keystone.swift_conf))
     env.pop('KEYSTONE_PORT', None)
     result = subprocess.run([KEYSTONE, 'start'], env=env,
                             capture_output=True, text=True, timeout=120)

@@ -76,12 +76,10 @@ def test_object_roundtrip(conn):
 # -- ports --------------------------------------------------------------------
 
 def _saio_env(directory, **ports):
-    """The environment for scripts/swift-saio: its own SAIO_DIR, only the
-    SAIO_*_PORT variables given, and no Keystone (SAIO_KEYSTONE_CONF would
-    point the test Keystone's object-store endpoint at this instance)."""
+    """The environment for scripts/swift-saio: its own SAIO_DIR, and only
+    the SAIO_*_PORT variables given."""
     env = {k: v for k, v in os.environ.items()
-           if not re.fullmatch(r'SAIO_\w+_PORT', k)
-           and k != 'SAIO_KEYSTONE_CONF'}
+           if not re.fullmatch(r'SAIO_\w+_PORT', k)}
     env['SAIO_DIR'] = str(directory)
     for name, port in ports.items():
         env[f'SAIO_{name}_PORT'] = str(port)
