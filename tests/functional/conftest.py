@@ -5,6 +5,11 @@ subprocess against the RabbitMQ on 127.0.0.1:5672 (guest/guest) and the
 Redis on 127.0.0.1:6379. A server that does not answer skips the tests
 that need it, or fails them when ``CI=true``.
 
+The Keystone tests take the project's own Keystone (scripts/keystone) from
+the ``SHOEBOX_TEST_OS_*`` and ``SHOEBOX_TEST_KS_*`` variables it exports
+(``keystone`` fixture); when they are missing the tests skip, or fail when
+``CI=true``.
+
 Every test uses its own queue and exchange names (``names`` fixture) and
 deletes them at the end (``rabbit.track_queue``/``track_exchange``).
 """
@@ -203,6 +208,56 @@ def publish(url, count, exchange, routing_key, queue=None, seed=1,
                         declare_queue=queue, confirm=confirm)
     return [n["message_id"] for n in simulator.notifications(count,
                                                              seed=seed)]
+
+
+# -- Keystone ---------------------------------------------------------------
+
+#: What scripts/keystone exports (see its docstring), by field name.  No
+#: plain OS_* name: python-swiftclient reads those at import time.
+KEYSTONE_VARS = {
+    "auth_url": "SHOEBOX_TEST_OS_AUTH_URL",
+    "username": "SHOEBOX_TEST_OS_USERNAME",
+    "user_id": "SHOEBOX_TEST_OS_USER_ID",
+    "password": "SHOEBOX_TEST_OS_PASSWORD",
+    "project_name": "SHOEBOX_TEST_OS_PROJECT_NAME",
+    "project_id": "SHOEBOX_TEST_OS_PROJECT_ID",
+    "user_domain_name": "SHOEBOX_TEST_OS_USER_DOMAIN_NAME",
+    "user_domain_id": "SHOEBOX_TEST_OS_USER_DOMAIN_ID",
+    "project_domain_name": "SHOEBOX_TEST_OS_PROJECT_DOMAIN_NAME",
+    "project_domain_id": "SHOEBOX_TEST_OS_PROJECT_DOMAIN_ID",
+    "region_name": "SHOEBOX_TEST_OS_REGION_NAME",
+    "application_credential_name":
+        "SHOEBOX_TEST_OS_APPLICATION_CREDENTIAL_NAME",
+    "application_credential_id": "SHOEBOX_TEST_OS_APPLICATION_CREDENTIAL_ID",
+    "application_credential_secret":
+        "SHOEBOX_TEST_OS_APPLICATION_CREDENTIAL_SECRET",
+    "norole_username": "SHOEBOX_TEST_KS_NOROLE_USERNAME",
+    "norole_password": "SHOEBOX_TEST_KS_NOROLE_PASSWORD",
+    "token_expiration": "SHOEBOX_TEST_KS_TOKEN_EXPIRATION",
+    "swift_conf": "SHOEBOX_TEST_KS_SWIFT_CONF",
+}
+
+
+@pytest.fixture(scope="session")
+def keystone():
+    """The project's Keystone, as a namespace of the fields of
+    KEYSTONE_VARS (``token_expiration`` an int, in seconds); it answers.
+    Skips, or fails when CI=true, when a variable is missing or Keystone
+    does not answer."""
+    missing = [var for var in KEYSTONE_VARS.values()
+               if not os.environ.get(var)]
+    if missing:
+        unavailable("%s not set; run: env=\"$(scripts/keystone start)\" "
+                    "&& eval \"$env\"" % ", ".join(missing))
+    values = {field: os.environ[var] for field, var in KEYSTONE_VARS.items()}
+    values["token_expiration"] = int(values["token_expiration"])
+    import requests
+    try:
+        requests.get(values["auth_url"], timeout=10).raise_for_status()
+    except requests.RequestException as exc:
+        unavailable("Keystone not answering at %s: %s"
+                    % (values["auth_url"], exc))
+    return types.SimpleNamespace(**values)
 
 
 # -- configs ----------------------------------------------------------------
