@@ -20,11 +20,10 @@ from shoebox_worker import __version__
 from shoebox_worker import config as config_mod
 from shoebox_worker import exceptions
 from shoebox_worker import files
-from shoebox_worker.exceptions import EXIT_FAILURE
 from shoebox_worker.exceptions import EXIT_OK
 from shoebox_worker.exceptions import EXIT_USAGE
 
-__all__ = ["main", "describe", "check_working_directory"]
+__all__ = ["main", "check_working_directory"]
 
 LOG = logging.getLogger(__name__)
 
@@ -151,41 +150,6 @@ def build_parser():
     return parser
 
 
-def _broker_errors():
-    """The exception types of kombu, py-amqp and redis-py."""
-    import amqp.exceptions
-    import kombu.exceptions
-    errors = (kombu.exceptions.KombuError, amqp.exceptions.AMQPError)
-    try:
-        import redis.exceptions
-    except ImportError:  # pragma: no cover - redis is a dependency
-        return errors
-    return errors + (redis.exceptions.RedisError,)
-
-
-def describe(exc):
-    """The one line and the exit code for an error that stops a command.
-
-    :returns: ``(line, exit_code)``; the line names what failed and what to
-        do, without the ``shoebox-worker:`` prefix.
-    """
-    if isinstance(exc, exceptions.ConfigError):
-        return str(exc), EXIT_USAGE
-    if isinstance(exc, exceptions.ShoeboxError):
-        return str(exc), EXIT_FAILURE
-    if isinstance(exc, OSError) and exc.strerror:
-        where = "%s: " % exc.filename if exc.filename else ""
-        return ("%s%s (rerun with --debug to see what was being done)" % (
-            where, exc.strerror)), EXIT_FAILURE
-    if isinstance(exc, _broker_errors()):
-        return ("broker error: %s: %s; check the broker and [broker] url "
-                "(rerun with --debug for details)" % (
-                    type(exc).__name__, exc)), EXIT_FAILURE
-    return ("unexpected error: %s: %s; this is a bug: rerun with --debug "
-            "and report the traceback" % (type(exc).__name__, exc),
-            EXIT_FAILURE)
-
-
 def _logs_to_a_file():
     return any(isinstance(handler, logging.FileHandler)
                for handler in logging.getLogger().handlers)
@@ -204,7 +168,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
-        line, code = describe(exc)
+        line, code = exceptions.describe(exc)
         if args.debug:
             traceback.print_exc()
         if _logs_to_a_file():  # run with [logging] file: say it there too

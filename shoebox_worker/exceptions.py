@@ -22,6 +22,7 @@ __all__ = [
     "EXIT_OK",
     "EXIT_FAILURE",
     "EXIT_USAGE",
+    "describe",
 ]
 
 #: Exit codes of every command: success; an operational failure (a broker
@@ -161,3 +162,40 @@ class PermanentError(ShoeboxError):
         super().__init__(message)
         self.message = message
         self.hint = hint
+
+
+def _broker_errors():
+    """The exception types of kombu, py-amqp and redis-py."""
+    import amqp.exceptions
+    import kombu.exceptions
+    errors = (kombu.exceptions.KombuError, amqp.exceptions.AMQPError)
+    try:
+        import redis.exceptions
+    except ImportError:  # pragma: no cover - redis is a dependency
+        return errors
+    return errors + (redis.exceptions.RedisError,)
+
+
+def describe(exc):
+    """The one line and the exit code for an error that stops a command
+    (``cli.main``) or a supervised worker (``consume.runner.run_child``):
+    the one place errors are worded for the shell.
+
+    :returns: ``(line, exit_code)``; the line names what failed and what to
+        do, without the ``shoebox-worker:`` prefix.
+    """
+    if isinstance(exc, ConfigError):
+        return str(exc), EXIT_USAGE
+    if isinstance(exc, ShoeboxError):
+        return str(exc), EXIT_FAILURE
+    if isinstance(exc, OSError) and exc.strerror:
+        where = "%s: " % exc.filename if exc.filename else ""
+        return ("%s%s (rerun with --debug to see what was being done)" % (
+            where, exc.strerror)), EXIT_FAILURE
+    if isinstance(exc, _broker_errors()):
+        return ("broker error: %s: %s; check the broker and [broker] url "
+                "(rerun with --debug for details)" % (
+                    type(exc).__name__, exc)), EXIT_FAILURE
+    return ("unexpected error: %s: %s; this is a bug: rerun with --debug "
+            "and report the traceback" % (type(exc).__name__, exc),
+            EXIT_FAILURE)

@@ -15,6 +15,7 @@ import logging
 import signal
 
 from shoebox_worker import __version__
+from shoebox_worker import exceptions
 from shoebox_worker.consume import broker
 from shoebox_worker.consume import metrics
 from shoebox_worker.consume import worker as worker_mod
@@ -69,13 +70,13 @@ def run_worker(conf, plugins, idle_exit=None):
 
 def run_child(conf, plugins, idle_exit=None):
     """:func:`run_worker` in a supervised child: an error becomes one log
-    line and an exit code, as ``cli.main`` makes them (the traceback only
-    when logging at DEBUG, as ``--debug`` does)."""
+    line and an exit code, worded as ``cli.main`` words them
+    (:func:`~shoebox_worker.exceptions.describe`); the traceback only when
+    logging at DEBUG, as ``--debug`` does."""
     try:
         return run_worker(conf, plugins, idle_exit)
     except Exception as exc:
-        from shoebox_worker import cli  # the one place errors are worded
-        line, code = cli.describe(exc)
+        line, code = exceptions.describe(exc)
         LOG.error("worker stopped: %s", line,
                   exc_info=LOG.isEnabledFor(logging.DEBUG))
         return code
