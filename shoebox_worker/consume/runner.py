@@ -24,6 +24,12 @@ __all__ = ["run_worker", "run_child"]
 
 LOG = logging.getLogger(__name__)
 
+#: A supervised child's exit code when it stopped because of the broker (it
+#: could not be reached within ``[broker] connect_max_retries``, or refused
+#: something retrying will not fix): restarting the child would only repeat
+#: it, so the supervisor stops and exits 1 (see :mod:`.supervisor`).
+EXIT_BROKER = 3
+
 def run_worker(conf, plugins, idle_exit=None):
     """Run one worker process until it is told to stop.
 
@@ -79,4 +85,6 @@ def run_child(conf, plugins, idle_exit=None):
         line, code = exceptions.describe(exc)
         LOG.error("worker stopped: %s", line,
                   exc_info=LOG.isEnabledFor(logging.DEBUG))
+        if isinstance(exc, broker.BrokerError):
+            return EXIT_BROKER
         return code

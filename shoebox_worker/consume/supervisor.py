@@ -6,7 +6,10 @@ its own connection, archive and shipper; file names carry the child's pid,
 and file locks keep children from taking over each other's archives.
 
 The supervisor restarts a child that dies (with backoff), passes SIGTERM
-and SIGINT on, and exits 0 once every child has exited 0.
+and SIGINT on, and exits 0 once every child has exited 0. A child that
+stops for a reason a new one would meet again stops them all: a config
+mistake (exit 2), or a broker it gave up on (``runner.EXIT_BROKER``:
+``[broker] connect_max_retries`` ran out; the supervisor then exits 1).
 
 Under systemd (``Type=notify``, ``KillMode=mixed``, ``NotifyAccess=main``)
 the supervisor is the service's main process and the only one that talks
@@ -160,6 +163,14 @@ class Supervisor:
                     LOG.error("worker %d exited with a configuration "
                               "error; stopping", index)
                     code = 2
+                    self._stop_children()
+                    continue
+                if proc.exitcode == runner.EXIT_BROKER:
+                    # it gave up on the broker ([broker]
+                    # connect_max_retries): so would a new one
+                    LOG.error("worker %d gave up on the broker; stopping",
+                              index)
+                    code = code or 1
                     self._stop_children()
                     continue
                 if self.stopping:

@@ -320,6 +320,19 @@ def test_config_error_stops_everything_and_returns_2(make_run):
         run.indexes()[starts[1]["pid"]]) in run.log()
 
 
+def test_a_child_giving_up_on_the_broker_stops_everything(make_run):
+    """[broker] connect_max_retries ran out in one child: a new child would
+    only give up again, so the supervisor stops and exits 1."""
+    run = make_run(processes=2)
+    starts = run.wait_starts(2)
+    run.tell(starts[0]["pid"], "exit", runner.EXIT_BROKER)
+    assert run.join() == 1
+    assert run.starts() == starts     # not restarted
+    assert [e["pid"] for e in run.events("signal")] == [starts[1]["pid"]]
+    assert "worker %d gave up on the broker; stopping" % (
+        run.indexes()[starts[0]["pid"]]) in run.log()
+
+
 @pytest.mark.parametrize("on_term", ["1", "die"])
 def test_child_failing_while_stopping_returns_1(make_run, on_term):
     run = make_run(processes=2)
