@@ -23,6 +23,7 @@ __all__ = [
     "EXIT_FAILURE",
     "EXIT_USAGE",
     "describe",
+    "duration",
 ]
 
 #: Exit codes of every command: success; an operational failure (a broker
@@ -199,3 +200,13 @@ def describe(exc):
     return ("unexpected error: %s: %s; this is a bug: rerun with --debug "
             "and report the traceback" % (type(exc).__name__, exc),
             EXIT_FAILURE)
+
+
+def duration(seconds):
+    """How long something has been failing, as error lines say it:
+    ``45 s``, ``5 min``, ``3.2 h``."""
+    if seconds < 120:
+        return "%.0f s" % seconds
+    if seconds < 7200:
+        return "%.0f min" % (seconds / 60)
+    return "%.1f h" % (seconds / 3600)

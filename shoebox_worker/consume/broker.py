@@ -142,14 +142,6 @@ def permanent_advice(exc):
     return PERMANENT.get(reply_code(exc))
 
 
-def _duration(seconds):
-    if seconds < 90:
-        return "%.0f s" % seconds
-    if seconds < 90 * 60:
-        return "%.0f min" % (seconds / 60)
-    return "%.1f h" % (seconds / 3600)
-
-
 class Outage:
     """A run of broker failures, told once and then at a bounded rate.
 
@@ -205,7 +197,7 @@ class Outage:
             LOG.warning(W_FAILED, where, reason(exc), then)
         elif now >= self._next_report:
             LOG.warning(W_STILL, where, self.attempts,
-                        _duration(now - self.since), reason(exc))
+                        exceptions.duration(now - self.since), reason(exc))
         else:
             LOG.debug(W_FAILED, where, reason(exc), then)
             return
@@ -219,14 +211,14 @@ class Outage:
         if self.since is None:
             return False
         LOG.info(I_BACK, where, self.attempts,
-                 _duration(self._clock() - self.since))
+                 exceptions.duration(self._clock() - self.since))
         self.attempts, self.since, self.permanent = 0, None, False
         return True
 
     def gave_up(self, where, exc, retries):
         """The error to raise once ``connect_max_retries`` ran out."""
         attempts = self.attempts
-        duration = _duration(self._clock() - self.since) \
+        duration = exceptions.duration(self._clock() - self.since) \
             if self.since is not None else "0 s"
         return BrokerError(
             "cannot connect to the broker %s: %s (gave up after %d failed "

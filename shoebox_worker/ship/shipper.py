@@ -126,15 +126,6 @@ def _size(path):
         return 0
 
 
-def _duration(seconds):
-    """``45 s``, ``5 min``, ``3.2 h``."""
-    if seconds < 120:
-        return "%.0f s" % seconds
-    if seconds < 7200:
-        return "%.0f min" % (seconds / 60)
-    return "%.1f h" % (seconds / 3600)
-
-
 class _Episode:
     """The failures of one step, from its first to its next success."""
 
@@ -637,7 +628,7 @@ class Shipper:
             LOG.error(E_FAILED, exc, job.attempts, delay)
         elif due:
             LOG.error(E_STILL, name, episode.attempts,
-                      _duration(now - episode.started),
+                      exceptions.duration(now - episode.started),
                       len(episode.origins), exc)
         else:
             LOG.debug(E_FAILED, exc, job.attempts, delay)
@@ -659,7 +650,7 @@ class Shipper:
                     healed = self._episodes.pop(name)
         if healed is not None:
             LOG.info(I_HEALED, name, healed.attempts,
-                     _duration(time.monotonic() - healed.started))
+                     exceptions.duration(time.monotonic() - healed.started))
         if was_failing:
             self._report_failing()
 
