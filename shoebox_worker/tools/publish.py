@@ -33,6 +33,7 @@ from kombu import Producer
 from kombu import Queue
 
 from shoebox_worker import config
+from shoebox_worker.consume import broker
 from shoebox_worker.consume import envelope
 from shoebox_worker.exceptions import EXIT_OK
 from shoebox_worker.tools import ToolError
@@ -73,11 +74,14 @@ def broker_errors(conn=None):
 #: What to check when the broker refuses with an AMQP reply code that
 #: retrying cannot fix (the default hints; a command may give its own).
 PERMANENT_HINTS = {
-    403: "check the user's permissions on the vhost",
-    404: "check the exchange name and the vhost",
-    406: "it exists with other settings: match them or use another name",
-    530: "check the vhost in the URL and the user's access to it",
+    broker.ACCESS_REFUSED: "check the user's permissions on the vhost",
+    broker.NOT_FOUND: "check the exchange name and the vhost",
+    broker.PRECONDITION_FAILED: "it exists with other settings: match them "
+                                "or use another name",
+    broker.NOT_ALLOWED: "check the vhost in the URL and the user's access "
+                        "to it",
 }
+
 #: The hint for a refused login (a 403 at connection time).
 LOGIN_HINT = "check the user name and password in the URL"
 #: The hint for a broker that cannot be reached (which may heal).
@@ -90,7 +94,7 @@ def is_permanent(err):
     refused, 404 not found, 406 precondition failed, 530 not allowed),
     as opposed to a broker that is down or a connection that drops."""
     return (isinstance(err, amqp.exceptions.AMQPError)
-            and getattr(err, "code", None) in PERMANENT_HINTS)
+            and broker.reply_code(err) in broker.PERMANENT)
 
 
 def broker_error(url, err, hints=None):
@@ -103,8 +107,8 @@ def broker_error(url, err, hints=None):
     """
     text = " ".join(str(err).split()) or type(err).__name__
     if is_permanent(err):
-        code = err.code
-        if code == 403 and "Login was refused" in text:
+        code = broker.reply_code(err)
+        if code == broker.ACCESS_REFUSED and "Login was refused" in text:
             hint = LOGIN_HINT
         else:
             hint = {**PERMANENT_HINTS, **(hints or {})}[code]
@@ -346,9 +350,10 @@ def publish(url: str, count: int, *, exchange: str = "nova",
 
 #: What ``replay`` says to check when the broker refuses for good.
 REPLAY_HINTS = {
-    404: "check --exchange (replay publishes only to an existing "
-         "exchange) and the vhost of [broker] url",
-    403: "check the permissions of [broker] url's user on the vhost",
+    broker.NOT_FOUND: "check --exchange (replay publishes only to an "
+                      "existing exchange) and the vhost of [broker] url",
+    broker.ACCESS_REFUSED: "check the permissions of [broker] url's user on "
+                           "the vhost",
 }
 
 
@@ -434,10 +439,12 @@ def _envelope(metadata, payload):
 
 #: What ``generate`` says to check when the broker refuses for good.
 GENERATE_HINTS = {
-    404: "check --exchange and the vhost in --url (generate declares any "
-         "exchange but a reserved amq.* one, which must exist)",
-    406: "the exchange (or --queue) exists with other settings: match "
-         "them (--durable) or use another name",
+    broker.NOT_FOUND: "check --exchange and the vhost in --url (generate "
+                      "declares any exchange but a reserved amq.* one, which "
+                      "must exist)",
+    broker.PRECONDITION_FAILED: "the exchange (or --queue) exists with other "
+                                "settings: match them (--durable) or use "
+                                "another name",
 }
 
 
