@@ -34,8 +34,7 @@ from collections.abc import Callable
 from collections.abc import Iterator
 from collections.abc import Mapping
 
-from kombu.transport import TRANSPORT_ALIASES
-
+from shoebox_worker import broker_url
 from shoebox_worker import options
 from shoebox_worker.exceptions import ConfigError
 from shoebox_worker.options import OptionError
@@ -64,13 +63,12 @@ RESERVED_METADATA = (
 )
 
 #: Shown instead of a secret.
-MASK = "***"
+MASK = broker_url.MASK
 
 _ENV_REF = re.compile(r"\$\{([^}]*)\}")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _PLUGIN_NAME = re.compile(r"[A-Za-z0-9_.\-]+\Z")
 _SECRET_KEY = re.compile(r"pass|secret|token|credential|(^|_)key\Z")
-_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*)://")
 
 
 # -- parsers of this file's own kinds of value (the common kinds, numbers,
@@ -119,29 +117,9 @@ def _static_metadata(raw):
 
 
 def _url(raw):
-    urls = [part.strip() for part in raw.split(";") if part.strip()]
-    if not urls:
-        raise OptionError("must not be empty")
-    for number, url in enumerate(urls, 1):
-        where = " (URL %d)" % number if len(urls) > 1 else ""
-        scheme = _SCHEME.match(url)
-        if not scheme:
-            raise OptionError("expected a URL like amqp://user:password@"
-                              "host:5672//, got %r%s"
-                              % (redact_url(url), where))
-        transport = scheme.group(1).split("+")[0]
-        if transport not in TRANSPORT_ALIASES:
-            raise OptionError("unknown transport %r%s%s" % (
-                transport, where,
-                did_you_mean(transport, sorted(TRANSPORT_ALIASES))))
-        if any(char.isspace() for char in url):
-            raise OptionError("a URL may not contain spaces, got %r%s"
-                              % (redact_url(url), where))
-        netloc = url[scheme.end():].partition("/")[0]
-        port = netloc.rpartition("@")[2].rpartition("]")[2]
-        if ":" in port and not port.rpartition(":")[2].isdigit():
-            raise OptionError("bad port in %r%s" % (redact_url(url), where))
-    return ";".join(urls)
+    """The URL(s) as written, checked (see :mod:`.broker_url`)."""
+    broker_url.parse(raw)  # BrokerConfig.urls parses it again when used
+    return ";".join(broker_url.split(raw))
 
 
 def _filename_template(raw):
@@ -266,22 +244,9 @@ _PLACEHOLDERS = {"consumer": "QUEUE", "roll_checker": "NAME",
 # -- the result -------------------------------------------------------------
 
 def redact_url(url):
-    """``url`` with the password of every ``;``-separated URL masked."""
-    return ";".join(_redact_one(part) for part in url.split(";"))
-
-
-def _redact_one(url):
-    scheme = _SCHEME.match(url)
-    if not scheme:
-        return url
-    rest = url[scheme.end():]
-    slash = rest.find("/")
-    netloc, path = (rest, "") if slash < 0 else (rest[:slash], rest[slash:])
-    userinfo, at, host = netloc.rpartition("@")
-    if not at or ":" not in userinfo:
-        return url
-    user = userinfo.partition(":")[0]
-    return "%s%s:%s@%s%s" % (scheme.group(0), user, MASK, host, path)
+    """``url`` with the password of every ``;``-separated URL masked (see
+    :func:`shoebox_worker.broker_url.redact`)."""
+    return broker_url.redact(url)
 
 
 def _defaults_from(table):
@@ -355,8 +320,9 @@ class BrokerConfig:
 
     @property
     def urls(self):
-        """The failover URLs, in order."""
-        return tuple(self.url.split(";"))
+        """The failover URLs, in order, parsed: a tuple of
+        :class:`~shoebox_worker.broker_url.BrokerURL`."""
+        return broker_url.parse(self.url)
 
     def redacted_url(self):
         """The URL(s) with passwords masked, for logs."""
