@@ -203,6 +203,8 @@ ARCHIVE_OPTIONS = _table(
     Option("retry_initial", options.number(minimum=0, exclusive=True),
            "1.0"),
     Option("retry_max", options.number(minimum=0, exclusive=True), "300"),
+    Option("file_mode", options.mode(), "0600"),
+    Option("dir_mode", options.mode(), "0700"),
 )
 
 WORKER_OPTIONS = _table(
@@ -376,6 +378,17 @@ class ArchiveConfig:
     max_backlog_mb: float
     retry_initial: float
     retry_max: float
+    #: Permission bits of the files the worker creates...
+    file_mode: int
+    #: ...and of its folders; :attr:`umask` gives both.
+    dir_mode: int
+
+    @property
+    def umask(self):
+        """The process umask that makes files created with mode 0666
+        ``file_mode`` and folders created with 0777 ``dir_mode`` (which
+        :func:`load` checks that one umask can do)."""
+        return 0o777 & ~self.dir_mode
 
     def template_for(self, worker_id):
         """The strftime template with ``{worker_id}`` filled in.
@@ -554,6 +567,24 @@ def _plugin_options(parser, section, path, environ):
     return PluginOptions(values, from_env)
 
 
+def _check_modes(archive, path):
+    """One umask gives both modes (see :attr:`ArchiveConfig.umask`): the
+    files' must be the folders' without the x bits, and the worker must be
+    able to use what it creates."""
+    if archive.dir_mode & 0o700 != 0o700:
+        raise ConfigError("expected a mode with 0700 (the worker reads, "
+                          "writes and enters its folders), got %04o"
+                          % archive.dir_mode, path, "archive", "dir_mode")
+    expected = archive.dir_mode & 0o666
+    if archive.file_mode != expected:
+        raise ConfigError(
+            "expected %04o (dir_mode %04o without its x bits: the worker "
+            "sets one umask for both), got %04o; to open the archives to a "
+            "group, set both, e.g. file_mode = 0640 and dir_mode = 0750"
+            % (expected, archive.dir_mode, archive.file_mode),
+            path, "archive", "file_mode")
+
+
 def load(path, environ=None):
     """Read and check a configuration file.
 
@@ -611,6 +642,7 @@ def load(path, environ=None):
                 archive.fsync_every, archive.fsync_every * 2,
                 broker.prefetch_count),
             path, "archive", "fsync_every")
+    _check_modes(archive, path)
     if archive.retry_max < archive.retry_initial:
         raise ConfigError("expected a number >= retry_initial (%g), got %g"
                           % (archive.retry_initial, archive.retry_max),
