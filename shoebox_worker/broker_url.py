@@ -136,6 +136,10 @@ def _check_location(url, shown):
     if any(char.isspace() for char in url.location):
         raise OptionError("a URL may not contain spaces outside the "
                           "password, got %r" % shown)
+    if ";" in url.location:
+        raise OptionError("a ';' after the host in %r: between failover "
+                          "URLs, ';' must be followed by the next URL's "
+                          "transport://" % shown)
     masked = _masked_port(url.location)
     if masked is not None:
         if url.password is None:  # the port may be a password, '@' missing

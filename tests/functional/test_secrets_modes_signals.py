@@ -24,7 +24,7 @@ import uuid
 
 import pytest
 
-from shoebox_worker import files
+from shoebox_worker import files as files_mod
 from shoebox_worker.tools import publish as publish_mod
 
 WORKER = os.path.join(os.path.dirname(os.sys.executable), "shoebox-worker")
@@ -248,7 +248,7 @@ def test_everything_the_worker_creates_has_the_modes_under_umask_022(
     # the working directory's write probe: empty, mkstemp's 0600, removed
     # at once
     seen = {path: mode for path, mode in seen.items() if not
-            os.path.basename(path).startswith(files.PROBE_PREFIX)}
+            os.path.basename(path).startswith(files_mod.PROBE_PREFIX)}
     wrong = {path: oct(stat.S_IMODE(mode)) for path, mode in seen.items()
              if stat.S_IMODE(mode) != (dir_mode if stat.S_ISDIR(mode)
                                        else file_mode)}

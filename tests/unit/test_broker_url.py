@@ -85,6 +85,9 @@ def test_make_connection_reads_such_a_password_from_the_config(tmp_path):
     ("amqp://u:s3cr;amqp://h//", "bad port in 'amqp://u:***' (URL 1)"),
     ("u:s3cr/et@h", "expected a URL like amqp://user:password@host:5672//,"
                     " got 'u:***@h'"),
+    ("amqp://u:s3cr/et@h1//;h2//", "a ';' after the host in "
+     "'amqp://u:***@h1//;h2//': between failover URLs, ';' must be "
+     "followed by the next URL's transport://"),
     ("", "must not be empty"),
 ])
 def test_errors_never_show_the_password(text, message):
