@@ -20,7 +20,11 @@ options are handed as strings to the plugin's constructor by
 Values may contain ``${NAME}`` references to environment variables (for
 secrets such as the broker password or the Swift key). Neither the broker
 URL nor a plugin option that looks secret appears in ``repr()``; log the
-broker with :meth:`BrokerConfig.redacted_url`.
+broker with :meth:`BrokerConfig.redacted_url`. How a broker URL is read
+(any character in its password) is :mod:`shoebox_worker.broker_url`'s.
+``[archive] file_mode`` and ``dir_mode`` must be what one umask gives
+(:attr:`ArchiveConfig.umask`, which ``cli`` sets before anything is
+created).
 """
 
 import configparser

@@ -169,6 +169,18 @@ def test_a_password_of_special_characters_archives_generates_and_replays(
     run = ft.run_worker(config, idle_exit=1.5, timeout=60)
     assert run.returncode == 0, run.log_tail()
     assert len(ft.read_archives(tmp_path / "archive")) == 36
+    # a wrong password of such characters: refused, in one line without it
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    config = _config(ft, wrong, url.replace("vxjy", "vxjy;#x"), names,
+                     names, broker={"connect_max_retries": 0},
+                     logging={"level": "DEBUG", "file": wrong / "w.log"})
+    refused = subprocess.run([WORKER, "--debug", "run", "--config", config],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2, refused.stderr
+    assert "refused the connection" in refused.stderr
+    _no_secret(refused.stdout, refused.stderr,
+               (wrong / "w.log").read_text())
 
 
 # -- file modes ---------------------------------------------------------------
