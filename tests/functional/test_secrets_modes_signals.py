@@ -89,17 +89,17 @@ def test_passwords_never_shown_by_check_config_or_a_run_that_cannot_connect(
                          broker={"connect_max_retries": 1,
                                  "connect_timeout": 1},
                          logging={"level": "DEBUG", "file": log})
-        checked = subprocess.run([WORKER, "check-config", "--config", config],
-                                 capture_output=True, text=True, timeout=60)
-        assert checked.returncode == 0, (written, checked.stderr)
-        _no_secret(checked.stdout, checked.stderr)
-        runs.append((written, log, subprocess.Popen(
-            [WORKER, "--debug", "run", "--config", config],
+        runs.append((written, log, *(subprocess.Popen(
+            [WORKER, *argv, "--config", config],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            stdin=subprocess.DEVNULL)))
-    for written, log, proc in runs:
-        out, err = proc.communicate(timeout=90)
-        assert proc.returncode == 1, (written, err)
+            stdin=subprocess.DEVNULL)
+            for argv in (["check-config"], ["--debug", "run"]))))
+    for written, log, checked, run in runs:
+        out, err = checked.communicate(timeout=90)
+        assert checked.returncode == 0, (written, err)
+        _no_secret(out, err)
+        out, err = run.communicate(timeout=90)
+        assert run.returncode == 1, (written, err)
         assert "cannot connect to the broker amqp://shoebox:" in err, err
         assert "Connection refused" in log.read_text(), written
         _no_secret(out, err, log.read_text())
@@ -111,13 +111,27 @@ def broker_user(ft, rabbit_available):
     character as it is, on a vhost of its own; both removed at the end."""
     name = "shoebox-ft-%s" % uuid.uuid4().hex[:10]
     password = "kqzw/#@%;?:vxjy"
-    for argv in (("add_vhost", name), ("add_user", name, password),
-                 ("set_permissions", "-p", name, name, ".*", ".*", ".*")):
-        result = ft.rabbitmqctl(*argv)
+    # each rabbitmqctl starts an Erlang VM (seconds): two at a time
+    for result in _rabbitmqctl_together(("add_vhost", name),
+                                        ("add_user", name, password)):
         assert result.returncode == 0, result.stderr
+    result = ft.rabbitmqctl("set_permissions", "-p", name, name, ".*", ".*",
+                            ".*")
+    assert result.returncode == 0, result.stderr
     yield name, password
-    ft.rabbitmqctl("delete_user", name)
-    ft.rabbitmqctl("delete_vhost", name)
+    _rabbitmqctl_together(("delete_user", name), ("delete_vhost", name))
+
+
+def _rabbitmqctl_together(*commands):
+    procs = [subprocess.Popen(["rabbitmqctl", *argv], text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for argv in commands]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=60)
+        results.append(subprocess.CompletedProcess(proc.args,
+                                                   proc.returncode, out, err))
+    return results
 
 
 def _not_on_the_command_line(argv, env=None):
