@@ -18,7 +18,13 @@ rules that make that unambiguous:
   ``%2541``); any other ``%`` is the character itself;
 - a ``;`` starts the next URL only when the next URL's ``transport://``
   follows it (spaces between are allowed); any other ``;`` is part of
-  the password. ``%3B`` is a ``;`` in every case.
+  the password, and refused after the host. So a password holding ``;``
+  followed by ``name://`` must write that ``;`` as ``%3B`` (which is a
+  ``;`` in every case).
+
+A URL without ``@`` has no password; but what follows its ``host:`` is
+masked in messages when it is not a port number (it may be a password
+whose ``@`` is missing).
 
 kombu splits on every ``;`` and reads the rest with ``urllib``, where ``/``,
 ``#`` and ``?`` end the host and the port: a password holding one was read
