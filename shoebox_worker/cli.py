@@ -76,9 +76,15 @@ def _load(path):
     """The config and its plugins, built once (building them checks their
     names and options), after checking the working directory.
 
+    Sets the process umask from ``[archive] file_mode`` and ``dir_mode``
+    first, before anything is created (the working directory, the log
+    file, a plugin's folder): every file and folder the worker creates
+    gets those modes, in a supervised child too (fork keeps the umask).
+
     :returns: ``(conf, (roll_checker, [(name, callback), ...]))``.
     """
     conf = config_mod.load(path)
+    os.umask(conf.archive.umask)
     from shoebox_worker import plugins
     built = plugins.build(conf)
     check_working_directory(conf)

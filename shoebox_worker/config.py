@@ -20,7 +20,11 @@ options are handed as strings to the plugin's constructor by
 Values may contain ``${NAME}`` references to environment variables (for
 secrets such as the broker password or the Swift key). Neither the broker
 URL nor a plugin option that looks secret appears in ``repr()``; log the
-broker with :meth:`BrokerConfig.redacted_url`.
+broker with :meth:`BrokerConfig.redacted_url`. How a broker URL is read
+(any character in its password) is :mod:`shoebox_worker.broker_url`'s.
+``[archive] file_mode`` and ``dir_mode`` must be what one umask gives
+(:attr:`ArchiveConfig.umask`, which ``cli`` sets before anything is
+created).
 """
 
 import configparser
@@ -34,8 +38,7 @@ from collections.abc import Callable
 from collections.abc import Iterator
 from collections.abc import Mapping
 
-from kombu.transport import TRANSPORT_ALIASES
-
+from shoebox_worker import broker_url
 from shoebox_worker import options
 from shoebox_worker.exceptions import ConfigError
 from shoebox_worker.options import OptionError
@@ -64,13 +67,12 @@ RESERVED_METADATA = (
 )
 
 #: Shown instead of a secret.
-MASK = "***"
+MASK = broker_url.MASK
 
 _ENV_REF = re.compile(r"\$\{([^}]*)\}")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _PLUGIN_NAME = re.compile(r"[A-Za-z0-9_.\-]+\Z")
 _SECRET_KEY = re.compile(r"pass|secret|token|credential|(^|_)key\Z")
-_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*)://")
 
 
 # -- parsers of this file's own kinds of value (the common kinds, numbers,
@@ -119,29 +121,9 @@ def _static_metadata(raw):
 
 
 def _url(raw):
-    urls = [part.strip() for part in raw.split(";") if part.strip()]
-    if not urls:
-        raise OptionError("must not be empty")
-    for number, url in enumerate(urls, 1):
-        where = " (URL %d)" % number if len(urls) > 1 else ""
-        scheme = _SCHEME.match(url)
-        if not scheme:
-            raise OptionError("expected a URL like amqp://user:password@"
-                              "host:5672//, got %r%s"
-                              % (redact_url(url), where))
-        transport = scheme.group(1).split("+")[0]
-        if transport not in TRANSPORT_ALIASES:
-            raise OptionError("unknown transport %r%s%s" % (
-                transport, where,
-                did_you_mean(transport, sorted(TRANSPORT_ALIASES))))
-        if any(char.isspace() for char in url):
-            raise OptionError("a URL may not contain spaces, got %r%s"
-                              % (redact_url(url), where))
-        netloc = url[scheme.end():].partition("/")[0]
-        port = netloc.rpartition("@")[2].rpartition("]")[2]
-        if ":" in port and not port.rpartition(":")[2].isdigit():
-            raise OptionError("bad port in %r%s" % (redact_url(url), where))
-    return ";".join(urls)
+    """The URL(s) as written, checked (see :mod:`.broker_url`)."""
+    broker_url.parse(raw)  # BrokerConfig.urls parses it again when used
+    return ";".join(broker_url.split(raw))
 
 
 def _filename_template(raw):
@@ -225,6 +207,8 @@ ARCHIVE_OPTIONS = _table(
     Option("retry_initial", options.number(minimum=0, exclusive=True),
            "1.0"),
     Option("retry_max", options.number(minimum=0, exclusive=True), "300"),
+    Option("file_mode", options.mode(), "0600"),
+    Option("dir_mode", options.mode(), "0700"),
 )
 
 WORKER_OPTIONS = _table(
@@ -266,22 +250,9 @@ _PLACEHOLDERS = {"consumer": "QUEUE", "roll_checker": "NAME",
 # -- the result -------------------------------------------------------------
 
 def redact_url(url):
-    """``url`` with the password of every ``;``-separated URL masked."""
-    return ";".join(_redact_one(part) for part in url.split(";"))
-
-
-def _redact_one(url):
-    scheme = _SCHEME.match(url)
-    if not scheme:
-        return url
-    rest = url[scheme.end():]
-    slash = rest.find("/")
-    netloc, path = (rest, "") if slash < 0 else (rest[:slash], rest[slash:])
-    userinfo, at, host = netloc.rpartition("@")
-    if not at or ":" not in userinfo:
-        return url
-    user = userinfo.partition(":")[0]
-    return "%s%s:%s@%s%s" % (scheme.group(0), user, MASK, host, path)
+    """``url`` with the password of every ``;``-separated URL masked (see
+    :func:`shoebox_worker.broker_url.redact`)."""
+    return broker_url.redact(url)
 
 
 def _defaults_from(table):
@@ -355,8 +326,9 @@ class BrokerConfig:
 
     @property
     def urls(self):
-        """The failover URLs, in order."""
-        return tuple(self.url.split(";"))
+        """The failover URLs, in order, parsed: a tuple of
+        :class:`~shoebox_worker.broker_url.BrokerURL`."""
+        return broker_url.parse(self.url)
 
     def redacted_url(self):
         """The URL(s) with passwords masked, for logs."""
@@ -410,6 +382,17 @@ class ArchiveConfig:
     max_backlog_mb: float
     retry_initial: float
     retry_max: float
+    #: Permission bits of the files the worker creates...
+    file_mode: int
+    #: ...and of its folders; :attr:`umask` gives both.
+    dir_mode: int
+
+    @property
+    def umask(self):
+        """The process umask that makes files created with mode 0666
+        ``file_mode`` and folders created with 0777 ``dir_mode`` (which
+        :func:`load` checks that one umask can do)."""
+        return 0o777 & ~self.dir_mode
 
     def template_for(self, worker_id):
         """The strftime template with ``{worker_id}`` filled in.
@@ -588,6 +571,24 @@ def _plugin_options(parser, section, path, environ):
     return PluginOptions(values, from_env)
 
 
+def _check_modes(archive, path):
+    """One umask gives both modes (see :attr:`ArchiveConfig.umask`): the
+    files' must be the folders' without the x bits, and the worker must be
+    able to use what it creates."""
+    if archive.dir_mode & 0o700 != 0o700:
+        raise ConfigError("expected a mode with 0700 (the worker reads, "
+                          "writes and enters its folders), got %04o"
+                          % archive.dir_mode, path, "archive", "dir_mode")
+    expected = archive.dir_mode & 0o666
+    if archive.file_mode != expected:
+        raise ConfigError(
+            "expected %04o (dir_mode %04o without its x bits: the worker "
+            "sets one umask for both), got %04o; to open the archives to a "
+            "group, set both, e.g. file_mode = 0640 and dir_mode = 0750"
+            % (expected, archive.dir_mode, archive.file_mode),
+            path, "archive", "file_mode")
+
+
 def load(path, environ=None):
     """Read and check a configuration file.
 
@@ -645,6 +646,7 @@ def load(path, environ=None):
                 archive.fsync_every, archive.fsync_every * 2,
                 broker.prefetch_count),
             path, "archive", "fsync_every")
+    _check_modes(archive, path)
     if archive.retry_max < archive.retry_initial:
         raise ConfigError("expected a number >= retry_initial (%g), got %g"
                           % (archive.retry_initial, archive.retry_max),

@@ -40,6 +40,7 @@ __all__ = [
     "integer",
     "integer_in",
     "items",
+    "mode",
     "name",
     "names",
     "number",
@@ -248,6 +249,25 @@ def choice(*choices, upper=False):
         raise OptionError("expected one of %s, got %r%s" % (
             ", ".join(choices), value, did_you_mean(word, choices)))
     return parse
+
+
+_MODE = re.compile(r"(?:0o?)?([0-7]{1,4})\Z", re.IGNORECASE)
+
+
+def mode(empty=_REFUSED):
+    """File permission bits, in octal: ``0640``, ``640`` or ``0o640``
+    (from 0 to 0777: no setuid, setgid or sticky bit)."""
+    def parse(value):
+        if _is_int(value):
+            result = value
+        else:
+            match = _MODE.match(_stripped(value))
+            result = int(match.group(1), 8) if match else None
+        if result is None or not 0 <= result <= 0o777:
+            raise OptionError("expected permission bits in octal, from 0000 "
+                              "to 0777 (e.g. 0640), got %r" % (value,))
+        return result
+    return _optional(parse, empty)
 
 
 def text(empty=_REFUSED):

@@ -37,6 +37,7 @@ import kombu.exceptions
 from kombu import mixins
 from kombu.utils.objects import cached_property
 
+from shoebox_worker import broker_url
 from shoebox_worker import exceptions
 from shoebox_worker.consume import notify
 
@@ -94,9 +95,14 @@ class StopRequested(exceptions.ShoeboxError):
 
 
 def make_connection(broker):
-    """A kombu Connection from ``[broker]`` (failover URLs, heartbeat)."""
+    """A kombu Connection from ``[broker]`` (failover URLs, heartbeat).
+
+    kombu gets the URLs as :func:`~shoebox_worker.broker_url.
+    kombu_hostname` encodes them, so that any character in a password
+    reaches the broker as written.
+    """
     return kombu.Connection(
-        broker.url,
+        broker_url.kombu_hostname(broker.urls),
         heartbeat=broker.heartbeat or None,
         connect_timeout=broker.connect_timeout,
         failover_strategy=broker.failover_strategy,

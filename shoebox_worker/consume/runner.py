@@ -18,6 +18,7 @@ from shoebox_worker import __version__
 from shoebox_worker import exceptions
 from shoebox_worker.consume import broker
 from shoebox_worker.consume import metrics
+from shoebox_worker.consume import signals
 from shoebox_worker.consume import worker as worker_mod
 
 __all__ = ["run_worker", "run_child"]
@@ -46,8 +47,15 @@ def run_worker(conf, plugins, idle_exit=None):
                                callbacks=callbacks, idle_exit=idle_exit)
 
     def on_signal(signum, frame):
-        LOG.info("got %s: stopping", signal.Signals(signum).name)
-        worker.stop()
+        name = signal.Signals(signum).name
+        if not worker.stop():
+            LOG.info("got %s again within %.0f s: the same stop", name,
+                     signals.REPEAT)
+        elif worker.stopping == worker_mod.STOP_INTERRUPTED:
+            LOG.info("got %s again: stopping now, shipping left to the "
+                     "next start", name)
+        else:
+            LOG.info("got %s: stopping", name)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)

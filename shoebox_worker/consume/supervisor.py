@@ -6,7 +6,9 @@ its own connection, archive and shipper; file names carry the child's pid,
 and file locks keep children from taking over each other's archives.
 
 The supervisor restarts a child that dies (with backoff), passes SIGTERM
-and SIGINT on, and exits 0 once every child has exited 0. A child that
+and SIGINT on (as SIGTERM; a repeat within a second is not passed on, and
+a child counts the one the terminal sent it and the one passed on as one:
+see :mod:`.signals`), and exits 0 once every child has exited 0. A child that
 stops for a reason a new one would meet again stops them all: a config
 mistake (exit 2), or a broker it gave up on (``runner.EXIT_BROKER``:
 ``[broker] connect_max_retries`` ran out; the supervisor then exits 1).
@@ -33,6 +35,7 @@ import time
 
 from shoebox_worker.consume import notify
 from shoebox_worker.consume import runner
+from shoebox_worker.consume import signals
 
 __all__ = ["Supervisor"]
 
@@ -81,6 +84,8 @@ class Supervisor:
         self.delays = {}        # index -> next restart delay
         self.restart_at = {}    # index -> monotonic time
         self._signal = None     # the stop signal received, not yet logged
+        #: SIGTERM/SIGINT counted (a repeat within a second is one)
+        self.stop_signals = signals.StopSignals()
         self.notifier = notifier or notify.Notifier.from_environ()
         self._listener = None   # the children's notify socket
         self._watchdog_usec = None
@@ -116,6 +121,8 @@ class Supervisor:
     def _on_signal(self, signum, frame):
         # no logging here: a handler that interrupts a log call and logs
         # again breaks the log stream; run() says it
+        if not self.stop_signals.received():
+            return  # the same stop told twice (Ctrl-C, then systemd...)
         self._signal = signum
         self._stop_children()
 

@@ -68,6 +68,7 @@ from shoebox_worker.consume import batch as batch_mod
 from shoebox_worker.consume import broker
 from shoebox_worker.consume import envelope
 from shoebox_worker.consume import notify
+from shoebox_worker.consume import signals
 from shoebox_worker.consume import stats as stats_mod
 from shoebox_worker.ship import shipper as shipper_mod
 
@@ -259,14 +260,28 @@ class Worker(broker.Reconnecting):
                      "shipping", recovered)
         self.shipper.start()
 
+    #: SIGTERM/SIGINT counted so far (a repeat within a second is one:
+    #: see :mod:`~shoebox_worker.consume.signals`).
+    stop_signals = None
+
     def stop(self):
         """Ask the worker to stop (a signal handler calls this); a second
-        call stops the wait for shipping too."""
+        call, more than :data:`~shoebox_worker.consume.signals.REPEAT`
+        seconds after the first, stops the wait for shipping too.
+
+        :returns: False when this call repeated the last one (and changed
+            nothing).
+        """
         self.notifier.stopping()
+        if self.stop_signals is None:
+            self.stop_signals = signals.StopSignals()
+        if not self.stop_signals.received():
+            return False
         if self.stopping is None:
             self.stopping = STOP_SIGNAL
         elif self.stopping != STOP_FAILED:
             self.stopping = STOP_INTERRUPTED
+        return True
 
     def shutdown(self, ship_timeout=30.0):
         """After :meth:`run`: ack what is written, close the archive, then

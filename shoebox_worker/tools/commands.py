@@ -5,8 +5,14 @@ They are subcommands of ``shoebox-worker`` (``cli`` calls
 
     shoebox-worker cat [--metadata] [--match KEY=GLOB ...] PATH...
     shoebox-worker verify [--salvage] PATH...
-    shoebox-worker replay --config FILE --exchange E --routing-key K PATH...
-    shoebox-worker generate --url URL --count N [--seed N [--start TIME]]
+    shoebox-worker replay [--config FILE] --exchange E --routing-key K PATH...
+    shoebox-worker generate [--config FILE] --count N [--seed N [--start T]]
+
+``replay`` and ``generate`` take the broker URL from ``--config FILE``'s
+``[broker] url``, else from ``$SHOEBOX_BROKER_URL``
+(:data:`~shoebox_worker.tools.publish.URL_VARIABLE`); ``--url URL`` is
+accepted too, but puts the password where every local user sees it (``ps``,
+``/proc/PID/cmdline``).
 
 A PATH is an archive (plain, ``.gz`` or ``.zst``; format v1 or v2) or a
 directory, searched recursively for archives (files whose bytes hold
@@ -46,6 +52,27 @@ def _add_match(parser):
              "must match")
 
 
+#: How ``replay`` and ``generate`` are told the broker, in their --help.
+URL_EPILOG = (
+    "The broker URL comes from --config FILE ([broker] url), else from the "
+    "environment variable %s. --url, which wins over both, works too, but "
+    "every local user can read it (ps, /proc/PID/cmdline): prefer the "
+    "other two for a URL with a password. The password may hold any "
+    "character, as it is or percent-encoded (see [broker] url in "
+    "etc/shoebox-worker.conf.sample)."
+    % publish.URL_VARIABLE)
+
+
+def _add_url(parser):
+    parser.add_argument(
+        "--config", metavar="FILE",
+        help="the worker's INI file: its [broker] url is the broker")
+    parser.add_argument(
+        "--url", help="the broker URL itself, e.g. "
+                      "amqp://guest:guest@127.0.0.1:5672// (visible in ps: "
+                      "prefer --config or $%s)" % publish.URL_VARIABLE)
+
+
 def add_commands(subparsers):
     """Add ``cat``, ``verify``, ``replay`` and ``generate`` to the
     ``shoebox-worker`` command's subparsers."""
@@ -83,14 +110,13 @@ def add_commands(subparsers):
     replay = subparsers.add_parser(
         "replay", help="republish archived notifications",
         description="Republish archived notifications in oslo.messaging's "
-                    "v2 envelope to the broker of the config's [broker] url, "
-                    "as mandatory, with publisher confirms; print how many "
-                    "the broker confirmed. Malformed records are skipped "
+                    "v2 envelope to the broker, as mandatory, with "
+                    "publisher confirms; print how many the broker "
+                    "confirmed. Malformed records are skipped "
                     "and counted. Exit 1 if the broker returned any (no "
                     "queue bound to the routing key), refused any, or "
-                    "failed.")
-    replay.add_argument("--config", required=True,
-                        help="the worker's INI file (for [broker] url)")
+                    "failed.", epilog=URL_EPILOG)
+    _add_url(replay)
     replay.add_argument("--exchange", required=True,
                         help="an existing exchange to publish to")
     replay.add_argument("--routing-key", required=True,
@@ -112,10 +138,9 @@ def add_commands(subparsers):
                     "returned any (no queue bound to the routing key) or "
                     "refused any. The notifications are random unless "
                     "--seed is given; --seed repeats all but their times, "
-                    "--seed with --start repeats every byte.")
-    generate.add_argument("--url", required=True,
-                          help="kombu broker URL, e.g. "
-                               "amqp://guest:guest@127.0.0.1:5672//")
+                    "--seed with --start repeats every byte.",
+        epilog=URL_EPILOG)
+    _add_url(generate)
     generate.add_argument("--count", type=int, required=True,
                           help="how many to publish")
     generate.add_argument("--exchange", default="nova",

@@ -21,6 +21,7 @@ command to ``--rate``.
 import dataclasses
 import datetime
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -32,6 +33,7 @@ from kombu import Exchange
 from kombu import Producer
 from kombu import Queue
 
+from shoebox_worker import broker_url
 from shoebox_worker import config
 from shoebox_worker.consume import broker
 from shoebox_worker.consume import envelope
@@ -49,6 +51,7 @@ __all__ = [
     "cmd_replay",
     "connect",
     "publish",
+    "url_from",
 ]
 
 LOG = logging.getLogger(__name__)
@@ -115,7 +118,7 @@ def broker_error(url, err, hints=None):
         text += "; retrying will not help: " + hint
     elif isinstance(err, OSError | kombu.exceptions.OperationalError):
         text += "; " + UNREACHABLE_HINT
-    return ToolError("broker %s: %s" % (config.redact_url(url), text))
+    return ToolError("broker %s: %s" % (broker_url.redact(url), text))
 
 
 def _progress(total=None, unit="msg", file=None, enabled=None):
@@ -130,14 +133,50 @@ def _progress(total=None, unit="msg", file=None, enabled=None):
                 disable=not enabled, dynamic_ncols=True)
 
 
+#: Where ``replay`` and ``generate`` read the broker URL when neither
+#: ``--url`` nor ``--config`` gives it (out of ``ps``'s sight).
+URL_VARIABLE = "SHOEBOX_BROKER_URL"
+
+
+def url_from(args, environ):
+    """The broker URL a command was given: ``--url``, else ``--config``'s
+    ``[broker] url``, else ``$SHOEBOX_BROKER_URL``.
+
+    :raises ToolError: none of them is given, or the URL does not parse
+        (one line, its password masked).
+    """
+    if getattr(args, "url", None):
+        url, where = args.url, "--url"
+    elif getattr(args, "config", None):
+        return config.load(args.config).broker.url  # checked by load
+    elif environ.get(URL_VARIABLE, "").strip():
+        url, where = environ[URL_VARIABLE], URL_VARIABLE
+    else:
+        raise ToolError("no broker URL: give --config FILE (its [broker] "
+                        "url) or set %s (--url works too, but shows the "
+                        "password to every local user in ps)" % URL_VARIABLE)
+    try:
+        broker_url.parse(url)
+    except ValueError as err:
+        raise ToolError("%s: %s" % (where, err)) from None
+    return url
+
+
+def _kombu_hostname(url):
+    """``url`` (as written, see :mod:`shoebox_worker.broker_url`) as kombu
+    must be given it."""
+    return broker_url.kombu_hostname(broker_url.parse(url))
+
+
 def connect(url):
     """A connected kombu Connection with publisher confirms, or a
     ToolError within a few seconds."""
-    conn = Connection(url, connect_timeout=BROKER_CONNECT_TIMEOUT,
+    conn = Connection(_kombu_hostname(url),
+                      connect_timeout=BROKER_CONNECT_TIMEOUT,
                       transport_options={"confirm_publish": True})
     try:
         conn.ensure_connection(
-            max_retries=BROKER_CONNECT_RETRIES * max(1, url.count(";") + 1),
+            max_retries=BROKER_CONNECT_RETRIES * len(broker_url.split(url)),
             interval_start=0.5, interval_step=0.5, interval_max=1.0)
     except broker_errors(conn) as err:
         conn.release()
@@ -282,7 +321,9 @@ def publish(url: str, count: int, *, exchange: str = "nova",
     persistent delivery mode; and as mandatory, so that the broker returns
     what no queue takes instead of dropping it silently.
 
-    :param url: kombu broker URL, e.g. ``amqp://guest:guest@localhost//``.
+    :param url: kombu broker URL, e.g. ``amqp://guest:guest@localhost//``
+        (any character in the password, see
+        :mod:`shoebox_worker.broker_url`).
     :param count: how many to publish.
     :param exchange: exchange name (declared once, before publishing; a
         reserved ``amq.*`` exchange is only checked to exist).
@@ -314,7 +355,8 @@ def publish(url: str, count: int, *, exchange: str = "nova",
     if rate is not None and rate <= 0:
         raise ValueError(f"rate must be > 0, not {rate!r}")
     transport_options = {"confirm_publish": True} if confirm else {}
-    with Connection(url, transport_options=transport_options) as conn:
+    with Connection(_kombu_hostname(url),
+                    transport_options=transport_options) as conn:
         conn.connect()
         channel = conn.channel()
         target = Exchange(exchange, type=exchange_type, durable=durable,
@@ -362,10 +404,9 @@ def cmd_replay(args):
     if args.rate is not None and args.rate <= 0:
         raise ToolError("--rate must be > 0, got %g" % args.rate)
     read.quiet_reader_logs()
-    conf = config.load(args.config)
+    url = url_from(args, os.environ)
     files = read.find_archives(args.paths)
     match = read.matcher(args.match)
-    url = conf.broker.url
     total = None
     if sys.stderr.isatty():  # the bar needs a total: count first
         total = sum(1 for path in files
@@ -454,24 +495,25 @@ def cmd_generate(args):
         raise ToolError("--count must be >= 0, got %d" % args.count)
     if args.rate is not None and args.rate <= 0:
         raise ToolError("--rate must be > 0, got %g" % args.rate)
-    conn = connect(args.url)  # fail fast with one line when it is down
+    url = url_from(args, os.environ)
+    conn = connect(url)  # fail fast with one line when it is down
     conn.release()
     bar = _progress(args.count)
     try:
         outcome = publish(
-            args.url, args.count, exchange=args.exchange,
+            url, args.count, exchange=args.exchange,
             routing_key=args.routing_key, durable=args.durable,
             rate=args.rate, seed=args.seed, start=args.start,
             declare_queue=args.queue,
             progress=None if bar.disable else lambda n: bar.update(1))
     except broker_errors() as err:
-        raise broker_error(args.url, err, GENERATE_HINTS) from None
+        raise broker_error(url, err, GENERATE_HINTS) from None
     finally:
         bar.close()
     print("published %d notification%s to exchange %s with routing key %s "
           "on %s: %s" % (outcome.sent, "" if outcome.sent == 1 else "s",
                          args.exchange, args.routing_key,
-                         config.redact_url(args.url), outcome.summary()),
+                         broker_url.redact(url), outcome.summary()),
           flush=True)
     lost = outcome.error(args.exchange, args.routing_key,
                          "bind a queue (or pass --queue NAME), or check "

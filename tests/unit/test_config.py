@@ -355,8 +355,10 @@ def test_secrets_stay_out_of_repr_and_str(write):
     assert "test:tester" in repr(options)
     assert conf.redacted_url() == conf.broker.redacted_url() == (
         "amqp://shoebox:***@rabbit1:5672//;amqp://shoebox:***@rabbit2//")
-    assert conf.broker.urls == ("amqp://shoebox:inline-secret@rabbit1:5672//",
-                                "amqp://shoebox:env-secret@rabbit2//")
+    assert [url.password for url in conf.broker.urls] == [
+        "inline-secret", "env-secret"]
+    assert [url.location for url in conf.broker.urls] == [
+        "rabbit1:5672//", "rabbit2//"]
 
 
 @pytest.mark.parametrize("url, redacted", [
@@ -700,3 +702,38 @@ def test_config_is_frozen(write):
     with pytest.raises(TypeError):
         conf.archive.static_metadata["a"] = "b"
 
+
+
+# -- [archive] file_mode, dir_mode --------------------------------------------
+
+@pytest.mark.parametrize("modes, umask", [
+    ("", 0o077),
+    ("file_mode = 0640\ndir_mode = 0750", 0o027),
+    ("file_mode = 660\ndir_mode = 770", 0o007),
+])
+def test_modes_give_one_umask(write, modes, umask):
+    conf = config.load(write("[broker]\nurl = memory://\n[consumer:q]\n"
+                             "[archive]\n%s\n" % modes), environ={})
+    assert conf.archive.umask == umask
+    assert 0o666 & ~umask == conf.archive.file_mode
+    assert 0o777 & ~umask == conf.archive.dir_mode
+
+
+@pytest.mark.parametrize("modes, message", [
+    ("file_mode = 0640", "[archive] file_mode: expected 0600 (dir_mode 0700 "
+     "without its x bits: the worker sets one umask for both), got 0640; "
+     "to open the archives to a group, set both, e.g. file_mode = 0640 and "
+     "dir_mode = 0750"),
+    ("file_mode = 0700", "[archive] file_mode: expected 0600"),
+    ("dir_mode = 0750\nfile_mode = 0600", "[archive] file_mode: expected "
+     "0640"),
+    ("dir_mode = 0500\nfile_mode = 0400", "[archive] dir_mode: expected a "
+     "mode with 0700 (the worker reads, writes and enters its folders), "
+     "got 0500"),
+    ("dir_mode = rwx", "[archive] dir_mode: expected permission bits in "
+     "octal"),
+])
+def test_modes_one_umask_cannot_give(write, modes, message):
+    path = write("[broker]\nurl = memory://\n[consumer:q]\n[archive]\n%s\n"
+                 % modes)
+    assert error(path).startswith("worker.conf " + message)

@@ -219,3 +219,20 @@ def test_pairs():
     assert refused(pairs, "a") == "expected key=value, got 'a'"
     assert refused(pairs, "=1") == "expected key=value, got '=1'"
     assert refused(pairs, "a=1, a=2") == "'a' is set twice"
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("0640", 0o640), ("640", 0o640), ("0o750", 0o750), ("0", 0),
+    (" 0600 ", 0o600), (0o700, 0o700),
+])
+def test_mode(value, expected):
+    assert options.mode()(value) == expected
+
+
+@pytest.mark.parametrize("value", ["0800", "rw-r-----", "04755", "0x1ff",
+                                   "", 0o1000, "-1"])
+def test_mode_refused(value):
+    with pytest.raises(options.OptionError) as caught:
+        options.mode()(value)
+    assert str(caught.value).startswith(
+        "expected permission bits in octal, from 0000 to 0777")

@@ -145,3 +145,64 @@ def test_progress_bar_shows_whole_counts():
 
 def test_progress_bar_hidden_off_a_terminal():
     assert publish._progress(10, file=io.StringIO()).disable
+
+
+# -- where replay and generate find the broker URL --------------------------
+
+def _args(**kwargs):
+    import argparse
+    return argparse.Namespace(**{"url": None, "config": None, **kwargs})
+
+
+def _broker_config(tmp_path, url):
+    path = tmp_path / "worker.conf"
+    path.write_text("[broker]\nurl = %s\n[consumer:q]\n[archive]\n"
+                    "working_directory = %s\n" % (url, tmp_path))
+    return str(path)
+
+
+SECRET_URL = "amqp://u:s3cr/#;t@h//"
+
+
+def test_url_from_the_config(tmp_path):
+    config = _broker_config(tmp_path, SECRET_URL)
+    assert publish.url_from(_args(config=config),
+                            {publish.URL_VARIABLE: "memory://"}) == SECRET_URL
+
+
+def test_url_from_the_environment():
+    assert publish.url_from(
+        _args(), {publish.URL_VARIABLE: SECRET_URL}) == SECRET_URL
+
+
+def test_url_option_wins(tmp_path):
+    config = _broker_config(tmp_path, SECRET_URL)
+    assert publish.url_from(_args(url="memory://", config=config),
+                            {publish.URL_VARIABLE: SECRET_URL}) == "memory://"
+
+
+def test_no_url_says_where_to_put_one():
+    with pytest.raises(ToolError) as caught:
+        publish.url_from(_args(), {publish.URL_VARIABLE: " "})
+    assert str(caught.value) == (
+        "no broker URL: give --config FILE (its [broker] url) or set "
+        "SHOEBOX_BROKER_URL (--url works too, but shows the password to "
+        "every local user in ps)")
+
+
+def test_a_bad_url_from_the_environment_is_one_line_without_the_password():
+    with pytest.raises(ToolError) as caught:
+        publish.url_from(_args(), {publish.URL_VARIABLE: "amqp://u:s3cr/et@h:x"})
+    assert str(caught.value) == \
+        "SHOEBOX_BROKER_URL: bad port in 'amqp://u:***@h:x'"
+
+
+def test_generate_publishes_to_a_url_with_any_password(monkeypatch, capsys):
+    monkeypatch.setenv(publish.URL_VARIABLE, "memory://")
+    import argparse
+    args = argparse.Namespace(
+        url=None, config=None, count=3, rate=None, exchange="nova",
+        routing_key="notifications.info", durable=False, seed=1, start=None,
+        queue="q")
+    assert publish.cmd_generate(args) == 0
+    assert "published 3 notifications" in capsys.readouterr().out
