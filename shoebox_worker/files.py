@@ -40,12 +40,6 @@ FILE_MODE = 0o666
 _NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def _flock(fd, operation):
-    """``fcntl.flock``: one place for tests to pause between taking a lock
-    and checking what it holds."""
-    fcntl.flock(fd, operation)
-
-
 def names_same_file(fd, path):
     """Does ``path`` (not followed if a symlink) name the file open as
     ``fd``?"""
@@ -91,7 +85,7 @@ class FileLock:
         while True:
             fd = os.open(path, flags, FILE_MODE)
             try:
-                _flock(fd, operation)
+                fcntl.flock(fd, operation)
                 if names_same_file(fd, path):
                     self.fd = fd
                     return

@@ -1,6 +1,7 @@
 """Tests for shoebox_worker.roll_manager: series of archives."""
 
 import datetime
+import fcntl
 import os
 
 import pytest
@@ -357,18 +358,21 @@ class TestNames:
         # another worker's recovery locks the empty file between our
         # create and our flock, and removes it: we create it again
         path = str(tmp_path / "x.events")
-        flock = files._flock
         raced = []
 
-        def racing(fd, operation):
-            if not raced:
-                raced.append(True)
-                other = files.FileLock(path, create=False)
-                os.unlink(path)
-                other.release()
-            flock(fd, operation)
+        class Racing:
+            def __getattr__(self, name):
+                return getattr(fcntl, name)
 
-        monkeypatch.setattr(files, "_flock", racing)
+            def flock(self, fd, operation):
+                if not raced:
+                    raced.append(True)
+                    other = files.FileLock(path, create=False)
+                    os.unlink(path)
+                    other.release()
+                fcntl.flock(fd, operation)
+
+        monkeypatch.setattr(files, "fcntl", Racing())
         got, counter, lock = roll_manager.unique_path(path)
         try:
             assert raced and (got, counter) == (path, 0)
