@@ -14,7 +14,6 @@ import errno
 import fcntl
 import json
 import os
-import tempfile
 
 __all__ = ["FileLock", "create_temporary", "ensure_writable_directory",
            "fsync_directory", "is_within", "names_same_file", "remove_stale",
@@ -195,17 +194,33 @@ def write_json_atomic(path, data):
 
 def ensure_writable_directory(path):
     """Create the folder ``path`` if missing, then write, fsync and remove
-    a probe file in it.
+    a probe file in it (created locked, as :class:`FileLock` with
+    ``exclusive`` does). The probes of killed runs (no process holds
+    them) are removed first.
 
     :raises OSError: the folder cannot be created, or does not take a file
         (read-only, not a folder, no permission, disk full); its
         ``filename`` is the path that failed.
     """
     os.makedirs(path, exist_ok=True)
-    fd, probe = tempfile.mkstemp(prefix=PROBE_PREFIX, dir=path)
+    for name in os.listdir(path):
+        if name.startswith(PROBE_PREFIX):
+            try:
+                remove_stale(os.path.join(path, name))
+            except BlockingIOError:
+                pass  # a live worker's
+    while True:
+        probe = os.path.join(path, PROBE_PREFIX + os.urandom(6).hex())
+        try:
+            lock = FileLock(probe, exclusive=True)
+        except FileExistsError:
+            continue
+        break
     try:
-        os.write(fd, b"probe")
-        os.fsync(fd)
+        os.write(lock.fd, b"probe")
+        os.fsync(lock.fd)
     finally:
-        os.close(fd)
-        os.unlink(probe)
+        try:
+            os.unlink(probe)
+        finally:
+            lock.release()

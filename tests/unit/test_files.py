@@ -357,6 +357,13 @@ class TestEnsureWritableDirectory:
         files.ensure_writable_directory(str(tmp_path))
         assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
 
+    def test_probe_of_a_killed_run_is_removed(self, tmp_path, holder):
+        (tmp_path / (files.PROBE_PREFIX + "dead")).write_text("probe")
+        live = tmp_path / (files.PROBE_PREFIX + "live")
+        holder(live)  # another worker probing right now
+        files.ensure_writable_directory(str(tmp_path))
+        assert os.listdir(tmp_path) == [live.name]
+
     @pytest.mark.parametrize("where", ["under_a_file", "a_file", "proc"])
     def test_cannot_create(self, tmp_path, where):
         (tmp_path / "f").write_text("x")
