@@ -8,9 +8,14 @@ background thread runs the chain one step at a time, passing the report to
 the steps that take it (see :mod:`shoebox_worker.callbacks`), so no step
 reads the archive to learn what is in it. After each step the progress is
 saved in a small state file next to where the archive was written
-(``x.events.ship``: the file's current path, the next step and the
-report), written atomically, so a crash at any point resumes at the step
-that was running, with the same report. A failed step is retried with
+(``x.events.ship``: the file's current path, the next step, where that
+step will leave the file, and the report), written atomically. Where a
+step leaves the file is asked of the step (``output_path``, see
+:mod:`shoebox_worker.contract`) and written before the step runs, so a
+crash at any point resumes at the step that was running, with the same
+report, or after it when its input is gone and its output is there; an
+archive is never found only under a name nothing looks for
+(docs/shipping.md). A failed step is retried with
 capped exponential backoff (with jitter); other archives keep moving
 meanwhile. Steps must be idempotent (see :mod:`shoebox_worker.contract`):
 a step may run again after a crash, never a step after it before it
@@ -39,10 +44,17 @@ with what to check, and retried every ``retry_max`` seconds only, so that
 fixing it heals the worker without a restart.
 
 Every state file is held under an exclusive ``flock`` while its archive is
-being shipped, and every active archive while it is being written, so
-several workers sharing a working directory never ship the same file twice
-nor take over each other's active archive. Locks die with their process,
-so a killed worker's files are taken over at the next start.
+being shipped, and every archive from its creation until its state file
+exists (checked after each ``flock``: the path still names the file
+locked; see :class:`~shoebox_worker.files.FileLock`), so several workers
+sharing a working directory never ship the same file twice nor take over
+each other's active archive. Locks die with their process, so a killed
+worker's files are taken over at the next start, and its empty archives
+removed, whatever their age.
+
+A state file may only send the chain to a regular file inside the working
+directory or where the chain's declared outputs put the archive (a
+``move`` destination); any other path is refused, loudly, and left alone.
 
 :meth:`Shipper.recover` runs at start: it resumes every unlocked state
 file, and treats every unlocked archive that has none as left by a killed
