@@ -143,10 +143,12 @@ def archive_matcher(template):
     :returns: a compiled pattern; use ``.fullmatch(name)``.
     """
     out = []
-    for part in re.split(r"(%-?[A-Za-z]|%%|\{worker_id\})", template):
+    directive = r"%[-_0^#]?[EO]?[A-Za-z]"  # with glibc's flags
+    for part in re.split(r"(%s|%%%%|\{worker_id\})" % directive,
+                         template):
         if part == "%%":
             out.append(re.escape("%"))
-        elif part == "{worker_id}" or re.fullmatch(r"%-?[A-Za-z]", part):
+        elif part == "{worker_id}" or re.fullmatch(directive, part):
             if not out or out[-1] != _FIELD:  # one for several in a row
                 out.append(_FIELD)
         else:

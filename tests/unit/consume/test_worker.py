@@ -864,7 +864,8 @@ class TestRecoveryMatchesTheWriter:
 
     TEMPLATES = ["shoebox_%Y%m%dT%H%M%S_{worker_id}",
                  "shoebox_%Y%m%dT%H%M%S_{worker_id}.events",
-                 "%c {worker_id} x.events.dat"]
+                 "%c {worker_id} x.events.dat",
+                 "%-d%Ey_%%_{worker_id}.events"]
 
     @pytest.mark.parametrize("template", TEMPLATES)
     def test_names_of_the_writer_and_no_other(self, tmp_path, template):
