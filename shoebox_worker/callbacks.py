@@ -13,6 +13,12 @@ passes it the :class:`~shoebox_worker.archive.ArchiveReport` it was given
 (the writer's, made at roll time), so the step need not read the file for
 it. Other steps are called ``on_close(filename)``. The chain decides which
 is which once, from each ``on_close`` signature, when it is built.
+
+A step that declares ``output_path(filename)`` says where ``on_close``
+will leave the file before it runs (:meth:`CallbackChain.output_path`);
+the shipper records that in the archive's state file first, so a crash
+while the step runs never strands the archive under a name nothing
+knows (see :mod:`shoebox_worker.contract`).
 """
 
 import inspect
@@ -77,6 +83,43 @@ class CallbackChain(ArchiveCallback):
             on_open = getattr(callback, "on_open", None)
             if on_open is not None:
                 on_open(filename)
+
+    def output_path(self, index, filename):
+        """Where step ``index`` will leave ``filename``, as it declares.
+
+        :returns: ``(declared, path)``: ``(True, path)`` from the step's
+            ``output_path`` (``path`` None: the step removes the file), or
+            ``(False, filename)`` for a step that declares nothing (taken
+            to leave the file where it got it).
+        :raises CallbackError: the step's ``output_path`` failed.
+        """
+        name, callback = self.steps[index]
+        declare = getattr(callback, "output_path", None)
+        if declare is None:
+            return False, filename
+        try:
+            path = declare(filename)
+        except Exception as exc:
+            raise exceptions.CallbackError(
+                "output_path: %s: %s" % (type(exc).__name__, exc),
+                callback=name, filename=filename) from exc
+        return True, None if path is None else str(path)
+
+    def forms(self, filename):
+        """Every path the chain's declared outputs lead ``filename``
+        through: ``[filename, after step 0, after step 1, ...]``, up to
+        the step that removes it or the first that cannot tell (steps
+        that declare nothing count as leaving the file where it is)."""
+        forms = [filename]
+        for index in range(len(self.steps)):
+            try:
+                _, filename = self.output_path(index, filename)
+            except exceptions.CallbackError:
+                break
+            if filename is None:
+                break
+            forms.append(filename)
+        return forms
 
     def wants_report(self, index):
         """Does step ``index`` take the archive's report?"""

@@ -163,25 +163,39 @@ def is_compressed(path):
 def compress_file(src, codec, level=None):
     """Compress ``src`` to ``src + codec.suffix``; the source is kept.
 
-    Writes ``<dst>.tmp``, fsyncs, renames, fsyncs the directory. An existing
-    destination (left by a crash after the rename) is replaced: compressing
-    the same source gives the same bytes. The result keeps the source's
-    modification time, so readers still order files as written.
+    Writes ``<dst>.tmp`` (created exclusively and locked, never through a
+    symlink; a crash's leftover is replaced:
+    :func:`~shoebox_worker.files.create_temporary`), fsyncs, renames,
+    fsyncs the directory. An existing destination (left by a crash after
+    the rename) is replaced: compressing the same source gives the same
+    bytes. The result keeps the source's modification time, so readers
+    still order files as written.
 
     :returns: the compressed file's path.
+    :raises BlockingIOError: another process is compressing ``src`` now.
     """
     dst = src + codec.suffix
     tmp = dst + ".tmp"
     level = codec.default_level if level is None else int(level)
     stat = os.stat(src)
-    with open(src, "rb") as fin, open(tmp, "wb") as raw:
-        out = codec.open_write(raw, level, mtime=int(stat.st_mtime))
-        shutil.copyfileobj(fin, out, _COPY_CHUNK)
-        out.close()
-        raw.flush()
-        os.fsync(raw.fileno())
-    os.utime(tmp, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    os.replace(tmp, dst)
+    lock = files.create_temporary(tmp)
+    try:
+        with open(src, "rb") as fin, os.fdopen(os.dup(lock.fd), "wb") as raw:
+            out = codec.open_write(raw, level, mtime=int(stat.st_mtime))
+            shutil.copyfileobj(fin, out, _COPY_CHUNK)
+            out.close()
+            raw.flush()
+            os.fsync(raw.fileno())
+            os.utime(raw.fileno(), ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        os.replace(tmp, dst)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    finally:
+        lock.release()
     files.fsync_directory(dst)
     LOG.debug("compressed %s to %s (%d -> %d bytes)", src, dst,
               stat.st_size, os.path.getsize(dst))

@@ -26,6 +26,12 @@ builds them too.
 **Threads.** The worker calls a roll checker from its consumer thread
 only, and each callback from its shipping thread only.
 
+**Crashes.** A step may be killed at any system call. To be safe, a step
+that renames, moves or removes the archive declares where it leaves it
+(:meth:`ArchiveCallbackSpec.output_path`), and every step is idempotent
+and makes its temporary files exclusively (see there). The built-in steps
+all do; docs/shipping.md tells how the worker uses it.
+
 The Protocols are named ``...Spec`` because they only describe: the
 convenience base classes a plugin may subclass are
 :class:`shoebox_worker.roll_checker.RollChecker` and
@@ -70,6 +76,44 @@ class ArchiveCallbackSpec(typing.Protocol):
         Only the library's roll managers call it (when the chain is their
         ``archive_callback``). The worker does not: there, callbacks run in
         the shipping thread only, on closed archives.
+        """
+
+    def output_path(self, filename: str) -> str | None:
+        """Optional, and needed by every step that renames, moves or
+        removes the file: where :meth:`on_close` will leave ``filename``.
+
+        The worker calls it just before ``on_close`` and records the
+        answer in the archive's state file (fsynced) before ``on_close``
+        runs. If the process dies while the step runs, the next start
+        finds either ``filename`` (and runs the step again: it must be
+        idempotent) or, when ``filename`` is gone, the path declared here
+        (the step is then done, and the chain goes on from there). Without
+        it, a step that removes ``filename`` and dies before it returns
+        strands the archive: the state file names a file that is gone, and
+        the new name is one the recovery scan never looks for.
+
+        It must be a pure function of ``filename`` (and the step's own
+        options): no I/O, the same answer every time, the very path
+        ``on_close`` returns. A step that declares nothing is taken to
+        leave the file where it got it (an upload, a digest beside it): if
+        such a step returns another path anyway, the worker follows it but
+        logs a warning, as the crash window above is then open.
+
+        Put what the step makes either where it says here or outside the
+        working directory; and make its temporary files safely: create
+        them exclusively and never through a symlink
+        (``os.open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW,
+        0o666)``), replace a leftover of a crash (remove it and create it
+        again: the worker runs one step on one archive at a time, across
+        all workers sharing the folder), fsync, then rename into place.
+        :func:`shoebox_worker.files.create_temporary` does all of that.
+
+        A state file may only send the chain to a path inside the working
+        directory or to one a step declares here for that archive (a
+        ``move`` destination): any other is refused.
+
+        :returns: the path ``on_close(filename)`` will return; None when it
+            removes the file (``delete``).
         """
 
     def on_close(self, filename: str) -> str | None:

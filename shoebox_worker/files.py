@@ -1,19 +1,22 @@
 """Small file-system helpers every layer uses: a lock, a durable rename,
-a check that a folder can be written.
+temporary files, a check that a folder can be written.
 
 A create or rename is durable only once the directory holding it is
-fsynced (:func:`fsync_directory`); a lock is an exclusive, non-blocking
-``flock`` that dies with its process (:class:`FileLock`);
-:func:`ensure_writable_directory` creates a folder and proves it takes a
-file, before anything depends on it.
+fsynced (:func:`fsync_directory`); a lock is an exclusive ``flock`` that
+dies with its process, and holds the file its path names (checked after
+the ``flock``: :class:`FileLock`); a temporary file is created exclusively,
+never through a symlink, and a crash's leftover is replaced
+(:func:`create_temporary`); :func:`ensure_writable_directory` creates a
+folder and proves it takes a file, before anything depends on it.
 """
 
+import errno
 import fcntl
 import json
 import os
-import tempfile
 
-__all__ = ["FileLock", "ensure_writable_directory", "fsync_directory",
+__all__ = ["FileLock", "create_temporary", "ensure_writable_directory",
+           "fsync_directory", "is_within", "names_same_file", "remove_stale",
            "write_json_atomic"]
 
 #: Prefix of the probe file :func:`ensure_writable_directory` writes.
@@ -30,19 +33,65 @@ def fsync_directory(path):
         os.close(fd)
 
 
-class FileLock:
-    """An exclusive, non-blocking flock on a path, held until release()."""
+#: Every file this project creates is created with this mode; the umask
+#: (set by the worker from ``[archive] file_mode``) takes away the rest.
+FILE_MODE = 0o666
+_NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
 
-    def __init__(self, path, create=True):
+
+def names_same_file(fd, path):
+    """Does ``path`` (not followed if a symlink) name the file open as
+    ``fd``?"""
+    try:
+        there = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    here = os.fstat(fd)
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+class FileLock:
+    """An exclusive flock on a path, held until release().
+
+    After the ``flock`` the path is looked at again: when it no longer
+    names the file locked (it was replaced by a rename, or removed, while
+    the lock was being taken), the lock is let go and taken again on what
+    the path names now. So a lock held is always a lock on the file the
+    path names, never on a file that has since gone away. A symlink is
+    never followed (``OSError`` ``ELOOP``).
+
+    :param create: create the file (mode :data:`FILE_MODE`) if missing.
+    :param blocking: wait for the lock instead of raising
+        ``BlockingIOError``.
+    :param exclusive: the file must not exist yet (``O_EXCL``); it is
+        created locked, and raises ``FileExistsError`` when it exists.
+        Another process may lock a file between its creation and our
+        ``flock`` and remove it (recovery removing an empty archive of a
+        dead worker does): we then wait for it and create the file again,
+        so a live creator always ends up holding its file.
+    """
+
+    def __init__(self, path, create=True, blocking=False, exclusive=False):
         self.path = path
-        flags = os.O_RDWR | (os.O_CREAT if create else 0)
-        self.fd = os.open(path, flags, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
-            self.fd = None
-            raise
+        self.fd = None
+        flags = os.O_RDWR | _NOFOLLOW
+        if create or exclusive:
+            flags |= os.O_CREAT
+        if exclusive:
+            flags |= os.O_EXCL
+            blocking = True  # only a remover holds it, for a moment
+        operation = fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB)
+        while True:
+            fd = os.open(path, flags, FILE_MODE)
+            try:
+                fcntl.flock(fd, operation)
+                if names_same_file(fd, path):
+                    self.fd = fd
+                    return
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)  # replaced or removed meanwhile: lock what is there
 
     @classmethod
     def try_acquire(cls, path, create=True):
@@ -58,23 +107,84 @@ class FileLock:
             self.fd = None
 
 
+def create_temporary(path):
+    """Create the temporary file ``path`` exclusively (``O_EXCL``, never
+    through a symlink), locked.
+
+    A leftover at that name that no process holds (a crash's, or a
+    symlink planted there) is removed first and the file created anew; it
+    is never written through.
+
+    :returns: a :class:`FileLock` on the new, empty file (``lock.fd`` is
+        open for reading and writing).
+    :raises BlockingIOError: a live process holds a file of that name
+        (it is writing the same temporary file right now).
+    """
+    while True:
+        try:
+            return FileLock(path, exclusive=True)
+        except FileExistsError:
+            remove_stale(path)
+
+
+def remove_stale(path):
+    """Remove ``path`` unless a live process holds its lock; a symlink is
+    removed (not followed).
+
+    :raises BlockingIOError: a live process holds it.
+    """
+    try:
+        stale = FileLock(path, create=False)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        os.unlink(path)  # a symlink: not ours
+        return
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    finally:
+        stale.release()
+
+
+def is_within(path, folder):
+    """Does ``path`` lie inside ``folder`` (symlinks of its folders
+    resolved; the path itself may be missing)?"""
+    parent = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    root = os.path.realpath(folder)
+    name = os.path.basename(path)
+    if name in ("", ".", ".."):
+        return False
+    return parent == root or parent.startswith(root.rstrip(os.sep) + os.sep)
+
+
 def write_json_atomic(path, data):
     """Replace ``path`` with ``data`` atomically.
+
+    Writes ``<path>.tmp`` (created by :func:`create_temporary`), fsyncs,
+    renames it over ``path`` and fsyncs the directory.
 
     :returns: a :class:`FileLock` held on the new file. It is taken on the
         temporary file before the rename, so ``path`` is never unlocked (a
         lock held on the file it replaces goes away with that file).
+    :raises BlockingIOError: another process is writing ``<path>.tmp``.
     """
     tmp = path + ".tmp"
-    lock = FileLock(tmp)
+    lock = create_temporary(tmp)
     try:
-        os.ftruncate(lock.fd, 0)
         with os.fdopen(os.dup(lock.fd), "w") as f:
             json.dump(data, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
         lock.release()
         raise
     lock.path = path
@@ -84,17 +194,33 @@ def write_json_atomic(path, data):
 
 def ensure_writable_directory(path):
     """Create the folder ``path`` if missing, then write, fsync and remove
-    a probe file in it.
+    a probe file in it (created locked, as :class:`FileLock` with
+    ``exclusive`` does). The probes of killed runs (no process holds
+    them) are removed first.
 
     :raises OSError: the folder cannot be created, or does not take a file
         (read-only, not a folder, no permission, disk full); its
         ``filename`` is the path that failed.
     """
     os.makedirs(path, exist_ok=True)
-    fd, probe = tempfile.mkstemp(prefix=PROBE_PREFIX, dir=path)
+    for name in os.listdir(path):
+        if name.startswith(PROBE_PREFIX):
+            try:
+                remove_stale(os.path.join(path, name))
+            except BlockingIOError:
+                pass  # a live worker's
+    while True:
+        probe = os.path.join(path, PROBE_PREFIX + os.urandom(6).hex())
+        try:
+            lock = FileLock(probe, exclusive=True)
+        except FileExistsError:
+            continue
+        break
     try:
-        os.write(fd, b"probe")
-        os.fsync(fd)
+        os.write(lock.fd, b"probe")
+        os.fsync(lock.fd)
     finally:
-        os.close(fd)
-        os.unlink(probe)
+        try:
+            os.unlink(probe)
+        finally:
+            lock.release()

@@ -84,14 +84,18 @@ def _with_counter(path, counter):
 
 
 def unique_path(path, start=0):
-    """Create ``path`` (or the first free ``~N`` variant) and return it.
+    """Create ``path`` (or the first free ``~N`` variant), locked, and
+    return it.
 
     Free means: no such file and no file that starts with its name plus a
     dot (``x.events.gz`` left by a callback). The file is created with
-    O_EXCL, so two writers can never get the same name.
+    O_EXCL, so two writers can never get the same name, and locked from
+    its creation on (:class:`~shoebox_worker.files.FileLock` with
+    ``exclusive``): an empty archive nobody holds is a dead worker's,
+    which recovery may remove whatever its age.
 
     :param start: the first counter to try (0 is ``path`` itself).
-    :returns: ``(path, counter)``.
+    :returns: ``(path, counter, lock)``; the caller releases the lock.
     """
     directory = os.path.dirname(path) or "."
     counter = start
@@ -102,12 +106,10 @@ def unique_path(path, start=0):
         if any(name.startswith(base) for name in os.listdir(directory)):
             continue
         try:
-            fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
-                         0o644)
+            lock = files.FileLock(candidate, exclusive=True)
         except FileExistsError:
             continue
-        os.close(fd)
-        return candidate, counter - 1
+        return candidate, counter - 1, lock
 
 
 def _written_order_key(path):
@@ -173,11 +175,21 @@ class WritingRollManager(RollManager):
     :param archive_callback: ``on_open(filename)`` / ``on_close(filename)``
         on each file; a chain runs them in order.
     :param version: record format version of new files.
+    :param keep_locks: each archive is locked from its creation (see
+        :func:`unique_path`); by default the lock is released when it is
+        closed. With ``keep_locks`` it is kept until :meth:`take_lock`
+        hands it on (the worker hands it to the shipper, which releases it
+        once the archive's state file exists).
     """
 
     def __init__(self, filename_template, roll_checker, directory=".",
-                 archive_callback=None, version=record.CURRENT_VERSION):
+                 archive_callback=None, version=record.CURRENT_VERSION,
+                 keep_locks=False):
         super().__init__(filename_template, directory, archive_callback)
+        self.keep_locks = keep_locks
+        # the lock of the active archive, and of closed ones not yet taken
+        self._active_lock = None
+        self._closed_locks = {}
         if version not in record.VERSIONS:
             raise exceptions.InvalidVersion(
                 "cannot write format version %r" % (version,))
@@ -209,13 +221,15 @@ class WritingRollManager(RollManager):
             base = self._make_filename()
             start = (self._last_counter + 1 if base == self._last_base
                      else 0)
-            path, counter = unique_path(base, start)
+            path, counter, lock = unique_path(base, start)
             try:
                 self.active_archive = archive.ArchiveWriter(
                     path, version=self.version, exclusive=False)
             except BaseException:
                 os.unlink(path)
+                lock.release()
                 raise
+            self._active_lock = lock
             files.fsync_directory(path)
             self._last_base, self._last_counter = base, counter
             self._synced = (0, None)
@@ -283,7 +297,9 @@ class WritingRollManager(RollManager):
                 os.unlink(filename)
             except OSError:
                 pass
+            self._release_active_lock(None)
             return None
+        self._release_active_lock(filename)
         records, last = self._synced
         report = dataclasses.replace(report, size=kept, records=records,
                                      last_metadata=last)
@@ -312,7 +328,24 @@ class WritingRollManager(RollManager):
                 mtime = self._last_mtime_ns + 1
                 os.utime(self.active_filename, ns=(stat.st_atime_ns, mtime))
             self._last_mtime_ns = mtime
+            self._release_active_lock(self.active_filename)
         return super().close()
+
+    def _release_active_lock(self, closed):
+        """The active archive is closed (``closed``: its path) or removed
+        (None): keep its lock for :meth:`take_lock`, or release it."""
+        lock, self._active_lock = self._active_lock, None
+        if lock is None:
+            return
+        if self.keep_locks and closed is not None:
+            self._closed_locks[closed] = lock
+        else:
+            lock.release()
+
+    def take_lock(self, filename):
+        """The lock of the closed archive ``filename`` (with
+        ``keep_locks``), now the caller's to release; None if not held."""
+        return self._closed_locks.pop(filename, None)
 
     def _closing_report(self):
         return self.active_archive.report()

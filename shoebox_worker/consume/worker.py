@@ -51,7 +51,6 @@ nothing is sent.
 """
 
 import errno
-import fnmatch
 import functools
 import logging
 import os
@@ -61,7 +60,6 @@ import socket
 import time
 
 from shoebox_worker import callbacks as callbacks_mod
-from shoebox_worker import files
 from shoebox_worker import roll_manager
 from shoebox_worker.consume import backpressure as backpressure_mod
 from shoebox_worker.consume import batch as batch_mod
@@ -72,7 +70,8 @@ from shoebox_worker.consume import signals
 from shoebox_worker.consume import stats as stats_mod
 from shoebox_worker.ship import shipper as shipper_mod
 
-__all__ = ["Worker", "StopRequested", "worker_id", "archive_pattern"]
+__all__ = ["Worker", "StopRequested", "worker_id", "archive_pattern",
+           "archive_matcher"]
 
 LOG = logging.getLogger(__name__)
 
@@ -115,13 +114,51 @@ def worker_id():
 
 
 def archive_pattern(template):
-    """A glob matching every file name ``template`` can produce."""
+    """A glob matching every file name ``template`` can produce (and
+    more: for reading; recovery uses :func:`archive_matcher`)."""
     pattern = re.sub(r"%-?[A-Za-z%]", "*", template)
     pattern = pattern.replace("{worker_id}", "*")
     pattern = re.sub(r"\*+", "*", pattern)
     for char in (" ", "/", ":"):
         pattern = pattern.replace(char, "_")
     return pattern
+
+
+#: What one strftime directive or ``{worker_id}`` renders as in a file
+#: name: never a dot (host names have their dots made dashes, and the
+#: worker does not set a locale), so one archive's name never matches the
+#: compressed or renamed form of another (``x.gz``, ``x.events.zst``).
+_FIELD = r"[^./]*"
+#: The ``~N`` a taken name gets (see :func:`roll_manager.unique_path`).
+_COUNTER = r"(?:~\d+)?"
+
+
+def archive_matcher(template):
+    """A regular expression matching exactly the names the writer gives
+    its archives under ``template``, for any time and worker id, with or
+    without the ``~N`` counter of a taken name; never the names a step
+    gives them (``x.events.gz``, ``x.events.done``, and for a template
+    without an extension ``x.gz``), which recovery finds through their
+    state files instead.
+
+    :returns: a compiled pattern; use ``.fullmatch(name)``.
+    """
+    out = []
+    directive = r"%[-_0^#]?[EO]?[A-Za-z]"  # with glibc's flags
+    for part in re.split(r"(%s|%%%%|\{worker_id\})" % directive,
+                         template):
+        if part == "%%":
+            out.append(re.escape("%"))
+        elif part == "{worker_id}" or re.fullmatch(directive, part):
+            if not out or out[-1] != _FIELD:  # one for several in a row
+                out.append(_FIELD)
+        else:
+            for char in part:
+                if char in (" ", "/", ":"):  # as render_template does
+                    char = "_"
+                out.append(_COUNTER + r"\." if char == "." else
+                           re.escape(char))
+    return re.compile("".join(out) + _COUNTER)
 
 
 def _properties(message):
@@ -139,31 +176,23 @@ StopRequested = broker.StopRequested
 
 
 class _ArchiveLock(callbacks_mod.ArchiveCallback):
-    """The roll manager's archive callback in a worker: locks each archive
-    as soon as it exists, and keeps the lock after it is closed, until
-    :meth:`take` hands it on (to the shipper, which releases it once the
-    archive's state file exists)."""
+    """The roll manager's archive callback in a worker: notes when each
+    archive was opened. The archive's lock itself is taken by the roll
+    manager as it creates the file (``keep_locks``) and handed to the
+    shipper with the closed archive (:meth:`Worker._ship`), which releases
+    it once the archive's state file exists."""
 
     def __init__(self):
-        self.lock = None
         #: when the active archive was opened (its first record's time)
         self.opened_at = None
 
     def on_open(self, filename):
-        self.lock = files.FileLock(filename, create=False)
         self.opened_at = time.time()
 
     def take(self):
-        """``(lock, opened_at)`` of the archive just closed."""
-        taken = self.lock, self.opened_at
-        self.lock = self.opened_at = None
+        """When the archive just closed was opened."""
+        taken, self.opened_at = self.opened_at, None
         return taken
-
-    def release(self):
-        """Unlock an archive that was removed instead of closed."""
-        lock, _ = self.take()
-        if lock is not None:
-            lock.release()
 
 
 class Worker(broker.Reconnecting):
@@ -202,11 +231,12 @@ class Worker(broker.Reconnecting):
             stats=self.stats)
         self.template = archive_conf.template_for(self.ident)
         self.pattern = archive_pattern(archive_conf.filename_template)
+        self.archive_name = archive_matcher(archive_conf.filename_template)
         self._archive_lock = _ArchiveLock()
         self.manager = roll_manager.WritingRollManager(
             self.template, roll_checker, directory=self.directory,
             archive_callback=self._archive_lock,
-            version=archive_conf.version)
+            version=archive_conf.version, keep_locks=True)
         self.batch = batch_mod.Batch(self.manager.sync)
         self.unwrap = envelope.Unwrapper(
             archive_conf.metadata_fields, archive_conf.static_metadata)
@@ -254,7 +284,8 @@ class Worker(broker.Reconnecting):
     def start(self):
         """Recover what a killed run left, start shipping."""
         recovered = self.shipper.recover(
-            self.directory, lambda name: fnmatch.fnmatch(name, self.pattern))
+            self.directory,
+            lambda name: self.archive_name.fullmatch(name) is not None)
         if recovered:
             LOG.info("%d archive(s) from a previous run queued for "
                      "shipping", recovered)
@@ -443,7 +474,8 @@ class Worker(broker.Reconnecting):
         when none closed) and its lock to the shipper."""
         if report is None:
             return
-        lock, since = self._archive_lock.take()
+        since = self._archive_lock.take()
+        lock = self.manager.take_lock(report.filename)
         self.stats.rolled()
         self.shipper.submit(report.filename, lock, since=since,
                             report=report)
@@ -455,7 +487,7 @@ class Worker(broker.Reconnecting):
         LOG.error(E_DISK, self.manager.active_filename, exc)
         closed = self.manager.cut_unsynced()
         if closed is None:
-            self._archive_lock.release()  # the empty archive is gone
+            self._archive_lock.take()  # the empty archive is gone
         requeued = self.batch.requeue()
         if requeued:
             LOG.warning("requeued %d unsynced message(s)", requeued)

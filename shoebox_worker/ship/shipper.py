@@ -8,9 +8,14 @@ background thread runs the chain one step at a time, passing the report to
 the steps that take it (see :mod:`shoebox_worker.callbacks`), so no step
 reads the archive to learn what is in it. After each step the progress is
 saved in a small state file next to where the archive was written
-(``x.events.ship``: the file's current path, the next step and the
-report), written atomically, so a crash at any point resumes at the step
-that was running, with the same report. A failed step is retried with
+(``x.events.ship``: the file's current path, the next step, where that
+step will leave the file, and the report), written atomically. Where a
+step leaves the file is asked of the step (``output_path``, see
+:mod:`shoebox_worker.contract`) and written before the step runs, so a
+crash at any point resumes at the step that was running, with the same
+report, or after it when its input is gone and its output is there; an
+archive is never found only under a name nothing looks for
+(docs/shipping.md). A failed step is retried with
 capped exponential backoff (with jitter); other archives keep moving
 meanwhile. Steps must be idempotent (see :mod:`shoebox_worker.contract`):
 a step may run again after a crash, never a step after it before it
@@ -39,10 +44,17 @@ with what to check, and retried every ``retry_max`` seconds only, so that
 fixing it heals the worker without a restart.
 
 Every state file is held under an exclusive ``flock`` while its archive is
-being shipped, and every active archive while it is being written, so
-several workers sharing a working directory never ship the same file twice
-nor take over each other's active archive. Locks die with their process,
-so a killed worker's files are taken over at the next start.
+being shipped, and every archive from its creation until its state file
+exists (checked after each ``flock``: the path still names the file
+locked; see :class:`~shoebox_worker.files.FileLock`), so several workers
+sharing a working directory never ship the same file twice nor take over
+each other's active archive. Locks die with their process, so a killed
+worker's files are taken over at the next start, and its empty archives
+removed, whatever their age.
+
+A state file may only send the chain to a regular file inside the working
+directory or where the chain's declared outputs put the archive (a
+``move`` destination); any other path is refused, loudly, and left alone.
 
 :meth:`Shipper.recover` runs at start: it resumes every unlocked state
 file, and treats every unlocked archive that has none as left by a killed
@@ -61,6 +73,7 @@ import json
 import logging
 import os
 import random
+import stat as stat_mod
 import threading
 import time
 
@@ -78,13 +91,18 @@ STATE_SUFFIX = ".ship"
 #: The list of finished archives left where they were written, one per
 #: working directory (a ``.ship`` file too: all shipping state is).
 DONE_FILE = ".finished" + STATE_SUFFIX
-#: recover() leaves an empty archive younger than this (seconds) alone: a
-#: live worker may have just created it and not locked it yet.
-EMPTY_ARCHIVE_GRACE = 60.0
 #: A failing step is logged again at most this often (seconds).
 FAILURE_LOG_INTERVAL = 300.0
 
 E_FAILED = "%s (attempt %d; retrying in %.1f s)"
+E_REFUSED = ("%s names %s, which is neither inside %s nor where the "
+             "callback chain puts an archive, or not a regular file: "
+             "refused, not shipped, left alone")
+E_NOT_REGULAR = ("%s is not a regular file (a symlink?): not shipped, left "
+                 "alone")
+W_UNDECLARED = ("callback %s left %s at %s, not at %s as declared "
+                "(output_path): a crash while it runs can strand the "
+                "archive; see shoebox_worker.contract")
 E_PERMANENT = "%s: will not heal by retrying: %s; retrying every %.0f s"
 E_STILL = ("callback %s still failing after %d attempts, %s, on %d "
            "archive(s); the last: %s")
@@ -100,6 +118,9 @@ class _Job:
         self.step = step            # next step to run
         self.lock = lock            # FileLock on the state file
         self.report = report        # ArchiveReport of its records, or None
+        self.declared = False       # does the step declare its output...
+        self.output = None          # ...and where it leaves the file
+        self.saved = None           # what its state file says now
         self.attempts = 0           # failures of the current step
         self.size = _size(path)
         # when its oldest record was written (at worst: its last write)
@@ -110,6 +131,26 @@ class _Job:
     @property
     def state_path(self):
         return self.origin + STATE_SUFFIX
+
+
+def _regular(path):
+    """Is ``path`` a regular file (not a symlink)?"""
+    try:
+        return stat_mod.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _allowed(path, directory, forms):
+    """May a state file in ``directory`` send the chain to ``path``? Only
+    inside ``directory``, or where the chain's declared outputs put the
+    archive (``forms``: a ``move`` destination), and never to a symlink or
+    another file that is not a regular one."""
+    if os.path.lexists(path) and not _regular(path):
+        return False
+    if os.path.abspath(path) in {os.path.abspath(f) for f in forms}:
+        return True
+    return files.is_within(path, directory)
 
 
 def _mtime(path):
@@ -294,6 +335,11 @@ class Shipper:
         """
         state = FileLock(path + STATE_SUFFIX)
         job = _Job(path, path, 0, state, since, report)
+        if self.chain_names:
+            try:
+                job.declared, job.output = self.chain.output_path(0, path)
+            except exceptions.CallbackError:
+                pass  # the shipping thread asks again, and retries
         self._save(job)
         if lock is not None:
             lock.release()
@@ -364,14 +410,16 @@ class Shipper:
         count = 0
         for name in names:  # a crash mid-rename leaves *.tmp behind
             if name.endswith(STATE_SUFFIX + ".tmp"):
-                path = os.path.join(directory, name)
-                lock = FileLock.try_acquire(path, create=False)
-                if lock is not None:  # else a live worker is writing it
-                    os.unlink(path)
-                    lock.release()
+                try:
+                    files.remove_stale(os.path.join(directory, name))
+                except BlockingIOError:
+                    pass  # a live worker is writing it
         for name in names:
             path = os.path.join(directory, name)
             if name.endswith(STATE_SUFFIX) and name != DONE_FILE:
+                if not _regular(path):
+                    LOG.error(E_NOT_REGULAR, path)
+                    continue
                 count += self._resume(path)
         if os.path.exists(os.path.join(directory, DONE_FILE)):
             _update_done(directory)  # forget the archives gone since
@@ -385,15 +433,13 @@ class Shipper:
                 continue
             if _is_done(path, done):
                 continue
-            try:
-                stat = os.stat(path)
-            except FileNotFoundError:
+            if not _regular(path):
+                if os.path.lexists(path):
+                    LOG.error(E_NOT_REGULAR, path)
                 continue
-            if stat.st_size == 0 and \
-                    time.time() - stat.st_mtime < EMPTY_ARCHIVE_GRACE:
-                # a live worker creates its archive, then locks it: not
-                # ours to remove (nor to lock, which would make it fail)
-                continue
+            # a live worker holds its archive's lock from the moment the
+            # file exists (roll_manager.unique_path): an unlocked one is a
+            # dead worker's, even an empty one just created
             lock = FileLock.try_acquire(path, create=False)
             if lock is None:
                 continue  # being written by a live worker
@@ -414,7 +460,12 @@ class Shipper:
                 os.unlink(path)
                 lock.release()
                 continue
-            report = self._recovered_report(path)
+            try:
+                report = self._recovered_report(path)
+            except Exception as exc:  # shipped as it is: never stranded
+                LOG.error("%s: cannot read it for its report (%s); shipping "
+                          "it as it is", path, exc)
+                report = None
             LOG.info("shipping %s, left by a previous run", path)
             self.submit(path, lock, report=report)
             count += 1
@@ -465,14 +516,32 @@ class Shipper:
             return 0
         path = state.get("path", origin)
         step = int(state.get("step", 0))
+        declared, output = "output" in state, state.get("output")
         if state.get("chain") != self.chain_names:
             LOG.warning("%s: the callback chain changed since it was "
                         "started (%s, now %s); running the new chain from "
                         "its first step", origin, state.get("chain"),
                         self.chain_names)
-            step = 0
+            step, declared = 0, False
+        forms = self.chain.forms(origin)
+        if path is not None and not _allowed(path, directory, forms):
+            LOG.error(E_REFUSED, state_path, path, directory)
+            if not _regular(origin):
+                lock.release()  # left alone, for an operator to look at
+                return 0
+            path, step, declared = origin, 0, False
+        if declared and output is not None and \
+                not _allowed(output, directory, forms):
+            LOG.error(E_REFUSED, state_path, output, directory)
+            declared = False
         if path is None or not os.path.exists(path):
-            if os.path.exists(origin):
+            if declared and step < len(self.chain_names) and (
+                    output is None or os.path.exists(output)):
+                # the step had done its work when the last run died
+                LOG.info("%s: step %d (%s) had left it at %s; going on",
+                         origin, step, self.chain_names[step], output)
+                path, step = output, step + 1
+            elif os.path.exists(origin):
                 path, step = origin, 0
             else:
                 LOG.error("%s: state says %s, which is gone; nothing to "
@@ -571,10 +640,12 @@ class Shipper:
             name = self.chain_names[job.step]
             if job.report is None and self.chain.wants_report(job.step):
                 job.report = _inspect(job.path)
-                if job.report is not None:
-                    self._save(job)  # read once, even across a restart
             started = time.monotonic()
             try:
+                job.declared, job.output = self.chain.output_path(job.step,
+                                                                  job.path)
+                # where the step leaves the file is on disk before it runs
+                self._save(job)
                 new_path = self.chain.run_step(job.step, job.path,
                                                job.report)
             except exceptions.CallbackError as exc:
@@ -583,11 +654,12 @@ class Shipper:
             if self.stats is not None:
                 self.stats.callback_done(name, time.monotonic() - started)
             self._worked(job, name)
+            if new_path != job.output:
+                LOG.warning(W_UNDECLARED, name, job.path, new_path,
+                            job.output)
             job.path = new_path
             job.step += 1
             job.size = _size(new_path)
-            if job.step < len(self.chain_names) and new_path is not None:
-                self._save(job)
         self._finish(job)
 
     def _delay(self, attempts, permanent=False):
@@ -686,11 +758,19 @@ class Shipper:
         lock.release()
 
     def _save(self, job):
+        """Write the job's state file (unless it says that already): where
+        the archive is, its next step, where that step leaves it (when the
+        step declares it) and its report."""
         state = {"path": job.path, "step": job.step,
                  "chain": self.chain_names}
+        if job.declared:
+            state["output"] = job.output
         if job.report is not None:
             state["report"] = _report_to_state(job.report)
+        if state == job.saved:
+            return
         lock = files.write_json_atomic(job.state_path, state)
+        job.saved = state
         old, job.lock = job.lock, lock
         old.release()
 

@@ -11,9 +11,12 @@
 
 Each follows :class:`~shoebox_worker.contract.ArchiveCallbackSpec`: it may
 run again on the same file after a failure or a crash, so each is
-idempotent.
+idempotent, and each declares where it leaves the file
+(``output_path``), which the shipper records before it runs.
 """
 
+import errno
+import filecmp
 import logging
 import os
 import threading
@@ -52,8 +55,11 @@ class ChangeExtensionCallback(ArchiveCallback):
                                       "new_extension")
         self.new_extension = "." + extension
 
+    def output_path(self, filename):
+        return filename + self.new_extension
+
     def on_close(self, filename):
-        new = filename + self.new_extension
+        new = self.output_path(filename)
         if os.path.exists(new):
             raise FileExistsError("%s exists; not overwriting it" % new)
         os.rename(filename, new)
@@ -64,7 +70,11 @@ class ChangeExtensionCallback(ArchiveCallback):
 class MoveFileCallback(ArchiveCallback):
     """Move the file into ``destination_folder`` (created if missing).
 
-    An existing file of the same name is never overwritten.
+    An existing file of the same name is never overwritten, unless it is
+    this file already (a retry after a crash). On one file system the
+    file is hard-linked, then unlinked; to another, it is copied to
+    ``<dest>.tmp`` (created exclusively, a crash's leftover replaced),
+    fsynced and linked into place.
 
     :param destination_folder: default ``.``.
     """
@@ -72,36 +82,68 @@ class MoveFileCallback(ArchiveCallback):
     def __init__(self, *, destination_folder="."):
         self.destination_folder = str(destination_folder)
 
-    def on_close(self, filename):
-        os.makedirs(self.destination_folder, exist_ok=True)
+    def output_path(self, filename):
         new = os.path.join(self.destination_folder,
                            os.path.basename(filename))
         if os.path.abspath(new) == os.path.abspath(filename):
             return filename
+        return new
+
+    def on_close(self, filename):
+        new = self.output_path(filename)
+        if new == filename:
+            return filename
+        os.makedirs(self.destination_folder, exist_ok=True)
         try:  # a hard link refuses to replace an existing name
             os.link(filename, new)
         except FileExistsError:
             # a retry after a crash between link and unlink: same file
             if not os.path.samefile(filename, new):
-                raise FileExistsError("%s exists; not overwriting it"
-                                      % new) from None
-        except OSError:  # another filesystem: copy, then rename into place
-            tmp = new + ".tmp"
-            with open(filename, "rb") as src, open(tmp, "xb") as dst:
-                while chunk := src.read(1 << 20):
-                    dst.write(chunk)
-                dst.flush()
-                os.fsync(dst.fileno())
-            stat = os.stat(filename)  # readers order files by mtime
-            os.utime(tmp, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-            if os.path.exists(new):
-                os.unlink(tmp)
-                raise FileExistsError("%s exists; not overwriting it"
-                                      % new) from None
-            os.rename(tmp, new)
+                _refuse_unless_same(filename, new)
+        except OSError as exc:  # another filesystem: copy, then link
+            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.ENOTSUP,
+                                 errno.EMLINK):
+                raise
+            _copy_into_place(filename, new)
         files.fsync_directory(new)
         os.unlink(filename)
         return new
+
+
+def _refuse_unless_same(filename, new):
+    """``new`` exists: fine when it holds the same bytes (a copy finished
+    before a crash), else refused."""
+    if not filecmp.cmp(filename, new, shallow=False):
+        raise FileExistsError("%s exists; not overwriting it" % new)
+
+
+def _copy_into_place(filename, new):
+    """Copy ``filename`` to ``new`` on another file system, durably, never
+    over an existing file."""
+    if os.path.lexists(new):  # a retry after a crash: the copy is there
+        _refuse_unless_same(filename, new)
+        return
+    tmp = new + ".tmp"
+    lock = files.create_temporary(tmp)
+    try:
+        with open(filename, "rb") as src, \
+                os.fdopen(os.dup(lock.fd), "wb") as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+            dst.flush()
+            os.fsync(dst.fileno())
+            stat = os.stat(filename)  # readers order files by mtime
+            os.utime(dst.fileno(), ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        if os.path.lexists(new):  # appeared meanwhile: never replaced
+            _refuse_unless_same(filename, new)
+        else:
+            os.rename(tmp, new)
+    finally:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        lock.release()
 
 
 class DeleteFileCallback(ArchiveCallback):
@@ -109,6 +151,9 @@ class DeleteFileCallback(ArchiveCallback):
 
     def __init__(self):
         pass
+
+    def output_path(self, filename):
+        return None
 
     def on_close(self, filename):
         try:
@@ -136,6 +181,11 @@ class CompressCallback(ArchiveCallback):
         # checked now: else every archive would fail to compress, forever
         self.level = options.coerce("level", level, options.integer_in(
             *self.levels, empty=self.codec.default_level))
+
+    def output_path(self, filename):
+        if filename.endswith(self.codec.suffix):
+            return filename  # already done before a crash
+        return filename + self.codec.suffix
 
     def on_close(self, filename):
         if filename.endswith(self.codec.suffix):
@@ -188,6 +238,9 @@ class MemoryCallback(ArchiveCallback):
 
     def on_open(self, filename):
         self._record("open", filename)
+
+    def output_path(self, filename):
+        return filename
 
     def on_close(self, filename):
         if self.fail_times > 0:

@@ -6,6 +6,7 @@ played either by a second open of the path (a second FileLock) or by a real
 subprocess.
 """
 
+import fcntl
 import json
 import os
 import stat
@@ -84,6 +85,43 @@ class TestFileLock:
         assert probe(path) == "held"
         lock.release()
         assert probe(path) == "free"
+
+    def test_lock_follows_a_replacement_during_the_flock(self, tmp_path,
+                                                         monkeypatch):
+        # the path is renamed over while the lock is being taken: what is
+        # held must be the file the path names after, not the one gone
+        path = tmp_path / "state"
+        path.write_text("old")
+        replaced = []
+
+        class Replacing:
+            def __getattr__(self, name):
+                return getattr(fcntl, name)
+
+            def flock(self, fd, operation):
+                if not replaced:
+                    replaced.append(True)
+                    (tmp_path / "new").write_text("new")
+                    os.rename(tmp_path / "new", path)
+                fcntl.flock(fd, operation)
+
+        monkeypatch.setattr(files, "fcntl", Replacing())
+        lock = files.FileLock(str(path), create=False)
+        monkeypatch.setattr(files, "fcntl", fcntl)
+        try:
+            assert replaced
+            assert files.names_same_file(lock.fd, str(path))
+            assert probe(path) == "held"
+        finally:
+            lock.release()
+
+    def test_lock_never_follows_a_symlink(self, tmp_path):
+        target = tmp_path / "target"
+        target.write_text("x")
+        os.symlink(target, tmp_path / "link")
+        with pytest.raises(OSError):
+            files.FileLock(str(tmp_path / "link"))
+        assert probe(target) == "free"
 
     def test_second_open_in_the_same_process_is_refused(self, tmp_path):
         path = str(tmp_path / "a.lock")
@@ -224,7 +262,7 @@ class TestWriteJsonAtomic:
         assert json.loads(path.read_text()) == {"old": 1}
         assert open_fds() == before
         assert probe(path) == "free"
-        assert probe(tmp_path / "state.json.tmp") == "free"
+        assert not (tmp_path / "state.json.tmp").exists()
 
     def test_failure_of_the_rename_releases_the_lock(
             self, tmp_path, monkeypatch):
@@ -240,7 +278,7 @@ class TestWriteJsonAtomic:
             files.write_json_atomic(str(path), {"new": 1})
         assert json.loads(path.read_text()) == {"old": 1}
         assert open_fds() == before
-        assert probe(tmp_path / "state.json.tmp") == "free"
+        assert not (tmp_path / "state.json.tmp").exists()
 
     def test_concurrent_writer_holding_the_temporary_file(
             self, tmp_path, holder):
@@ -318,6 +356,13 @@ class TestEnsureWritableDirectory:
         (tmp_path / "kept").write_text("x")
         files.ensure_writable_directory(str(tmp_path))
         assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
+
+    def test_probe_of_a_killed_run_is_removed(self, tmp_path, holder):
+        (tmp_path / (files.PROBE_PREFIX + "dead")).write_text("probe")
+        live = tmp_path / (files.PROBE_PREFIX + "live")
+        holder(live)  # another worker probing right now
+        files.ensure_writable_directory(str(tmp_path))
+        assert os.listdir(tmp_path) == [live.name]
 
     @pytest.mark.parametrize("where", ["under_a_file", "a_file", "proc"])
     def test_cannot_create(self, tmp_path, where):

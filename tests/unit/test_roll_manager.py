@@ -1,6 +1,7 @@
 """Tests for shoebox_worker.roll_manager: series of archives."""
 
 import datetime
+import fcntl
 import os
 
 import pytest
@@ -9,6 +10,7 @@ import shoebox_worker
 from shoebox_worker import archive
 from shoebox_worker import callbacks
 from shoebox_worker import exceptions
+from shoebox_worker import files
 from shoebox_worker import record
 from shoebox_worker import roll_checker
 from shoebox_worker import roll_manager
@@ -327,17 +329,80 @@ class TestNames:
         assert roll_manager.render_template("%Y", when) == "2024"
 
     def test_unique_path(self, tmp_path):
+        def unique(path, start=0):
+            path, counter, lock = roll_manager.unique_path(path, start)
+            lock.release()
+            return path, counter
+
         base = str(tmp_path / "x.events")
-        assert roll_manager.unique_path(base) == (base, 0)
-        assert roll_manager.unique_path(base) == (
-            str(tmp_path / "x~1.events"), 1)
+        assert unique(base) == (base, 0)
+        assert unique(base) == (str(tmp_path / "x~1.events"), 1)
         (tmp_path / "x~2.events.gz").write_bytes(b"")
-        assert roll_manager.unique_path(base) == (
-            str(tmp_path / "x~3.events"), 3)
-        assert roll_manager.unique_path(base, start=7)[1] == 7
+        assert unique(base) == (str(tmp_path / "x~3.events"), 3)
+        assert unique(base, start=7)[1] == 7
         noext = str(tmp_path / "plain")
-        roll_manager.unique_path(noext)
-        assert roll_manager.unique_path(noext)[0] == noext + "~1"
+        unique(noext)
+        assert unique(noext)[0] == noext + "~1"
+
+    def test_unique_path_is_locked_from_its_creation(self, tmp_path):
+        path, _, lock = roll_manager.unique_path(str(tmp_path / "x.events"))
+        try:
+            assert files.FileLock.try_acquire(path, create=False) is None
+            assert files.names_same_file(lock.fd, path)
+        finally:
+            lock.release()
+        assert files.FileLock.try_acquire(path, create=False) is not None
+
+    def test_a_recovery_removing_the_new_file_is_survived(
+            self, tmp_path, monkeypatch):
+        # another worker's recovery locks the empty file between our
+        # create and our flock, and removes it: we create it again
+        path = str(tmp_path / "x.events")
+        raced = []
+
+        class Racing:
+            def __getattr__(self, name):
+                return getattr(fcntl, name)
+
+            def flock(self, fd, operation):
+                if not raced:
+                    raced.append(True)
+                    other = files.FileLock(path, create=False)
+                    os.unlink(path)
+                    other.release()
+                fcntl.flock(fd, operation)
+
+        monkeypatch.setattr(files, "fcntl", Racing())
+        got, counter, lock = roll_manager.unique_path(path)
+        try:
+            assert raced and (got, counter) == (path, 0)
+            assert files.names_same_file(lock.fd, path)
+        finally:
+            lock.release()
+
+    def test_writer_holds_and_releases_the_lock(self, tmp_path):
+        manager = roll_manager.WritingRollManager(
+            "a_%Y.events", roll_checker.NeverRollChecker(),
+            directory=str(tmp_path))
+        manager.write({"k": "v"}, b"x")
+        path = manager.active_filename
+        assert files.FileLock.try_acquire(path, create=False) is None
+        manager.close()
+        assert files.FileLock.try_acquire(path, create=False) is not None
+        assert manager.take_lock(path) is None
+
+    def test_keep_locks_hands_the_lock_on(self, tmp_path):
+        manager = roll_manager.WritingRollManager(
+            "a_%Y.events", roll_checker.NeverRollChecker(),
+            directory=str(tmp_path), keep_locks=True)
+        manager.write({"k": "v"}, b"x")
+        path = manager.active_filename
+        manager.close()
+        assert files.FileLock.try_acquire(path, create=False) is None
+        lock = manager.take_lock(path)
+        assert files.names_same_file(lock.fd, path)
+        lock.release()
+        assert files.FileLock.try_acquire(path, create=False) is not None
 
     def test_sort_written_order(self, tmp_path):
         names = ["b.events", "a~2.events", "a~10.events.gz", "a.events"]

@@ -856,3 +856,52 @@ class TestStatsLineAtShutdown:
         with caplog.at_level(logging.INFO):
             running.stop()
         assert len(self.stats_lines(caplog)) == 1
+
+
+class TestRecoveryMatchesTheWriter:
+    """Recovery takes exactly the names the writer makes: never a step's
+    output (compressed, renamed), whatever the template."""
+
+    TEMPLATES = ["shoebox_%Y%m%dT%H%M%S_{worker_id}",
+                 "shoebox_%Y%m%dT%H%M%S_{worker_id}.events",
+                 "%c {worker_id} x.events.dat",
+                 "%-d%Ey_%%_{worker_id}.events"]
+
+    @pytest.mark.parametrize("template", TEMPLATES)
+    def test_names_of_the_writer_and_no_other(self, tmp_path, template):
+        filled = template.replace("{worker_id}", "host-1-42")
+        manager = roll_manager.WritingRollManager(
+            filled, roll_checker.NeverRollChecker(), directory=str(tmp_path))
+        names = []
+        for _ in range(3):  # the same second: ~1, ~2 are inserted
+            manager.write({"k": "v"}, b"x")
+            names.append(os.path.basename(manager.active_filename))
+            manager.close()
+        assert len(set(names)) == 3, names
+        matcher = worker_mod.archive_matcher(template)
+        for name in names:
+            assert matcher.fullmatch(name), (matcher.pattern, name)
+            for suffix in (".gz", ".zst", ".done", ".gz.tmp", ".ship",
+                           ".ship.tmp", ".sha256"):
+                assert not matcher.fullmatch(name + suffix), name + suffix
+
+    def test_template_without_extension_skips_compressed_archives(
+            self, tmp_path, broker, caplog):
+        # a gzip-only chain leaves x.gz; the next start must neither take
+        # it for an archive of a killed run nor fail on it
+        template = "shoebox_%Y%m%dT%H%M%S_{worker_id}"
+        conf = write_config(tmp_path, broker, {
+            "filename_template": template, "callbacks": "gzip"})
+        work = tmp_path / "work"
+        work.mkdir()
+        left = str(work / "shoebox_20260101T000000_host-1-42")
+        with archive.ArchiveWriter(left) as writer:
+            writer.write({"k": "v"}, b"x")
+        done = steps.GzipCallback().on_close(left)
+        worker = make_worker(conf, broker)
+        with caplog.at_level(logging.WARNING):
+            worker.start()
+        worker.shipper.stop(1)
+        assert worker.shipper.pending() == 0
+        assert os.listdir(work) == [os.path.basename(done)]
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
