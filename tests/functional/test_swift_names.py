@@ -249,7 +249,7 @@ def test_a_restart_with_the_same_host_pid_and_clock_overwrites_nothing(
         assert worker.wait(60) == 0, worker.log[-3000:]
         logs.append(worker.log)
     # the same host-pid both times, and names of the same seconds
-    assert all("_shoebox-1_" in name for log in logs
+    assert all("_shoebox-1" in name for log in logs
                for name in uploads(log))
     conn = _connection(swift_env)
     try:
