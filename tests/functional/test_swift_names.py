@@ -18,6 +18,8 @@ skipped, or fail when CI=true.
 
 import collections
 import hashlib
+import http.client
+import http.server
 import json
 import logging
 import os
@@ -26,12 +28,14 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
 
 import pytest
 from swiftclient import client as swc
 
 from shoebox_worker import archive
+from shoebox_worker import exceptions
 from shoebox_worker.consume import envelope
 from shoebox_worker.ship import swift
 from shoebox_worker.tools import simulator
@@ -374,3 +378,121 @@ def test_poison_first_records_ship_and_idle_exit_exits(
     finally:
         conn.close()
     assert not os.listdir(tmp_path / "archive")
+
+
+# -- a Swift that lies: the callback's own checks --------------------------
+
+class LyingProxy:
+    """An HTTP proxy in front of the real Swift that lies as told:
+    ``put_etag`` (a wrong ETag in object PUT answers), ``head_etag`` (in
+    HEAD answers), ``no_slo`` (HEAD answers without
+    X-Static-Large-Object). v1 auth answers point the client at the
+    proxy."""
+
+    def __init__(self, auth_url):
+        parsed = urllib.parse.urlsplit(auth_url)
+        self.upstream = (parsed.hostname, parsed.port)
+        self.lie = None
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _forward(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("host", "connection")}
+                upstream = http.client.HTTPConnection(*proxy.upstream,
+                                                      timeout=30)
+                try:
+                    upstream.request(self.command, self.path, body=body,
+                                     headers=headers)
+                    response = upstream.getresponse()
+                    data = response.read()
+                    out = response.getheaders()
+                finally:
+                    upstream.close()
+                out = proxy.rewrite(self.command, self.path, out)
+                self.send_response(response.status, response.reason)
+                length = str(len(data))
+                for name, value in out:
+                    if name.lower() == "content-length" and \
+                            self.command == "HEAD":
+                        length = value  # of the object, not of no body
+                    elif name.lower() not in ("connection", "content-length",
+                                              "transfer-encoding"):
+                        self.send_header(name, value)
+                self.send_header("Content-Length", length)
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                                     Handler)
+        self.port = self.server.server_address[1]
+        self.url = "http://127.0.0.1:%d" % self.port
+        self.auth_url = self.url + parsed.path
+        self.thread = threading.Thread(target=self.server.serve_forever,
+                                       daemon=True)
+        self.thread.start()
+
+    def rewrite(self, method, path, headers):
+        out = []
+        is_object = path.split("?")[0].count("/") >= 4  # /v1/a/c/o
+        for name, value in headers:
+            lower = name.lower()
+            if lower == "x-storage-url":
+                value = re.sub(r"^https?://[^/]+", self.url, value)
+            elif lower == "etag" and is_object and (
+                    (self.lie == "put_etag" and method == "PUT")
+                    or (self.lie == "head_etag" and method == "HEAD")):
+                value = "0" * 32
+            elif (lower == "x-static-large-object" and method == "HEAD"
+                  and self.lie == "no_slo"):
+                continue
+            out.append((name, value))
+        return out
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def lying(swift_env):
+    proxy = LyingProxy(swift_env["ST_AUTH"])
+    yield proxy
+    proxy.close()
+
+
+@pytest.mark.parametrize("lie, segment_size, error", [
+    (None, "1G", None),
+    (None, "16K", None),
+    ("put_etag", "1G", r"PUT \S+ returned ETag 0{32}; MD5 of the"),
+    ("put_etag", "16K", r"PUT \S+ returned ETag 0{32}; MD5 of the"),
+    ("head_etag", "1G", r"HEAD \S+: \d+ bytes, ETag 0{32}; expected"),
+    ("head_etag", "16K", r"HEAD \S+: \d+ bytes, ETag 0{32}; expected"),
+    ("no_slo", "16K", r"HEAD \S+: not a Static Large Object"),
+])
+def test_a_swift_that_lies_fails_the_upload(swift_env, container, tmp_path,
+                                            lying, lie, segment_size, error):
+    path = write_archive(tmp_path / "x.events", 60, seed=3)
+    lying.lie = lie
+    callback = swift.SwiftUploadCallback(**dict(
+        swift_options(swift_env, container, segment_size=segment_size),
+        auth=lying.auth_url))
+    try:
+        if error is None:  # the proxy itself is no lie
+            assert callback.on_close(path) == path
+            return
+        with pytest.raises(exceptions.UploadError, match=error):
+            callback.on_close(path)
+    finally:
+        callback.close()
+    assert os.path.exists(path)
