@@ -220,7 +220,7 @@ def _record_time(metadata):
     if not isinstance(metadata, dict):
         return None
     value = metadata.get("timestamp")
-    if not isinstance(value, str) or not 0 < len(value) <= _MAX_TIMESTAMP \
+    if not isinstance(value, str) or len(value) > _MAX_TIMESTAMP \
             or not _SAFE_HEADER.match(value):
         return None
     try:

@@ -588,6 +588,25 @@ def test_plausible_timestamps_are_kept_bounded_and_ascii():
     assert swift._header_value("x" * 300) == "x" * 256
 
 
+def test_record_times_are_utc_whatever_the_local_zone(monkeypatch):
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    try:
+        naive = swift._record_time({"timestamp": "2024-03-09 10:00:00"})
+        aware = swift._record_time({"timestamp": "2024-03-09T10:00:00+01:00"})
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert (naive.hour, naive.utcoffset()) == (10, datetime.timedelta(0))
+    assert (aware.hour, aware.utcoffset()) == (9, datetime.timedelta(0))
+
+
+def test_a_timestamp_is_at_most_40_characters():
+    stamp = "2024-03-09T10:00:00.123456+01:00"  # 32
+    assert swift._record_time({"timestamp": stamp.rjust(40)}) is not None
+    assert swift._record_time({"timestamp": stamp.rjust(41)}) is None
+
+
 @pytest.mark.parametrize("value", POISON_TIMESTAMPS[:6])
 def test_on_close_with_a_poison_timestamp_uploads(monkeypatch, tmp_path,
                                                    value):
