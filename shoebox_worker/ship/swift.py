@@ -410,10 +410,14 @@ def _same_content(head, size, sha256, md5):
     theirs = head.get("x-object-meta-sha256")
     if sha256 is not None and theirs is not None:
         return theirs == sha256
-    slo = head.get("x-static-large-object", "").lower() == "true"
-    if slo or md5 is None:
+    if _is_slo(head) or md5 is None:
         return False  # nothing left to compare the content with
     return head.get("etag", "").strip('"') == md5
+
+
+def _is_slo(head):
+    """Whether HEAD headers are those of a Static Large Object."""
+    return head.get("x-static-large-object", "").lower() == "true"
 
 
 def _what_is_there(head):
@@ -1007,7 +1011,7 @@ class SwiftUploadCallback:
         if got_sha256 != sha256:
             raise _Mismatch("HEAD %s/%s: SHA-256 %s; expected %s"
                             % (self.container, obj, got_sha256, sha256), txn)
-        if slo and head.get("x-static-large-object", "").lower() != "true":
+        if slo and not _is_slo(head):
             raise _Mismatch("HEAD %s/%s: not a Static Large Object"
                             % (self.container, obj), txn)
 
@@ -1043,6 +1047,9 @@ class SwiftUploadCallback:
             head = self._existing(conn, self.container, obj) or {}
             if not _same_content(head, size, sha256, etag):
                 raise _NameTaken(_what_is_there(head)) from None
+            if _is_slo(head):  # this file, uploaded with other settings
+                self._head(conn, obj, size, None, sha256, slo=True)
+                return False
             if head.get("x-object-meta-sha256") == sha256:
                 self._head(conn, obj, size, etag, sha256, slo=False)
                 return False
@@ -1111,9 +1118,7 @@ class SwiftUploadCallback:
         if not _same_content(head, size, sha256, None):
             raise _NameTaken(_what_is_there(head))
         # its ETag is that of its own segments, which may be cut otherwise
-        self._head(conn, obj, size, None, sha256,
-                   slo=head.get("x-static-large-object", "").lower()
-                   == "true")
+        self._head(conn, obj, size, None, sha256, slo=_is_slo(head))
         return False
 
     def _reuse_segment(self, conn, name, part, segment_headers):

@@ -926,6 +926,10 @@ def test_on_close_slo_and_stale_segments(monkeypatch, tmp_path):
     assert conn.objects["shoebox", "big.events"] == manifest
     assert sorted(o for c, o in conn.objects
                   if c == "shoebox_segments") == segments
+    fake_callback(monkeypatch, conn).on_close(path)  # now a plain object
+    assert conn.objects["shoebox", "big.events"] == manifest
+    assert sorted(o for c, o in conn.objects
+                  if c == "shoebox_segments") == segments
     # segments of an earlier attempt that never made its manifest go once
     # the object is verified (a crash, then another segment_size)
     del conn.objects["shoebox", "big.events"]
