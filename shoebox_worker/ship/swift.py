@@ -330,10 +330,10 @@ class _Part:
 
     def read(self, size=-1):
         left = self._length - self.sent
-        if left <= 0:
-            return b""
         if size is not None and size >= 0:
             left = min(left, size)
+        if left <= 0:  # all sent, or read(0)
+            return b""
         position = self._offset + self.sent
         data = os.pread(self._fd, left, position)
         if not data:
@@ -402,10 +402,9 @@ def _same_content(head, size, sha256, md5):
     whose ``size``, SHA-256 and MD5 are given: the same size, and the same
     SHA-256 where Swift has one (our uploads set it), and the same ETag for
     a plain object (an SLO's is that of its segments)."""
-    try:
-        if int(head.get("content-length", -1)) != size:
-            return False
-    except ValueError:
+    length = head.get("content-length")
+    if not (isinstance(length, str) and length.isdigit()
+            and int(length) == size):
         return False
     theirs = head.get("x-object-meta-sha256")
     if sha256 is not None and theirs is not None:
@@ -1047,11 +1046,11 @@ class SwiftUploadCallback:
             head = self._existing(conn, self.container, obj) or {}
             if not _same_content(head, size, sha256, etag):
                 raise _NameTaken(_what_is_there(head)) from None
-            if _is_slo(head):  # this file, uploaded with other settings
-                self._head(conn, obj, size, None, sha256, slo=True)
-                return False
             if head.get("x-object-meta-sha256") == sha256:
-                self._head(conn, obj, size, etag, sha256, slo=False)
+                # this file, uploaded before: as a plain object, or as an
+                # SLO (other settings), whose ETag is its segments'
+                self._head(conn, obj, size, None if _is_slo(head) else etag,
+                           sha256, slo=False)
                 return False
             # an earlier attempt stopped before its metadata POST
         conn.post_object(self.container, obj, headers=dict(
@@ -1118,7 +1117,7 @@ class SwiftUploadCallback:
         if not _same_content(head, size, sha256, None):
             raise _NameTaken(_what_is_there(head))
         # its ETag is that of its own segments, which may be cut otherwise
-        self._head(conn, obj, size, None, sha256, slo=_is_slo(head))
+        self._head(conn, obj, size, None, sha256, slo=False)
         return False
 
     def _reuse_segment(self, conn, name, part, segment_headers):
