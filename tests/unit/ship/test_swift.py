@@ -928,6 +928,8 @@ def test_on_close_slo_and_stale_segments(monkeypatch, tmp_path):
                   if c == "shoebox_segments") == segments
     fake_callback(monkeypatch, conn).on_close(path)  # now a plain object
     assert conn.objects["shoebox", "big.events"] == manifest
+    assert [k for k in conn.objects if k[0] == "shoebox"] == [
+        ("shoebox", "big.events")]
     assert sorted(o for c, o in conn.objects
                   if c == "shoebox_segments") == segments
     # segments of an earlier attempt that never made its manifest go once
@@ -976,7 +978,8 @@ def test_a_name_holding_other_content_gets_a_new_name_loudly(
     assert body == data
     assert headers["X-Object-Meta-Filename"] == "a.events"
     (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert "shoebox/a.events holds other content" in warning.getMessage()
+    assert "shoebox/a.events holds other content (%d bytes, ETag " % len(
+        theirs[0]) in warning.getMessage()
     assert "NOT overwriting" in warning.getMessage()
     assert path in warning.getMessage()
     assert "shoebox/%s instead" % other in warning.getMessage()
@@ -1199,3 +1202,95 @@ def test_keystone_unreachable_may_pass(monkeypatch, tmp_path):
     with pytest.raises(exceptions.UploadError) as info:
         cb.on_close(path, report=report_of(path, records))
     assert not info.value.permanent
+
+
+@pytest.mark.parametrize("segment_size", ["1G", "2K"])
+def test_this_file_there_with_a_wrong_etag_fails(monkeypatch, tmp_path,
+                                                 segment_size):
+    # a plain object with this SHA-256 and size whose ETag is not its MD5:
+    # Swift's word does not hold, and the upload fails
+    path = str(tmp_path / "a.events")
+    write_archive(path, count=10)
+    data = open(path, "rb").read()
+    conn = FakeConnection()
+    sha = hashlib.sha256(data).hexdigest()
+    conn.objects["shoebox", "a.events"] = (
+        data, {"X-Object-Meta-Sha256": sha}, "0" * 32)
+    cb = fake_callback(monkeypatch, conn, segment_size=segment_size)
+    if segment_size == "1G":
+        with pytest.raises(exceptions.UploadError, match="ETag 0{32}"):
+            cb.on_close(path)
+    else:  # as an SLO: size and SHA-256 decide, and this is the file
+        cb.on_close(path)
+    assert [k for k in conn.objects if k[0] == "shoebox"] == [
+        ("shoebox", "a.events")]
+
+
+def test_head_after_upload_compares_the_etag(monkeypatch, tmp_path):
+    path = str(tmp_path / "a.events")
+    write_archive(path)
+    conn = FakeConnection()
+    real_head = conn.head_object
+
+    def lying_head(container, obj):
+        head = real_head(container, obj)
+        head["etag"] = "0" * 32
+        return head
+
+    conn.head_object = lying_head
+    with pytest.raises(exceptions.UploadError,
+                       match="HEAD shoebox/a.events: .*ETag 0{32}; expected"):
+        fake_callback(monkeypatch, conn).on_close(path)
+
+
+def test_a_segment_name_holding_other_bytes_sends_it_all_elsewhere(
+        monkeypatch, tmp_path, caplog):
+    path = str(tmp_path / "big.events")
+    write_archive(path, count=20)
+    data = open(path, "rb").read()
+    conn = FakeConnection()
+    cb = fake_callback(monkeypatch, conn, segment_size="2K")
+    first = cb.segment_name("big.events", len(data), 0)
+    conn.objects["shoebox_segments", first] = (b"abc", {}, hashlib.md5(
+        b"abc").hexdigest())
+    with caplog.at_level(logging.WARNING, logger="shoebox_worker"):
+        cb.on_close(path)
+    assert ("holds other content (segment shoebox_segments/%s: 3 bytes, "
+            "ETag %s, SHA-256 none)" % (first, hashlib.md5(b"abc").hexdigest())
+            in caplog.text)
+    assert conn.objects["shoebox_segments", first][0] == b"abc"
+    other = "big~%s.events" % hashlib.sha256(data).hexdigest()[:16]
+    assert conn.objects["shoebox", other][0] == data
+
+
+def test_each_put_renews_a_token_about_to_expire(monkeypatch, tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(b"abc")
+
+    class AuthRef:
+        def will_expire_soon(self, margin):
+            return margin == swift.TOKEN_MARGIN
+
+    class Session:
+        invalidated = 0
+        auth = type("Auth", (), {"auth_ref": AuthRef()})()
+
+        def invalidate(self):
+            self.invalidated += 1
+
+    class Conn:
+        session = Session()
+        url = token = "old"
+
+        def put_object(self, container, obj, contents, **kwargs):
+            while contents.read(2):
+                pass
+            return hashlib.md5(b"abc").hexdigest()
+
+    conn = Conn()
+    cb = swift.SwiftUploadCallback(**V1)
+    with open(path, "rb") as f:
+        part = swift._Part(f.fileno(), 0, 3, swift._FileHash(str(path)))
+        cb._put(conn, "c", "o", part, {}, "t/t")
+    assert conn.session.invalidated == 1
+    assert conn.url is conn.token is None

@@ -89,6 +89,10 @@ def test_head_checks():
         head_check({"etag": MD5, "x-object-meta-sha256": SHA})
     with pytest.raises(swift._Mismatch, match="SHA-256 None"):
         head_check({"content-length": "3", "etag": MD5})
+    with pytest.raises(swift._Mismatch) as info:
+        head_check({"content-length": "3", "x-object-meta-sha256": SHA})
+    assert str(info.value) == ("HEAD shoebox/o: 3 bytes, ETag ; expected 3 "
+                               "bytes, ETag %s" % MD5)
     for value in (None, "false", "yes"):
         head = dict(GOOD) if value is None else dict(
             GOOD, **{"x-static-large-object": value})
@@ -203,6 +207,9 @@ def test_object_names_in_utc_whatever_the_local_zone(monkeypatch):
         monkeypatch.undo()
         time.tzset()
     assert naive == aware == "2024/20/x.events"
+    plain = swift.SwiftUploadCallback(**V1)
+    assert plain.object_name("/d/Xx.events", datetime.datetime(2024, 1, 1)) \
+        == "Xx.events"
     with pytest.raises(ValueError) as info:
         swift.SwiftUploadCallback(**V1).object_name(
             "", datetime.datetime(2024, 1, 1))
