@@ -126,7 +126,20 @@ def _url(raw):
     return ";".join(broker_url.split(raw))
 
 
+#: The longest a ``filename_template`` may render (with a host-1 worker
+#: id): a file name has at most 255 bytes, and the worker adds to it the
+#: whole host name (up to 64), ``_<token>-<sequence>`` (up to 34, see
+#: :mod:`shoebox_worker.roll_manager`), a ``~N`` and suffixes such as
+#: ``.gz.ship.tmp``.
+_MAX_TEMPLATE_BYTES = 128
+
+
 def _filename_template(raw):
+    """``[archive] filename_template``: a strftime template with
+    ``{worker_id}``. The worker's roll manager adds
+    ``_<token>-<sequence>`` before the extension of every name it makes
+    (``unique_names``), so names never repeat, whatever the clock, the host
+    name or the PID."""
     if "{worker_id}" not in raw:
         raise OptionError("must contain {worker_id}, so that two workers "
                           "never write the same file")
@@ -142,6 +155,12 @@ def _filename_template(raw):
     if rendered in (".", ".."):
         raise OptionError("renders as %r, which is not a file name"
                           % rendered)
+    if len(rendered.encode("utf-8")) > _MAX_TEMPLATE_BYTES:
+        raise OptionError(
+            "renders as %d bytes; at most %d, as the worker adds the host "
+            "name, a unique part and suffixes to a name that may not pass "
+            "255 bytes" % (len(rendered.encode("utf-8")),
+                           _MAX_TEMPLATE_BYTES))
     return raw
 
 

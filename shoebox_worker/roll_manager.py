@@ -27,6 +27,20 @@ an existing file: when a name is taken, ``~1``, ``~2``... is inserted before
 the extension (``test_X.events``, ``test_X~1.events``). Readers order files
 by modification time, then by that counter, which is the order a manager
 wrote them, whatever the template.
+
+**Names that never repeat.** The folder check cannot see a name used
+before by a file a callback has since moved or deleted (uploaded to
+Swift, say), and the wall clock can step back, so with
+``unique_names=True`` (the worker's) every name also carries
+``_<token>-<sequence>``: 48 random bits drawn when the manager is made
+(:func:`process_token`: a new value at every process start, whatever the
+host name, the PID or the clock) and the number of archives it opened
+before. It goes where the template says :data:`UNIQUE_FIELD` (the worker
+puts it right after its worker id:
+``shoebox_20261127T212329_vm-29740_3f9a2c7b10de-0.events``), else before
+the extension (:func:`with_unique`). No state is kept on disk: a folder
+restored from a backup, or another host of the same name writing to the
+same container, cannot hand a sequence out twice.
 """
 
 import dataclasses
@@ -35,6 +49,7 @@ import fnmatch
 import logging
 import os
 import re
+import secrets
 
 from shoebox_worker import archive
 from shoebox_worker import exceptions
@@ -48,11 +63,18 @@ __all__ = [
     "ReadingRollManager",
     "NoMoreFiles",
     "render_template",
+    "with_unique",
+    "UNIQUE_FIELD",
+    "process_token",
     "unique_path",
     "sort_written_order",
 ]
 
 LOG = logging.getLogger(__name__)
+
+#: Where in a template the unique part of a name goes (``unique_names``);
+#: removed from the names of a manager without it.
+UNIQUE_FIELD = "{unique}"
 
 _COUNTER = re.compile(r"~(\d+)(?=(?:\.[^.~]*)*$)")
 
@@ -73,14 +95,34 @@ def render_template(template, when=None):
     return name
 
 
-def _with_counter(path, counter):
-    if not counter:
-        return path
+def process_token():
+    """48 random bits, as 12 hex digits: a new value for every manager, so
+    for every process start."""
+    return secrets.token_hex(6)
+
+
+def _insert_before_extension(path, text):
     head, tail = os.path.split(path)
     stem, dot, ext = tail.rpartition(".")
     if not dot or not stem:
-        return os.path.join(head, "%s~%d" % (tail, counter))
-    return os.path.join(head, "%s~%d.%s" % (stem, counter, ext))
+        return os.path.join(head, tail + text)
+    return os.path.join(head, "%s%s.%s" % (stem, text, ext))
+
+
+def with_unique(name, unique):
+    """``name`` with ``_<unique>`` in place of :data:`UNIQUE_FIELD`, or
+    before its extension when it has none (at its end when it has no
+    extension): ``x.events`` -> ``x_<unique>.events``. The one place
+    that says where the unique part goes."""
+    if UNIQUE_FIELD in name:
+        return name.replace(UNIQUE_FIELD, "_" + unique)
+    return _insert_before_extension(name, "_" + unique)
+
+
+def _with_counter(path, counter):
+    if not counter:
+        return path
+    return _insert_before_extension(path, "~%d" % counter)
 
 
 def unique_path(path, start=0):
@@ -180,11 +222,15 @@ class WritingRollManager(RollManager):
         closed. With ``keep_locks`` it is kept until :meth:`take_lock`
         hands it on (the worker hands it to the shipper, which releases it
         once the archive's state file exists).
+    :param unique_names: put ``_<process token>-<sequence>`` into every
+        name (see the module documentation), so that no name is ever made
+        twice, whatever the clock; off by default (the names the template
+        alone gives).
     """
 
     def __init__(self, filename_template, roll_checker, directory=".",
                  archive_callback=None, version=record.CURRENT_VERSION,
-                 keep_locks=False):
+                 keep_locks=False, unique_names=False):
         super().__init__(filename_template, directory, archive_callback)
         self.keep_locks = keep_locks
         # the lock of the active archive, and of closed ones not yet taken
@@ -195,7 +241,9 @@ class WritingRollManager(RollManager):
                 "cannot write format version %r" % (version,))
         self.roll_checker = roll_checker
         self.version = version
-        #: Archives opened so far.
+        #: The random part of this manager's names (None: not unique).
+        self.token = process_token() if unique_names else None
+        #: Archives opened so far (the sequence of unique names).
         self.opened = 0
         # the last name rendered from the template and the counter used
         # with it: a name is never reused in this process, even after its
@@ -211,8 +259,12 @@ class WritingRollManager(RollManager):
         self._synced = (0, None)
 
     def _make_filename(self):
-        return os.path.join(self.directory,
-                            render_template(self.filename_template))
+        name = render_template(self.filename_template)
+        if self.token is not None:
+            name = with_unique(name, "%s-%d" % (self.token, self.opened))
+        else:
+            name = name.replace(UNIQUE_FIELD, "")
+        return os.path.join(self.directory, name)
 
     def get_active_archive(self):
         """The archive being written, opening a new file when none is."""

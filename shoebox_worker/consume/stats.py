@@ -37,8 +37,9 @@ class Stats:
         self.callback_permanent_failures = collections.Counter()
         #: ``{"transient" | "permanent": (archives, since)}``: the archives
         #: whose current step fails now, by the kind of its last failure,
-        #: and the wall-clock time the oldest of them started failing (None
-        #: when none fails).
+        #: and when the oldest of them started failing, on this object's
+        #: clock (monotonic: a wall clock stepped back or forward changes
+        #: no age), None when none fails.
         self.failing_now = {"transient": (0, None),
                             "permanent": (0, None)}
         self.paused = False
@@ -108,7 +109,8 @@ class Stats:
         since = [s for _, s in self.failing_now.values() if s is not None]
         if not since:
             return 0.0
-        return max(0.0, (time.time() if now is None else now) - min(since))
+        return max(0.0, (self._clock() if now is None else now)
+                   - min(since))
 
     # -- reading ------------------------------------------------------------
 

@@ -105,9 +105,12 @@ E_DISK = "cannot write archive %s: %s"
 
 
 def worker_id():
-    """Host and process: part of every file name, so that workers sharing a
-    folder or a Swift container never write the same name. The whole host
-    name is used (``a.dc1`` and ``a.dc2`` differ), dots made dashes."""
+    """Host and process: part of every file name, to tell the workers
+    sharing a folder or a Swift container apart. The whole host name is
+    used (``a.dc1`` and ``a.dc2`` differ), dots made dashes. Both repeat
+    (a container's worker is often PID 1 at every start): what makes a
+    name unique is the random token and sequence the roll manager adds
+    (``unique_names``)."""
     host = socket.gethostname() or "localhost"
     host = re.sub(r"[^A-Za-z0-9_-]", "-", host)
     return "%s-%d" % (host, os.getpid())
@@ -229,14 +232,18 @@ class Worker(broker.Reconnecting):
         self.shipper = shipper_mod.Shipper(
             self.chain, archive_conf.retry_initial, archive_conf.retry_max,
             stats=self.stats)
-        self.template = archive_conf.template_for(self.ident)
+        # the roll manager's _<token>-<sequence> right after the worker
+        # id: the recovery glob's * for {worker_id} covers both
+        self.template = archive_conf.template_for(
+            self.ident + roll_manager.UNIQUE_FIELD)
         self.pattern = archive_pattern(archive_conf.filename_template)
         self.archive_name = archive_matcher(archive_conf.filename_template)
         self._archive_lock = _ArchiveLock()
         self.manager = roll_manager.WritingRollManager(
             self.template, roll_checker, directory=self.directory,
             archive_callback=self._archive_lock,
-            version=archive_conf.version, keep_locks=True)
+            version=archive_conf.version, keep_locks=True,
+            unique_names=True)
         self.batch = batch_mod.Batch(self.manager.sync)
         self.unwrap = envelope.Unwrapper(
             archive_conf.metadata_fields, archive_conf.static_metadata)

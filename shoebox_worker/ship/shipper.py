@@ -37,7 +37,11 @@ archives no longer there are dropped whenever it is written.
 are logged once, when they start (and when a failure of the other kind
 joins them), then at most every :data:`FAILURE_LOG_INTERVAL` seconds with
 a count and a duration ("still failing after 12 attempts, 5 min"), and
-once more when the step works again, never with a traceback per retry. A
+once more when the step works again, never with a traceback per retry.
+Each archive whose retry delay has reached ``retry_max`` also gets a
+WARNING of its own at each retry (at most every
+:data:`CAPPED_LOG_INTERVAL` seconds), naming it, the step, how many
+times and how long it has failed, and the last reason. A
 failure retrying cannot fix (``CallbackError.permanent``: a refused key, a
 name Swift refuses; see :mod:`shoebox_worker.contract`) is logged as such,
 with what to check, and retried every ``retry_max`` seconds only, so that
@@ -106,6 +110,12 @@ W_UNDECLARED = ("callback %s left %s at %s, not at %s as declared "
 E_PERMANENT = "%s: will not heal by retrying: %s; retrying every %.0f s"
 E_STILL = ("callback %s still failing after %d attempts, %s, on %d "
            "archive(s); the last: %s")
+#: Each archive whose retry delay reached ``retry_max``, at each retry (at
+#: most every :data:`CAPPED_LOG_INTERVAL`): which, since when, and why.
+W_CAPPED = ("%s: step %s failed %d times in %s; retrying every %.0f s: %s")
+#: An archive's :data:`W_CAPPED` line is logged at most this often
+#: (seconds), however small ``retry_max`` is.
+CAPPED_LOG_INTERVAL = 60.0
 I_HEALED = "callback %s works again, after %d failed attempts in %s"
 
 
@@ -125,8 +135,9 @@ class _Job:
         self.size = _size(path)
         # when its oldest record was written (at worst: its last write)
         self.since = since if since is not None else _mtime(path)
-        self.failing_since = None   # wall-clock time of its first failure
+        self.failing_since = None   # monotonic time of its first failure
         self.permanent = False      # is its last failure a permanent one?
+        self.capped_logged = None   # when its last W_CAPPED line was
 
     @property
     def state_path(self):
@@ -677,10 +688,12 @@ class Shipper:
         job.attempts += 1
         job.permanent = exc.permanent
         if job.failing_since is None:
-            job.failing_since = time.time()
+            job.failing_since = now  # monotonic: a clock step is no failure
         if self.stats is not None:
             self.stats.callback_failed(name, exc.permanent)
         delay = self._delay(job.attempts, exc.permanent)
+        capped = exc.permanent or (self.retry_initial
+                                   * 2 ** (job.attempts - 1) >= self.retry_max)
         with self._cond:
             episode = self._episodes.get(name)
             new = episode is None
@@ -704,6 +717,13 @@ class Shipper:
                       len(episode.origins), exc)
         else:
             LOG.debug(E_FAILED, exc, job.attempts, delay)
+        if capped and not (kind_is_new and new) and (
+                job.capped_logged is None
+                or now - job.capped_logged >= CAPPED_LOG_INTERVAL):
+            job.capped_logged = now
+            LOG.warning(W_CAPPED, job.origin, name, job.attempts,
+                        exceptions.duration(now - job.failing_since),
+                        self.retry_max, exc)
         self._report_failing()
         self._retry(job, delay)
 
@@ -713,6 +733,7 @@ class Shipper:
         job.attempts = 0
         job.failing_since = None
         job.permanent = False
+        job.capped_logged = None
         healed = None
         with self._cond:
             episode = self._episodes.get(name)

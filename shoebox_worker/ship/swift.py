@@ -55,7 +55,12 @@ come from the :class:`~shoebox_worker.archive.ArchiveReport` the chain
 passes to :meth:`SwiftUploadCallback.on_close` (the writer's, made at roll
 time, or the one read once when a crashed run's archive was recovered), so
 the file is not read for them. Called without one (library use), the
-callback reads it with :func:`~shoebox_worker.archive.inspect_file`.
+callback reads it with :func:`~shoebox_worker.archive.inspect_file`. They
+are best effort: a value that is not what it should be (a ``timestamp``
+that does not parse, is out of range, before 1970 or after 2999, not a
+string, longer than 40 characters or not printable ASCII; a count that is
+not one) is left out, never an error, so no record's content can stop an
+upload. Every value is at most 256 bytes of printable ASCII.
 
 **Integrity.** The file is read once, as it is sent (its first 4 bytes
 before that, for the content type): the MD5 of the bytes of each request
@@ -65,7 +70,7 @@ a time). Swift answers every PUT with the MD5 of
 what it received (its ETag); a PUT whose ETag is not the MD5 of what was
 sent fails the upload. A plain object is then given its
 ``X-Object-Meta-Sha256`` by a POST (which replaces the object's metadata,
-so it carries all of it again, ``X-Delete-At`` included); for a Static
+so it carries all of it again, ``X-Delete-After`` included); for a Static
 Large Object the segments are PUT first and the manifest, carrying the
 SHA-256, last, and Swift checks each segment's size and ETag against it.
 So an object with a SHA-256 passed the ETag checks. Finally a HEAD must
@@ -73,12 +78,28 @@ show the local size, the MD5 (plain) or the SLO ETag (the MD5 of the
 segments' MD5s, in quotes), and the SHA-256. Until that HEAD passed, the
 upload has failed and the local file is kept.
 
-**Idempotence.** The object name depends only on the file (its first
-record, or its mtime, and its name), so an upload after a crash replaces
-the same object. Segment names are ``<object>/<size>/<segment_size>/<index>``:
-a re-upload overwrites them, and segments of an earlier attempt with other
-sizes are deleted once the new object is verified. Both containers are
+**Never over another object.** Every PUT (object, segment, manifest)
+carries ``If-None-Match: *``, so Swift refuses (412) to replace an object
+that exists. A manifest name is looked at (HEAD) before its segments are
+sent. When the name exists, its HEAD decides: the same size and SHA-256
+(or, for a plain object without one yet, the same MD5: an earlier attempt
+cut before its POST) is this very file, uploaded before (a retry after a
+crash): done, once verified, and nothing is sent again. Other content is
+never touched: the file goes under another name (:func:`_other_name`,
+``x~<16 hex of its SHA-256>.events``), with a WARNING naming both. The
+file names the worker makes never repeat (see
+:mod:`shoebox_worker.roll_manager`), so this happens only when something
+else wrote there. Segment names are
+``<object>/<size>/<segment_size>/<index>``: a segment already there with
+the same bytes is used (its expiry renewed), one with other bytes sends
+the whole file under another name, and segments under a name this upload
+created that its manifest does not use (an earlier attempt with another
+``segment_size``) are deleted once it is verified. Both containers are
 created (when missing) at the first upload.
+
+**Expiry.** ``delete_after`` is sent as ``X-Delete-After``, counted by
+Swift's clock, not the worker's; segments get :data:`SEGMENT_EXPIRY_MARGIN`
+seconds more than their manifest, so that no manifest outlives them.
 
 **Keystone tokens expire.** swiftclient keeps the token it got until a
 request with it is refused (401); then it asks the session for a new one
@@ -138,6 +159,16 @@ SEND_BLOCK = 1 << 20
 #: expire on the way: a large body sent with an expired token may be cut
 #: off (a connection error) rather than answered 401.
 TOKEN_MARGIN = 10
+#: How many other names (:func:`_other_name`) an upload tries when Swift
+#: holds other content under the first.
+_MAX_OTHER_NAMES = 3
+#: Segments of a Static Large Object expire this many seconds after their
+#: manifest (``delete_after``), each counted from its own PUT: never a
+#: manifest whose segments are gone.
+SEGMENT_EXPIRY_MARGIN = 86400
+#: The loud line when a name is taken (both names in it).
+W_NAME_TAKEN = ("object %s/%s holds other content (%s): NOT overwriting it; "
+                "uploading %s as %s/%s instead")
 #: ``os_auth_type`` values (keystoneauth1's plugin names) and what they
 #: mean here.
 _AUTH_TYPES = {"": "password", "password": "password",
@@ -172,25 +203,72 @@ def _inspect(filename):
         return None
 
 
+#: A record ``timestamp`` longer than this is not one (ISO 8601 with
+#: microseconds and an offset is 32 characters).
+_MAX_TIMESTAMP = 40
+#: Record timestamps outside these years are taken for garbage: left out
+#: of the object metadata and of the object name.
+_YEARS = (1970, 2999)
+
+
 def _record_time(metadata):
-    """The ``timestamp`` of a record as an aware UTC datetime, or None."""
-    value = (metadata or {}).get("timestamp")
-    if not value:
+    """The ``timestamp`` of a record as an aware UTC datetime, or None for
+    anything that is not a plausible one (missing, not a string, too long,
+    not printable ASCII, not ISO 8601, out of range once in UTC, before
+    1970 or after 2999).
+    Never raises: a record's content never stops an upload."""
+    if not isinstance(metadata, dict):
+        return None
+    value = metadata.get("timestamp")
+    if not isinstance(value, str) or len(value) > _MAX_TIMESTAMP \
+            or not _SAFE_HEADER.match(value):
         return None
     try:
         moment = datetime.datetime.fromisoformat(value.strip())
-    except ValueError:
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=datetime.UTC)
+        moment = moment.astimezone(datetime.UTC)
+    except (ValueError, OverflowError):
         return None
-    if moment.tzinfo is None:
-        return moment.replace(tzinfo=datetime.UTC)
-    return moment.astimezone(datetime.UTC)
+    if not _YEARS[0] <= moment.year <= _YEARS[1]:
+        return None
+    return moment
+
+
+def _timestamp_value(metadata):
+    """What goes into ``First-``/``Last-Timestamp``: the record's own
+    ``timestamp`` when it is a plausible one (:func:`_record_time`), else
+    None (left out)."""
+    if _record_time(metadata) is None:
+        return None
+    return metadata["timestamp"].strip()
+
+
+def _count(value):
+    """A count for the metadata: a non-negative int, else None."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
+
+
+def _versions(values):
+    """``2`` or ``1,2`` from a report's format versions; None when there
+    are none or any is not a small int."""
+    try:
+        versions = sorted(values)
+    except TypeError:
+        return None
+    if not versions or any(_count(v) is None or v > 255 for v in versions):
+        return None
+    return ",".join(str(v) for v in versions)
 
 
 def _header_value(value):
     """A metadata value Swift accepts: printable ASCII, at most 256 bytes."""
     value = str(value)
     if not _SAFE_HEADER.match(value):
-        value = urllib.parse.quote(value, safe=" !#$&'()*+,/:;=?@[]~")
+        value = urllib.parse.quote(value[:_MAX_META_VALUE],
+                                   safe=" !#$&'()*+,/:;=?@[]~")
     return value[:_MAX_META_VALUE]
 
 
@@ -244,12 +322,18 @@ class _Part:
         self.md5 = hashlib.md5(usedforsecurity=False)
         self.sent = 0
 
+    def drain(self):
+        """Read (and hash) what was not sent yet: a PUT refused before it
+        read the whole body still knows the body's MD5."""
+        while self.read(SEND_BLOCK):
+            pass
+
     def read(self, size=-1):
         left = self._length - self.sent
-        if left <= 0:
-            return b""
         if size is not None and size >= 0:
             left = min(left, size)
+        if left <= 0:  # all sent, or read(0)
+            return b""
         position = self._offset + self.sent
         data = os.pread(self._fd, left, position)
         if not data:
@@ -300,6 +384,71 @@ class _Mismatch(Exception):
     def __init__(self, message, transaction_id=None):
         super().__init__(message)
         self.transaction_id = transaction_id
+
+
+class _Exists(Exception):
+    """A PUT with ``If-None-Match: *`` met an object of that name (412)."""
+
+    def __init__(self, container, obj):
+        super().__init__("%s/%s exists" % (container, obj))
+
+
+class _NameTaken(Exception):
+    """Swift holds other content under the object's name."""
+
+
+def _same_content(head, size, sha256, md5):
+    """Whether Swift's object (``head``: its HEAD headers) holds the bytes
+    whose ``size``, SHA-256 and MD5 are given: the same size, and the same
+    SHA-256 where Swift has one (our uploads set it), and the same ETag for
+    a plain object (an SLO's is that of its segments)."""
+    length = head.get("content-length")
+    if not (isinstance(length, str) and length.isdigit()
+            and int(length) == size):
+        return False
+    theirs = head.get("x-object-meta-sha256")
+    if sha256 is not None and theirs is not None:
+        return theirs == sha256
+    if _is_slo(head) or md5 is None:
+        return False  # nothing left to compare the content with
+    return head.get("etag", "").strip('"') == md5
+
+
+def _is_slo(head):
+    """Whether HEAD headers are those of a Static Large Object."""
+    return head.get("x-static-large-object", "").lower() == "true"
+
+
+def _what_is_there(head):
+    """An existing object in a few words, for a log line."""
+    return "%s bytes, ETag %s, SHA-256 %s" % (
+        head.get("content-length", "?"), head.get("etag", "?"),
+        head.get("x-object-meta-sha256", "none"))
+
+
+def _file_sha256(fd, size):
+    """The SHA-256 of an open file's first ``size`` bytes, read again."""
+    digest = hashlib.sha256()
+    offset = 0
+    while offset < size:
+        data = os.pread(fd, min(SEND_BLOCK, size - offset), offset)
+        if not data:
+            raise OSError("the file shrank while being read")
+        digest.update(data)
+        offset += len(data)
+    return digest.hexdigest()
+
+
+def _other_name(obj, sha256, attempt):
+    """Where a file goes when its object name holds other content:
+    ``~`` and 16 hex digits of its SHA-256 after the first part of the
+    base name (``x~0123456789abcdef.events.gz``), ``-2``, ``-3``... on
+    later attempts. The same file always gets the same name, so that a
+    retry finds its own upload."""
+    head, slash, base = obj.rpartition("/")
+    stem, dot, rest = base.partition(".")
+    mark = "~" + sha256[:16] + ("" if attempt == 1 else "-%d" % attempt)
+    return head + slash + stem + mark + dot + rest
 
 
 def _trans_id(headers):
@@ -684,14 +833,9 @@ class SwiftUploadCallback:
                 # both, so that the segment listing never meets a 404
                 self._ensure_container(conn, self.container)
                 self._ensure_container(conn, self.segment_container)
-                stale = self._stale_segments(conn, obj, size, count)
-                file_hash = _FileHash(filename)
-                if count == 1:
-                    self._put_plain(conn, f.fileno(), obj, size, file_hash,
-                                    headers, content_type)
-                else:
-                    self._put_slo(conn, f.fileno(), obj, size, count,
-                                  file_hash, headers, content_type)
+                obj, stale = self._upload(conn, f.fileno(), filename, obj,
+                                          size, count, headers, content_type)
+                target = "%s/%s" % (self.container, obj)
         except Exception as exc:
             self._drop_connection()  # the next call starts afresh
             hint = self._permanent(exc)
@@ -752,28 +896,23 @@ class SwiftUploadCallback:
                 "os_password, the domains and the project")
 
     def _headers(self, filename, report):
+        """The object's headers: its metadata (best effort: a value that
+        does not parse is left out, never an error) and expiry."""
         meta = {"Filename": os.path.basename(filename)}
         if report is None:  # nothing could be read
             meta["Damaged-Ranges"] = 1
         else:
-            first = report.first_metadata or {}
-            last = report.last_metadata or {}
-            meta["Records"] = report.records
-            if report.versions:
-                meta["Format-Versions"] = ",".join(
-                    str(v) for v in sorted(report.versions))
-            if first.get("timestamp"):
-                meta["First-Timestamp"] = first["timestamp"]
-            if last.get("timestamp"):
-                meta["Last-Timestamp"] = last["timestamp"]
-            if report.skipped:
-                meta["Damaged-Ranges"] = len(report.skipped)
+            meta["Records"] = _count(report.records)
+            meta["Format-Versions"] = _versions(report.versions or ())
+            meta["First-Timestamp"] = _timestamp_value(report.first_metadata)
+            meta["Last-Timestamp"] = _timestamp_value(report.last_metadata)
+            skipped = _count(len(report.skipped or ()))
+            meta["Damaged-Ranges"] = skipped or None
         headers = {"X-Object-Meta-" + name: _header_value(value)
-                   for name, value in meta.items()}
+                   for name, value in meta.items() if value is not None}
         if self.delete_after is not None:
-            # one absolute time for segments and manifest alike
-            headers["X-Delete-At"] = str(int(time.time())
-                                         + self.delete_after)
+            # relative: Swift counts it from its own clock, not ours
+            headers["X-Delete-After"] = str(self.delete_after)
         return headers
 
     @staticmethod
@@ -790,21 +929,64 @@ class SwiftUploadCallback:
             conn.put_container(container)
             self._containers.add(container)
 
+    def _upload(self, conn, fd, filename, obj, size, count, headers,
+                content_type):
+        """Upload under ``obj``, or, when Swift holds other content under
+        that name, under :func:`_other_name` (logged as a WARNING naming
+        both). Nothing is ever overwritten: every PUT carries
+        ``If-None-Match: *``.
+
+        :returns: ``(name, stale)``: the object name the file is now
+            under, and the segments of earlier attempts at it to delete.
+        """
+        name = obj
+        for attempt in range(1, _MAX_OTHER_NAMES + 2):
+            file_hash = _FileHash(filename)
+            try:
+                if count == 1:
+                    created = self._put_plain(conn, fd, name, size,
+                                              file_hash, headers,
+                                              content_type)
+                else:
+                    created = self._put_slo(conn, fd, name, size, count,
+                                            file_hash, headers,
+                                            content_type)
+            except _NameTaken as taken:
+                if attempt > _MAX_OTHER_NAMES:
+                    raise
+                other = _other_name(obj, _file_sha256(fd, size), attempt)
+                LOG.warning(W_NAME_TAKEN, self.container, name, taken,
+                            filename, self.container, other)
+                name = other
+                continue
+            if not created:
+                LOG.info("%s/%s already holds %s (an earlier upload); not "
+                         "sent again", self.container, name, filename)
+                return name, []
+            return name, self._stale_segments(conn, name, size, count)
+        raise AssertionError("unreachable")
+
     def _put(self, conn, container, obj, part, headers, content_type):
-        """PUT one body; check that Swift got what was sent.
+        """PUT one body, never over an existing object
+        (``If-None-Match: *``); check that Swift got what was sent.
 
         :returns: its MD5 (hex), which is Swift's ETag for it.
+        :raises _Exists: Swift holds an object of that name already; the
+            rest of ``part`` was read (and hashed) all the same.
         """
         response = {}
         self._renew_token_if_expiring(conn)
         try:
             returned = conn.put_object(
                 container, obj, part, content_length=len(part),
-                headers=headers, content_type=content_type,
-                response_dict=response)
+                headers=dict(headers, **{"If-None-Match": "*"}),
+                content_type=content_type, response_dict=response)
         except swift_exceptions.ClientException as exc:
             if exc.http_status == 404:  # the container went away
                 self._containers.discard(container)
+            if exc.http_status == 412:
+                part.drain()
+                raise _Exists(container, obj) from exc
             raise
         md5 = part.md5.hexdigest()
         if part.sent != len(part) or returned != md5:
@@ -820,7 +1002,7 @@ class SwiftUploadCallback:
         txn = _trans_id(head)
         got_size = int(head.get("content-length", -1))
         got_etag = head.get("etag", "").strip('"')
-        if got_size != size or got_etag != etag:
+        if got_size != size or (etag is not None and got_etag != etag):
             raise _Mismatch("HEAD %s/%s: %d bytes, ETag %s; expected %d "
                             "bytes, ETag %s" % (self.container, obj, got_size,
                                                 got_etag, size, etag), txn)
@@ -828,48 +1010,129 @@ class SwiftUploadCallback:
         if got_sha256 != sha256:
             raise _Mismatch("HEAD %s/%s: SHA-256 %s; expected %s"
                             % (self.container, obj, got_sha256, sha256), txn)
-        if slo and head.get("x-static-large-object", "").lower() != "true":
+        if slo and not _is_slo(head):
             raise _Mismatch("HEAD %s/%s: not a Static Large Object"
                             % (self.container, obj), txn)
+
+    def _existing(self, conn, container, obj):
+        """Swift's headers of ``container/obj``, or None when there is
+        none."""
+        try:
+            return conn.head_object(container, obj)
+        except swift_exceptions.ClientException as exc:
+            if exc.http_status == 404:
+                return None
+            raise
 
     def _put_plain(self, conn, fd, obj, size, file_hash, headers,
                    content_type):
         """PUT, then POST the metadata with the SHA-256 known only now
-        (the POST replaces all of it), then HEAD."""
-        etag = self._put(conn, self.container, obj,
-                         _Part(fd, 0, size, file_hash), headers,
-                         content_type)
+        (the POST replaces all of it), then HEAD.
+
+        :returns: whether this call created the object (False: Swift held
+            this very file already, from an earlier attempt).
+        :raises _NameTaken: Swift holds other content under ``obj``.
+        """
+        part = _Part(fd, 0, size, file_hash)
+        created = True
+        try:
+            etag = self._put(conn, self.container, obj, part, headers,
+                             content_type)
+        except _Exists:
+            created = False
+            etag = part.md5.hexdigest()
         sha256 = file_hash.hexdigest(size)
+        if not created:
+            head = self._existing(conn, self.container, obj) or {}
+            if not _same_content(head, size, sha256, etag):
+                raise _NameTaken(_what_is_there(head)) from None
+            if head.get("x-object-meta-sha256") == sha256:
+                # this file, uploaded before: as a plain object, or as an
+                # SLO (other settings), whose ETag is its segments'
+                self._head(conn, obj, size, None if _is_slo(head) else etag,
+                           sha256, slo=False)
+                return False
+            # an earlier attempt stopped before its metadata POST
         conn.post_object(self.container, obj, headers=dict(
             headers, **{"X-Object-Meta-Sha256": sha256}))
         self._head(conn, obj, size, etag, sha256, slo=False)
+        return created
 
     def _put_slo(self, conn, fd, obj, size, count, file_hash, headers,
                  content_type):
         """The segments in order, then the manifest (with the SHA-256 of
-        them all), then HEAD."""
-        segment_headers = {k: v for k, v in headers.items()
-                           if k == "X-Delete-At"}
+        them all), then HEAD. A manifest already there is looked at first
+        (the file hashed for it), so that no segment is sent for it.
+
+        :returns: whether this call created the object.
+        :raises _NameTaken: Swift holds other content under ``obj`` (or
+            under one of its segment names).
+        """
+        head = self._existing(conn, self.container, obj)
+        if head is not None:
+            return self._slo_exists(conn, fd, obj, size, head)
+        segment_headers = {}
+        if self.delete_after is not None:
+            # later than the manifest: never a manifest without segments
+            segment_headers["X-Delete-After"] = str(
+                self.delete_after + SEGMENT_EXPIRY_MARGIN)
         manifest = []
         for index in range(count):
             offset = index * self.segment_size
             length = min(self.segment_size, size - offset)
             name = self.segment_name(obj, size, index)
-            etag = self._put(conn, self.segment_container, name,
-                             _Part(fd, offset, length, file_hash),
-                             segment_headers, "application/octet-stream")
+            part = _Part(fd, offset, length, file_hash)
+            try:
+                etag = self._put(conn, self.segment_container, name, part,
+                                 segment_headers, "application/octet-stream")
+            except _Exists:
+                etag = self._reuse_segment(conn, name, part, segment_headers)
             manifest.append({"path": "/%s/%s" % (self.segment_container,
                                                  name),
                              "etag": etag, "size_bytes": length})
         sha256 = file_hash.hexdigest(size)
-        conn.put_object(self.container, obj, json.dumps(manifest),
-                        headers=dict(headers,
-                                     **{"X-Object-Meta-Sha256": sha256}),
-                        content_type=content_type,
-                        query_string="multipart-manifest=put")
+        try:
+            conn.put_object(self.container, obj, json.dumps(manifest),
+                            headers=dict(headers, **{
+                                "X-Object-Meta-Sha256": sha256,
+                                "If-None-Match": "*"}),
+                            content_type=content_type,
+                            query_string="multipart-manifest=put")
+        except swift_exceptions.ClientException as exc:
+            if exc.http_status != 412:
+                raise
+            # another upload of this name came first: what is it?
+            return self._slo_exists(
+                conn, fd, obj, size,
+                self._existing(conn, self.container, obj) or {})
         slo_etag = hashlib.md5("".join(m["etag"] for m in manifest).encode(
             "ascii"), usedforsecurity=False).hexdigest()
         self._head(conn, obj, size, slo_etag, sha256, slo=True)
+        return True
+
+    def _slo_exists(self, conn, fd, obj, size, head):
+        """``obj`` exists already: done if it holds this file (its size and
+        SHA-256, whatever its segments), else :class:`_NameTaken`."""
+        sha256 = _file_sha256(fd, size)
+        if not _same_content(head, size, sha256, None):
+            raise _NameTaken(_what_is_there(head))
+        # its ETag is that of its own segments, which may be cut otherwise
+        self._head(conn, obj, size, None, sha256, slo=False)
+        return False
+
+    def _reuse_segment(self, conn, name, part, segment_headers):
+        """A segment already there (an earlier attempt's): its MD5 if it
+        holds these bytes, with its expiry renewed; else
+        :class:`_NameTaken`."""
+        etag = part.md5.hexdigest()
+        head = self._existing(conn, self.segment_container, name) or {}
+        if not _same_content(head, len(part), None, etag):
+            raise _NameTaken("segment %s/%s: %s" % (
+                self.segment_container, name, _what_is_there(head)))
+        if segment_headers:
+            conn.post_object(self.segment_container, name,
+                             headers=segment_headers)
+        return etag
 
     def _stale_segments(self, conn, obj, size, count):
         """Segments of earlier attempts at ``obj`` that this upload will

@@ -514,11 +514,12 @@ def read_archives(directory):
 
 
 def worker_ids(filenames):
-    """The ``{worker_id}`` (host-pid) part of default archive names."""
+    """The ``{worker_id}`` (host-pid) part of default archive names
+    (followed by the roll manager's ``_<token>-<sequence>``)."""
     ids = set()
     for name in filenames:
-        match = re.search(r"_\d{8}T\d{6}_(.+?-\d+)(~\d+)?\.events",
-                          os.path.basename(name))
+        match = re.search(r"_\d{8}T\d{6}_(.+?-\d+)_[0-9a-f]{12}-\d+"
+                          r"(~\d+)?\.events", os.path.basename(name))
         assert match, name
         ids.add(match.group(1))
     return ids

@@ -208,7 +208,20 @@ def test_reupload_is_idempotent(env, conn, container, tmp_path):
         assert [o["name"] for o in conn.get_container(container)[1]] == [obj]
     finally:
         cb.close()
-    # settings changed between attempts: the old segments are removed
+    # settings changed between attempts: the object is there with this
+    # very content, so nothing is sent and nothing replaced
+    manifest = conn.head_object(container, obj)
+    for segment_size in ("512K", "1G"):
+        cb = make_callback(env, container, segment_size=segment_size)
+        try:
+            cb.on_close(path)
+        finally:
+            cb.close()
+        assert segment_names() == first
+        assert conn.head_object(container, obj)["etag"] == manifest["etag"]
+    # a crash before the manifest, then other settings: the segments of
+    # the earlier attempt go once the new object is verified
+    conn.delete_object(container, obj)  # the manifest only
     cb = make_callback(env, container, segment_size="512K")
     try:
         cb.on_close(path)
@@ -217,6 +230,7 @@ def test_reupload_is_idempotent(env, conn, container, tmp_path):
     assert segment_names() == ["%s/%d/%d/%08d" % (obj, size, 512 << 10, i)
                                for i in range(-(-size // (512 << 10)))]
     # and as a plain object it needs none
+    conn.delete_object(container, obj)
     cb = make_callback(env, container)
     try:
         cb.on_close(path)
@@ -232,7 +246,8 @@ def test_damaged_in_transit_is_refused(env, conn, container, tmp_path,
                                        monkeypatch, segment_size):
     """Bytes changed after they were hashed (on the wire): Swift's ETag is
     not the MD5 of what was sent, so the upload fails, and the object never
-    gets its SHA-256 (the mark of a verified upload)."""
+    gets its SHA-256 (the mark of a verified upload). The retry does not
+    overwrite it (If-None-Match): it goes under another name."""
     path = str(tmp_path / "bad.events")
     write_archive(path, count=100)
     real = swift._Part.read
@@ -261,10 +276,13 @@ def test_damaged_in_transit_is_refused(env, conn, container, tmp_path,
     monkeypatch.undo()
     cb = make_callback(env, container, segment_size=segment_size)
     try:
-        cb.on_close(path)  # the retry replaces it
+        cb.on_close(path)  # the retry: never over what is there
     finally:
         cb.close()
-    head = conn.head_object(container, "2025/12/31/bad.events")
+    # what the damaged attempt left is other content: the file goes under
+    # another name (see test_swift_names.py), verified
+    other = "2025/12/31/bad~%s.events" % sha256_of(path)[:16]
+    head = conn.head_object(container, other)
     assert head["x-object-meta-sha256"] == sha256_of(path)
 
 

@@ -414,3 +414,83 @@ class TestNames:
             str(tmp_path / n) for n in names)
         assert [os.path.basename(p) for p in got] == [
             "a.events", "a~2.events", "a~10.events.gz", "b.events"]
+
+
+class TestUniqueNames:
+    """unique_names: a name is never made twice, whatever the clock."""
+
+    def test_a_clock_stepped_back_repeats_no_name(self, tmp_path,
+                                                  monkeypatch):
+        # the wall clock goes 10 s forward, then steps back over them, and
+        # each archive is deleted as soon as it is closed (shipped): the
+        # folder holds nothing to warn of a name used before
+        moments = [FROZEN + datetime.timedelta(seconds=s)
+                   for s in list(range(10)) + list(range(10))]
+        clock = iter(moments)
+        monkeypatch.setattr(roll_manager, "utcnow", lambda: next(clock))
+        memory = steps.MemoryCallback()
+        chain = callbacks.CallbackChain([memory,
+                                         steps.DeleteFileCallback()])
+        checker = roll_checker.CountRollChecker(roll_count=1)
+        with roll_manager.WritingRollManager(
+                SECOND, checker, directory=str(tmp_path),
+                archive_callback=chain, unique_names=True) as manager:
+            write(manager, records(20))
+        names = [os.path.basename(n) for e, n in memory.events
+                 if e == "open"]
+        assert len(names) == len(set(names)) == 20
+        token = manager.token
+        assert len(token) == 12 and int(token, 16) >= 0
+        assert names[0] == "test_20240229_235959_%s-0.events" % token
+        assert names[19] == "test_20240301_000008_%s-19.events" % token
+
+    def test_a_new_manager_with_the_same_clock_repeats_no_name(
+            self, tmp_path, frozen):
+        # a restart: same host, same PID, same second
+        made = set()
+        for _ in range(3):
+            memory = steps.MemoryCallback()
+            chain = callbacks.CallbackChain([memory,
+                                             steps.DeleteFileCallback()])
+            with roll_manager.WritingRollManager(
+                    SECOND, roll_checker.CountRollChecker(roll_count=1),
+                    directory=str(tmp_path), archive_callback=chain,
+                    unique_names=True) as manager:
+                write(manager, records(2))
+            made.update(n for e, n in memory.events if e == "open")
+        assert len(made) == 6
+
+    def test_off_by_default_and_in_written_order(self, tmp_path, frozen):
+        checker = roll_checker.CountRollChecker(roll_count=2)
+        with roll_manager.WritingRollManager(
+                SECOND, checker, directory=str(tmp_path)) as manager:
+            write(manager, records(2))
+        assert manager.token is None
+        assert os.listdir(tmp_path) == ["test_20240229_235959.events"]
+        other = tmp_path / "unique"
+        with roll_manager.WritingRollManager(
+                SECOND, roll_checker.CountRollChecker(roll_count=1),
+                directory=str(other), unique_names=True) as manager:
+            write(manager, records(12))  # -10 sorts before -2 by name
+        assert read_all("test_*.events", str(other)) == records(12)
+
+    def test_where_the_template_says(self, tmp_path, frozen):
+        template = "x_%Y{unique}_w.events"
+        with roll_manager.WritingRollManager(
+                template, roll_checker.CountRollChecker(roll_count=1),
+                directory=str(tmp_path), unique_names=True) as manager:
+            write(manager, records(1))
+        assert os.listdir(tmp_path) == ["x_2024_%s-0_w.events"
+                                        % manager.token]
+        with roll_manager.WritingRollManager(
+                template, roll_checker.CountRollChecker(roll_count=1),
+                directory=str(tmp_path / "plain")) as manager:
+            write(manager, records(1))
+        assert os.listdir(tmp_path / "plain") == ["x_2024_w.events"]
+
+    def test_with_unique(self):
+        assert roll_manager.with_unique("a{unique}.b.c", "t") == "a_t.b.c"
+        assert roll_manager.with_unique("x.events", "t-1") == "x_t-1.events"
+        assert roll_manager.with_unique("d/x.y.gz", "*") == "d/x.y_*.gz"
+        assert roll_manager.with_unique("plain", "t-1") == "plain_t-1"
+        assert roll_manager.with_unique(".hidden", "t") == ".hidden_t"

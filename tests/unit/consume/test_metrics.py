@@ -40,7 +40,7 @@ class TestMetrics:
         stats.callback_failed("swift")
         stats.callback_failed("swift", permanent=True)
         stats.failing({"transient": (0, None),
-                       "permanent": (2, time.time() - 60)})
+                       "permanent": (2, time.monotonic() - 60)})
         stats.paused = True
         got = samples(registry)
         assert got['shoebox_messages_consumed_total{queue='

@@ -1,6 +1,7 @@
 """Tests for shoebox_worker.consume.stats: counters and the stats line."""
 
 import logging
+import time
 
 from shoebox_worker.consume import stats as stats_mod
 
@@ -45,6 +46,16 @@ def test_callback_events_reach_listeners():
     assert heard == [("callback_done", "gzip", 0.25),
                      ("callback_failed", "swift", None),
                      ("callback_failed", "swift", None)]
+
+
+def test_failing_age_is_on_the_monotonic_clock(monkeypatch):
+    now = [5000.0]
+    stats = stats_mod.Stats(clock=lambda: now[0])
+    stats.failing({"transient": (1, 4000.0), "permanent": (0, None)})
+    monkeypatch.setattr(time, "time", lambda: 1.0)  # wall clock stepped
+    assert stats.failing_age() == 1000.0
+    now[0] = 5010.0
+    assert stats.failing_age() == 1010.0
 
 
 def test_failing_archives_and_how_long():

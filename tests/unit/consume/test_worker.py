@@ -3,6 +3,7 @@ transport (and
 Redis through fakeredis): what is acked is on disk, nothing is lost."""
 
 import errno
+import fnmatch
 import json
 import logging
 import os
@@ -654,6 +655,26 @@ class TestNames:
         worker = make_worker(conf, broker, ident="host-a-42")
         assert worker.template.count("host-a-42") == 1
         assert worker_mod.worker_id().endswith("-%d" % os.getpid())
+        # and a part that never repeats, which the recovery scan matches
+        name = os.path.basename(worker.manager._make_filename())
+        assert name.endswith("_%s-0.events" % worker.manager.token)
+        assert fnmatch.fnmatch(name, worker.pattern)
+
+    @pytest.mark.parametrize("template", [
+        "shoebox_%Y%m%dT%H%M%S_{worker_id}.events",
+        "%Y_{worker_id}_archive.events", "{worker_id}_%Y%m%d",
+        "a.%Y.%m_{worker_id}.dat"])
+    def test_the_recovery_glob_matches_every_name(self, tmp_path, broker,
+                                                   template):
+        conf = write_config(tmp_path, broker,
+                            {"filename_template": template})
+        worker = make_worker(conf, broker, ident="h-1")
+        for _ in range(2):
+            worker.manager.opened += 9
+            name = os.path.basename(worker.manager._make_filename())
+            assert fnmatch.fnmatch(name, worker.pattern), (name,
+                                                           worker.pattern)
+            assert name.count(worker.manager.token) == 1
 
     @pytest.mark.parametrize("idents", [("w1", "w2"), ("same", "same")])
     def test_two_workers_in_one_directory_never_collide(

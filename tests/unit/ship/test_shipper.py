@@ -17,6 +17,7 @@ from shoebox_worker import callbacks
 from shoebox_worker import exceptions
 from shoebox_worker import files
 from shoebox_worker import record
+from shoebox_worker.consume import stats as stats_mod
 from shoebox_worker.ship import shipper
 from shoebox_worker.ship import steps
 
@@ -214,14 +215,73 @@ class TestSubmit:
                  and r.name == "shoebox_worker.ship.shipper"
                  and not r.getMessage().startswith("shipped ")]
         messages = [r.getMessage() for r in lines]
-        assert len(messages) == 2, messages  # failing, works again
+        # failing, capped (once: at most every CAPPED_LOG_INTERVAL per
+        # archive), works again
+        assert len(messages) == 3, messages
         assert messages[0] == (
             "callback upload failed on %s: OSError: upload refused "
             "(attempt 1; retrying in %s)"
             % (path, messages[0].rpartition("retrying in ")[2][:-1]))
-        assert messages[1].startswith("callback upload works again, after "
+        assert messages[1].startswith(
+            "%s: step upload failed 2 times in " % path)
+        assert messages[1].endswith(
+            "; retrying every 0 s: callback upload failed on %s: OSError: "
+            "upload refused" % path)
+        assert lines[1].levelno == logging.WARNING
+        assert messages[2].startswith("callback upload works again, after "
                                       "30 failed attempts in ")
         assert not any(r.exc_info for r in caplog.records)
+
+    def test_each_archive_is_named_at_each_capped_retry(
+            self, tmp_path, make_shipper, caplog, monkeypatch):
+        monkeypatch.setattr(shipper, "CAPPED_LOG_INTERVAL", 0.0)
+        paths = [write_archive(tmp_path / name)
+                 for name in ("a.events", "b.events")]
+
+        class Poisoned(callbacks.ArchiveCallback):
+            """Fails for ever on a.events, works on b.events at the 5th."""
+
+            def __init__(self):
+                self.tries = {}
+
+            def on_close(self, filename):
+                tries = self.tries[filename] = self.tries.get(filename,
+                                                              0) + 1
+                if filename == paths[0] or tries < 5:
+                    raise OverflowError("date value out of range")
+                return filename
+
+        step = Poisoned()
+        stats = stats_mod.Stats()
+        # capped from the third attempt on (0.001, 0.002, 0.004 > 0.003)
+        ship = make_shipper([("upload", step)], retry_initial=0.001,
+                            retry_max=0.003, stats=stats, start=False)
+        with caplog.at_level(logging.INFO, logger="shoebox_worker"):
+            for path in paths:
+                ship.submit(path)
+            ship.start()
+            deadline = time.monotonic() + 10
+            while not (step.tries.get(paths[0], 0) >= 12
+                       and paths[1] not in ship._jobs):
+                assert time.monotonic() < deadline, step.tries
+                time.sleep(0.01)
+            failing = stats.failing_now["transient"]
+            age = stats.failing_age()
+        capped = [r.getMessage() for r in caplog.records
+                  if r.levelno == logging.WARNING and ": step upload failed "
+                  in r.getMessage()]
+        mine = [m for m in capped if m.startswith(paths[0] + ":")]
+        # one line per capped retry: attempts 2 (delay 0.002 < cap: none),
+        # 3, 4, ... each naming the archive, the count and the reason
+        assert len(mine) >= 9
+        assert "failed 3 times in " in mine[0]
+        assert all("retrying every 0 s: callback upload failed on %s: "
+                   "OverflowError: date value out of range" % paths[0] in m
+                   for m in mine)
+        assert len([m for m in capped if m.startswith(paths[1] + ":")]) == 2
+        # the other archive was not held back
+        assert paths[1] not in ship._jobs
+        assert failing[0] == 1 and 0 <= age < 30  # monotonic
 
     def test_still_failing_says_how_often_and_how_long(
             self, tmp_path, make_shipper, caplog):

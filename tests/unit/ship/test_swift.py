@@ -528,12 +528,100 @@ def test_headers_of_an_empty_damaged_and_unreadable_archive():
     assert headers["X-Object-Meta-Format-Versions"] == "1,2"
     assert headers_of(None) == {"X-Object-Meta-Filename": "a.events",
                                 "X-Object-Meta-Damaged-Ranges": "1"}
-    odd = archive.ArchiveReport("o.events", records=1, first_metadata={
-        "timestamp": "2024-03-09 \u00e9t\u00e9" + "x" * 300})
-    value = headers_of(odd, delete_after="60")[
-        "X-Object-Meta-First-Timestamp"]
-    assert len(value) == 256 and value.isascii()
-    assert "X-Delete-At" in headers_of(odd, delete_after="60")
+    # expiry by Swift's clock, not ours
+    assert headers_of(empty, delete_after="60")["X-Delete-After"] == "60"
+    assert not [h for h in headers_of(empty, delete_after="60")
+                if "Delete-At" in h]
+
+
+#: Values of a record's ``timestamp`` that are no timestamp (out of range
+#: once in UTC, absurd, of the wrong type, huge, control characters).
+POISON_TIMESTAMPS = [
+    "0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00",
+    "0001-01-01T00:00:00", "1969-12-31T23:59:59+00:00", "3000-01-01",
+    "2024-13-45T99:99:99", "yesterday", "", " ", "2024-03-09 \u00e9t\u00e9",
+    "2024-03-09T10:00:00" + "0" * 300, "2024-03-09T10:00:00\x00",
+    "\r\n2024-03-09T10:00:00", 20240309, None, ["2024-03-09"],
+    {"t": 1}, 1.5e300, True]
+
+
+@pytest.mark.parametrize("value", POISON_TIMESTAMPS)
+def test_a_timestamp_that_does_not_parse_is_left_out(value):
+    report = archive.ArchiveReport(
+        "o.events", records=1, versions={2},
+        first_metadata={"timestamp": value, "event_type": "x" * 10000},
+        last_metadata={"timestamp": value})
+    headers = headers_of(report)
+    assert headers == {"X-Object-Meta-Filename": "a.events",
+                       "X-Object-Meta-Records": "1",
+                       "X-Object-Meta-Format-Versions": "2"}
+    assert swift._record_time(report.first_metadata) is None
+
+
+@pytest.mark.parametrize("metadata", [None, "timestamp", ["a"], 7])
+def test_metadata_of_the_wrong_type_is_left_out(metadata):
+    report = archive.ArchiveReport("o.events", records="many",
+                                   versions={"2", None},
+                                   first_metadata=metadata,
+                                   last_metadata=metadata)
+    assert headers_of(report) == {"X-Object-Meta-Filename": "a.events"}
+
+
+def test_plausible_timestamps_are_kept_bounded_and_ascii():
+    def first(value):
+        report = archive.ArchiveReport("o.events", records=1,
+                                       first_metadata={"timestamp": value})
+        return headers_of(report).get("X-Object-Meta-First-Timestamp")
+
+    assert first("2024-03-09T10:00:00+01:00") == "2024-03-09T10:00:00+01:00"
+    assert first(" 2024-03-09 10:00:00.123456 ") == \
+        "2024-03-09 10:00:00.123456"
+    assert first("1970-01-01T00:00:00+00:00") == "1970-01-01T00:00:00+00:00"
+    assert first("2999-12-31T23:59:59+00:00") == "2999-12-31T23:59:59+00:00"
+    assert first("1970-01-01T00:59:59+01:00") is None  # 1969 in UTC
+    assert first("2999-12-31T23:59:59-01:00") is None  # 3000 in UTC
+    assert swift._record_time({"timestamp": "2024-03-09 10:00:00"}) == \
+        datetime.datetime(2024, 3, 9, 10, tzinfo=datetime.UTC)
+    assert len(swift._header_value("\u00e9" * 1000)) == 256
+    assert swift._header_value("\u00e9" * 1000).isascii()
+    assert swift._header_value("a\x00b") == "a%00b"
+    assert swift._header_value("x" * 300) == "x" * 256
+
+
+def test_record_times_are_utc_whatever_the_local_zone(monkeypatch):
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    try:
+        naive = swift._record_time({"timestamp": "2024-03-09 10:00:00"})
+        aware = swift._record_time({"timestamp": "2024-03-09T10:00:00+01:00"})
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert (naive.hour, naive.utcoffset()) == (10, datetime.timedelta(0))
+    assert (aware.hour, aware.utcoffset()) == (9, datetime.timedelta(0))
+
+
+def test_a_timestamp_is_at_most_40_characters():
+    stamp = "2024-03-09T10:00:00.123456+01:00"  # 32
+    assert swift._record_time({"timestamp": stamp.rjust(40)}) is not None
+    assert swift._record_time({"timestamp": stamp.rjust(41)}) is None
+
+
+@pytest.mark.parametrize("value", POISON_TIMESTAMPS[:6])
+def test_on_close_with_a_poison_timestamp_uploads(monkeypatch, tmp_path,
+                                                   value):
+    path = str(tmp_path / "a.events")
+    write_archive(path)
+    os.utime(path, (1e9, 1e9))
+    report = archive.ArchiveReport(path, records=3, versions={2},
+                                   first_metadata={"timestamp": value},
+                                   last_metadata={"timestamp": value})
+    conn = FakeConnection()
+    fake_callback(monkeypatch, conn, object_prefix="%Y/").on_close(
+        path, report=report)
+    _, headers, _ = conn.objects["shoebox", "2001/a.events"]  # its mtime
+    assert headers["X-Object-Meta-Records"] == "3"
+    assert "X-Object-Meta-First-Timestamp" not in headers
 
 
 # -- hashing while sending --------------------------------------------------
@@ -599,11 +687,26 @@ class FakeConnection:
         self.calls.append(("put_container", container))
         self.containers.add(container)
 
+    @staticmethod
+    def _expiry(headers):
+        """Like Swift: X-Delete-After becomes X-Delete-At, by its clock."""
+        headers = dict(headers or {})
+        after = headers.pop("X-Delete-After", None)
+        if after is not None:
+            headers["X-Delete-At"] = str(int(time.time()) + int(after))
+        headers.pop("If-None-Match", None)
+        return headers
+
     def put_object(self, container, obj, contents, content_length=None,
                    etag=None, headers=None, content_type=None,
                    query_string=None, response_dict=None):
         self._check("put_object")
         self.calls.append(("put_object", container, obj, query_string))
+        if (headers or {}).get("If-None-Match") == "*" and (
+                container, obj) in self.objects:
+            raise ClientException("Object PUT failed", http_status=412,
+                                  http_reason="Precondition Failed")
+        headers = self._expiry(headers)
         if query_string == "multipart-manifest=put":
             manifest = json.loads(contents)
             body = b"".join(self.objects[m["path"].split("/", 2)[1],
@@ -645,9 +748,14 @@ class FakeConnection:
         kept = {k: v for k, v in old.items()
                 if not k.lower().startswith("x-object-meta-")
                 and k.lower() != "x-delete-at"}
-        self.objects[container, obj] = (body, dict(kept, **headers), etag)
+        self.objects[container, obj] = (body, dict(
+            kept, **self._expiry(headers)), etag)
 
     def head_object(self, container, obj):
+        self.calls.append(("head_object", container, obj))
+        if (container, obj) not in self.objects:
+            raise ClientException("Object HEAD failed", http_status=404,
+                                  http_reason="Not Found")
         body, headers, etag = self.objects[container, obj]
         out = {"content-length": str(len(body)), "etag": etag,
                "x-trans-id": "txhead"}
@@ -799,24 +907,157 @@ def test_on_close_slo_and_stale_segments(monkeypatch, tmp_path):
     segments = sorted(o for c, o in conn.objects if c == "shoebox_segments")
     assert segments == ["big.events/%d/4096/%08d" % (size, i)
                         for i in range((size + 4095) // 4096)]
-    for name in segments:  # each with the same expiry as the manifest
-        assert conn.objects["shoebox_segments", name][1]["X-Delete-At"] == \
-            headers["X-Delete-At"]
+    for name in segments:  # each expiring after the manifest
+        assert int(conn.objects["shoebox_segments", name][1][
+            "X-Delete-At"]) >= int(headers["X-Delete-At"]) + \
+            swift.SEGMENT_EXPIRY_MARGIN
     # the manifest goes last, once the SHA-256 is known
-    assert conn.calls[-1][:4] == ("put_object", "shoebox", "big.events",
-                                  "multipart-manifest=put")
+    puts = [c for c in conn.calls if c[0] == "put_object"]
+    assert puts[-1][:4] == ("put_object", "shoebox", "big.events",
+                            "multipart-manifest=put")
     monkeypatch.undo()
-    # other settings after a crash: the old segments go once verified
+    # the same file again, with other settings: already there, nothing is
+    # sent and nothing replaced
+    manifest = conn.objects["shoebox", "big.events"]
     cb2 = fake_callback(monkeypatch, conn, segment_size="8K")
+    calls = len(conn.calls)
+    cb2.on_close(path)
+    assert not [c for c in conn.calls[calls:] if c[0] == "put_object"]
+    assert conn.objects["shoebox", "big.events"] == manifest
+    assert sorted(o for c, o in conn.objects
+                  if c == "shoebox_segments") == segments
+    fake_callback(monkeypatch, conn).on_close(path)  # now a plain object
+    assert conn.objects["shoebox", "big.events"] == manifest
+    assert [k for k in conn.objects if k[0] == "shoebox"] == [
+        ("shoebox", "big.events")]
+    assert sorted(o for c, o in conn.objects
+                  if c == "shoebox_segments") == segments
+    # segments of an earlier attempt that never made its manifest go once
+    # the object is verified (a crash, then another segment_size)
+    del conn.objects["shoebox", "big.events"]
     cb2.on_close(path)
     segments = sorted(o for c, o in conn.objects if c == "shoebox_segments")
     assert segments == ["big.events/%d/8192/%08d" % (size, i)
                         for i in range((size + 8191) // 8192)]
     # and a plain upload leaves none
+    del conn.objects["shoebox", "big.events"]
     fake_callback(monkeypatch, conn).on_close(path)
     assert [o for c, o in conn.objects if c == "shoebox_segments"] == []
     assert conn.objects["shoebox", "big.events"][0] == open(path,
                                                             "rb").read()
+
+
+# -- never over an existing object (If-None-Match: *) -------------------------
+
+def other_file(tmp_path, name="a.events", count=3):
+    path = str(tmp_path / "other" / name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_archive(path, count=count)
+    return path
+
+
+@pytest.mark.parametrize("segment_size", ["1G", "2K"])
+def test_a_name_holding_other_content_gets_a_new_name_loudly(
+        monkeypatch, tmp_path, caplog, segment_size):
+    path = str(tmp_path / "a.events")
+    write_archive(path, count=20)
+    data = open(path, "rb").read()
+    conn = FakeConnection()
+    cb = fake_callback(monkeypatch, conn, segment_size=segment_size)
+    cb.on_close(other_file(tmp_path, count=25))
+    theirs = conn.objects["shoebox", "a.events"]
+    segments = {k: v for k, v in conn.objects.items()
+                if k[0] == "shoebox_segments"}
+    with caplog.at_level(logging.INFO, logger="shoebox_worker.ship.swift"):
+        assert cb.on_close(path) == path
+    assert conn.objects["shoebox", "a.events"] == theirs  # untouched
+    for key, value in segments.items():
+        assert conn.objects[key] == value
+    other = "a~%s.events" % hashlib.sha256(data).hexdigest()[:16]
+    body, headers, _ = conn.objects["shoebox", other]
+    assert body == data
+    assert headers["X-Object-Meta-Filename"] == "a.events"
+    (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "shoebox/a.events holds other content (%d bytes, ETag " % len(
+        theirs[0]) in warning.getMessage()
+    assert "NOT overwriting" in warning.getMessage()
+    assert path in warning.getMessage()
+    assert "shoebox/%s instead" % other in warning.getMessage()
+    assert "to shoebox/%s:" % other in caplog.records[-1].getMessage()
+    # a retry finds its own upload under the new name: done, nothing sent
+    calls = len(conn.calls)
+    cb.on_close(path)
+    sent = [c for c in conn.calls[calls:] if c[0] == "put_object"]
+    assert conn.objects["shoebox", other][0] == data
+    assert all(c[2] in ("a.events", other) or c[1] == "shoebox_segments"
+               for c in sent)
+
+
+def test_a_name_taken_again_and_again_fails(monkeypatch, tmp_path):
+    path = str(tmp_path / "a.events")
+    write_archive(path)
+    conn = FakeConnection()
+    cb = fake_callback(monkeypatch, conn)
+    sha = hashlib.sha256(open(path, "rb").read()).hexdigest()[:16]
+    for name in ("a.events", "a~%s.events" % sha, "a~%s-2.events" % sha,
+                 "a~%s-3.events" % sha):
+        conn.objects["shoebox", name] = (b"x", {}, hashlib.md5(
+            b"x").hexdigest())
+    with pytest.raises(exceptions.UploadError, match="holds other|1 bytes"):
+        cb.on_close(path)
+    assert all(body == b"x" for body, _, _ in conn.objects.values())
+
+
+def test_the_same_content_already_there_is_done(monkeypatch, tmp_path,
+                                                caplog):
+    path = str(tmp_path / "a.events")
+    records = write_archive(path)
+    conn = FakeConnection()
+    cb = fake_callback(monkeypatch, conn, delete_after="60")
+    cb.on_close(path, report=report_of(path, records))
+    before = conn.objects["shoebox", "a.events"]
+    with caplog.at_level(logging.INFO, logger="shoebox_worker.ship.swift"):
+        cb.on_close(path, report=report_of(path, records))
+    assert conn.objects["shoebox", "a.events"] == before
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "already holds" in caplog.text
+    assert len([k for k in conn.objects if k[0] == "shoebox"]) == 1
+
+
+def test_an_earlier_upload_cut_before_its_metadata_is_completed(
+        monkeypatch, tmp_path):
+    path = str(tmp_path / "a.events")
+    records = write_archive(path)
+    data = open(path, "rb").read()
+    conn = FakeConnection()
+    conn.objects["shoebox", "a.events"] = (data, {}, hashlib.md5(
+        data).hexdigest())  # PUT done, then a crash before the POST
+    fake_callback(monkeypatch, conn).on_close(
+        path, report=report_of(path, records))
+    body, headers, _ = conn.objects["shoebox", "a.events"]
+    assert body == data
+    assert headers["X-Object-Meta-Sha256"] == hashlib.sha256(
+        data).hexdigest()
+    assert headers["X-Object-Meta-Records"] == str(len(records))
+
+
+def test_a_segment_of_an_earlier_attempt_is_reused(monkeypatch, tmp_path):
+    path = str(tmp_path / "big.events")
+    write_archive(path, count=40)
+    data = open(path, "rb").read()
+    conn = FakeConnection()
+    cb = fake_callback(monkeypatch, conn, segment_size="4K",
+                       delete_after="60")
+    first = cb.segment_name("big.events", len(data), 0)
+    conn.objects["shoebox_segments", first] = (
+        data[:4096], {"X-Delete-At": "1"}, hashlib.md5(
+            data[:4096]).hexdigest())
+    cb.on_close(path)
+    assert conn.objects["shoebox", "big.events"][0] == data
+    # its expiry renewed, later than the manifest's
+    assert int(conn.objects["shoebox_segments", first][1][
+        "X-Delete-At"]) > int(conn.objects["shoebox", "big.events"][1][
+            "X-Delete-At"])
 
 
 @pytest.mark.parametrize("segment_size", ["1G", "1K"])
@@ -961,3 +1202,95 @@ def test_keystone_unreachable_may_pass(monkeypatch, tmp_path):
     with pytest.raises(exceptions.UploadError) as info:
         cb.on_close(path, report=report_of(path, records))
     assert not info.value.permanent
+
+
+@pytest.mark.parametrize("segment_size", ["1G", "2K"])
+def test_this_file_there_with_a_wrong_etag_fails(monkeypatch, tmp_path,
+                                                 segment_size):
+    # a plain object with this SHA-256 and size whose ETag is not its MD5:
+    # Swift's word does not hold, and the upload fails
+    path = str(tmp_path / "a.events")
+    write_archive(path, count=10)
+    data = open(path, "rb").read()
+    conn = FakeConnection()
+    sha = hashlib.sha256(data).hexdigest()
+    conn.objects["shoebox", "a.events"] = (
+        data, {"X-Object-Meta-Sha256": sha}, "0" * 32)
+    cb = fake_callback(monkeypatch, conn, segment_size=segment_size)
+    if segment_size == "1G":
+        with pytest.raises(exceptions.UploadError, match="ETag 0{32}"):
+            cb.on_close(path)
+    else:  # as an SLO: size and SHA-256 decide, and this is the file
+        cb.on_close(path)
+    assert [k for k in conn.objects if k[0] == "shoebox"] == [
+        ("shoebox", "a.events")]
+
+
+def test_head_after_upload_compares_the_etag(monkeypatch, tmp_path):
+    path = str(tmp_path / "a.events")
+    write_archive(path)
+    conn = FakeConnection()
+    real_head = conn.head_object
+
+    def lying_head(container, obj):
+        head = real_head(container, obj)
+        head["etag"] = "0" * 32
+        return head
+
+    conn.head_object = lying_head
+    with pytest.raises(exceptions.UploadError,
+                       match="HEAD shoebox/a.events: .*ETag 0{32}; expected"):
+        fake_callback(monkeypatch, conn).on_close(path)
+
+
+def test_a_segment_name_holding_other_bytes_sends_it_all_elsewhere(
+        monkeypatch, tmp_path, caplog):
+    path = str(tmp_path / "big.events")
+    write_archive(path, count=20)
+    data = open(path, "rb").read()
+    conn = FakeConnection()
+    cb = fake_callback(monkeypatch, conn, segment_size="2K")
+    first = cb.segment_name("big.events", len(data), 0)
+    conn.objects["shoebox_segments", first] = (b"abc", {}, hashlib.md5(
+        b"abc").hexdigest())
+    with caplog.at_level(logging.WARNING, logger="shoebox_worker"):
+        cb.on_close(path)
+    assert ("holds other content (segment shoebox_segments/%s: 3 bytes, "
+            "ETag %s, SHA-256 none)" % (first, hashlib.md5(b"abc").hexdigest())
+            in caplog.text)
+    assert conn.objects["shoebox_segments", first][0] == b"abc"
+    other = "big~%s.events" % hashlib.sha256(data).hexdigest()[:16]
+    assert conn.objects["shoebox", other][0] == data
+
+
+def test_each_put_renews_a_token_about_to_expire(monkeypatch, tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(b"abc")
+
+    class AuthRef:
+        def will_expire_soon(self, margin):
+            return margin == swift.TOKEN_MARGIN
+
+    class Session:
+        invalidated = 0
+        auth = type("Auth", (), {"auth_ref": AuthRef()})()
+
+        def invalidate(self):
+            self.invalidated += 1
+
+    class Conn:
+        session = Session()
+        url = token = "old"
+
+        def put_object(self, container, obj, contents, **kwargs):
+            while contents.read(2):
+                pass
+            return hashlib.md5(b"abc").hexdigest()
+
+    conn = Conn()
+    cb = swift.SwiftUploadCallback(**V1)
+    with open(path, "rb") as f:
+        part = swift._Part(f.fileno(), 0, 3, swift._FileHash(str(path)))
+        cb._put(conn, "c", "o", part, {}, "t/t")
+    assert conn.session.invalidated == 1
+    assert conn.url is conn.token is None
