@@ -60,6 +60,29 @@ def wait_for(condition, timeout=WAIT, what="condition"):
         time.sleep(0.005)
 
 
+def count_ticks(worker):
+    """Count the worker's ticks (each one runs the backpressure check, after
+    the fsync interval and the idle roll): a positive sync point, so that
+    a test can show that something did not happen during a few ticks
+    without sleeping.
+
+    :returns: ``wait(n)``, which waits until ``n`` more ticks ran.
+    """
+    count = [0]
+    check = worker.backpressure.check
+
+    def counted(*args, **kwargs):
+        count[0] += 1
+        return check(*args, **kwargs)
+
+    worker.backpressure.check = counted
+
+    def wait(n=3):
+        target = count[0] + n
+        wait_for(lambda: count[0] >= target, what="%d worker ticks" % n)
+    return wait
+
+
 class Broker:
     """One test's exchange and queue on a kombu transport."""
 
@@ -319,10 +342,13 @@ class TestMalformed:
         worker = make_worker(conf, broker)
         running = Running(worker)
         running.wait_acked(len(bodies))
-        time.sleep(0.1)  # a requeue loop would show up as more consumed
+        # a requeue loop would show up as more consumed: a last message,
+        # published once all are acked, comes after any requeued one
+        broker.publish([v2_body(99)])
+        running.wait_acked(len(bodies) + 1)
         running.stop()
-        assert worker.stats.consumed_total == len(bodies)
-        records = archives(worker)
+        assert worker.stats.consumed_total == len(bodies) + 1
+        records = archives(worker)[:-1]
         assert [p for _, p in records] == \
             [inner_of(good[0])] + [b for b, _ in self.BAD] + \
             [inner_of(b) for b in good[1:]]
@@ -415,7 +441,45 @@ class TestAcks:
         running.stop()
 
 
+    def test_a_roll_commits_at_once(self, tmp_path, broker, log):
+        # fsync_every and fsync_interval are far away: only the roll acks
+        conf = write_config(tmp_path, broker, {"fsync_every": "50",
+                                               "fsync_interval": "60"},
+                            "[roll_checker:count]\nroll_count = 4\n")
+        broker.publish([v2_body(n) for n in range(6)])
+        worker = make_worker(conf, broker)
+        running = Running(worker)
+        running.wait_consumed(6)
+        running.wait_acked(4)
+        events = [e for e, _ in log]
+        # the four records written, synced (the archive closed), acked
+        assert events[:9] == ["write"] * 4 + ["sync"] + ["ack"] * 4, events
+        assert worker.stats.acked_total == 4  # the next two wait
+        running.stop()
+        assert worker.stats.acked_total == 6
+
+
 class TestRolls:
+    def test_an_idle_roll_commits_at_once(self, tmp_path, broker,
+                                          monkeypatch):
+        now = [1000.0]
+        monkeypatch.setattr(roll_checker, "clock", lambda: now[0])
+        conf = write_config(tmp_path, broker, {"roll_checker": "time",
+                                               "fsync_every": "50",
+                                               "fsync_interval": "60"},
+                            "[roll_checker:time]\nroll_minutes = 1\n")
+        broker.publish([v2_body(n) for n in range(2)])
+        worker = make_worker(conf, broker)
+        ticks = count_ticks(worker)
+        running = Running(worker)
+        running.wait_consumed(2)
+        ticks(2)
+        assert worker.stats.acked_total == 0  # nothing due yet
+        now[0] += 61
+        running.wait_acked(2)  # at the roll, not 60 s later
+        assert [e for e, _ in memory_of(worker).events] == ["close"]
+        running.stop()
+
     def test_time_roll_fires_while_idle(self, tmp_path, broker,
                                         monkeypatch):
         now = [1000.0]
@@ -424,10 +488,11 @@ class TestRolls:
                             "[roll_checker:time]\nroll_minutes = 1\n")
         broker.publish([v2_body(n) for n in range(2)])
         worker = make_worker(conf, broker)
+        ticks = count_ticks(worker)
         running = Running(worker)
         running.wait_acked(2)
         memory = memory_of(worker)
-        time.sleep(0.2)
+        ticks(3)  # the clock stands still: no roll, however many ticks
         assert memory.events == []
         active = worker.manager.active_filename
         now[0] += 61  # a minute later, and no new message
@@ -474,6 +539,22 @@ class TestIdleExit:
         assert archive_files(worker) == []
 
 
+class TestMalformedLogRate:
+    def test_one_line_per_interval(self, tmp_path, broker, caplog):
+        worker = make_worker(write_config(tmp_path, broker), broker)
+        start = 1000.0
+        with caplog.at_level(logging.WARNING, logger=worker_mod.__name__):
+            for offset in (0.0, 0.5, 9.9, 10.0, 19.9, 20.0, 25.0):
+                worker._malformed("q", "not JSON", start + offset)
+        lines = [r.getMessage() for r in caplog.records
+                 if r.name == worker_mod.__name__]
+        # at 0, 10 and 20 s: each line counts those not logged
+        assert lines == [worker_mod.W_MALFORMED % ("q", "not JSON", count)
+                         for count in (1, 4, 6)]
+        assert worker.stats.malformed_by_queue == {"q": 7}
+        worker.shipper.stop(1)
+
+
 class TestDiskFull:
     def test_enospc_requeues_cuts_pauses_and_resumes(self, tmp_path, broker,
                                                      monkeypatch):
@@ -500,6 +581,7 @@ class TestDiskFull:
         bodies = [v2_body(n) for n in range(30)]
         broker.publish(bodies[:8])
         worker = make_worker(conf, broker)
+        ticks = count_ticks(worker)
         running = Running(worker)
         running.wait_acked(8)
         # the disk fills up: the next batch cannot be synced
@@ -509,7 +591,7 @@ class TestDiskFull:
         wait_for(lambda: worker.paused is not None, what="a pause")
         assert worker.stats.acked_total == 8
         consumed = worker.stats.consumed_total
-        time.sleep(0.2)
+        ticks(3)  # paused: a few ticks go by, and nothing is taken
         # nothing taken meanwhile
         assert worker.stats.consumed_total == consumed
         assert worker.stats.acked_total == 8
@@ -571,6 +653,45 @@ class TestDiskFull:
         assert broker.depth() == 1  # requeued, not lost
 
 
+class TestStopDuringRetries:
+    def test_a_signal_does_not_wait_out_retry_delays(self, tmp_path, broker,
+                                                     monkeypatch):
+        # an archive fails to ship and waits a minute for its retry; a
+        # signal ships what runs or is due (nothing) and leaves it to its
+        # state file: settle returns because nothing is due, not because
+        # the grace ran out, and no retry runs after the signal
+        conf = write_config(
+            tmp_path, broker, {"retry_initial": "60", "retry_max": "60"},
+            "[roll_checker:count]\nroll_count = 2\n"
+            "[callback:memory]\nfail_times = 1000000\n")
+        broker.publish([v2_body(n) for n in range(2)])
+        worker = make_worker(conf, broker)
+        memory = memory_of(worker)
+        settled = []
+        settle = worker.shipper.settle
+
+        def spy(timeout):
+            settled.append((timeout, settle(timeout)))
+            return settled[-1][1]
+
+        monkeypatch.setattr(worker.shipper, "settle", spy)
+        running = Running(worker)
+        running.wait_acked(2)
+        ship = worker.shipper
+        with ship._cond:  # failed once, now waiting for its retry
+            assert ship._cond.wait_for(
+                lambda: ship._busy is None and len(ship._heap) == 1 and
+                ship._heap[0][0] > time.monotonic() + 30, timeout=WAIT)
+        attempts = list(memory.events)
+        assert [e for e, _ in attempts] == ["fail"]
+        running.stop()  # as SIGTERM does, then shutdown
+        assert settled == [(worker_mod.SHUTDOWN_SHIP_GRACE, True)]
+        assert memory.events == attempts
+        (name,) = archive_files(worker)
+        assert os.path.exists(os.path.join(
+            worker.directory, name + shipper_mod.STATE_SUFFIX))
+
+
 class TestBacklog:
     def test_pauses_over_max_backlog_and_resumes_when_shipped(
             self, tmp_path, broker):
@@ -581,15 +702,17 @@ class TestBacklog:
         bodies = [v2_body(n) for n in range(12)]
         broker.publish(bodies[:4])
         worker = make_worker(conf, broker)
+        ticks = count_ticks(worker)
         memory = memory_of(worker)
         running = Running(worker)
-        # checked on the worker's tick: two archives wait, over the limit
-        wait_for(lambda: worker.paused is not None, what="a pause")
-        assert worker.stats.paused
+        # checked on the worker's tick: two archives wait, over the limit;
+        # the stats say so once the consumers are cancelled
+        wait_for(lambda: worker.stats.paused, what="a pause")
+        assert worker.paused == backpressure.PAUSE_BACKLOG
         assert worker.shipper.backlog[0] >= 1
         consumed = worker.stats.consumed_total
         broker.publish(bodies[4:])
-        time.sleep(0.3)
+        ticks(3)  # paused: a few ticks go by, and nothing is taken
         assert worker.stats.consumed_total == consumed
         assert broker.depth() == 12 - consumed
         memory.fail_times = 0  # the upload works again
