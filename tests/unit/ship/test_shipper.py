@@ -6,6 +6,7 @@ import gzip
 import json
 import logging
 import os
+import random
 import shutil
 import threading
 import time
@@ -282,6 +283,21 @@ class TestSubmit:
                                       20: (3.75, 5)}.items():
             for _ in range(20):
                 assert low <= ship._delay(attempts) <= high
+
+    def test_jitter_spreads_each_delay_over_three_quarters_to_all(
+            self, monkeypatch):
+        # workers that failed together must not retry together: each delay
+        # is spread over [0.75, 1] of its base, the whole range used
+        monkeypatch.setattr(shipper, "random", random.Random(9))
+        ship = shipper.Shipper(callbacks.CallbackChain([]), 2.0, 8.0)
+        for attempts, permanent, base in ((1, False, 2.0), (2, False, 4.0),
+                                          (9, False, 8.0), (1, True, 8.0)):
+            delays = [ship._delay(attempts, permanent) / base
+                      for _ in range(2000)]
+            assert 0.75 <= min(delays) < 0.76, (attempts, permanent)
+            assert 0.99 < max(delays) <= 1.0, (attempts, permanent)
+            # spread over the range, not two values
+            assert len({int(d * 40) for d in delays}) == 10
 
     def test_retry_waits_its_delay(self, tmp_path, make_shipper):
         path = write_archive(tmp_path / "a.events")
