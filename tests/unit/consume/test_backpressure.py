@@ -111,3 +111,16 @@ def test_a_backlog_pause_never_measures_free_space():
     # while paused for the backlog, free space is never measured
     assert pressure.check((2, 10 * MB, 0), never) is None
     assert pressure.check((1, 5 * MB, 0), never).action == bp.RESUME
+
+
+def test_sizes_are_told_in_mebibytes():
+    # 1.05 MiB and a byte: rounds up only when divided by 2**20 exactly
+    size = 1101005
+    pressure = bp.Backpressure(MB)
+    assert pressure.check((1, size, 0), never).reason == (
+        "1 archive(s), 1.1 MB waiting to be shipped, over "
+        "max_backlog_mb = 1")
+    pressure = bp.Backpressure(2 * MB)
+    pressure.check((1, 3 * MB, 0), never)
+    assert pressure.check((1, size, 0), never).reason == \
+        "backlog down to 1.1 MB"

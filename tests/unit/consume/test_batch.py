@@ -86,6 +86,7 @@ class TestCommit:
         with pytest.raises(batch_mod.SyncFailed) as caught:
             batch.commit()
         assert caught.value.error.errno == 28
+        assert str(caught.value) == "[Errno 28] No space left on device"
         assert log == [("sync",)]
         assert len(batch) == 2
 
