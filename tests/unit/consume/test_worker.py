@@ -717,6 +717,9 @@ class TestBacklog:
         assert broker.depth() == 12 - consumed
         memory.fail_times = 0  # the upload works again
         running.wait_acked(12)
+        # the last archives may pause it once more: it resumes once they
+        # are shipped
+        wait_for(lambda: not worker.stats.paused, what="the resume")
         running.stop()
         assert not worker.stats.paused
         assert sorted(p for _, p in archives(worker)) == \
