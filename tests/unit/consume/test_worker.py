@@ -329,7 +329,8 @@ class TestMalformed:
     ]
 
     def test_archived_verbatim_acked_and_not_requeued(self, tmp_path,
-                                                      broker):
+                                                      broker, caplog):
+        caplog.set_level(logging.WARNING, logger=worker_mod.__name__)
         conf = write_config(tmp_path, broker)
         good = [v2_body(n) for n in range(3)]
         bodies = [good[0]] + [b for b, _ in self.BAD] + good[1:]
@@ -362,6 +363,11 @@ class TestMalformed:
         assert records[1][0]["content_encoding"] == "utf-8"
         assert "malformed" not in records[0][0]
         assert sum(worker.stats.malformed_by_queue.values()) == len(self.BAD)
+        # rate-limited: the first one is logged, with its queue and reason
+        lines = [r.getMessage() for r in caplog.records
+                 if r.name == worker_mod.__name__]
+        assert lines[0] == worker_mod.W_MALFORMED % (
+            broker.queue_name, self.BAD[0][1], 1)
         assert broker.depth() == 0
 
 
@@ -1131,3 +1137,39 @@ class TestAckPath:
         assert worker.stopping == worker_mod.STOP_INTERRUPTED
         assert "idle: shipping 1 archive(s) before exiting" in [
             r.getMessage() for r in caplog.records]
+
+    def test_a_stuck_step_is_left_after_ship_timeout(self, tmp_path, broker,
+                                                     monkeypatch):
+        # a step that never returns: the grace, then ship_timeout, and the
+        # state file resumes it at the next start
+        monkeypatch.setattr(worker_mod, "SHUTDOWN_SHIP_GRACE", 0.05)
+        release = threading.Event()
+        entered = threading.Event()
+
+        class Stuck(steps.MemoryCallback):
+            def on_close(self, filename):
+                entered.set()
+                release.wait(60)
+                return filename
+
+        conf = write_config(tmp_path, broker, {},
+                            "[roll_checker:count]\nroll_count = 1\n")
+        checker, _ = plugins.build(conf)
+        worker = worker_mod.Worker(conf, roll_checker=checker,
+                                   callbacks=[("stuck", Stuck())],
+                                   connection=broker.connection())
+        broker.publish([v2_body(0)])
+        running = Running(worker)
+        running.wait_acked(1)
+        assert entered.wait(WAIT)
+        worker.stop()
+        running.thread.join(WAIT)
+        shutdown = threading.Thread(target=worker.shutdown,
+                                    kwargs={"ship_timeout": 0.2},
+                                    daemon=True)
+        shutdown.start()
+        shutdown.join(WAIT)
+        try:
+            assert not shutdown.is_alive(), "waited for the stuck step"
+        finally:
+            release.set()
