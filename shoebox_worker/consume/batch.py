@@ -24,9 +24,27 @@ propagates for kombu to reconnect.
 
 import logging
 
+from amqp import spec as amqp_spec
+
 __all__ = ["Batch", "SyncFailed"]
 
 LOG = logging.getLogger(__name__)
+
+#: ``basic.nack``'s arguments: delivery-tag (longlong), multiple and
+#: requeue (bits), as py-amqp packs them.
+NACK_ARGS = "Lbb"
+
+
+def _nack_up_to(message):
+    """One ``basic.nack(multiple=True, requeue=True)`` for ``message`` and
+    every earlier unacked delivery of its channel.
+
+    py-amqp's channel receives nacks (publisher confirms) but has no method
+    to send one (no ``basic_nack``): the frame goes through its generic
+    ``send_method``.
+    """
+    message.channel.send_method(amqp_spec.Basic.Nack, NACK_ARGS,
+                                (message.delivery_tag, True, True))
 
 
 class SyncFailed(Exception):
@@ -99,9 +117,7 @@ class Batch:
         if not messages:
             return 0
         if self.multiple:
-            last = messages[-1]
-            last.channel.basic_nack(last.delivery_tag, multiple=True,
-                                    requeue=True)
+            _nack_up_to(messages[-1])
         else:
             for message in messages:
                 message.requeue()

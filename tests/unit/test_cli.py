@@ -241,6 +241,36 @@ def test_run_idle_exit_ships_everything(write, tmp_path, quiet_process):
     assert sorted(p for _, p in records) == sorted(bodies)
 
 
+def test_run_exits_with_the_workers_code(write, tmp_path, quiet_process,
+                                        monkeypatch, capsys):
+    # the archive directory refuses writes: the worker stops, run says 1
+    import errno
+    queue = "q-" + uuid.uuid4().hex[:10]
+    exchange = kombu.Exchange("ex-" + queue, type="topic", durable=False)
+    bound = kombu.Queue(queue, exchange, routing_key=queue, durable=False)
+    path = write(GOOD.replace("notifications.info", queue).replace(
+        "exchange = nova", "exchange = ex-%s\nrouting_key = %s" % (
+            queue, queue)) + "\n[logging]\nlevel = ERROR\n")
+
+    def refused(self, metadata, payload):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(archive.ArchiveWriter, "write", refused)
+    with kombu.Connection("memory://") as conn:
+        with conn.Producer() as producer:
+            producer.publish(b'{"event_type": "x"}', exchange=exchange,
+                             routing_key=queue, declare=[bound],
+                             serializer=None, content_type="application/json",
+                             content_encoding="utf-8")
+        try:
+            assert cli.main(["run", "--config", path]) == 1
+            assert conn.default_channel._size(queue) == 1  # requeued
+        finally:
+            bound(conn.default_channel).unbind_from(exchange,
+                                                   routing_key=queue)
+            bound(conn.default_channel).delete()
+
+
 def test_leftovers_ship_while_the_broker_is_unreachable(write, tmp_path):
     # a previous run left an archive; the broker is down (a closed port):
     # shipping must not wait for it, and SIGTERM still stops the worker

@@ -71,3 +71,56 @@ def test_default_resume_threshold():
         is None
     assert pressure.check((0, 0, 0), lambda: bp.RESUME_FREE_BYTES).action \
         == bp.RESUME
+
+
+def test_resumes_at_90_percent_of_the_limit_not_before():
+    # the promise in numbers: a 100 MB limit resumes at 90 MB, not 90 MB
+    # and a byte, and not anywhere between
+    pressure = bp.Backpressure(100 * MB)
+    assert pressure.check((9, 100 * MB + 1, 0), never).action == bp.PAUSE
+    assert pressure.check((9, 100 * MB, 0), never) is None
+    assert pressure.check((9, 90 * MB + 1, 0), never) is None
+    assert pressure.paused == bp.PAUSE_BACKLOG
+    change = pressure.check((8, 90 * MB, 0), never)
+    assert change == bp.Change(bp.RESUME, "backlog down to 90.0 MB", True)
+    # and at the limit itself it runs on
+    assert pressure.check((9, 100 * MB, 0), never) is None
+    assert pressure.paused is None
+
+
+def test_a_full_disk_resumes_with_64_mb_free_by_default():
+    pressure = bp.Backpressure(MB)
+    assert pressure.disk_full("full").action == bp.PAUSE
+    for free_bytes in (0, 1, MB, 64 * MB - 1):
+        assert pressure.check((0, 0, 0), lambda b=free_bytes: b) is None
+    assert pressure.paused == bp.PAUSE_DISK_FULL
+    change = pressure.check((0, 0, 0), free(64))
+    assert change == bp.Change(bp.RESUME, "disk has 64 MB free", True)
+
+
+def test_resume_free_zero_is_kept():
+    # 0 is a threshold (resume at once), not "use the default"
+    pressure = bp.Backpressure(MB, resume_free=0)
+    pressure.disk_full("full")
+    assert pressure.check((0, 0, 0), free(0)).action == bp.RESUME
+
+
+def test_a_backlog_pause_never_measures_free_space():
+    pressure = bp.Backpressure(10 * MB)
+    pressure.check((2, 11 * MB, 0), never)
+    # while paused for the backlog, free space is never measured
+    assert pressure.check((2, 10 * MB, 0), never) is None
+    assert pressure.check((1, 5 * MB, 0), never).action == bp.RESUME
+
+
+def test_sizes_are_told_in_mebibytes():
+    # 1.05 MiB and a byte: rounds up only when divided by 2**20 exactly
+    size = 1101005
+    pressure = bp.Backpressure(MB)
+    assert pressure.check((1, size, 0), never).reason == (
+        "1 archive(s), 1.1 MB waiting to be shipped, over "
+        "max_backlog_mb = 1")
+    pressure = bp.Backpressure(2 * MB)
+    pressure.check((1, 3 * MB, 0), never)
+    assert pressure.check((1, size, 0), never).reason == \
+        "backlog down to 1.1 MB"

@@ -10,10 +10,16 @@ from shoebox_worker.consume import batch as batch_mod
 
 
 class FakeChannel:
+    """py-amqp's channel as far as a nack goes: it has no basic_nack, only
+    the generic send_method (tests/functional/test_batch_rabbit.py sends
+    the real frame)."""
+
     def __init__(self, log):
         self.log = log
 
-    def basic_nack(self, delivery_tag, multiple=False, requeue=True):
+    def send_method(self, sig, format=None, args=None):
+        assert sig == (60, 120) and format == "Lbb", (sig, format)
+        delivery_tag, multiple, requeue = args
         self.log.append(("nack", delivery_tag, multiple, requeue))
 
 
@@ -80,6 +86,7 @@ class TestCommit:
         with pytest.raises(batch_mod.SyncFailed) as caught:
             batch.commit()
         assert caught.value.error.errno == 28
+        assert str(caught.value) == "[Errno 28] No space left on device"
         assert log == [("sync",)]
         assert len(batch) == 2
 

@@ -6,6 +6,7 @@ import gzip
 import json
 import logging
 import os
+import random
 import shutil
 import threading
 import time
@@ -343,6 +344,21 @@ class TestSubmit:
             for _ in range(20):
                 assert low <= ship._delay(attempts) <= high
 
+    def test_jitter_spreads_each_delay_over_three_quarters_to_all(
+            self, monkeypatch):
+        # workers that failed together must not retry together: each delay
+        # is spread over [0.75, 1] of its base, the whole range used
+        monkeypatch.setattr(shipper, "random", random.Random(9))
+        ship = shipper.Shipper(callbacks.CallbackChain([]), 2.0, 8.0)
+        for attempts, permanent, base in ((1, False, 2.0), (2, False, 4.0),
+                                          (9, False, 8.0), (1, True, 8.0)):
+            delays = [ship._delay(attempts, permanent) / base
+                      for _ in range(2000)]
+            assert 0.75 <= min(delays) < 0.76, (attempts, permanent)
+            assert 0.99 < max(delays) <= 1.0, (attempts, permanent)
+            # spread over the range, not two values
+            assert len({int(d * 40) for d in delays}) == 10
+
     def test_retry_waits_its_delay(self, tmp_path, make_shipper):
         path = write_archive(tmp_path / "a.events")
         times = []
@@ -497,15 +513,59 @@ class TestSubmit:
                 return filename
 
         step = FailsOnBad()
-        ship = make_shipper([("step", step)], retry_initial=10,
-                            retry_max=10)
+        # bad waits a minute for its retry: longer than this test
+        ship = make_shipper([("step", step)], retry_initial=60,
+                            retry_max=60)
         ship.submit(bad)
         ship.submit(good)
-        deadline = time.monotonic() + 5
-        while ship.pending() > 1 and time.monotonic() < deadline:
-            time.sleep(0.01)  # good is through while bad waits 10 s
+        # good is through (its job dropped) while bad waits: wait for that
+        # state itself, told by the shipper's condition
+        with ship._cond:
+            assert ship._cond.wait_for(
+                lambda: list(ship._jobs) == [bad] and ship._busy is None,
+                timeout=30), (list(ship._jobs), step.seen)
         assert step.seen == [bad, good]
         assert ship.pending() == 1
+
+
+class TestSettle:
+    """settle() (on SIGTERM) waits for a running or due step, never for an
+    archive waiting out its retry delay."""
+
+    @staticmethod
+    def waiting_for_retry(ship):
+        """Wait until the shipper is idle with its one job in the heap,
+        due later (a positive state, not a sleep)."""
+        with ship._cond:
+            assert ship._cond.wait_for(
+                lambda: ship._busy is None and len(ship._heap) == 1 and
+                ship._heap[0][0] > time.monotonic() + 30, timeout=10)
+
+    def test_does_not_wait_out_a_retry_delay(self, tmp_path, make_shipper):
+        failing = steps.MemoryCallback(fail_times=1000)
+        ship = make_shipper([("memory", failing)], retry_initial=60,
+                            retry_max=60)
+        ship.submit(write_archive(tmp_path / "a.events"))
+        self.waiting_for_retry(ship)
+        assert ship.settle(0) is True  # nothing running or due
+        assert failing.events == [("fail", str(tmp_path / "a.events"))]
+        assert ship.pending() == 1
+
+    def test_waits_for_a_running_step(self, tmp_path, make_shipper):
+        block = Blocking()
+        ship = make_shipper([("block", block)])
+        ship.submit(write_archive(tmp_path / "a.events"))
+        assert block.entered.wait(5)
+        assert ship.settle(0) is False  # a step runs
+        block.release.set()
+        assert ship.settle(10) is True
+        assert ship.wait_idle(timeout=5)
+
+    def test_waits_for_a_due_archive(self, tmp_path, make_shipper):
+        ship = make_shipper([("memory", steps.MemoryCallback())],
+                            start=False)
+        ship.submit(write_archive(tmp_path / "a.events"))
+        assert ship.settle(0) is False  # due now, not started yet
 
 
 class TestBacklog:
