@@ -538,3 +538,75 @@ def test_gzip_helper_matches_compress_file(tmp_path):
         for m, p in records:
             f.write(record.pack(m, p, 1))
     assert read_all(path)[0] == records
+
+
+class TestCrashRecovery:
+    """inspect_file and cut_torn_tail, as the shipper's recovery uses them."""
+
+    def embedded(self, tmp_path):
+        """Records, then a torn record whose verbatim payload holds a whole
+        valid record (a non-UTF-8 body archived as malformed)."""
+        path = tmp_path / "a.events"
+        records = sample_records(3)
+        write_archive(path, records)
+        torn_at = os.path.getsize(path)
+        inner = record.pack({"event_type": "forged"}, b"{}")
+        outer = record.pack({"malformed": "not UTF-8"},
+                            b"\xff" + inner + b"\xfe" * 40)
+        with open(path, "ab") as f:
+            f.write(outer[:-30])  # the crash: cut after the inner record
+        return path, records, torn_at
+
+    def test_record_inside_a_torn_record_is_cut_with_it(self, tmp_path):
+        path, records, torn_at = self.embedded(tmp_path)
+        report = archive.inspect_file(path, quiet=True)
+        assert report.records == 3
+        assert report.last_metadata == records[-1][0]
+        assert report.torn_offset == torn_at
+        size = os.path.getsize(path)
+        assert archive.cut_torn_tail(path, report) == (torn_at,
+                                                       size - torn_at)
+        assert read_all(path) == (records, [])
+
+    def test_cut_is_fsynced_after_the_truncate(self, tmp_path, monkeypatch):
+        path, records, torn_at = self.embedded(tmp_path)
+        inode = os.stat(path).st_ino
+        synced = []
+        real_fsync = os.fsync
+
+        def fsync(fd):
+            st = os.fstat(fd)
+            synced.append((st.st_ino, st.st_size))
+            real_fsync(fd)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        archive.cut_torn_tail(path)
+        assert synced == [(inode, torn_at)]  # the file, once cut
+
+    @pytest.mark.skipif(not os.path.exists("/usr/bin/strace"),
+                        reason="no strace")
+    def test_cut_is_fsynced_after_the_truncate_traced(self, tmp_path):
+        """The real system calls, seen from outside the process."""
+        import subprocess
+        import sys
+        path, records, torn_at = self.embedded(tmp_path)
+        trace = tmp_path / "trace"
+        subprocess.run(
+            ["strace", "-f", "-o", str(trace), "-e",
+             "trace=openat,ftruncate,fsync,fdatasync,close",
+             sys.executable, "-c",
+             "import sys; from shoebox_worker import archive; "
+             "archive.cut_torn_tail(sys.argv[1])", str(path)], check=True)
+        calls = trace.read_text().splitlines()
+        fd = None
+        seen = []
+        for line in calls:
+            if "openat(" in line and str(path) in line and "O_RDWR" in line:
+                fd = line.rsplit("= ", 1)[1].strip()
+            elif fd is not None and ("(%s" % fd) in line:
+                call = line.split()[1].split("(")[0]
+                seen.append(call)
+                if call == "close":
+                    break
+        assert seen[:3] == ["ftruncate", "fsync", "close"], calls
+        assert "ftruncate(%s, %d)" % (fd, torn_at) in "\n".join(calls)
