@@ -319,6 +319,26 @@ def _unpack(buf, pos, end):
     return version, metadata, buf[raw_start + 4:raw_end], size
 
 
+def _check_start(buf, pos, meta_len, raw_len):
+    """What the first bytes of a record not yet all read can refute: the
+    metadata count (it must fit the block; 0 only in a 4-byte block) and
+    the payload length (it must be R - 4), when the buffer holds them.
+    The same checks as :func:`_unpack`'s, made early; they never refuse a
+    valid record."""
+    start = pos + HEADER_SIZE
+    if len(buf) - start >= 4:
+        (count,) = _I32.unpack_from(buf, start)
+        if count < 0 or count % 4 or 4 + 2 * count > meta_len or (
+                count == 0 and meta_len != 4):
+            raise exceptions.CorruptRecord("metadata lengths do not add up",
+                                           pos)
+    if len(buf) - start - meta_len >= 4:
+        (length,) = _I32.unpack_from(buf, start + meta_len)
+        if length != raw_len - 4:
+            raise exceptions.CorruptRecord(
+                "payload length does not match block", pos)
+
+
 def is_record_start(buf, pos, end=None):
     """True when a whole, valid record starts at ``pos`` (used to resync)."""
     try:
@@ -471,7 +491,16 @@ class _Walk:
             self._raise_stream_error()
             return None
         if have >= HEADER_SIZE:
-            self._fill(_header(self.buf, self.pos)[3])
+            _, meta_len, raw_len, size = _header(self.buf, self.pos)
+            if size > have:  # a long record: its first bytes are checked
+                # first, so a forged header before gigabytes of zeros
+                # fails here, not once they are all read
+                self._fill(HEADER_SIZE + 4)
+                _check_start(self.buf, self.pos, meta_len, raw_len)
+                if meta_len <= self.chunk_size:
+                    self._fill(HEADER_SIZE + meta_len + 4)
+                    _check_start(self.buf, self.pos, meta_len, raw_len)
+                self._fill(size)
         try:
             version, metadata, payload, size = _unpack(
                 self.buf, self.pos, len(self.buf))

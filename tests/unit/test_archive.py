@@ -304,7 +304,9 @@ class TestDamage:
         if version == 2:
             head = head[:14] + struct.pack("<I", zlib.crc32(head[:14]))
         good = record.pack({"a": "b"}, b"c", version)
-        path.write_bytes(head + b"\0" * 100 + good)
+        # a start that holds: one pair, its lengths adding up to M
+        start = struct.pack("<iii", 4, 0, record.MAX_BLOCK - 12)
+        path.write_bytes(head + start + b"\0" * 100 + good)
         tracemalloc.start()
         try:
             got, exc = read_strict_prefix(path)

@@ -336,6 +336,8 @@ class TestWalk:
     def test_hostile_length_reads_only_what_the_stream_has(self):
         head = struct.pack("<ihIII", MAGIC, 2, 4, record.MAX_BLOCK, 0)
         head = head[:14] + struct.pack("<I", zlib.crc32(head[:14]))
+        # a start that holds (no metadata, the payload's length = R - 4)
+        head += struct.pack("<ii", 0, record.MAX_BLOCK - 4)
         stream = _Trickle(head + b"\0" * 100, 1 << 20)
         with pytest.raises(exceptions.TornRecord):
             list(record.walk(stream, chunk_size=64))
@@ -538,7 +540,8 @@ class TestSalvage:
                 return super().read1(size)
 
         good = record.pack({"n": "1"}, b"one")
-        data = good + v2_header(4, 1 << 30) + bytes(200)
+        data = good + v2_header(4, 1 << 30) + struct.pack(
+            "<ii", 0, (1 << 30) - 4) + bytes(200)
         for salvage in (False, True):
             walker = record.walk(Huge(data, 50), salvage=salvage,
                                  chunk_size=50)
@@ -548,3 +551,58 @@ class TestSalvage:
                                ) as info:
                 next(walker)
             assert info.value.offset == len(good)
+
+
+class _Zeros(io.RawIOBase):
+    """An endless stream of zeros (a decompression bomb), counting."""
+
+    def __init__(self, head):
+        self.head, self.given = head, 0
+
+    def readable(self):
+        return True
+
+    def read1(self, size=-1):
+        chunk = self.head[:size] or bytes(size)
+        self.head = self.head[len(chunk):]
+        self.given += len(chunk)
+        return chunk
+
+
+class TestLongRecordStart:
+    """A record longer than the buffer: its first bytes are checked before
+    the rest is read (a forged header before gigabytes of zeros)."""
+
+    @pytest.mark.parametrize("lengths, reason", [
+        ((4, 64 << 20), "payload length does not match block"),
+        ((64 << 20, 8), "metadata lengths do not add up"),
+    ])
+    def test_forged_header_before_zeros(self, lengths, reason):
+        good = record.pack({"n": "1"}, b"one")
+        stream = _Zeros(good + v2_header(*lengths))
+        walker = record.walk(stream, chunk_size=1 << 16)
+        assert next(walker)[4] == b"one"
+        with pytest.raises(exceptions.CorruptRecord, match=reason) as info:
+            next(walker)
+        assert info.value.offset == len(good)
+        assert stream.given < 1 << 20  # not the 64 MiB claimed
+
+    @pytest.mark.parametrize("start, reason", [
+        (struct.pack("<i", -4), "add up"),
+        (struct.pack("<i", 6), "add up"),
+        (struct.pack("<i", 1 << 20), "add up"),    # 2 * count > M
+        (struct.pack("<iiii", 4, 0, 0, 99), "payload length"),
+    ])
+    def test_each_early_check(self, start, reason):
+        data = v2_header(12, 1 << 20) + start + bytes(1 << 16)
+        with pytest.raises(exceptions.CorruptRecord, match=reason):
+            list(record.walk(io.BytesIO(data), chunk_size=1 << 10))
+
+    def test_valid_long_records_pass(self):
+        data = b"".join(record.pack({"k": "v" * (3 << 10)}, b"x" * (5 << 10),
+                                    v) for v in (1, 2, 1))
+        got = list(record.walk(_Trickle(data, 100), chunk_size=100))
+        assert [r[1] for r in got] == [1, 2, 1]
+        empty = record.pack({}, b"y" * 5000)
+        assert list(record.walk(_Trickle(empty, 64),
+                                chunk_size=64))[0][4] == b"y" * 5000
