@@ -17,7 +17,6 @@ import io
 import logging
 import os
 import shutil
-import struct
 import zlib
 
 from shoebox_worker import files
@@ -40,11 +39,10 @@ except ImportError:  # pragma: no cover - depends on the environment
     zstandard = None
 
 _COPY_CHUNK = 1 << 20
-_U32 = struct.Struct("<I")
 _GZIP_INPUT = 1 << 16
 # zstd's frame magic, the skippable frames' (low 4 bits free), and the
 # largest block the format allows (RFC 8878: Block_Maximum_Size)
-_ZSTD_MAGIC = 0xFD2FB528
+_ZSTD_FRAME = 0xFD2FB528
 _ZSTD_SKIPPABLE = 0x184D2A50
 _ZSTD_MAX_BLOCK = 128 << 10
 
@@ -187,7 +185,7 @@ class _ZstdReader(io.RawIOBase):
             if self._frame is None and not self._start_frame():
                 break
             header = self._take(3, "a frame")
-            (value,) = _U32.unpack(header + b"\0")
+            value = int.from_bytes(header, "little")
             kind, size = (value >> 1) & 3, value >> 3
             if kind == 3 or size > _ZSTD_MAX_BLOCK:
                 raise zstandard.ZstdError("zstd block header is corrupt")
@@ -216,13 +214,14 @@ class _ZstdReader(io.RawIOBase):
                 return False
             if len(magic) < 4:
                 raise EOFError("zstd stream ends inside a frame header")
-            (number,) = _U32.unpack(magic)
+            number = int.from_bytes(magic, "little")
             if number & 0xFFFFFFF0 != _ZSTD_SKIPPABLE:
                 break
-            (size,) = _U32.unpack(self._take(4, "a skippable frame"))
+            size = int.from_bytes(self._take(4, "a skippable frame"),
+                                  "little")
             if len(self._file.read(size)) != size:
                 raise EOFError("zstd stream ends inside a skippable frame")
-        if number != _ZSTD_MAGIC:
+        if number != _ZSTD_FRAME:
             raise zstandard.ZstdError("not a zstd frame")
         descriptor = self._take(1, "a frame header")
         flags = descriptor[0]
@@ -273,7 +272,8 @@ def _format_of(head):
         return "gzip"
     if head.startswith(b"\x28\xb5\x2f\xfd") or (
             len(head) == 4
-            and _U32.unpack(head)[0] & 0xFFFFFFF0 == _ZSTD_SKIPPABLE):
+            and int.from_bytes(head, "little") & 0xFFFFFFF0
+            == _ZSTD_SKIPPABLE):
         return "zstd"
     return None
 
