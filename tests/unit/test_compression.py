@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import tracemalloc
+import zlib
 
 import pytest
 import zstandard
@@ -220,3 +221,50 @@ def test_zstd_corrupt_raises(tmp_path, data):
     with pytest.raises(zstandard.ZstdError):
         with compression.open_read(path) as f:
             f.read()
+
+
+# -- the gzip reader ---------------------------------------------------------
+
+def test_gzip_members_and_zero_padding(tmp_path):
+    path = tmp_path / "x.gz"
+    path.write_bytes(gzip.compress(DATA) + gzip.compress(b"") +
+                     gzip.compress(b"tail") + bytes(100))
+    with compression.open_read(path) as f:
+        assert f.read() == DATA + b"tail"
+
+
+def test_gzip_header_fields_are_read(tmp_path):
+    path = tmp_path / "x.gz"
+    with gzip.GzipFile(path, "wb", mtime=1) as f:  # FNAME set
+        f.write(DATA)
+    with compression.open_read(path) as f:
+        assert f.read() == DATA
+
+
+@pytest.mark.parametrize("damage, error", [
+    (lambda d: d[:-1], EOFError),                    # in the trailer
+    (lambda d: d[:11], EOFError),                    # in the header
+    (lambda d: d + b"\x1f", EOFError),               # a second magic, cut
+    (lambda d: d + b"garbage", gzip.BadGzipFile),    # not a member after
+    (lambda d: d[:-8] + bytes(4) + d[-4:], zlib.error),  # bad CRC
+    (lambda d: d[:-4] + b"\x01\x02\x03\x04", zlib.error),  # bad size
+])
+def test_gzip_damage_raises(tmp_path, damage, error):
+    path = tmp_path / "x.gz"
+    path.write_bytes(damage(gzip.compress(DATA)))
+    with pytest.raises(error):
+        with compression.open_read(path) as f:
+            f.read()
+
+
+def test_gzip_reads_are_what_was_asked(tmp_path):
+    path = tmp_path / "x.gz"
+    path.write_bytes(gzip.compress(DATA))
+    raw = compression._GzipReader(str(path))
+    buffer = bytearray(100)
+    got = []
+    while n := raw.readinto(buffer):
+        assert n <= 100
+        got.append(bytes(buffer[:n]))
+    raw.close()
+    assert b"".join(got) == DATA
