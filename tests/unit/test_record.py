@@ -532,6 +532,17 @@ class TestSalvage:
             got, skips = self.walk(bytes(bad))
             assert [r[3] for r in got] == [{"n": "inner"}]
 
+    def test_v1_header_that_holds_says_nothing_of_its_extent(self):
+        """v1 has no header checksum: a v1 record whose header passes but
+        whose body fails is resynced from the next byte (the record its
+        payload holds is found, as documented)."""
+        inner = record.pack({"n": "inner"}, b"2", 1)
+        bad = bytearray(record.pack({"n": "x"}, b"y" + inner, 1))
+        bad[record.HEADER_SIZE] = 8  # the metadata count: 2 pairs, not 1
+        got, skips = self.walk(bytes(bad))
+        assert [r[3] for r in got] == [{"n": "inner"}]
+        assert skips[0][:2] == (0, len(bad) - len(inner))
+
     def test_a_record_too_big_for_memory_stops_salvage_too(self):
         class Huge(_Trickle):
             def read1(self, size=-1):
@@ -603,6 +614,9 @@ class TestLongRecordStart:
                                     v) for v in (1, 2, 1))
         got = list(record.walk(_Trickle(data, 100), chunk_size=100))
         assert [r[1] for r in got] == [1, 2, 1]
+        blank = record.pack({"": ""}, b"z" * 5000)  # 4 + 2 * count = M
+        assert list(record.walk(_Trickle(blank, 64),
+                                chunk_size=64))[0][3] == {"": ""}
         empty = record.pack({}, b"y" * 5000)
         assert list(record.walk(_Trickle(empty, 64),
                                 chunk_size=64))[0][4] == b"y" * 5000
