@@ -612,3 +612,68 @@ class TestCrashRecovery:
                     break
         assert seen[:3] == ["ftruncate", "fsync", "close"], calls
         assert "ftruncate(%s, %d)" % (fd, torn_at) in "\n".join(calls)
+
+
+class TestReaderDetails:
+    """Details the mutation check found untested."""
+
+    def damaged(self, tmp_path):
+        path = tmp_path / "a.events"
+        offsets = write_archive(path, sample_records(3))
+        data = bytearray(path.read_bytes())
+        data[offsets[1] + 30] ^= 0xFF
+        path.write_bytes(bytes(data))
+        return path, offsets
+
+    def test_skipped_ranges_logged_unless_quiet(self, tmp_path, caplog):
+        path, offsets = self.damaged(tmp_path)
+        caplog.set_level("WARNING", logger=archive.__name__)
+        report = archive.inspect_file(path)
+        assert report.filename == str(path)
+        assert [r.getMessage() for r in caplog.records] == [
+            "%s: skipped bytes %d-%d: record checksum mismatch"
+            % (path, offsets[1], offsets[2])]
+        caplog.clear()
+        archive.inspect_file(path, quiet=True)
+        with archive.ArchiveReader(path, salvage=True, quiet=True) as r:
+            list(r)
+        assert caplog.records == []
+
+    def test_cut_logs_nothing(self, tmp_path, caplog):
+        path = tmp_path / "a.events"
+        offsets = write_archive(path, sample_records(3))
+        with open(path, "r+b") as f:
+            f.truncate(offsets[2] + 5)
+        caplog.set_level("DEBUG")
+        assert archive.cut_torn_tail(path) == (offsets[2], 5)
+        assert caplog.records == []
+
+    def test_cut_refuses_compressed_saying_why(self, tmp_path):
+        path = tmp_path / "a.events"
+        write_archive(path, sample_records(1))
+        dst = compression.compress_file(str(path),
+                                        compression.get_codec("gzip"))
+        with pytest.raises(ValueError, match="a.events.gz is compressed: "
+                                             "offsets are in its "
+                                             "uncompressed bytes"):
+            archive.cut_torn_tail(dst)
+
+    def test_end_of_file_says_where(self, tmp_path):
+        path = tmp_path / "a.events"
+        write_archive(path, sample_records(1))
+        with archive.ArchiveReader(path) as reader:
+            reader.read()
+            with pytest.raises(exceptions.EndOfFile) as info:
+                reader.read()
+        assert str(info.value) == "%s, offset %d: end of archive" % (
+            path, os.path.getsize(path))
+
+    def test_strict_damage_from_records_is_kept(self, tmp_path):
+        path, offsets = self.damaged(tmp_path)
+        with archive.ArchiveReader(path) as reader:
+            with pytest.raises(exceptions.CorruptRecord) as first:
+                list(reader.records())
+            assert first.value.filename == str(path)
+            with pytest.raises(exceptions.CorruptRecord) as again:
+                reader.read()
+            assert again.value is first.value

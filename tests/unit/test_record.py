@@ -620,3 +620,63 @@ class TestLongRecordStart:
         empty = record.pack({}, b"y" * 5000)
         assert list(record.walk(_Trickle(empty, 64),
                                 chunk_size=64))[0][4] == b"y" * 5000
+
+
+class _Skips(list):
+    """An on_skip callback keeping what it is given."""
+
+    def __call__(self, *skip):
+        self.append(skip)
+
+
+class TestSmallPromises:
+    """Details the mutation check found untested."""
+
+    def test_one_junk_byte_before_a_record(self):
+        one = record.pack({"n": "1"}, b"one")
+        two = record.pack({"n": "2"}, b"two")
+        got = list(record.walk(io.BytesIO(one + b"\0" + two), salvage=True))
+        assert [r[0] for r in got] == [0, len(one) + 1]
+        # a candidate that fails is passed by one byte too
+        fake = b"\x84\x78\x86\x69\x07\x00" + two  # marker, bad version
+        got = list(record.walk(io.BytesIO(one + fake), salvage=True))
+        assert [r[3] for r in got] == [{"n": "1"}, {"n": "2"}]
+
+    def test_long_garbage_is_one_skipped_range(self):
+        one = record.pack({"n": "1"}, b"one")
+        junk = bytes(range(1, 128)) * 20  # no marker, many chunks
+        skips = []
+        got = list(record.walk(_Trickle(one + junk + one, 50), salvage=True,
+                               chunk_size=50,
+                               on_skip=lambda *s: skips.append(s)))
+        assert len(got) == 2
+        assert [s[:2] for s in skips] == [(len(one), len(one) + len(junk))]
+
+    def test_torn_header_at_the_end(self):
+        one = record.pack({"n": "1"}, b"one")
+        for tail in (b"\x84\x78\x86\x69\x02", one[:17]):
+            skips = _Skips()
+            got = list(record.walk(io.BytesIO(one + tail), salvage=True,
+                                   on_skip=skips))
+            assert len(got) == 1
+            assert skips == [(len(one), len(one) + len(tail),
+                              "archive ends inside a record header")]
+
+    def test_end_is_honoured(self):
+        one = record.pack({"n": "1"}, b"one")
+        data = one + one
+        assert record.is_record_start(data, len(one))
+        assert not record.is_record_start(data, len(one), len(data) - 1)
+        assert record.find_marker(data, 1) == len(one)
+        assert record.find_marker(data, 1, len(one) + 3) == -1
+        assert record.find_marker(data, 1, len(one) + 4) == len(one)
+
+    def test_bad_types_are_named(self):
+        with pytest.raises(TypeError, match="str or bytes, not int"):
+            record.pack({"k": 1}, b"")
+
+    def test_layouts_are_cached_as_layouts(self):
+        record._LAYOUTS.clear()
+        record.unpack_from(record.pack({"k": "v"}, b""))
+        ((lengths, layout),) = record._LAYOUTS.items()
+        assert lengths == (1, 1) and layout[0] == 2
