@@ -677,3 +677,17 @@ class TestReaderDetails:
             with pytest.raises(exceptions.CorruptRecord) as again:
                 reader.read()
             assert again.value is first.value
+
+
+def test_offset_after_damage_at_the_start(tmp_path):
+    path = tmp_path / "a.events"
+    write_archive(path, sample_records(2))
+    data = b"junk" + path.read_bytes()
+    path.write_bytes(data)
+    with archive.ArchiveReader(path, salvage=True, quiet=True) as reader:
+        assert reader.offset == 0
+        assert len(list(reader)) == 2
+        assert reader.offset == len(data)
+    with archive.ArchiveReader(path, salvage=True, quiet=True) as reader:
+        assert len(list(reader.records())) == 2
+        assert reader.offset == len(data)

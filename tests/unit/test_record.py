@@ -680,3 +680,36 @@ class TestSmallPromises:
         record.unpack_from(record.pack({"k": "v"}, b""))
         ((lengths, layout),) = record._LAYOUTS.items()
         assert lengths == (1, 1) and layout[0] == 2
+
+
+class TestJumpAcrossReads:
+    """An intact header whose record fails its early checks: its claimed
+    range is passed over read by read, to the exact byte."""
+
+    @pytest.mark.parametrize("chunk", [64, 1000, 1 << 16])
+    def test_resumes_exactly_at_the_claimed_end(self, chunk):
+        one = record.pack({"n": "1"}, b"one")
+        claimed = 5000
+        size = record.HEADER_SIZE + 4 + claimed + 4
+        inside = record.pack({"n": "inside"}, b"not a record")
+        # L = 0: refused early; a valid record inside, at a few places
+        forged = (v2_header(4, claimed) + bytes(100) + inside +
+                  bytes(2000) + inside).ljust(size, b"\0")
+        assert len(forged) == size
+        data = one + forged + one
+        skips = _Skips()
+        got = list(record.walk(_Trickle(data, chunk), salvage=True,
+                               chunk_size=chunk, on_skip=skips))
+        assert [r[0] for r in got] == [0, len(one) + size]
+        assert [s[:2] for s in skips] == [(len(one), len(one) + size)]
+
+    def test_a_stream_without_read1(self):
+        class ReadOnly:
+            def __init__(self, data):
+                self.file = io.BytesIO(data)
+
+            def read(self, size):
+                return self.file.read(size)
+
+        one = record.pack({"n": "1"}, b"one")
+        assert [r[4] for r in record.walk(ReadOnly(one * 3))] == [b"one"] * 3
