@@ -1,9 +1,14 @@
 """Compression codecs: a small table, gzip always, zstd when installed.
 
 Readers detect the codec from the file's first bytes, not its name, so a
-renamed archive still reads. Compressing writes a temporary file, fsyncs
-it, renames it into place and fsyncs the directory: a crash never leaves a
-truncated archive under the final name.
+renamed archive still reads (a zstd file may start with a skippable frame,
+as ``pzstd`` writes). Readers are bounded: each decompression call makes at
+most one zstd block (128 KiB) or what was asked for (gzip), so a small
+file that decompresses to gigabytes costs time in proportion, not memory.
+
+Compressing writes a temporary file, fsyncs it, renames it into place and
+fsyncs the directory: a crash never leaves a truncated archive under the
+final name.
 """
 
 import dataclasses
@@ -34,6 +39,12 @@ except ImportError:  # pragma: no cover - depends on the environment
     zstandard = None
 
 _COPY_CHUNK = 1 << 20
+_GZIP_INPUT = 1 << 16
+# zstd's frame magic, the skippable frames' (low 4 bits free), and the
+# largest block the format allows (RFC 8878: Block_Maximum_Size)
+_ZSTD_FRAME = 0xFD2FB528
+_ZSTD_SKIPPABLE = 0x184D2A50
+_ZSTD_MAX_BLOCK = 128 << 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,9 +64,8 @@ class Codec:
 
     def open_read(self, path):
         """Open ``path`` for reading its uncompressed bytes."""
-        if self.name == "gzip":
-            return gzip.open(path, "rb")
-        return io.BufferedReader(_ZstdReader(path), _COPY_CHUNK)
+        reader = _GzipReader if self.name == "gzip" else _ZstdReader
+        return io.BufferedReader(reader(path), _COPY_CHUNK)
 
     def open_write(self, fileobj, level, mtime):
         """Wrap an open binary file for writing compressed bytes."""
@@ -66,15 +76,85 @@ class Codec:
             fileobj, closefd=False)
 
 
+class _GzipReader(io.RawIOBase):
+    """Decompress a .gz file, member after member, with zlib directly:
+    each call makes at most what was asked for (zlib's ``max_length``),
+    and takes input 64 KiB at a time (zlib copies what a member leaves
+    unused; the standard library's reader copies its input again for
+    every 8 KiB it gives out: 5 s a GiB of zeros here, 3 s with this).
+    Raises EOFError when the file ends inside a member, zlib.error or
+    BadGzipFile on damage."""
+
+    def __init__(self, path):
+        self._file = open(path, "rb")
+        self._zlib = None  # decompressobj of the member being read
+        self._input = b""  # compressed bytes not given to zlib yet
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        while True:
+            if self._zlib is None and not self._start_member():
+                return 0
+            at_end = False
+            if not self._input:
+                self._input = self._file.read(_GZIP_INPUT)
+                at_end = not self._input
+            out = self._zlib.decompress(self._input, len(buffer))
+            self._input = self._zlib.unconsumed_tail
+            if self._zlib.eof:
+                self._input, self._zlib = self._zlib.unused_data, None
+            if out:
+                buffer[:len(out)] = out
+                return len(out)
+            if at_end:
+                raise EOFError("gzip stream ends inside a member")
+
+    def _start_member(self):
+        """Set up the next member (zero padding skipped, as gzip does);
+        False at the end of the file."""
+        data = self._input
+        while True:
+            data = data.lstrip(b"\0")
+            if len(data) >= 2:
+                break
+            more = self._file.read(_GZIP_INPUT)
+            if not more:
+                if data:
+                    raise EOFError("gzip stream ends inside a member")
+                return False
+            data += more
+        if not data.startswith(b"\x1f\x8b"):
+            raise gzip.BadGzipFile("not a gzip member")
+        self._input = data
+        self._zlib = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        return True
+
+    def close(self):
+        if not self.closed:
+            self._file.close()
+        super().close()
+
+
 class _ZstdReader(io.RawIOBase):
-    """Decompress a .zst file, frame after frame, and raise EOFError when
-    it ends inside a frame. (zstandard's ``stream_reader`` returns a
-    truncated frame's bytes as if the file ended cleanly.)"""
+    """Decompress a .zst file frame after frame, one block at a time.
+
+    The reader walks the frames itself (RFC 8878) and hands the
+    decompressor one block per call, so no call makes more than one
+    block's output (128 KiB): a small file that decompresses to
+    gigabytes costs time, never memory. Walking the frames also skips
+    skippable frames (``pzstd`` starts its files with one) and raises
+    EOFError when the file ends inside a frame (zstandard's
+    ``stream_reader`` returns a truncated frame's bytes as if the file
+    ended cleanly).
+    """
 
     def __init__(self, path):
         self._file = open(path, "rb")
         self._dctx = zstandard.ZstdDecompressor()
         self._frame = None  # decompressobj of the frame being read
+        self._checksum = False  # the frame ends with a 4-byte checksum
         self._out = b""
         self._pos = 0
 
@@ -90,21 +170,68 @@ class _ZstdReader(io.RawIOBase):
         self._pos += n
         return n
 
+    def _take(self, size, what):
+        data = self._file.read(size)
+        if len(data) != size:
+            raise EOFError("zstd stream ends inside %s" % what)
+        return data
+
     def _decode_more(self):
-        data = self._file.read(1 << 16)
-        if not data:
-            if self._frame is not None:
-                raise EOFError("zstd stream ends inside a frame")
-            return False
+        """Decode blocks until about :data:`_COPY_CHUNK` bytes are out;
+        False at the end of the file."""
         out = []
-        while data:
-            if self._frame is None:
-                self._frame = self._dctx.decompressobj()
-            out.append(self._frame.decompress(data))
-            data = b""
-            if self._frame.eof:
-                data, self._frame = self._frame.unused_data, None
+        have = 0
+        while have < _COPY_CHUNK:
+            if self._frame is None and not self._start_frame():
+                break
+            header = self._take(3, "a frame")
+            value = int.from_bytes(header, "little")
+            kind, size = (value >> 1) & 3, value >> 3
+            if kind == 3 or size > _ZSTD_MAX_BLOCK:
+                raise zstandard.ZstdError("zstd block header is corrupt")
+            data = self._frame.decompress(
+                header + self._take(1 if kind == 1 else size, "a frame"))
+            if value & 1:  # the frame's last block
+                if self._checksum:
+                    data += self._frame.decompress(self._take(4, "a frame"))
+                if not self._frame.eof:
+                    raise zstandard.ZstdError(
+                        "zstd frame does not end with its last block")
+                self._frame = None
+            out.append(data)
+            have += len(data)
+        if not out:
+            return False
         self._out, self._pos = b"".join(out), 0
+        return True
+
+    def _start_frame(self):
+        """Read up to a frame's first block, skipping skippable frames;
+        False at the end of the file."""
+        while True:
+            magic = self._file.read(4)
+            if not magic:
+                return False
+            if len(magic) < 4:
+                raise EOFError("zstd stream ends inside a frame header")
+            number = int.from_bytes(magic, "little")
+            if number & 0xFFFFFFF0 != _ZSTD_SKIPPABLE:
+                break
+            size = int.from_bytes(self._take(4, "a skippable frame"),
+                                  "little")
+            if len(self._file.read(size)) != size:
+                raise EOFError("zstd stream ends inside a skippable frame")
+        if number != _ZSTD_FRAME:
+            raise zstandard.ZstdError("not a zstd frame")
+        descriptor = self._take(1, "a frame header")
+        flags = descriptor[0]
+        single = flags >> 5 & 1
+        rest = ((0 if single else 1) + (0, 1, 2, 4)[flags & 3]
+                + ((single, 2, 4, 8)[flags >> 6]))
+        self._checksum = bool(flags >> 2 & 1)
+        self._frame = self._dctx.decompressobj()
+        self._frame.decompress(magic + descriptor
+                               + self._take(rest, "a frame header"))
         return True
 
     def close(self):
@@ -121,7 +248,6 @@ if zstandard is not None:
 DECOMPRESS_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)
 if zstandard is not None:
     DECOMPRESS_ERRORS += (zstandard.ZstdError,)
-_MAGICS = (b"\x1f\x8b", b"\x28\xb5\x2f\xfd")
 
 
 def get_codec(name):
@@ -139,25 +265,36 @@ def get_codec(name):
                          % (name, ", ".join(sorted(CODECS)))) from None
 
 
+def _format_of(head):
+    """``"gzip"``, ``"zstd"`` or None (plain) for a file's first bytes. A
+    zstd file may start with a skippable frame (``pzstd`` writes one)."""
+    if head.startswith(b"\x1f\x8b"):
+        return "gzip"
+    if head.startswith(b"\x28\xb5\x2f\xfd") or (
+            len(head) == 4
+            and int.from_bytes(head, "little") & 0xFFFFFFF0
+            == _ZSTD_SKIPPABLE):
+        return "zstd"
+    return None
+
+
 def open_read(path):
     """Open an archive for reading, decompressing it when needed.
 
     :returns: a binary file object of the uncompressed bytes.
+    :raises ValueError: a zstd file without the zstandard package.
     """
     with open(path, "rb") as f:
-        head = f.read(4)
-    for codec in CODECS.values():
-        if head.startswith(codec.magic):
-            return codec.open_read(path)
-    if head.startswith(b"\x28\xb5\x2f\xfd"):
-        get_codec("zstd")  # raises the install hint
-    return open(path, "rb")
+        name = _format_of(f.read(4))
+    if name is None:
+        return open(path, "rb")
+    return get_codec(name).open_read(path)  # zstd: or the install hint
 
 
 def is_compressed(path):
-    """True when ``path`` starts with a gzip or zstd magic number."""
+    """True when ``path`` starts like a gzip or zstd file."""
     with open(path, "rb") as f:
-        return f.read(4).startswith(_MAGICS)
+        return _format_of(f.read(4)) is not None
 
 
 def compress_file(src, codec, level=None):

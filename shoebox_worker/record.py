@@ -39,11 +39,19 @@ The raw block (both versions)::
     int32           L, the payload length (R = 4 + L)
     L bytes         the payload exactly as given
 
+Writers keep M and R at most :data:`MAX_BLOCK` (2^31 - 61, the longest
+payload :func:`pack` takes plus its length field); readers refuse longer
+blocks as corrupt, in both versions.
+
 ``docs/format.md`` draws both with worked examples. :func:`pack` turns a
 record into bytes and :func:`unpack_from` parses one out of a buffer, never
 trusting a length past the bytes it was given; both are pure.
 :func:`walk` is the one reader of record streams: it yields each record
 with its offset, version and size, strictly or salvaging past damage.
+Salvaging resyncs past a damaged v2 record whose header checksum holds at
+the end that header claims (its bytes are that record's, whatever they
+look like), so no record is surfaced from inside it and each byte is
+checksummed about once: salvage is linear in the file's size.
 :class:`~shoebox_worker.archive.ArchiveReader` is built on it, and
 ``inspect_file``, ``cat`` and ``verify`` on that reader, so that the
 layout is known here and nowhere else.
@@ -89,8 +97,12 @@ _MAGIC_BYTES = _I32.pack(MAGIC)
 HEADER_SIZE = _V1_HEAD.size
 #: v2's trailing checksum.
 TRAILER_SIZE = _U32.size
-# Longest field the format can hold (int32 lengths in v1's layout).
+# Longest metadata block or payload a writer packs (int32 lengths in v1's
+# layout, with room to spare).
 _MAX_LEN = 0x7FFFFFFF - 64
+#: Longest block (M or R) a reader accepts: what :func:`pack` writes at
+#: most (a payload of ``_MAX_LEN`` bytes and its length field), below 2^31.
+MAX_BLOCK = _MAX_LEN + 4
 #: How much :func:`walk` reads at a time (more only for a longer record).
 READ_CHUNK = 1 << 20
 # The most one read asks for, however long a record claims to be.
@@ -181,6 +193,10 @@ def _header(buf, pos):
     if meta_len < 4 or raw_len < 4:
         raise exceptions.CorruptRecord("block shorter than its length field",
                                        pos)
+    if meta_len > MAX_BLOCK or raw_len > MAX_BLOCK:
+        raise exceptions.CorruptRecord(
+            "block longer than any writer makes (%d bytes)"
+            % max(meta_len, raw_len), pos)
     return version, meta_len, raw_len, size
 
 
@@ -202,20 +218,24 @@ _LENGTHS = {}
 # lengths tuple -> (sum of the lengths, itemgetter of the strings' slices)
 _LAYOUTS = {}
 _MAX_LAYOUTS = 4096
+# Tables of fewer lengths than this (key and value each count) are cached.
+_CACHED_LENGTHS = 256
 
 
 def _lengths_struct(n):
     lengths = _LENGTHS.get(n)
     if lengths is None:
         lengths = struct.Struct("<%di" % n)
-        if n < 256:
+        if n < _CACHED_LENGTHS:
             _LENGTHS[n] = lengths
     return lengths
 
 
-def _layout(lengths):
-    """Sum and slicer for these string lengths, checked and cached."""
-    if min(lengths) < 0:
+def _layout(lengths, size):
+    """Sum and slicer for these string lengths, or None unless they are
+    not negative and add up to ``size``; cached when there are few (a
+    hostile table of a million lengths is checked, not kept)."""
+    if min(lengths) < 0 or sum(lengths) != size:
         return None
     slices = []
     off = 0
@@ -223,9 +243,10 @@ def _layout(lengths):
         slices.append(slice(off, off + length))
         off += length
     layout = off, operator.itemgetter(*slices)
-    if len(_LAYOUTS) >= _MAX_LAYOUTS:
-        _LAYOUTS.clear()
-    _LAYOUTS[lengths] = layout
+    if len(lengths) < _CACHED_LENGTHS:
+        if len(_LAYOUTS) >= _MAX_LAYOUTS:
+            _LAYOUTS.clear()
+        _LAYOUTS[lengths] = layout
     return layout
 
 
@@ -243,7 +264,7 @@ def _parse_metadata(buf, start, end, pos):
     if off > end:
         raise exceptions.CorruptRecord("metadata lengths overrun", pos)
     lengths = _lengths_struct(n).unpack_from(buf, start + 4)
-    layout = _LAYOUTS.get(lengths) or _layout(lengths)
+    layout = _LAYOUTS.get(lengths) or _layout(lengths, end - off)
     if layout is None or off + layout[0] != end:
         raise exceptions.CorruptRecord("metadata lengths do not add up", pos)
     region = bytes(buf[off:end])
@@ -296,6 +317,26 @@ def _unpack(buf, pos, end):
         raise exceptions.CorruptRecord("payload length does not match block",
                                        pos)
     return version, metadata, buf[raw_start + 4:raw_end], size
+
+
+def _check_start(buf, pos, meta_len, raw_len):
+    """What the first bytes of a record not yet all read can refute: the
+    metadata count (it must fit the block; 0 only in a 4-byte block) and
+    the payload length (it must be R - 4), when the buffer holds them.
+    The same checks as :func:`_unpack`'s, made early; they never refuse a
+    valid record."""
+    start = pos + HEADER_SIZE
+    if len(buf) - start >= 4:
+        (count,) = _I32.unpack_from(buf, start)
+        if count < 0 or count % 4 or 4 + 2 * count > meta_len or (
+                count == 0 and meta_len != 4):
+            raise exceptions.CorruptRecord("metadata lengths do not add up",
+                                           pos)
+    if len(buf) - start - meta_len >= 4:
+        (length,) = _I32.unpack_from(buf, start + meta_len)
+        if length != raw_len - 4:
+            raise exceptions.CorruptRecord(
+                "payload length does not match block", pos)
 
 
 def is_record_start(buf, pos, end=None):
@@ -353,6 +394,11 @@ def walk(stream, *, salvage=False, on_skip=None, stream_errors=(),
                  chunk_size).records()
 
 
+class _Unreadable(exceptions.RecordError):
+    """A record this process cannot hold: the walk stops even when
+    salvaging (what follows is unknown, so it is not a torn tail)."""
+
+
 class _Walk:
     """The state of one :func:`walk`: a buffer over the stream."""
 
@@ -394,7 +440,7 @@ class _Walk:
                 found = self._parse_here()
             except exceptions.RecordError as exc:
                 exc.offset = self.base + self.pos
-                if not self.salvage:
+                if not self.salvage or isinstance(exc, _Unreadable):
                     raise
                 self._skip(exc)
                 continue
@@ -409,23 +455,31 @@ class _Walk:
         if have >= need or self.eof:
             return have
         parts = [self.buf[self.pos:]]
-        while have < need:
-            try:
-                chunk = self.read(max(self.chunk_size,
-                                      min(need - have, _MAX_READ)))
-            except self.stream_errors as exc:
-                # keep what was decoded; _parse_here reports the rest
-                # once it reaches the end of it
-                self.stream_error = ("compressed stream is damaged: %s"
-                                     % (exc,))
-                chunk = b""
-            if not chunk:
-                self.eof = True
-                break
-            parts.append(chunk)
-            have += len(chunk)
+        try:
+            while have < need:
+                try:
+                    chunk = self.read(max(self.chunk_size,
+                                          min(need - have, _MAX_READ)))
+                except self.stream_errors as exc:
+                    # keep what was decoded; _parse_here reports the rest
+                    # once it reaches the end of it
+                    self.stream_error = ("compressed stream is damaged: %s"
+                                         % (exc,))
+                    chunk = b""
+                if not chunk:
+                    self.eof = True
+                    break
+                parts.append(chunk)
+                have += len(chunk)
+            buf = b"".join(parts)
+        except MemoryError:
+            del parts
+            raise _Unreadable(
+                "a record of %d bytes starts here: more than this process "
+                "can hold in memory; reading stopped" % need,
+                self.base + self.pos) from None
         self.base += self.pos
-        self.buf = b"".join(parts)
+        self.buf = buf
         self.pos = 0
         return have
 
@@ -437,7 +491,16 @@ class _Walk:
             self._raise_stream_error()
             return None
         if have >= HEADER_SIZE:
-            self._fill(_header(self.buf, self.pos)[3])
+            _, meta_len, raw_len, size = _header(self.buf, self.pos)
+            if size > have:  # a long record: its first bytes are checked
+                # first, so a forged header before gigabytes of zeros
+                # fails here, not once they are all read
+                self._fill(HEADER_SIZE + 4)
+                _check_start(self.buf, self.pos, meta_len, raw_len)
+                if meta_len <= self.chunk_size:
+                    self._fill(HEADER_SIZE + meta_len + 4)
+                    _check_start(self.buf, self.pos, meta_len, raw_len)
+                self._fill(size)
         try:
             version, metadata, payload, size = _unpack(
                 self.buf, self.pos, len(self.buf))
@@ -456,7 +519,7 @@ class _Walk:
     def _skip(self, exc):
         """Salvage: move to the next offset where a valid record starts."""
         start = self.base + self.pos
-        self.pos += 1
+        self._pass_damaged()
         while True:
             self._fill(HEADER_SIZE)
             found = self.buf.find(_MAGIC_BYTES, self.pos)
@@ -471,7 +534,40 @@ class _Walk:
             try:
                 self._parse_here()
                 break
+            except _Unreadable:
+                raise
             except exceptions.RecordError:
-                self.pos += 1
+                self._pass_damaged()
         if self.on_skip is not None:
             self.on_skip(start, self.base + self.pos, exc.message)
+
+    def _pass_damaged(self):
+        """Step over the damaged record at the current position.
+
+        A v2 header whose checksum holds gives the writer's own lengths, so
+        every byte up to the end it claims belongs to that one record (a
+        payload may hold a whole valid record: it is not one). Resync goes
+        on at that end (or the end of the stream: a torn tail). Skipping
+        the claimed range also checks each byte's checksum once, however
+        many forged headers overlap. Anything else (a v1 header, a header
+        that fails its checks) says nothing of its extent: resync goes on
+        at the next byte.
+        """
+        size = None
+        if len(self.buf) - self.pos >= HEADER_SIZE:
+            try:
+                version, _, _, size = _header(self.buf, self.pos)
+            except exceptions.RecordError:
+                size = None
+            else:
+                if version != 2:
+                    size = None
+        if size is None:
+            self.pos += 1
+            return
+        while size > len(self.buf) - self.pos and not self.eof:
+            size -= len(self.buf) - self.pos
+            self.base += len(self.buf)
+            self.buf, self.pos = b"", 0
+            self._fill(min(size, self.chunk_size))
+        self.pos += min(size, len(self.buf) - self.pos)

@@ -18,6 +18,13 @@ Anything else is **malformed** and still kept: the body is archived
 verbatim with ``malformed=<reason>`` (and ``content_type``) in its
 metadata. :func:`parse` never raises for bad input.
 
+What a message puts into metadata, and through it into logs, is bounded:
+a reason shows an offending value as its ``repr`` (control characters
+escaped) cut to :data:`MAX_SHOWN` characters, and every metadata value is
+cut to :data:`MAX_VALUE` characters; a cut one ends with
+:data:`ELLIPSIS`. (A 1 MB ``oslo.version`` gives a reason of 200
+characters, not of 1 MB.)
+
 :func:`wrap` is the other way, for the tools that publish (``replay``,
 ``generate``): a notification into the v2 envelope, as oslo.messaging's
 notifier sends it.
@@ -37,6 +44,15 @@ __all__ = ["Parsed", "MetadataExtractor", "Unwrapper", "parse", "to_bytes",
 
 _VERSION_KEY = "oslo.version"
 _MESSAGE_KEY = "oslo.message"
+
+#: Longest text of an offending value shown in a ``malformed`` reason.
+MAX_SHOWN = 200
+#: Longest metadata value taken from a message (characters).
+MAX_VALUE = 1024
+#: What ends a value or a shown text that was cut.
+ELLIPSIS = "\u2026"
+# A value orjson cannot write back (nested deeper than it goes)
+_TOO_DEEP = "(a JSON value nested too deep to show)"
 
 #: Top-level notification keys copied into metadata: (metadata key, key).
 STANDARD_FIELDS = (
@@ -90,6 +106,30 @@ def wrap(notification):
     return orjson.dumps({_VERSION_KEY: "2.0", _MESSAGE_KEY: notification})
 
 
+def _cut(text, limit):
+    """``text``, or its first ``limit - 1`` characters and
+    :data:`ELLIPSIS`."""
+    if len(text) <= limit:
+        return text
+    return text[:limit - 1] + ELLIPSIS
+
+
+def _shown(value):
+    """An offending value as a reason shows it: its ``repr`` (control
+    characters escaped), at most :data:`MAX_SHOWN` characters; a JSON
+    object or array by its kind only (its repr may be huge or too deep)."""
+    if isinstance(value, dict):
+        return "(a JSON object)"
+    if isinstance(value, list):
+        return "(a JSON array)"
+    if isinstance(value, str):
+        text = repr(value[:MAX_SHOWN])  # never the whole of a huge one
+        if len(value) > MAX_SHOWN:
+            text += ELLIPSIS
+        return _cut(text, MAX_SHOWN)
+    return _cut(repr(value), MAX_SHOWN)
+
+
 def _why_not_json(body, exc):
     if not body.strip():
         return "empty body"
@@ -123,8 +163,8 @@ def parse(body):
                       % (_MESSAGE_KEY if has_version else _VERSION_KEY))
     version = outer[_VERSION_KEY]
     if not isinstance(version, str) or version.split(".")[0] != "2":
-        return Parsed(body, None, "unknown envelope version %r"
-                      % (version,))
+        return Parsed(body, None, "unknown envelope version %s"
+                      % _shown(version))
     inner = outer[_MESSAGE_KEY]
     if not isinstance(inner, str):
         return Parsed(body, None, "broken envelope: %s is not a string"
@@ -149,12 +189,17 @@ else:  # pragma: no cover
 
 
 def _as_text(value):
-    if isinstance(value, str):
-        return value
-    if isinstance(value, _LAZY):  # simdjson's lazy containers
-        value = value.as_dict() if isinstance(value, _MAPPINGS) else \
-            value.as_list()
-    return orjson.dumps(value).decode("utf-8")
+    """A JSON value as a metadata string, at most :data:`MAX_VALUE`
+    characters: a string as it is, anything else as JSON text."""
+    if not isinstance(value, str):
+        if isinstance(value, _LAZY):  # simdjson's lazy containers
+            value = value.as_dict() if isinstance(value, _MAPPINGS) else \
+                value.as_list()
+        try:
+            value = orjson.dumps(value).decode("utf-8")
+        except orjson.JSONEncodeError:  # deeper than orjson writes
+            return _TOO_DEEP
+    return _cut(value, MAX_VALUE)
 
 
 class MetadataExtractor:

@@ -25,6 +25,7 @@ import orjson
 from shoebox_worker import archive
 from shoebox_worker import compression
 from shoebox_worker import exceptions
+from shoebox_worker import files
 from shoebox_worker import record
 from shoebox_worker import roll_manager
 from shoebox_worker.exceptions import EXIT_FAILURE
@@ -57,6 +58,11 @@ SNIFF_BYTES = 1 << 16
 MARKER_OVERLAP = 3
 #: Exit code after a closed pipe (``| head``), as if killed by SIGPIPE.
 EXIT_BROKEN_PIPE = 128 + 13
+
+# What reading may raise that is not about the archive's bytes: an I/O
+# error, or a record too big for memory (a RecordError says that when the
+# reader sees it coming).
+_READ_ERRORS = (OSError, MemoryError)
 
 _PAYLOAD_WS = re.compile(rb'"(?:[^"\\]|\\.)*"|[ \t\r\n]+', re.DOTALL)
 
@@ -156,6 +162,8 @@ def open_reader(path, salvage=False):
 
 def _unreadable(path, err):
     """The one line for an archive that cannot be opened or read."""
+    if isinstance(err, MemoryError):
+        return ToolError("%s: cannot read: not enough memory" % path)
     if isinstance(err, IsADirectoryError):
         return ToolError("%s: is a directory" % path)
     if isinstance(err, OSError):
@@ -210,6 +218,8 @@ def read_records(path, salvage):
             yield from reader
             if salvage and _all_noise(reader, path):
                 raise _not_an_archive(path)
+    except _READ_ERRORS as err:
+        raise _unreadable(path, err) from None
     except exceptions.RecordError as err:
         if err.offset == 0 and _holds_no_record(path):
             raise _not_an_archive(path) from None
@@ -345,6 +355,10 @@ def _cat_file(path, out, match, with_metadata, salvage):
             if salvage and _all_noise(reader, path):
                 raise _not_an_archive(path)
             _report_skips(reader, seen_skips)
+    except BrokenPipeError:
+        raise  # the reader of stdout went away: cmd_cat says nothing
+    except _READ_ERRORS as err:
+        raise _unreadable(path, err) from None
     except exceptions.RecordError as err:
         _flush(out, chunk)
         out.flush()
@@ -389,8 +403,10 @@ def verify_file(path, salvage=False):
     try:
         report = archive.inspect_file(path,
                                       on_record=keep if salvage else None)
-    except (OSError, ValueError) as err:
+    except (ValueError,) + _READ_ERRORS as err:
         raise _unreadable(path, err) from None
+    except exceptions.RecordError as err:  # salvage cannot go on past it
+        raise ToolError(str(err)) from None
     if report.records == 0 and not report.ok and _holds_no_record(path):
         raise _not_an_archive(path)
     salvaged_to = None
@@ -430,19 +446,42 @@ def report_line(report, salvaged_to=None):
 
 
 def _write_salvaged(path, records):
+    """Write ``<path>.salvaged`` through ``<path>.salvaged.tmp``, made
+    exclusively and never through a symlink (a stale one, or a link
+    planted there, is removed first: the link, not what it names)."""
     target = path + ".salvaged"
     tmp = target + ".tmp"
     try:
-        with open(tmp, "wb") as f:
+        with open(_create_new(tmp), "wb") as f:
             for data in records:
                 f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, target)
+        os.replace(tmp, target)  # a link at target is replaced, not followed
+        files.fsync_directory(target)
     except OSError as err:
         raise ToolError("%s: cannot write: %s" % (
             target, err.strerror or err)) from None
     return target
+
+
+#: How many times a leftover temporary file is removed before giving up
+#: (someone keeps making it again).
+CREATE_ATTEMPTS = 3
+
+
+def _create_new(path):
+    """A new file at ``path`` (0600), opened for writing: O_EXCL and
+    O_NOFOLLOW, so neither a file nor a symlink already there is written
+    through; what is there is removed and the create tried again."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | \
+        os.O_CLOEXEC
+    for _ in range(CREATE_ATTEMPTS - 1):
+        try:
+            return os.open(path, flags, 0o600)
+        except FileExistsError:
+            os.unlink(path)
+    return os.open(path, flags, 0o600)
 
 
 def cmd_verify(args):

@@ -300,17 +300,22 @@ class TestDamage:
     def test_huge_length_in_tiny_file(self, tmp_path, version):
         path = tmp_path / "a.events"
         fmt = "<ihIII" if version == 2 else "<ihiii"
-        head = struct.pack(fmt, MAGIC, version, 0x7FFFFFF0, 8, 0)
+        head = struct.pack(fmt, MAGIC, version, record.MAX_BLOCK, 8, 0)
         if version == 2:
             head = head[:14] + struct.pack("<I", zlib.crc32(head[:14]))
         good = record.pack({"a": "b"}, b"c", version)
-        path.write_bytes(head + b"\0" * 100 + good)
+        # a start that holds: one pair, its lengths adding up to M
+        start = struct.pack("<iii", 4, 0, record.MAX_BLOCK - 12)
+        path.write_bytes(head + start + b"\0" * 100 + good)
         tracemalloc.start()
         try:
             got, exc = read_strict_prefix(path)
             assert isinstance(exc, exceptions.TornRecord)
             assert exc.offset == 0
-            assert read_all(path, salvage=True)[0] == [({"a": "b"}, b"c")]
+            # v2: an intact header's range is its record's, and the file
+            # ends inside it (a torn tail); v1 says nothing of its extent
+            assert read_all(path, salvage=True)[0] == (
+                [] if version == 2 else [({"a": "b"}, b"c")])
             peak = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
@@ -535,3 +540,154 @@ def test_gzip_helper_matches_compress_file(tmp_path):
         for m, p in records:
             f.write(record.pack(m, p, 1))
     assert read_all(path)[0] == records
+
+
+class TestCrashRecovery:
+    """inspect_file and cut_torn_tail, as the shipper's recovery uses them."""
+
+    def embedded(self, tmp_path):
+        """Records, then a torn record whose verbatim payload holds a whole
+        valid record (a non-UTF-8 body archived as malformed)."""
+        path = tmp_path / "a.events"
+        records = sample_records(3)
+        write_archive(path, records)
+        torn_at = os.path.getsize(path)
+        inner = record.pack({"event_type": "forged"}, b"{}")
+        outer = record.pack({"malformed": "not UTF-8"},
+                            b"\xff" + inner + b"\xfe" * 40)
+        with open(path, "ab") as f:
+            f.write(outer[:-30])  # the crash: cut after the inner record
+        return path, records, torn_at
+
+    def test_record_inside_a_torn_record_is_cut_with_it(self, tmp_path):
+        path, records, torn_at = self.embedded(tmp_path)
+        report = archive.inspect_file(path, quiet=True)
+        assert report.records == 3
+        assert report.last_metadata == records[-1][0]
+        assert report.torn_offset == torn_at
+        size = os.path.getsize(path)
+        assert archive.cut_torn_tail(path, report) == (torn_at,
+                                                       size - torn_at)
+        assert read_all(path) == (records, [])
+
+    def test_cut_is_fsynced_after_the_truncate(self, tmp_path, monkeypatch):
+        path, records, torn_at = self.embedded(tmp_path)
+        inode = os.stat(path).st_ino
+        synced = []
+        real_fsync = os.fsync
+
+        def fsync(fd):
+            st = os.fstat(fd)
+            synced.append((st.st_ino, st.st_size))
+            real_fsync(fd)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        archive.cut_torn_tail(path)
+        assert synced == [(inode, torn_at)]  # the file, once cut
+
+    @pytest.mark.skipif(not os.path.exists("/usr/bin/strace"),
+                        reason="no strace")
+    def test_cut_is_fsynced_after_the_truncate_traced(self, tmp_path):
+        """The real system calls, seen from outside the process."""
+        import subprocess
+        import sys
+        path, records, torn_at = self.embedded(tmp_path)
+        trace = tmp_path / "trace"
+        subprocess.run(
+            ["strace", "-f", "-o", str(trace), "-e",
+             "trace=openat,ftruncate,fsync,fdatasync,close",
+             sys.executable, "-c",
+             "import sys; from shoebox_worker import archive; "
+             "archive.cut_torn_tail(sys.argv[1])", str(path)], check=True)
+        calls = trace.read_text().splitlines()
+        fd = None
+        seen = []
+        for line in calls:
+            if "openat(" in line and str(path) in line and "O_RDWR" in line:
+                fd = line.rsplit("= ", 1)[1].strip()
+            elif fd is not None and ("(%s" % fd) in line:
+                call = line.split()[1].split("(")[0]
+                seen.append(call)
+                if call == "close":
+                    break
+        assert seen[:3] == ["ftruncate", "fsync", "close"], calls
+        assert "ftruncate(%s, %d)" % (fd, torn_at) in "\n".join(calls)
+
+
+class TestReaderDetails:
+    """Details the mutation check found untested."""
+
+    def damaged(self, tmp_path):
+        path = tmp_path / "a.events"
+        offsets = write_archive(path, sample_records(3))
+        data = bytearray(path.read_bytes())
+        data[offsets[1] + 30] ^= 0xFF
+        path.write_bytes(bytes(data))
+        return path, offsets
+
+    def test_skipped_ranges_logged_unless_quiet(self, tmp_path, caplog):
+        path, offsets = self.damaged(tmp_path)
+        caplog.set_level("WARNING", logger=archive.__name__)
+        report = archive.inspect_file(path)
+        assert report.filename == str(path)
+        assert [r.getMessage() for r in caplog.records] == [
+            "%s: skipped bytes %d-%d: record checksum mismatch"
+            % (path, offsets[1], offsets[2])]
+        caplog.clear()
+        archive.inspect_file(path, quiet=True)
+        with archive.ArchiveReader(path, salvage=True, quiet=True) as r:
+            list(r)
+        assert caplog.records == []
+
+    def test_cut_logs_nothing(self, tmp_path, caplog):
+        path = tmp_path / "a.events"
+        offsets = write_archive(path, sample_records(3))
+        with open(path, "r+b") as f:
+            f.truncate(offsets[2] + 5)
+        caplog.set_level("DEBUG")
+        assert archive.cut_torn_tail(path) == (offsets[2], 5)
+        assert caplog.records == []
+
+    def test_cut_refuses_compressed_saying_why(self, tmp_path):
+        path = tmp_path / "a.events"
+        write_archive(path, sample_records(1))
+        dst = compression.compress_file(str(path),
+                                        compression.get_codec("gzip"))
+        with pytest.raises(ValueError, match="a.events.gz is compressed: "
+                                             "offsets are in its "
+                                             "uncompressed bytes"):
+            archive.cut_torn_tail(dst)
+
+    def test_end_of_file_says_where(self, tmp_path):
+        path = tmp_path / "a.events"
+        write_archive(path, sample_records(1))
+        with archive.ArchiveReader(path) as reader:
+            reader.read()
+            with pytest.raises(exceptions.EndOfFile) as info:
+                reader.read()
+        assert str(info.value) == "%s, offset %d: end of archive" % (
+            path, os.path.getsize(path))
+
+    def test_strict_damage_from_records_is_kept(self, tmp_path):
+        path, offsets = self.damaged(tmp_path)
+        with archive.ArchiveReader(path) as reader:
+            with pytest.raises(exceptions.CorruptRecord) as first:
+                list(reader.records())
+            assert first.value.filename == str(path)
+            with pytest.raises(exceptions.CorruptRecord) as again:
+                reader.read()
+            assert again.value is first.value
+
+
+def test_offset_after_damage_at_the_start(tmp_path):
+    path = tmp_path / "a.events"
+    write_archive(path, sample_records(2))
+    data = b"junk" + path.read_bytes()
+    path.write_bytes(data)
+    with archive.ArchiveReader(path, salvage=True, quiet=True) as reader:
+        assert reader.offset == 0
+        assert len(list(reader)) == 2
+        assert reader.offset == len(data)
+    with archive.ArchiveReader(path, salvage=True, quiet=True) as reader:
+        assert len(list(reader.records())) == 2
+        assert reader.offset == len(data)

@@ -2,6 +2,10 @@
 
 import gzip
 import os
+import shutil
+import subprocess
+import tracemalloc
+import zlib
 
 import pytest
 import zstandard
@@ -107,3 +111,160 @@ def test_truncated_stream_raises(source, name):
 def test_fsync_directory(tmp_path):
     files.fsync_directory(str(tmp_path / "anything"))
     files.fsync_directory("relative-name")
+
+
+# -- hostile and unusual zstd files -----------------------------------------
+
+def zstd_rle_frame(blocks, byte=b"\0"):
+    """A zstd frame of ``blocks`` RLE blocks of 128 KiB each, by hand
+    (RFC 8878): 4 input bytes per 128 KiB of output."""
+    out = [b"\x28\xb5\x2f\xfd", b"\x00", bytes([(17 - 10) << 3])]
+    for i in range(blocks):
+        last = 1 if i == blocks - 1 else 0
+        out.append((last | 1 << 1 | (128 << 10) << 3).to_bytes(3, "little"))
+        out.append(byte)
+    return b"".join(out)
+
+
+def skippable_frame(data, nibble=0):
+    return (0x184D2A50 | nibble).to_bytes(4, "little") + \
+        len(data).to_bytes(4, "little") + data
+
+
+def test_zstd_bomb_bounded_per_call(tmp_path):
+    """256 MiB from an 8 KiB file: each read costs one block's memory, not
+    the whole output of 64 KiB of input (2 GiB for a real bomb)."""
+    path = tmp_path / "bomb.zst"
+    path.write_bytes(zstd_rle_frame(2048))
+    assert path.stat().st_size < 9000
+    tracemalloc.start()
+    try:
+        total = 0
+        with compression.open_read(path) as f:
+            while block := f.read1(1 << 20):
+                assert block.count(0) == len(block)
+                total += len(block)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert total == 2048 << 17
+    assert peak < 8 << 20
+
+
+def test_gzip_bomb_bounded_per_call(tmp_path):
+    path = tmp_path / "bomb.gz"
+    path.write_bytes(gzip.compress(bytes(1 << 20), 9) * 256)
+    tracemalloc.start()
+    try:
+        total = 0
+        with compression.open_read(path) as f:
+            while block := f.read1(1 << 20):
+                total += len(block)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert total == 256 << 20
+    assert peak < 8 << 20
+
+
+def test_zstd_skippable_frames_are_skipped(tmp_path):
+    cctx = zstandard.ZstdCompressor(write_checksum=True)
+    path = tmp_path / "x.zst"
+    path.write_bytes(skippable_frame(b"\x01\x02\x03\x04") +
+                     cctx.compress(DATA) + skippable_frame(b"", 15) +
+                     cctx.compress(b"tail"))
+    assert compression.is_compressed(path)
+    with compression.open_read(path) as f:
+        assert f.read() == DATA + b"tail"
+
+
+@pytest.mark.skipif(shutil.which("pzstd") is None, reason="no pzstd")
+def test_pzstd_file_reads(tmp_path, source):
+    dst = str(tmp_path / "p.zst")
+    subprocess.run(["pzstd", "-q", "-p", "2", source, "-o", dst],
+                   check=True)
+    with open(dst, "rb") as f:
+        assert f.read(4)[1:] == b"\x2a\x4d\x18"  # a skippable frame first
+    with compression.open_read(dst) as f:
+        assert f.read() == DATA
+
+
+@pytest.mark.parametrize("data", [
+    skippable_frame(b"1234")[:-1],             # ends in a skippable frame
+    skippable_frame(b"")[:6],                  # ... in its size
+    zstd_rle_frame(3)[:-1],                    # ... in a block
+    zstd_rle_frame(3)[:-4],                    # ... in a block header
+    b"\x28\xb5\x2f\xfd",                       # ... in the frame header
+    zstandard.ZstdCompressor(write_checksum=True).compress(DATA)[:-2],
+    zstd_rle_frame(1) + b"\x28\xb5",           # ... in the next magic
+])
+def test_zstd_truncated_anywhere_raises(tmp_path, data):
+    path = tmp_path / "x.zst"
+    path.write_bytes(data)
+    with pytest.raises(EOFError):
+        with compression.open_read(path) as f:
+            f.read()
+
+
+@pytest.mark.parametrize("data", [
+    zstd_rle_frame(1) + b"garbage!",           # not a frame after a frame
+    b"\x28\xb5\x2f\xfd\x00\x38" + (1 | 3 << 1 | 5 << 3).to_bytes(3,
+                                                            "little"),
+    b"\x28\xb5\x2f\xfd\x00\x38" + (1 | (129 << 10) << 3).to_bytes(
+        3, "little") + bytes(129 << 10),       # a block over 128 KiB
+    b"\x28\xb5\x2f\xfd\x00\xf8" + (1 | 1 << 1 | 5 << 3).to_bytes(
+        3, "little") + b"\0",                  # a window over the limit
+])
+def test_zstd_corrupt_raises(tmp_path, data):
+    path = tmp_path / "x.zst"
+    path.write_bytes(data)
+    with pytest.raises(zstandard.ZstdError):
+        with compression.open_read(path) as f:
+            f.read()
+
+
+# -- the gzip reader ---------------------------------------------------------
+
+def test_gzip_members_and_zero_padding(tmp_path):
+    path = tmp_path / "x.gz"
+    path.write_bytes(gzip.compress(DATA) + gzip.compress(b"") +
+                     gzip.compress(b"tail") + bytes(100))
+    with compression.open_read(path) as f:
+        assert f.read() == DATA + b"tail"
+
+
+def test_gzip_header_fields_are_read(tmp_path):
+    path = tmp_path / "x.gz"
+    with gzip.GzipFile(path, "wb", mtime=1) as f:  # FNAME set
+        f.write(DATA)
+    with compression.open_read(path) as f:
+        assert f.read() == DATA
+
+
+@pytest.mark.parametrize("damage, error", [
+    (lambda d: d[:-1], EOFError),                    # in the trailer
+    (lambda d: d[:11], EOFError),                    # in the header
+    (lambda d: d + b"\x1f", EOFError),               # a second magic, cut
+    (lambda d: d + b"garbage", gzip.BadGzipFile),    # not a member after
+    (lambda d: d[:-8] + bytes(4) + d[-4:], zlib.error),  # bad CRC
+    (lambda d: d[:-4] + b"\x01\x02\x03\x04", zlib.error),  # bad size
+])
+def test_gzip_damage_raises(tmp_path, damage, error):
+    path = tmp_path / "x.gz"
+    path.write_bytes(damage(gzip.compress(DATA)))
+    with pytest.raises(error):
+        with compression.open_read(path) as f:
+            f.read()
+
+
+def test_gzip_reads_are_what_was_asked(tmp_path):
+    path = tmp_path / "x.gz"
+    path.write_bytes(gzip.compress(DATA))
+    raw = compression._GzipReader(str(path))
+    buffer = bytearray(100)
+    got = []
+    while n := raw.readinto(buffer):
+        assert n <= 100
+        got.append(bytes(buffer[:n]))
+    raw.close()
+    assert b"".join(got) == DATA

@@ -210,7 +210,7 @@ class TestUnpack:
     @pytest.mark.parametrize("version", [1, 2])
     def test_huge_length_is_not_trusted(self, version):
         fmt = "<ihIII" if version == 2 else "<ihiii"
-        head = struct.pack(fmt, MAGIC, version, 4, 0x7FFFFFF0, 0)
+        head = struct.pack(fmt, MAGIC, version, 4, record.MAX_BLOCK, 0)
         if version == 2:
             head = head[:14] + struct.pack("<I", zlib.crc32(head[:14]))
         tracemalloc.start()
@@ -334,8 +334,10 @@ class TestWalk:
              % (len(torn), len(torn) + 1))]
 
     def test_hostile_length_reads_only_what_the_stream_has(self):
-        head = struct.pack("<ihIII", MAGIC, 2, 4, 0x7FFFFFF0, 0)
+        head = struct.pack("<ihIII", MAGIC, 2, 4, record.MAX_BLOCK, 0)
         head = head[:14] + struct.pack("<I", zlib.crc32(head[:14]))
+        # a start that holds (no metadata, the payload's length = R - 4)
+        head += struct.pack("<ii", 0, record.MAX_BLOCK - 4)
         stream = _Trickle(head + b"\0" * 100, 1 << 20)
         with pytest.raises(exceptions.TornRecord):
             list(record.walk(stream, chunk_size=64))
@@ -359,3 +361,355 @@ class TestWalk:
         assert [r[4] for r in got] == [b"one"]
         assert skips == [(len(one), len(one),
                           "compressed stream is damaged: cut")]
+
+
+def v2_header(meta_len, raw_len):
+    pre = struct.pack("<ihII", MAGIC, 2, meta_len, raw_len)
+    return pre + struct.pack("<I", zlib.crc32(pre))
+
+
+class TestLimits:
+    @pytest.mark.parametrize("version", [1, 2])
+    @pytest.mark.parametrize("field", ["M", "R"])
+    def test_block_lengths_capped_at_what_writers_make(self, version,
+                                                       field):
+        def head(length):
+            lengths = (length, 8) if field == "M" else (8, length)
+            if version == 2:
+                return v2_header(*lengths)
+            return struct.pack("<ihiii", MAGIC, 1, *lengths, 0)
+
+        with pytest.raises(exceptions.TornRecord):  # accepted, not there
+            record.unpack_from(head(record.MAX_BLOCK) + bytes(64))
+        assert record.record_size(head(record.MAX_BLOCK)) > record.MAX_BLOCK
+        for length in (record.MAX_BLOCK + 1, 0x7FFFFFFF, 0xFFFFFFFF):
+            if version == 1 and length > 0x7FFFFFFF:
+                continue
+            with pytest.raises(exceptions.CorruptRecord,
+                               match="longer than any writer makes"):
+                record.unpack_from(head(length) + bytes(64))
+
+    def test_the_cap_is_what_pack_writes_at_most(self):
+        assert record.MAX_BLOCK == record._MAX_LEN + 4 < 1 << 31
+
+    def test_header_checksum_is_checked(self):
+        """A header whose HCRC is wrong while the record's own CRC holds
+        (recomputed over the wrong HCRC): only the header check sees it."""
+        data = bytearray(record.pack(METADATA, PAYLOAD))
+        for pos in range(14, 18):  # each byte of HCRC
+            bad = bytearray(data)
+            bad[pos] ^= 0x01
+            bad[-4:] = struct.pack("<I", zlib.crc32(bytes(bad[:-4])))
+            with pytest.raises(exceptions.CorruptRecord,
+                               match="header checksum mismatch"):
+                record.unpack_from(bytes(bad))
+            assert not record.is_record_start(bytes(bad), 0)
+            with pytest.raises(exceptions.CorruptRecord):
+                record.record_size(bytes(bad))
+
+    def test_header_checksum_guards_the_lengths(self):
+        """A length changed in the header, the record's CRC made to hold:
+        the header check refuses it before the length is used."""
+        data = bytearray(record.pack(METADATA, PAYLOAD + " " * 40))
+        data[10] -= 20  # R: 20 bytes shorter
+        size = len(data) - 20
+        fake = bytearray(data[:size])
+        fake[-4:] = struct.pack("<I", zlib.crc32(bytes(fake[:-4])))
+        with pytest.raises(exceptions.CorruptRecord,
+                           match="header checksum mismatch"):
+            record.unpack_from(bytes(fake))
+
+    def test_big_metadata_tables_are_not_cached(self):
+        record._LAYOUTS.clear()
+        many = {"k%d" % i: "v" for i in range(200)}  # 400 lengths
+        data = record.pack(many, b"x")
+        assert record.unpack_from(data)[0] == many
+        assert len(record._LAYOUTS) == 0
+        few = {"k%d" % i: "v" for i in range(100)}
+        assert record.unpack_from(record.pack(few, b"x"))[0] == few
+        assert len(record._LAYOUTS) == 1
+
+    def test_lengths_that_do_not_add_up_are_not_cached(self):
+        record._LAYOUTS.clear()
+        meta = struct.pack("<iii", 4, 1, 5) + b"ab"  # 1 + 5 != 2
+        raw = struct.pack("<i", 0)
+        data = struct.pack("<ihiii", MAGIC, 1, len(meta), len(raw), 0) + \
+            meta + raw
+        with pytest.raises(exceptions.CorruptRecord, match="add up"):
+            record.unpack_from(data)
+        assert len(record._LAYOUTS) == 0
+        meta = struct.pack("<iii", 4, -1, 3) + b"ab"  # adds up, negative
+        data = struct.pack("<ihiii", MAGIC, 1, len(meta), len(raw), 0) + \
+            meta + raw
+        with pytest.raises(exceptions.CorruptRecord, match="add up"):
+            record.unpack_from(data)
+        assert len(record._LAYOUTS) == 0
+
+
+class _CountingZlib:
+    """Stands in for zlib in record: counts the bytes checksummed."""
+
+    def __init__(self):
+        self.bytes = 0
+
+    def crc32(self, data, value=0):
+        self.bytes += len(data)
+        return zlib.crc32(data, value)
+
+
+class TestSalvage:
+    def walk(self, data, chunk_size=record.READ_CHUNK):
+        skips = []
+        got = list(record.walk(io.BytesIO(data), salvage=True,
+                               on_skip=lambda *s: skips.append(s),
+                               chunk_size=chunk_size))
+        return got, skips
+
+    def test_forged_headers_cost_linear_checksum_work(self, monkeypatch):
+        """Headers each claiming a 64 KiB record with a bad checksum, one
+        after another: every claimed range was checksummed again from
+        every header (quadratic); now each byte about once."""
+        good = record.pack({"n": "1"}, b"one")
+        forged = v2_header(4, 64 << 10) * ((512 << 10) // 18)
+        data = good + forged + good
+        counter = _CountingZlib()
+        monkeypatch.setattr(record, "zlib", counter)
+        got, skips = self.walk(data)
+        assert [r[4] for r in got] == [b"one"]
+        assert skips[0][:2] == (len(good), len(data))
+        assert counter.bytes < 3 * len(data)
+
+    def test_record_inside_an_intact_headers_range_is_not_returned(self):
+        """A payload kept verbatim holds a whole valid record; its own
+        record is damaged elsewhere: the record inside stays payload."""
+        before = record.pack({"n": "before"}, b"1")
+        inner = record.pack({"event_type": "fake"}, b"forged")
+        outer = bytearray(record.pack({"malformed": "not UTF-8"},
+                                      b"\xff" + inner + b"\xfe" * 30))
+        outer[-10] ^= 0xFF  # damage the payload after the inner record
+        after = record.pack({"n": "after"}, b"2")
+        data = before + bytes(outer) + after
+        got, skips = self.walk(data)
+        assert [r[3] for r in got] == [{"n": "before"}, {"n": "after"}]
+        assert [s[:2] for s in skips] == [(len(before),
+                                          len(before) + len(outer))]
+        # small chunks: the range is passed over across reads too
+        got, skips = self.walk(data, chunk_size=7)
+        assert [r[3] for r in got] == [{"n": "before"}, {"n": "after"}]
+
+    def test_torn_record_holding_a_record_is_a_torn_tail(self):
+        before = record.pack({"n": "before"}, b"1")
+        inner = record.pack({"event_type": "fake"}, b"forged")
+        outer = record.pack({"malformed": "not UTF-8"},
+                            b"\xff" + inner + b"\xfe" * 30)
+        data = before + outer[:-20]  # cut after the inner record
+        got, skips = self.walk(data)
+        assert [r[3] for r in got] == [{"n": "before"}]
+        assert skips == [(len(before), len(data),
+                          "archive ends inside a record (%d of %d bytes)"
+                          % (len(outer) - 20, len(outer)))]
+
+    def test_intact_header_then_garbage_resyncs_at_its_end(self):
+        """The next record right at the claimed end is found, whatever
+        lies between (the resync starts at the end, not past it)."""
+        damaged = bytearray(record.pack({"n": "x"}, b"y" * 50))
+        damaged[30] ^= 1
+        after = record.pack({"n": "after"}, b"2")
+        got, skips = self.walk(bytes(damaged) + after)
+        assert [r[3] for r in got] == [{"n": "after"}]
+        assert skips[0][:2] == (0, len(damaged))
+
+    def test_failed_header_resyncs_at_the_next_byte(self):
+        """No checksum holds (v1, or a v2 header that fails its own): its
+        lengths say nothing, the next record inside is found."""
+        inner = record.pack({"n": "inner"}, b"2")
+        for version in (1, 2):
+            bad = bytearray(record.pack({"n": "x"}, b"y" + inner, version))
+            if version == 2:
+                bad[14] ^= 1  # the header checksum
+            else:
+                bad[14] = 1  # the end-of-header marker
+            got, skips = self.walk(bytes(bad))
+            assert [r[3] for r in got] == [{"n": "inner"}]
+
+    def test_v1_header_that_holds_says_nothing_of_its_extent(self):
+        """v1 has no header checksum: a v1 record whose header passes but
+        whose body fails is resynced from the next byte (the record its
+        payload holds is found, as documented)."""
+        inner = record.pack({"n": "inner"}, b"2", 1)
+        bad = bytearray(record.pack({"n": "x"}, b"y" + inner, 1))
+        bad[record.HEADER_SIZE] = 8  # the metadata count: 2 pairs, not 1
+        got, skips = self.walk(bytes(bad))
+        assert [r[3] for r in got] == [{"n": "inner"}]
+        assert skips[0][:2] == (0, len(bad) - len(inner))
+
+    def test_a_record_too_big_for_memory_stops_salvage_too(self):
+        class Huge(_Trickle):
+            def read1(self, size=-1):
+                if self.pos >= 100:
+                    raise MemoryError
+                return super().read1(size)
+
+        good = record.pack({"n": "1"}, b"one")
+        data = good + v2_header(4, 1 << 30) + struct.pack(
+            "<ii", 0, (1 << 30) - 4) + bytes(200)
+        for salvage in (False, True):
+            walker = record.walk(Huge(data, 50), salvage=salvage,
+                                 chunk_size=50)
+            assert next(walker)[4] == b"one"
+            with pytest.raises(exceptions.RecordError,
+                               match="more than this process can hold"
+                               ) as info:
+                next(walker)
+            assert info.value.offset == len(good)
+
+
+class _Zeros(io.RawIOBase):
+    """An endless stream of zeros (a decompression bomb), counting."""
+
+    def __init__(self, head):
+        self.head, self.given = head, 0
+
+    def readable(self):
+        return True
+
+    def read1(self, size=-1):
+        chunk = self.head[:size] or bytes(size)
+        self.head = self.head[len(chunk):]
+        self.given += len(chunk)
+        return chunk
+
+
+class TestLongRecordStart:
+    """A record longer than the buffer: its first bytes are checked before
+    the rest is read (a forged header before gigabytes of zeros)."""
+
+    @pytest.mark.parametrize("lengths, reason", [
+        ((4, 64 << 20), "payload length does not match block"),
+        ((64 << 20, 8), "metadata lengths do not add up"),
+    ])
+    def test_forged_header_before_zeros(self, lengths, reason):
+        good = record.pack({"n": "1"}, b"one")
+        stream = _Zeros(good + v2_header(*lengths))
+        walker = record.walk(stream, chunk_size=1 << 16)
+        assert next(walker)[4] == b"one"
+        with pytest.raises(exceptions.CorruptRecord, match=reason) as info:
+            next(walker)
+        assert info.value.offset == len(good)
+        assert stream.given < 1 << 20  # not the 64 MiB claimed
+
+    @pytest.mark.parametrize("start, reason", [
+        (struct.pack("<i", -4), "add up"),
+        (struct.pack("<i", 6), "add up"),
+        (struct.pack("<i", 1 << 20), "add up"),    # 2 * count > M
+        (struct.pack("<iiii", 4, 0, 0, 99), "payload length"),
+    ])
+    def test_each_early_check(self, start, reason):
+        data = v2_header(12, 1 << 20) + start + bytes(1 << 16)
+        with pytest.raises(exceptions.CorruptRecord, match=reason):
+            list(record.walk(io.BytesIO(data), chunk_size=1 << 10))
+
+    def test_valid_long_records_pass(self):
+        data = b"".join(record.pack({"k": "v" * (3 << 10)}, b"x" * (5 << 10),
+                                    v) for v in (1, 2, 1))
+        got = list(record.walk(_Trickle(data, 100), chunk_size=100))
+        assert [r[1] for r in got] == [1, 2, 1]
+        blank = record.pack({"": ""}, b"z" * 5000)  # 4 + 2 * count = M
+        assert list(record.walk(_Trickle(blank, 64),
+                                chunk_size=64))[0][3] == {"": ""}
+        empty = record.pack({}, b"y" * 5000)
+        assert list(record.walk(_Trickle(empty, 64),
+                                chunk_size=64))[0][4] == b"y" * 5000
+
+
+class _Skips(list):
+    """An on_skip callback keeping what it is given."""
+
+    def __call__(self, *skip):
+        self.append(skip)
+
+
+class TestSmallPromises:
+    """Details the mutation check found untested."""
+
+    def test_one_junk_byte_before_a_record(self):
+        one = record.pack({"n": "1"}, b"one")
+        two = record.pack({"n": "2"}, b"two")
+        got = list(record.walk(io.BytesIO(one + b"\0" + two), salvage=True))
+        assert [r[0] for r in got] == [0, len(one) + 1]
+        # a candidate that fails is passed by one byte too
+        fake = b"\x84\x78\x86\x69\x07\x00" + two  # marker, bad version
+        got = list(record.walk(io.BytesIO(one + fake), salvage=True))
+        assert [r[3] for r in got] == [{"n": "1"}, {"n": "2"}]
+
+    def test_long_garbage_is_one_skipped_range(self):
+        one = record.pack({"n": "1"}, b"one")
+        junk = bytes(range(1, 128)) * 20  # no marker, many chunks
+        skips = []
+        got = list(record.walk(_Trickle(one + junk + one, 50), salvage=True,
+                               chunk_size=50,
+                               on_skip=lambda *s: skips.append(s)))
+        assert len(got) == 2
+        assert [s[:2] for s in skips] == [(len(one), len(one) + len(junk))]
+
+    def test_torn_header_at_the_end(self):
+        one = record.pack({"n": "1"}, b"one")
+        for tail in (b"\x84\x78\x86\x69\x02", one[:17]):
+            skips = _Skips()
+            got = list(record.walk(io.BytesIO(one + tail), salvage=True,
+                                   on_skip=skips))
+            assert len(got) == 1
+            assert skips == [(len(one), len(one) + len(tail),
+                              "archive ends inside a record header")]
+
+    def test_end_is_honoured(self):
+        one = record.pack({"n": "1"}, b"one")
+        data = one + one
+        assert record.is_record_start(data, len(one))
+        assert not record.is_record_start(data, len(one), len(data) - 1)
+        assert record.find_marker(data, 1) == len(one)
+        assert record.find_marker(data, 1, len(one) + 3) == -1
+        assert record.find_marker(data, 1, len(one) + 4) == len(one)
+
+    def test_bad_types_are_named(self):
+        with pytest.raises(TypeError, match="str or bytes, not int"):
+            record.pack({"k": 1}, b"")
+
+    def test_layouts_are_cached_as_layouts(self):
+        record._LAYOUTS.clear()
+        record.unpack_from(record.pack({"k": "v"}, b""))
+        ((lengths, layout),) = record._LAYOUTS.items()
+        assert lengths == (1, 1) and layout[0] == 2
+
+
+class TestJumpAcrossReads:
+    """An intact header whose record fails its early checks: its claimed
+    range is passed over read by read, to the exact byte."""
+
+    @pytest.mark.parametrize("chunk", [64, 1000, 1 << 16])
+    def test_resumes_exactly_at_the_claimed_end(self, chunk):
+        one = record.pack({"n": "1"}, b"one")
+        claimed = 5000
+        size = record.HEADER_SIZE + 4 + claimed + 4
+        inside = record.pack({"n": "inside"}, b"not a record")
+        # L = 0: refused early; a valid record inside, at a few places
+        forged = (v2_header(4, claimed) + bytes(100) + inside +
+                  bytes(2000) + inside).ljust(size, b"\0")
+        assert len(forged) == size
+        data = one + forged + one
+        skips = _Skips()
+        got = list(record.walk(_Trickle(data, chunk), salvage=True,
+                               chunk_size=chunk, on_skip=skips))
+        assert [r[0] for r in got] == [0, len(one) + size]
+        assert [s[:2] for s in skips] == [(len(one), len(one) + size)]
+
+    def test_a_stream_without_read1(self):
+        class ReadOnly:
+            def __init__(self, data):
+                self.file = io.BytesIO(data)
+
+            def read(self, size):
+                return self.file.read(size)
+
+        one = record.pack({"n": "1"}, b"one")
+        assert [r[4] for r in record.walk(ReadOnly(one * 3))] == [b"one"] * 3

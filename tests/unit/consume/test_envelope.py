@@ -354,3 +354,82 @@ class TestUnwrapper:
         inner = json.dumps(note)
         body = v2(inner) if wrap else inner.encode()
         self.check(unwrap, body)
+
+
+class TestBounded:
+    """What a message copies into metadata (and so into logs) is bounded."""
+
+    def test_huge_version_gives_a_short_reason(self):
+        body = orjson.dumps({"oslo.version": "9" * 1_000_000,
+                             "oslo.message": "{}"})
+        reason = envelope.parse(body).malformed
+        assert reason.startswith("unknown envelope version '999")
+        assert len(reason) <= len("unknown envelope version ") + \
+            envelope.MAX_SHOWN
+        assert reason.endswith(envelope.ELLIPSIS)
+        metadata = envelope.Unwrapper()(body, "q", "r")[1]
+        assert metadata["malformed"] == reason
+
+    def test_control_characters_are_escaped_in_reasons(self):
+        body = orjson.dumps({"oslo.version": "1\n\x1b[31mred\x00",
+                             "oslo.message": "{}"})
+        reason = envelope.parse(body).malformed
+        assert reason == "unknown envelope version '1\\n\\x1b[31mred\\x00'"
+        assert not any(ord(c) < 32 for c in reason)
+
+    def test_escapes_are_cut_too(self):
+        body = orjson.dumps({"oslo.version": "\x00" * 150,
+                             "oslo.message": "{}"})
+        shown = envelope.parse(body).malformed[
+            len("unknown envelope version "):]
+        assert len(shown) == envelope.MAX_SHOWN
+        assert shown.endswith(envelope.ELLIPSIS)
+
+    @pytest.mark.parametrize("version, shown", [
+        ([1, 2], "(a JSON array)"),
+        ({"a": 1}, "(a JSON object)"),
+        (1.5, "1.5"),
+        (None, "None"),
+        (True, "True"),
+    ])
+    def test_other_versions(self, version, shown):
+        body = orjson.dumps({"oslo.version": version, "oslo.message": "{}"})
+        assert envelope.parse(body).malformed == \
+            "unknown envelope version " + shown
+
+    @pytest.mark.parametrize("depth", [300, 1000])
+    def test_deeply_nested_version_never_raises(self, depth):
+        body = (b'{"oslo.version": ' + b"[" * depth + b"]" * depth +
+                b', "oslo.message": "{}"}')
+        assert envelope.parse(body).malformed == \
+            "unknown envelope version (a JSON array)"
+        assert envelope.Unwrapper()(body, "q", "r")[1]["malformed"] == \
+            "unknown envelope version (a JSON array)"
+
+    def test_huge_values_are_cut(self):
+        note = {"event_type": "e" * 5000, "message_id": "m",
+                "payload": {"big": list(range(3000))}}
+        extract = envelope.MetadataExtractor(fields=["payload.big"])
+        for metadata in (extract(envelope.parse(orjson.dumps(note)), "q",
+                                 "r"),
+                         envelope.Unwrapper(fields=["payload.big"])(
+                             orjson.dumps(note), "q", "r")[1]):
+            assert metadata["event_type"] == \
+                "e" * (envelope.MAX_VALUE - 1) + envelope.ELLIPSIS
+            assert len(metadata["payload.big"]) == envelope.MAX_VALUE
+            assert metadata["payload.big"].startswith("[0,1,2,")
+            assert metadata["message_id"] == "m"
+
+    def test_values_at_the_limit_are_kept(self):
+        value = "v" * envelope.MAX_VALUE
+        note = orjson.dumps({"event_type": value})
+        assert envelope.Unwrapper()(note, "q", "r")[1]["event_type"] == value
+
+    def test_value_too_deep_to_write_back_never_raises(self):
+        deep = b"[" * 300 + b"]" * 300
+        body = b'{"event_type": ' + deep + b', "message_id": "m"}'
+        for metadata in (
+                envelope.MetadataExtractor()(envelope.parse(body), "q", "r"),
+                envelope.Unwrapper()(body, "q", "r")[1]):
+            assert metadata["event_type"] == envelope._TOO_DEEP
+            assert metadata["message_id"] == "m"

@@ -6,6 +6,7 @@ import argparse
 import io
 import json
 import os
+import re
 import sys
 import types
 
@@ -339,3 +340,155 @@ class TestNotAnArchive:
         path.write_bytes(b"")
         assert cli.main(["verify", str(path)]) == 0
         assert ": OK: 0 records" in capsys.readouterr().out
+
+
+def damaged_archive(path):
+    """An archive with one bad record in the middle; returns the bytes a
+    salvaged copy holds."""
+    pieces = [record.pack(m, p) for m, p in notes(3)]
+    data = bytearray(b"".join(pieces))
+    data[len(pieces[0]) + 30] ^= 0x01
+    with open(path, "wb") as f:
+        f.write(data)
+    return pieces[0] + pieces[2]
+
+
+class TestSalvagedCopy:
+    def test_symlink_planted_at_the_temporary_name_is_not_followed(
+            self, tmp_path):
+        path = str(tmp_path / "a.events")
+        expected = damaged_archive(path)
+        victim = tmp_path / "victim"
+        victim.write_bytes(b"precious")
+        os.symlink(victim, path + ".salvaged.tmp")
+        report, salvaged_to = read.verify_file(path, salvage=True)
+        assert victim.read_bytes() == b"precious"
+        assert not os.path.islink(salvaged_to)
+        with open(salvaged_to, "rb") as f:
+            assert f.read() == expected
+        assert not os.path.lexists(path + ".salvaged.tmp")
+
+    def test_symlink_at_the_final_name_is_replaced(self, tmp_path):
+        path = str(tmp_path / "a.events")
+        expected = damaged_archive(path)
+        victim = tmp_path / "victim"
+        victim.write_bytes(b"precious")
+        os.symlink(victim, path + ".salvaged")
+        read.verify_file(path, salvage=True)
+        assert victim.read_bytes() == b"precious"
+        assert not os.path.islink(path + ".salvaged")
+        with open(path + ".salvaged", "rb") as f:
+            assert f.read() == expected
+
+    def test_stale_temporary_file_is_replaced(self, tmp_path):
+        path = str(tmp_path / "a.events")
+        expected = damaged_archive(path)
+        with open(path + ".salvaged.tmp", "wb") as f:
+            f.write(b"left by a crash" * 1000)
+        read.verify_file(path, salvage=True)
+        with open(path + ".salvaged", "rb") as f:
+            assert f.read() == expected
+        assert os.stat(path + ".salvaged").st_mode & 0o777 == 0o600
+
+    def test_temporary_name_made_again_and_again_gives_up(
+            self, tmp_path, monkeypatch):
+        path = str(tmp_path / "a.events")
+        damaged_archive(path)
+        tmp = path + ".salvaged.tmp"
+        real_unlink = os.unlink
+
+        def unlink(name):  # someone makes the link again at once
+            real_unlink(name)
+            os.symlink("/nonexistent", name)
+
+        os.symlink("/nonexistent", tmp)
+        monkeypatch.setattr(os, "unlink", unlink)
+        with pytest.raises(ToolError, match="cannot write: File exists"):
+            read.verify_file(path, salvage=True)
+        assert os.readlink(tmp) == "/nonexistent"
+
+    def test_directory_at_the_temporary_name_is_one_line(self, tmp_path):
+        path = str(tmp_path / "a.events")
+        damaged_archive(path)
+        os.mkdir(path + ".salvaged.tmp")
+        with pytest.raises(ToolError, match="a.events.salvaged: cannot "
+                                            "write"):
+            read.verify_file(path, salvage=True)
+
+
+class _Failing(io.RawIOBase):
+    """A stream that gives a few bytes, then raises ``error``."""
+
+    def __init__(self, data, error):
+        self.data, self.error = data, error
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        if not self.data:
+            raise self.error
+        n = min(len(buffer), len(self.data))
+        buffer[:n] = self.data[:n]
+        self.data = self.data[n:]
+        return n
+
+
+# the reader's own words for no memory, or read.py's for an I/O error
+CANNOT_READ = (r"a\.events(: cannot read: Input/output error|, offset \d+: "
+               r"a record of \d+ bytes starts here: more than this process "
+               r"can hold in memory)")
+
+
+class TestReadErrorsAreOneLine:
+    """An I/O error or no memory while reading: a ToolError naming the
+    file, from verify, verify --salvage and cat (and replay's reader)."""
+
+    @pytest.fixture(params=[OSError(5, "Input/output error"), MemoryError()],
+                    ids=["EIO", "memory"])
+    def failing(self, request, tmp_path, monkeypatch):
+        path = str(tmp_path / "a.events")
+        write(path, notes(3))
+        head = record.pack(*notes(1)[0])
+        monkeypatch.setattr(
+            compression, "open_read",
+            lambda p: io.BufferedReader(_Failing(head, request.param), 64))
+        return path
+
+    @pytest.mark.parametrize("salvage", [False, True])
+    def test_verify(self, failing, salvage):
+        with pytest.raises(ToolError, match=CANNOT_READ):
+            read.verify_file(failing, salvage=salvage)
+
+    @pytest.mark.parametrize("salvage", [False, True])
+    def test_read_records(self, failing, salvage):
+        with pytest.raises(ToolError, match=CANNOT_READ):
+            list(read.read_records(failing, salvage))
+
+    @pytest.mark.parametrize("salvage", [False, True])
+    def test_cat(self, failing, salvage, capsysbinary):
+        argv = ["cat", failing] + (["--salvage"] if salvage else [])
+        assert cli.main(argv) == 1
+        err = capsysbinary.readouterr().err.decode()
+        assert err.count("\n") == 1 and err.startswith("shoebox-worker: ")
+        assert re.search(CANNOT_READ, err)
+
+    def test_record_too_big_for_memory_in_verify(self, tmp_path,
+                                                 monkeypatch):
+        path = str(tmp_path / "a.events")
+        write(path, notes(2))
+        monkeypatch.setattr(record, "READ_CHUNK", 16)
+        real_fill = record._Walk._fill
+
+        def fill(self, need):
+            if need > 1000:
+                raise MemoryError
+            return real_fill(self, need)
+
+        big = record.pack({"k": "v"}, b"x" * 5000)
+        with open(path, "ab") as f:
+            f.write(big)
+        monkeypatch.setattr(archive, "READ_CHUNK", 16)
+        monkeypatch.setattr(record._Walk, "_fill", fill)
+        with pytest.raises(ToolError):
+            read.verify_file(path, salvage=True)
