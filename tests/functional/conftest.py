@@ -26,6 +26,7 @@ import types
 import uuid
 
 import pytest
+import swiftclient.client as swc
 from kombu import Connection
 from kombu import Exchange
 from kombu import Queue
@@ -48,6 +49,36 @@ def unavailable(message):
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(message)
     pytest.skip(message)
+
+
+#: Where the tests find the Swift all-in-one (``scripts/swift-saio start``).
+SWIFT_ENV_VARS = ("ST_AUTH", "ST_USER", "ST_KEY")
+
+
+def _swift_connection(env, retries=2):
+    """A swiftclient connection to the Swift of ``env`` (tempauth)."""
+    return swc.Connection(authurl=env["ST_AUTH"], user=env["ST_USER"],
+                          key=env["ST_KEY"], auth_version="1",
+                          retries=retries, timeout=30)
+
+
+@pytest.fixture(scope="session")
+def swift_env():
+    """``ST_AUTH``, ``ST_USER``, ``ST_KEY`` of a Swift that answers (the
+    tests' Swift all-in-one, from ``scripts/swift-saio start``)."""
+    missing = [name for name in SWIFT_ENV_VARS if not os.environ.get(name)]
+    if missing:
+        unavailable("%s not set; run: env=\"$(scripts/swift-saio start)\" "
+                    "&& eval \"$env\"" % ", ".join(missing))
+    env = {name: os.environ[name] for name in SWIFT_ENV_VARS}
+    conn = _swift_connection(env, retries=0)
+    try:
+        conn.head_account()
+    except Exception as exc:
+        unavailable("Swift at %s does not answer: %s" % (env["ST_AUTH"], exc))
+    finally:
+        conn.close()
+    return env
 
 
 def _port_open(host, port):

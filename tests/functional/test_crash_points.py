@@ -72,25 +72,6 @@ def strace():
     return path
 
 
-@pytest.fixture(scope="module")
-def swift_env():
-    names = ("ST_AUTH", "ST_USER", "ST_KEY")
-    missing = [name for name in names if not os.environ.get(name)]
-    if missing:
-        _unavailable("%s not set; run: env=\"$(scripts/swift-saio start)\" "
-                     "&& eval \"$env\"" % ", ".join(missing))
-    env = {name: os.environ[name] for name in names}
-    conn = _swift(env)
-    try:
-        conn.head_account()
-    except Exception as exc:
-        _unavailable("Swift at %s does not answer: %s" % (env["ST_AUTH"],
-                                                         exc))
-    finally:
-        conn.close()
-    return env
-
-
 def _swift(env):
     return swc.Connection(authurl=env["ST_AUTH"], user=env["ST_USER"],
                           key=env["ST_KEY"], auth_version="1", retries=2,

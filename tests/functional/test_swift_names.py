@@ -42,40 +42,15 @@ from shoebox_worker.tools import simulator
 
 pytestmark = pytest.mark.functional
 
-ENV_VARS = ("ST_AUTH", "ST_USER", "ST_KEY")
 CLOCKSTEP = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                          "clockstep.py")
 UPLOADED = re.compile(r"uploaded (\S+) to (\S+?)/(\S+): \d+ bytes")
-
-
-def _unavailable(message):
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 def _connection(env):
     return swc.Connection(authurl=env["ST_AUTH"], user=env["ST_USER"],
                           key=env["ST_KEY"], auth_version="1", retries=2,
                           timeout=30)
-
-
-@pytest.fixture(scope="module")
-def swift_env():
-    missing = [name for name in ENV_VARS if not os.environ.get(name)]
-    if missing:
-        _unavailable("%s not set; run: env=\"$(scripts/swift-saio start)\" "
-                     "&& eval \"$env\"" % ", ".join(missing))
-    env = {name: os.environ[name] for name in ENV_VARS}
-    conn = _connection(env)
-    try:
-        conn.head_account()
-    except Exception as exc:
-        _unavailable("Swift at %s does not answer: %s" % (env["ST_AUTH"],
-                                                         exc))
-    finally:
-        conn.close()
-    return env
 
 
 @pytest.fixture

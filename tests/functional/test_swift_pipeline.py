@@ -37,7 +37,6 @@ from shoebox_worker.ship import swift
 
 pytestmark = pytest.mark.functional
 
-ENV_VARS = ("ST_AUTH", "ST_USER", "ST_KEY")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
 SAIO = os.path.join(ROOT, "scripts", "swift-saio")
@@ -61,24 +60,6 @@ def _connection(env, retries=2):
     return swc.Connection(authurl=env["ST_AUTH"], user=env["ST_USER"],
                           key=env["ST_KEY"], auth_version="1",
                           retries=retries, timeout=30)
-
-
-@pytest.fixture(scope="module")
-def swift_env():
-    missing = [name for name in ENV_VARS if not os.environ.get(name)]
-    if missing:
-        _unavailable("%s not set; run: env=\"$(scripts/swift-saio start)\" "
-                     "&& eval \"$env\"" % ", ".join(missing))
-    env = {name: os.environ[name] for name in ENV_VARS}
-    conn = _connection(env, retries=0)
-    try:
-        conn.head_account()
-    except Exception as exc:
-        _unavailable("Swift at %s does not answer: %s" % (env["ST_AUTH"],
-                                                         exc))
-    finally:
-        conn.close()
-    return env
 
 
 def _free_ports(count):
