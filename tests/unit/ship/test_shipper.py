@@ -1096,6 +1096,36 @@ class TestPromisesFromTheMutationCheck:
         assert ship.pending() == 0
         assert os.listdir(tmp_path) == ["a.events"]
 
+    def test_obstacles_do_not_stop_the_recovery_of_the_rest(
+            self, tmp_path, make_shipper):
+        work, outside = tmp_path / "work", tmp_path / "outside"
+        work.mkdir()
+        outside.mkdir()
+        (outside / "x").write_bytes(b"not yours")
+        os.symlink(outside / "x", work / ("a.events" + shipper.STATE_SUFFIX))
+        resumed = [write_archive(work / name)
+                   for name in ("b.events", "y.events")]
+        for path in resumed:
+            with open(path + shipper.STATE_SUFFIX, "w") as f:
+                json.dump({"path": path, "step": 0, "chain": ["m"]}, f)
+        live = files.FileLock(write_archive(work / "c.events"),
+                              create=False)
+        (work / "d.events").write_bytes(b"")
+        tmp = work / ("e.events" + shipper.STATE_SUFFIX + ".tmp")
+        tmp.write_text("{")
+        os.symlink(outside / "x", work / "s.events")
+        left = write_archive(work / "z.events")
+        memory = steps.MemoryCallback()
+        ship = make_shipper([("m", memory)])
+        try:
+            assert ship.recover(str(work), is_archive) == 3
+            assert ship.wait_idle(timeout=5)
+        finally:
+            live.release()
+        assert sorted(memory.events) == [("close", p)
+                                         for p in resumed + [left]]
+        assert not tmp.exists()
+
     @staticmethod
     def fail_at(ship, job, monkeypatch, now):
         monkeypatch.setattr(shipper.time, "monotonic", lambda: now)
