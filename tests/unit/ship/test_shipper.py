@@ -1003,3 +1003,204 @@ class TestRecover:
     def test_missing_directory(self, tmp_path, make_shipper):
         ship = make_shipper([], start=False)
         assert ship.recover(str(tmp_path / "nope"), is_archive) == 0
+
+
+class TestPromisesFromTheMutationCheck:
+    """What the survivors of ``scripts/mutation shipper`` showed untested
+    (docs/mutation.md)."""
+
+    def test_state_of_an_older_version_saying_done_of_a_gone_archive(
+            self, tmp_path, make_shipper):
+        state = tmp_path / ("gone.events" + shipper.STATE_SUFFIX)
+        state.write_text(json.dumps({"done": True}))
+        ship = make_shipper([("m", steps.MemoryCallback())], start=False)
+        assert ship.recover(str(tmp_path), is_archive) == 0
+        assert os.listdir(tmp_path) == []
+
+    def test_chain_change_does_not_follow_the_old_chains_output(
+            self, tmp_path, make_shipper):
+        path = write_archive(tmp_path / "a.events")
+        old_output = tmp_path / "a.events.old"
+        old_output.write_bytes(b"what the old chain's step left")
+        with open(path + shipper.STATE_SUFFIX, "w") as f:
+            json.dump({"path": str(tmp_path / "a.events.gone"), "step": 0,
+                       "output": str(old_output), "chain": ["old"]}, f)
+        log = []
+        ship = make_shipper([("first", Recorder("first", log)),
+                             ("second", Recorder("second", log))])
+        assert ship.recover(str(tmp_path), is_archive) == 1
+        assert ship.wait_idle(timeout=5)
+        assert log == [("first", path, True), ("second", path, True)]
+
+    def test_refused_path_restarts_the_chain_on_the_origin(
+            self, tmp_path, make_shipper, caplog):
+        work, outside = tmp_path / "work", tmp_path / "outside"
+        work.mkdir()
+        outside.mkdir()
+        victim = outside / "precious"
+        victim.write_bytes(b"not yours")
+        path = write_archive(work / "a.events")
+        state_path = path + shipper.STATE_SUFFIX
+        with open(state_path, "w") as f:
+            json.dump({"path": str(victim), "step": 1,
+                       "chain": ["first", "second"]}, f)
+        log = []
+        ship = make_shipper([("first", Recorder("first", log)),
+                             ("second", Recorder("second", log))])
+        with caplog.at_level(logging.ERROR):
+            assert ship.recover(str(work), is_archive) == 1
+        assert ship.wait_idle(timeout=5)
+        assert log == [("first", path, True), ("second", path, True)]
+        assert victim.read_bytes() == b"not yours"
+        refused = [r.getMessage() for r in caplog.records
+                   if "refused" in r.getMessage()]
+        assert refused == [shipper.E_REFUSED % (state_path, victim, work)]
+
+    def test_refused_state_without_its_archive_is_not_counted(
+            self, tmp_path, make_shipper):
+        work, outside = tmp_path / "work", tmp_path / "outside"
+        work.mkdir()
+        outside.mkdir()
+        (outside / "precious").write_bytes(b"not yours")
+        planted = work / ("x.events" + shipper.STATE_SUFFIX)
+        planted.write_text(json.dumps({"path": str(outside / "precious"),
+                                       "step": 0, "chain": ["m"]}))
+        ship = make_shipper([("m", steps.MemoryCallback())], start=False)
+        assert ship.recover(str(work), is_archive) == 0
+        assert ship.pending() == 0
+        assert planted.exists()
+
+    def test_symlink_inside_the_folder_is_refused_as_a_path(
+            self, tmp_path, make_shipper):
+        work, outside = tmp_path / "work", tmp_path / "outside"
+        work.mkdir()
+        outside.mkdir()
+        victim = write_archive(outside / "precious.events")
+        link = work / "link"
+        os.symlink(victim, link)
+        (work / ("x.events" + shipper.STATE_SUFFIX)).write_text(json.dumps(
+            {"path": str(link), "step": 0, "chain": ["m"]}))
+        memory = steps.MemoryCallback()
+        ship = make_shipper([("m", memory)])
+        assert ship.recover(str(work), is_archive) == 0
+        assert ship.wait_idle(timeout=5)
+        assert memory.events == []
+        assert os.path.islink(link)
+
+    def test_a_state_file_gone_before_its_lock_is_not_made_again(
+            self, tmp_path, make_shipper):
+        path = write_archive(tmp_path / "a.events")
+        ship = make_shipper([("m", steps.MemoryCallback())], start=False)
+        # listed by recover, then finished and dropped by another worker
+        assert ship._resume(path + shipper.STATE_SUFFIX) == 0
+        assert ship.pending() == 0
+        assert os.listdir(tmp_path) == ["a.events"]
+
+    def test_obstacles_do_not_stop_the_recovery_of_the_rest(
+            self, tmp_path, make_shipper):
+        work, outside = tmp_path / "work", tmp_path / "outside"
+        work.mkdir()
+        outside.mkdir()
+        (outside / "x").write_bytes(b"not yours")
+        os.symlink(outside / "x", work / ("a.events" + shipper.STATE_SUFFIX))
+        resumed = [write_archive(work / name)
+                   for name in ("b.events", "y.events")]
+        for path in resumed:
+            with open(path + shipper.STATE_SUFFIX, "w") as f:
+                json.dump({"path": path, "step": 0, "chain": ["m"]}, f)
+        live = files.FileLock(write_archive(work / "c.events"),
+                              create=False)
+        (work / "d.events").write_bytes(b"")
+        tmp = work / ("e.events" + shipper.STATE_SUFFIX + ".tmp")
+        tmp.write_text("{")
+        os.symlink(outside / "x", work / "s.events")
+        left = write_archive(work / "z.events")
+        memory = steps.MemoryCallback()
+        ship = make_shipper([("m", memory)])
+        try:
+            assert ship.recover(str(work), is_archive) == 3
+            assert ship.wait_idle(timeout=5)
+        finally:
+            live.release()
+        assert sorted(memory.events) == [("close", p)
+                                         for p in resumed + [left]]
+        assert not tmp.exists()
+
+    @staticmethod
+    def fail_at(ship, job, monkeypatch, now):
+        monkeypatch.setattr(shipper.time, "monotonic", lambda: now)
+        ship._failed(job, "upload", exceptions.CallbackError(
+            "refused", callback="upload", filename=job.origin))
+
+    def test_still_failing_logged_once_per_interval(
+            self, tmp_path, make_shipper, monkeypatch, caplog):
+        path = write_archive(tmp_path / "a.events")
+        ship = make_shipper([("upload", steps.MemoryCallback())],
+                            start=False)
+        ship.failure_log_interval = 10.0
+        job = shipper._Job(path, path, 0, files.FileLock(
+            path + shipper.STATE_SUFFIX))
+
+        def still():
+            return sum(1 for r in caplog.records
+                       if r.getMessage().startswith("callback upload still")
+                       and r.levelno == logging.ERROR)
+        with caplog.at_level(logging.DEBUG, logger="shoebox_worker"):
+            self.fail_at(ship, job, monkeypatch, 100.0)
+            self.fail_at(ship, job, monkeypatch, 105.0)
+            assert still() == 0
+            self.fail_at(ship, job, monkeypatch, 110.0)  # the interval
+            assert still() == 1
+            self.fail_at(ship, job, monkeypatch, 111.0)
+            self.fail_at(ship, job, monkeypatch, 119.0)
+            assert still() == 1
+            self.fail_at(ship, job, monkeypatch, 120.0)
+            assert still() == 2
+        job.lock.release()
+
+    def test_capped_said_once_the_backoff_reaches_retry_max(
+            self, tmp_path, make_shipper, monkeypatch, caplog):
+        path = write_archive(tmp_path / "a.events")
+        ship = make_shipper([("upload", steps.MemoryCallback())],
+                            retry_initial=1.0, retry_max=300.0, start=False)
+        job = shipper._Job(path, path, 0, files.FileLock(
+            path + shipper.STATE_SUFFIX))
+        capped = []
+        with caplog.at_level(logging.WARNING, logger="shoebox_worker"):
+            for attempt in range(1, 12):
+                before = len(caplog.records)
+                self.fail_at(ship, job, monkeypatch, attempt * 1000.0)
+                if any(r.levelno == logging.WARNING
+                       for r in caplog.records[before:]):
+                    capped.append(attempt)
+        # 2 ** 8 = 256 < 300 <= 2 ** 9: the 10th delay is the first capped
+        assert capped == [10, 11]
+        job.lock.release()
+
+
+class TestSettleWaits:
+    """settle() wakes at least every 0.2 s (an archive may fall due with
+    no notify) and never past its deadline."""
+
+    class Waits(type(threading.Condition())):
+        def __init__(self):
+            super().__init__()
+            self.timeouts = []
+
+        def wait(self, timeout=None):
+            self.timeouts.append(timeout)
+            return super().wait(timeout)
+
+    @pytest.mark.parametrize("timeout", [0.05, 0.5])
+    def test_polls_and_keeps_its_deadline(self, tmp_path, make_shipper,
+                                          timeout):
+        ship = make_shipper([("m", steps.MemoryCallback())], start=False)
+        ship._cond = cond = self.Waits()
+        ship._busy = object()  # a step runs, and never ends
+        started = time.monotonic()
+        assert ship.settle(timeout) is False
+        assert time.monotonic() - started >= timeout
+        assert cond.timeouts
+        assert all(t is not None and 0 < t <= min(timeout, 0.2) + 1e-9
+                   for t in cond.timeouts), cond.timeouts
+        ship._busy = None
