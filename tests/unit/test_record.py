@@ -672,8 +672,10 @@ class TestSmallPromises:
         assert record.find_marker(data, 1, len(one) + 4) == len(one)
 
     def test_bad_types_are_named(self):
-        with pytest.raises(TypeError, match="str or bytes, not int"):
+        with pytest.raises(TypeError) as info:
             record.pack({"k": 1}, b"")
+        assert str(info.value) == (
+            "metadata and payload must be str or bytes, not int")
 
     def test_layouts_are_cached_as_layouts(self):
         record._LAYOUTS.clear()
@@ -713,3 +715,76 @@ class TestJumpAcrossReads:
 
         one = record.pack({"n": "1"}, b"one")
         assert [r[4] for r in record.walk(ReadOnly(one * 3))] == [b"one"] * 3
+
+
+class TestPassDamaged:
+    """Stepping over a damaged record where the buffer holds it only in
+    part (found by the mutation check)."""
+
+    def test_a_claimed_range_past_the_buffer_from_mid_buffer(self):
+        """A record refused early starts mid-buffer and claims a few bytes
+        past the buffer's end: those bytes are still its own, so the
+        record its payload holds is not surfaced, and resync goes on at
+        the claimed end."""
+        one = record.pack({}, b"x" * 10)
+        inner = record.pack({}, b"in")
+        damaged = bytearray(record.pack({}, inner))
+        damaged[record.HEADER_SIZE] = 3  # the metadata count: refused early
+        after = record.pack({"n": "after"}, b"2")
+        data = one + bytes(damaged) + after
+        # the damaged record starts inside the first read and ends in the
+        # second one
+        chunk = len(one) + 24
+        assert len(one) < chunk < len(one) + len(damaged) < 2 * chunk
+        for stream in (io.BytesIO(data), _Trickle(data, chunk)):
+            skips = _Skips()
+            got = list(record.walk(stream, salvage=True, chunk_size=chunk,
+                                   on_skip=skips))
+            assert [r[3] for r in got] == [{}, {"n": "after"}]
+            assert [r[0] for r in got] == [0, len(one) + len(damaged)]
+            assert skips == [(len(one), len(one) + len(damaged),
+                              "metadata lengths do not add up")]
+
+    def test_a_torn_header_after_junk_at_the_end(self):
+        """Junk, then the first bytes of a header where the stream ends:
+        one skipped range to the end, never an error of another kind."""
+        one = record.pack({"n": "1"}, b"one")
+        tail = bytes(range(1, 13)) + b"\x84\x78\x86\x69\x02\x00"
+        assert len(tail) == record.HEADER_SIZE
+        for stream in (io.BytesIO(one + tail), _Trickle(one + tail, 100)):
+            skips = _Skips()
+            got = list(record.walk(stream, salvage=True, on_skip=skips))
+            assert [r[4] for r in got] == [b"one"]
+            assert skips == [(len(one), len(one) + len(tail),
+                              "no record marker")]
+
+
+class TestEarlyChecksAtTheirFirstBytes:
+    """The early checks need only the 4 bytes they read: a forged header
+    fails as soon as those are in, whatever the chunk size (found by the
+    mutation check: a buffer ending right after them)."""
+
+    claimed = 8 << 20
+
+    @pytest.mark.parametrize("lengths, start, reason", [
+        ((claimed, 8), struct.pack("<i", 6),
+         "metadata lengths do not add up"),
+        ((4, claimed), struct.pack("<ii", 0, 99),
+         "payload length does not match block"),
+    ])
+    def test_refused_with_only_those_bytes_read(self, lengths, start,
+                                                reason):
+        head = v2_header(*lengths) + start
+        stream = _Zeros(head)
+        walker = record.walk(stream, chunk_size=len(head))
+        with pytest.raises(exceptions.CorruptRecord) as info:
+            next(walker)
+        assert info.value.message == reason
+        assert info.value.offset == 0
+        assert stream.given < 1 << 20  # not the 8 MiB claimed
+        # salvaging: the same reason, not a torn record at the end
+        data = head + bytes(1000)
+        skips = _Skips()
+        assert list(record.walk(_Trickle(data, len(head)), salvage=True,
+                                chunk_size=len(head), on_skip=skips)) == []
+        assert skips == [(0, len(data), reason)]
