@@ -26,6 +26,7 @@ import hashlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -55,7 +56,7 @@ ROLL_COUNT = 3
 #: Points run at the same time.
 PARALLEL = 4
 IDLE_EXIT = 0.3
-RUN_TIMEOUT = 60
+RUN_TIMEOUT = 120
 
 
 def _unavailable(message):
@@ -164,16 +165,22 @@ level = INFO
 
 
 def _run(argv, log_path, env):
-    """Run ``argv``; its exit code, or "timed out" (then killed)."""
+    """Run ``argv``; its exit code, or "timed out" (then killed).
+
+    It runs in a session of its own, killed whole on a timeout: killing
+    strace alone would leave the worker it traces running, detached (seen
+    here: orphaned workers kept uploading and slowed every later test).
+    """
     with open(log_path, "ab") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=env,
+                                start_new_session=True)
         try:
-            proc = subprocess.run(argv, stdout=log,
-                                  stderr=subprocess.STDOUT,
-                                  stdin=subprocess.DEVNULL, env=env,
-                                  timeout=RUN_TIMEOUT)
+            return proc.wait(timeout=RUN_TIMEOUT)
         except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # not reaped yet: its group
+            proc.wait()
             return "timed out"
-    return proc.returncode
 
 
 def _worker_argv(point):
