@@ -27,7 +27,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -72,40 +71,6 @@ def strace():
     if path is None:
         _unavailable("strace is not installed (scripts/debian-packages)")
     return path
-
-
-@pytest.fixture(scope="module")
-def plain_swift():
-    """A Swift all-in-one of this test's own, without Keystone in its
-    pipeline: the tests' main one asks Keystone about every tempauth token,
-    which serves one request at a time, and this test's dozens of runs made
-    each upload take 40 s there. ``ST_*`` of it."""
-    directory = tempfile.mkdtemp(prefix="shoebox-crash-saio-")
-    socks = []
-    for _ in range(5):
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        socks.append(sock)
-    ports = [sock.getsockname()[1] for sock in socks]
-    for sock in socks:
-        sock.close()
-    env = dict(os.environ, SAIO_DIR=directory, **{
-        "SAIO_%s_PORT" % name: str(port) for name, port in zip(
-            ("PROXY", "ACCOUNT", "CONTAINER", "OBJECT", "MEMCACHED"), ports,
-            strict=True)})
-    env.pop("SAIO_KEYSTONE_CONF", None)
-    saio = os.path.join(ROOT, "scripts", "swift-saio")
-    try:
-        result = subprocess.run([saio, "start"], capture_output=True,
-                                text=True, timeout=240, env=env)
-        if result.returncode != 0:
-            _unavailable("cannot start a Swift of its own:\n%s"
-                         % result.stderr[-3000:])
-        yield dict(re.findall(r"export (ST_\w+)=(\S+)", result.stdout))
-    finally:
-        subprocess.run([saio, "stop"], capture_output=True, timeout=120,
-                       env=env)
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _swift(env):
@@ -373,15 +338,15 @@ class PluginChain(MoveChain):
 # -- the test -----------------------------------------------------------------
 
 def test_killed_at_every_rename_unlink_and_fsync(
-        strace, plain_swift, example_plugin, rabbit, ft, tmp_path):
+        strace, swift_env, example_plugin, rabbit, ft, tmp_path):
     started = time.monotonic()
     base = str(tmp_path)
-    chains = [SwiftChain(plain_swift, base), MoveChain(base),
+    chains = [SwiftChain(swift_env, base), MoveChain(base),
               PluginChain(base)]
     only = os.environ.get("SHOEBOX_CRASH_CHAINS")  # to look at one
     if only:
         chains = [c for c in chains if c.name in only.split(",")]
-    conn = _swift(plain_swift)
+    conn = _swift(swift_env)
     summary = []
     try:
         points = []

@@ -2,7 +2,8 @@
 
 Needs the variables that scripts/keystone exports (``keystone`` fixture in
 conftest) and a Swift all-in-one started after them, with
-SAIO_KEYSTONE_CONF=$SHOEBOX_TEST_KS_SWIFT_CONF: ./scripts/test does both.
+SAIO_KEYSTONE_CONF=$SHOEBOX_TEST_KS_SWIFT_CONF, its ST_* exported as
+SHOEBOX_TEST_KS_ST_*: ./scripts/test does both.
 Without them the tests skip, or fail when CI=true.
 
 The expired-token test waits for the lifetime of a token taken when the
@@ -21,6 +22,7 @@ import uuid
 
 import pytest
 import requests
+from keystone_env import unavailable
 from keystoneauth1 import exceptions as ks_exc
 from keystoneauth1 import session as ks_session
 from keystoneauth1.identity import v3
@@ -46,6 +48,20 @@ def _storage_url(sess, keystone):
                              region_name=keystone.region_name)
 
 
+def _tempauth():
+    """(auth url, user, key) of tempauth on the Swift whose proxy validates
+    Keystone's tokens: scripts/test exports its ST_* as SHOEBOX_TEST_KS_ST_*
+    (the tests' main Swift has tempauth alone)."""
+    names = ('SHOEBOX_TEST_KS_ST_AUTH', 'SHOEBOX_TEST_KS_ST_USER',
+             'SHOEBOX_TEST_KS_ST_KEY')
+    missing = [name for name in names if not os.environ.get(name)]
+    if missing:
+        unavailable('%s not set: start the Swift all-in-one with '
+                    'SAIO_KEYSTONE_CONF as scripts/test does'
+                    % ', '.join(missing))
+    return tuple(os.environ[name] for name in names)
+
+
 def _head(url, token):
     return requests.head(url, headers={'X-Auth-Token': token},
                          timeout=30).status_code
@@ -68,9 +84,8 @@ def test_a_password_token_works_on_the_proxy(keystone, early_token):
     # The catalog points at the proxy the tests use, account AUTH_<project>.
     expected = f'/v1/AUTH_{keystone.project_id}'
     assert urllib.parse.urlsplit(url).path == expected
-    if os.environ.get('ST_AUTH'):
-        assert (urllib.parse.urlsplit(url).port
-                == urllib.parse.urlsplit(os.environ['ST_AUTH']).port)
+    assert (urllib.parse.urlsplit(url).port
+            == urllib.parse.urlsplit(_tempauth()[0]).port)
     conn = swc.Connection(session=sess, retries=0)
     container = f'ks-smoke-{uuid.uuid4().hex[:12]}'
     conn.put_container(container)
@@ -160,10 +175,7 @@ def test_a_wrong_password_is_401(keystone):
 
 
 def test_tempauth_works_beside_keystone(keystone):
-    if not os.environ.get('ST_AUTH'):
-        pytest.skip('ST_AUTH not set')
-    url, token = swc.get_auth(os.environ['ST_AUTH'], os.environ['ST_USER'],
-                              os.environ['ST_KEY'], auth_version='1')
+    url, token = swc.get_auth(*_tempauth(), auth_version='1')
     assert _head(url, token) in (200, 204)
     # The two auths keep to their own accounts.
     assert re.search(r'/v1/TEMPAUTH_', url), url
