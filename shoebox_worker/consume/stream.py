@@ -51,6 +51,7 @@ offset file is locked (:data:`LOCK_SUFFIX`) for as long as a worker runs.
 """
 
 import datetime
+import hashlib
 import json
 import logging
 import os
@@ -73,6 +74,9 @@ METADATA_KEY = "stream_offset"
 OFFSET_SUFFIX = ".stream-offset"
 #: Held (flock) by the worker reading a stream into this directory.
 LOCK_SUFFIX = ".lock"
+#: The longest encoded queue name in a file name (255 bytes, less the
+#: suffixes and a temporary file's ``.tmp``).
+_MAX_NAME = 200
 
 I_RESUME = "stream %s: resuming after offset %d (%s)"
 I_FIRST = "stream %s: first start, reading from %s"
@@ -91,9 +95,14 @@ class StreamError(exceptions.ShoeboxError):
 
 
 def offset_path(directory, queue):
-    """The offset file of ``queue`` in ``directory``."""
-    return os.path.join(directory, urllib.parse.quote(queue, safe="") +
-                        OFFSET_SUFFIX)
+    """The offset file of ``queue`` in ``directory``: the name
+    percent-encoded, or for a name too long for a file name (a queue name
+    may have 255 bytes) its start and a hash of it."""
+    name = urllib.parse.quote(queue, safe="")
+    if len(name) > _MAX_NAME:
+        digest = hashlib.sha256(queue.encode("utf-8")).hexdigest()[:16]
+        name = "%s-%s" % (name[:_MAX_NAME - 17], digest)
+    return os.path.join(directory, name + OFFSET_SUFFIX)
 
 
 def read_offset(path):
