@@ -6,7 +6,11 @@ Delivery guarantee
 fsynced.** Nothing acked is ever lost: not on a crash, a ``kill -9``, a
 power cut, a broker restart or a Swift outage. Messages that were received
 but not yet acked when something went wrong come back from the broker and
-are written again: duplicates are possible, losses are not.
+are written again: duplicates are possible, losses are not. A stream
+queue (``x-queue-type = stream``) is archived exactly once: each record
+carries its stream offset, saved beside the archives at each ack point and
+before an archive is shipped, and the worker resumes after the last one
+(:mod:`~shoebox_worker.consume.stream`; docs/streams.md).
 
 Acks and fsyncs are batched: records are written as they come; once every
 ``fsync_every`` records or ``fsync_interval`` seconds (whichever comes
