@@ -29,6 +29,7 @@ created).
 
 import configparser
 import dataclasses
+import datetime
 import difflib
 import os
 import re
@@ -63,7 +64,7 @@ __all__ = [
 #: Metadata keys the worker sets itself; ``static_metadata`` may not.
 RESERVED_METADATA = (
     "event_type", "message_id", "timestamp", "publisher_id", "priority",
-    "request_id", "queue", "routing_key", "malformed",
+    "request_id", "queue", "routing_key", "malformed", "stream_offset",
 )
 
 #: Shown instead of a secret.
@@ -110,6 +111,33 @@ def _argument_value(value):
 
 
 _queue_arguments = options.pairs(_argument_value)
+
+#: A RabbitMQ stream's age offset (``1h``, ``30m``, ``7D``): it passes
+#: such a string on as it is.
+_STREAM_AGE = re.compile(r"\d+[YMDhms]\Z")
+
+
+def _stream_offset(raw):
+    """``stream_offset``: first, last, next, an offset (an int), an age
+    such as ``1h`` (a str), or an ISO 8601 time (an aware datetime; UTC
+    when it names no zone)."""
+    word = raw.strip()
+    if word.lower() in ("first", "last", "next"):
+        return word.lower()
+    if word.isdigit():
+        return int(word)
+    if _STREAM_AGE.match(word):
+        return word
+    try:
+        when = datetime.datetime.fromisoformat(word)
+    except ValueError:
+        raise OptionError(
+            "expected first, last, next, an offset (a number), an ISO 8601 "
+            "time such as 2026-12-02T18:00:00Z, or an age such as 1h, got "
+            "%r" % raw) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return when
 
 
 def _static_metadata(raw):
@@ -207,6 +235,7 @@ CONSUMER_OPTIONS = _table(
     Option("auto_delete", options.boolean(), "false"),
     Option("queue_arguments", _queue_arguments, ""),
     Option("declare", options.boolean(), "true"),
+    Option("stream_offset", _stream_offset, "first"),
 )
 
 ARCHIVE_OPTIONS = _table(
@@ -376,6 +405,15 @@ class ConsumerConfig:
     auto_delete: bool
     queue_arguments: Mapping[str, int | bool | str]
     declare: bool
+    #: Where a stream queue is read from the first time (see
+    #: :mod:`shoebox_worker.consume.stream`).
+    stream_offset: str | int | datetime.datetime
+
+    @property
+    def is_stream(self):
+        """Does this queue read a RabbitMQ stream (``x-queue-type =
+        stream``)?"""
+        return self.queue_arguments.get("x-queue-type") == "stream"
 
     def __post_init__(self):
         if self.routing_key is None:
@@ -608,6 +646,23 @@ def _check_modes(archive, path):
             path, "archive", "file_mode")
 
 
+def _check_streams(consumers, path):
+    """A stream is durable and never auto-deleted (RabbitMQ refuses
+    others); say so on one line before the broker does."""
+    for consumer in consumers:
+        if not consumer.is_stream:
+            continue
+        section = "consumer:%s" % consumer.queue
+        if not consumer.durable:
+            raise ConfigError("expected true for a stream queue "
+                              "(x-queue-type = stream), got false", path,
+                              section, "durable")
+        if consumer.auto_delete:
+            raise ConfigError("expected false for a stream queue "
+                              "(x-queue-type = stream), got true", path,
+                              section, "auto_delete")
+
+
 def load(path, environ=None):
     """Read and check a configuration file.
 
@@ -656,6 +711,8 @@ def load(path, environ=None):
         consumers.append(ConsumerConfig(queue=queue, **_read_section(
             parser, section, CONSUMER_OPTIONS, path, environ)))
 
+    _check_streams(consumers, path)
+
     archive = ArchiveConfig(**_read_section(
         parser, "archive", ARCHIVE_OPTIONS, path, environ))
     if archive.fsync_every * 2 > broker.prefetch_count:
@@ -693,6 +750,16 @@ def load(path, environ=None):
         callback_options[name] = _plugin_options(parser, section, path,
                                                  environ)
 
+    worker = WorkerConfig(**_read_section(
+        parser, "worker", WORKER_OPTIONS, path, environ))
+    streams = [c.queue for c in consumers if c.is_stream]
+    if streams and worker.processes > 1:
+        raise ConfigError(
+            "expected 1 with the stream queue %r, got %d: every consumer of "
+            "a stream reads all of it, so each process would archive every "
+            "message" % (streams[0], worker.processes),
+            path, "worker", "processes")
+
     return Config(
         filename=path,
         broker=broker,
@@ -700,8 +767,7 @@ def load(path, environ=None):
         archive=archive,
         roll_checker_options=roll_checker_options,
         callback_options=types.MappingProxyType(callback_options),
-        worker=WorkerConfig(**_read_section(
-            parser, "worker", WORKER_OPTIONS, path, environ)),
+        worker=worker,
         metrics=MetricsConfig(**_read_section(
             parser, "metrics", METRICS_OPTIONS, path, environ)),
         logging=LoggingConfig(**_read_section(

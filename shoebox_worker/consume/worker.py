@@ -6,7 +6,11 @@ Delivery guarantee
 fsynced.** Nothing acked is ever lost: not on a crash, a ``kill -9``, a
 power cut, a broker restart or a Swift outage. Messages that were received
 but not yet acked when something went wrong come back from the broker and
-are written again: duplicates are possible, losses are not.
+are written again: duplicates are possible, losses are not. A stream
+queue (``x-queue-type = stream``) is archived exactly once: each record
+carries its stream offset, saved beside the archives at each ack point and
+before an archive is shipped, and the worker resumes after the last one
+(:mod:`~shoebox_worker.consume.stream`; docs/streams.md).
 
 Acks and fsyncs are batched: records are written as they come; once every
 ``fsync_every`` records or ``fsync_interval`` seconds (whichever comes
@@ -68,6 +72,7 @@ from shoebox_worker.consume import envelope
 from shoebox_worker.consume import notify
 from shoebox_worker.consume import signals
 from shoebox_worker.consume import stats as stats_mod
+from shoebox_worker.consume import stream as stream_mod
 from shoebox_worker.ship import shipper as shipper_mod
 
 __all__ = ["Worker", "StopRequested", "worker_id", "archive_pattern",
@@ -244,7 +249,12 @@ class Worker(broker.Reconnecting):
             archive_callback=self._archive_lock,
             version=archive_conf.version, keep_locks=True,
             unique_names=True)
-        self.batch = batch_mod.Batch(self.manager.sync)
+        #: The stream queues' offsets (empty without stream queues).
+        self.streams = stream_mod.Streams(self.directory, config.consumers)
+        self.batch = batch_mod.Batch(self._sync)
+        # locks of closed archives kept from the shipper: their stream
+        # offsets could not be saved (see _ship)
+        self._held = []
         self.unwrap = envelope.Unwrapper(
             archive_conf.metadata_fields, archive_conf.static_metadata)
         self.queues = broker.make_queues(config.consumers)
@@ -292,10 +302,14 @@ class Worker(broker.Reconnecting):
         """Recover what a killed run left, start shipping."""
         recovered = self.shipper.recover(
             self.directory,
-            lambda name: self.archive_name.fullmatch(name) is not None)
+            lambda name: self.archive_name.fullmatch(name) is not None,
+            on_record=self.streams.recovered if self.streams else None)
         if recovered:
             LOG.info("%d archive(s) from a previous run queued for "
                      "shipping", recovered)
+        # before anything recovered is shipped (and deleted): the offsets
+        # found in it are saved
+        self.streams.resume()
         self.shipper.start()
 
     #: SIGTERM/SIGINT counted so far (a repeat within a second is one:
@@ -342,6 +356,7 @@ class Worker(broker.Reconnecting):
         elif self.stopping != STOP_INTERRUPTED:
             self.shipper.settle(SHUTDOWN_SHIP_GRACE)
         self.shipper.stop(ship_timeout)
+        self.streams.release()
         self._update_stats()
         if self._consumed:  # else there is nothing to say
             self.stats.log_line(force=True)
@@ -352,11 +367,15 @@ class Worker(broker.Reconnecting):
         if hasattr(channel, "auto_decode"):
             channel.auto_decode = False  # we want the body's bytes
         self.batch.multiple = broker.is_amqp(self.connection)
-        return [Consumer(queues=[queue], accept=[],
-                         on_message=functools.partial(self.on_message,
-                                                      queue.name),
-                         prefetch_count=self.config.broker.prefetch_count)
-                for queue in self.queues]
+        consumers = [
+            Consumer(queues=[queue], accept=[],
+                     on_message=functools.partial(self.on_message,
+                                                  queue.name),
+                     prefetch_count=self.config.broker.prefetch_count)
+            for queue in self.queues]
+        for consumer in consumers:  # a stream: right after the last written
+            self.streams.position(consumer)
+        return consumers
 
     def on_consume_ready(self, connection, channel, consumers, **kwargs):
         super().on_consume_ready(connection, channel, consumers, **kwargs)
@@ -397,17 +416,31 @@ class Worker(broker.Reconnecting):
         if self.paused == backpressure_mod.PAUSE_DISK_FULL:
             self.batch.requeue_one(message)
             return
+        now = time.monotonic()
+        stream = self.streams.get(queue)
+        offset = None
+        if stream is not None:
+            offset = stream.offset_of(message)
+            if not stream.is_new(offset):  # archived already: only credit
+                self._last_message = now
+                self.batch.add(message, now)
+                if len(self.batch) >= self.fsync_every:
+                    self._commit()
+                return
         body = envelope.to_bytes(message.body, message.content_encoding)
         payload, metadata = self.unwrap(
             body, queue, message.delivery_info.get("routing_key"),
             functools.partial(_properties, message))
-        now = time.monotonic()
+        if offset is not None:
+            metadata[stream_mod.METADATA_KEY] = str(offset)
         try:
             closed = self.manager.write(metadata, payload)
         except OSError as exc:
             self.batch.add(message, now)  # requeued with the unsynced rest
             self._write_failed(exc)
             return
+        if stream is not None:
+            stream.written(offset)
         self._last_message = now
         self.batch.add(message, now)
         self.stats.consumed(queue)
@@ -466,6 +499,13 @@ class Worker(broker.Reconnecting):
 
     # -- acks, rolls, write failures -------------------------------------
 
+    def _sync(self):
+        """The batch's sync: fsync the archive, then save the stream
+        offsets it now holds (before the ack)."""
+        self.manager.sync()
+        self.streams.synced()
+        self.streams.save()
+
     def _commit(self):
         """fsync the archive, then ack the batch (or, when the fsync fails,
         handle it as a failed write)."""
@@ -483,6 +523,16 @@ class Worker(broker.Reconnecting):
             return
         since = self._archive_lock.take()
         lock = self.manager.take_lock(report.filename)
+        # a closed archive is fsynced: the stream offsets must cover it
+        # before the shipper may upload and delete it
+        self.streams.synced()
+        try:
+            self.streams.save()
+        except OSError as exc:
+            LOG.error("cannot save the stream offsets (%s): %s is left "
+                      "for the next start to ship", exc, report.filename)
+            self._held.append(lock)
+            return
         self.stats.rolled()
         self.shipper.submit(report.filename, lock, since=since,
                             report=report)
@@ -493,6 +543,7 @@ class Worker(broker.Reconnecting):
         (or stop on other errors)."""
         LOG.error(E_DISK, self.manager.active_filename, exc)
         closed = self.manager.cut_unsynced()
+        self.streams.cut()
         if closed is None:
             self._archive_lock.take()  # the empty archive is gone
         requeued = self.batch.requeue()
@@ -524,6 +575,7 @@ class Worker(broker.Reconnecting):
             return
         self.stats.paused = False
         for consumer in self._consumers:
+            self.streams.position(consumer)
             consumer.consume()
         LOG.warning(W_RESUMED, change.reason)
 

@@ -408,11 +408,15 @@ class Shipper:
 
     # -- start-up ------------------------------------------------------
 
-    def recover(self, directory, pattern_match):
+    def recover(self, directory, pattern_match, on_record=None):
         """Find what a previous run left in ``directory`` and queue it.
 
         :param pattern_match: ``f(name) -> bool``: is this file name one of
             our archives (as the writer names them)?
+        :param on_record: called with each valid record of each archive
+            read here (those without a state file), as
+            :func:`~shoebox_worker.archive.inspect_file` passes them, before
+            anything is shipped (the worker finds its stream offsets so).
         :returns: the number of archives queued.
         """
         if not os.path.isdir(directory):
@@ -472,7 +476,7 @@ class Shipper:
                 lock.release()
                 continue
             try:
-                report = self._recovered_report(path)
+                report = self._recovered_report(path, on_record)
             except Exception as exc:  # shipped as it is: never stranded
                 LOG.error("%s: cannot read it for its report (%s); shipping "
                           "it as it is", path, exc)
@@ -483,14 +487,16 @@ class Shipper:
         return count
 
     @staticmethod
-    def _recovered_report(path):
+    def _recovered_report(path, on_record=None):
         """Read an archive left by a killed run for its report, and cut off
         a torn tail (the record being written when that run died; it was
         never acked), saying so in one line.
 
+        :param on_record: passed to :func:`~shoebox_worker.archive.
+            inspect_file` (a torn tail holds no valid record).
         :returns: the report of what is left.
         """
-        report = archive.inspect_file(path, quiet=True)
+        report = archive.inspect_file(path, on_record=on_record, quiet=True)
         tail = report.skipped[-1] if report.torn_offset is not None \
             else None
         for skipped in report.skipped:

@@ -1,6 +1,7 @@
 """Tests for shoebox_worker.config: every message, every default."""
 
 import dataclasses
+import datetime
 import os
 import pathlib
 import textwrap
@@ -496,6 +497,84 @@ def test_consumer_errors(write, key, value, message):
     path = write("[broker]\nurl = memory://\n[consumer:q]\n%s = %s\n"
                  % (key, value))
     assert error(path) == "worker.conf [consumer:q] %s: %s" % (key, message)
+
+
+STREAM = """\
+    [broker]
+    url = memory://
+    [consumer:s]
+    durable = true
+    queue_arguments = x-queue-type=stream, x-max-age=7D
+    """
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("first", "first"), ("LAST", "last"), ("next", "next"), ("0", 0),
+    ("123456789012", 123456789012), ("1h", "1h"), ("30m", "30m"),
+    ("7D", "7D"), ("2Y", "2Y"),
+    ("2026-12-02T18:00:00Z", datetime.datetime(
+        2026, 12, 2, 18, tzinfo=datetime.timezone.utc)),
+    ("2026-12-02 18:00:05", datetime.datetime(  # no zone: UTC
+        2026, 12, 2, 18, 0, 5, tzinfo=datetime.timezone.utc)),
+    ("2026-12-02T19:00:00+01:00", datetime.datetime(
+        2026, 12, 2, 18, tzinfo=datetime.timezone.utc)),
+])
+def test_stream_offset(write, value, expected):
+    conf = config.load(write(STREAM + "stream_offset = %s\n" % value),
+                       environ={})
+    (stream,) = conf.consumers
+    assert stream.is_stream
+    assert stream.stream_offset == expected
+    assert type(stream.stream_offset) is type(expected)
+
+
+def test_stream_offset_defaults_to_first_and_only_streams_are_streams(
+        write):
+    conf = config.load(write(STREAM + "[consumer:c]\n"), environ={})
+    stream, classic = conf.consumers
+    assert stream.stream_offset == "first" == classic.stream_offset
+    assert stream.is_stream and not classic.is_stream
+
+
+@pytest.mark.parametrize("value", ["beginning", "-1", "1w", "1.5h",
+                                   "2026-13-01", "yesterday"])
+def test_stream_offset_errors(write, value):
+    assert error(write(STREAM + "stream_offset = %s\n" % value)) == (
+        "worker.conf [consumer:s] stream_offset: expected first, last, "
+        "next, an offset (a number), an ISO 8601 time such as "
+        "2026-12-02T18:00:00Z, or an age such as 1h, got %r" % value)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("durable", "false", "expected true for a stream queue (x-queue-type = "
+     "stream), got false"),
+    ("auto_delete", "true", "expected false for a stream queue "
+     "(x-queue-type = stream), got true"),
+])
+def test_stream_queue_errors(write, key, value, message):
+    text = STREAM if key != "durable" else STREAM.replace(
+        "durable = true\n", "")
+    assert error(write(text + "%s = %s\n" % (key, value))) == \
+        "worker.conf [consumer:s] %s: %s" % (key, message)
+
+
+def test_processes_refused_with_a_stream(write):
+    assert error(write(STREAM + "[consumer:c]\n[worker]\nprocesses = 3\n")) \
+        == ("worker.conf [worker] processes: expected 1 with the stream "
+            "queue 's', got 3: every consumer of a stream reads all of it, "
+            "so each process would archive every message")
+    conf = config.load(write("[broker]\nurl = memory://\n[consumer:c]\n"
+                             "[worker]\nprocesses = 3\n"), environ={})
+    assert conf.worker.processes == 3  # without a stream: fine
+
+
+def test_stream_offset_is_reserved_metadata(write):
+    assert "stream_offset" in config.RESERVED_METADATA
+    assert base_error(write, """
+        [archive]
+        static_metadata = stream_offset=1
+        """) == ("worker.conf [archive] static_metadata: 'stream_offset' is "
+                 "set by the worker itself")
 
 
 # -- [archive] --------------------------------------------------------------

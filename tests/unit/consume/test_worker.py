@@ -23,6 +23,7 @@ from shoebox_worker import plugins
 from shoebox_worker import roll_checker
 from shoebox_worker import roll_manager
 from shoebox_worker.consume import backpressure
+from shoebox_worker.consume import stream as stream_mod
 from shoebox_worker.consume import worker as worker_mod
 from shoebox_worker.consume.broker import reason as broker_reason
 from shoebox_worker.ship import shipper as shipper_mod
@@ -147,7 +148,7 @@ def _clean_memory_events():
 
 
 def write_config(tmp_path, broker, archive_options=None, sections="",
-                 broker_options=""):
+                 broker_options="", consumer_options=""):
     archive = {"working_directory": str(tmp_path / "work"),
                "roll_checker": "count", "callbacks": "memory",
                "fsync_every": "5", "fsync_interval": "0.05",
@@ -162,6 +163,7 @@ def write_config(tmp_path, broker, archive_options=None, sections="",
         [consumer:{queue}]
         exchange = {exchange}
         routing_key = {queue}
+        {consumer_options}
 
         [archive]
         {archive}
@@ -171,6 +173,7 @@ def write_config(tmp_path, broker, archive_options=None, sections="",
         """).format(url=broker.url, queue=broker.queue_name,
                     exchange=broker.exchange_name,
                     broker_options=broker_options,
+                    consumer_options=consumer_options,
                     archive="\n".join("%s = %s" % item
                                       for item in archive.items()))
     if "[roll_checker:" not in sections and \
@@ -1244,3 +1247,154 @@ class TestAckPath:
             assert not shutdown.is_alive(), "waited for the stuck step"
         finally:
             release.set()
+
+
+# -- stream queues ------------------------------------------------------------
+
+STREAM_CONSUMER = ("durable = true\nexchange_durable = false\n"
+                   "queue_arguments = x-queue-type=stream")
+
+
+def stream_config(tmp_path, broker, roll_count=1000, archive_options=None):
+    return write_config(
+        tmp_path, broker, archive_options,
+        "[roll_checker:count]\nroll_count = %d\n" % roll_count,
+        consumer_options=STREAM_CONSUMER)
+
+
+def publish_offsets(broker, offsets):
+    """What a stream delivers: each message with its x-stream-offset
+    header (memory:// carries headers as RabbitMQ does)."""
+    for offset in offsets:
+        broker.publish([v2_body(offset)],
+                       headers={stream_mod.OFFSET_ARG: offset})
+
+
+def saved(worker, queue):
+    return stream_mod.read_offset(stream_mod.offset_path(worker.directory,
+                                                         queue))
+
+
+class TestStream:
+    """The worker's side of :mod:`shoebox_worker.consume.stream`: offsets
+    in the records, saved at the ack point and before shipping, resumed
+    from the offset file and from what recovery finds."""
+
+    def test_records_carry_their_offset_and_it_is_saved(self, tmp_path,
+                                                        broker):
+        conf = stream_config(tmp_path, broker)
+        publish_offsets(broker, range(12))
+        worker = make_worker(conf, broker)
+        running = Running(worker)
+        running.wait_acked(12)
+        assert saved(worker, broker.queue_name) == 11
+        running.stop()
+        assert [m[stream_mod.METADATA_KEY] for m, _ in archives(worker)] == \
+            [str(n) for n in range(12)]
+
+    def test_a_delivery_already_archived_is_acked_not_written(
+            self, tmp_path, broker):
+        # a subscription at a time starts at the chunk holding it; a
+        # cancelled one may still deliver: only credit
+        conf = stream_config(tmp_path, broker)
+        publish_offsets(broker, [0, 1, 2, 3, 1, 2, 3, 4, 0])
+        worker = make_worker(conf, broker)
+        running = Running(worker)
+        running.wait_acked(9)
+        running.stop()
+        assert [m[stream_mod.METADATA_KEY] for m, _ in archives(worker)] == \
+            ["0", "1", "2", "3", "4"]
+        assert broker.depth() == 0
+        assert saved(worker, broker.queue_name) == 4
+
+    def test_the_offset_file_covers_an_archive_before_it_is_shipped(
+            self, tmp_path, broker):
+        conf = stream_config(tmp_path, broker, roll_count=4)
+        publish_offsets(broker, range(10))
+        worker = make_worker(conf, broker)
+        seen = []
+        submit = worker.shipper.submit
+
+        def checked(path, lock=None, since=None, report=None):
+            seen.append((int(report.last_metadata[
+                stream_mod.METADATA_KEY]), saved(worker, broker.queue_name)))
+            return submit(path, lock, since=since, report=report)
+
+        worker.shipper.submit = checked
+        running = Running(worker)
+        running.wait_acked(10)
+        running.stop()
+        assert [last for last, _ in seen] == [3, 7, 9]
+        assert all(offset >= last for last, offset in seen), seen
+
+    def test_resumes_after_the_saved_offset(self, tmp_path, broker):
+        conf = stream_config(tmp_path, broker)
+        path = stream_mod.offset_path(str(tmp_path / "work"),
+                                      broker.queue_name)
+        os.makedirs(os.path.dirname(path))
+        stream_mod.write_offset(path, broker.queue_name, 41)
+        worker = make_worker(conf, broker)
+        worker.start()
+        stream = worker.streams.get(broker.queue_name)
+        assert stream.argument() == 42
+        consumer = kombu.Consumer(broker.connection().channel(),
+                                  queues=[worker.queues[0]])
+        worker.streams.position(consumer)
+        assert consumer.queues[0].consumer_arguments == {
+            stream_mod.OFFSET_ARG: 42}
+        worker.shutdown(ship_timeout=1)
+
+    def test_resumes_after_what_recovery_finds_and_saves_it_first(
+            self, tmp_path, broker):
+        # fsynced, but killed before the offset file was written: the
+        # archive a killed run left holds offsets 10-14, the file says 9
+        conf = stream_config(tmp_path, broker)
+        work = tmp_path / "work"
+        work.mkdir()
+        stream_mod.write_offset(stream_mod.offset_path(
+            str(work), broker.queue_name), broker.queue_name, 9)
+        left = str(work / "shoebox_20260101T000000_dead-1_0123456789ab-0."
+                   "events")
+        with archive.ArchiveWriter(left) as writer:
+            for n in range(5, 15):
+                writer.write({"queue": broker.queue_name,
+                              stream_mod.METADATA_KEY: str(n)}, b"{}")
+            writer.write({"queue": "other", stream_mod.METADATA_KEY: "99"},
+                         b"{}")
+        worker = make_worker(conf, broker)
+        at_shipping = []
+        start = worker.shipper.start
+
+        def checked():
+            at_shipping.append(saved(worker, broker.queue_name))
+            start()
+
+        worker.shipper.start = checked
+        worker.start()
+        assert at_shipping == [14]
+        assert worker.streams.get(broker.queue_name).argument() == 15
+        publish_offsets(broker, [13, 14, 15])
+        running = Running(worker, start=False)
+        running.wait_acked(3)
+        running.stop()
+        mine = [m[stream_mod.METADATA_KEY] for m, _ in archives(worker)
+                if m["queue"] == broker.queue_name]
+        assert mine == [str(n) for n in range(5, 16)]  # 15 once, new
+        assert saved(worker, broker.queue_name) == 15
+
+    def test_a_second_worker_on_the_directory_is_refused(self, tmp_path,
+                                                         broker):
+        conf = stream_config(tmp_path, broker)
+        first = make_worker(conf, broker)
+        first.start()
+        try:
+            second = make_worker(conf, broker)
+            with pytest.raises(stream_mod.StreamError,
+                               match="another worker reads stream"):
+                second.start()
+            second.shipper.stop(1)
+        finally:
+            first.shutdown(ship_timeout=1)
+        again = make_worker(conf, broker)  # the lock went with shutdown
+        again.start()
+        again.shutdown(ship_timeout=1)

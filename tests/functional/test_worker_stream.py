@@ -1,0 +1,414 @@
+"""Streams: a RabbitMQ stream queue archived exactly once, on the real
+broker (and the Swift all-in-one for the kill test).
+
+- kill -9 at random moments while consuming and shipping ``gzip, swift,
+  delete``, restarts until idle: every published message is in Swift
+  exactly once (counted by message_id);
+- the same, killed at every rename, unlink and fsync the worker makes
+  (``strace -e inject``, as tests/functional/test_crash_points.py does for
+  classic queues): every window between an archive's fsync, its offset
+  file and its shipping;
+- a second worker with its own working directory gets the whole stream
+  too;
+- ``stream_offset`` by time starts where asked;
+- ``processes = 2`` with a stream is refused in one line.
+"""
+
+import collections
+import concurrent.futures
+import datetime
+import gzip
+import io
+import os
+import pathlib
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import kombu
+import pytest
+import swiftclient.client as swc
+
+from shoebox_worker import archive
+from shoebox_worker.consume import stream as stream_mod
+from shoebox_worker.tools import publish as publish_mod
+from shoebox_worker.tools import simulator
+
+
+def declare_stream(rabbit, names):
+    """A durable topic exchange and a stream bound to it (both deleted at
+    the end); returns ``(queue, exchange)``."""
+    queue = rabbit.track_queue(names + "-stream")
+    exchange = rabbit.track_exchange(names + "-ex")
+    channel = rabbit.channel()
+    try:
+        kombu.Queue(queue, kombu.Exchange(exchange, type="topic",
+                                          durable=True),
+                    routing_key="notifications.*", durable=True,
+                    queue_arguments={"x-queue-type": "stream",
+                                     "x-max-age": "1h"})(channel).declare()
+    finally:
+        channel.close()
+    return queue, exchange
+
+
+def publish(ft, exchange, count, seed):
+    """Publish ``count`` notifications (confirmed); their message_ids."""
+    outcome = publish_mod.publish(ft.AMQP_URL, count, exchange=exchange,
+                                  routing_key="notifications.info",
+                                  durable=True, seed=seed)
+    assert outcome.confirmed == count, outcome
+    return [n["message_id"] for n in simulator.notifications(count,
+                                                             seed=seed)]
+
+
+def stream_config(ft, tmp_path, queue, exchange, *, name="worker.conf",
+                  work="archive", callbacks=None, consumer=None,
+                  roll_count=300, worker=None, archive_options=None):
+    return ft.worker_config(
+        tmp_path, queue, exchange, routing_key="notifications.*",
+        durable=True, roll_checker="count",
+        roll_options={"roll_count": roll_count}, callbacks=callbacks,
+        consumer_options={"exchange_durable": True,
+                          "queue_arguments": "x-queue-type=stream, "
+                                             "x-max-age=1h",
+                          **(consumer or {})},
+        archive_options={"working_directory": tmp_path / work,
+                         "fsync_every": 100, **(archive_options or {})},
+        broker={"prefetch_count": 400}, worker=worker, name=name)
+
+
+def local_ids(ft, directory):
+    """message_id -> count over the archives in ``directory``; every
+    record carries its stream offset."""
+    ids = collections.Counter()
+    for record in ft.read_archives(directory):
+        assert record.metadata[stream_mod.METADATA_KEY].isdigit()
+        ids[record.metadata["message_id"]] += 1
+    return ids
+
+
+def saved_offset(directory, queue):
+    return stream_mod.read_offset(stream_mod.offset_path(str(directory),
+                                                         queue))
+
+
+def swift_ids(conn, container, scratch):
+    """message_id -> count over every (gzipped) archive in ``container``."""
+    ids = collections.Counter()
+    _, objects = conn.get_container(container, full_listing=True)
+    for obj in objects:
+        _, body = conn.get_object(container, obj["name"])
+        assert body[:2] == b"\x1f\x8b", obj["name"]
+        path = os.path.join(scratch, "download.events")
+        with open(path, "wb") as f:
+            f.write(gzip.GzipFile(fileobj=io.BytesIO(body)).read())
+        with archive.ArchiveReader(path) as reader:
+            for metadata, _ in reader:
+                ids[metadata["message_id"]] += 1
+    return ids, len(objects)
+
+
+def run_until_idle(ft, config):
+    """``shoebox-worker run --idle-exit 3``, which must exit 0."""
+    proc = ft.run_worker(config, idle_exit=3, timeout=180)
+    assert proc.returncode == 0, proc.log_tail()
+    return proc
+
+
+def test_streams_kill_9_mid_run_every_message_once_in_swift(
+        rabbit, names, ft, tmp_path, swift_env, worker_procs):
+    queue, exchange = declare_stream(rabbit, names)
+    container = "shoebox-stream-%s" % names[-8:]
+    conn = swc.Connection(authurl=swift_env["ST_AUTH"],
+                          user=swift_env["ST_USER"], key=swift_env["ST_KEY"],
+                          auth_version="1", retries=2, timeout=30)
+    config = stream_config(ft, tmp_path, queue, exchange, callbacks={
+        "gzip": {},
+        "swift": {"auth": swift_env["ST_AUTH"], "user": swift_env["ST_USER"],
+                  "key": swift_env["ST_KEY"], "container": container,
+                  "retries": 0, "timeout": 20},
+        "delete": {}})
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    published = []
+    errors = []
+
+    def publisher():  # batches while the worker is killed and restarted
+        try:
+            for batch in range(6):
+                published.extend(publish(ft, exchange, 1000, seed=batch + 1))
+                time.sleep(0.5)
+        except Exception as exc:  # the test fails on it below
+            errors.append(exc)
+
+    thread = threading.Thread(target=publisher)
+    thread.start()
+    kills = 0
+    try:
+        while thread.is_alive() or kills < 6:
+            proc = worker_procs(config)
+            time.sleep(rng.uniform(0.3, 2.5))
+            assert proc.alive(), proc.log_tail()
+            proc.signal(signal.SIGKILL)
+            proc.proc.wait()
+            kills += 1
+    finally:
+        thread.join()
+    try:
+        assert not errors, errors
+        run_until_idle(ft, config)
+        ids, objects = swift_ids(conn, container, str(tmp_path))
+        lost = set(published) - set(ids)
+        twice = {i: n for i, n in ids.items() if n > 1}
+        assert len(published) == 6000 == len(set(published))
+        assert not lost, "seed %d: %d lost" % (seed, len(lost))
+        assert not twice, "seed %d: %d duplicated" % (seed, len(twice))
+        assert set(ids) == set(published)
+        assert objects > 6 and kills >= 6
+        assert saved_offset(tmp_path / "archive", queue) == 5999
+        assert not ft.archive_files(tmp_path / "archive")
+    finally:
+        ft.delete_swift_container(conn, container)
+        conn.close()
+
+
+def test_streams_a_second_worker_gets_the_whole_stream_too(
+        rabbit, names, ft, tmp_path, worker_procs):
+    queue, exchange = declare_stream(rabbit, names)
+    first = publish(ft, exchange, 1500, seed=11)
+    configs = [stream_config(ft, tmp_path, queue, exchange, work=work,
+                             name=work + ".conf")
+               for work in ("one", "two")]
+    procs = [worker_procs(config, idle_exit=3) for config in configs]
+    second = publish(ft, exchange, 1500, seed=12)  # while both consume
+    for proc in procs:
+        assert proc.wait(120) == 0, proc.log_tail()
+    for work in ("one", "two"):
+        ids = local_ids(ft, tmp_path / work)
+        assert set(ids) == set(first + second), work
+        assert set(ids.values()) == {1}, work
+        assert saved_offset(tmp_path / work, queue) == 2999
+    # a restart reads nothing again
+    again = run_until_idle(ft, configs[0])
+    assert "resuming after offset 2999 (saved)" in again.log
+    assert sum(local_ids(ft, tmp_path / "one").values()) == 3000
+
+
+def test_streams_stream_offset_by_time_starts_where_asked(
+        rabbit, names, ft, tmp_path):
+    queue, exchange = declare_stream(rabbit, names)
+    before = publish(ft, exchange, 500, seed=21)
+    # a stream's chunks carry the time they were written (ms) and the
+    # broker starts at the first chunk at or after the time asked (in
+    # seconds): a clear gap on both sides
+    time.sleep(2.5)
+    start = datetime.datetime.now(datetime.timezone.utc).replace(
+        microsecond=0) + datetime.timedelta(seconds=1)
+    time.sleep(2.5)
+    after = publish(ft, exchange, 500, seed=22)
+    config = stream_config(ft, tmp_path, queue, exchange, consumer={
+        "stream_offset": start.isoformat().replace("+00:00", "Z")})
+    proc = run_until_idle(ft, config)
+    ids = local_ids(ft, tmp_path / "archive")
+    assert set(ids) == set(after), proc.log_tail()
+    assert not set(ids) & set(before)
+    assert set(ids.values()) == {1}
+    assert saved_offset(tmp_path / "archive", queue) == 999
+    assert "first start, reading from %s" % start.isoformat() in proc.log
+
+
+def test_streams_processes_n_refused_in_one_line(rabbit, names, ft,
+                                                 tmp_path):
+    queue, exchange = declare_stream(rabbit, names)
+    config = stream_config(ft, tmp_path, queue, exchange,
+                           worker={"processes": 2})
+    proc = ft.run_worker(config, idle_exit=None, timeout=60)
+    assert proc.returncode == 2
+    lines = proc.log.strip().splitlines()
+    assert len(lines) == 1, proc.log
+    assert "[worker] processes: expected 1 with the stream queue %r, got 2" \
+        % queue in lines[0]
+
+
+# -- killed at every rename, unlink and fsync ---------------------------------
+
+#: The kinds of calls killed at, each with the system calls it counts.
+KINDS = {
+    "rename": "rename,renameat,renameat2",
+    "unlink": "unlink,unlinkat",
+    "fsync": "fsync,fdatasync",
+}
+#: Messages per point, in archives of ROLL_COUNT (two archives).
+MESSAGES = 6
+ROLL_COUNT = 3
+PARALLEL = 4
+RUN_TIMEOUT = 120
+WORKER = os.path.join(os.path.dirname(sys.executable), "shoebox-worker")
+
+
+@pytest.fixture(scope="module")
+def strace():
+    path = shutil.which("strace")
+    if path is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("strace is not installed (scripts/debian-packages)")
+        pytest.skip("strace is not installed (scripts/debian-packages)")
+    return path
+
+
+class Point:
+    """One kill point: its own stream, folder, config and outcome."""
+
+    def __init__(self, base, rabbit, names, swift, container, kind, k, ft):
+        self.kind, self.k = kind, k
+        self.name = "%s-%d" % (kind, k)
+        self.dir = os.path.join(base, self.name)
+        os.makedirs(self.dir)
+        self.work = os.path.join(self.dir, "work")
+        self.queue, self.exchange = declare_stream(rabbit, "%s-%s" % (
+            names, self.name))
+        self.prefix = self.name + "/"
+        self.config = stream_config(
+            ft, pathlib.Path(self.dir), self.queue, self.exchange,
+            work="work", roll_count=ROLL_COUNT,
+            archive_options={"fsync_interval": 30}, callbacks={
+                "gzip": {},
+                "swift": {"auth": swift["ST_AUTH"], "user": swift["ST_USER"],
+                          "key": swift["ST_KEY"], "container": container,
+                          "object_prefix": self.prefix, "retries": 0,
+                          "timeout": 20},
+                "delete": {}})
+        self.log = os.path.join(self.dir, "log")
+        self.killed = self.restart = None
+        self.published = []
+
+
+def _run(argv, log_path):
+    """Run ``argv`` in a session of its own (killed whole on a timeout:
+    killing strace alone would leave the traced worker running)."""
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+        try:
+            return proc.wait(timeout=RUN_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return "timed out"
+
+
+def _argv(point):
+    return [WORKER, "run", "--config", point.config, "--idle-exit", "0.3"]
+
+
+def count_calls(strace, point, ft):
+    """One run under strace: ``{kind: the most calls one thread made}``."""
+    point.published = publish(ft, point.exchange, MESSAGES, seed=1000)
+    trace = os.path.join(point.dir, "trace")
+    code = _run([strace, "-f", "-qq", "-o", trace,
+                 "-e", "trace=" + ",".join(KINDS.values()), *_argv(point)],
+                point.log)
+    assert code == 0, open(point.log).read()[-3000:]
+    calls = collections.Counter()
+    syscall = re.compile(r"^(\d+)\s+(\w+)\(")
+    for line in open(trace):
+        match = syscall.match(line)
+        if match:
+            for kind, names in KINDS.items():
+                if match.group(2) in names.split(","):
+                    calls[kind, match.group(1)] += 1
+    return {kind: max([n for (k, _), n in calls.items() if k == kind] or
+                      [0]) for kind in KINDS}
+
+
+def run_point(strace, point, ft):
+    point.published = publish(ft, point.exchange, MESSAGES, seed=point.k)
+    names = KINDS[point.kind]
+    code = _run([strace, "-f", "-qq", "-o", os.devnull, "-e",
+                 "trace=" + names, "-e",
+                 "inject=%s:signal=KILL:when=%d" % (names, point.k),
+                 *_argv(point)], point.log)
+    point.killed = code != 0
+    with open(point.log, "ab") as f:
+        f.write(b"\n---- killed: %r (exit %r); restart ----\n"
+                % (point.killed, code))
+    point.restart = _run(_argv(point), point.log)
+    return point
+
+
+def check_point(point, conn, container):
+    """Every message of the point's stream once in Swift; nothing but the
+    offset file (and its lock) left in the working directory."""
+    log = open(point.log, errors="replace").read()
+    where = "%s (log %s):\n%s" % (point.name, point.dir, log[-4000:])
+    assert point.restart == 0, "restart exit %r: %s" % (point.restart,
+                                                         where)
+    offset_file = os.path.basename(stream_mod.offset_path(point.work,
+                                                          point.queue))
+    left = sorted(set(os.listdir(point.work)) - {
+        offset_file, offset_file + stream_mod.LOCK_SUFFIX})
+    assert left == [], "left in the working directory: %s; %s" % (left,
+                                                                   where)
+    ids = collections.Counter()
+    _, objects = conn.get_container(container, prefix=point.prefix,
+                                    full_listing=True)
+    for obj in objects:
+        _, body = conn.get_object(container, obj["name"])
+        path = os.path.join(point.dir, "download.events")
+        with open(path, "wb") as f:
+            f.write(gzip.GzipFile(fileobj=io.BytesIO(body)).read())
+        with archive.ArchiveReader(path) as reader:
+            ids.update(metadata["message_id"] for metadata, _ in reader)
+    lost = set(point.published) - set(ids)
+    assert not lost, "%d message(s) lost at %s" % (len(lost), where)
+    twice = sorted(i for i, n in ids.items() if n > 1)
+    assert not twice, "%d message(s) twice at %s" % (len(twice), where)
+    assert set(ids) == set(point.published), where
+    assert saved_offset(point.work, point.queue) == MESSAGES - 1, where
+    assert "Traceback" not in log, where
+
+
+def test_streams_killed_at_every_rename_unlink_and_fsync(
+        strace, rabbit, names, ft, tmp_path, swift_env):
+    container = "shoebox-stream-crash-%s" % names[-8:]
+    conn = swc.Connection(authurl=swift_env["ST_AUTH"],
+                          user=swift_env["ST_USER"], key=swift_env["ST_KEY"],
+                          auth_version="1", retries=2, timeout=30)
+    base = str(tmp_path)
+    try:
+        counting = Point(base, rabbit, names, swift_env, container, "count",
+                         0, ft)
+        counts = count_calls(strace, counting, ft)
+        counting.restart = 0
+        check_point(counting, conn, container)
+        points = []
+        for kind, count in counts.items():
+            assert count > 0, (kind, counts)
+            points += [Point(base, rabbit, names, swift_env, container, kind,
+                             k, ft) for k in range(1, count + 1)]
+        with concurrent.futures.ThreadPoolExecutor(PARALLEL) as pool:
+            done = list(pool.map(lambda p: run_point(strace, p, ft), points))
+        failed = []
+        for point in done:
+            try:
+                check_point(point, conn, container)
+            except AssertionError as exc:
+                failed.append("%s: %s" % (point.name, str(exc)[:2000]))
+        assert not failed, "%d of %d point(s) failed:\n%s" % (
+            len(failed), len(done), "\n\n".join(failed))
+    finally:
+        ft.delete_swift_container(conn, container)
+        conn.close()
+    killed = sum(1 for p in done if p.killed)
+    print("\nstream crash points: %s calls (largest per thread); %d of %d "
+          "points killed; every message once" % (
+              ", ".join("%d %s" % (n, kind) for kind, n in counts.items()),
+              killed, len(done)))
+    assert killed >= len(done) // 2, (killed, len(done))

@@ -1,0 +1,272 @@
+"""Tests for shoebox_worker.consume.stream: the offset file, the resume
+point, and each stream's positions (the worker's use of them is in
+test_worker.py's TestStream, the real broker in
+tests/functional/test_worker_stream.py)."""
+
+import datetime
+import json
+import logging
+import os
+import types
+
+import pytest
+
+from shoebox_worker import exceptions
+from shoebox_worker import files
+from shoebox_worker.consume import stream as stream_mod
+
+
+def consumer(queue, stream=True, offset="first"):
+    return types.SimpleNamespace(queue=queue, is_stream=stream,
+                                 stream_offset=offset)
+
+
+def message(offset):
+    headers = {} if offset is None else {stream_mod.OFFSET_ARG: offset}
+    return types.SimpleNamespace(headers=headers)
+
+
+class TestOffsetFile:
+    def test_path_is_the_queue_name_percent_encoded(self, tmp_path):
+        assert stream_mod.offset_path(str(tmp_path), "notifications") == \
+            str(tmp_path / "notifications.stream-offset")
+        assert stream_mod.offset_path(str(tmp_path), "a/b c") == \
+            str(tmp_path / "a%2Fb%20c.stream-offset")
+        assert stream_mod.offset_path(str(tmp_path), "..") == \
+            str(tmp_path / "...stream-offset")  # a name, not a folder
+
+    def test_a_long_queue_name_fits_a_file_name(self, tmp_path):
+        one = stream_mod.offset_path(str(tmp_path), "\u00e9" * 127 + "a")
+        two = stream_mod.offset_path(str(tmp_path), "\u00e9" * 127 + "b")
+        assert one != two
+        for path in (one, two):
+            name = os.path.basename(path + stream_mod.LOCK_SUFFIX + ".tmp")
+            assert len(name.encode()) <= 255
+            stream_mod.write_offset(path, "q", 1)
+            assert stream_mod.read_offset(path) == 1
+
+    def test_written_then_read(self, tmp_path):
+        path = str(tmp_path / "q.stream-offset")
+        assert stream_mod.read_offset(path) is None
+        stream_mod.write_offset(path, "q", 0)
+        assert stream_mod.read_offset(path) == 0
+        stream_mod.write_offset(path, "q", 12345678901)
+        assert stream_mod.read_offset(path) == 12345678901
+        with open(path) as f:
+            assert json.load(f) == {"queue": "q", "offset": 12345678901}
+        assert os.listdir(tmp_path) == ["q.stream-offset"]  # no tmp left
+
+    def test_replaced_atomically(self, tmp_path, monkeypatch):
+        # tmp + fsync + rename + directory fsync: files.write_json_atomic
+        path = str(tmp_path / "q.stream-offset")
+        stream_mod.write_offset(path, "q", 5)
+        calls = []
+        real = files.write_json_atomic
+
+        def spy(target, data):
+            calls.append((target, data))
+            return real(target, data)
+
+        monkeypatch.setattr(files, "write_json_atomic", spy)
+        stream_mod.write_offset(path, "q", 6)
+        assert calls == [(path, {"queue": "q", "offset": 6})]
+
+    def test_a_stale_tmp_of_a_killed_run_does_not_stop_it(self, tmp_path):
+        path = str(tmp_path / "q.stream-offset")
+        with open(path + ".tmp", "w") as f:
+            f.write('{"queue": "q", "offs')
+        stream_mod.write_offset(path, "q", 7)
+        assert stream_mod.read_offset(path) == 7
+        assert not os.path.exists(path + ".tmp")
+
+    @pytest.mark.parametrize("text", [
+        "", "{", "[]", '{"offset": "7"}', '{"offset": -1}',
+        '{"offset": 1.5}', '{"offset": true}', '{"queue": "q"}'])
+    def test_a_file_without_an_offset_is_one_line(self, tmp_path, text):
+        path = tmp_path / "q.stream-offset"
+        path.write_text(text)
+        with pytest.raises(stream_mod.StreamError) as info:
+            stream_mod.read_offset(str(path))
+        assert isinstance(info.value, exceptions.ShoeboxError)
+        message = str(info.value)
+        assert "\n" not in message
+        assert str(path) in message and "remove it" in message
+
+
+class TestResumePoint:
+    def test_nothing_known(self):
+        assert stream_mod.resume_point(None, []) == (None, None)
+
+    def test_saved_alone(self):
+        assert stream_mod.resume_point(41, []) == (41, None)
+
+    def test_archived_past_the_saved_offset(self):
+        # fsynced, then killed before the offset file was written
+        assert stream_mod.resume_point(9, [12, 10, 11, 8, 9]) == (12, None)
+
+    def test_archived_behind_the_saved_offset(self):
+        # shipped archives are gone, local ones are older: the file wins
+        assert stream_mod.resume_point(100, [50, 51, 52]) == (100, None)
+
+    def test_archived_without_a_file(self):
+        # killed before the first offset file: from the first found on
+        assert stream_mod.resume_point(None, [7, 5, 6]) == (7, None)
+
+    def test_duplicates_count_once(self):
+        assert stream_mod.resume_point(3, [4, 4, 5, 5]) == (5, None)
+
+    def test_a_gap_stops_before_it(self):
+        # records after a hole (unsynced pages lost to a power cut) are
+        # archived twice rather than the hole lost
+        assert stream_mod.resume_point(9, [10, 11, 14, 15]) == (11, 12)
+        assert stream_mod.resume_point(9, [12, 13]) == (9, 10)
+        assert stream_mod.resume_point(None, [3, 5]) == (3, 4)
+
+
+class TestStream:
+    def make(self, tmp_path, start="first"):
+        return stream_mod.Stream("q", str(tmp_path / "q.stream-offset"),
+                                 start)
+
+    def test_first_argument_is_stream_offset(self, tmp_path):
+        when = datetime.datetime(2026, 12, 2, 18, tzinfo=datetime.timezone.utc)
+        for start in ("first", "last", "next", 17, "1h", when):
+            assert self.make(tmp_path, start).argument() == start
+
+    def test_argument_after_the_last_written(self, tmp_path):
+        stream = self.make(tmp_path, "next")
+        stream.written(0)
+        assert stream.argument() == 1
+        stream.written(1)
+        assert stream.argument() == 2
+
+    def test_is_new(self, tmp_path):
+        stream = self.make(tmp_path)
+        assert stream.is_new(0) and stream.is_new(None)
+        stream.written(5)
+        assert not stream.is_new(5) and not stream.is_new(0)
+        assert stream.is_new(6) and stream.is_new(None)
+
+    def test_offset_of_a_delivery(self, tmp_path, caplog):
+        stream = self.make(tmp_path)
+        assert stream.offset_of(message(0)) == 0
+        assert stream.offset_of(message(2 ** 40)) == 2 ** 40
+        with caplog.at_level(logging.ERROR):
+            assert stream.offset_of(message(None)) is None
+            assert stream.offset_of(message("3")) is None
+        assert len(caplog.records) == 1  # said once
+        assert "without an x-stream-offset header" in caplog.text
+
+    def test_a_gap_in_deliveries_is_warned(self, tmp_path, caplog):
+        stream = self.make(tmp_path)
+        with caplog.at_level(logging.WARNING):
+            stream.written(0)
+            stream.written(1)
+            stream.written(5)
+        assert "offsets 2-4 were never delivered" in caplog.text
+        assert stream.last == 5
+
+    def test_saves_only_what_is_durable(self, tmp_path):
+        stream = self.make(tmp_path)
+        stream.resume()
+        stream.written(3)
+        stream.save()  # written, not synced: nothing saved
+        assert stream_mod.read_offset(stream.path) is None
+        stream.durable = stream.last
+        stream.save()
+        assert stream_mod.read_offset(stream.path) == 3
+        stream.release()
+
+    def test_resume_logs_where_it_starts(self, tmp_path, caplog):
+        stream = self.make(tmp_path, "next")
+        with caplog.at_level(logging.INFO):
+            stream.resume()
+        assert "stream q: first start, reading from next" in caplog.text
+        stream.release()
+        stream_mod.write_offset(stream.path, "q", 8)
+        stream.archived = [9, 10]
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            stream.resume()
+        assert "resuming after offset 10 (found in the archives" in \
+            caplog.text
+        assert stream.argument() == 11 and stream.archived == []
+        stream.release()
+
+    def test_resume_warns_of_a_gap(self, tmp_path, caplog):
+        stream = self.make(tmp_path)
+        stream.archived = [0, 1, 3]
+        with caplog.at_level(logging.WARNING):
+            stream.resume()
+        assert "lack offset 2 but hold later ones: resuming at 2" in \
+            caplog.text
+        assert stream.argument() == 2
+        stream.release()
+
+    def test_the_lock_keeps_a_second_reader_out(self, tmp_path):
+        one, two = self.make(tmp_path), self.make(tmp_path)
+        one.resume()
+        with pytest.raises(stream_mod.StreamError) as info:
+            two.resume()
+        assert "another worker reads stream 'q'" in str(info.value)
+        assert "\n" not in str(info.value)
+        one.release()
+        two.resume()
+        two.release()
+
+
+class TestStreams:
+    def test_only_stream_queues(self, tmp_path):
+        streams = stream_mod.Streams(str(tmp_path), [
+            consumer("s"), consumer("classic", stream=False)])
+        assert streams
+        assert streams.get("s").path == str(tmp_path / "s.stream-offset")
+        assert streams.get("classic") is None
+        assert not stream_mod.Streams(str(tmp_path),
+                                      [consumer("c", stream=False)])
+
+    def test_recovered_records_by_queue(self, tmp_path):
+        streams = stream_mod.Streams(str(tmp_path), [consumer("a"),
+                                                     consumer("b")])
+        for queue, offset in [("a", "4"), ("b", "9"), ("a", "5"),
+                              ("other", "99"), ("a", None), ("a", "x")]:
+            metadata = {"queue": queue}
+            if offset is not None:
+                metadata[stream_mod.METADATA_KEY] = offset
+            streams.recovered((0, 2, 10, metadata, b""))
+        assert streams.get("a").archived == [4, 5]
+        assert streams.get("b").archived == [9]
+        streams.resume()
+        assert streams.get("a").argument() == 6
+        assert streams.get("b").argument() == 10
+        # saved at once: recovered archives may be shipped and deleted next
+        assert stream_mod.read_offset(streams.get("a").path) == 5
+        assert stream_mod.read_offset(streams.get("b").path) == 9
+        streams.release()
+
+    def test_synced_saved_and_cut(self, tmp_path):
+        streams = stream_mod.Streams(str(tmp_path), [consumer("a")])
+        streams.resume()
+        a = streams.get("a")
+        a.written(0)
+        a.written(1)
+        streams.synced()
+        a.written(2)
+        streams.save()
+        assert stream_mod.read_offset(a.path) == 1
+        streams.cut()  # 2 was cut off the archive: read again
+        assert a.argument() == 2 and a.is_new(2)
+        streams.release()
+
+    def test_position_sets_the_consumer_argument(self, tmp_path):
+        streams = stream_mod.Streams(str(tmp_path), [
+            consumer("a", offset="next"), consumer("b", offset=3)])
+        queues = [types.SimpleNamespace(name=name, consumer_arguments=None)
+                  for name in ("a", "b", "classic")]
+        fake = types.SimpleNamespace(queues=queues)
+        streams.position(fake)
+        assert [q.consumer_arguments for q in queues] == [
+            {"x-stream-offset": "next"}, {"x-stream-offset": 3}, None]
+        streams.get("a").written(10)
+        streams.position(fake)
+        assert queues[0].consumer_arguments == {"x-stream-offset": 11}
