@@ -275,6 +275,7 @@ class TestConsume:
             "publisher_id": "compute.host1", "priority": "INFO",
             "request_id": "req-3", "queue": broker.queue_name,
             "routing_key": broker.queue_name,
+            "exchange": broker.exchange_name,
             "payload.instance_id": "i-3", "payload.n": "3",
             "region": "dfw", "cell": "c1"}
         # 30 records, 7 per archive: 5 files, all shipped
