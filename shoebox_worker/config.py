@@ -64,8 +64,13 @@ __all__ = [
 #: Metadata keys the worker sets itself; ``static_metadata`` may not.
 RESERVED_METADATA = (
     "event_type", "message_id", "timestamp", "publisher_id", "priority",
-    "request_id", "queue", "routing_key", "malformed", "stream_offset",
+    "request_id", "queue", "routing_key", "exchange", "malformed",
+    "stream_offset",
 )
+
+#: The longest exchange name, routing key or queue name (an AMQP short
+#: string).
+MAX_NAME_BYTES = 255
 
 #: Shown instead of a secret.
 MASK = broker_url.MASK
@@ -91,6 +96,39 @@ def _plugin_name_item(item):
     if not _PLUGIN_NAME.match(item):
         raise OptionError("expected comma-separated names, got %r" % item)
     return item
+
+
+def _amqp_names(what):
+    """A comma list of distinct exchange names, routing keys or queue
+    names (``what``): each without blanks (``nova glance`` is a mistake
+    for ``nova, glance``, not an exchange of that name) and at most
+    :data:`MAX_NAME_BYTES` bytes."""
+    def item(each):
+        if any(char.isspace() for char in each):
+            raise OptionError("expected comma-separated %s, got %r"
+                              % (what, each))
+        if len(each.encode("utf-8")) > MAX_NAME_BYTES:
+            raise OptionError("%r is longer than %d bytes"
+                              % (each, MAX_NAME_BYTES))
+        return each
+    return options.names(item)
+
+
+def _required(parse):
+    """``parse``, refusing a value that gives no item."""
+    def required(raw):
+        result = parse(raw)
+        if not result:
+            raise OptionError("must not be empty")
+        return result
+    return required
+
+
+def _optional_list(parse):
+    """``parse``, or None for a value that gives no item."""
+    def optional(raw):
+        return parse(raw) or None
+    return optional
 
 
 def _dotted_path(item):
@@ -226,10 +264,10 @@ BROKER_OPTIONS = _table(
 )
 
 CONSUMER_OPTIONS = _table(
-    Option("exchange", options.text(), "nova"),
+    Option("exchange", _required(_amqp_names("exchange names")), "nova"),
     Option("exchange_type",
            options.choice("direct", "topic", "fanout", "headers"), "topic"),
-    Option("routing_key", options.text(empty=None), ""),
+    Option("routing_key", _optional_list(_amqp_names("routing keys")), ""),
     Option("durable", options.boolean(), "false"),
     Option("exchange_durable", options.boolean(empty=None), ""),
     Option("auto_delete", options.boolean(), "false"),
@@ -268,6 +306,7 @@ METRICS_OPTIONS = _table(
     Option("port", options.integer(minimum=1, maximum=65535, empty=None),
            ""),
     Option("host", options.text(), "127.0.0.1"),
+    Option("watch_queues", _amqp_names("queue names"), ""),
 )
 
 LOGGING_OPTIONS = _table(
@@ -392,13 +431,18 @@ class BrokerConfig:
 @dataclasses.dataclass(frozen=True)
 @_defaults_from(CONSUMER_OPTIONS)
 class ConsumerConfig:
-    """One ``[consumer:QUEUE]``; defaults already resolved."""
+    """One ``[consumer:QUEUE]``; ``exchange_durable`` already resolved.
+
+    The queue is bound to every exchange of ``exchange`` with every key of
+    ``routing_key``: :attr:`bindings`.
+    """
 
     queue: str
-    exchange: str
+    #: The exchanges, in file order.
+    exchange: tuple[str, ...]
     exchange_type: str
-    #: None: the queue name.
-    routing_key: str | None
+    #: The binding keys, in file order; None (not set): the queue's name.
+    routing_key: tuple[str, ...] | None
     durable: bool
     #: None: same as ``durable``.
     exchange_durable: bool | None
@@ -416,10 +460,21 @@ class ConsumerConfig:
         return self.queue_arguments.get("x-queue-type") == "stream"
 
     def __post_init__(self):
-        if self.routing_key is None:
-            object.__setattr__(self, "routing_key", self.queue)
         if self.exchange_durable is None:
             object.__setattr__(self, "exchange_durable", self.durable)
+
+    @property
+    def routing_keys(self):
+        """The binding keys: ``routing_key``, or the queue's name when it
+        is not set."""
+        return self.routing_key or (self.queue,)
+
+    @property
+    def bindings(self):
+        """Every ``(exchange, routing key)`` pair the queue is bound with,
+        in file order (exchange by exchange)."""
+        return tuple((exchange, key) for exchange in self.exchange
+                     for key in self.routing_keys)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -480,6 +535,8 @@ class MetricsConfig:
 
     port: int | None
     host: str
+    #: Queues (besides the consumed ones) whose depth is exported.
+    watch_queues: tuple[str, ...]
 
 
 @dataclasses.dataclass(frozen=True)

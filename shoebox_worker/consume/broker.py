@@ -19,6 +19,9 @@ duration, never a traceback per retry. Errors that retrying cannot fix
 once and retried with backoff (at most every :data:`RETRY_MAX` seconds),
 so that fixing them heals the worker without a restart.
 
+:class:`QueueDepths` reads how many messages wait in the consumed (and
+watched) queues, for the ``shoebox_queue_messages`` metric.
+
 :func:`is_amqp` tells py-amqp (one frame acks a whole batch) from kombu's
 virtual transports (memory, redis: one ack per message), and
 :class:`BlockingReads` is the AMQP-only read loop the worker uses for
@@ -43,7 +46,7 @@ from shoebox_worker.consume import notify
 
 __all__ = ["make_connection", "make_queues", "declare", "is_amqp",
            "BrokerError", "StopRequested", "Outage", "permanent_advice",
-           "BlockingReads", "Reconnecting"]
+           "QueueDepths", "BlockingReads", "Reconnecting"]
 
 LOG = logging.getLogger(__name__)
 
@@ -78,6 +81,13 @@ W_PERMANENT = ("broker %s: %s; this will not heal by retrying: %s "
                "so that a fix heals the worker)")
 W_STILL = "broker %s still failing after %d attempts, %s: %s"
 I_BACK = "broker %s back after %d failed attempt(s), %s"
+W_QUEUE_NAME_KEY = (
+    "[consumer:%s] routing_key is not set, so the queue is bound with its "
+    "own name %r as routing key (right for a service's default queue such "
+    "as notifications.info; the archiver's own queue needs e.g. "
+    "routing_key = notifications.*, versioned_notifications.*): set "
+    "routing_key to say which")
+I_BOUND = "[consumer:%s] queue %s bound to exchange(s) %s with %s"
 
 _INEQUIVALENT = re.compile(
     r"inequivalent arg '(?P<arg>[^']*)' for (?P<kind>queue|exchange) "
@@ -112,15 +122,27 @@ def make_connection(broker):
 
 
 def make_queues(consumers):
-    """kombu Queues from the ``[consumer:QUEUE]`` sections."""
+    """kombu Queues from the ``[consumer:QUEUE]`` sections: each bound with
+    every ``(exchange, routing key)`` pair of its section
+    (:attr:`~shoebox_worker.config.ConsumerConfig.bindings`).
+
+    Declaring a queue declares its exchanges too (unless
+    ``declare = false``), as oslo.messaging's listeners do: an exchange
+    that no service has declared yet (a service not deployed, or not
+    started yet) is created with the section's ``exchange_type`` and
+    ``exchange_durable``, and the service publishes to it when it comes.
+    """
     queues = []
     for c in consumers:
-        exchange = kombu.Exchange(c.exchange, type=c.exchange_type,
-                                  durable=c.exchange_durable,
-                                  no_declare=not c.declare)
+        exchanges = {name: kombu.Exchange(name, type=c.exchange_type,
+                                          durable=c.exchange_durable,
+                                          no_declare=not c.declare)
+                     for name in c.exchange}
         queues.append(kombu.Queue(
-            c.queue, exchange, routing_key=c.routing_key, durable=c.durable,
-            auto_delete=c.auto_delete,
+            c.queue, bindings=[
+                kombu.binding(exchanges[name], routing_key=key)
+                for name, key in c.bindings],
+            durable=c.durable, auto_delete=c.auto_delete,
             queue_arguments=dict(c.queue_arguments) or None,
             no_declare=not c.declare))
     return queues
@@ -273,10 +295,15 @@ def declare(worker):
 def _declare_all(worker, conn):
     for queue, consumer in zip(worker.queues, worker.config.consumers,
                                strict=True):
+        if consumer.declare and consumer.routing_key is None:
+            LOG.warning(W_QUEUE_NAME_KEY, consumer.queue, consumer.queue)
         channel = conn.channel()
         try:
             if consumer.declare:
                 queue(channel).declare()
+                LOG.info(I_BOUND, consumer.queue, consumer.queue,
+                         ", ".join(consumer.exchange),
+                         ", ".join(consumer.routing_keys))
             else:
                 channel.queue_declare(queue=queue.name, passive=True)
         except conn.channel_errors as exc:
@@ -358,6 +385,99 @@ def _quoted(text):
     ``none``: None."""
     quoted = re.search(r"'([^']*)'", text)
     return quoted.group(1) if quoted else None
+
+
+#: Seconds between two reads of the queues' depths (a passive declare of
+#: each): often enough for a lag graph, rare enough to cost nothing.
+DEPTH_INTERVAL = 5.0
+
+W_NO_QUEUE = ("cannot read the depth of queue %r (%s): no "
+              "shoebox_queue_messages for it until it can be read")
+I_QUEUE_BACK = "the depth of queue %r can be read again"
+
+
+class QueueDepths:
+    """How many messages wait in some queues, read every :attr:`interval`
+    seconds with a passive ``queue.declare`` (which creates nothing and
+    answers with the count of ready messages).
+
+    :meth:`poll` must be called from the thread that owns the connection
+    (py-amqp is not thread-safe): the worker calls it from
+    ``on_iteration``, last, since on py-amqp the wait for each answer
+    also dispatches the deliveries that arrive meanwhile. The reads use a
+    channel of their own, so that the broker closing it (``NOT_FOUND``
+    for a queue that does not exist) leaves the consuming channel alone;
+    the next read opens another.
+
+    A queue that does not exist (or that the broker refuses to tell
+    about) has no depth: it is left out of :attr:`depths`, and said once,
+    with :data:`W_NO_QUEUE`, until it can be read again. On kombu's
+    virtual transports, where an empty queue may not exist (redis keeps no
+    empty list), a queue the transport does not know has 0 messages.
+
+    :param names: the queues, in order (repeats are read once).
+    """
+
+    #: Seconds between two reads.
+    interval = DEPTH_INTERVAL
+
+    def __init__(self, names):
+        self.names = tuple(dict.fromkeys(names))
+        #: ``{queue: messages ready}`` as of the last read, for the queues
+        #: that exist.
+        self.depths = {}
+        self._channel = None
+        self._next = 0.0
+        self._missing = set()
+
+    def reset(self):
+        """The connection changed: read on a new channel, now."""
+        self._channel = None
+        self._next = 0.0
+
+    def poll(self, connection, now):
+        """Read the depths if they are due.
+
+        :param connection: the kombu connection that consumes.
+        :param now: monotonic seconds.
+        :returns: :attr:`depths` (a new dict after each read).
+        """
+        if now < self._next:
+            return self.depths
+        self._next = now + self.interval
+        depths = {}
+        for name in self.names:
+            count = self._read(connection, name)
+            if count is not None:
+                depths[name] = count
+        self.depths = depths
+        return depths
+
+    def _read(self, connection, name):
+        """The depth of one queue, or None when it does not exist (or the
+        answer did not come in time: then the last value stays)."""
+        try:
+            if self._channel is None:
+                self._channel = connection.channel()
+            _, count, _ = self._channel.queue_declare(queue=name,
+                                                      passive=True)
+        except connection.channel_errors as exc:
+            amqp = is_amqp(connection)
+            if amqp:
+                self._channel = None  # the broker closed it
+            if reply_code(exc) == NOT_FOUND and not amqp:
+                return 0
+            if name not in self._missing:
+                self._missing.add(name)
+                LOG.warning(W_NO_QUEUE, name, reason(exc))
+            return None
+        except socket.timeout:
+            # no answer within the read timeout: keep the last value
+            return self.depths.get(name)
+        if name in self._missing:
+            self._missing.discard(name)
+            LOG.info(I_QUEUE_BACK, name)
+        return count
 
 
 def is_amqp(connection):

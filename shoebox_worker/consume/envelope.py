@@ -11,8 +11,10 @@ oslo.messaging publishes notifications in one of two shapes:
 
 Metadata, all strings: ``event_type``, ``message_id``, ``timestamp``,
 ``publisher_id``, ``priority``, ``request_id`` (from
-``_context_request_id``), ``queue``, ``routing_key``, plus configured
-dotted paths (``payload.instance_id``) and static pairs.
+``_context_request_id``), ``queue``, ``routing_key``, ``exchange`` (the
+one the message was published to: the service's ``control_exchange``,
+which tells the services apart when one queue is bound to all of them),
+plus configured dotted paths (``payload.instance_id``) and static pairs.
 
 Anything else is **malformed** and still kept: the body is archived
 verbatim with ``malformed=<reason>`` (and ``content_type``) in its
@@ -216,7 +218,8 @@ class MetadataExtractor:
         self.fields = [(path, path.split(".")) for path in fields]
         self.static = dict(static or {})
 
-    def __call__(self, parsed, queue, routing_key, properties=None):
+    def __call__(self, parsed, queue, routing_key, properties=None, *,
+                 exchange=None):
         """Metadata for one parsed message.
 
         :param parsed: a :class:`Parsed`.
@@ -224,6 +227,8 @@ class MetadataExtractor:
         :param routing_key: its routing key.
         :param properties: AMQP properties (for malformed bodies: the
             message id and content type when the publisher set them).
+        :param exchange: the exchange it was published to (None or ``""``:
+            the default exchange, or a transport that does not tell).
         """
         metadata = {}
         notification = parsed.notification
@@ -251,6 +256,7 @@ class MetadataExtractor:
                     metadata[key] = _as_text(properties[key])
         metadata["queue"] = queue
         metadata["routing_key"] = routing_key or ""
+        metadata["exchange"] = exchange or ""
         metadata.update(self.static)
         return metadata
 
@@ -281,16 +287,18 @@ class Unwrapper:
             self._outer = simdjson.Parser()
             self._inner = simdjson.Parser()
 
-    def __call__(self, body, queue, routing_key, properties=None):
+    def __call__(self, body, queue, routing_key, properties=None, *,
+                 exchange=None):
         """The record for one body (bytes).
 
         :param properties: AMQP properties, or a function returning them
             (called for malformed bodies only).
+        :param exchange: the exchange it was published to.
         :returns: ``(payload, metadata)``.
         """
         if self._outer is not None:
             try:
-                result = self._fast(body, queue, routing_key)
+                result = self._fast(body, queue, routing_key, exchange)
             except Exception:  # noqa: BLE001 - the reference path decides
                 result = None
             if result is not None:
@@ -299,9 +307,9 @@ class Unwrapper:
         if callable(properties):
             properties = properties() if parsed.malformed else None
         return parsed.payload, self.extract(parsed, queue, routing_key,
-                                            properties)
+                                            properties, exchange=exchange)
 
-    def _fast(self, body, queue, routing_key):
+    def _fast(self, body, queue, routing_key, exchange):
         """``(payload, metadata)``, or None to leave it to :func:`parse`."""
         outer = self._outer.parse(body)
         try:
@@ -310,7 +318,8 @@ class Unwrapper:
             has_version = _VERSION_KEY in outer
             has_message = _MESSAGE_KEY in outer
             if not (has_version or has_message):  # v1: the notification
-                return body, self._metadata(outer, queue, routing_key)
+                return body, self._metadata(outer, queue, routing_key,
+                                            exchange)
             if not (has_version and has_message):
                 return None
             version = outer[_VERSION_KEY]
@@ -325,9 +334,11 @@ class Unwrapper:
         try:
             if not isinstance(notification, simdjson.Object):
                 return None
-            return payload, self._metadata(notification, queue, routing_key)
+            return payload, self._metadata(notification, queue, routing_key,
+                                           exchange)
         finally:
             del notification
 
-    def _metadata(self, notification, queue, routing_key):
-        return self.extract(Parsed(b"", notification), queue, routing_key)
+    def _metadata(self, notification, queue, routing_key, exchange):
+        return self.extract(Parsed(b"", notification), queue, routing_key,
+                            exchange=exchange)

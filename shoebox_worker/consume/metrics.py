@@ -46,6 +46,13 @@ and the data at risk, now::
     shoebox_oldest_failure_age_seconds        how long the oldest of them
                                               has been failing; 0 if none
 
+and the lag: the messages waiting in each consumed queue and in each of
+``[metrics] watch_queues`` (read every few seconds, see
+:class:`~shoebox_worker.consume.broker.QueueDepths`; a queue that does
+not exist has no sample)::
+
+    shoebox_queue_messages{queue}             messages ready in the queue
+
 With ``[worker] processes = N`` each worker process serves its own
 endpoint: worker ``k`` (0 to N-1) on ``port + k``.
 """
@@ -175,6 +182,14 @@ class StatsCollector:
             "shoebox_oldest_failure_age_seconds",
             "How long the archive failing longest has been failing, in "
             "seconds; 0 when none fails.", value=stats.failing_age())
+        depths = GaugeMetricFamily(
+            "shoebox_queue_messages",
+            "Messages ready in each consumed or watched queue, as read "
+            "every few seconds; none for a queue that does not exist.",
+            labels=["queue"])
+        for queue, count in stats.queue_depths.items():
+            depths.add_metric([queue], count)
+        yield depths
 
 
 def worker_index():

@@ -49,6 +49,11 @@ class Stats:
         #: ...and ``(files, bytes, oldest_age_seconds)`` of the archives not
         #: yet through the callback chain, the active one included.
         self.backlog = (0, 0, 0.0)
+        #: ``{queue: messages ready}``, the consumed and watched queues
+        #: that could be read (replaced whole every few seconds by the
+        #: consumer thread: see :class:`~shoebox_worker.consume.broker.
+        #: QueueDepths`)
+        self.queue_depths = {}
         #: callables notified of events (metrics exporters)
         self.listeners = []
         self._last_time = clock()

@@ -258,6 +258,14 @@ class Worker(broker.Reconnecting):
         self.unwrap = envelope.Unwrapper(
             archive_conf.metadata_fields, archive_conf.static_metadata)
         self.queues = broker.make_queues(config.consumers)
+        #: the depths of the consumed and watched queues, read for the
+        #: metrics endpoint only
+        self.depths = broker.QueueDepths(
+            [queue.name for queue in self.queues] +
+            list(config.metrics.watch_queues)) \
+            if config.metrics.port is not None else None
+        #: the connection consuming now (a clone of :attr:`connection`)
+        self._consuming_on = None
         self.fsync_every = archive_conf.fsync_every
         self.fsync_interval = archive_conf.fsync_interval
         self.receive_timeout = max(0.05, min(RECV_TIMEOUT,
@@ -384,6 +392,9 @@ class Worker(broker.Reconnecting):
                 q.name for q in self.queues))
         self._consumed = True
         self._consumers = consumers
+        self._consuming_on = connection
+        if self.depths is not None:
+            self.depths.reset()
         # --idle-exit counts from here: time spent reconnecting is not idle
         self._last_message = time.monotonic()
         LOG.info("consuming from %s on %s",
@@ -428,9 +439,11 @@ class Worker(broker.Reconnecting):
                     self._commit()
                 return
         body = envelope.to_bytes(message.body, message.content_encoding)
+        delivery = message.delivery_info
         payload, metadata = self.unwrap(
-            body, queue, message.delivery_info.get("routing_key"),
-            functools.partial(_properties, message))
+            body, queue, delivery.get("routing_key"),
+            functools.partial(_properties, message),
+            exchange=delivery.get("exchange"))
         if offset is not None:
             metadata[stream_mod.METADATA_KEY] = str(offset)
         try:
@@ -478,6 +491,11 @@ class Worker(broker.Reconnecting):
         if self.config.worker.stats_interval and now >= self._next_stats:
             self._next_stats = now + self.config.worker.stats_interval
             self.stats.log_line()
+        # last: on py-amqp, waiting for the broker's answers also delivers
+        # messages (on_message runs), which finds everything above done
+        if self.depths is not None and self._consuming_on is not None:
+            self.stats.queue_depths = self.depths.poll(self._consuming_on,
+                                                       now)
 
     def _update_stats(self):
         """Pass down what only the consumer thread knows: the data at

@@ -58,10 +58,11 @@ def test_defaults(write):
         connect_timeout=10.0, connect_max_retries=None,
         failover_strategy="round-robin")
     assert conf.consumers == (config.ConsumerConfig(
-        queue="notifications.info", exchange="nova", exchange_type="topic",
-        routing_key="notifications.info", durable=False,
+        queue="notifications.info", exchange=("nova",),
+        exchange_type="topic", routing_key=None, durable=False,
         exchange_durable=False, auto_delete=False, queue_arguments={},
         declare=True),)
+    assert conf.consumers[0].bindings == (("nova", "notifications.info"),)
     archive = conf.archive
     assert archive.working_directory == "/var/lib/shoebox-worker"
     assert archive.filename_template == (
@@ -80,7 +81,8 @@ def test_defaults(write):
     assert dict(conf.callback_options) == {}
     assert conf.worker == config.WorkerConfig(processes=1,
                                               stats_interval=60.0)
-    assert conf.metrics == config.MetricsConfig(port=None, host="127.0.0.1")
+    assert conf.metrics == config.MetricsConfig(port=None, host="127.0.0.1",
+                                                watch_queues=())
     assert conf.logging == config.LoggingConfig(level="INFO", file=None)
 
 
@@ -109,11 +111,26 @@ def test_dataclasses_follow_the_option_tables():
 
 def test_consumer_defaults_derive_from_queue_and_durable():
     consumer = config.ConsumerConfig("q", durable=True)
-    assert consumer.routing_key == "q"
+    assert consumer.routing_key is None  # not set: the worker warns
+    assert consumer.routing_keys == ("q",)
+    assert consumer.bindings == (("nova", "q"),)
     assert consumer.exchange_durable is True
-    consumer = config.ConsumerConfig("q", routing_key="k", durable=True,
+    consumer = config.ConsumerConfig("q", routing_key=("k",), durable=True,
                                      exchange_durable=False)
-    assert (consumer.routing_key, consumer.exchange_durable) == ("k", False)
+    assert (consumer.routing_keys, consumer.exchange_durable) == (("k",),
+                                                                  False)
+
+
+def test_bindings_are_every_exchange_with_every_key():
+    consumer = config.ConsumerConfig(
+        "q", exchange=("nova", "glance", "neutron"),
+        routing_key=("notifications.*", "versioned_notifications.*"))
+    assert consumer.bindings == (
+        ("nova", "notifications.*"), ("nova", "versioned_notifications.*"),
+        ("glance", "notifications.*"),
+        ("glance", "versioned_notifications.*"),
+        ("neutron", "notifications.*"),
+        ("neutron", "versioned_notifications.*"))
 
 
 # -- the file ---------------------------------------------------------------
@@ -456,16 +473,49 @@ def test_consumers(write):
         """), environ={})  # noqa: E501
     info, err = conf.consumers
     assert info == config.ConsumerConfig(
-        queue="notifications.info", exchange="glance",
-        exchange_type="direct", routing_key="notifications.*", durable=True,
+        queue="notifications.info", exchange=("glance",),
+        exchange_type="direct", routing_key=("notifications.*",),
+        durable=True,
         exchange_durable=True, auto_delete=True,
         queue_arguments={"x-queue-type": "quorum", "x-max-length": 100000,
                          "x-single-active-consumer": True,
                          "x-overflow": "reject-publish", "x-x": -5},
         declare=False)
     assert type(info.queue_arguments["x-max-length"]) is int
-    assert (err.queue, err.routing_key, err.durable, err.exchange_durable) \
-        == ("notifications.error", "notifications.error", True, False)
+    assert (err.queue, err.routing_keys, err.durable, err.exchange_durable) \
+        == ("notifications.error", ("notifications.error",), True, False)
+    assert err.exchange == ("nova",)
+
+
+def test_exchange_and_routing_key_are_comma_lists(write):
+    # blanks around items and empty items (a trailing comma, a doubled
+    # one) are dropped; a value may go on over indented lines
+    conf = config.load(write("""\
+        [broker]
+        url = memory://
+        [consumer:shoebox-archiver]
+        exchange = nova,glance , ,neutron,
+            cinder
+            heat
+        routing_key =   notifications.* ,versioned_notifications.#,
+        """), environ={})
+    consumer = conf.consumers[0]
+    assert consumer.exchange == ("nova", "glance", "neutron", "cinder",
+                                 "heat")
+    assert consumer.routing_key == ("notifications.*",
+                                    "versioned_notifications.#")
+    assert len(consumer.bindings) == 10
+    assert consumer.bindings[:3] == (
+        ("nova", "notifications.*"), ("nova", "versioned_notifications.#"),
+        ("glance", "notifications.*"))
+
+
+def test_a_routing_key_of_commas_only_is_not_set(write):
+    conf = config.load(write(
+        "[broker]\nurl = memory://\n[consumer:q]\nrouting_key = , ,\n"),
+        environ={})
+    assert conf.consumers[0].routing_key is None
+    assert conf.consumers[0].bindings == (("nova", "q"),)
 
 
 @pytest.mark.parametrize("value, expected", [
@@ -488,6 +538,16 @@ def test_booleans(write, value, expected):
      "expected one of direct, topic, fanout, headers, got 'topik' "
      "(did you mean topic?)"),
     ("exchange", "", "must not be empty"),
+    ("exchange", " , ,", "must not be empty"),
+    # once taken as one exchange named so, which no service publishes to
+    ("exchange", "nova glance",
+     "expected comma-separated exchange names, got 'nova glance'"),
+    ("exchange", "nova, nova", "'nova' is listed twice"),
+    ("exchange", "x" * 256, "'%s' is longer than 255 bytes" % ("x" * 256)),
+    ("routing_key", "notifications.* versioned_notifications.*",
+     "expected comma-separated routing keys, got "
+     "'notifications.* versioned_notifications.*'"),
+    ("routing_key", "a.*, b, a.*", "'a.*' is listed twice"),
     ("queue_arguments", "x-queue-type",
      "expected key=value, got 'x-queue-type'"),
     ("queue_arguments", "=quorum", "expected key=value, got '=quorum'"),
@@ -655,6 +715,8 @@ def test_template_for():
      "'payload.a' is listed twice"),
     ("static_metadata", "region", "expected key=value, got 'region'"),
     ("static_metadata", "queue=x", "'queue' is set by the worker itself"),
+    ("static_metadata", "exchange=x",
+     "'exchange' is set by the worker itself"),
     ("max_backlog_mb", "0", "expected a number > 0, got '0'"),
     ("retry_initial", "-1", "expected a number > 0, got '-1'"),
     ("retry_max", "0.5", "expected a number >= retry_initial (1), got 0.5"),
@@ -741,9 +803,19 @@ def test_worker_metrics_logging_values(write, tmp_path):
         file = log/worker.log
         """)
     assert conf.worker == config.WorkerConfig(processes=4, stats_interval=0)
-    assert conf.metrics == config.MetricsConfig(port=9100, host="0.0.0.0")
+    assert conf.metrics == config.MetricsConfig(port=9100, host="0.0.0.0",
+                                                watch_queues=())
     assert conf.logging == config.LoggingConfig(
         level="DEBUG", file=str(tmp_path / "log" / "worker.log"))
+
+
+def test_watch_queues(write):
+    conf = load(write, """
+        [metrics]
+        watch_queues = notifications.info,, notifications.error ,
+        """)
+    assert conf.metrics.watch_queues == ("notifications.info",
+                                         "notifications.error")
 
 
 @pytest.mark.parametrize("section, key, value, message", [
@@ -754,6 +826,10 @@ def test_worker_metrics_logging_values(write, tmp_path):
     ("metrics", "port", "0", "expected an integer from 1 to 65535, got '0'"),
     ("metrics", "port", "http", "expected an integer, got 'http'"),
     ("metrics", "host", "", "must not be empty"),
+    ("metrics", "watch_queues", "notifications.info notifications.error",
+     "expected comma-separated queue names, got "
+     "'notifications.info notifications.error'"),
+    ("metrics", "watch_queues", "a, a", "'a' is listed twice"),
     ("logging", "level", "verbose",
      "expected one of DEBUG, INFO, WARNING, ERROR, got 'verbose'"),
     ("logging", "level", "warn",

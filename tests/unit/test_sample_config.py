@@ -108,8 +108,18 @@ def test_sample_loads_with_the_documented_values(monkeypatch):
     assert conf.filename == "etc/shoebox-worker.conf.sample"
     assert conf.broker.url == "amqp://guest:guest@127.0.0.1:5672//"
     assert conf.broker.redacted_url() == "amqp://guest:***@127.0.0.1:5672//"
+    # the archiver's own durable quorum queue, bound to the 14 exchanges
+    # of Ceilometer's notification_control_exchanges (27.0.0) with both
+    # topics
+    exchanges = ("nova", "glance", "neutron", "cinder", "heat", "keystone",
+                 "trove", "zaqar", "swift", "ceilometer", "magnum", "dns",
+                 "ironic", "aodh")
     assert conf.consumers == (config.ConsumerConfig(
-        queue="notifications.info", exchange="nova"),)
+        queue="shoebox-archiver", exchange=exchanges,
+        routing_key=("notifications.*", "versioned_notifications.*"),
+        durable=True, exchange_durable=False,
+        queue_arguments={"x-queue-type": "quorum"}),)
+    assert len(conf.consumers[0].bindings) == 28
     assert conf.archive.working_directory == str(ROOT / "var" / "archive")
     assert conf.archive.roll_checker == "time"
     assert dict(conf.roll_checker_options) == {"roll_minutes": "60"}
@@ -121,6 +131,7 @@ def test_sample_loads_with_the_documented_values(monkeypatch):
         roll_checker="time", callbacks=("gzip",))
     assert conf.worker == config.WorkerConfig()
     assert conf.metrics == config.MetricsConfig()
+    assert conf.metrics.watch_queues == ()
     assert conf.logging == config.LoggingConfig()
 
 

@@ -2,6 +2,7 @@
 loop. The RabbitMQ tests use the local broker (127.0.0.1:5672) with names
 of their own, and are skipped when it does not answer."""
 
+import dataclasses
 import functools
 import logging
 import socket
@@ -410,3 +411,287 @@ def test_a_missing_queue_is_told_once_and_heals_when_declared(rabbit,
     assert "back after" in ours[-1].getMessage()
     # kombu's "Connection to broker lost" traceback never shows
     assert not any(r.exc_info for r in caplog.records)
+
+
+# -- several bindings per queue --------------------------------------------
+
+def several_config(tmp_path, url, queue, exchanges, keys="", consumer=""):
+    """A config whose queue is bound to ``exchanges`` with ``keys``."""
+    path = tmp_path / "several.conf"
+    routing = "routing_key = %s" % keys if keys else ""
+    path.write_text(textwrap.dedent("""\
+        [broker]
+        url = {url}
+        connect_max_retries = 1
+
+        [consumer:{queue}]
+        exchange = {exchanges}
+        {routing}
+        {consumer}
+
+        [archive]
+        working_directory = {work}
+        roll_checker = never
+        callbacks =
+        """).format(url=url, queue=queue, exchanges=", ".join(exchanges),
+                    routing=routing, consumer=consumer,
+                    work=tmp_path / "work"))
+    return config_mod.load(str(path))
+
+
+def publish_to(conn, exchange, keys):
+    """One message to ``exchange`` per routing key (the exchange exists)."""
+    with conn.Producer() as producer:
+        for key in keys:
+            producer.publish({"exchange": exchange, "key": key},
+                             exchange=kombu.Exchange(exchange, type="topic",
+                                                     no_declare=True),
+                             routing_key=key, retry=False)
+
+
+#: (routing key, whether the sample's bindings route it)
+KEYS = [("notifications.info", True), ("notifications.error", True),
+        ("versioned_notifications.info", True), ("notifications", False),
+        ("notifications.info.extra", False), ("other.info", False)]
+BINDING_KEYS = "notifications.*, versioned_notifications.*"
+
+
+def test_make_queues_binds_every_pair():
+    conf = config_mod.ConsumerConfig(
+        "q", exchange=("a", "b"), routing_key=("k1", "k2"), durable=True,
+        exchange_durable=False, queue_arguments={"x-queue-type": "quorum"})
+    queue, = broker.make_queues([conf])
+    assert queue.exchange is None
+    assert sorted((b.exchange.name, b.routing_key) for b in queue.bindings) \
+        == [("a", "k1"), ("a", "k2"), ("b", "k1"), ("b", "k2")]
+    for b in queue.bindings:
+        assert (b.exchange.type, b.exchange.durable) == ("topic", False)
+        assert not b.exchange.no_declare
+    assert queue.durable and queue.queue_arguments == {
+        "x-queue-type": "quorum"}
+    # declare = false: none of them is declared
+    conf = dataclasses.replace(conf, declare=False)
+    queue, = broker.make_queues([conf])
+    assert queue.no_declare
+    assert all(b.exchange.no_declare for b in queue.bindings)
+
+
+class TestSeveralBindings:
+    def check_routing(self, conn, queue, exchanges):
+        """Publish every KEYS key to every exchange: the queue gets the
+        routed ones, each once."""
+        for exchange in exchanges:
+            publish_to(conn, exchange, [key for key, _ in KEYS])
+        got = []
+        simple = conn.SimpleQueue(kombu.Queue(queue, no_declare=True),
+                                  no_ack=True)
+        try:
+            while True:
+                try:
+                    message = simple.get(timeout=0.5)
+                except simple.Empty:
+                    break
+                got.append((message.payload["exchange"],
+                            message.payload["key"],
+                            message.delivery_info["exchange"]))
+        finally:
+            simple.consumer.cancel()
+        expected = [(exchange, key, exchange) for exchange in exchanges
+                    for key, routed in KEYS if routed]
+        assert sorted(got) == sorted(expected)
+
+    def test_memory_transport_honours_every_binding(self, tmp_path):
+        uid = uuid.uuid4().hex[:8]
+        queue = "q-" + uid
+        exchanges = ["nova-" + uid, "glance-" + uid, "neutron-" + uid]
+        conf = several_config(tmp_path, "memory://", queue, exchanges,
+                              BINDING_KEYS)
+        broker.declare(make_worker(conf))
+        with kombu.Connection("memory://") as conn:
+            self.check_routing(conn, queue, exchanges)
+
+    def test_amqp_declares_missing_exchanges_and_binds_every_pair(
+            self, tmp_path, rabbit):
+        uid = uuid.uuid4().hex[:8]
+        queue = "test-broker-several-" + uid
+        exchanges = ["test-broker-nova-" + uid, "test-broker-glance-" + uid]
+        conf = several_config(tmp_path, AMQP_URL, queue, exchanges,
+                              BINDING_KEYS, "durable = true\n"
+                              "exchange_durable = false\n"
+                              "queue_arguments = x-queue-type=quorum")
+        try:
+            # neither exchange exists: no service has declared it yet
+            for exchange in exchanges:
+                with rabbit.channel() as channel, \
+                        pytest.raises(amqp_exceptions.NotFound):
+                    channel.exchange_declare(exchange, "topic",
+                                             passive=True)
+            broker.declare(make_worker(conf))
+            with rabbit.channel() as channel:
+                for exchange in exchanges:
+                    # declared as oslo.messaging's listeners would: topic,
+                    # non-durable (an equal declaration passes)
+                    channel.exchange_declare(exchange, "topic",
+                                             durable=False,
+                                             auto_delete=False)
+                # a durable quorum queue
+                channel.queue_declare(
+                    queue, durable=True, auto_delete=False,
+                    arguments={"x-queue-type": "quorum"})
+            self.check_routing(rabbit, queue, exchanges)
+        finally:
+            with rabbit.channel() as channel:
+                channel.queue_delete(queue)
+                for exchange in exchanges:
+                    channel.exchange_delete(exchange)
+
+    def test_one_mismatching_exchange_is_one_line_naming_it(
+            self, tmp_path, rabbit):
+        uid = uuid.uuid4().hex[:8]
+        queue = "test-broker-several-" + uid
+        exchanges = ["test-broker-nova-" + uid, "test-broker-glance-" + uid]
+        # glance's service declared its exchange durable
+        with rabbit.channel() as channel:
+            channel.exchange_declare(exchanges[1], "topic", durable=True,
+                                     auto_delete=False)
+        conf = several_config(tmp_path, AMQP_URL, queue, exchanges,
+                              BINDING_KEYS)
+        try:
+            with pytest.raises(exceptions.ConfigError) as caught:
+                broker.declare(make_worker(conf))
+            message = str(caught.value)
+            assert "\n" not in message
+            assert message.startswith("%s [consumer:%s] exchange_durable: "
+                                      "exchange %r exists on the broker "
+                                      "with durable = true"
+                                      % (conf.filename, queue, exchanges[1]))
+            assert "set exchange_durable = true" in message
+        finally:
+            with rabbit.channel() as channel:
+                channel.queue_delete(queue)
+                for exchange in exchanges:
+                    channel.exchange_delete(exchange)
+
+    def test_no_routing_key_warns_once_at_start(self, tmp_path, caplog):
+        uid = uuid.uuid4().hex[:8]
+        queue = "q-" + uid
+        conf = several_config(tmp_path, "memory://", queue, ["ex-" + uid])
+        with caplog.at_level(logging.INFO, logger=broker.LOG.name):
+            broker.declare(make_worker(conf))
+        warnings = [r.getMessage() for r in caplog.records
+                    if r.levelno == logging.WARNING
+                    and r.name == broker.LOG.name]
+        assert warnings == [broker.W_QUEUE_NAME_KEY % (queue, queue)]
+        assert warnings[0].startswith(
+            "[consumer:%s] routing_key is not set, so the queue is bound "
+            "with its own name %r as routing key" % (queue, queue))
+        assert "[consumer:%s] queue %s bound to exchange(s) ex-%s with %s" \
+            % (queue, queue, uid, queue) in caplog.text
+        # set (even to the queue's name): no warning
+        caplog.clear()
+        conf = several_config(tmp_path, "memory://", queue, ["ex-" + uid],
+                              queue)
+        with caplog.at_level(logging.INFO, logger=broker.LOG.name):
+            broker.declare(make_worker(conf))
+        assert not [r for r in caplog.records
+                    if r.levelno >= logging.WARNING
+                    and r.name == broker.LOG.name]
+        # declare = false binds nothing: nothing to warn about
+        caplog.clear()
+        conf = several_config(tmp_path, "memory://", queue, ["ex-" + uid],
+                              consumer="declare = false")
+        with caplog.at_level(logging.INFO, logger=broker.LOG.name):
+            broker.declare(make_worker(conf))
+        assert not [r for r in caplog.records if r.name == broker.LOG.name]
+
+
+def test_consumers_never_ask_for_global_qos(tmp_path):
+    # RabbitMQ 4.3 refuses basic.qos with global = true: the prefetch is
+    # per consumer
+    uid = uuid.uuid4().hex[:8]
+    conf = several_config(tmp_path, "memory://", "q-" + uid, ["ex-" + uid],
+                          "k")
+    worker = make_worker(conf)
+    calls = []
+    with kombu.Connection("memory://") as conn:
+        channel = conn.channel()
+        real = channel.basic_qos
+
+        def basic_qos(*args, **kwargs):
+            calls.append((args, kwargs))
+            return real(*args, **kwargs)
+        channel.basic_qos = basic_qos
+        for consumer in worker.get_consumers(
+                functools.partial(kombu.Consumer, channel), channel):
+            consumer.cancel()
+    assert calls == [((0, conf.broker.prefetch_count, False), {})]
+
+
+# -- queue depths -----------------------------------------------------------
+
+class TestQueueDepths:
+    def test_memory_reads_every_interval(self):
+        uid = uuid.uuid4().hex[:8]
+        with kombu.Connection("memory://") as conn:
+            simple = conn.SimpleQueue("depth-" + uid)
+            for n in range(3):
+                simple.put({"n": n})
+            depths = broker.QueueDepths(["depth-" + uid, "depth-" + uid,
+                                         "never-declared-" + uid])
+            assert depths.names == ("depth-" + uid, "never-declared-" + uid)
+            # a queue kombu's virtual transports do not know has 0: an
+            # empty redis queue does not exist
+            assert depths.poll(conn, 100.0) == {"depth-" + uid: 3,
+                                                "never-declared-" + uid: 0}
+            simple.put({"n": 3})
+            # not read again before the interval
+            assert depths.poll(conn, 100.0 + depths.interval - 0.1)[
+                "depth-" + uid] == 3
+            assert depths.poll(conn, 100.0 + depths.interval)[
+                "depth-" + uid] == 4
+            simple.get(timeout=1).ack()
+            depths.reset()  # a new connection: read at once
+            assert depths.poll(conn, 100.0 + depths.interval)[
+                "depth-" + uid] == 3
+            simple.clear()
+            simple.close()
+
+    def test_amqp_missing_queue_is_absent_told_once_and_spares_the_rest(
+            self, rabbit, caplog):
+        uid = uuid.uuid4().hex[:8]
+        here, missing = "test-depth-q-" + uid, "test-depth-missing-" + uid
+        consuming = rabbit.channel()
+        try:
+            consuming.queue_declare(here, durable=True, auto_delete=False)
+            with rabbit.Producer(consuming) as producer:
+                for n in range(5):
+                    producer.publish({"n": n}, exchange="", routing_key=here,
+                                     retry=False)
+            depths = broker.QueueDepths([missing, here])
+            with caplog.at_level(logging.INFO, logger=broker.LOG.name):
+                first = depths.poll(rabbit, 0.0)
+                second = depths.poll(rabbit, depths.interval)
+            # absent, not 0: a queue that does not exist has no depth
+            assert first == second == {here: 5}
+            warnings = [r.getMessage() for r in caplog.records]
+            assert len(warnings) == 1, warnings
+            assert warnings[0] == (
+                "cannot read the depth of queue %r (NOT_FOUND - no queue %r "
+                "in vhost '/'): no shoebox_queue_messages for it until it "
+                "can be read" % (missing, missing))
+            # the 404 closed the reading channel only
+            assert consuming.is_open
+            consuming.queue_declare(here, passive=True)
+            # once it exists, it is read, and said so
+            consuming.queue_declare(missing, durable=True,
+                                    auto_delete=False)
+            caplog.clear()
+            with caplog.at_level(logging.INFO, logger=broker.LOG.name):
+                third = depths.poll(rabbit, 2 * depths.interval)
+            assert third == {missing: 0, here: 5}
+            assert [r.getMessage() for r in caplog.records] == [
+                broker.I_QUEUE_BACK % missing]
+        finally:
+            consuming.queue_delete(here)
+            consuming.queue_delete(missing)
+            consuming.close()

@@ -181,7 +181,7 @@ class TestMetadataExtractor:
     def test_standard_fields(self):
         metadata = envelope.MetadataExtractor()(
             envelope.parse(v2(INNER)), "notifications.info",
-            "notifications.info")
+            "notifications.info", exchange="nova")
         assert metadata == {
             "event_type": "compute.instance.create.end",
             "message_id": "m-1",
@@ -191,6 +191,7 @@ class TestMetadataExtractor:
             "request_id": "req-1",
             "queue": "notifications.info",
             "routing_key": "notifications.info",
+            "exchange": "nova",
         }
         assert all(isinstance(v, str) for v in metadata.values())
 
@@ -198,7 +199,7 @@ class TestMetadataExtractor:
         parsed = envelope.parse(b'{"event_type": "x", "priority": null}')
         metadata = envelope.MetadataExtractor()(parsed, "q", None)
         assert metadata == {"event_type": "x", "queue": "q",
-                            "routing_key": ""}
+                            "routing_key": "", "exchange": ""}
 
     def test_non_string_standard_fields_become_json_text(self):
         parsed = envelope.parse(
@@ -250,14 +251,25 @@ class TestMetadataExtractor:
         assert metadata == {
             "malformed": "not UTF-8", "message_id": "amqp-id",
             "content_type": "application/json",
-            "content_encoding": "utf-8", "queue": "q", "routing_key": "rk"}
+            "content_encoding": "utf-8", "queue": "q", "routing_key": "rk",
+            "exchange": ""}
 
     def test_malformed_without_properties(self):
         for properties in (None, {}, {"message_id": "", "content_type": None}):
             metadata = envelope.MetadataExtractor()(
                 envelope.parse(b"[]"), "q", "rk", properties)
             assert metadata == {"malformed": "not a JSON object",
-                                "queue": "q", "routing_key": "rk"}
+                                "queue": "q", "routing_key": "rk",
+                                "exchange": ""}
+
+    def test_exchange_for_malformed_and_default_exchange(self):
+        extract = envelope.MetadataExtractor()
+        assert extract(envelope.parse(b"junk"), "q", "rk",
+                       exchange="glance")["exchange"] == "glance"
+        # the default exchange ("") and a transport that does not tell
+        for exchange in ("", None):
+            assert extract(envelope.parse(v2(INNER)), "q", "rk",
+                           exchange=exchange)["exchange"] == ""
 
     def test_properties_ignored_for_a_notification(self):
         metadata = envelope.MetadataExtractor()(
@@ -284,11 +296,13 @@ class TestUnwrapper:
     def reference(self, body, properties=None):
         parsed = envelope.parse(body)
         extract = envelope.MetadataExtractor(self.FIELDS, {"region": "r1"})
-        return parsed.payload, extract(parsed, "q", "rk", properties)
+        return parsed.payload, extract(parsed, "q", "rk", properties,
+                                       exchange="nova")
 
     def check(self, unwrap, body, properties=None):
-        assert unwrap(body, "q", "rk", properties) == \
-            self.reference(body, properties)
+        result = unwrap(body, "q", "rk", properties, exchange="nova")
+        assert result == self.reference(body, properties)
+        assert result[1]["exchange"] == "nova"
 
     def test_real_notifications_v1_and_v2(self):
         unwrap = envelope.Unwrapper(self.FIELDS, {"region": "r1"})

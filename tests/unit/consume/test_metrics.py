@@ -71,6 +71,28 @@ class TestMetrics:
         assert got["shoebox_oldest_unshipped_age_seconds"] == 12.5
         assert got["shoebox_paused"] == 1
 
+    def test_queue_depths_as_read(self):
+        stats = stats_mod.Stats()
+        registry = CollectorRegistry()
+        registry.register(metrics.StatsCollector(stats, QUEUES, CALLBACKS))
+        # before the first read: no sample at all (not a 0 that would
+        # look like an empty queue)
+        assert not [name for name in samples(registry)
+                    if name.startswith("shoebox_queue_messages")]
+        # a watched queue that does not exist is not in the read
+        stats.queue_depths = {"notifications.info": 0,
+                              "notifications.error": 7,
+                              "versioned_notifications.info": 120}
+        got = {name: value for name, value in samples(registry).items()
+               if name.startswith("shoebox_queue_messages")}
+        assert got == {
+            'shoebox_queue_messages{queue="notifications.info"}': 0,
+            'shoebox_queue_messages{queue="notifications.error"}': 7,
+            'shoebox_queue_messages{queue='
+            '"versioned_notifications.info"}': 120}
+        text = generate_latest(registry).decode()
+        assert "# TYPE shoebox_queue_messages gauge" in text
+
     def test_worker_index(self):
         assert metrics.worker_index() == 0
 

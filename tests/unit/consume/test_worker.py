@@ -24,6 +24,7 @@ from shoebox_worker import roll_checker
 from shoebox_worker import roll_manager
 from shoebox_worker.consume import backpressure
 from shoebox_worker.consume import stream as stream_mod
+from shoebox_worker.consume import broker as broker_mod
 from shoebox_worker.consume import worker as worker_mod
 from shoebox_worker.consume.broker import reason as broker_reason
 from shoebox_worker.ship import shipper as shipper_mod
@@ -278,6 +279,7 @@ class TestConsume:
             "publisher_id": "compute.host1", "priority": "INFO",
             "request_id": "req-3", "queue": broker.queue_name,
             "routing_key": broker.queue_name,
+            "exchange": broker.exchange_name,
             "payload.instance_id": "i-3", "payload.n": "3",
             "region": "dfw", "cell": "c1"}
         # 30 records, 7 per archive: 5 files, all shipped
@@ -1398,3 +1400,44 @@ class TestStream:
         again = make_worker(conf, broker)  # the lock went with shutdown
         again.start()
         again.shutdown(ship_timeout=1)
+
+
+# -- consumer lag -----------------------------------------------------------
+
+class TestQueueDepths:
+    def test_consumed_and_watched_depths(self, tmp_path, broker,
+                                         monkeypatch):
+        monkeypatch.setattr(broker_mod.QueueDepths, "interval", 0.05)
+        watched = "watched-" + uuid.uuid4().hex[:8]
+        with broker.conn.SimpleQueue(watched) as other:
+            for n in range(4):
+                other.put({"n": n})
+            conf = write_config(
+                tmp_path, broker,
+                sections="[metrics]\nport = 9\nwatch_queues = %s\n"
+                % watched)
+            worker = make_worker(conf, broker)
+            assert worker.depths.names == (broker.queue_name, watched)
+            broker.publish([v2_body(n) for n in range(12)])
+            running = Running(worker)
+            try:
+                wait_for(lambda: worker.stats.queue_depths.get(
+                    broker.queue_name) == 0, what="the queue drained")
+                # nothing consumes the watched queue
+                assert worker.stats.queue_depths == {broker.queue_name: 0,
+                                                     watched: 4}
+                other.get(timeout=1).ack()
+                wait_for(lambda: worker.stats.queue_depths.get(watched) == 3,
+                         what="the watched queue read again")
+            finally:
+                running.stop()
+            other.clear()
+
+    def test_no_reads_without_a_metrics_port(self, tmp_path, broker):
+        worker = make_worker(write_config(tmp_path, broker), broker)
+        assert worker.depths is None
+        broker.publish([v2_body(0)])
+        running = Running(worker)
+        running.wait_acked(1)
+        running.stop()
+        assert worker.stats.queue_depths == {}
