@@ -23,8 +23,8 @@ from shoebox_worker import plugins
 from shoebox_worker import roll_checker
 from shoebox_worker import roll_manager
 from shoebox_worker.consume import backpressure
-from shoebox_worker.consume import stream as stream_mod
 from shoebox_worker.consume import broker as broker_mod
+from shoebox_worker.consume import stream as stream_mod
 from shoebox_worker.consume import worker as worker_mod
 from shoebox_worker.consume.broker import reason as broker_reason
 from shoebox_worker.ship import shipper as shipper_mod
