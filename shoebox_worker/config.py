@@ -696,10 +696,10 @@ def _ssl_reason(err):
     text = err.args[1] if len(err.args) > 1 else str(err)
     text = re.sub(r"^\[[^]]*\]\s*|\s*\(_ssl\.c:\d+\)$", "", str(text))
     hints = {"KEY_VALUES_MISMATCH": "the key is not the certificate's",
-             "PEM_LIB": "not a PEM certificate or key (or a key that needs "
+             "PEM lib": "not a PEM certificate or key (or a key that needs "
                         "a passphrase)",
              "NO_CERTIFICATE_OR_CRL_FOUND": "no certificate in it"}
-    return hints.get(getattr(err, "reason", None), text)
+    return hints.get(getattr(err, "reason", None) or text, text)
 
 
 def load(path, environ=None):
