@@ -688,6 +688,6 @@ def ft():
         run_worker=run_worker, read_archives=read_archives,
         archive_files=archive_files, worker_ids=worker_ids,
         child_pids=child_pids, wait_until=wait_until,
-        rabbitmqctl=rabbitmqctl,
+        rabbitmqctl=rabbitmqctl, Rabbit=Rabbit,
         close_amqp_connections=close_amqp_connections,
         delete_swift_container=delete_swift_container)
