@@ -538,7 +538,7 @@ def test_an_untrusted_broker_stops_the_start_at_once(tmp_path, tls_server,
         roll_checker = never
         """).format(port=port, retries=retries, work=tmp_path / "work"))
     worker = make_worker(config_mod.load(str(path)))
-    with pytest.raises(exceptions.ConfigError) as info:
+    with pytest.raises(broker.BrokerError) as info:
         broker.declare(worker)
     assert str(info.value) == (
         "%s [broker] ssl_ca_file: TLS to the broker "
