@@ -33,6 +33,7 @@ import datetime
 import difflib
 import os
 import re
+import ssl
 import time
 import types
 from collections.abc import Callable
@@ -261,6 +262,10 @@ BROKER_OPTIONS = _table(
            ""),
     Option("failover_strategy", options.choice("round-robin", "shuffle"),
            "round-robin"),
+    Option("ssl", options.boolean(), "false"),
+    Option("ssl_ca_file", options.path(empty=None), ""),
+    Option("ssl_cert_file", options.path(empty=None), ""),
+    Option("ssl_key_file", options.path(empty=None), ""),
 )
 
 CONSUMER_OPTIONS = _table(
@@ -410,6 +415,20 @@ class BrokerConfig:
     connect_timeout: float
     connect_max_retries: int | None
     failover_strategy: str
+    #: TLS on ``amqp://`` URLs (``amqps://`` ones have it anyway)...
+    ssl: bool
+    #: ...verifying the broker against this CA bundle (None: the
+    #: system's CAs)...
+    ssl_ca_file: str | None
+    #: ...and showing this client certificate and key (None: none).
+    ssl_cert_file: str | None
+    ssl_key_file: str | None
+
+    @property
+    def tls(self):
+        """Whether the connection uses TLS: ``ssl = true`` or
+        ``amqps://`` URLs (:func:`load` checks that the URLs agree)."""
+        return self.ssl or self.urls[0].scheme == "amqps"
 
     @property
     def urls(self):
@@ -720,6 +739,81 @@ def _check_streams(consumers, path):
                               section, "auto_delete")
 
 
+#: The ``[broker]`` options that only apply with TLS.
+_TLS_FILES = ("ssl_ca_file", "ssl_cert_file", "ssl_key_file")
+
+
+def _check_tls(broker, path):
+    """TLS options that make sense together, and files that load.
+
+    With TLS on (``ssl = true`` or ``amqps://``), every URL is AMQP and
+    either all ``amqps://`` or none (kombu has one ``ssl`` setting for all
+    failover URLs); the CA bundle, certificate and key are loaded the way
+    the connection will load them, so that a missing, unreadable or
+    mismatched file is one line here rather than a failure at every
+    connection attempt. Files given with TLS off are refused rather than
+    ignored.
+    """
+    schemes = {url.scheme for url in broker.urls}
+    if not broker.tls:
+        for key in _TLS_FILES:
+            if getattr(broker, key) is not None:
+                raise ConfigError("TLS is off: set ssl = true (or use "
+                                  "amqps:// URLs) for it to be used",
+                                  path, "broker", key)
+        return
+    if not schemes <= {"amqp", "amqps", "pyamqp"}:
+        raise ConfigError("TLS applies to amqp:// and amqps:// URLs, the "
+                          "URL is %s://" % sorted(schemes - {
+                              "amqp", "amqps", "pyamqp"})[0],
+                          path, "broker", "ssl" if broker.ssl else "url")
+    if "amqps" in schemes and len(schemes) > 1:
+        raise ConfigError("mixes amqps:// and %s:// URLs: write them all "
+                          "amqps:// (TLS), or all amqp:// with ssl = true"
+                          % sorted(schemes - {"amqps"})[0],
+                          path, "broker", "url")
+    if broker.ssl_key_file is not None and broker.ssl_cert_file is None:
+        raise ConfigError("a key without ssl_cert_file: set both, or "
+                          "neither", path, "broker", "ssl_key_file")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    for key in _TLS_FILES:
+        value = getattr(broker, key)
+        if value is not None and not os.path.isfile(value):
+            raise ConfigError("%s: %s" % (value, "no such file" if not
+                                          os.path.lexists(value) else
+                                          "not a regular file"),
+                              path, "broker", key)
+    key = "ssl_ca_file"
+    try:
+        if broker.ssl_ca_file is not None:
+            context.load_verify_locations(cafile=broker.ssl_ca_file)
+        key = "ssl_cert_file"
+        if broker.ssl_cert_file is not None:
+            context.load_cert_chain(broker.ssl_cert_file,
+                                    broker.ssl_key_file)
+    except OSError as err:  # ssl.SSLError too
+        if getattr(err, "reason", None) == "KEY_VALUES_MISMATCH":
+            key = "ssl_key_file"
+        shown = getattr(broker, key)
+        if key == "ssl_cert_file" and broker.ssl_key_file is not None:
+            shown += " (key %s)" % broker.ssl_key_file
+        what = _ssl_reason(err) if isinstance(err, ssl.SSLError) \
+            else err.strerror
+        raise ConfigError("cannot load %s: %s" % (shown, what or err),
+                          path, "broker", key) from None
+
+
+def _ssl_reason(err):
+    """An OpenSSL error in words: ``PEM lib``, ``key values mismatch``."""
+    text = err.args[1] if len(err.args) > 1 else str(err)
+    text = re.sub(r"^\[[^]]*\]\s*|\s*\(_ssl\.c:\d+\)$", "", str(text))
+    hints = {"KEY_VALUES_MISMATCH": "the key is not the certificate's",
+             "PEM lib": "not a PEM certificate or key (or a key that needs "
+                        "a passphrase)",
+             "NO_CERTIFICATE_OR_CRL_FOUND": "no certificate in it"}
+    return hints.get(getattr(err, "reason", None) or text, text)
+
+
 def load(path, environ=None):
     """Read and check a configuration file.
 
@@ -762,6 +856,7 @@ def load(path, environ=None):
 
     broker = BrokerConfig(**_read_section(
         parser, "broker", BROKER_OPTIONS, path, environ))
+    _check_tls(broker, path)
 
     consumers = []
     for section, queue in queues:

@@ -31,6 +31,7 @@ throughput.
 import logging
 import re
 import socket
+import ssl
 import struct
 import time
 from contextlib import contextmanager
@@ -45,8 +46,9 @@ from shoebox_worker import exceptions
 from shoebox_worker.consume import notify
 
 __all__ = ["make_connection", "make_queues", "declare", "is_amqp",
-           "BrokerError", "StopRequested", "Outage", "permanent_advice",
-           "QueueDepths", "BlockingReads", "Reconnecting"]
+           "ssl_argument", "Connection", "BrokerError", "StopRequested",
+           "Outage", "permanent_advice", "tls_refusal", "QueueDepths",
+           "BlockingReads", "Reconnecting"]
 
 LOG = logging.getLogger(__name__)
 
@@ -74,6 +76,46 @@ PERMANENT = {
     NOT_ALLOWED: "check the vhost in [broker] url, and that the user may "
                  "use it",
 }
+
+#: TLS failures that retrying does not fix, by OpenSSL's reason: the
+#: ``[broker]`` option to look at, and what to do. The broker's
+#: certificate not trusted (or not for that host name), the broker
+#: refusing ours (TLS 1.3 tells it as an alert at the first read), or a
+#: port that does not speak TLS.
+TLS_PERMANENT = {
+    "CERTIFICATE_VERIFY_FAILED": (
+        "ssl_ca_file", "the broker's certificate is not trusted: set "
+                       "[broker] ssl_ca_file to the CA that signed it, and "
+                       "use the host name it was made for"),
+    "TLSV1_ALERT_UNKNOWN_CA": (
+        "ssl_cert_file", "the broker refused the client certificate (its "
+                         "CA is not one the broker trusts): check [broker] "
+                         "ssl_cert_file and the broker's cacertfile"),
+    "SSLV3_ALERT_BAD_CERTIFICATE": (
+        "ssl_cert_file", "the broker refused the client certificate: check "
+                         "[broker] ssl_cert_file and ssl_key_file"),
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": (
+        "ssl_cert_file", "the broker refused the client certificate as "
+                         "expired: renew [broker] ssl_cert_file"),
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": (
+        "ssl_cert_file", "the broker requires a client certificate: set "
+                         "[broker] ssl_cert_file and ssl_key_file"),
+    "WRONG_VERSION_NUMBER": (
+        "url", "the broker's port does not speak TLS: use its TLS port "
+               "(5671 by default) in [broker] url"),
+}
+
+#: A TLS connection the broker closed without a word during or right
+#: after the handshake: over TLS 1.3 the handshake ends on the client's
+#: side before the broker checks the client certificate, and RabbitMQ
+#: 3.10 (Erlang 25) then closes a connection whose certificate it refuses
+#: without an alert (``SSLEOFError`` at the first write).
+TLS_CLOSED = (
+    "ssl_cert_file", "the broker closed the TLS connection during the "
+                     "handshake, as it does when it refuses the client "
+                     "certificate: check [broker] ssl_cert_file (its CA "
+                     "must be one the broker trusts) and ssl_key_file, or "
+                     "whether the broker requires one")
 
 W_FAILED = "broker %s: %s; %s"
 W_PERMANENT = ("broker %s: %s; this will not heal by retrying: %s "
@@ -104,20 +146,63 @@ class StopRequested(exceptions.ShoeboxError):
     stop."""
 
 
-def make_connection(broker):
-    """A kombu Connection from ``[broker]`` (failover URLs, heartbeat).
+class Connection(kombu.Connection):
+    """kombu's Connection, checking each failover host's TLS certificate
+    against that host's name.
+
+    py-amqp takes the host name to check from the ``ssl`` dict's
+    ``server_hostname``; kombu fills in a None one with the host it
+    connects to, but in the dict itself, which every later connection
+    (another failover URL, a clone) shares: the second host would be
+    checked against the first one's name. Each attempt here starts from
+    a copy with None again.
+    """
+
+    def _establish_connection(self):
+        if isinstance(self.ssl, dict) and "server_hostname" in self.ssl:
+            self.ssl = dict(self.ssl, server_hostname=None)
+        return super()._establish_connection()
+
+
+def ssl_argument(broker):
+    """What ``kombu.Connection(ssl=...)`` takes for ``[broker]``: False
+    without TLS, else py-amqp's TLS options (the broker's certificate
+    required and checked against the host name of the URL in use, with
+    ``ssl_ca_file`` or the system's CAs; the client certificate if set).
+
+    :param broker: a :class:`~shoebox_worker.config.BrokerConfig`.
+    """
+    if not broker.tls:
+        return False
+    options = {"cert_reqs": ssl.CERT_REQUIRED, "server_hostname": None}
+    if broker.ssl_ca_file is not None:
+        options["ca_certs"] = broker.ssl_ca_file
+    if broker.ssl_cert_file is not None:
+        options["certfile"] = broker.ssl_cert_file
+        options["keyfile"] = broker.ssl_key_file
+    return options
+
+
+def make_connection(broker, transport_options=None):
+    """A kombu Connection from ``[broker]`` (failover URLs, heartbeat,
+    TLS).
 
     kombu gets the URLs as :func:`~shoebox_worker.broker_url.
     kombu_hostname` encodes them, so that any character in a password
     reaches the broker as written.
+
+    :param transport_options: more of py-amqp's (``confirm_publish``).
     """
-    return kombu.Connection(
+    options = dict(transport_options or {})
+    if broker.connect_max_retries is not None:
+        options["max_retries"] = broker.connect_max_retries
+    return Connection(
         broker_url.kombu_hostname(broker.urls),
         heartbeat=broker.heartbeat or None,
         connect_timeout=broker.connect_timeout,
         failover_strategy=broker.failover_strategy,
-        transport_options={"max_retries": broker.connect_max_retries}
-        if broker.connect_max_retries is not None else None,
+        ssl=ssl_argument(broker),
+        transport_options=options or None,
     )
 
 
@@ -149,7 +234,15 @@ def make_queues(consumers):
 
 
 def reason(exc):
-    """One line for a broker error: the broker's reply, or the OS error."""
+    """One line for a broker error: the broker's reply, or the OS error
+    (OpenSSL's words for a TLS one)."""
+    if isinstance(exc, ssl.SSLCertVerificationError) and \
+            exc.verify_message:
+        return "TLS: certificate verify failed: %s" % exc.verify_message
+    if isinstance(exc, ssl.SSLEOFError):
+        return "TLS: the broker closed the connection during the handshake"
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return "TLS: %s" % exc.reason.lower().replace("_", " ")
     text = getattr(exc, "reply_text", None) or str(exc)
     text = " ".join(text.split()).rstrip(". ")
     return text or type(exc).__name__
@@ -164,9 +257,22 @@ def reply_code(exc):
         return None
 
 
+def tls_refusal(exc):
+    """``(option, advice)`` for a TLS failure that retrying does not fix
+    (:data:`TLS_PERMANENT`, :data:`TLS_CLOSED`), or None."""
+    if isinstance(exc, ssl.SSLEOFError):
+        return TLS_CLOSED
+    if isinstance(exc, ssl.SSLError):
+        return TLS_PERMANENT.get(exc.reason)
+    return None
+
+
 def permanent_advice(exc):
     """What to do about an error that retrying cannot fix, or None when
     ``exc`` may heal by itself (a refused or lost connection)."""
+    refusal = tls_refusal(exc)
+    if refusal is not None:
+        return refusal[1]
     return PERMANENT.get(reply_code(exc))
 
 
@@ -263,15 +369,27 @@ def declare(worker):
         declaration (an existing exchange or queue has other flags), or a
         ``declare = false`` queue does not exist.
     :raises BrokerError: the broker cannot be reached within
-        ``connect_max_retries``, or refused something else.
+        ``connect_max_retries``, refused something else, or TLS failed in
+        a way that retrying does not fix (:func:`tls_refusal`: at once,
+        whatever ``connect_max_retries`` says).
     """
     conn = worker.connection
     where = conn.as_uri()
+
+    def on_error(exc, interval):
+        # kombu retries every OSError, TLS ones too: not those
+        if tls_refusal(exc) is not None:
+            raise _TLSRefused(exc)
+        worker.on_connection_error(exc, interval)
+
     try:
-        conn.ensure_connection(worker.on_connection_error,
-                               worker.connect_max_retries,
+        conn.ensure_connection(on_error, worker.connect_max_retries,
                                callback=worker.check_stop)
+    except _TLSRefused as refused:
+        raise _tls_failed(worker, conn, refused.args[0]) from None
     except kombu.exceptions.OperationalError as exc:
+        if tls_refusal(exc.__cause__) is not None:  # the last attempt's
+            raise _tls_failed(worker, conn, exc.__cause__) from None
         raise worker.outage.gave_up(
             where, exc.__cause__ or exc,
             worker.connect_max_retries) from None
@@ -290,6 +408,23 @@ def declare(worker):
         # the consumer works on a clone of this connection: don't keep an
         # idle second one open for the broker to time out
         conn.release()
+
+
+class _TLSRefused(Exception):
+    """Ends kombu's connection retries on a TLS failure that retrying does
+    not fix (carries it)."""
+
+
+def _tls_failed(worker, conn, exc):
+    """The one line for a TLS failure at start, naming the file and the
+    option to look at: a :class:`BrokerError` (exit 1, and a supervisor
+    does not restart its child), as the fix may be on the broker's side
+    as well as in the config."""
+    option, advice = tls_refusal(exc)
+    return BrokerError(
+        "%s [broker] %s: TLS to the broker %s failed: %s; this will not "
+        "heal by retrying: %s" % (worker.config.filename, option,
+                                  conn.as_uri(), reason(exc), advice))
 
 
 def _declare_all(worker, conn):
@@ -495,7 +630,8 @@ class BlockingReads(mixins.ConsumerMixin):
     (``SO_RCVTIMEO`` of :attr:`receive_timeout` seconds), which py-amqp
     turns into the same ``socket.timeout`` when no frame starts in time, so
     ``on_iteration``, heartbeats and the stop flag still run while the queue
-    is idle. Other transports use kombu's loop unchanged.
+    is idle. Other transports, and TLS connections, use kombu's loop
+    unchanged.
 
     Measured on the project's 2-core VM, 2026-11-29, as the worker's CPU
     time to drain 30,000 prefilled notifications (``bench/worker.py``'s
@@ -511,7 +647,9 @@ class BlockingReads(mixins.ConsumerMixin):
 
     def consume(self, limit=None, timeout=None, safety_interval=1,
                 **kwargs):
-        if not is_amqp(self.connection):
+        if not is_amqp(self.connection) or self.connection.ssl:
+            # a kernel receive timeout does not end a blocking read of
+            # Python's TLS sockets (OpenSSL retries it): kombu's loop
             yield from super().consume(limit, timeout, safety_interval,
                                        **kwargs)
             return

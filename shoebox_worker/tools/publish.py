@@ -28,7 +28,6 @@ from collections.abc import Callable
 
 import amqp.exceptions
 import kombu.exceptions
-from kombu import Connection
 from kombu import Exchange
 from kombu import Producer
 from kombu import Queue
@@ -51,6 +50,7 @@ __all__ = [
     "cmd_replay",
     "connect",
     "publish",
+    "tls_from",
     "url_from",
 ]
 
@@ -100,6 +100,15 @@ def is_permanent(err):
             and broker.reply_code(err) in broker.PERMANENT)
 
 
+def _tls_cause(err):
+    """The TLS failure that retrying does not fix behind ``err`` (kombu
+    wraps the last attempt's in an OperationalError), or None."""
+    for candidate in (err, err.__cause__):
+        if broker.tls_refusal(candidate) is not None:
+            return candidate
+    return None
+
+
 def broker_error(url, err, hints=None):
     """A one-line :class:`ToolError` for a broker failure: the URL
     (password redacted), what the broker said, and what to do; an error
@@ -108,8 +117,12 @@ def broker_error(url, err, hints=None):
     :param hints: ``{reply code: what to check}``, over
         :data:`PERMANENT_HINTS`.
     """
+    tls = _tls_cause(err)
     text = " ".join(str(err).split()) or type(err).__name__
-    if is_permanent(err):
+    if tls is not None:
+        text = "%s; retrying will not help: %s" % (
+            broker.reason(tls), broker.tls_refusal(tls)[1])
+    elif is_permanent(err):
         code = broker.reply_code(err)
         if code == broker.ACCESS_REFUSED and "Login was refused" in text:
             hint = LOGIN_HINT
@@ -162,18 +175,37 @@ def url_from(args, environ):
     return url
 
 
+def tls_from(args, url):
+    """What ``kombu.Connection(ssl=...)`` takes for a command's broker
+    (:func:`shoebox_worker.consume.broker.ssl_argument`): with
+    ``--config``, its ``[broker]`` TLS options (``ssl``, ``ssl_ca_file``,
+    ``ssl_cert_file``, ``ssl_key_file``, checked by the config's
+    :func:`~shoebox_worker.config.load`) for ``url``; without, TLS with
+    the system's CAs for ``amqps://`` URLs."""
+    if getattr(args, "config", None):
+        settings = dataclasses.replace(config.load(args.config).broker,
+                                       url=url)
+    else:
+        settings = config.BrokerConfig(url=url)
+    return broker.ssl_argument(settings)
+
+
 def _kombu_hostname(url):
     """``url`` (as written, see :mod:`shoebox_worker.broker_url`) as kombu
     must be given it."""
     return broker_url.kombu_hostname(broker_url.parse(url))
 
 
-def connect(url):
+def connect(url, ssl=False):
     """A connected kombu Connection with publisher confirms, or a
-    ToolError within a few seconds."""
-    conn = Connection(_kombu_hostname(url),
-                      connect_timeout=BROKER_CONNECT_TIMEOUT,
-                      transport_options={"confirm_publish": True})
+    ToolError within a few seconds.
+
+    :param ssl: kombu's TLS argument (:func:`tls_from`).
+    """
+    conn = broker.Connection(_kombu_hostname(url),
+                             connect_timeout=BROKER_CONNECT_TIMEOUT,
+                             ssl=ssl,
+                             transport_options={"confirm_publish": True})
     try:
         conn.ensure_connection(
             max_retries=BROKER_CONNECT_RETRIES * len(broker_url.split(url)),
@@ -313,7 +345,8 @@ def publish(url: str, count: int, *, exchange: str = "nova",
             rate: float | None = None, seed: int | None = None,
             start: datetime.datetime | None = None,
             declare_queue: str | None = None, confirm: bool = True,
-            progress: Callable[[int], object] | None = None) -> Outcome:
+            progress: Callable[[int], object] | None = None,
+            ssl: bool | dict = False) -> Outcome:
     """Publish ``count`` synthetic notifications in the v2 envelope.
 
     Sends as oslo.messaging's notifier does: to a ``topic`` exchange
@@ -345,6 +378,7 @@ def publish(url: str, count: int, *, exchange: str = "nova",
         returned and nacked.
     :param progress: optional callable, called with the number sent so far
         after each message.
+    :param ssl: kombu's TLS argument (:func:`tls_from`).
     :returns: the :class:`Outcome`: how many were sent, confirmed, returned
         and nacked.
     :raises: the transport's errors (:func:`broker_errors`) on anything
@@ -355,8 +389,8 @@ def publish(url: str, count: int, *, exchange: str = "nova",
     if rate is not None and rate <= 0:
         raise ValueError(f"rate must be > 0, not {rate!r}")
     transport_options = {"confirm_publish": True} if confirm else {}
-    with Connection(_kombu_hostname(url),
-                    transport_options=transport_options) as conn:
+    with broker.Connection(_kombu_hostname(url), ssl=ssl,
+                           transport_options=transport_options) as conn:
         conn.connect()
         channel = conn.channel()
         target = Exchange(exchange, type=exchange_type, durable=durable,
@@ -405,6 +439,7 @@ def cmd_replay(args):
         raise ToolError("--rate must be > 0, got %g" % args.rate)
     read.quiet_reader_logs()
     url = url_from(args, os.environ)
+    tls = tls_from(args, url)
     files = read.find_archives(args.paths)
     match = read.matcher(args.match)
     total = None
@@ -412,7 +447,7 @@ def cmd_replay(args):
         total = sum(1 for path in files
                     for _ in read.read_records(path, args.salvage))
     malformed = filtered = 0
-    conn = connect(url)
+    conn = connect(url, ssl=tls)
     errors = broker_errors(conn)
     error = None
     sender = None
@@ -496,7 +531,8 @@ def cmd_generate(args):
     if args.rate is not None and args.rate <= 0:
         raise ToolError("--rate must be > 0, got %g" % args.rate)
     url = url_from(args, os.environ)
-    conn = connect(url)  # fail fast with one line when it is down
+    tls = tls_from(args, url)
+    conn = connect(url, ssl=tls)  # fail fast with one line when it is down
     conn.release()
     bar = _progress(args.count)
     try:
@@ -504,7 +540,7 @@ def cmd_generate(args):
             url, args.count, exchange=args.exchange,
             routing_key=args.routing_key, durable=args.durable,
             rate=args.rate, seed=args.seed, start=args.start,
-            declare_queue=args.queue,
+            declare_queue=args.queue, ssl=tls,
             progress=None if bar.disable else lambda n: bar.update(1))
     except broker_errors() as err:
         raise broker_error(url, err, GENERATE_HINTS) from None

@@ -17,6 +17,7 @@ deletes them at the end (``rabbit.track_queue``/``track_exchange``).
 import dataclasses
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -239,6 +240,108 @@ def publish(url, count, exchange, routing_key, queue=None, seed=1,
                         declare_queue=queue, confirm=confirm)
     return [n["message_id"] for n in simulator.notifications(count,
                                                              seed=seed)]
+
+
+# -- the project's own RabbitMQ cluster --------------------------------------
+
+#: scripts/rabbit-cluster, which the ``cluster`` fixture runs.
+CLUSTER_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(
+    os.path.dirname(os.path.abspath(__file__)))), "scripts", "rabbit-cluster")
+
+
+@dataclasses.dataclass
+class Cluster:
+    """The 3-node cluster of ``scripts/rabbit-cluster`` (see its
+    docstring), from the ``export`` lines its ``start`` printed."""
+
+    env: dict
+
+    @property
+    def urls(self):
+        """The three nodes' AMQP URLs (guest), node 1 first."""
+        return self.env["SHOEBOX_TEST_CLUSTER_URLS"].split(";")
+
+    @property
+    def nodes(self):
+        return self.env["SHOEBOX_TEST_CLUSTER_NODES"].split()
+
+    def url_of(self, node):
+        return self.urls[self.nodes.index(node)]
+
+    def __getattr__(self, name):
+        # tls_url, tls_node, ca, client_cert, client_key
+        try:
+            return self.__dict__["env"]["SHOEBOX_TEST_CLUSTER_"
+                                        + name.upper()]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def run(self, *args, timeout=300, check=True):
+        result = subprocess.run(
+            [CLUSTER_SCRIPT, *args], capture_output=True, text=True,
+            timeout=timeout, stdin=subprocess.DEVNULL,
+            env=dict(os.environ,
+                     RABBIT_CLUSTER_DIR=self.env["SHOEBOX_TEST_CLUSTER_DIR"]))
+        if check:
+            assert result.returncode == 0, (args, result.stderr)
+        return result
+
+    def kill(self, node):
+        """SIGKILL one node."""
+        self.run("kill", node)
+
+    def restart(self, node):
+        """Start a node again (with its data: it rejoins); waits until it
+        serves."""
+        self.run("restart", node)
+
+    def leader(self, queue):
+        """The node holding quorum queue ``queue``'s leader."""
+        return self.run("leader", queue).stdout.strip()
+
+    def ctl(self, node, *args, timeout=120):
+        """rabbitmqctl ARGS on ``node`` (with the cluster's cookie)."""
+        return self.run("ctl", node, *args, timeout=timeout, check=False)
+
+
+def _exports(text):
+    values = {}
+    for line in text.splitlines():
+        match = re.fullmatch(r"export (\w+)=(.*)", line)
+        if match:
+            values[match.group(1)] = shlex.split(match.group(2))[0]
+    return values
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """The project's own 3-node RabbitMQ cluster (``scripts/rabbit-cluster
+    start``, once per session, when a test needs it); stopped at the end
+    when this session started it, left running when it already was.
+    A start that fails skips the tests, or fails them when CI=true."""
+    status = subprocess.run([CLUSTER_SCRIPT, "status"], capture_output=True,
+                            text=True, stdin=subprocess.DEVNULL, timeout=120)
+    started = time.monotonic()
+    try:
+        result = subprocess.run([CLUSTER_SCRIPT, "start"],
+                                capture_output=True, text=True,
+                                stdin=subprocess.DEVNULL, timeout=900)
+    except subprocess.TimeoutExpired:
+        subprocess.run([CLUSTER_SCRIPT, "stop"], capture_output=True,
+                       timeout=120)
+        unavailable("scripts/rabbit-cluster start did not finish in 900 s")
+    if result.returncode != 0:
+        unavailable("scripts/rabbit-cluster start failed (rc %d): %s" % (
+            result.returncode, result.stderr[-3000:]))
+    if status.returncode != 0:
+        print("\nscripts/rabbit-cluster start: %.1f s" % (
+            time.monotonic() - started))
+    try:
+        yield Cluster(_exports(result.stdout))
+    finally:
+        if status.returncode != 0:  # not running before: ours to stop
+            subprocess.run([CLUSTER_SCRIPT, "stop"], capture_output=True,
+                           timeout=120)
 
 
 # -- Keystone ---------------------------------------------------------------
@@ -489,16 +592,22 @@ def rabbitmqctl(*args, timeout=60):
                           text=True, timeout=timeout)
 
 
-def close_amqp_connections(pid, reason="test"):
+def close_amqp_connections(pid, reason="test", ctl=rabbitmqctl,
+                           broker_port=5672):
     """Close (broker side) only ``pid``'s AMQP connections, so other users
-    of the broker are left alone; returns how many were closed."""
-    ports = amqp_local_ports(pid)
-    listing = rabbitmqctl("list_connections", "-q", "pid", "peer_port")
+    of the broker are left alone; returns how many were closed.
+
+    :param ctl: runs rabbitmqctl with the given arguments on the broker
+        (default: the machine's node).
+    :param broker_port: the AMQP port the worker connected to.
+    """
+    ports = amqp_local_ports(pid, broker_port)
+    listing = ctl("list_connections", "-q", "pid", "peer_port")
     closed = 0
     for line in listing.stdout.splitlines():
         conn_pid, _, port = line.rpartition("\t")
         if port.strip().isdigit() and int(port) in ports:
-            result = rabbitmqctl("close_connection", conn_pid, reason)
+            result = ctl("close_connection", conn_pid, reason)
             assert result.returncode == 0, result.stderr
             closed += 1
     return closed
@@ -579,6 +688,6 @@ def ft():
         run_worker=run_worker, read_archives=read_archives,
         archive_files=archive_files, worker_ids=worker_ids,
         child_pids=child_pids, wait_until=wait_until,
-        rabbitmqctl=rabbitmqctl,
+        rabbitmqctl=rabbitmqctl, Rabbit=Rabbit,
         close_amqp_connections=close_amqp_connections,
         delete_swift_container=delete_swift_container)

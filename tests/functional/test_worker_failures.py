@@ -1,6 +1,8 @@
 """The delivery guarantee under failures, with the real worker and broker:
-kill -9, a broker restart and cut connections, SIGTERM, and a supervised
-child killed under ``[worker] processes = 2``.
+kill -9, a broker restart and cut connections (on a node of the project's
+own cluster, the ``cluster`` fixture: the machine's node is never
+restarted), SIGTERM, and a supervised child killed under ``[worker]
+processes = 2``.
 
 Each publishes 20,000 synthetic notifications and checks that every one
 of them ends up in the archives (duplicates are allowed, losses are not).
@@ -75,17 +77,36 @@ def test_kill_9_loses_nothing(rabbit, names, tmp_path, worker_procs, ft):
     assert rabbit.depth(names) == 0
 
 
-def test_broker_restart_and_connection_cut(rabbit, names, tmp_path,
+def test_broker_restart_and_connection_cut(cluster, names, tmp_path,
                                            worker_procs, ft):
+    # on a node of the project's own cluster (node 3, not the TLS one),
+    # not the machine's node: it is stopped and started here
+    node = cluster.nodes[2]
+    url = cluster.url_of(node)
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+
+    def ctl(*args):
+        return cluster.ctl(node, *args)
+
+    rabbit = ft.Rabbit(url)
+    try:
+        _restart_and_cut(rabbit, url, port, ctl, names, tmp_path,
+                         worker_procs, ft)
+    finally:
+        rabbit.cleanup()
+
+
+def _restart_and_cut(rabbit, url, port, ctl, names, tmp_path, worker_procs,
+                     ft):
     # durable exchange and queue, persistent messages: they survive a
     # node restart
     rabbit.declare(names, names, ROUTING_KEY, durable=True)
-    published = ft.publish(ft.AMQP_URL, COUNT, names, ROUTING_KEY, seed=3,
+    published = ft.publish(url, COUNT, names, ROUTING_KEY, seed=3,
                            durable=True, confirm=True)
     config = ft.worker_config(
-        tmp_path, names, names, routing_key=ROUTING_KEY, durable=True,
-        roll_checker="count", roll_options={"roll_count": 3000},
-        callbacks={"gzip": {}},
+        tmp_path, names, names, url=url, routing_key=ROUTING_KEY,
+        durable=True, roll_checker="count",
+        roll_options={"roll_count": 3000}, callbacks={"gzip": {}},
         # small batches: slow enough to cut it twice mid-run
         broker={"prefetch_count": 20},
         archive_options={"fsync_every": 10})
@@ -94,7 +115,8 @@ def test_broker_restart_and_connection_cut(rabbit, names, tmp_path,
     # 1. the broker closes the worker's connection (only the worker's)
     ft.wait_until(lambda: _depth_at_most(rabbit, names, COUNT * 0.8), 60,
                   interval=0.01, message="a fifth consumed")
-    assert ft.close_amqp_connections(worker.pid) >= 1
+    assert ft.close_amqp_connections(worker.pid, ctl=ctl,
+                                     broker_port=port) >= 1
     assert worker.wait_for_log(r"(?s)(consuming from.*){2}", 30), \
         worker.log_tail()
     # 2. the whole node restarts
@@ -102,13 +124,13 @@ def test_broker_restart_and_connection_cut(rabbit, names, tmp_path,
                   interval=0.01, message="half consumed")
     started = time.monotonic()
     try:
-        result = ft.rabbitmqctl("stop_app")
+        result = ctl("stop_app")
         assert result.returncode == 0, result.stderr
         time.sleep(1)
     finally:
-        result = ft.rabbitmqctl("start_app")
+        result = ctl("start_app")
         assert result.returncode == 0, result.stderr
-        ft.rabbitmqctl("await_startup", timeout=30)
+        ctl("await_startup")
     down = time.monotonic() - started
 
     assert worker.wait(120) == 0, worker.log_tail()

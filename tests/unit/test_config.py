@@ -892,3 +892,91 @@ def test_modes_one_umask_cannot_give(write, modes, message):
     path = write("[broker]\nurl = memory://\n[consumer:q]\n[archive]\n%s\n"
                  % modes)
     assert error(path).startswith("worker.conf " + message)
+
+
+# -- [broker] TLS -------------------------------------------------------------
+
+@pytest.fixture
+def pki(tmp_path):
+    """A CA (ca.pem), a client certificate (client.pem, client.key, and
+    both in one file, client-both.pem) and another key (other.key)."""
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    leaf = ca.issue_cert("client.example")
+    other = ca.issue_cert("other.example")
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    leaf.cert_chain_pems[0].write_to_path(str(tmp_path / "client.pem"))
+    leaf.private_key_pem.write_to_path(str(tmp_path / "client.key"))
+    leaf.private_key_and_cert_chain_pem.write_to_path(
+        str(tmp_path / "client-both.pem"))
+    other.private_key_pem.write_to_path(str(tmp_path / "other.key"))
+    (tmp_path / "junk.pem").write_text("not a certificate\n")
+    return tmp_path
+
+
+def _tls(write, options, url="amqp://h//"):
+    return write("[broker]\nurl = %s\n%s\n[consumer:q]\n" % (url, options))
+
+
+def test_tls_defaults_off(write):
+    broker = load(write).broker
+    assert (broker.ssl, broker.ssl_ca_file, broker.ssl_cert_file,
+            broker.ssl_key_file) == (False, None, None, None)
+    assert broker.tls is False
+
+
+def test_tls_options(write, pki):
+    broker = config.load(_tls(write, (
+        "ssl = true\nssl_ca_file = %s/ca.pem\nssl_cert_file = %s/client.pem"
+        "\nssl_key_file = %s/client.key" % (pki, pki, pki))),
+        environ={}).broker
+    assert (broker.ssl, broker.ssl_ca_file, broker.ssl_cert_file,
+            broker.ssl_key_file) == (True, str(pki / "ca.pem"),
+                                     str(pki / "client.pem"),
+                                     str(pki / "client.key"))
+    assert broker.tls is True
+
+
+def test_tls_by_amqps_urls(write, pki):
+    broker = config.load(_tls(write, "ssl_ca_file = %s/ca.pem" % pki,
+                              url="amqps://h1//;amqps://h2//"),
+                         environ={}).broker
+    assert broker.ssl is False and broker.tls is True
+
+
+def test_tls_key_in_the_certificate_file(write, pki):
+    broker = config.load(_tls(write, "ssl = true\nssl_cert_file = %s/"
+                              "client-both.pem" % pki), environ={}).broker
+    assert broker.ssl_key_file is None
+
+
+@pytest.mark.parametrize("options, url, key, message", [
+    ("ssl_ca_file = {d}/ca.pem", "amqp://h//", "ssl_ca_file",
+     "TLS is off: set ssl = true (or use amqps:// URLs) for it to be used"),
+    ("ssl = true", "redis://h:6379/0", "ssl",
+     "TLS applies to amqp:// and amqps:// URLs, the URL is redis://"),
+    ("", "amqps://h1//;amqp://h2//", "url",
+     "mixes amqps:// and amqp:// URLs: write them all amqps:// (TLS), or "
+     "all amqp:// with ssl = true"),
+    ("ssl = true\nssl_key_file = {d}/client.key", "amqp://h//",
+     "ssl_key_file", "a key without ssl_cert_file: set both, or neither"),
+    ("ssl = true\nssl_ca_file = {d}/missing.pem", "amqp://h//",
+     "ssl_ca_file", "{d}/missing.pem: no such file"),
+    ("ssl = true\nssl_ca_file = {d}", "amqp://h//", "ssl_ca_file",
+     "{d}: not a regular file"),
+    ("ssl = true\nssl_ca_file = {d}/junk.pem", "amqp://h//", "ssl_ca_file",
+     "cannot load {d}/junk.pem: no certificate in it"),
+    ("ssl = true\nssl_cert_file = {d}/client.pem", "amqp://h//",
+     "ssl_cert_file", "cannot load {d}/client.pem: not a PEM certificate "
+     "or key (or a key that needs a passphrase)"),
+    ("ssl = true\nssl_cert_file = {d}/client.pem\nssl_key_file = "
+     "{d}/other.key", "amqp://h//", "ssl_key_file",
+     "cannot load {d}/other.key: the key is not the certificate's"),
+    ("ssl = true\nssl_cert_file = {d}/client.pem\nssl_key_file = "
+     "{d}/gone.key", "amqp://h//", "ssl_key_file",
+     "{d}/gone.key: no such file"),
+])
+def test_tls_errors(write, pki, options, url, key, message):
+    path = _tls(write, options.format(d=pki), url=url)
+    assert error(path) == "worker.conf [broker] %s: %s" % (
+        key, message.format(d=pki))

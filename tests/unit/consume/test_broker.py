@@ -6,14 +6,17 @@ import dataclasses
 import functools
 import logging
 import socket
+import ssl
 import textwrap
 import threading
 import time
 import uuid
 
 import kombu
+import kombu.exceptions
 import pytest
 from amqp import exceptions as amqp_exceptions
+from kombu.transport import pyamqp
 
 from shoebox_worker import config as config_mod
 from shoebox_worker import exceptions
@@ -695,3 +698,138 @@ class TestQueueDepths:
             consuming.queue_delete(here)
             consuming.queue_delete(missing)
             consuming.close()
+
+
+# -- TLS --------------------------------------------------------------------
+
+def _broker(url="amqp://h//", **options):
+    return config_mod.BrokerConfig(url=url, **options)
+
+
+def test_ssl_argument():
+    assert broker.ssl_argument(_broker()) is False
+    assert broker.ssl_argument(_broker("amqps://h//")) == {
+        "cert_reqs": ssl.CERT_REQUIRED, "server_hostname": None}
+    assert broker.ssl_argument(_broker(
+        ssl=True, ssl_ca_file="/ca.pem", ssl_cert_file="/c.pem",
+        ssl_key_file="/c.key")) == {
+        "cert_reqs": ssl.CERT_REQUIRED, "server_hostname": None,
+        "ca_certs": "/ca.pem", "certfile": "/c.pem", "keyfile": "/c.key"}
+
+
+def test_make_connection_tls_and_transport_options():
+    conn = broker.make_connection(_broker(
+        "amqps://h1//;amqps://h2//", connect_max_retries=3),
+        transport_options={"confirm_publish": True})
+    assert isinstance(conn, broker.Connection)
+    assert conn.ssl == {"cert_reqs": ssl.CERT_REQUIRED,
+                        "server_hostname": None}
+    assert conn.transport_options == {"confirm_publish": True,
+                                      "max_retries": 3}
+
+
+def test_each_failover_host_is_checked_against_its_own_name(monkeypatch):
+    """kombu fills server_hostname in the shared ssl dict on the first
+    connection; the second host must not be checked against the first
+    one's name."""
+    seen = []
+
+    def fake_connection(**opts):
+        seen.append((opts["host"], dict(opts["ssl"])))
+        raise OSError("refused")
+
+    conn = broker.make_connection(_broker("amqps://h1:5671//;"
+                                          "amqps://h2:5671//"))
+    monkeypatch.setattr(pyamqp.Transport, "Connection",
+                        staticmethod(fake_connection))
+    with pytest.raises(kombu.exceptions.OperationalError):
+        conn.ensure_connection(max_retries=3, interval_start=0,
+                               interval_step=0)
+    assert [(host, opts["server_hostname"]) for host, opts in seen] == [
+        ("h1:5671", "h1"), ("h2:5671", "h2"), ("h1:5671", "h1"),
+        ("h2:5671", "h2")]
+
+
+def _ssl_error(cls, reason, text):
+    err = cls(1, text)
+    err.reason = reason
+    return err
+
+
+def test_tls_refusals_are_permanent():
+    verify = ssl.SSLCertVerificationError(1, "certificate verify failed")
+    verify.reason = "CERTIFICATE_VERIFY_FAILED"
+    verify.verify_message = "self-signed certificate in certificate chain"
+    assert broker.tls_refusal(verify)[0] == "ssl_ca_file"
+    assert broker.reason(verify) == ("TLS: certificate verify failed: "
+                                     "self-signed certificate in "
+                                     "certificate chain")
+    unknown = _ssl_error(ssl.SSLError, "TLSV1_ALERT_UNKNOWN_CA", "x")
+    assert broker.tls_refusal(unknown)[0] == "ssl_cert_file"
+    assert broker.reason(unknown) == "TLS: tlsv1 alert unknown ca"
+    closed = ssl.SSLEOFError(8, "EOF occurred in violation of protocol")
+    assert broker.tls_refusal(closed) is broker.TLS_CLOSED
+    plain = _ssl_error(ssl.SSLError, "WRONG_VERSION_NUMBER", "x")
+    assert broker.tls_refusal(plain)[0] == "url"
+    for err in (verify, unknown, closed, plain):
+        assert broker.permanent_advice(err) == broker.tls_refusal(err)[1]
+    for transient in (ConnectionRefusedError(111, "refused"),
+                      _ssl_error(ssl.SSLError, "SOMETHING_ELSE", "x"),
+                      socket.timeout("timed out")):
+        assert broker.tls_refusal(transient) is None
+        assert broker.permanent_advice(transient) is None
+
+
+@pytest.fixture
+def tls_server():
+    """A TLS server on 127.0.0.1 whose certificate a client cannot verify
+    (made by a CA of its own); counts the connections it accepted."""
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted = []
+
+    def serve():
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except OSError:
+                return
+            accepted.append(sock)
+            try:
+                context.wrap_socket(sock, server_side=True)
+            except (OSError, ssl.SSLError):
+                pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield listener.getsockname()[1], accepted
+    listener.close()
+
+
+@pytest.mark.parametrize("retries", ["", "5"])
+def test_an_untrusted_broker_stops_the_start_at_once(tmp_path, tls_server,
+                                                     retries, caplog):
+    port, accepted = tls_server
+    path = tmp_path / "tls.conf"
+    path.write_text(textwrap.dedent("""\
+        [broker]
+        url = amqps://guest:secret@127.0.0.1:{port}//
+        connect_max_retries = {retries}
+        [consumer:q]
+        [archive]
+        working_directory = {work}
+        roll_checker = never
+        """).format(port=port, retries=retries, work=tmp_path / "work"))
+    worker = make_worker(config_mod.load(str(path)))
+    with pytest.raises(broker.BrokerError) as info:
+        broker.declare(worker)
+    assert str(info.value) == (
+        "%s [broker] ssl_ca_file: TLS to the broker "
+        "amqps://guest:**@127.0.0.1:%d// failed: TLS: certificate verify "
+        "failed: unable to get local issuer certificate; this will "
+        "not heal by retrying: %s" % (path, port,
+                                      broker.TLS_PERMANENT[
+                                          "CERTIFICATE_VERIFY_FAILED"][1]))
+    assert len(accepted) == 1

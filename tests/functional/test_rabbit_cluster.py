@@ -1,0 +1,238 @@
+"""A quorum queue on the project's own 3-node RabbitMQ cluster
+(``scripts/rabbit-cluster``, the ``cluster`` fixture), the node holding its
+leader killed with SIGKILL while the worker consumes and a publisher with
+confirms publishes: every confirmed message is archived.
+
+The worker is given the three URLs (``;``), the leader's first, so that
+its connection is the one the kill cuts. The publisher uses kombu as
+designed for this: ``confirm_publish`` and ``Connection.ensure`` (which
+reconnects, to the next URL, and publishes again: a message whose confirm
+the kill swallowed is sent twice, so duplicates are allowed and counted).
+The time from the kill to the next message the worker acked (fsynced
+first) is measured from its metrics endpoint and printed, not asserted.
+"""
+
+import collections
+import re
+import socket
+import threading
+import time
+import urllib.request
+
+import pytest
+from kombu import Connection
+from kombu import Exchange
+from kombu import Queue
+
+from shoebox_worker.consume import envelope
+from shoebox_worker.tools import simulator
+
+pytestmark = pytest.mark.functional
+
+COUNT = 5000
+RATE = 500.0  # messages a second: ten seconds of publishing
+ROUTING_KEY = "notifications.info"
+QUORUM = {"x-queue-type": "quorum"}
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Publisher(threading.Thread):
+    """Publishes COUNT notifications at RATE with confirms, through kombu's
+    ``Connection.ensure`` over the cluster's URLs; ``confirmed`` holds the
+    message_ids whose publish returned (the broker confirmed them)."""
+
+    def __init__(self, urls, exchange, seed):
+        super().__init__(daemon=True)
+        self.urls = urls
+        self.exchange = exchange
+        self.seed = seed
+        self.confirmed = []
+        self.sent = set()
+        self.retries = 0
+        self.error = None
+
+    def _retrying(self, exc, interval):
+        self.retries += 1
+
+    def run(self):
+        try:
+            with Connection(self.urls, connect_timeout=5, heartbeat=10,
+                            transport_options={"confirm_publish": True}) \
+                    as conn:
+                producer = conn.Producer(
+                    exchange=Exchange(self.exchange, type="topic",
+                                      durable=True), auto_declare=False)
+                publish = conn.ensure(producer, producer.publish,
+                                      errback=self._retrying, max_retries=60,
+                                      interval_start=0.2, interval_step=0.5,
+                                      interval_max=2)
+                started = time.monotonic()
+                for n, notification in enumerate(simulator.notifications(
+                        COUNT, seed=self.seed)):
+                    due = started + n / RATE
+                    if due > time.monotonic():
+                        time.sleep(due - time.monotonic())
+                    self.sent.add(notification["message_id"])
+                    publish(envelope.wrap(notification),
+                            routing_key=ROUTING_KEY,
+                            content_type="application/json",
+                            content_encoding="utf-8", delivery_mode=2,
+                            declare=[], retry=False)
+                    self.confirmed.append(notification["message_id"])
+        except Exception as exc:  # reported by the test
+            self.error = exc
+
+
+class AckWatch(threading.Thread):
+    """Samples the worker's ``shoebox_messages_acked_total`` and how many
+    times it logged ``consuming from`` every 20 ms."""
+
+    def __init__(self, port, worker):
+        super().__init__(daemon=True)
+        self.url = "http://127.0.0.1:%d/metrics" % port
+        self.worker = worker
+        self.samples = []
+        self.stop = threading.Event()
+
+    def acked(self):
+        try:
+            with urllib.request.urlopen(self.url, timeout=1) as reply:
+                text = reply.read().decode()
+        except OSError:
+            return None
+        match = re.search(r"^shoebox_messages_acked_total (\S+)$", text,
+                          re.M)
+        return float(match.group(1)) if match else None
+
+    def run(self):
+        while not self.stop.is_set():
+            acked = self.acked()
+            if acked is not None:
+                self.samples.append((time.monotonic(), acked,
+                                     self.worker.log.count("consuming from")))
+            time.sleep(0.02)
+
+    def next_ack_after(self, kill):
+        """Seconds from ``kill`` to the first ack after it: after the
+        worker consumed again on a new connection, when it reconnected;
+        and whether it did."""
+        after = [s for s in self.samples if s[0] > kill]
+        if not after:
+            return None, False
+        connections = after[0][2]
+        reconnected = [s for s in after if s[2] > connections]
+        base = reconnected[0] if reconnected else after[0]
+        for when, acked, _ in after:
+            if when > base[0] and acked > base[1]:
+                return when - kill, bool(reconnected)
+        return None, bool(reconnected)
+
+
+def _declare(cluster, name):
+    with Connection(cluster.urls[0], connect_timeout=5) as conn:
+        exchange = Exchange(name, type="topic", durable=True)
+        Queue(name, exchange, routing_key=ROUTING_KEY, durable=True,
+              queue_arguments=QUORUM)(conn.default_channel).declare()
+
+
+def _delete(cluster, name):
+    with Connection(cluster.urls, connect_timeout=5) as conn:
+        conn.ensure_connection(max_retries=3)
+        channel = conn.channel()
+        channel.queue_delete(name)
+        channel.exchange_delete(name)
+
+
+def _depth(cluster, name):
+    try:
+        with Connection(cluster.urls, connect_timeout=2) as conn:
+            conn.ensure_connection(max_retries=1)
+            return conn.channel().queue_declare(name, passive=True)[1]
+    except Exception:
+        return None
+
+
+def test_killing_the_leader_loses_no_confirmed_message(
+        cluster, names, tmp_path, worker_procs, ft):
+    _declare(cluster, names)
+    try:
+        _run(cluster, names, tmp_path, worker_procs, ft)
+    finally:
+        _delete(cluster, names)
+
+
+def _run(cluster, names, tmp_path, worker_procs, ft):
+    leader = cluster.leader(names)
+    others = [node for node in cluster.nodes if node != leader]
+    worker_urls = [cluster.url_of(node) for node in [leader] + others]
+    config = ft.worker_config(
+        tmp_path, names, names, url=";".join(worker_urls),
+        routing_key=ROUTING_KEY, durable=True,
+        consumer_options={"queue_arguments": "x-queue-type=quorum"},
+        roll_checker="count", roll_options={"roll_count": 1000},
+        broker={"prefetch_count": 200},
+        archive_options={"fsync_every": 50})
+    metrics_port = _free_port()
+    with open(config, "a") as conf:
+        conf.write("\n[metrics]\nport = %d\n" % metrics_port)
+    worker = worker_procs(config)
+    assert worker.wait_for_log(r"consuming from", 60), worker.log_tail()
+
+    watch = AckWatch(metrics_port, worker)
+    watch.start()
+    # the publisher starts on a node that is not the leader's
+    publisher = Publisher([cluster.url_of(node) for node in others + [leader]],
+                          names, seed=11)
+    publisher.start()
+    try:
+        ft.wait_until(lambda: len(publisher.confirmed) >= COUNT * 0.3
+                      or not publisher.is_alive(), 60,
+                      message="a third published")
+        confirmed_at_kill = len(publisher.confirmed)
+        killed = time.monotonic()
+        cluster.kill(leader)
+        time.sleep(5)
+        cluster.restart(leader)
+        restarted = time.monotonic()
+        publisher.join(300)
+        assert not publisher.is_alive(), "publisher still running"
+        assert publisher.error is None, repr(publisher.error)
+        ft.wait_until(lambda: _depth(cluster, names) == 0
+                      and (watch.samples[-1][1] if watch.samples else 0)
+                      >= len(set(publisher.confirmed)), 180, interval=0.2,
+                      message="every confirmed message acked")
+    finally:
+        watch.stop.set()
+        watch.join(5)
+    worker.signal(15)
+    assert worker.wait(60) == 0, worker.log_tail()
+
+    records = ft.read_archives(tmp_path / "archive")
+    counts = collections.Counter(r.metadata["message_id"] for r in records)
+    confirmed = set(publisher.confirmed)
+    lost = confirmed - set(counts)
+    assert not lost, "%d confirmed message(s) lost, e.g. %s" % (
+        len(lost), sorted(lost)[:3])
+    unexpected = set(counts) - publisher.sent
+    assert not unexpected, sorted(unexpected)[:3]
+    duplicates = sum(counts.values()) - len(counts)
+    gap, reconnected = watch.next_ack_after(killed)
+    print("\ncluster: killed the leader %s (the worker's node) with SIGKILL "
+          "after %d confirmed, serving again %.1f s after the kill; %d "
+          "confirmed of %d sent (%d publisher retries), %d archived: 0 "
+          "lost, %d "
+          "duplicate(s), %d archived unconfirmed; kill to next acked "
+          "message: %s (worker reconnected: %s); the worker connected %d "
+          "time(s)" % (
+              leader, confirmed_at_kill, restarted - killed,
+              len(confirmed), len(publisher.sent),
+              publisher.retries, len(counts), duplicates,
+              len(set(counts) - confirmed),
+              "%.2f s" % gap if gap is not None else "not seen",
+              reconnected, worker.log.count("consuming from")))
+    assert gap is not None, "no ack seen after the kill"
