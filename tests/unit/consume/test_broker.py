@@ -670,6 +670,11 @@ class TestQueueDepths:
                 for n in range(5):
                     producer.publish({"n": n}, exchange="", routing_key=here,
                                      retry=False)
+            # published without confirms: wait until the broker has all 5
+            deadline = time.monotonic() + 30
+            while consuming.queue_declare(here, passive=True).message_count \
+                    < 5 and time.monotonic() < deadline:
+                time.sleep(0.05)
             depths = broker.QueueDepths([missing, here])
             with caplog.at_level(logging.INFO, logger=broker.LOG.name):
                 first = depths.poll(rabbit, 0.0)
