@@ -31,7 +31,7 @@ def _servers_missing():
     """The server packages the script must list under a PATH that hides
     them: only those whose server does not answer."""
     missing = []
-    if not _answers(5672) and not os.path.exists("/usr/sbin/rabbitmq-server"):
+    if not os.path.exists("/usr/lib/rabbitmq/bin/rabbitmq-server"):
         missing.append("rabbitmq-server")
     if not _answers(6379):
         missing.append("redis-server")
@@ -60,15 +60,15 @@ def test_hidden_binaries_are_listed(bare_path):
     assert result.returncode == 0, result.stderr
     # rabbitmq-server and redis-server are hidden too, but listed only
     # when their server does not answer.
-    assert result.stdout.split() == _servers_missing() + ["strace", "jq",
-                                                          "systemd"]
+    assert result.stdout.split() == _servers_missing() + [
+        "strace", "jq", "openssl", "systemd"]
 
 
 def test_a_binary_on_path_is_not_listed(bare_path):
     (bare_path / "jq").symlink_to(shutil.which("jq") or "/bin/true")
     result = _run(bare_path, "--dry-run")
-    assert result.stdout.split() == _servers_missing() + ["strace",
-                                                          "systemd"]
+    assert result.stdout.split() == _servers_missing() + [
+        "strace", "openssl", "systemd"]
 
 
 def test_no_python_that_makes_a_venv_lists_python3_venv(bare_path):
@@ -77,7 +77,8 @@ def test_no_python_that_makes_a_venv_lists_python3_venv(bare_path):
 
 
 def test_with_the_full_path_only_what_is_missing_is_listed():
-    tools = {"strace": "strace", "jq": "jq", "systemd": "systemd-analyze"}
+    tools = {"strace": "strace", "jq": "jq", "openssl": "openssl",
+             "systemd": "systemd-analyze"}
     expected = [name for name, binary in tools.items()
                 if not shutil.which(binary)]
     result = _run(os.environ["PATH"], "--dry-run")
@@ -100,4 +101,4 @@ def test_not_root_says_what_to_install_in_one_line(bare_path):
         r"them: apt-get install (.*)\n", result.stderr)
     assert line, result.stderr
     assert line.group(1) == line.group(2)
-    assert line.group(1).endswith("strace jq systemd")
+    assert line.group(1).endswith("strace jq openssl systemd")
