@@ -526,7 +526,9 @@ class _Walk:
             if found < 0:
                 # keep the last bytes: a marker may straddle chunks
                 self.pos = max(self.pos, len(self.buf) - 3)
-                if self.eof or self._fill(self.chunk_size) <= 3:
+                kept = len(self.buf) - self.pos
+                # one more read (any chunk size): at the end, all is junk
+                if self.eof or self._fill(kept + 1) <= kept:
                     self.pos = len(self.buf)
                     break
                 continue

@@ -634,6 +634,12 @@ class TestReaderDetails:
             "%s: skipped bytes %d-%d: record checksum mismatch"
             % (path, offsets[1], offsets[2])]
         caplog.clear()
+        with archive.ArchiveReader(path, salvage=True) as r:  # its default
+            assert len(list(r)) == 2
+        assert [r.getMessage() for r in caplog.records] == [
+            "%s: skipped bytes %d-%d: record checksum mismatch"
+            % (path, offsets[1], offsets[2])]
+        caplog.clear()
         archive.inspect_file(path, quiet=True)
         with archive.ArchiveReader(path, salvage=True, quiet=True) as r:
             list(r)

@@ -788,3 +788,31 @@ class TestEarlyChecksAtTheirFirstBytes:
         assert list(record.walk(_Trickle(data, len(head)), salvage=True,
                                 chunk_size=len(head), on_skip=skips)) == []
         assert skips == [(0, len(data), reason)]
+
+
+class TestSmallReads:
+    """Reads that hand over a few bytes at a time (a pipe, a decompressor's
+    read1): found by the mutation check (``_fill``)."""
+
+    @pytest.mark.parametrize("chunk", [1, 2, 3, 4, record.READ_CHUNK])
+    def test_long_junk_is_one_range_at_any_chunk_size(self, chunk):
+        one = record.pack({"n": "1"}, b"one")
+        two = record.pack({"n": "2"}, b"two")
+        junk = b"j" * 100  # no marker, longer than a header and a chunk
+        skips = _Skips()
+        got = list(record.walk(_Trickle(one + junk + two, 3), salvage=True,
+                               on_skip=skips, chunk_size=chunk))
+        assert [r[4] for r in got] == [b"one", b"two"]
+        assert skips == [(len(one), len(one) + len(junk),
+                          "no record marker")]
+
+    def test_a_record_is_yielded_before_the_rest_is_read(self):
+        one = record.pack({"n": "1"}, b"one")
+        rest = b"".join(record.pack({"i": str(i)}, b"x" * 50)
+                        for i in range(40))
+        stream = _Trickle(one + rest, 3)
+        walker = record.walk(stream, chunk_size=64)
+        assert next(walker)[4] == b"one"
+        # the bytes of that record and at most one chunk more
+        assert stream.pos <= len(one) + 64
+        assert len(list(walker)) == 40
