@@ -24,7 +24,6 @@ import collections
 import concurrent.futures
 import hashlib
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -33,6 +32,7 @@ import tempfile
 import time
 import uuid
 
+import kill_points
 import pytest
 from swiftclient import client as swc
 
@@ -45,11 +45,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
 EXAMPLE_PLUGIN = os.path.join(ROOT, "examples", "shoebox-example-plugin")
 WORKER = os.path.join(os.path.dirname(sys.executable), "shoebox-worker")
 #: The kinds of calls killed at, each with the system calls it counts.
-KINDS = {
-    "rename": "rename,renameat,renameat2",
-    "unlink": "unlink,unlinkat",
-    "fsync": "fsync,fdatasync",
-}
+KINDS = kill_points.KINDS
 #: Messages per point, in archives of ROLL_COUNT (two archives).
 MESSAGES = 6
 ROLL_COUNT = 3
@@ -204,16 +200,7 @@ def count_calls(strace, point, ft):
                  *_worker_argv(point)], os.path.join(point.dir, "log"),
                 _env())
     assert code == 0, open(os.path.join(point.dir, "log")).read()[-3000:]
-    calls = collections.Counter()
-    syscall = re.compile(r"^(\d+)\s+(\w+)\(")
-    for line in open(trace):
-        match = syscall.match(line)
-        if match:
-            for kind, names in KINDS.items():
-                if match.group(2) in names.split(","):
-                    calls[kind, match.group(1)] += 1
-    return {kind: max([n for (k, _), n in calls.items() if k == kind] or
-                      [0]) for kind in KINDS}
+    return kill_points.most_calls_per_thread(trace)
 
 
 def run_point(strace, point, ft):

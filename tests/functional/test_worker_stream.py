@@ -22,7 +22,6 @@ import io
 import os
 import pathlib
 import random
-import re
 import shutil
 import signal
 import subprocess
@@ -30,6 +29,7 @@ import sys
 import threading
 import time
 
+import kill_points
 import kombu
 import pytest
 import swiftclient.client as swc
@@ -239,11 +239,7 @@ def test_streams_processes_n_refused_in_one_line(rabbit, names, ft,
 # -- killed at every rename, unlink and fsync ---------------------------------
 
 #: The kinds of calls killed at, each with the system calls it counts.
-KINDS = {
-    "rename": "rename,renameat,renameat2",
-    "unlink": "unlink,unlinkat",
-    "fsync": "fsync,fdatasync",
-}
+KINDS = kill_points.KINDS
 #: Messages per point, in archives of ROLL_COUNT (two archives).
 MESSAGES = 6
 ROLL_COUNT = 3
@@ -316,16 +312,7 @@ def count_calls(strace, point, ft):
                  "-e", "trace=" + ",".join(KINDS.values()), *_argv(point)],
                 point.log)
     assert code == 0, open(point.log).read()[-3000:]
-    calls = collections.Counter()
-    syscall = re.compile(r"^(\d+)\s+(\w+)\(")
-    for line in open(trace):
-        match = syscall.match(line)
-        if match:
-            for kind, names in KINDS.items():
-                if match.group(2) in names.split(","):
-                    calls[kind, match.group(1)] += 1
-    return {kind: max([n for (k, _), n in calls.items() if k == kind] or
-                      [0]) for kind in KINDS}
+    return kill_points.most_calls_per_thread(trace)
 
 
 def run_point(strace, point, ft):
