@@ -24,14 +24,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 import kombu
 
-from shoebox_worker.consume import envelope
-from shoebox_worker.tools import simulator
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import worker as bench_worker  # noqa: E402  (bench/worker.py)
 
-URL = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+URL = bench_worker.URL
 IDLE_EXIT = 1.0
 
 CONFIG = """
@@ -75,30 +74,9 @@ def _time_of(log, text):
     raise RuntimeError("no %r line in the worker's log:\n%s" % (text, log))
 
 
-def prefill(conn, queue, count):
-    """Publish ``count`` notifications into ``queue`` (declared) and wait
-    until the broker holds them all."""
-    channel = conn.channel()
-    queue(channel).declare()
-    producer = kombu.Producer(channel, exchange=queue.exchange)
-    bodies = [envelope.wrap(n) for n in
-              simulator.notifications(min(count, 5000), seed=7)]
-    for i in range(count):
-        producer.publish(bodies[i % len(bodies)], routing_key=queue.name,
-                         content_type="application/json",
-                         content_encoding="utf-8", delivery_mode=2,
-                         declare=[], retry=False)
-    for _ in range(600):
-        with conn.channel() as ch:
-            if queue(ch).queue_declare(passive=True).message_count >= count:
-                return
-        time.sleep(0.1)
-    raise RuntimeError("%s did not fill" % queue.name)
-
-
 def run(conn, queue, count, workdir):
     """Prefill, drain with the worker; messages/s."""
-    prefill(conn, queue, count)
+    bench_worker.prefill(conn, queue, count)
     directory = tempfile.mkdtemp(dir=workdir)
     path = os.path.join(directory, "bench.conf")
     log = os.path.join(directory, "worker.log")
