@@ -230,6 +230,16 @@ def redis_available():
         unavailable("Redis not answering at %s: %s" % (REDIS_URL, exc))
 
 
+@pytest.fixture
+def redis_names(redis_available, names):
+    """``names``, and every Redis key holding it deleted at the end."""
+    yield names
+    import redis
+    client = redis.Redis.from_url(REDIS_URL)
+    for key in client.scan_iter("*%s*" % names):
+        client.delete(key)
+
+
 def publish(url, count, exchange, routing_key, queue=None, seed=1,
             durable=False, confirm=True):
     """Publish ``count`` synthetic notifications (v2 envelope) with

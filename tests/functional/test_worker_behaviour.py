@@ -180,15 +180,6 @@ def test_durable_mismatch_is_one_line_and_exit_2(rabbit, names, tmp_path,
     channel.close()
 
 
-@pytest.fixture
-def redis_names(redis_available, names):
-    yield names
-    import redis
-    client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
-    for key in client.scan_iter("*%s*" % names):
-        client.delete(key)
-
-
 def test_redis_transport(redis_names, tmp_path, ft):
     names = redis_names
     count = 500

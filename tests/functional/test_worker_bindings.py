@@ -84,15 +84,6 @@ def publish(url, exchanges, count_per_key, seed):
     return routed
 
 
-@pytest.fixture
-def redis_names(redis_available, names):
-    yield names
-    import redis
-    client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
-    for key in client.scan_iter("*%s*" % names):
-        client.delete(key)
-
-
 def test_redis_several_bindings(redis_names, tmp_path, worker_procs, ft):
     names = redis_names
     exchanges = [names + "-nova", names + "-glance"]
