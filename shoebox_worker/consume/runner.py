@@ -31,13 +31,16 @@ LOG = logging.getLogger(__name__)
 #: it, so the supervisor stops and exits 1 (see :mod:`.supervisor`).
 EXIT_BROKER = 3
 
-def run_worker(conf, plugins, idle_exit=None):
+def run_worker(conf, plugins, idle_exit=None,
+               stop_signals=(signal.SIGTERM, signal.SIGINT)):
     """Run one worker process until it is told to stop.
 
     :param conf: a loaded :class:`~shoebox_worker.config.Config`.
     :param plugins: ``(roll_checker, [(name, callback), ...])`` from
         :func:`shoebox_worker.plugins.build`.
     :param idle_exit: stop once no message came for this many seconds.
+    :param stop_signals: the signals that stop it (a supervised child
+        hears SIGTERM alone: see :func:`run_child`).
     :returns: the exit code.
     :raises BrokerError: the broker could not be reached within
         ``[broker] connect_max_retries`` (see :mod:`.broker`).
@@ -57,8 +60,8 @@ def run_worker(conf, plugins, idle_exit=None):
         else:
             LOG.info("got %s: stopping", name)
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    for signum in stop_signals:
+        signal.signal(signum, on_signal)
     # a supervised child starts with them blocked (see Supervisor._start):
     # one that came meanwhile is delivered now, to the handler above
     signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGTERM,
@@ -86,9 +89,17 @@ def run_child(conf, plugins, idle_exit=None):
     """:func:`run_worker` in a supervised child: an error becomes one log
     line and an exit code, worded as ``cli.main`` words them
     (:func:`~shoebox_worker.exceptions.describe`); the traceback only when
-    logging at DEBUG, as ``--debug`` does."""
+    logging at DEBUG, as ``--debug`` does.
+
+    The child ignores SIGINT: Ctrl-C reaches the whole process group, and
+    the supervisor passes each stop it counts on as one SIGTERM, so a child
+    that counted the terminal's SIGINT too would depend on which of the two
+    came first and how far apart (a second stop skips the shipping grace).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # one pending is dropped
     try:
-        return run_worker(conf, plugins, idle_exit)
+        return run_worker(conf, plugins, idle_exit,
+                          stop_signals=(signal.SIGTERM,))
     except Exception as exc:
         line, code = exceptions.describe(exc)
         LOG.error("worker stopped: %s", line,

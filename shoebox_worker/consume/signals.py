@@ -1,12 +1,13 @@
 """When a stop signal is a new one, and when the same one told twice.
 
-Ctrl-C sends SIGINT to the whole process group: under the supervisor
-(``[worker] processes = N``) each child gets it from the terminal, and a
-SIGTERM from the supervisor, which passes every stop signal on. A second
-signal means "stop now, leave shipping to the next start", so a child that
-counted both would skip the shipping grace it promised. A stop signal that
-comes within :data:`REPEAT` seconds (monotonic clock) of the last one
-counted is that same stop, told twice; a later one is a second stop.
+A second stop signal means "stop now, leave shipping to the next start".
+But one stop is often told twice: Ctrl-C pressed twice, or systemd's
+SIGTERM and then ``pkill``'s. A stop signal that comes within
+:data:`REPEAT` seconds (monotonic clock) of the last one counted is that
+same stop, told twice; a later one is a second stop. (Under the supervisor,
+``[worker] processes = N``, the children ignore SIGINT, which the terminal
+sends the whole process group: the supervisor counts it and passes it on
+as one SIGTERM.)
 """
 
 import time

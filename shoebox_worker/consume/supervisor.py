@@ -6,12 +6,13 @@ its own connection, archive and shipper; file names carry the child's pid,
 and file locks keep children from taking over each other's archives.
 
 The supervisor restarts a child that dies (with backoff), passes SIGTERM
-and SIGINT on (as SIGTERM; a repeat within a second is not passed on, and
-a child counts the one the terminal sent it and the one passed on as one:
-see :mod:`.signals`), and exits 0 once every child has exited 0. A child that
-stops for a reason a new one would meet again stops them all: a config
-mistake (exit 2), or a broker it gave up on (``runner.EXIT_BROKER``:
-``[broker] connect_max_retries`` ran out; the supervisor then exits 1).
+and SIGINT on (as SIGTERM; a repeat within a second is not passed on: see
+:mod:`.signals`; children ignore SIGINT, so the terminal's Ctrl-C reaches
+them only through the supervisor, as one SIGTERM per stop), and exits 0
+once every child has exited 0. A child that stops for a reason a new one
+would meet again stops them all: a config mistake (exit 2), or a broker it
+gave up on (``runner.EXIT_BROKER``: ``[broker] connect_max_retries`` ran
+out; the supervisor then exits 1).
 
 Under systemd (``Type=notify``, ``KillMode=mixed``, ``NotifyAccess=main``)
 the supervisor is the service's main process and the only one that talks

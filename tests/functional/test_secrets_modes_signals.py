@@ -25,6 +25,7 @@ import uuid
 import pytest
 
 from shoebox_worker import files as files_mod
+from shoebox_worker.consume import signals
 from shoebox_worker.tools import publish as publish_mod
 
 WORKER = os.path.join(os.path.dirname(os.sys.executable), "shoebox-worker")
@@ -307,8 +308,10 @@ def test_ctrl_c_twice_to_the_group_still_ships_in_the_grace(
         ft.wait_until(lambda: _unacked(ft, names) == 0, 30,
                       message="every message acked")
         # Ctrl-C, twice: the terminal signals the whole group each time
+        before = time.monotonic()
         os.killpg(proc.pid, signal.SIGINT)
         os.killpg(proc.pid, signal.SIGINT)
+        gap = time.monotonic() - before
         assert proc.wait(60) == 0
     finally:
         if proc.poll() is None:
@@ -316,11 +319,24 @@ def test_ctrl_c_twice_to_the_group_still_ships_in_the_grace(
             proc.wait()
         log.close()
     text = (tmp_path / "worker.log").read_text()
+    said = "\n".join(line for line in text.splitlines()
+                     if " got SIG" in line or "shipped" in line)
     left = sorted(os.listdir(tmp_path / "archive"))
-    assert all(name.endswith(".events.gz") or name == ".finished.ship"
-               for name in left), (left, text[-3000:])
     assert len(ft.read_archives(tmp_path / "archive")) == 60
-    assert len(re.findall(r"again within 1 s: the same stop", text)) >= 2
+    # each child heard one stop, from the supervisor, however the
+    # terminal's two signals and the supervisor's one interleaved
+    assert len(re.findall(r"runner \[\d+\] got SIGTERM: stopping$", text,
+                          re.M)) == 2, said
+    assert "runner" not in "".join(re.findall(r".*got SIGINT.*", text)), said
+    if gap >= signals.REPEAT:
+        # this test process stalled between the two: a second stop, which
+        # may skip the grace; what is left is resumed by the next start
+        assert all(name + ".ship" in left for name in left
+                   if name.endswith(".events")), (left, said)
+        return
+    assert "stopping now" not in text, said
+    assert all(name.endswith(".events.gz") or name == ".finished.ship"
+               for name in left), (left, said)
 
 
 def _unacked(ft, queue):

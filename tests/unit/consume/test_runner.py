@@ -1,7 +1,9 @@
 """Tests for shoebox_worker.consume.runner: what a supervised child's
-failure becomes (one log line and an exit code the supervisor acts on)."""
+failure becomes (one log line and an exit code the supervisor acts on),
+and the signals it stops on."""
 
 import logging
+import signal
 
 import pytest
 
@@ -21,7 +23,7 @@ from shoebox_worker.consume import runner
 ])
 def test_run_child_turns_an_error_into_an_exit_code(monkeypatch, caplog,
                                                    error, code):
-    def fails(conf, plugins, idle_exit=None):
+    def fails(conf, plugins, idle_exit=None, stop_signals=()):
         raise error
 
     monkeypatch.setattr(runner, "run_worker", fails)
@@ -37,3 +39,24 @@ def test_exit_broker_is_neither_success_nor_a_config_error():
     assert runner.EXIT_BROKER not in (exceptions.EXIT_OK,
                                       exceptions.EXIT_FAILURE,
                                       exceptions.EXIT_USAGE)
+
+
+def test_a_supervised_child_ignores_sigint_and_stops_on_sigterm(
+        monkeypatch):
+    # Ctrl-C reaches the whole group: the child hears it only through the
+    # supervisor's one SIGTERM (see runner.run_child)
+    seen = {}
+
+    def records(conf, plugins, idle_exit=None, stop_signals=()):
+        seen["stop_signals"] = stop_signals
+        seen["sigint"] = signal.getsignal(signal.SIGINT)
+        return 0
+
+    monkeypatch.setattr(runner, "run_worker", records)
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        assert runner.run_child(object(), (None, [])) == 0
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert seen == {"stop_signals": (signal.SIGTERM,),
+                    "sigint": signal.SIG_IGN}
