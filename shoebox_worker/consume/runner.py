@@ -91,12 +91,12 @@ def run_child(conf, plugins, idle_exit=None):
     (:func:`~shoebox_worker.exceptions.describe`); the traceback only when
     logging at DEBUG, as ``--debug`` does.
 
-    The child ignores SIGINT: Ctrl-C reaches the whole process group, and
-    the supervisor passes each stop it counts on as one SIGTERM, so a child
-    that counted the terminal's SIGINT too would depend on which of the two
-    came first and how far apart (a second stop skips the shipping grace).
+    The child stops on SIGTERM alone (the supervisor's ``_child`` ignores
+    SIGINT): Ctrl-C reaches the whole process group, and the supervisor
+    passes each stop it counts on as one SIGTERM, so a child that counted
+    the terminal's SIGINT too would depend on which of the two came first
+    and how far apart (a second stop skips the shipping grace).
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # one pending is dropped
     try:
         return run_worker(conf, plugins, idle_exit,
                           stop_signals=(signal.SIGTERM,))

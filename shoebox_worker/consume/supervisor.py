@@ -53,6 +53,9 @@ W_HUNG = ("worker %d (pid %d) sent no watchdog ping for %.0f s: no more "
 
 
 def _child(conf, plugins, idle_exit, notify_address, watchdog_usec):
+    # Ctrl-C comes through the supervisor, as SIGTERM (runner.run_child);
+    # SIGINT is still blocked here, and one pending is dropped
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     for name in (notify.NOTIFY_SOCKET, notify.WATCHDOG_USEC,
                  notify.WATCHDOG_PID):
         os.environ.pop(name, None)

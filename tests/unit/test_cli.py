@@ -508,7 +508,7 @@ def test_a_supervised_child_logs_one_line(write, monkeypatch, caplog, level,
     from shoebox_worker.consume import runner
     conf = cli.config_mod.load(write(GOOD))
 
-    def broken(conf, plugins, idle_exit=None):
+    def broken(conf, plugins, idle_exit=None, stop_signals=()):
         raise _Weird("boom")
 
     monkeypatch.setattr(runner, "run_worker", broken)
@@ -524,6 +524,7 @@ def test_a_supervised_child_logs_one_line(write, monkeypatch, caplog, level,
 def test_a_supervised_child_with_a_config_error_exits_2(write, monkeypatch):
     from shoebox_worker.consume import runner
     conf = cli.config_mod.load(write(GOOD))
-    monkeypatch.setattr(runner, "run_worker", lambda *args: (_ for _ in ())
+    monkeypatch.setattr(runner, "run_worker",
+                        lambda *args, **kwargs: (_ for _ in ())
                         .throw(cli.exceptions.ConfigError("bad")))
     assert runner.run_child(conf, None) == 2

@@ -381,3 +381,27 @@ def test_stop_during_a_fork_reaches_the_new_child():
     code, seconds = int(out[0]), float(out[1])
     assert code == 0
     assert seconds < 4
+
+
+def test_a_child_ignores_sigint_before_its_worker_runs(monkeypatch):
+    # Ctrl-C reaches the whole group; the child hears it as the
+    # supervisor's SIGTERM only (runner.run_child stops on SIGTERM alone)
+    seen = {}
+
+    def run_child(conf, plugins, idle_exit):
+        seen["sigint"] = signal.getsignal(signal.SIGINT)
+        return 0
+
+    def exit_(code):
+        raise SystemExit(code)
+
+    monkeypatch.setattr(runner, "run_child", run_child)
+    monkeypatch.setattr(os, "_exit", exit_)
+    monkeypatch.setattr(os, "environ", dict(os.environ))
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):
+            supervisor._child(None, None, None, None, None)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert seen == {"sigint": signal.SIG_IGN}
