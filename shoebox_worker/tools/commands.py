@@ -3,9 +3,10 @@
 They are subcommands of ``shoebox-worker`` (``cli`` calls
 :func:`add_commands`)::
 
-    shoebox-worker cat [--metadata] [--match KEY=GLOB ...] PATH...
+    shoebox-worker cat [--metadata] [SELECTION] PATH...
     shoebox-worker verify [--salvage] PATH...
-    shoebox-worker replay [--config FILE] --exchange E --routing-key K PATH...
+    shoebox-worker replay [--config FILE] --exchange E --routing-key K
+                          [SELECTION] PATH...
     shoebox-worker generate [--config FILE] --count N [--seed N [--start T]]
 
 ``replay`` and ``generate`` take the broker URL from ``--config FILE``'s
@@ -13,6 +14,10 @@ They are subcommands of ``shoebox-worker`` (``cli`` calls
 (:data:`~shoebox_worker.tools.publish.URL_VARIABLE`); ``--url URL`` is
 accepted too, but puts the password where every local user sees it (``ps``,
 ``/proc/PID/cmdline``).
+
+SELECTION is any of ``--match KEY=GLOB``, ``--since TIME``, ``--until
+TIME``, ``--where PATH=GLOB``, ``--dedup``
+(:mod:`~shoebox_worker.tools.select`).
 
 A PATH is an archive (plain, ``.gz`` or ``.zst``; format v1 or v2) or a
 directory, searched recursively for archives (files whose bytes hold
@@ -29,6 +34,7 @@ import datetime
 
 from shoebox_worker.tools import publish
 from shoebox_worker.tools import read
+from shoebox_worker.tools import select
 
 __all__ = ["add_commands", "parse_time"]
 
@@ -41,15 +47,6 @@ def parse_time(text):
         raise argparse.ArgumentTypeError(
             "not an ISO 8601 time: %r (e.g. 2024-03-01T12:00:00)"
             % text) from None
-
-
-def _add_match(parser):
-    parser.add_argument(
-        "--match", action="append", type=read.parse_match, default=[],
-        metavar="KEY=GLOB",
-        help="only records whose metadata KEY matches the shell-style "
-             "GLOB (e.g. event_type='compute.instance.*'); repeat it: all "
-             "must match")
 
 
 #: How ``replay`` and ``generate`` are told the broker, in their --help.
@@ -87,7 +84,7 @@ def add_commands(subparsers):
                     "--metadata: {\"metadata\": {...}, \"payload\": ...}.")
     cat.add_argument("--metadata", action="store_true",
                      help="print each record's metadata with its payload")
-    _add_match(cat)
+    select.add_arguments(cat)
     cat.add_argument("--salvage", action="store_true",
                      help="skip damaged records (reported on stderr) "
                           "instead of stopping at the first")
@@ -123,7 +120,7 @@ def add_commands(subparsers):
                         help="routing key, e.g. notifications.info")
     replay.add_argument("--rate", type=float, metavar="N",
                         help="at most N messages a second")
-    _add_match(replay)
+    select.add_arguments(replay)
     replay.add_argument("--salvage", action="store_true",
                         help="skip damaged records instead of stopping")
     replay.add_argument("paths", nargs="+", metavar="PATH", help=paths_help)

@@ -39,6 +39,19 @@ def test_match_is_parsed(parser):
         parser.parse_args(["cat", "--match", "nokey", "a"])
 
 
+@pytest.mark.parametrize("command", [
+    ["cat"], ["replay", "--exchange", "e", "--routing-key", "k"]])
+def test_cat_and_replay_take_the_selection(parser, command):
+    args = parser.parse_args(command + [
+        "--since", "2024-03-01T12:00:00", "--until", "2h", "--where",
+        "payload.instance_id=2f50*", "--dedup", "a"])
+    assert args.since == datetime.datetime(2024, 3, 1, 12,
+                                           tzinfo=datetime.UTC)
+    assert args.until.tzinfo is not None
+    assert [w[:2] for w in args.where] == [("payload.instance_id", "2f50*")]
+    assert args.dedup and args.match == []
+
+
 def test_generate_start_is_an_iso_time(parser):
     args = parser.parse_args(["generate", "--url", "memory://", "--count",
                               "3", "--seed", "4", "--start",
