@@ -219,7 +219,9 @@ def record_size(buf, pos=0):
 
 
 _LENGTHS = {}
-# lengths tuple -> (sum of the lengths, itemgetter of the strings' slices)
+# the length table's bytes -> (sum of the lengths, itemgetter of the
+# strings' slices): a record like the one before costs a lookup, not an
+# unpack of its lengths
 _LAYOUTS = {}
 _MAX_LAYOUTS = 4096
 # Tables of fewer lengths than this (key and value each count) are cached.
@@ -235,10 +237,11 @@ def _lengths_struct(n):
     return lengths
 
 
-def _layout(lengths, size):
-    """Sum and slicer for these string lengths, or None unless they are
-    not negative and add up to ``size``; cached when there are few (a
-    hostile table of a million lengths is checked, not kept)."""
+def _layout(table, lengths, size):
+    """Sum and slicer for these string lengths (``table``: their bytes),
+    or None unless they are not negative and add up to ``size``; cached
+    when there are few (a hostile table of a million lengths is checked,
+    not kept)."""
     if min(lengths) < 0 or sum(lengths) != size:
         return None
     slices = []
@@ -250,7 +253,7 @@ def _layout(lengths, size):
     if len(lengths) < _CACHED_LENGTHS:
         if len(_LAYOUTS) >= _MAX_LAYOUTS:
             _LAYOUTS.clear()
-        _LAYOUTS[lengths] = layout
+        _LAYOUTS[table] = layout
     return layout
 
 
@@ -267,8 +270,11 @@ def _parse_metadata(buf, start, end, pos):
     off = start + 4 + 4 * n
     if off > end:
         raise exceptions.CorruptRecord("metadata lengths overrun", pos)
-    lengths = _lengths_struct(n).unpack_from(buf, start + 4)
-    layout = _LAYOUTS.get(lengths) or _layout(lengths, end - off)
+    table = bytes(buf[start + 4:off])
+    layout = _LAYOUTS.get(table)
+    if layout is None:
+        layout = _layout(table, _lengths_struct(n).unpack_from(buf, start + 4),
+                         end - off)
     if layout is None or off + layout[0] != end:
         raise exceptions.CorruptRecord("metadata lengths do not add up", pos)
     region = bytes(buf[off:end])

@@ -11,7 +11,7 @@ They are subcommands of ``shoebox-worker`` (``cli`` calls
 
 ``replay`` and ``generate`` take the broker URL from ``--config FILE``'s
 ``[broker] url``, else from ``$SHOEBOX_BROKER_URL``
-(:data:`~shoebox_worker.tools.publish.URL_VARIABLE`); ``--url URL`` is
+(:data:`~shoebox_worker.tools.URL_VARIABLE`); ``--url URL`` is
 accepted too, but puts the password where every local user sees it (``ps``,
 ``/proc/PID/cmdline``).
 
@@ -26,17 +26,32 @@ read in the order given.
 
 This module only wires arguments to the commands: ``cat`` and ``verify``
 live in :mod:`~shoebox_worker.tools.read`, ``replay`` and ``generate`` in
-:mod:`~shoebox_worker.tools.publish`.
+:mod:`~shoebox_worker.tools.publish` (imported when they run).
 """
 
 import argparse
 import datetime
 
-from shoebox_worker.tools import publish
+from shoebox_worker import tools
 from shoebox_worker.tools import read
 from shoebox_worker.tools import select
 
-__all__ = ["add_commands", "parse_time"]
+__all__ = ["add_commands", "parse_time", "run_generate", "run_replay"]
+
+
+# The broker's modules (kombu, amqp) are imported by the commands that
+# publish, when they run: ``cat`` and ``verify`` start without them.
+
+def run_replay(args):
+    """``replay``: :func:`shoebox_worker.tools.publish.cmd_replay`."""
+    from shoebox_worker.tools import publish
+    return publish.cmd_replay(args)
+
+
+def run_generate(args):
+    """``generate``: :func:`shoebox_worker.tools.publish.cmd_generate`."""
+    from shoebox_worker.tools import publish
+    return publish.cmd_generate(args)
 
 
 def parse_time(text):
@@ -57,7 +72,7 @@ URL_EPILOG = (
     "other two for a URL with a password. The password may hold any "
     "character, as it is or percent-encoded (see [broker] url in "
     "etc/shoebox-worker.conf.sample)."
-    % publish.URL_VARIABLE)
+    % tools.URL_VARIABLE)
 
 
 def _add_url(parser):
@@ -67,7 +82,7 @@ def _add_url(parser):
     parser.add_argument(
         "--url", help="the broker URL itself, e.g. "
                       "amqp://guest:guest@127.0.0.1:5672// (visible in ps: "
-                      "prefer --config or $%s)" % publish.URL_VARIABLE)
+                      "prefer --config or $%s)" % tools.URL_VARIABLE)
 
 
 def add_commands(subparsers):
@@ -124,7 +139,7 @@ def add_commands(subparsers):
     replay.add_argument("--salvage", action="store_true",
                         help="skip damaged records instead of stopping")
     replay.add_argument("paths", nargs="+", metavar="PATH", help=paths_help)
-    replay.set_defaults(func=publish.cmd_replay)
+    replay.set_defaults(func=run_replay)
 
     generate = subparsers.add_parser(
         "generate", help="publish synthetic nova notifications",
@@ -163,4 +178,4 @@ def add_commands(subparsers):
                           help="declare this queue and bind it with the "
                                "routing key first, so nothing is dropped "
                                "before a worker declares it")
-    generate.set_defaults(func=publish.cmd_generate)
+    generate.set_defaults(func=run_generate)

@@ -34,6 +34,7 @@ from kombu import Queue
 
 from shoebox_worker import broker_url
 from shoebox_worker import config
+from shoebox_worker import tools
 from shoebox_worker.consume import broker
 from shoebox_worker.consume import envelope
 from shoebox_worker.exceptions import EXIT_OK
@@ -148,8 +149,8 @@ def _progress(total=None, unit="msg", file=None, enabled=None):
 
 
 #: Where ``replay`` and ``generate`` read the broker URL when neither
-#: ``--url`` nor ``--config`` gives it (out of ``ps``'s sight).
-URL_VARIABLE = "SHOEBOX_BROKER_URL"
+#: ``--url`` nor ``--config`` gives it.
+URL_VARIABLE = tools.URL_VARIABLE
 
 
 def url_from(args, environ):
