@@ -680,8 +680,9 @@ class TestSmallPromises:
     def test_layouts_are_cached_as_layouts(self):
         record._LAYOUTS.clear()
         record.unpack_from(record.pack({"k": "v"}, b""))
-        ((lengths, layout),) = record._LAYOUTS.items()
-        assert lengths == (1, 1) and layout[0] == 2
+        ((table, layout),) = record._LAYOUTS.items()
+        # keyed by the length table's bytes: two int32 lengths of 1
+        assert table == struct.pack("<ii", 1, 1) and layout[0] == 2
 
 
 class TestJumpAcrossReads:
