@@ -20,7 +20,9 @@ to /dev/null):
   field, and ``--since``/``--until`` keeping about half.
 
 The ratio is baseline time / cat time; the counts of lines printed are
-checked equal. Usage::
+checked equal. Reading gzip uses ISA-L's inflate when the ``isal`` package
+is installed (``shoebox-worker[fast]``), zlib's otherwise; the first line
+says which. Usage::
 
     .venv/bin/python bench/read.py [--records 100000] [--files 10]
 """
@@ -141,8 +143,10 @@ def main(argv=None):
         shutil.rmtree(directory)
 
     size = sum(len(p) for _, p in records)
-    print("%d notifications (%.1f MB as JSON) in %d files; best of %d"
-          % (len(records), size / 1e6, args.files, args.rounds))
+    print("%d notifications (%.1f MB as JSON) in %d files; best of %d; "
+          "gzip read with %s (isal: pip install shoebox-worker[fast])"
+          % (len(records), size / 1e6, args.files, args.rounds,
+             compression.inflate.__name__))
     baseline = best["zcat | grep -F"]
     if counts["cat --match"] != counts["zcat | grep -F"] or \
             counts["cat --where"] != counts["cat --match"]:
