@@ -131,7 +131,7 @@ def value_text(value):
         return value
     try:
         return orjson.dumps(value).decode("utf-8")
-    except (TypeError, orjson.JSONEncodeError):  # an int past 64 bits
+    except (TypeError, orjson.JSONEncodeError):  # from json: a huge int
         return json.dumps(value, separators=(",", ":"))
 
 
@@ -140,7 +140,9 @@ def _notification(payload):
     try:
         note = orjson.loads(payload)
     except orjson.JSONDecodeError:
-        try:  # orjson refuses integers past 64 bits, which are JSON
+        # orjson refuses some valid JSON (a lone surrogate escape, a number
+        # past a double's range); it reads integers past 64 bits as floats
+        try:
             note = json.loads(payload.decode("utf-8"),
                               parse_constant=_no_constant)
         except (ValueError, RecursionError):

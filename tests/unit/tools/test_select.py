@@ -185,6 +185,11 @@ class TestKeep:
         assert selection("--where", "v=" + glob).keep({}, payload)
         assert not selection("--where", "v=x" + glob).keep({}, payload)
 
+    def test_json_that_orjson_refuses_is_still_json(self):
+        payload = b'{"id": "x-\\ud800", "n": 5}'  # a lone surrogate escape
+        assert selection("--where", "n=5", "--where", "id=x-*").keep(
+            {}, payload)
+
     def test_where_parses_the_payload_once_and_only_when_given(
             self, monkeypatch):
         calls = []
