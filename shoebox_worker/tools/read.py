@@ -23,6 +23,11 @@ import sys
 
 import orjson
 
+try:  # the worker's own fast parser (a dependency): validates 6x faster
+    import simdjson
+except ImportError:  # pragma: no cover - normally installed
+    simdjson = None
+
 from shoebox_worker import archive
 from shoebox_worker import compression
 from shoebox_worker import exceptions
@@ -294,10 +299,20 @@ def cmd_cat(args):
     return EXIT_OK
 
 
+def _validator():
+    """A function that raises ValueError (or RuntimeError) for a payload
+    that may not be JSON, for the hot loop: simdjson's validating parse
+    (its result unused), else orjson's. Either only says "maybe not":
+    :func:`is_json` decides then, so the output is the same with either."""
+    if simdjson is not None:
+        return simdjson.Parser().parse  # one per file: not thread-safe
+    return orjson.loads
+
+
 def _cat_file(path, out, keep, with_metadata, salvage):
     chunk = []
     size = 0
-    loads, JSONDecodeError = orjson.loads, orjson.JSONDecodeError
+    validate = _validator()
     reader = open_reader(path, salvage)
     seen_skips = 0
     try:
@@ -311,9 +326,9 @@ def _cat_file(path, out, keep, with_metadata, salvage):
                     continue
                 # render_record inlined: this is the hot loop
                 try:
-                    loads(payload)
+                    validate(payload)
                     valid = True
-                except JSONDecodeError:
+                except (ValueError, RuntimeError):  # simdjson: big ints
                     valid = is_json(payload)
                 if not valid:
                     payload = orjson.dumps(_text_of(payload))

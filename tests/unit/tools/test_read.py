@@ -176,6 +176,22 @@ class TestCat:
         run(["cat", "--dedup", str(tmp_path / "a.events")], capsysbinary)
         assert len(made) == 5
 
+    TRICKY = [b'{"a": 1}', b'{\n "a": [1,\n 2]}', b'"\\ud800"', b"1e400",
+              b'{"a":1,}', b"\xff\xfe", b"[1]x", b"NaN", b'{"a":1,"a":2}',
+              b'{"big": 123456789012345678901234567890}', b"", b"  7 ",
+              b'{"t": "\x01"}', b"[" * 600 + b"]" * 600]
+
+    @pytest.mark.parametrize("fast", [True, False])
+    def test_output_is_render_record_whichever_validates(
+            self, tmp_path, capsysbinary, monkeypatch, fast):
+        if not fast:
+            monkeypatch.setattr(read, "simdjson", None)
+        write(tmp_path / "a.events", [({}, p) for p in self.TRICKY])
+        code, out, _ = run(["cat", str(tmp_path / "a.events")], capsysbinary)
+        assert code == 0
+        assert out == b"".join(read.render_record({}, p)
+                               for p in self.TRICKY)
+
     def test_missing_key_does_not_match(self, tmp_path, capsysbinary):
         write(tmp_path / "a.events", notes(2))
         code, out, _ = run(["cat", "--match", "nope=*",
