@@ -17,6 +17,8 @@ A :class:`Selection` is built from the command line (:func:`add_arguments`,
   archive's time range), ``--where`` (globs on the notification's own JSON,
   parsed once per record and only when a ``--where`` is given), then
   ``--dedup`` (a record whose ``message_id`` was already kept is dropped).
+  A ``--where`` whose glob holds a literal that the payload's bytes lack
+  skips the parse (:func:`_needle` says when that is sure).
 
 The window is half-open, ``[since, until)``. A record whose time does not
 parse cannot be shown to be in a window: it is left out when one is given,
@@ -155,6 +157,32 @@ def _no_constant(name):
 
 
 _MISSING = object()
+
+#: Characters that JSON may write otherwise than as they are (in objects,
+#: arrays, escapes), and those of a number's text (which JSON may write in
+#: other forms: ``1e3``, ``1000.0``).
+_STRUCTURAL = frozenset('{}[],:"\\')
+_NUMERIC = frozenset("0123456789.eE+-")
+#: Shortest literal worth a search of the payload.
+_MIN_NEEDLE = 3
+
+
+def _needle(glob):
+    """Bytes that the payload holds, when it has no backslash, whenever a
+    value matching ``glob`` is in it; None when there are none to be sure
+    of. The longest literal run of the glob qualifies when it cannot be
+    part of a number's text nor be written otherwise in JSON: then a value
+    whose text holds it is a string (its bytes as they are, unless
+    escaped: hence no backslash), ``true``/``false`` (as they are), or an
+    object or array holding such. (``null`` is left out: a value that
+    orjson writes back as ``null`` may be ``1e400`` in the payload.)"""
+    if "[" in glob:
+        return None  # a character class is no literal
+    best = max(re.split(r"[*?]", glob), key=len)
+    if len(best) < _MIN_NEEDLE or _STRUCTURAL.intersection(best) \
+            or set(best) <= _NUMERIC or best in "null":
+        return None
+    return best.encode("utf-8")
 
 
 def _at(note, parts):
@@ -295,6 +323,8 @@ class Selection:
         since, until = self.since, self.until
         windowed = self.windowed
         where = [(path.split("."), test) for path, _, test in self.where]
+        needles = [n for n in (_needle(glob) for _, glob, _ in self.where)
+                   if n is not None]
         dedup, seen = self.dedup, self._seen
         record_time, at, missing = timestamps.record_time, _at, _MISSING
 
@@ -311,6 +341,10 @@ class Selection:
                     return False
             note = None
             if where:
+                if needles and b"\\" not in payload:
+                    for needle in needles:  # cannot match: skip the parse
+                        if needle not in payload:
+                            return False
                 note = _notification(payload)
                 if note is None:
                     return False

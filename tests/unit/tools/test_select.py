@@ -190,6 +190,38 @@ class TestKeep:
         assert selection("--where", "n=5", "--where", "id=x-*").keep(
             {}, payload)
 
+    PAYLOADS = [
+        b'{"v": "2f50-abc"}', b'{"v": "\\u0032f50-abc"}',  # escaped: "2f50"
+        b'{"v": "caf\xc3\xa9-1"}', b'{"v": "caf\\u00e9-1"}',
+        b'{"v": true}', b'{"v": false}', b'{"v": null}', b'{"v": 1e400}',
+        b'{"v": 8.84691e5}', b'{"v": 884691}', b'{"v": {"k": "2f50-abc"}}',
+        b'{"v": ["caf\xc3\xa9-1", 2]}', b'{"2f50-abc": 1, "v": "x"}',
+        b'{"v": "a/b"}', b'{"v": "a\\/b"}', b'not json 2f50-abc', b"[]"]
+    GLOBS = ["2f50-abc", "2f50*", "*-abc", "caf\u00e9-1", "caf\u00e9*",
+             "true", "tru*", "false", "null", "nul?", "884691", "884691.0",
+             '{"k":"2f50-abc"}', "*2f50-abc*", "a/b", "x", "*", "?"]
+
+    def test_skipping_the_parse_never_changes_the_answer(self, monkeypatch):
+        with_needles = [[selection("--where", "v=" + glob).keep({}, p)
+                         for p in self.PAYLOADS] for glob in self.GLOBS]
+        monkeypatch.setattr(select, "_needle", lambda glob: None)
+        parsed = [[selection("--where", "v=" + glob).keep({}, p)
+                   for p in self.PAYLOADS] for glob in self.GLOBS]
+        assert with_needles == parsed
+        assert any(any(row) for row in parsed)  # some match at all
+        # escaped "2f50" and "café" match, found by the parse
+        assert parsed[0][:2] == [True, True] and parsed[3][2:4] == [True,
+                                                                    True]
+
+    @pytest.mark.parametrize("glob, needle", [
+        ("2f50-abc", b"2f50-abc"), ("*-instance-*", b"-instance-"),
+        ("caf\u00e9*", "caf\u00e9".encode()), ("true", b"true"),
+        ("884691", None), ("1.5e3", None), ("null", None), ("nu*", None),
+        ("ab", None), ("a[bc]def", None), ('{"a":1}', None), ("a,bcd", None),
+        ("x\\y*", None)])
+    def test_needles(self, glob, needle):
+        assert select._needle(glob) == needle
+
     def test_where_parses_the_payload_once_and_only_when_given(
             self, monkeypatch):
         calls = []
