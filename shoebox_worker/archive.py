@@ -16,6 +16,7 @@ import os
 from shoebox_worker import compression
 from shoebox_worker import exceptions
 from shoebox_worker import record
+from shoebox_worker import timestamps
 
 __all__ = [
     "ArchiveWriter",
@@ -88,6 +89,11 @@ class ArchiveWriter(Archive):
         #: Metadata of the first and the last record written.
         self.first_metadata = None
         self.last_metadata = None
+        #: Earliest and latest record ``timestamp`` written
+        #: (:class:`~shoebox_worker.timestamps.Span`), and as of the last
+        #: sync (what :meth:`abandon` goes back to).
+        self.span = timestamps.Span()
+        self._synced_span = timestamps.Span()
         self._handle = open(self.filename, "xb" if exclusive else "ab",
                             buffering=0)
         #: Bytes in the archive, buffered ones included.
@@ -110,6 +116,7 @@ class ArchiveWriter(Archive):
         if not self.records:
             self.first_metadata = metadata
         self.last_metadata = metadata
+        self.span.add(metadata)
         self.records += 1
         self.size += len(data)
         if self._buffered >= WRITE_BUFFER:
@@ -136,16 +143,19 @@ class ArchiveWriter(Archive):
         self.flush()
         os.fsync(self._handle.fileno())
         self.synced_size = self.size
+        self._synced_span = self.span.copy()
 
     def abandon(self):
         """Give up on what is not synced after a failed write: drop the
-        buffer, cut the file back to the last sync, close it.
+        buffer, cut the file back to the last sync, close it. The time
+        range (:attr:`span`) goes back to the last sync's too.
 
         :returns: the size kept (bytes).
         """
         handle, self._handle = self._handle, None
         self._buffer = []
         self._buffered = 0
+        self.span = self._synced_span.copy()
         if handle is not None:
             try:
                 os.ftruncate(handle.fileno(), self.synced_size)
@@ -166,13 +176,16 @@ class ArchiveWriter(Archive):
         counts (the file is not read again).
 
         Records the file held before an appending writer opened it are not
-        counted: use :func:`inspect_file` for those.
+        counted (nor in the time range): use :func:`inspect_file` for
+        those.
         """
+        earliest, latest = self.span.texts()
         return ArchiveReport(
             self.filename, records=self.records, size=self.size,
             versions={self.version} if self.records else set(),
             first_metadata=self.first_metadata,
-            last_metadata=self.last_metadata)
+            last_metadata=self.last_metadata,
+            earliest=earliest, latest=latest)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,6 +322,11 @@ class ArchiveReport:
         valid record after it (a torn tail), else None.
     :ivar first_metadata: metadata of the first valid record.
     :ivar last_metadata: metadata of the last valid record.
+    :ivar earliest: the earliest ``timestamp`` of all valid records (not
+        the first record's: late records come in any order), as
+        :func:`~shoebox_worker.timestamps.to_text` writes it; None when
+        none parses (:func:`~shoebox_worker.timestamps.record_time`).
+    :ivar latest: the latest, likewise.
     """
 
     filename: str
@@ -319,6 +337,8 @@ class ArchiveReport:
     torn_offset: int | None = None
     first_metadata: dict | None = None
     last_metadata: dict | None = None
+    earliest: str | None = None
+    latest: str | None = None
 
     @property
     def ok(self):
@@ -338,11 +358,13 @@ def inspect_file(filename, on_record=None, quiet=False):
     """
     report = ArchiveReport(os.fspath(filename))
     versions = report.versions
+    span = timestamps.Span()
     with ArchiveReader(filename, salvage=True, quiet=quiet) as reader:
         for found in reader.records():
             metadata = found[3]
             report.records += 1
             versions.add(found[1])
+            span.add(metadata)
             if report.first_metadata is None:
                 report.first_metadata = metadata
             report.last_metadata = metadata
@@ -350,6 +372,7 @@ def inspect_file(filename, on_record=None, quiet=False):
                 on_record(found)
         report.skipped = list(reader.skipped)
         report.size = reader.offset
+    report.earliest, report.latest = span.texts()
     if report.skipped and report.skipped[-1].end == report.size:
         # no valid record after the last damage: a torn tail
         report.torn_offset = report.skipped[-1].start

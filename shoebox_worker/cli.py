@@ -17,7 +17,6 @@ import sys
 import traceback
 
 from shoebox_worker import __version__
-from shoebox_worker import config as config_mod
 from shoebox_worker import exceptions
 from shoebox_worker import files
 from shoebox_worker.exceptions import EXIT_OK
@@ -83,7 +82,8 @@ def _load(path):
 
     :returns: ``(conf, (roll_checker, [(name, callback), ...]))``.
     """
-    conf = config_mod.load(path)
+    from shoebox_worker import config  # not for the tools that read
+    conf = config.load(path)
     os.umask(conf.archive.umask)
     from shoebox_worker import plugins
     built = plugins.build(conf)

@@ -38,6 +38,13 @@ try:  # optional extra: pip install shoebox-worker[zstd]
 except ImportError:  # pragma: no cover - depends on the environment
     zstandard = None
 
+try:  # optional extra: pip install shoebox-worker[fast]
+    from isal import isal_zlib as inflate
+except ImportError:  # pragma: no cover - depends on the environment
+    #: What decompresses gzip: ISA-L's zlib-compatible inflate when the
+    #: isal package is installed (about twice as fast), else zlib.
+    inflate = zlib
+
 _COPY_CHUNK = 1 << 20
 _GZIP_INPUT = 1 << 16
 # zstd's frame magic, the skippable frames' (low 4 bits free), and the
@@ -77,13 +84,14 @@ class Codec:
 
 
 class _GzipReader(io.RawIOBase):
-    """Decompress a .gz file, member after member, with zlib directly:
+    """Decompress a .gz file, member after member, with zlib's API
+    directly (:data:`inflate`: ISA-L's when installed, else zlib's):
     each call makes at most what was asked for (zlib's ``max_length``),
     and takes input 64 KiB at a time (zlib copies what a member leaves
     unused; the standard library's reader copies its input again for
     every 8 KiB it gives out: 5 s a GiB of zeros here, 3 s with this).
-    Raises EOFError when the file ends inside a member, zlib.error or
-    BadGzipFile on damage."""
+    Raises EOFError when the file ends inside a member, zlib.error (or
+    isal's) or BadGzipFile on damage (all in :data:`DECOMPRESS_ERRORS`)."""
 
     def __init__(self, path):
         self._file = open(path, "rb")
@@ -128,7 +136,7 @@ class _GzipReader(io.RawIOBase):
         if not data.startswith(b"\x1f\x8b"):
             raise gzip.BadGzipFile("not a gzip member")
         self._input = data
-        self._zlib = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        self._zlib = inflate.decompressobj(16 + zlib.MAX_WBITS)
         return True
 
     def close(self):
@@ -246,6 +254,8 @@ if zstandard is not None:
 
 #: What reading a damaged or truncated compressed stream raises.
 DECOMPRESS_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)
+if inflate is not zlib:
+    DECOMPRESS_ERRORS += (inflate.error,)
 if zstandard is not None:
     DECOMPRESS_ERRORS += (zstandard.ZstdError,)
 

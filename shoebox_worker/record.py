@@ -60,9 +60,13 @@ layout is known here and nowhere else.
 import itertools
 import operator
 import struct
-import zlib
 
 from shoebox_worker import exceptions
+
+try:  # the same CRC-32, several times faster (shoebox-worker[fast])
+    from isal.isal_zlib import crc32
+except ImportError:  # pragma: no cover - depends on the environment
+    from zlib import crc32
 
 __all__ = [
     "MAGIC",
@@ -161,9 +165,9 @@ def pack(metadata, payload, version=CURRENT_VERSION):
     raw_len = _I32.pack(len(body))
     if version == 2:
         head = _V2_PRE.pack(MAGIC, 2, len(meta), len(body) + 4)
-        data = b"".join((head, _U32.pack(zlib.crc32(head)), meta, raw_len,
+        data = b"".join((head, _U32.pack(crc32(head)), meta, raw_len,
                          body))
-        return data + _U32.pack(zlib.crc32(data))
+        return data + _U32.pack(crc32(data))
     if version == 1:
         head = _V1_HEAD.pack(MAGIC, 1, len(meta), len(body) + 4, 0)
         return b"".join((head, meta, raw_len, body))
@@ -177,7 +181,7 @@ def _header(buf, pos):
     if magic != MAGIC:
         raise exceptions.OutOfSync("no record marker", pos)
     if version == 2:
-        if zlib.crc32(buf[pos:pos + 14]) != third:
+        if crc32(buf[pos:pos + 14]) != third:
             raise exceptions.CorruptRecord("header checksum mismatch", pos)
         size = HEADER_SIZE + meta_len + raw_len + TRAILER_SIZE
     elif version == 1:
@@ -215,7 +219,9 @@ def record_size(buf, pos=0):
 
 
 _LENGTHS = {}
-# lengths tuple -> (sum of the lengths, itemgetter of the strings' slices)
+# the length table's bytes -> (sum of the lengths, itemgetter of the
+# strings' slices): a record like the one before costs a lookup, not an
+# unpack of its lengths
 _LAYOUTS = {}
 _MAX_LAYOUTS = 4096
 # Tables of fewer lengths than this (key and value each count) are cached.
@@ -231,10 +237,11 @@ def _lengths_struct(n):
     return lengths
 
 
-def _layout(lengths, size):
-    """Sum and slicer for these string lengths, or None unless they are
-    not negative and add up to ``size``; cached when there are few (a
-    hostile table of a million lengths is checked, not kept)."""
+def _layout(table, lengths, size):
+    """Sum and slicer for these string lengths (``table``: their bytes),
+    or None unless they are not negative and add up to ``size``; cached
+    when there are few (a hostile table of a million lengths is checked,
+    not kept)."""
     if min(lengths) < 0 or sum(lengths) != size:
         return None
     slices = []
@@ -246,7 +253,7 @@ def _layout(lengths, size):
     if len(lengths) < _CACHED_LENGTHS:
         if len(_LAYOUTS) >= _MAX_LAYOUTS:
             _LAYOUTS.clear()
-        _LAYOUTS[lengths] = layout
+        _LAYOUTS[table] = layout
     return layout
 
 
@@ -263,8 +270,11 @@ def _parse_metadata(buf, start, end, pos):
     off = start + 4 + 4 * n
     if off > end:
         raise exceptions.CorruptRecord("metadata lengths overrun", pos)
-    lengths = _lengths_struct(n).unpack_from(buf, start + 4)
-    layout = _LAYOUTS.get(lengths) or _layout(lengths, end - off)
+    table = bytes(buf[start + 4:off])
+    layout = _LAYOUTS.get(table)
+    if layout is None:
+        layout = _layout(table, _lengths_struct(n).unpack_from(buf, start + 4),
+                         end - off)
     if layout is None or off + layout[0] != end:
         raise exceptions.CorruptRecord("metadata lengths do not add up", pos)
     region = bytes(buf[off:end])
@@ -309,7 +319,7 @@ def _unpack(buf, pos, end):
     raw_end = raw_start + raw_len
     if version == 2:
         (crc,) = _U32.unpack_from(buf, raw_end)
-        if zlib.crc32(memoryview(buf)[pos:raw_end]) != crc:
+        if crc32(memoryview(buf)[pos:raw_end]) != crc:
             raise exceptions.CorruptRecord("record checksum mismatch", pos)
     metadata = _parse_metadata(buf, pos + HEADER_SIZE, raw_start, pos)
     (length,) = _I32.unpack_from(buf, raw_start)

@@ -353,8 +353,10 @@ class WritingRollManager(RollManager):
             return None
         self._release_active_lock(filename)
         records, last = self._synced
+        earliest, latest = writer.span.texts()  # the synced records'
         report = dataclasses.replace(report, size=kept, records=records,
-                                     last_metadata=last)
+                                     last_metadata=last, earliest=earliest,
+                                     latest=latest)
         if self.archive_callback is not None:
             self.archive_callback.on_close(filename)
         return report

@@ -1,44 +1,56 @@
-"""A record's ``timestamp`` metadata as a moment, one way for every reader.
+"""Record times: the one reading of a record's ``timestamp`` metadata.
 
-The worker copies each notification's ``timestamp`` into the record's
-metadata as the publisher wrote it (oslo.messaging writes
-``2024-03-09 10:00:00.123456``, naive UTC; others add an offset). What
-reads it as a time (object metadata and names, ``--since``/``--until``,
-``export``'s day partitions, the index's time range) reads it here, so
-they all agree on which records are in a window.
+The worker copies the notification's own ``timestamp`` into each record's
+metadata (oslo.messaging writes ``2024-03-01 12:00:00.123456``, naive UTC).
+Everything that orders records in time reads it here, the same way: the
+archive's time range (:class:`Span`, kept by the writer and by
+:func:`~shoebox_worker.archive.inspect_file`), the Swift object's name and
+metadata, and the tools' ``--since``/``--until``. A record that one of them
+takes for "no time" is "no time" for all of them, so a time range computed
+at roll time can never leave out a record that a window later selects.
+
+:func:`record_time` is best effort and never raises: a value that is not a
+plausible time (not a string, longer than :data:`MAX_LENGTH`, not printable
+ASCII, not ISO 8601, out of range once in UTC, before 1970 or after 2999)
+is None. Naive times are UTC.
+
+:func:`to_text` writes a time as ``YYYY-MM-DDTHH:MM:SS.ffffffZ``: fixed
+width, so these strings sort as the times they name.
 """
 
 import datetime
-import re
 
-__all__ = ["record_time", "utc_text"]
+__all__ = ["MAX_LENGTH", "YEARS", "Span", "parse", "record_time", "to_text"]
 
-#: A record ``timestamp`` longer than this is not one (ISO 8601 with
-#: microseconds and an offset is 32 characters).
+#: A ``timestamp`` longer than this is not one (ISO 8601 with microseconds
+#: and an offset is 32 characters).
 MAX_LENGTH = 40
-#: Record timestamps outside these years are taken for garbage.
+#: Times outside these years are taken for garbage.
 YEARS = (1970, 2999)
 
-_PRINTABLE = re.compile(r"[\x20-\x7e]*\Z")
+_UTC = datetime.UTC
+_fromisoformat = datetime.datetime.fromisoformat
 
 
-def record_time(metadata):
-    """The ``timestamp`` of a record as an aware UTC datetime, or None for
-    anything that is not a plausible one (missing, not a string, too long,
-    not printable ASCII, not ISO 8601, out of range once in UTC, before
-    1970 or after 2999; naive means UTC). Never raises: a record's content
-    never stops anything."""
-    if not isinstance(metadata, dict):
-        return None
-    value = metadata.get("timestamp")
+def parse(value):
+    """A timestamp string as an aware UTC datetime, or None when it is not
+    a plausible one (see the module's docstring). Never raises."""
     if not isinstance(value, str) or len(value) > MAX_LENGTH \
-            or not _PRINTABLE.match(value):
+            or not value.isascii() or not value.isprintable():
         return None
+    text = value.strip()
     try:
-        moment = datetime.datetime.fromisoformat(value.strip())
+        moment = _fromisoformat(text)
         if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=datetime.UTC)
-        moment = moment.astimezone(datetime.UTC)
+            try:  # ten times faster than .replace(tzinfo=...)
+                aware = _fromisoformat(text + "+00:00")
+            except ValueError:
+                aware = moment
+            # a date alone takes no offset (or drops it)
+            moment = aware if aware.tzinfo is not None else \
+                moment.replace(tzinfo=_UTC)
+        elif moment.utcoffset():
+            moment = moment.astimezone(_UTC)
     except (ValueError, OverflowError):
         return None
     if not YEARS[0] <= moment.year <= YEARS[1]:
@@ -46,7 +58,46 @@ def record_time(metadata):
     return moment
 
 
-def utc_text(moment):
-    """An aware datetime as ``YYYY-MM-DDTHH:MM:SS.ffffffZ`` (UTC): the
-    form that sorts as the moments do."""
-    return moment.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+def record_time(metadata):
+    """The ``timestamp`` of a record's metadata as an aware UTC datetime,
+    or None (no metadata dict, no timestamp, or not a plausible one)."""
+    if not isinstance(metadata, dict):
+        return None
+    return parse(metadata.get("timestamp"))
+
+
+def to_text(moment):
+    """``YYYY-MM-DDTHH:MM:SS.ffffffZ`` of an aware datetime (None: None)."""
+    if moment is None:
+        return None
+    return moment.astimezone(_UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class Span:
+    """The earliest and latest record time seen (:meth:`add`), over every
+    record whose time parses; both None until one does."""
+
+    __slots__ = ("earliest", "latest")
+
+    def __init__(self, earliest=None, latest=None):
+        self.earliest = earliest
+        self.latest = latest
+
+    def add(self, metadata):
+        """Take one record's metadata into account."""
+        moment = record_time(metadata)
+        if moment is None:
+            return
+        if self.earliest is None:
+            self.earliest = self.latest = moment
+        elif moment < self.earliest:
+            self.earliest = moment
+        elif moment > self.latest:
+            self.latest = moment
+
+    def copy(self):
+        return Span(self.earliest, self.latest)
+
+    def texts(self):
+        """``(earliest, latest)`` as :func:`to_text` writes them."""
+        return to_text(self.earliest), to_text(self.latest)

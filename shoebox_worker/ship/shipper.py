@@ -262,15 +262,23 @@ def _report_to_state(report):
         "torn_offset": report.torn_offset,
         "first_metadata": report.first_metadata,
         "last_metadata": report.last_metadata,
+        "earliest": report.earliest,
+        "latest": report.latest,
     }
 
 
 def _report_from_state(origin, data):
     """The report a state file saved, or None when it has none (or one
-    that does not parse)."""
+    that does not parse). A state file written before reports had a time
+    range gives one without (``earliest``/``latest`` None: unknown, so
+    readers never prune that archive by time)."""
     if data is None:
         return None
     try:
+        earliest, latest = data.get("earliest"), data.get("latest")
+        if not all(v is None or isinstance(v, str)
+                   for v in (earliest, latest)):
+            raise TypeError("earliest/latest")
         return archive.ArchiveReport(
             origin, records=int(data["records"]), size=int(data["size"]),
             versions={int(v) for v in data["versions"]},
@@ -279,8 +287,9 @@ def _report_from_state(origin, data):
                      for start, end, reason in data["skipped"]],
             torn_offset=data["torn_offset"],
             first_metadata=data["first_metadata"],
-            last_metadata=data["last_metadata"])
-    except (KeyError, TypeError, ValueError):
+            last_metadata=data["last_metadata"],
+            earliest=earliest, latest=latest)
+    except (AttributeError, KeyError, TypeError, ValueError):
         LOG.warning("%s%s: the saved archive report does not parse; it is "
                     "read again from the archive", origin, STATE_SUFFIX)
         return None

@@ -50,7 +50,10 @@ checked when the callback is built: a combination Keystone cannot accept
 option(s).
 
 **What is in the archive.** The object metadata says how many records it
-holds, the timestamps of its first and last, and its format versions. They
+holds, the timestamps of its first and last, the earliest and latest
+timestamps of all its records (``Earliest-Timestamp``,
+``Latest-Timestamp``, UTC ``YYYY-MM-DDTHH:MM:SS.ffffffZ``: what readers
+prune by, see docs/reading.md), and its format versions. They
 come from the :class:`~shoebox_worker.archive.ArchiveReport` the chain
 passes to :meth:`SwiftUploadCallback.on_close` (the writer's, made at roll
 time, or the one read once when a crashed run's archive was recovered), so
@@ -136,6 +139,7 @@ from shoebox_worker import archive
 from shoebox_worker import compression
 from shoebox_worker import exceptions
 from shoebox_worker import options as coercers
+from shoebox_worker import timestamps
 
 __all__ = ["SwiftUploadCallback"]
 
@@ -203,45 +207,22 @@ def _inspect(filename):
         return None
 
 
-#: A record ``timestamp`` longer than this is not one (ISO 8601 with
-#: microseconds and an offset is 32 characters).
-_MAX_TIMESTAMP = 40
-#: Record timestamps outside these years are taken for garbage: left out
-#: of the object metadata and of the object name.
-_YEARS = (1970, 2999)
-
-
-def _record_time(metadata):
-    """The ``timestamp`` of a record as an aware UTC datetime, or None for
-    anything that is not a plausible one (missing, not a string, too long,
-    not printable ASCII, not ISO 8601, out of range once in UTC, before
-    1970 or after 2999).
-    Never raises: a record's content never stops an upload."""
-    if not isinstance(metadata, dict):
-        return None
-    value = metadata.get("timestamp")
-    if not isinstance(value, str) or len(value) > _MAX_TIMESTAMP \
-            or not _SAFE_HEADER.match(value):
-        return None
-    try:
-        moment = datetime.datetime.fromisoformat(value.strip())
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=datetime.UTC)
-        moment = moment.astimezone(datetime.UTC)
-    except (ValueError, OverflowError):
-        return None
-    if not _YEARS[0] <= moment.year <= _YEARS[1]:
-        return None
-    return moment
-
-
 def _timestamp_value(metadata):
     """What goes into ``First-``/``Last-Timestamp``: the record's own
-    ``timestamp`` when it is a plausible one (:func:`_record_time`), else
-    None (left out)."""
-    if _record_time(metadata) is None:
+    ``timestamp`` when it is a plausible one
+    (:func:`~shoebox_worker.timestamps.record_time`), else None (left
+    out)."""
+    if timestamps.record_time(metadata) is None:
         return None
     return metadata["timestamp"].strip()
+
+
+def _time_text(value):
+    """An ``Earliest-``/``Latest-Timestamp`` value: a report's normalised
+    time (:func:`~shoebox_worker.timestamps.to_text`) when it parses, else
+    None (left out)."""
+    moment = timestamps.parse(value)
+    return timestamps.to_text(moment) if moment is not None else None
 
 
 def _count(value):
@@ -820,7 +801,7 @@ class SwiftUploadCallback:
                 if report is None:
                     report = _inspect(filename)
                 first = report.first_metadata if report is not None else None
-                moment = (_record_time(first)
+                moment = (timestamps.record_time(first)
                           or datetime.datetime.fromtimestamp(stat.st_mtime,
                                                              datetime.UTC))
                 obj = self.object_name(filename, moment)
@@ -906,6 +887,9 @@ class SwiftUploadCallback:
             meta["Format-Versions"] = _versions(report.versions or ())
             meta["First-Timestamp"] = _timestamp_value(report.first_metadata)
             meta["Last-Timestamp"] = _timestamp_value(report.last_metadata)
+            # the time range of all records, for readers that prune
+            meta["Earliest-Timestamp"] = _time_text(report.earliest)
+            meta["Latest-Timestamp"] = _time_text(report.latest)
             skipped = _count(len(report.skipped or ()))
             meta["Damaged-Ranges"] = skipped or None
         headers = {"X-Object-Meta-" + name: _header_value(value)

@@ -16,7 +16,11 @@ prints.
 
 from shoebox_worker import exceptions
 
-__all__ = ["ToolError"]
+__all__ = ["ToolError", "URL_VARIABLE"]
+
+#: Where ``replay`` and ``generate`` read the broker URL when neither
+#: ``--url`` nor ``--config`` gives it (out of ``ps``'s sight).
+URL_VARIABLE = "SHOEBOX_BROKER_URL"
 
 
 class ToolError(exceptions.ShoeboxError):

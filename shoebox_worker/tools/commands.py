@@ -3,16 +3,21 @@
 They are subcommands of ``shoebox-worker`` (``cli`` calls
 :func:`add_commands`)::
 
-    shoebox-worker cat [--metadata] [--match KEY=GLOB ...] PATH...
+    shoebox-worker cat [--metadata] [SELECTION] PATH...
     shoebox-worker verify [--salvage] PATH...
-    shoebox-worker replay [--config FILE] --exchange E --routing-key K PATH...
+    shoebox-worker replay [--config FILE] --exchange E --routing-key K
+                          [SELECTION] PATH...
     shoebox-worker generate [--config FILE] --count N [--seed N [--start T]]
 
 ``replay`` and ``generate`` take the broker URL from ``--config FILE``'s
 ``[broker] url``, else from ``$SHOEBOX_BROKER_URL``
-(:data:`~shoebox_worker.tools.publish.URL_VARIABLE`); ``--url URL`` is
+(:data:`~shoebox_worker.tools.URL_VARIABLE`); ``--url URL`` is
 accepted too, but puts the password where every local user sees it (``ps``,
 ``/proc/PID/cmdline``).
+
+SELECTION is any of ``--match KEY=GLOB``, ``--since TIME``, ``--until
+TIME``, ``--where PATH=GLOB``, ``--dedup``
+(:mod:`~shoebox_worker.tools.select`).
 
 A PATH is an archive (plain, ``.gz`` or ``.zst``; format v1 or v2) or a
 directory, searched recursively for archives (files whose bytes hold
@@ -21,16 +26,32 @@ read in the order given.
 
 This module only wires arguments to the commands: ``cat`` and ``verify``
 live in :mod:`~shoebox_worker.tools.read`, ``replay`` and ``generate`` in
-:mod:`~shoebox_worker.tools.publish`.
+:mod:`~shoebox_worker.tools.publish` (imported when they run).
 """
 
 import argparse
 import datetime
 
-from shoebox_worker.tools import publish
+from shoebox_worker import tools
 from shoebox_worker.tools import read
+from shoebox_worker.tools import select
 
-__all__ = ["add_commands", "parse_time"]
+__all__ = ["add_commands", "parse_time", "run_generate", "run_replay"]
+
+
+# The broker's modules (kombu, amqp) are imported by the commands that
+# publish, when they run: ``cat`` and ``verify`` start without them.
+
+def run_replay(args):
+    """``replay``: :func:`shoebox_worker.tools.publish.cmd_replay`."""
+    from shoebox_worker.tools import publish
+    return publish.cmd_replay(args)
+
+
+def run_generate(args):
+    """``generate``: :func:`shoebox_worker.tools.publish.cmd_generate`."""
+    from shoebox_worker.tools import publish
+    return publish.cmd_generate(args)
 
 
 def parse_time(text):
@@ -43,15 +64,6 @@ def parse_time(text):
             % text) from None
 
 
-def _add_match(parser):
-    parser.add_argument(
-        "--match", action="append", type=read.parse_match, default=[],
-        metavar="KEY=GLOB",
-        help="only records whose metadata KEY matches the shell-style "
-             "GLOB (e.g. event_type='compute.instance.*'); repeat it: all "
-             "must match")
-
-
 #: How ``replay`` and ``generate`` are told the broker, in their --help.
 URL_EPILOG = (
     "The broker URL comes from --config FILE ([broker] url), else from the "
@@ -60,7 +72,7 @@ URL_EPILOG = (
     "other two for a URL with a password. The password may hold any "
     "character, as it is or percent-encoded (see [broker] url in "
     "etc/shoebox-worker.conf.sample)."
-    % publish.URL_VARIABLE)
+    % tools.URL_VARIABLE)
 
 
 def _add_url(parser):
@@ -70,7 +82,7 @@ def _add_url(parser):
     parser.add_argument(
         "--url", help="the broker URL itself, e.g. "
                       "amqp://guest:guest@127.0.0.1:5672// (visible in ps: "
-                      "prefer --config or $%s)" % publish.URL_VARIABLE)
+                      "prefer --config or $%s)" % tools.URL_VARIABLE)
 
 
 def add_commands(subparsers):
@@ -87,7 +99,7 @@ def add_commands(subparsers):
                     "--metadata: {\"metadata\": {...}, \"payload\": ...}.")
     cat.add_argument("--metadata", action="store_true",
                      help="print each record's metadata with its payload")
-    _add_match(cat)
+    select.add_arguments(cat)
     cat.add_argument("--salvage", action="store_true",
                      help="skip damaged records (reported on stderr) "
                           "instead of stopping at the first")
@@ -123,11 +135,11 @@ def add_commands(subparsers):
                         help="routing key, e.g. notifications.info")
     replay.add_argument("--rate", type=float, metavar="N",
                         help="at most N messages a second")
-    _add_match(replay)
+    select.add_arguments(replay)
     replay.add_argument("--salvage", action="store_true",
                         help="skip damaged records instead of stopping")
     replay.add_argument("paths", nargs="+", metavar="PATH", help=paths_help)
-    replay.set_defaults(func=publish.cmd_replay)
+    replay.set_defaults(func=run_replay)
 
     generate = subparsers.add_parser(
         "generate", help="publish synthetic nova notifications",
@@ -166,4 +178,4 @@ def add_commands(subparsers):
                           help="declare this queue and bind it with the "
                                "routing key first, so nothing is dropped "
                                "before a worker declares it")
-    generate.set_defaults(func=publish.cmd_generate)
+    generate.set_defaults(func=run_generate)

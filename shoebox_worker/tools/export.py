@@ -161,7 +161,7 @@ class Exporter:
             part = _JsonlPart(*self._paths(day), self._codec)
         self._open[day] = part    # now the most recent
         row = {"timestamp": None if moment is None
-               else timestamps.utc_text(moment)}
+               else timestamps.to_text(moment)}
         for key, value in metadata.items():
             if key != "timestamp":
                 row[_column(key)] = value

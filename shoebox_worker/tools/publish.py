@@ -34,11 +34,13 @@ from kombu import Queue
 
 from shoebox_worker import broker_url
 from shoebox_worker import config
+from shoebox_worker import tools
 from shoebox_worker.consume import broker
 from shoebox_worker.consume import envelope
 from shoebox_worker.exceptions import EXIT_OK
 from shoebox_worker.tools import ToolError
 from shoebox_worker.tools import read
+from shoebox_worker.tools import select
 from shoebox_worker.tools import simulator
 
 __all__ = [
@@ -147,8 +149,8 @@ def _progress(total=None, unit="msg", file=None, enabled=None):
 
 
 #: Where ``replay`` and ``generate`` read the broker URL when neither
-#: ``--url`` nor ``--config`` gives it (out of ``ps``'s sight).
-URL_VARIABLE = "SHOEBOX_BROKER_URL"
+#: ``--url`` nor ``--config`` gives it.
+URL_VARIABLE = tools.URL_VARIABLE
 
 
 def url_from(args, environ):
@@ -441,7 +443,8 @@ def cmd_replay(args):
     url = url_from(args, os.environ)
     tls = tls_from(args, url)
     files = read.find_archives(args.paths)
-    match = read.matcher(args.match)
+    selection = select.from_args(args)
+    keep = selection.keep if selection.active else None
     total = None
     if sys.stderr.isatty():  # the bar needs a total: count first
         total = sum(1 for path in files
@@ -464,7 +467,7 @@ def cmd_replay(args):
         for path in files:
             for metadata, payload in read.read_records(path, args.salvage):
                 bar.update(1)
-                if match is not None and not match(metadata):
+                if keep is not None and not keep(metadata, payload):
                     filtered += 1
                     continue
                 body = _envelope(metadata, payload)
@@ -487,8 +490,11 @@ def cmd_replay(args):
           "%d skipped (malformed)%s" % (
               args.exchange, args.routing_key, outcome.sent,
               outcome.summary(), malformed,
-              ", %d not matching --match" % filtered if args.match else ""),
+              ", %d not selected by %s" % (filtered, selection.options())
+              if selection.active else ""),
           flush=True)
+    for line in selection.notes():
+        print("shoebox-worker: %s" % line, file=sys.stderr)
     if error is not None:
         raise error
     lost = outcome.error(args.exchange, args.routing_key)

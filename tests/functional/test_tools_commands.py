@@ -285,7 +285,7 @@ class TestReplay:
         summary = result.stdout.decode()
         published = int(summary.split(": ")[1].split()[0])
         assert 0 < published < 60
-        assert "not matching --match" in summary
+        assert "not selected by --match" in summary
         assert rabbit.depth(names) == published
         assert elapsed >= (published - 1) / 20.0
 

@@ -697,3 +697,49 @@ def test_offset_after_damage_at_the_start(tmp_path):
     with archive.ArchiveReader(path, salvage=True, quiet=True) as reader:
         assert len(list(reader.records())) == 2
         assert reader.offset == len(data)
+
+
+# -- the time range -----------------------------------------------------------
+
+LATE = ["2024-03-09 10:00:00", "2024-03-09 08:00:00.5", "garbage",
+        "2024-03-09T12:30:00+01:00", "2024-03-09 09:00:00"]
+
+
+def _write_times(writer, times):
+    for value in times:
+        writer.write({"timestamp": value}, b"{}")
+
+
+def test_writer_and_inspect_file_give_the_range_of_all_records(tmp_path):
+    path = str(tmp_path / "a.events")
+    with archive.ArchiveWriter(path) as writer:
+        _write_times(writer, LATE)
+        writer.write({"event_type": "no time"}, b"{}")
+    expected = ("2024-03-09T08:00:00.500000Z", "2024-03-09T11:30:00.000000Z")
+    report = writer.report()
+    assert (report.earliest, report.latest) == expected
+    inspected = archive.inspect_file(path)
+    assert (inspected.earliest, inspected.latest) == expected
+    gz = compression.compress_file(path, compression.CODECS["gzip"])
+    assert (archive.inspect_file(gz).earliest,
+            archive.inspect_file(gz).latest) == expected
+
+
+def test_no_parsable_time_is_none(tmp_path):
+    path = str(tmp_path / "a.events")
+    with archive.ArchiveWriter(path) as writer:
+        _write_times(writer, ["garbage", ""])
+    assert (writer.report().earliest, writer.report().latest) == (None, None)
+    report = archive.inspect_file(path)
+    assert (report.earliest, report.latest) == (None, None)
+
+
+def test_abandon_goes_back_to_the_synced_range(tmp_path):
+    writer = archive.ArchiveWriter(str(tmp_path / "a.events"))
+    _write_times(writer, ["2024-03-09 10:00:00"])
+    writer.sync()
+    _write_times(writer, ["2024-03-09 08:00:00", "2024-03-09 12:00:00"])
+    assert writer.report().earliest == "2024-03-09T08:00:00.000000Z"
+    writer.abandon()
+    assert writer.span.texts() == ("2024-03-09T10:00:00.000000Z",
+                                   "2024-03-09T10:00:00.000000Z")

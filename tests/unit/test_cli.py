@@ -17,6 +17,7 @@ import pytest
 
 from shoebox_worker import archive
 from shoebox_worker import cli
+from shoebox_worker import config
 from shoebox_worker import roll_manager
 from shoebox_worker.ship import steps
 
@@ -506,7 +507,7 @@ def test_broker_gone_is_one_error_naming_it(write, tmp_path, monkeypatch,
 def test_a_supervised_child_logs_one_line(write, monkeypatch, caplog, level,
                                           traceback):
     from shoebox_worker.consume import runner
-    conf = cli.config_mod.load(write(GOOD))
+    conf = config.load(write(GOOD))
 
     def broken(conf, plugins, idle_exit=None, stop_signals=()):
         raise _Weird("boom")
@@ -523,7 +524,7 @@ def test_a_supervised_child_logs_one_line(write, monkeypatch, caplog, level,
 
 def test_a_supervised_child_with_a_config_error_exits_2(write, monkeypatch):
     from shoebox_worker.consume import runner
-    conf = cli.config_mod.load(write(GOOD))
+    conf = config.load(write(GOOD))
     monkeypatch.setattr(runner, "run_worker",
                         lambda *args, **kwargs: (_ for _ in ())
                         .throw(cli.exceptions.ConfigError("bad")))

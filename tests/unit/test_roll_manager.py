@@ -244,6 +244,15 @@ class TestCutUnsynced:
         assert read_all("u_*", str(tmp_path)) == records(3)
         assert manager.cut_unsynced() is None  # nothing open
 
+    def test_the_time_range_is_the_synced_records(self, tmp_path):
+        manager = self.manager(tmp_path)
+        manager.write({"timestamp": "2024-03-09 10:00:00"}, b"{}")
+        manager.sync()
+        manager.write({"timestamp": "2024-03-09 08:00:00"}, b"{}")
+        report = manager.cut_unsynced()
+        assert (report.records, report.earliest, report.latest) == (
+            1, "2024-03-09T10:00:00.000000Z", "2024-03-09T10:00:00.000000Z")
+
     def test_nothing_synced_removes_the_file(self, tmp_path):
         memory = steps.MemoryCallback()
         manager = self.manager(tmp_path, memory)

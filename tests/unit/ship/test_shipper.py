@@ -22,7 +22,8 @@ from shoebox_worker.consume import stats as stats_mod
 from shoebox_worker.ship import shipper
 from shoebox_worker.ship import steps
 
-RECORDS = [({"n": str(i)}, b'{"i": %d}' % i) for i in range(5)]
+RECORDS = [({"n": str(i), "timestamp": "2024-03-09 10:0%d:00" % (4 - i)},
+            b'{"i": %d}' % i) for i in range(5)]
 
 
 def write_archive(path, records=RECORDS):
@@ -639,6 +640,8 @@ class TestReport:
         assert saved["versions"] == [record.CURRENT_VERSION]
         assert saved["first_metadata"] == RECORDS[0][0]
         assert saved["last_metadata"] == RECORDS[-1][0]
+        assert (saved["earliest"], saved["latest"]) == (
+            report.earliest, report.latest)
         # "kill -9" during the first step
         first._stopping = True
         with first._cond:
@@ -728,6 +731,44 @@ class TestReport:
         assert ship.wait_idle(timeout=5)
         ((_, report),) = seen
         assert report.records == len(RECORDS)
+
+    def test_a_saved_report_of_an_older_version_still_reads(
+            self, tmp_path, make_shipper, monkeypatch):
+        # written before reports had a time range: no earliest/latest
+        path = write_archive(tmp_path / "a.events")
+        with open(path + shipper.STATE_SUFFIX, "w") as f:
+            json.dump({"path": path, "step": 0, "chain": ["swift"],
+                       "report": {"records": 5, "size": 10, "versions": [2],
+                                  "skipped": [], "torn_offset": None,
+                                  "first_metadata": RECORDS[0][0],
+                                  "last_metadata": RECORDS[-1][0]}}, f)
+        inspected = count_inspections(monkeypatch)
+        seen = []
+        ship = make_shipper([("swift", Reports(seen))])
+        assert ship.recover(str(tmp_path), is_archive) == 1
+        assert ship.wait_idle(timeout=5)
+        ((_, report),) = seen
+        assert inspected == []
+        assert (report.records, report.size) == (5, 10)
+        assert (report.earliest, report.latest) == (None, None)
+
+    @pytest.mark.parametrize("earliest", [7, ["x"], {"a": 1}])
+    def test_a_saved_time_range_of_the_wrong_type_is_read_again(
+            self, tmp_path, make_shipper, earliest):
+        path = write_archive(tmp_path / "a.events")
+        (tmp_path / "elsewhere").mkdir()
+        report = writer_report(str(tmp_path / "elsewhere" / "b.events"))
+        saved = shipper._report_to_state(report)
+        saved["earliest"] = earliest
+        with open(path + shipper.STATE_SUFFIX, "w") as f:
+            json.dump({"path": path, "step": 0, "chain": ["swift"],
+                       "report": saved}, f)
+        seen = []
+        ship = make_shipper([("swift", Reports(seen))])
+        assert ship.recover(str(tmp_path), is_archive) == 1
+        assert ship.wait_idle(timeout=5)
+        ((_, got),) = seen
+        assert got.earliest == "2024-03-09T10:00:00.000000Z"
 
     def test_unreadable_archive_gives_the_step_none(self, tmp_path,
                                                     make_shipper,

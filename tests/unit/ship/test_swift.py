@@ -20,6 +20,7 @@ from swiftclient.exceptions import ClientException
 
 from shoebox_worker import archive
 from shoebox_worker import exceptions
+from shoebox_worker import timestamps
 from shoebox_worker.ship import swift
 
 V1 = {"auth": "http://swift.example:8080/auth/v1.0", "user": "acct:me",
@@ -513,7 +514,34 @@ def test_headers_from_the_writers_report(tmp_path):
         "X-Object-Meta-Format-Versions": "2",
         "X-Object-Meta-First-Timestamp": records[0][0]["timestamp"],
         "X-Object-Meta-Last-Timestamp": records[-1][0]["timestamp"],
+        "X-Object-Meta-Earliest-Timestamp": "2024-03-09T23:59:58.000000Z",
+        "X-Object-Meta-Latest-Timestamp": "2024-03-10T00:00:04.000000Z",
     }
+
+
+def test_the_time_range_is_of_all_records_not_the_first_and_last():
+    # late records: the first record is not the earliest, the last not the
+    # latest; the range is what readers prune by, so it must hold them all
+    report = archive.ArchiveReport(
+        "o.events", records=3,
+        first_metadata={"timestamp": "2024-03-09 10:00"},
+        last_metadata={"timestamp": "2024-03-09 09:00"},
+        earliest="2024-03-09T08:00:00.000000Z",
+        latest="2024-03-09T11:00:00.000000Z")
+    headers = headers_of(report)
+    assert headers["X-Object-Meta-Earliest-Timestamp"] == \
+        "2024-03-09T08:00:00.000000Z"
+    assert headers["X-Object-Meta-Latest-Timestamp"] == \
+        "2024-03-09T11:00:00.000000Z"
+
+
+@pytest.mark.parametrize("value", ["yesterday", "", 7, "\x00"])
+def test_a_time_range_that_does_not_parse_is_left_out(value):
+    report = archive.ArchiveReport("o.events", records=1, earliest=value,
+                                   latest=value)
+    headers = headers_of(report)
+    assert "X-Object-Meta-Earliest-Timestamp" not in headers
+    assert "X-Object-Meta-Latest-Timestamp" not in headers
 
 
 def test_headers_of_an_empty_damaged_and_unreadable_archive():
@@ -555,7 +583,7 @@ def test_a_timestamp_that_does_not_parse_is_left_out(value):
     assert headers == {"X-Object-Meta-Filename": "a.events",
                        "X-Object-Meta-Records": "1",
                        "X-Object-Meta-Format-Versions": "2"}
-    assert swift._record_time(report.first_metadata) is None
+    assert timestamps.record_time(report.first_metadata) is None
 
 
 @pytest.mark.parametrize("metadata", [None, "timestamp", ["a"], 7])
@@ -580,7 +608,7 @@ def test_plausible_timestamps_are_kept_bounded_and_ascii():
     assert first("2999-12-31T23:59:59+00:00") == "2999-12-31T23:59:59+00:00"
     assert first("1970-01-01T00:59:59+01:00") is None  # 1969 in UTC
     assert first("2999-12-31T23:59:59-01:00") is None  # 3000 in UTC
-    assert swift._record_time({"timestamp": "2024-03-09 10:00:00"}) == \
+    assert timestamps.record_time({"timestamp": "2024-03-09 10:00:00"}) == \
         datetime.datetime(2024, 3, 9, 10, tzinfo=datetime.UTC)
     assert len(swift._header_value("\u00e9" * 1000)) == 256
     assert swift._header_value("\u00e9" * 1000).isascii()
@@ -592,8 +620,9 @@ def test_record_times_are_utc_whatever_the_local_zone(monkeypatch):
     monkeypatch.setenv("TZ", "Asia/Tokyo")
     time.tzset()
     try:
-        naive = swift._record_time({"timestamp": "2024-03-09 10:00:00"})
-        aware = swift._record_time({"timestamp": "2024-03-09T10:00:00+01:00"})
+        naive = timestamps.record_time({"timestamp": "2024-03-09 10:00:00"})
+        aware = timestamps.record_time(
+            {"timestamp": "2024-03-09T10:00:00+01:00"})
     finally:
         monkeypatch.undo()
         time.tzset()
@@ -603,8 +632,8 @@ def test_record_times_are_utc_whatever_the_local_zone(monkeypatch):
 
 def test_a_timestamp_is_at_most_40_characters():
     stamp = "2024-03-09T10:00:00.123456+01:00"  # 32
-    assert swift._record_time({"timestamp": stamp.rjust(40)}) is not None
-    assert swift._record_time({"timestamp": stamp.rjust(41)}) is None
+    assert timestamps.record_time({"timestamp": stamp.rjust(40)}) is not None
+    assert timestamps.record_time({"timestamp": stamp.rjust(41)}) is None
 
 
 @pytest.mark.parametrize("value", POISON_TIMESTAMPS[:6])

@@ -2,6 +2,8 @@
 
 import argparse
 import datetime
+import subprocess
+import sys
 
 import pytest
 
@@ -21,12 +23,31 @@ def parser():
     (["cat", "a"], read.cmd_cat),
     (["verify", "--salvage", "a", "b"], read.cmd_verify),
     (["replay", "--config", "c", "--exchange", "e", "--routing-key", "k",
-      "a"], publish.cmd_replay),
+      "a"], commands.run_replay),
     (["generate", "--url", "memory://", "--count", "3"],
-     publish.cmd_generate),
+     commands.run_generate),
 ])
 def test_each_command_runs_its_function(parser, argv, func):
     assert parser.parse_args(argv).func is func
+
+
+@pytest.mark.parametrize("wrapper, name", [
+    (commands.run_replay, "cmd_replay"),
+    (commands.run_generate, "cmd_generate")])
+def test_the_publishing_commands_run_publishs(monkeypatch, wrapper, name):
+    calls = []
+    monkeypatch.setattr(publish, name, lambda args: calls.append(args) or 7)
+    assert wrapper("args") == 7 and calls == ["args"]
+
+
+def test_cat_starts_without_the_broker_modules():
+    code = ("import sys; from shoebox_worker import cli; cli.build_parser(); "
+            "print(sorted(m for m in sys.modules if m.startswith(("
+            "'kombu', 'amqp', 'shoebox_worker.config', "
+            "'shoebox_worker.tools.publish'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                         check=True, text=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_match_is_parsed(parser):
@@ -37,6 +58,19 @@ def test_match_is_parsed(parser):
     assert not test("image.update") and args.metadata
     with pytest.raises(SystemExit):
         parser.parse_args(["cat", "--match", "nokey", "a"])
+
+
+@pytest.mark.parametrize("command", [
+    ["cat"], ["replay", "--exchange", "e", "--routing-key", "k"]])
+def test_cat_and_replay_take_the_selection(parser, command):
+    args = parser.parse_args(command + [
+        "--since", "2024-03-01T12:00:00", "--until", "2h", "--where",
+        "payload.instance_id=2f50*", "--dedup", "a"])
+    assert args.since == datetime.datetime(2024, 3, 1, 12,
+                                           tzinfo=datetime.UTC)
+    assert args.until.tzinfo is not None
+    assert [w[:2] for w in args.where] == [("payload.instance_id", "2f50*")]
+    assert args.dedup and args.match == []
 
 
 def test_generate_start_is_an_iso_time(parser):

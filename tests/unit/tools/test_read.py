@@ -2,7 +2,6 @@
 verify), in process. The commands as a user runs them are in
 tests/functional/test_tools_commands.py."""
 
-import argparse
 import io
 import json
 import os
@@ -77,21 +76,6 @@ class TestRender:
         assert line.count(b"\n") == 1
 
 
-class TestMatch:
-    def test_parse(self):
-        key, match = read.parse_match("event_type=compute.*")
-        assert key == "event_type"
-        assert match("compute.instance.exists")
-        assert not match("scheduler.run")
-        key, match = read.parse_match("a=b=c")
-        assert key == "a" and match("b=c")
-
-    @pytest.mark.parametrize("text", ["noequals", "=glob"])
-    def test_refused(self, text):
-        with pytest.raises(argparse.ArgumentTypeError):
-            read.parse_match(text)
-
-
 class TestFindArchives:
     def test_directory_recursive_written_order_archives_only(self, tmp_path):
         sub = tmp_path / "sub"
@@ -152,6 +136,61 @@ class TestCat:
         lines = [json.loads(line) for line in out.splitlines()]
         assert [line["metadata"]["n"] for line in lines] == ["1", "3", "5"]
         assert lines[0]["payload"] == {"n": 1, "event_type": "x"}
+
+    def test_since_until_where_dedup(self, tmp_path, capsysbinary):
+        records = [({"timestamp": "2024-03-09 10:%02d:00" % n,
+                     "message_id": "m%d" % (n % 4)},
+                    json.dumps({"n": n, "payload": {"odd": n % 2}}))
+                   for n in range(10)]
+        records.append(({"message_id": "untimed"}, "{}"))
+        write(tmp_path / "a.events", records)
+        code, out, err = run(["cat", "--since", "2024-03-09T10:02:00",
+                              "--until", "2024-03-09T10:08:00", "--where",
+                              "payload.odd=1", "--dedup",
+                              str(tmp_path / "a.events")], capsysbinary)
+        assert code == 0
+        # 3, 5, 7 in the window and odd; 7 repeats 3's message_id
+        assert [json.loads(line)["n"] for line in out.splitlines()] == [3, 5]
+        assert err == ("shoebox-worker: 1 record without a usable timestamp "
+                       "left out by --since/--until\n"
+                       "shoebox-worker: 1 duplicate dropped by --dedup\n")
+
+    def test_no_selection_costs_nothing_per_record(self, tmp_path,
+                                                   capsysbinary,
+                                                   monkeypatch):
+        made = []
+        real = read.select.Selection._make_keep
+
+        def spy(self):
+            keep = real(self)
+
+            def counted(metadata, payload):
+                made.append(1)
+                return keep(metadata, payload)
+            return counted
+
+        monkeypatch.setattr(read.select.Selection, "_make_keep", spy)
+        write(tmp_path / "a.events", notes(5))
+        code, out, _ = run(["cat", str(tmp_path / "a.events")], capsysbinary)
+        assert code == 0 and len(out.splitlines()) == 5 and made == []
+        run(["cat", "--dedup", str(tmp_path / "a.events")], capsysbinary)
+        assert len(made) == 5
+
+    TRICKY = [b'{"a": 1}', b'{\n "a": [1,\n 2]}', b'"\\ud800"', b"1e400",
+              b'{"a":1,}', b"\xff\xfe", b"[1]x", b"NaN", b'{"a":1,"a":2}',
+              b'{"big": 123456789012345678901234567890}', b"", b"  7 ",
+              b'{"t": "\x01"}', b"[" * 600 + b"]" * 600]
+
+    @pytest.mark.parametrize("fast", [True, False])
+    def test_output_is_render_record_whichever_validates(
+            self, tmp_path, capsysbinary, monkeypatch, fast):
+        if not fast:
+            monkeypatch.setattr(read, "simdjson", None)
+        write(tmp_path / "a.events", [({}, p) for p in self.TRICKY])
+        code, out, _ = run(["cat", str(tmp_path / "a.events")], capsysbinary)
+        assert code == 0
+        assert out == b"".join(read.render_record({}, p)
+                               for p in self.TRICKY)
 
     def test_missing_key_does_not_match(self, tmp_path, capsysbinary):
         write(tmp_path / "a.events", notes(2))

@@ -1,0 +1,393 @@
+"""Tests for shoebox_worker.tools.select: the selection options, what a
+record must be to be kept, and which archives may hold one."""
+
+import argparse
+import dataclasses
+import datetime
+import json
+
+import pytest
+
+from shoebox_worker import exceptions
+from shoebox_worker.tools import ToolError
+from shoebox_worker.tools import select
+
+UTC = datetime.UTC
+
+
+def at(text):
+    return datetime.datetime.fromisoformat(text).replace(tzinfo=UTC)
+
+
+def selection(*argv, load_index=None):
+    parser = argparse.ArgumentParser()
+    select.add_arguments(parser)
+    return select.from_args(parser.parse_args(list(argv)),
+                            load_index=load_index)
+
+
+def record(ts=None, message_id=None, event_type="compute.instance.exists",
+           **note):
+    metadata = {"event_type": event_type}
+    if ts is not None:
+        metadata["timestamp"] = ts
+    if message_id is not None:
+        metadata["message_id"] = message_id
+    return metadata, json.dumps({"event_type": event_type, **note}).encode()
+
+
+# -- the options --------------------------------------------------------------
+
+class TestWhen:
+    NOW = datetime.datetime(2024, 3, 9, 12, tzinfo=UTC)
+
+    @pytest.mark.parametrize("text, back", [
+        ("30m", datetime.timedelta(minutes=30)),
+        ("2h", datetime.timedelta(hours=2)),
+        ("7d", datetime.timedelta(days=7)),
+        ("2w", datetime.timedelta(weeks=2)),
+        ("45s", datetime.timedelta(seconds=45))])
+    def test_relative_is_back_from_now(self, text, back):
+        assert select.parse_when(text, now=self.NOW) == self.NOW - back
+
+    def test_relative_without_now_is_from_the_clock(self):
+        before = datetime.datetime.now(UTC)
+        moment = select.parse_when("1h")
+        after = datetime.datetime.now(UTC)
+        hour = datetime.timedelta(hours=1)
+        assert before - hour <= moment <= after - hour
+
+    @pytest.mark.parametrize("text, expected", [
+        ("2024-03-01T12:00:00", "2024-03-01T12:00:00"),
+        ("2024-03-01 12:00:00.5", "2024-03-01T12:00:00.500000"),
+        ("2024-03-01T12:00:00+01:00", "2024-03-01T11:00:00"),
+        ("2024-03-01T12:00:00Z", "2024-03-01T12:00:00"),
+        ("2024-03-01", "2024-03-01T00:00:00")])
+    def test_iso_naive_is_utc(self, text, expected):
+        assert select.parse_when(text) == at(expected)
+
+    @pytest.mark.parametrize("text", ["yesterday", "2h ago", "-2h", "",
+                                      "2024-13-01", "3m2"])
+    def test_refused(self, text):
+        with pytest.raises(argparse.ArgumentTypeError, match="not a time"):
+            select.parse_when(text)
+
+    def test_too_far_back(self):
+        with pytest.raises(argparse.ArgumentTypeError, match="too far"):
+            select.parse_when("99999999999w")
+
+    def test_since_must_be_before_until(self):
+        with pytest.raises(ToolError, match="--since .* before --until"):
+            selection("--since", "2024-03-02", "--until", "2024-03-01")
+        with pytest.raises(ToolError):
+            selection("--since", "2024-03-01", "--until", "2024-03-01")
+        assert isinstance(ToolError("x"), exceptions.ShoeboxError)
+
+
+class TestMatchAndWhereOptions:
+    def test_parse_match(self):
+        key, match = select.parse_match("event_type=compute.*")
+        assert key == "event_type"
+        assert match("compute.instance.exists")
+        assert not match("scheduler.run")
+        key, match = select.parse_match("a=b=c")
+        assert key == "a" and match("b=c")
+
+    @pytest.mark.parametrize("text", ["noequals", "=glob"])
+    def test_match_refused(self, text):
+        with pytest.raises(argparse.ArgumentTypeError, match="KEY=GLOB"):
+            select.parse_match(text)
+
+    def test_parse_where(self):
+        path, glob, test = select.parse_where("payload.instance_id=2f50*")
+        assert (path, glob) == ("payload.instance_id", "2f50*")
+        assert test("2f50-aa") and not test("x2f50")
+
+    @pytest.mark.parametrize("text", ["noequals", "=x", "a..b=x", ".a=x",
+                                      "a.=x"])
+    def test_where_refused(self, text):
+        with pytest.raises(argparse.ArgumentTypeError, match="PATH=GLOB"):
+            select.parse_where(text)
+
+    def test_the_command_line_refuses_with_usage(self):
+        for argv in (["--where", "nope"], ["--since", "soon"],
+                     ["--match", "x"]):
+            with pytest.raises(SystemExit):
+                selection(*argv)
+
+
+# -- keeping records ----------------------------------------------------------
+
+class TestKeep:
+    def test_nothing_given_keeps_everything(self):
+        chosen = selection()
+        assert not chosen.active and not chosen.needs_meta
+        assert chosen.keep({}, b"not json")
+
+    def test_window_is_half_open(self):
+        chosen = selection("--since", "2024-03-09T10:00:00",
+                           "--until", "2024-03-09T11:00:00")
+        assert chosen.active and chosen.needs_meta
+        kept = [ts for ts in ("2024-03-09 09:59:59.999999",
+                              "2024-03-09 10:00:00", "2024-03-09 10:30:00",
+                              "2024-03-09T11:30:00+01:00",  # 10:30 UTC
+                              "2024-03-09 10:59:59.999999",
+                              "2024-03-09 11:00:00")
+                if chosen.keep(*record(ts))]
+        assert kept == ["2024-03-09 10:00:00", "2024-03-09 10:30:00",
+                        "2024-03-09T11:30:00+01:00",
+                        "2024-03-09 10:59:59.999999"]
+        assert chosen.untimed == 0
+
+    def test_only_since_or_only_until(self):
+        since = selection("--since", "2024-03-09T10:00:00")
+        until = selection("--until", "2024-03-09T10:00:00")
+        early, late = record("2024-03-09 09:00:00"), record("2024-03-09 "
+                                                             "10:00:00")
+        assert (since.keep(*early), since.keep(*late)) == (False, True)
+        assert (until.keep(*early), until.keep(*late)) == (True, False)
+
+    def test_a_record_without_a_usable_time_is_left_out_and_counted(self):
+        chosen = selection("--since", "2020-01-01")
+        for ts in (None, "garbage", "1960-01-01"):
+            assert not chosen.keep(*record(ts))
+        assert chosen.untimed == 3
+        assert chosen.notes() == [
+            "3 records without a usable timestamp left out by "
+            "--since/--until"]
+        # without a window they are kept and not counted
+        anyway = selection("--match", "event_type=*")
+        assert anyway.keep(*record("garbage")) and anyway.untimed == 0
+
+    def test_where_on_the_notifications_json(self):
+        chosen = selection("--where", "payload.instance_id=2f50*",
+                           "--where", "_context_project_id=884691")
+        yes = record(payload={"instance_id": "2f50-1"},
+                     _context_project_id=884691)
+        assert chosen.keep(*yes)
+        assert not chosen.keep(*record(payload={"instance_id": "2f50-1"},
+                                       _context_project_id=1))
+        assert not chosen.keep(*record(payload={"instance_id": "aa"},
+                                       _context_project_id=884691))
+        # a missing path never matches, not even a glob of everything
+        assert not selection("--where", "payload.nope=*").keep(*yes)
+        assert not selection("--where", "payload.instance_id.x=*").keep(*yes)
+        # and a payload that is no JSON object matches no --where
+        for payload in (b"not json", b"[1, 2]", b'"text"'):
+            assert not selection("--where", "a=*").keep({}, payload)
+
+    @pytest.mark.parametrize("value, glob", [
+        (884691, "884691"), (884691, "8846*"), (True, "true"),
+        (False, "false"), (None, "null"), (1.5, "1.5"),
+        ({"a": [1, 2]}, '{"a":[[]1,2]}'), ([1, "x"], '[[]1,"x"]')])
+    def test_values_compare_as_json_text(self, value, glob):
+        payload = json.dumps({"v": value}).encode()
+        assert selection("--where", "v=" + glob).keep({}, payload)
+        assert not selection("--where", "v=x" + glob).keep({}, payload)
+
+    def test_json_that_orjson_refuses_is_still_json(self):
+        payload = b'{"id": "x-\\ud800", "n": 5}'  # a lone surrogate escape
+        assert selection("--where", "n=5", "--where", "id=x-*").keep(
+            {}, payload)
+
+    PAYLOADS = [
+        b'{"v": "2f50-abc"}', b'{"v": "\\u0032f50-abc"}',  # escaped: "2f50"
+        b'{"v": "caf\xc3\xa9-1"}', b'{"v": "caf\\u00e9-1"}',
+        b'{"v": true}', b'{"v": false}', b'{"v": null}', b'{"v": 1e400}',
+        b'{"v": 8.84691e5}', b'{"v": 884691}', b'{"v": {"k": "2f50-abc"}}',
+        b'{"v": ["caf\xc3\xa9-1", 2]}', b'{"2f50-abc": 1, "v": "x"}',
+        b'{"v": "a/b"}', b'{"v": "a\\/b"}', b'not json 2f50-abc', b"[]"]
+    GLOBS = ["2f50-abc", "2f50*", "*-abc", "caf\u00e9-1", "caf\u00e9*",
+             "true", "tru*", "false", "null", "nul?", "884691", "884691.0",
+             '{"k":"2f50-abc"}', "*2f50-abc*", "a/b", "x", "*", "?"]
+
+    def test_skipping_the_parse_never_changes_the_answer(self, monkeypatch):
+        with_needles = [[selection("--where", "v=" + glob).keep({}, p)
+                         for p in self.PAYLOADS] for glob in self.GLOBS]
+        monkeypatch.setattr(select, "_needle", lambda glob: None)
+        parsed = [[selection("--where", "v=" + glob).keep({}, p)
+                   for p in self.PAYLOADS] for glob in self.GLOBS]
+        assert with_needles == parsed
+        assert any(any(row) for row in parsed)  # some match at all
+        # escaped "2f50" and "café" match, found by the parse
+        assert parsed[0][:2] == [True, True] and parsed[3][2:4] == [True,
+                                                                    True]
+
+    @pytest.mark.parametrize("glob, needle", [
+        ("2f50-abc", b"2f50-abc"), ("*-instance-*", b"-instance-"),
+        ("caf\u00e9*", "caf\u00e9".encode()), ("true", b"true"),
+        ("884691", None), ("1.5e3", None), ("null", None), ("nu*", None),
+        ("ab", None), ("a[bc]def", None), ('{"a":1}', None), ("a,bcd", None),
+        ("x\\y*", None)])
+    def test_needles(self, glob, needle):
+        assert select._needle(glob) == needle
+
+    def test_where_parses_the_payload_once_and_only_when_given(
+            self, monkeypatch):
+        calls = []
+        real = select._notification
+
+        def counting(payload):
+            calls.append(payload)
+            return real(payload)
+
+        monkeypatch.setattr(select, "_notification", counting)
+        metadata, payload = record(message_id="m1", a=1, b=2)
+        assert selection("--match", "event_type=*", "--since",
+                         "2020-01-01").keep({**metadata,
+                                             "timestamp": "2024-01-01"},
+                                            payload)
+        assert calls == []
+        assert selection("--where", "a=1", "--where", "b=2",
+                         "--dedup").keep(metadata, payload)
+        assert calls == [payload]
+
+    def test_dedup_by_message_id(self):
+        chosen = selection("--dedup")
+        got = [chosen.keep(*record(message_id=m))
+               for m in ("a", "b", "a", None, None, "b", "c")]
+        assert got == [True, True, False, True, True, False, True]
+        assert chosen.duplicates == 2
+        assert chosen.notes() == ["2 duplicates dropped by --dedup"]
+
+    def test_dedup_falls_back_to_the_notifications_message_id(self):
+        chosen = selection("--dedup")
+        v1 = ({}, json.dumps({"message_id": "x"}).encode())  # no metadata
+        assert chosen.keep(*v1)
+        assert not chosen.keep(*v1)
+        assert not chosen.keep({"message_id": "x"}, b"not json")
+        assert chosen.keep({}, b'{"message_id": 7}')  # not an id: kept
+        assert chosen.keep({}, b'{"message_id": 7}')
+
+    def test_dedup_counts_only_what_was_output(self):
+        chosen = selection("--dedup", "--match", "event_type=*.exists")
+        assert not chosen.keep(*record(message_id="a", event_type="x.update"))
+        assert chosen.keep(*record(message_id="a"))  # first output
+        assert chosen.duplicates == 0
+
+    def test_options_named_for_messages(self):
+        assert selection("--match", "a=b", "--until", "2h",
+                         "--dedup").options() == "--match, --until, --dedup"
+
+
+# -- pruning archives ---------------------------------------------------------
+
+@dataclasses.dataclass
+class FakeItem:
+    """An archive as sources' Item shows it (name, meta, index)."""
+
+    name: str
+    meta: dict | None = None
+    index_name: str | None = None
+    index: bytes | None = None
+    reads: int = 0
+
+    def read_index(self):
+        self.reads += 1
+        return self.index
+
+
+def item(earliest=None, latest=None, name="o", **more):
+    meta = {}
+    if earliest is not None:
+        meta["earliest-timestamp"] = earliest
+    if latest is not None:
+        meta["latest-timestamp"] = latest
+    return FakeItem(name, meta, **more)
+
+
+class TestMayHold:
+    WINDOW = ("--since", "2024-03-09T10:00:00", "--until",
+              "2024-03-09T11:00:00")
+
+    @pytest.mark.parametrize("earliest, latest, expected", [
+        ("2024-03-09T08:00:00.000000Z", "2024-03-09T09:59:59.999999Z", False),
+        ("2024-03-09T08:00:00.000000Z", "2024-03-09T10:00:00.000000Z", True),
+        ("2024-03-09T10:30:00.000000Z", "2024-03-09T10:40:00.000000Z", True),
+        ("2024-03-09T10:59:59.999999Z", "2024-03-09T12:00:00.000000Z", True),
+        ("2024-03-09T11:00:00.000000Z", "2024-03-09T12:00:00.000000Z", False),
+        ("2024-03-09T08:00:00.000000Z", "2024-03-09T12:00:00.000000Z", True),
+    ])
+    def test_the_time_range_against_the_window(self, earliest, latest,
+                                               expected):
+        assert selection(*self.WINDOW).may_hold(
+            item(earliest, latest)) is expected
+
+    @pytest.mark.parametrize("meta", [
+        None, {}, {"earliest-timestamp": "2024-03-09T08:00:00.000000Z"},
+        {"latest-timestamp": "2024-03-09T08:00:00.000000Z"},
+        {"earliest-timestamp": "garbage", "latest-timestamp": "garbage"},
+        # not a range (latest before earliest): proves nothing
+        {"earliest-timestamp": "2024-03-09T12:00:00.000000Z",
+         "latest-timestamp": "2024-03-09T08:00:00.000000Z"}])
+    def test_unknown_is_true(self, meta):
+        assert selection(*self.WINDOW).may_hold(FakeItem("o", meta))
+
+    def test_without_a_window_every_archive_may_hold(self):
+        old = item("2000-01-01T00:00:00.000000Z", "2000-01-01T00:00:00Z")
+        assert selection("--match", "a=b").may_hold(old)
+        assert selection().may_hold(old)
+
+    def test_late_records_are_found(self):
+        # written in this order; the middle one holds records archived
+        # late (a backlog drained after an outage): older than both its
+        # neighbours. Pruning by write order or by the first record's time
+        # (what object_prefix gives) would skip it.
+        archives = [
+            item("2024-03-09T09:00:00.000000Z", "2024-03-09T09:59:00.000000Z",
+                 name="a"),
+            item("2024-03-09T06:10:00.000000Z", "2024-03-09T10:05:00.000000Z",
+                 name="late"),
+            item("2024-03-09T11:00:00.000000Z", "2024-03-09T11:59:00.000000Z",
+                 name="c")]
+        chosen = selection("--since", "2024-03-09T06:00:00", "--until",
+                           "2024-03-09T07:00:00")
+        assert [a.name for a in archives if chosen.may_hold(a)] == ["late"]
+        chosen = selection("--since", "2024-03-09T10:00:00", "--until",
+                           "2024-03-09T10:30:00")
+        assert [a.name for a in archives if chosen.may_hold(a)] == ["late"]
+
+    def test_an_exact_where_asks_the_index(self):
+        class FakeIndex:
+            fields = ("payload.instance_id",)
+            earliest = latest = None
+
+            def __init__(self, data):
+                self.values = set(data.decode().split(","))
+
+            def may_contain(self, field, value):
+                return value in self.values
+
+        def load(data):
+            if data == b"damaged":
+                raise exceptions.ShoeboxError("damaged index")
+            return FakeIndex(data)
+
+        chosen = selection("--where", "payload.instance_id=i-1",
+                           load_index=load)
+        assert chosen.exact == [("payload.instance_id", "i-1")]
+        assert chosen.may_hold(item(index_name="o.index", index=b"i-1,i-2"))
+        assert not chosen.may_hold(item(index_name="o.index", index=b"i-3"))
+        assert chosen.may_hold(item(index_name="o.index", index=b"damaged"))
+        assert chosen.may_hold(item(index_name=None))  # no index: unknown
+        # a glob, or a field the index does not hold, is not looked up
+        for argv in (["--where", "payload.instance_id=i-*"],
+                     ["--where", "payload.user_id=u"]):
+            lookup = item(index_name="o.index", index=b"i-3")
+            assert selection(*argv, load_index=load).may_hold(lookup)
+        glob = item(index_name="o.index", index=b"i-3")
+        selection("--where", "payload.instance_id=i-*",
+                  load_index=load).may_hold(glob)
+        assert glob.reads == 0
+
+    def test_the_index_time_range_prunes_too(self):
+        class FakeIndex:
+            fields = ()
+            earliest = "2024-03-09T08:00:00.000000Z"
+            latest = "2024-03-09T08:30:00.000000Z"
+
+            def may_contain(self, field, value):
+                return True
+
+        chosen = selection(*self.WINDOW, load_index=lambda data: FakeIndex())
+        assert not chosen.may_hold(item(index_name="o.index", index=b"x"))
