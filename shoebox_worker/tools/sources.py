@@ -41,13 +41,18 @@ message.
 :data:`GET_CHUNK` bytes at a time (a Static Large Object's manifest serves
 the whole content) and decompressed as it comes
 (:func:`~shoebox_worker.compression.open_read` on the stream): nothing is
-written to disk and no object is held whole in memory. Each object read
-ahead waits in a buffer of at most :data:`READ_AHEAD_CHUNKS` chunks; the
-downloads stop when the buffers are full, so memory stays under ``jobs *
-READ_AHEAD_CHUNKS * GET_CHUNK`` bytes (16 MiB at ``--jobs 4``) whatever
-the objects' sizes. A download that fails (404 because the object went
-since the listing, a dropped connection) is an ``OSError`` of that
-object's stream: the tools report it in one line and go on with the next.
+written to disk and no object is held whole in memory. An object read
+ahead is decompressed in its download's thread (zlib and zstd let go of
+the GIL, so this runs beside the parsing of the object before it) and
+waits in a buffer of at most :data:`READ_AHEAD_CHUNKS` chunks of at most
+:data:`GET_CHUNK` bytes; the downloads stop when the buffers are full, so
+memory stays under about ``jobs * (READ_AHEAD_CHUNKS + 3) * GET_CHUNK``
+bytes (the buffer, a chunk of the body, the decoder's own buffers: 28 MiB
+at ``--jobs 4``) whatever the objects' sizes. A download that fails (404
+because the object went since the listing, a dropped connection) is an
+``OSError`` of that object's stream, and damage to its compressed stream
+is what the decompressor raised: the tools report either in one line, as
+for a file, and go on with the next.
 """
 
 import collections
@@ -208,6 +213,10 @@ class SwiftItem(Item):
         self._download = None  # started by read_ahead, not yet opened
 
     def open(self):
+        """The object's bytes as stored; once :func:`read_ahead` started
+        its download, already decompressed (which
+        :func:`~shoebox_worker.compression.open_read`, and so every
+        reader, takes the same: it looks at the first bytes)."""
         download, self._download = self._download, None
         if download is None:
             download = _Download(self)
@@ -366,10 +375,11 @@ class Swift:
         try:
             return swift_mod.SwiftUploadCallback(**options)
         except OptionError as err:
-            names = ", ".join(variable.get(o.strip(), o.strip())
-                              for o in (err.option or "").split(","))
+            names = re.sub(r"\w+", lambda m: variable.get(m.group(),
+                                                          m.group()),
+                           err.option or "?")
             raise ToolError("Swift credentials from the environment: %s: "
-                            "%s" % (names or "?", err.message)) from None
+                            "%s" % (names, err.message)) from None
 
     def connection(self):
         """This thread's connection (made at the first call)."""
@@ -566,21 +576,44 @@ def _head_all(items, jobs):
 _END = object()
 
 
+class _Body:
+    """The body of a GET as the reader takes it, chunk by chunk."""
+
+    def __init__(self, item, body):
+        self.item = item
+        self._body = body
+        self._chunks = iter(body)
+
+    def next_chunk(self):
+        try:
+            return next(self._chunks, b"")
+        except Exception as exc:
+            raise _lost(self.item, exc) from None
+
+    def cancel(self):
+        self._body.close()
+
+
 class _Download:
-    """One GET of an object, its body put into a bounded buffer as it
-    comes (at most :data:`READ_AHEAD_CHUNKS` chunks: the download waits for
-    the reader), or taken by the reader itself when not read ahead."""
+    """One GET of an object. Read ahead (:func:`read_ahead`'s threads),
+    its body is decompressed as it comes (``compression.open_read``: zlib
+    and zstd work outside the GIL, beside the reader's parsing) and put
+    into a bounded buffer of at most :data:`READ_AHEAD_CHUNKS` chunks of
+    at most :data:`GET_CHUNK` bytes: the download waits for the reader.
+    Not read ahead, the reader takes the body itself, as stored."""
 
     def __init__(self, item):
         self.item = item
         self.buffer = queue.Queue(READ_AHEAD_CHUNKS)
         self.cancelled = threading.Event()
-        self.body = None  # the response body, in direct mode
+        self.body = None  # a _Body, in direct mode
 
     def run(self, conn, feed=False):
-        """Send the GET; with ``feed``, read the whole body into the
-        buffer (in a thread of :func:`read_ahead`), else keep the body
-        for the reader. An error goes to the reader."""
+        """Send the GET; with ``feed``, decompress the whole body into the
+        buffer, else keep the body for the reader. An error goes to the
+        reader: a failed request or download as an ``OSError``, damage to
+        the compressed stream as the decompressor raised it (the record
+        walk reports it with its offset, as for a file)."""
         item = self.item
         try:
             _, body = conn.get_object(item.container, item.object,
@@ -590,17 +623,18 @@ class _Download:
             self._put(_stream_error(item, exc))
             return
         if not feed:
-            self.body = body
+            self.body = _Body(item, body)
             return
         try:
-            for chunk in body:
-                if not self._put(chunk):
-                    return
+            # the decoder owns the body's stream, and closes the body
+            with compression.open_read(_ObjectStream(_Body(item, body))) \
+                    as decoded:
+                while chunk := decoded.read1(GET_CHUNK):
+                    if not self._put(chunk):
+                        return
             self._put(_END)
         except Exception as exc:
-            self._put(_lost(item, exc))
-        finally:
-            body.close()
+            self._put(exc)
 
     def _put(self, value):
         """Wait for room in the buffer; False once cancelled."""
@@ -618,10 +652,7 @@ class _Download:
         :raises OSError: the GET or the download failed.
         """
         if self.body is not None:
-            try:
-                return next(self.body, b"")
-            except Exception as exc:
-                raise _lost(self.item, exc) from None
+            return self.body.next_chunk()
         value = self.buffer.get()
         if value is _END:
             self.buffer.put(_END)  # the end stays the end
@@ -634,7 +665,7 @@ class _Download:
     def cancel(self):
         self.cancelled.set()
         if self.body is not None:
-            self.body.close()
+            self.body.cancel()
             self.body = None
 
 
