@@ -447,11 +447,7 @@ def cmd_replay(args):
     if sys.stderr.isatty():  # the bar needs a total: count first
         total = sum(1 for _ in read.read_all(items, args.salvage, args.jobs,
                                              lambda err: None))
-    unreadable = []  # archives that could not be read (each said so)
-
-    def on_error(err):
-        print("shoebox-worker: %s" % err, file=sys.stderr, flush=True)
-        unreadable.append(err)
+    unreadable = []  # archives that could not be read: said at the end
     malformed = filtered = 0
     conn = connect(url, ssl=tls)
     errors = broker_errors(conn)
@@ -468,7 +464,7 @@ def cmd_replay(args):
         sender = _Sender(channel, exchange, args.routing_key)
         pacer = Pacer(args.rate)
         for metadata, payload in read.read_all(items, args.salvage,
-                                               args.jobs, on_error):
+                                               args.jobs, unreadable.append):
             bar.update(1)
             if match is not None and not match(metadata):
                 filtered += 1
@@ -493,6 +489,8 @@ def cmd_replay(args):
               outcome.summary(), malformed,
               ", %d not matching --match" % filtered if args.match else ""),
           flush=True)
+    for err in unreadable:  # one line each; the others were replayed
+        read.say(err, debug=getattr(args, "debug", False))
     if error is not None:
         raise error
     lost = outcome.error(args.exchange, args.routing_key)

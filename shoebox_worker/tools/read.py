@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import sys
+import traceback
 
 import orjson
 
@@ -51,6 +52,7 @@ __all__ = [
     "read_all",
     "read_records",
     "render_record",
+    "say",
     "report_line",
     "verify_file",
 ]
@@ -307,7 +309,7 @@ def cmd_cat(args):
                 try:
                     _cat_file(item, out, match, args.metadata, args.salvage)
                 except ToolError as err:
-                    if _say(err, item):
+                    if say(err, item, getattr(args, "debug", False)):
                         status = EXIT_FAILURE
         out.flush()
     except BrokenPipeError:
@@ -320,12 +322,15 @@ def cmd_cat(args):
     return status
 
 
-def _say(err, item):
+def say(err, item=None, debug=False):
     """Print an archive's one error line (none for an object a listing
-    found that is not an archive); True when it was printed."""
-    if isinstance(err, NotAnArchive) and item.listed:
+    found that is not an archive), after its traceback with ``--debug``;
+    True when it was printed."""
+    if isinstance(err, NotAnArchive) and item is not None and item.listed:
         return False
     sys.stdout.flush()
+    if debug:
+        traceback.print_exception(err)
     print("shoebox-worker: %s" % err, file=sys.stderr, flush=True)
     return True
 
@@ -523,7 +528,7 @@ def cmd_verify(args):
                         report, salvaged_to = verify_file(
                             item, salvage=args.salvage)
                     except ToolError as err:
-                        if _say(err, item):
+                        if say(err, item, getattr(args, "debug", False)):
                             status = EXIT_FAILURE
                         continue
                     print(report_line(report, salvaged_to), flush=True)
