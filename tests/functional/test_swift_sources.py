@@ -380,3 +380,25 @@ def test_reading_ahead_is_bounded(shipped, monkeypatch, capsysbinary):
     assert out.count(b"\n") == len(shipped["published"])
     assert held and max(held) <= sources.READ_AHEAD_CHUNKS * 4096
     assert io.BytesIO(out).readline().startswith(b"{")
+
+
+def test_replay_goes_on_past_a_damaged_object(troubled, capsysbinary):
+    container = troubled["container"]
+    name = "shoebox-replay-%s" % uuid.uuid4().hex[:12]
+    with Connection(AMQP_URL, connect_timeout=5) as conn:
+        exchange = Exchange(name, type="topic", durable=False)
+        Queue(name, exchange, routing_key="k", durable=False)(
+            conn.channel()).declare()
+        try:
+            code, out, err = _main(
+                ["replay", "--url", AMQP_URL, "--exchange", name,
+                 "--routing-key", "k", "swift://" + container],
+                capsysbinary)
+            assert code == 1
+            assert err.count("\n") == 1 and troubled["names"][2] in err
+            published = int(re.search(rb"(\d+) published", out).group(1))
+            assert 4 * ROLL < published < 5 * ROLL  # 4 whole, a part
+            _, depth, _ = conn.channel().queue_declare(name, passive=True)
+            assert depth == published
+        finally:
+            _delete_amqp([name])
