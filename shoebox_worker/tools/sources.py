@@ -66,7 +66,6 @@ from shoebox_worker import plugins
 from shoebox_worker import record
 from shoebox_worker import roll_manager
 from shoebox_worker.options import OptionError
-from shoebox_worker.ship import swift as swift_mod
 from shoebox_worker.tools import ToolError
 
 __all__ = [
@@ -367,6 +366,9 @@ class Swift:
         variable["auth_version"] = ("ST_AUTH_VERSION" if table is
                                     ENVIRONMENT_V1 else
                                     "OS_IDENTITY_API_VERSION")
+        # imported here: swiftclient and keystoneauth1 take a tenth of a
+        # second to import, which a cat of local files need not pay
+        from shoebox_worker.ship import swift as swift_mod
         try:
             return swift_mod.SwiftUploadCallback(**options)
         except OptionError as err:
