@@ -188,6 +188,18 @@ class ArchiveWriter(Archive):
             earliest=earliest, latest=latest)
 
 
+def _is_path(source):
+    return isinstance(source, (str, bytes, os.PathLike))
+
+
+def _name_of(source, name):
+    """What messages call an archive: a path is its own name; a file
+    object is ``name``, else its own ``name``, else ``<stream>``."""
+    if _is_path(source):
+        return os.fspath(source)
+    return name or getattr(source, "name", None) or "<stream>"
+
+
 @dataclasses.dataclass(frozen=True)
 class Skipped:
     """A range of bytes a salvaging reader passed over.
@@ -209,7 +221,9 @@ class ArchiveReader(Archive):
     yields each with its offset, version and size. All three share one
     :func:`record.walk` over the file, so they can be mixed.
 
-    :param filename: the archive (``.gz``/``.zst`` read transparently).
+    :param filename: the archive (``.gz``/``.zst`` read transparently): a
+        path, or a binary file object read front to back (an object
+        streamed from Swift), which the reader then owns and closes.
     :param salvage: False (default): raise a :class:`RecordError` carrying
         the byte offset at the first damage. True: skip to the next valid
         record, record the skipped range in :attr:`skipped` and call
@@ -217,9 +231,14 @@ class ArchiveReader(Archive):
     :param on_skip: called with a :class:`Skipped` in salvage mode.
     :param quiet: do not log a warning for each skipped range (the caller
         reports them).
+    :param name: what messages call a file object (default: its ``name``,
+        else ``<stream>``); a path is its own name.
     """
 
-    def __init__(self, filename, salvage=False, on_skip=None, quiet=False):
+    def __init__(self, filename, salvage=False, on_skip=None, quiet=False,
+                 *, name=None):
+        source = filename
+        filename = _name_of(source, name)
         super().__init__(filename)
         self.salvage = salvage
         self.on_skip = on_skip
@@ -228,7 +247,8 @@ class ArchiveReader(Archive):
         self.skipped = []
         #: Offset just past the last good record returned.
         self.good_offset = 0
-        self._handle = compression.open_read(self.filename)
+        self._handle = compression.open_read(
+            self.filename if _is_path(source) else source)
         self._walk = None  # made on the first read: salvage may change
         self._damage = None  # the error that stopped a strict walk
 
@@ -345,9 +365,11 @@ class ArchiveReport:
         return not self.skipped
 
 
-def inspect_file(filename, on_record=None, quiet=False):
+def inspect_file(filename, on_record=None, quiet=False, *, name=None):
     """Check every record of an archive in salvage mode.
 
+    :param filename: a path, or a binary file object (see
+        :class:`ArchiveReader`, as ``name``).
     :param on_record: called with each valid record, in order, as
         ``(offset, version, size, metadata, payload)`` (verify's salvage
         keeps them).
@@ -356,10 +378,11 @@ def inspect_file(filename, on_record=None, quiet=False):
     :returns: an :class:`ArchiveReport`, ``versions`` from each record's
         own header.
     """
-    report = ArchiveReport(os.fspath(filename))
+    report = ArchiveReport(_name_of(filename, name))
     versions = report.versions
     span = timestamps.Span()
-    with ArchiveReader(filename, salvage=True, quiet=quiet) as reader:
+    with ArchiveReader(filename, salvage=True, quiet=quiet,
+                       name=name) as reader:
         for found in reader.records():
             metadata = found[3]
             report.records += 1

@@ -2,9 +2,13 @@
 
 Readers detect the codec from the file's first bytes, not its name, so a
 renamed archive still reads (a zstd file may start with a skippable frame,
-as ``pzstd`` writes). Readers are bounded: each decompression call makes at
-most one zstd block (128 KiB) or what was asked for (gzip), so a small
-file that decompresses to gigabytes costs time in proportion, not memory.
+as ``pzstd`` writes). They read a path, or a binary file object read from
+front to back only (an object streamed from Swift): the bytes looked at to
+detect the codec are put back in front of the rest (:class:`_Prefixed`),
+so nothing is read twice and nothing needs to seek. Readers are bounded:
+each decompression call makes at most one zstd block (128 KiB) or what was
+asked for (gzip), so a small file that decompresses to gigabytes costs
+time in proportion, not memory.
 
 Compressing writes a temporary file, fsyncs it, renames it into place and
 fsyncs the directory: a crash never leaves a truncated archive under the
@@ -69,10 +73,11 @@ class Codec:
     magic: bytes
     default_level: int
 
-    def open_read(self, path):
-        """Open ``path`` for reading its uncompressed bytes."""
+    def open_read(self, source):
+        """Open ``source`` (a path, or a binary file object, which the
+        reader then owns and closes) for reading its uncompressed bytes."""
         reader = _GzipReader if self.name == "gzip" else _ZstdReader
-        return io.BufferedReader(reader(path), _COPY_CHUNK)
+        return io.BufferedReader(reader(source), _COPY_CHUNK)
 
     def open_write(self, fileobj, level, mtime):
         """Wrap an open binary file for writing compressed bytes."""
@@ -93,8 +98,8 @@ class _GzipReader(io.RawIOBase):
     Raises EOFError when the file ends inside a member, zlib.error (or
     isal's) or BadGzipFile on damage (all in :data:`DECOMPRESS_ERRORS`)."""
 
-    def __init__(self, path):
-        self._file = open(path, "rb")
+    def __init__(self, source):
+        self._file = _binary(source)
         self._zlib = None  # decompressobj of the member being read
         self._input = b""  # compressed bytes not given to zlib yet
 
@@ -158,8 +163,8 @@ class _ZstdReader(io.RawIOBase):
     ended cleanly).
     """
 
-    def __init__(self, path):
-        self._file = open(path, "rb")
+    def __init__(self, source):
+        self._file = _binary(source)
         self._dctx = zstandard.ZstdDecompressor()
         self._frame = None  # decompressobj of the frame being read
         self._checksum = False  # the frame ends with a 4-byte checksum
@@ -288,17 +293,86 @@ def _format_of(head):
     return None
 
 
-def open_read(path):
+def _is_path(source):
+    return isinstance(source, (str, bytes, os.PathLike))
+
+
+def _binary(source):
+    """A binary file object of ``source``: a path opened, a file object
+    as it is."""
+    return open(source, "rb") if _is_path(source) else source
+
+
+def _read_exactly(f, size):
+    """Up to ``size`` bytes: fewer only at the end of the stream (a
+    stream may return less than asked before its end)."""
+    parts, have = [], 0
+    while have < size:
+        data = f.read(size - have)
+        if not data:
+            break
+        parts.append(data)
+        have += len(data)
+    return b"".join(parts)
+
+
+class _Prefixed(io.RawIOBase):
+    """A stream whose first bytes were read (to detect its codec), with
+    those bytes put back in front of the rest. Closing it closes the
+    stream."""
+
+    def __init__(self, head, stream):
+        self._head = head
+        self._stream = stream
+        self._read = getattr(stream, "read1", None) or stream.read
+        self.name = getattr(stream, "name", None)
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        if self._head:
+            n = min(len(buffer), len(self._head))
+            buffer[:n] = self._head[:n]
+            self._head = self._head[n:]
+            return n
+        data = self._read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def close(self):
+        if not self.closed:
+            self._stream.close()
+        super().close()
+
+
+def open_read(source):
     """Open an archive for reading, decompressing it when needed.
 
+    :param source: a path, or a binary file object (read once, front to
+        back; the returned reader owns it and closes it).
     :returns: a binary file object of the uncompressed bytes.
     :raises ValueError: a zstd file without the zstandard package.
     """
-    with open(path, "rb") as f:
-        name = _format_of(f.read(4))
-    if name is None:
-        return open(path, "rb")
-    return get_codec(name).open_read(path)  # zstd: or the install hint
+    if _is_path(source):
+        with open(source, "rb") as f:
+            name = _format_of(f.read(4))
+        if name is None:
+            return open(source, "rb")
+        return get_codec(name).open_read(source)  # zstd: or the hint
+    try:
+        head = _read_exactly(source, 4)
+        name = _format_of(head)
+        codec = None if name is None else get_codec(name)
+    except BaseException:
+        source.close()
+        raise
+    # buffered: a read returns all that was asked for unless the stream
+    # ends (the zstd reader counts on it; a network stream gives less)
+    stream = io.BufferedReader(_Prefixed(head, source), _COPY_CHUNK)
+    if codec is None:
+        return stream
+    return codec.open_read(stream)
 
 
 def is_compressed(path):

@@ -68,6 +68,7 @@ __all__ = [
     "process_token",
     "unique_path",
     "sort_written_order",
+    "name_counter",
 ]
 
 LOG = logging.getLogger(__name__)
@@ -154,9 +155,15 @@ def unique_path(path, start=0):
         return candidate, counter - 1, lock
 
 
+def name_counter(name):
+    """The ``~N`` a roll put in a file name when the name was taken (0
+    when there is none): after the time, what orders names as written."""
+    match = _COUNTER.search(name)
+    return int(match.group(1)) if match else 0
+
+
 def _written_order_key(path):
-    match = _COUNTER.search(os.path.basename(path))
-    return (os.stat(path).st_mtime_ns, int(match.group(1)) if match else 0,
+    return (os.stat(path).st_mtime_ns, name_counter(os.path.basename(path)),
             path)
 
 

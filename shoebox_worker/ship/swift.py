@@ -721,10 +721,17 @@ class SwiftUploadCallback:
                     ("object_storage_url", o["os_storage_url"])) if value}
         return kwargs
 
+    def new_connection(self, **overrides):
+        """A connection of its own, built from :meth:`connection_kwargs`
+        with ``overrides`` (a reader of ``swift://`` makes one per thread,
+        with the first one's ``preauthurl`` and ``preauthtoken``), secrets
+        blanked in swiftclient's logs."""
+        _redact_swiftclient_logs()
+        return _Connection(**dict(self.connection_kwargs(), **overrides))
+
     def _connection(self):
         if self._conn is None:
-            _redact_swiftclient_logs()
-            self._conn = _Connection(**self.connection_kwargs())
+            self._conn = self.new_connection()
         return self._conn
 
     @staticmethod

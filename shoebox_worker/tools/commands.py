@@ -7,6 +7,8 @@ They are subcommands of ``shoebox-worker`` (``cli`` calls
     shoebox-worker verify [--salvage] PATH...
     shoebox-worker replay [--config FILE] --exchange E --routing-key K
                           [SELECTION] PATH...
+    (cat, verify, replay: [--config FILE] [--jobs N]; PATH may be
+    swift://CONTAINER[/PREFIX])
     shoebox-worker generate [--config FILE] --count N [--seed N [--start T]]
 
 ``replay`` and ``generate`` take the broker URL from ``--config FILE``'s
@@ -22,7 +24,11 @@ TIME``, ``--where PATH=GLOB``, ``--dedup``
 A PATH is an archive (plain, ``.gz`` or ``.zst``; format v1 or v2) or a
 directory, searched recursively for archives (files whose bytes hold
 records), read in the order they were written. Files given by name are
-read in the order given.
+read in the order given. ``swift://CONTAINER[/PREFIX]`` reads the archives
+in Swift under the prefix, in the order they were written, ``--jobs`` at a
+time (:mod:`~shoebox_worker.tools.sources`), with ``--config FILE``'s
+``[callback:swift]`` credentials, else ``ST_*``/``OS_*`` as the swift CLI
+reads them.
 
 This module only wires arguments to the commands: ``cat`` and ``verify``
 live in :mod:`~shoebox_worker.tools.read`, ``replay`` and ``generate`` in
@@ -35,6 +41,7 @@ import datetime
 from shoebox_worker import tools
 from shoebox_worker.tools import read
 from shoebox_worker.tools import select
+from shoebox_worker.tools import sources
 
 __all__ = ["add_commands", "parse_time", "run_generate", "run_replay"]
 
@@ -64,6 +71,33 @@ def parse_time(text):
             % text) from None
 
 
+def _jobs(text):
+    """``--jobs``: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError("expected an integer >= 1, got %r"
+                                         % text)
+    return value
+
+
+def _add_sources(parser, config=True):
+    """``--jobs``, and ``--config`` for Swift credentials (replay has its
+    own, which gives the broker too)."""
+    if config:
+        parser.add_argument(
+            "--config", metavar="FILE",
+            help="the worker's INI file: its [callback:swift] section is "
+                 "how swift:// PATHs are reached (default: ST_AUTH, "
+                 "ST_USER, ST_KEY or OS_AUTH_URL, OS_USERNAME, ... from the "
+                 "environment)")
+    parser.add_argument(
+        "--jobs", type=_jobs, default=sources.DEFAULT_JOBS, metavar="N",
+        help="objects read from Swift at a time (default: %(default)s)")
+
+
 #: How ``replay`` and ``generate`` are told the broker, in their --help.
 URL_EPILOG = (
     "The broker URL comes from --config FILE ([broker] url), else from the "
@@ -78,7 +112,8 @@ URL_EPILOG = (
 def _add_url(parser):
     parser.add_argument(
         "--config", metavar="FILE",
-        help="the worker's INI file: its [broker] url is the broker")
+        help="the worker's INI file: its [broker] url is the broker (and, "
+             "for replay, its [callback:swift] reaches swift:// PATHs)")
     parser.add_argument(
         "--url", help="the broker URL itself, e.g. "
                       "amqp://guest:guest@127.0.0.1:5672// (visible in ps: "
@@ -88,8 +123,8 @@ def _add_url(parser):
 def add_commands(subparsers):
     """Add ``cat``, ``verify``, ``replay`` and ``generate`` to the
     ``shoebox-worker`` command's subparsers."""
-    paths_help = ("archives (plain, .gz, .zst) or directories, searched "
-                  "recursively")
+    paths_help = ("archives (plain, .gz, .zst), directories, searched "
+                  "recursively, or swift://CONTAINER[/PREFIX]")
 
     cat = subparsers.add_parser(
         "cat", help="print records as JSON lines",
@@ -103,6 +138,7 @@ def add_commands(subparsers):
     cat.add_argument("--salvage", action="store_true",
                      help="skip damaged records (reported on stderr) "
                           "instead of stopping at the first")
+    _add_sources(cat)
     cat.add_argument("paths", nargs="+", metavar="PATH", help=paths_help)
     cat.set_defaults(func=read.cmd_cat)
 
@@ -115,7 +151,10 @@ def add_commands(subparsers):
     verify.add_argument("--salvage", action="store_true",
                         help="write the good records of each damaged "
                              "archive to <file>.salvaged (uncompressed, "
-                             "each record in the version it was found in)")
+                             "each record in the version it was found in; "
+                             "for an object in Swift: <its base "
+                             "name>.salvaged in the current directory)")
+    _add_sources(verify)
     verify.add_argument("paths", nargs="+", metavar="PATH", help=paths_help)
     verify.set_defaults(func=read.cmd_verify)
 
@@ -138,6 +177,7 @@ def add_commands(subparsers):
     select.add_arguments(replay)
     replay.add_argument("--salvage", action="store_true",
                         help="skip damaged records instead of stopping")
+    _add_sources(replay, config=False)
     replay.add_argument("paths", nargs="+", metavar="PATH", help=paths_help)
     replay.set_defaults(func=run_replay)
 

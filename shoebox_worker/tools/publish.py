@@ -37,6 +37,7 @@ from shoebox_worker import config
 from shoebox_worker import tools
 from shoebox_worker.consume import broker
 from shoebox_worker.consume import envelope
+from shoebox_worker.exceptions import EXIT_FAILURE
 from shoebox_worker.exceptions import EXIT_OK
 from shoebox_worker.tools import ToolError
 from shoebox_worker.tools import read
@@ -442,13 +443,14 @@ def cmd_replay(args):
     read.quiet_reader_logs()
     url = url_from(args, os.environ)
     tls = tls_from(args, url)
-    files = read.find_archives(args.paths)
     selection = select.from_args(args)
+    items = read.find_items(args, selection)
     keep = selection.keep if selection.active else None
     total = None
     if sys.stderr.isatty():  # the bar needs a total: count first
-        total = sum(1 for path in files
-                    for _ in read.read_records(path, args.salvage))
+        total = sum(1 for _ in read.read_all(items, args.salvage, args.jobs,
+                                             lambda err: None))
+    unreadable = []  # archives that could not be read: said at the end
     malformed = filtered = 0
     conn = connect(url, ssl=tls)
     errors = broker_errors(conn)
@@ -464,22 +466,20 @@ def cmd_replay(args):
             channel.exchange_declare(args.exchange, "topic", passive=True)
         sender = _Sender(channel, exchange, args.routing_key)
         pacer = Pacer(args.rate)
-        for path in files:
-            for metadata, payload in read.read_records(path, args.salvage):
-                bar.update(1)
-                if keep is not None and not keep(metadata, payload):
-                    filtered += 1
-                    continue
-                body = _envelope(metadata, payload)
-                if body is None:
-                    malformed += 1
-                    continue
-                pacer.wait(sender.outcome.sent)
-                sender.send(body)
+        for metadata, payload in read.read_all(items, args.salvage,
+                                               args.jobs, unreadable.append):
+            bar.update(1)
+            if keep is not None and not keep(metadata, payload):
+                filtered += 1
+                continue
+            body = _envelope(metadata, payload)
+            if body is None:
+                malformed += 1
+                continue
+            pacer.wait(sender.outcome.sent)
+            sender.send(body)
     except errors as err:
         error = broker_error(url, err, REPLAY_HINTS)
-    except ToolError as err:  # a damaged or unreadable archive
-        error = err
     finally:
         bar.close()
         conn.release()
@@ -495,12 +495,14 @@ def cmd_replay(args):
           flush=True)
     for line in selection.notes():
         print("shoebox-worker: %s" % line, file=sys.stderr)
+    for err in unreadable:  # one line each; the others were replayed
+        read.say(err, debug=getattr(args, "debug", False))
     if error is not None:
         raise error
     lost = outcome.error(args.exchange, args.routing_key)
     if lost is not None:
         raise lost
-    return EXIT_OK
+    return EXIT_FAILURE if unreadable else EXIT_OK
 
 
 def _envelope(metadata, payload):

@@ -1,25 +1,32 @@
 """Reading archives: ``cat`` and ``verify``, and what they share.
 
-:func:`find_archives` turns the PATHs of a command line into archives in
-reading order: a file is taken as given, a directory is searched
-recursively for files whose bytes hold records, sorted into the order they
-were written. :func:`render_record` prints a record as one JSON line.
+:func:`~shoebox_worker.tools.sources.find` turns the PATHs of a command
+line (files, directories, ``swift://CONTAINER[/PREFIX]``) into archives
+(:class:`~shoebox_worker.tools.sources.Item`) in the order they were
+written, and :class:`~shoebox_worker.tools.sources.read_ahead` reads the
+next ``--jobs`` of them from Swift at a time. An archive that cannot be
+read, or is damaged, is one line on stderr; the others are still read,
+and the command exits 1. :func:`render_record` prints a record as one
+JSON line.
 :func:`verify_file` reports on an archive with the one report type,
 :class:`~shoebox_worker.archive.ArchiveReport`, whose record versions come
 from the records' own headers (so ``--salvage`` writes each good record
 back in the version it was found in).
 
 ``cat`` keeps what the selection options say
-(:mod:`shoebox_worker.tools.select`); ``replay`` (in
+(:mod:`shoebox_worker.tools.select`), and reads only the archives that may
+hold such records (:func:`find_items`); ``replay`` (in
 :mod:`shoebox_worker.tools.publish`) reads archives with
-:func:`find_archives` and :func:`read_records` from here, and selects the
-same way.
+:func:`find_items` and :func:`read_all` from here, and selects the same
+way.
 """
 
+import functools
 import logging
 import os
 import re
 import sys
+import traceback
 
 import orjson
 
@@ -33,31 +40,32 @@ from shoebox_worker import compression
 from shoebox_worker import exceptions
 from shoebox_worker import files
 from shoebox_worker import record
-from shoebox_worker import roll_manager
 from shoebox_worker.exceptions import EXIT_FAILURE
 from shoebox_worker.exceptions import EXIT_OK
 from shoebox_worker.tools import ToolError
 from shoebox_worker.tools import select
+from shoebox_worker.tools import sources
 
 __all__ = [
     "cmd_cat",
     "cmd_verify",
     "damaged",
     "find_archives",
+    "find_items",
     "is_json",
     "open_reader",
     "payload_json",
     "quiet_reader_logs",
+    "read_all",
     "read_records",
     "render_record",
+    "say",
     "report_line",
     "verify_file",
 ]
 
 #: stdout is written in chunks of about this many bytes.
 OUTPUT_CHUNK = 1 << 20
-#: How much of a file is looked at to decide whether it is an archive.
-SNIFF_BYTES = 1 << 16
 #: Bytes kept from one block to the next when looking for a record
 #: marker (a marker is 4 bytes).
 MARKER_OVERLAP = 3
@@ -74,27 +82,17 @@ _PAYLOAD_WS = re.compile(rb'"(?:[^"\\]|\\.)*"|[ \t\r\n]+', re.DOTALL)
 
 # -- finding and reading archives -------------------------------------------
 
-def _looks_like_archive(path):
-    """True when the file's (uncompressed) first bytes hold a record
-    marker: a damaged first record still counts."""
-    try:
-        with compression.open_read(path) as f:
-            head = f.read(SNIFF_BYTES)
-    except compression.DECOMPRESS_ERRORS:
-        return True  # a damaged compressed archive: let the reader say
-    except (OSError, ValueError):
-        return False
-    return record.find_marker(head, 0) >= 0
-
-
-def _holds_no_record(path):
-    """True when the (uncompressed) file has bytes but not one record
+def _holds_no_record(item):
+    """True when the (uncompressed) archive has bytes but not one record
     marker in them: not an archive at all, so ``--salvage`` cannot help.
-    Read only after an error at offset 0."""
+    Read only after an error at offset 0 (an object found by a listing:
+    only its first bytes, as a directory walk looks at a file's)."""
+    if item.listed:
+        return not sources.looks_like_archive(item)
     tail = b""
     size = 0
     try:
-        with compression.open_read(path) as f:
+        with compression.open_read(item.open()) as f:
             while block := f.read(OUTPUT_CHUNK):
                 size += len(block)
                 buf = tail + block
@@ -108,61 +106,85 @@ def _holds_no_record(path):
     return size > 0
 
 
-def _all_noise(reader, path):
+def _all_noise(reader, item):
     """After a salvaging read: True when the whole file was one skipped
     range with no record marker in it (not an archive)."""
     skipped = reader.skipped
     return (len(skipped) == 1 and skipped[0].start == 0 and
-            skipped[0].end == reader.offset and _holds_no_record(path))
+            skipped[0].end == reader.offset and _holds_no_record(item))
 
 
-def _not_an_archive(path):
+class NotAnArchive(ToolError):
+    """An archive to read holds no record at all; one a listing or a
+    directory walk found is skipped, without a word."""
+
+
+def _not_an_archive(item):
     """The one line for a file that is not an archive at all."""
-    return ToolError("%s: not a shoebox archive (no record in it); check "
-                     "the path: cat, verify and replay read the worker's "
-                     "archives (plain, .gz or .zst)" % path)
+    return NotAnArchive("%s: not a shoebox archive (no record in it); "
+                        "check the path: cat, verify and replay read the "
+                        "worker's archives (plain, .gz or .zst)" % item.name)
 
 
-def find_archives(paths):
-    """The archives named by ``paths``, in reading order.
+#: The PATHs of a command line as files (kept for callers of read.py).
+find_archives = sources.find_archives
 
-    A file is taken as given (in the order given); a directory is searched
-    recursively for archives, sorted into the order they were written.
 
-    :raises ToolError: a path that does not exist, or a directory that
-        holds no archive.
+def find_items(args, selection=None):
+    """The archives a command's PATHs name, in write order: files,
+    directories and ``swift://`` specs, with ``--config``'s Swift.
+
+    :param selection: a :class:`~shoebox_worker.tools.select.Selection`:
+        only the archives that may hold a record it keeps (their time
+        range and index, read ``--jobs`` at a time: see docs/reading.md).
     """
-    found = []
-    for path in paths:
-        if os.path.isdir(path):
-            candidates = []
-            for folder, dirs, names in os.walk(path, onerror=_walk_error):
-                dirs.sort()
-                for name in names:
-                    full = os.path.join(folder, name)
-                    if os.path.isfile(full) and _looks_like_archive(full):
-                        candidates.append(full)
-            if not candidates:
-                raise ToolError("%s: no archives in this directory" % path)
-            found.extend(roll_manager.sort_written_order(candidates))
-        elif os.path.exists(path):
-            found.append(path)
-        else:
-            raise ToolError("%s: no such file or directory" % path)
-    return found
+    swift = sources.Swift(config_file=getattr(args, "config", None))
+    items = sources.find(args.paths, swift=swift, jobs=args.jobs)
+    if selection is None or not (selection.windowed or selection.exact):
+        return items
+    return sources.keep_where(
+        items, functools.partial(_may_hold, selection), args.jobs)
 
 
-def _walk_error(err):
-    raise ToolError("%s: %s" % (err.filename, err.strerror))
+def _may_hold(selection, item):
+    """:meth:`Selection.may_hold`, after a HEAD for the object's metadata
+    when only that can tell (no index to read); an object the HEAD cannot
+    reach is kept: reading it says what is wrong."""
+    if selection.needs_meta and item.meta is None and (
+            item.index_name is None or selection.load_index is None):
+        try:
+            item.head(item.swift.connection())
+        except ToolError:
+            return True
+    return selection.may_hold(item)
+
+
+def read_all(items, salvage, jobs, on_error):
+    """Yield the ``(metadata, payload)`` of every record of ``items``, the
+    next ``jobs`` read ahead from Swift; an archive that cannot be read or
+    is damaged goes to ``on_error`` (a :class:`ToolError`, after its good
+    records) and the next one is read."""
+    with sources.read_ahead(items, jobs) as ahead:
+        for item in ahead:
+            try:
+                yield from read_records(item, salvage)
+            except NotAnArchive as err:
+                if not item.listed:
+                    on_error(err)
+            except ToolError as err:
+                on_error(err)
 
 
 def open_reader(path, salvage=False):
-    """An :class:`~shoebox_worker.archive.ArchiveReader` of ``path``, or a
-    one-line :class:`ToolError` when it cannot be opened."""
+    """An :class:`~shoebox_worker.archive.ArchiveReader` of ``path`` (or
+    of a :class:`~shoebox_worker.tools.sources.Item`), or a one-line
+    :class:`ToolError` when it cannot be opened."""
+    item = sources.item_of(path)
     try:
-        return archive.ArchiveReader(path, salvage=salvage)
+        return archive.ArchiveReader(item.open(), salvage=salvage,
+                                     name=item.name)
     except (OSError, ValueError) as err:
-        raise _unreadable(path, err) from None
+        raise _unreadable(item.name, err) from None
 
 
 def _unreadable(path, err):
@@ -188,22 +210,24 @@ def quiet_reader_logs():
 
 
 def read_records(path, salvage):
-    """Yield the ``(metadata, payload)`` of each record of ``path``.
+    """Yield the ``(metadata, payload)`` of each record of ``path`` (or of
+    a :class:`~shoebox_worker.tools.sources.Item`).
 
     :raises ToolError: the file cannot be read, or (unless ``salvage``) is
         damaged.
     """
-    reader = open_reader(path, salvage)
+    item = sources.item_of(path)
+    reader = open_reader(item, salvage)
     try:
         with reader:
             yield from reader
-            if salvage and _all_noise(reader, path):
-                raise _not_an_archive(path)
+            if salvage and _all_noise(reader, item):
+                raise _not_an_archive(item)
     except _READ_ERRORS as err:
-        raise _unreadable(path, err) from None
+        raise _unreadable(item.name, err) from None
     except exceptions.RecordError as err:
-        if err.offset == 0 and _holds_no_record(path):
-            raise _not_an_archive(path) from None
+        if err.offset == 0 and _holds_no_record(item):
+            raise _not_an_archive(item) from None
         raise damaged(err, "use --salvage to skip damaged records") \
             from None
 
@@ -277,15 +301,22 @@ def render_record(metadata, payload, with_metadata=False):
 # -- cat --------------------------------------------------------------------
 
 def cmd_cat(args):
-    """Print records as JSON lines."""
+    """Print records as JSON lines; exit 1 if an archive could not be read
+    or is damaged (the others are printed all the same)."""
     quiet_reader_logs()
-    files = find_archives(args.paths)
     selection = select.from_args(args)
+    items = find_items(args, selection)
     keep = selection.keep if selection.active else None
     out = sys.stdout.buffer
+    status = EXIT_OK
     try:
-        for path in files:
-            _cat_file(path, out, keep, args.metadata, args.salvage)
+        with sources.read_ahead(items, args.jobs) as ahead:
+            for item in ahead:
+                try:
+                    _cat_file(item, out, keep, args.metadata, args.salvage)
+                except ToolError as err:
+                    if say(err, item, getattr(args, "debug", False)):
+                        status = EXIT_FAILURE
         out.flush()
     except BrokenPipeError:
         # the reader went away (| head): stop quietly; point stdout at
@@ -296,7 +327,20 @@ def cmd_cat(args):
         return EXIT_BROKEN_PIPE
     for line in selection.notes():
         print("shoebox-worker: %s" % line, file=sys.stderr)
-    return EXIT_OK
+    return status
+
+
+def say(err, item=None, debug=False):
+    """Print an archive's one error line (none for an object a listing
+    found that is not an archive), after its traceback with ``--debug``;
+    True when it was printed."""
+    if isinstance(err, NotAnArchive) and item is not None and item.listed:
+        return False
+    sys.stdout.flush()
+    if debug:
+        traceback.print_exception(err)
+    print("shoebox-worker: %s" % err, file=sys.stderr, flush=True)
+    return True
 
 
 def _validator():
@@ -313,7 +357,8 @@ def _cat_file(path, out, keep, with_metadata, salvage):
     chunk = []
     size = 0
     validate = _validator()
-    reader = open_reader(path, salvage)
+    item = sources.item_of(path)
+    reader = open_reader(item, salvage)
     seen_skips = 0
     try:
         with reader:
@@ -346,18 +391,20 @@ def _cat_file(path, out, keep, with_metadata, salvage):
                     out.write(b"".join(chunk))
                     chunk, size = [], 0
             _flush(out, chunk)
-            if salvage and _all_noise(reader, path):
-                raise _not_an_archive(path)
+            if salvage and _all_noise(reader, item):
+                raise _not_an_archive(item)
             _report_skips(reader, seen_skips)
     except BrokenPipeError:
         raise  # the reader of stdout went away: cmd_cat says nothing
     except _READ_ERRORS as err:
-        raise _unreadable(path, err) from None
+        _flush(out, chunk)
+        out.flush()
+        raise _unreadable(item.name, err) from None
     except exceptions.RecordError as err:
         _flush(out, chunk)
         out.flush()
-        if err.offset == 0 and _holds_no_record(path):
-            raise _not_an_archive(path) from None
+        if err.offset == 0 and _holds_no_record(item):
+            raise _not_an_archive(item) from None
         raise damaged(err, "use --salvage to skip damaged records, or "
                             "run verify") from None
 
@@ -379,10 +426,12 @@ def _report_skips(reader, seen):
 # -- verify -----------------------------------------------------------------
 
 def verify_file(path, salvage=False):
-    """Check every record of one archive.
+    """Check every record of one archive (a path, or a
+    :class:`~shoebox_worker.tools.sources.Item`).
 
     :param salvage: write the good records of a damaged archive, each in
-        the version it was found in, to ``<path>.salvaged`` (uncompressed).
+        the version it was found in, to ``<path>.salvaged`` (uncompressed;
+        for an object in Swift, ``<its base name>.salvaged`` here).
     :returns: ``(report, salvaged_to)``: an
         :class:`~shoebox_worker.archive.ArchiveReport` and the path of the
         salvaged copy, or None when none was written.
@@ -394,18 +443,19 @@ def verify_file(path, salvage=False):
         _, version, _, metadata, payload = found
         kept.append(record.pack(metadata, payload, version))
 
+    item = sources.item_of(path)
     try:
-        report = archive.inspect_file(path,
+        report = archive.inspect_file(item.open(), name=item.name,
                                       on_record=keep if salvage else None)
     except (ValueError,) + _READ_ERRORS as err:
-        raise _unreadable(path, err) from None
+        raise _unreadable(item.name, err) from None
     except exceptions.RecordError as err:  # salvage cannot go on past it
         raise ToolError(str(err)) from None
-    if report.records == 0 and not report.ok and _holds_no_record(path):
-        raise _not_an_archive(path)
+    if report.records == 0 and not report.ok and _holds_no_record(item):
+        raise _not_an_archive(item)
     salvaged_to = None
     if salvage and not report.ok:
-        salvaged_to = _write_salvaged(path, kept)
+        salvaged_to = _write_salvaged(item.salvage_to, kept)
     return report, salvaged_to
 
 
@@ -439,11 +489,10 @@ def report_line(report, salvaged_to=None):
     return text
 
 
-def _write_salvaged(path, records):
-    """Write ``<path>.salvaged`` through ``<path>.salvaged.tmp``, made
-    exclusively and never through a symlink (a stale one, or a link
+def _write_salvaged(target, records):
+    """Write ``target`` (``<path>.salvaged``) through ``<target>.tmp``,
+    made exclusively and never through a symlink (a stale one, or a link
     planted there, is removed first: the link, not what it names)."""
-    target = path + ".salvaged"
     tmp = target + ".tmp"
     try:
         with open(_create_new(tmp), "wb") as f:
@@ -482,21 +531,27 @@ def cmd_verify(args):
     """Check archives; exit 1 if any is damaged or unreadable."""
     quiet_reader_logs()
     status = EXIT_OK
-    for path in args.paths:
-        try:
-            files = find_archives([path])
-        except ToolError as err:
-            print("shoebox-worker: %s" % err, file=sys.stderr)
-            status = EXIT_FAILURE
-            continue
-        for name in files:
+    swift = sources.Swift(config_file=args.config)
+    try:
+        for path in args.paths:
             try:
-                report, salvaged_to = verify_file(name, salvage=args.salvage)
+                items = sources.find([path], swift=swift, jobs=args.jobs)
             except ToolError as err:
                 print("shoebox-worker: %s" % err, file=sys.stderr)
                 status = EXIT_FAILURE
                 continue
-            print(report_line(report, salvaged_to), flush=True)
-            if not report.ok:
-                status = EXIT_FAILURE
+            with sources.read_ahead(items, args.jobs) as ahead:
+                for item in ahead:
+                    try:
+                        report, salvaged_to = verify_file(
+                            item, salvage=args.salvage)
+                    except ToolError as err:
+                        if say(err, item, getattr(args, "debug", False)):
+                            status = EXIT_FAILURE
+                        continue
+                    print(report_line(report, salvaged_to), flush=True)
+                    if not report.ok:
+                        status = EXIT_FAILURE
+    finally:
+        swift.close()
     return status

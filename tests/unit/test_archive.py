@@ -1,6 +1,7 @@
 """Tests for shoebox_worker.archive: one file, strict and salvage reading."""
 
 import gzip
+import io
 import os
 import random
 import struct
@@ -743,3 +744,44 @@ def test_abandon_goes_back_to_the_synced_range(tmp_path):
     writer.abandon()
     assert writer.span.texts() == ("2024-03-09T10:00:00.000000Z",
                                    "2024-03-09T10:00:00.000000Z")
+
+
+class TestReaderOfAFileObject:
+    """An archive read from a file object (an object streamed from Swift)
+    reads as the file does, under the name it is given."""
+
+    @pytest.mark.parametrize("codec", [None, "gzip", "zstd"])
+    def test_same_records_as_the_file(self, tmp_path, codec):
+        path = str(tmp_path / "a.events")
+        records = sample_records(60)
+        write_archive(path, records, version=1)
+        if codec:
+            path = compression.compress_file(path,
+                                             compression.get_codec(codec))
+        f = open(path, "rb")
+        with archive.ArchiveReader(f, name="swift://c/a") as reader:
+            assert reader.filename == "swift://c/a"
+            assert [(m, as_bytes(p)) for m, p in reader] == records
+        assert f.closed
+
+    def test_damage_is_named_as_given(self, tmp_path):
+        path = tmp_path / "a.events"
+        write_archive(path, sample_records(3))
+        data = bytearray(path.read_bytes())
+        data[30:34] = b"\xff" * 4
+        path.write_bytes(bytes(data))
+        with open(path, "rb") as f:
+            with pytest.raises(exceptions.RecordError) as info:
+                list(archive.ArchiveReader(f, name="swift://c/o"))
+        assert info.value.filename == "swift://c/o"
+        with open(path, "rb") as f:
+            report = archive.inspect_file(f, name="swift://c/o", quiet=True)
+        assert report.filename == "swift://c/o"
+        assert report.skipped and report.skipped[0].filename == "swift://c/o"
+
+    def test_default_name(self, tmp_path):
+        path = tmp_path / "a.events"
+        write_archive(path, sample_records(1))
+        with open(path, "rb") as f:
+            assert archive.ArchiveReader(f).filename == str(path)
+        assert archive.ArchiveReader(io.BytesIO(b"")).filename == "<stream>"

@@ -1,6 +1,7 @@
 """Tests for shoebox_worker.compression: codecs, detection, safe compress."""
 
 import gzip
+import io
 import os
 import shutil
 import subprocess
@@ -284,3 +285,89 @@ def test_gzip_reads_the_same_with_either_inflate(tmp_path, monkeypatch):
     monkeypatch.setattr(compression, "inflate", zlib)
     with compression.open_read(path) as f:
         assert f.read() == fast == DATA * 2
+
+
+# -- reading a file object (a stream from Swift) ----------------------------
+
+class Trickle(io.RawIOBase):
+    """A network-like stream: at most ``step`` bytes a read, no seek."""
+
+    def __init__(self, data, step=7):
+        self.data = memoryview(data)
+        self.step = step
+        self.reads = 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return False
+
+    def readinto(self, buffer):
+        self.reads += 1
+        n = min(len(buffer), self.step, len(self.data))
+        buffer[:n] = self.data[:n]
+        self.data = self.data[n:]
+        return n
+
+
+def _compressed(name, data):
+    if name == "gzip":
+        return gzip.compress(data)
+    if name == "zstd":
+        return zstandard.ZstdCompressor().compress(data)
+    return data
+
+
+@pytest.mark.parametrize("name", ["plain", "gzip", "zstd"])
+@pytest.mark.parametrize("step", [1, 3, 7, 1 << 16])
+def test_open_read_of_a_stream_with_short_reads(name, step):
+    data = DATA[:20000] if step == 1 else DATA
+    stream = Trickle(_compressed(name, data), step)
+    with compression.open_read(stream) as f:
+        assert f.read() == data
+    assert stream.closed  # the reader owns the stream
+
+
+def test_open_read_of_a_pzstd_stream(tmp_path, source):
+    frames = skippable_frame(b"\0" * 12) + zstandard.ZstdCompressor(
+    ).compress(DATA)
+    with compression.open_read(Trickle(frames, 5)) as f:
+        assert f.read() == DATA
+
+
+@pytest.mark.parametrize("name", ["gzip", "zstd"])
+def test_a_truncated_stream_raises(name):
+    blob = _compressed(name, DATA)
+    with pytest.raises(compression.DECOMPRESS_ERRORS):
+        with compression.open_read(Trickle(blob[:len(blob) // 2], 100)) as f:
+            f.read()
+
+
+def test_short_streams_read_as_plain():
+    for data in (b"", b"\x1f", b"abc"):
+        with compression.open_read(Trickle(data, 1)) as f:
+            assert f.read() == data
+
+
+def test_a_stream_bomb_is_bounded_per_call():
+    stream = Trickle(gzip.compress(bytes(1 << 20), 9) * 64, 1 << 16)
+    tracemalloc.start()
+    try:
+        total = 0
+        with compression.open_read(stream) as f:
+            while block := f.read1(1 << 20):
+                total += len(block)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert total == 64 << 20
+    assert peak < 8 << 20
+
+
+def test_zstd_without_zstandard_closes_the_stream(monkeypatch):
+    monkeypatch.delitem(compression.CODECS, "zstd")
+    stream = Trickle(_compressed("zstd", DATA))
+    with pytest.raises(ValueError, match="zstandard"):
+        compression.open_read(stream)
+    assert stream.closed

@@ -531,3 +531,48 @@ class TestReadErrorsAreOneLine:
         monkeypatch.setattr(record._Walk, "_fill", fill)
         with pytest.raises(ToolError):
             read.verify_file(path, salvage=True)
+
+
+class TestOneBadArchiveAmongOthers:
+    """A damaged or missing archive is one line; the ones after it are
+    still read, and the command exits 1."""
+
+    @pytest.fixture
+    def three(self, tmp_path):
+        paths = [str(tmp_path / ("%d.events" % n)) for n in range(3)]
+        for n, path in enumerate(paths):
+            write(path, notes(4, start=10 * n))
+        with open(paths[1], "r+b") as f:  # the third record's marker
+            f.seek(write(str(tmp_path / "x.events"), notes(4, 10))[2])
+            f.write(b"\0\0\0\0")
+        return paths
+
+    def test_cat_goes_on(self, three, capsysbinary):
+        code, out, err = run(["cat", *three], capsysbinary)
+        assert code == 1
+        assert [json.loads(line)["n"] for line in out.splitlines()] == [
+            0, 1, 2, 3, 10, 11, 20, 21, 22, 23]
+        assert err.count("\n") == 1 and "1.events, offset" in err
+
+    def test_verify_goes_on(self, three, capsysbinary):
+        code, out, err = run(["verify", *three], capsysbinary)
+        assert code == 1 and err == ""
+        assert [line.split(": ")[1] for line in out.decode().splitlines()] \
+            == ["OK", "DAMAGED", "OK"]
+
+    def test_read_all_reports_and_goes_on(self, three):
+        errors = []
+        items = read.find_archives(three)
+        got = [m["n"] for m, _ in read.read_all(items, False, 4,
+                                                 errors.append)]
+        assert got == ["0", "1", "2", "3", "10", "11", "20", "21", "22",
+                       "23"]
+        [error] = errors
+        assert isinstance(error, ToolError) and "1.events" in str(error)
+
+    def test_a_file_in_a_directory_that_is_not_an_archive_is_skipped(
+            self, tmp_path, capsysbinary):
+        write(str(tmp_path / "a.events"), notes(2))
+        (tmp_path / "notes.txt").write_text("hello\n")
+        code, out, err = run(["cat", str(tmp_path)], capsysbinary)
+        assert (code, err) == (0, "") and out.count(b"\n") == 2

@@ -1,0 +1,328 @@
+"""Tests for shoebox_worker.tools.sources: what a listing yields and in
+which order, credentials from the environment, streams and read-ahead
+(with a Swift of dicts here; tests/functional/test_swift_sources.py reads
+the real one)."""
+
+import errno
+import os
+import threading
+
+import pytest
+from swiftclient import exceptions as swift_exceptions
+
+from shoebox_worker import archive
+from shoebox_worker import record
+from shoebox_worker.tools import ToolError
+from shoebox_worker.tools import sources
+
+
+class Body:
+    """swiftclient's ``_ObjectBody``: chunks, then the end."""
+
+    def __init__(self, data, chunk, fail_after=None):
+        self.chunks = [data[i:i + chunk] for i in range(0, len(data), chunk)]
+        self.fail_after = fail_after
+        self.closed = False
+
+    def __iter__(self):
+        for number, chunk in enumerate(self.chunks):
+            if number == self.fail_after:
+                raise ConnectionResetError(104, "Connection reset by peer")
+            yield chunk
+
+    def close(self):
+        self.closed = True
+
+
+class FakeConnection:
+    def __init__(self, swift):
+        self.swift = swift
+        self.url = "http://swift/v1/AUTH_test"
+        self.token = "tk"
+
+    def get_object(self, container, obj, resp_chunk_size=None):
+        with self.swift.lock:
+            self.swift.gets.append(obj)
+        if obj not in self.swift.objects:
+            raise swift_exceptions.ClientException(
+                "Object GET failed", http_status=404, http_reason="Not Found")
+        data = self.swift.objects[obj]
+        if resp_chunk_size is None:
+            return {}, data
+        body = Body(data, resp_chunk_size, self.swift.fail.get(obj))
+        self.swift.bodies.append(body)
+        return {}, body
+
+    def head_object(self, container, obj):
+        return {"x-object-meta-records": str(len(self.swift.objects[obj])),
+                "X-Object-Meta-First-Timestamp": "t", "etag": "x"}
+
+
+class FakeSwift(sources.Swift):
+    """A :class:`sources.Swift` whose connections and listing are dicts."""
+
+    def __init__(self, listing=(), objects=None):
+        super().__init__()
+        self.listing = list(listing)
+        self.objects = dict(objects or {})
+        self.gets = []
+        self.bodies = []
+        self.fail = {}
+        self.lock = threading.Lock()
+
+    def connection(self):
+        return FakeConnection(self)
+
+    def list(self, container, prefix):
+        return [e for e in self.listing if e["name"].startswith(prefix)]
+
+
+def entry(name, last_modified, size=10, content_type="application/gzip"):
+    return {"name": name, "bytes": size, "last_modified": last_modified,
+            "content_type": content_type}
+
+
+def archive_bytes(count, tag="x"):
+    return b"".join(record.pack({"n": str(i)}, b'{"%s":%d}' % (
+        tag.encode(), i)) for i in range(count))
+
+
+# -- listing ----------------------------------------------------------------
+
+class TestListing:
+    def test_specs(self):
+        assert sources.parse_spec("swift://c") == ("c", "")
+        assert sources.parse_spec("swift://c/2026/01/") == ("c", "2026/01/")
+        with pytest.raises(ToolError, match="no container"):
+            sources.parse_spec("swift:///x")
+
+    def test_what_is_never_an_archive_is_left_out(self):
+        swift = FakeSwift([
+            entry("a.events.gz", "2026-01-01T00:00:02"),
+            entry("a.events.gz.index", "2026-01-01T00:00:03"),
+            entry("b.events.gz/1000/100/00000000", "2026-01-01T00:00:01"),
+            entry("empty.events", "2026-01-01T00:00:01", size=0),
+            entry("dir", "2026-01-01T00:00:01",
+                  content_type="application/directory", size=1),
+            entry("notes.txt", "2026-01-01T00:00:04"),
+        ])
+        items = sources.find(["swift://c"], swift=swift)
+        assert [i.name for i in items] == ["swift://c/a.events.gz",
+                                           "swift://c/notes.txt"]
+        assert items[0].index_name == "a.events.gz.index"
+        assert items[1].index_name is None
+        assert all(i.listed and i.meta is None for i in items)
+        assert swift.gets == []  # a listing sends no GET
+
+    def test_write_order_is_swift_time_then_counter_then_name(self):
+        # the object prefix (the first record's day) and the name's own
+        # time would order them otherwise
+        swift = FakeSwift([
+            entry("2026/01/02/shoebox_20260102T000000_h-1_t-0.events.gz",
+                  "2026-03-01T00:00:01.000001"),
+            entry("2026/01/01/shoebox_20260103T000000_h-1_t-1~2.events.gz",
+                  "2026-03-01T00:00:02"),
+            entry("2026/01/01/shoebox_20260103T000000_h-1_t-1~10.events.gz",
+                  "2026-03-01T00:00:02"),
+            entry("2026/01/01/late.events.gz", "2026-03-01T00:00:00.5"),
+        ])
+        names = [i.object for i in sources.find(["swift://c"], swift=swift)]
+        assert names == [
+            "2026/01/01/late.events.gz",
+            "2026/01/02/shoebox_20260102T000000_h-1_t-0.events.gz",
+            "2026/01/01/shoebox_20260103T000000_h-1_t-1~2.events.gz",
+            "2026/01/01/shoebox_20260103T000000_h-1_t-1~10.events.gz"]
+
+    def test_a_prefix_that_names_an_object_reads_it_alone(self):
+        swift = FakeSwift([entry("a.events", "2"), entry("a.events.2", "1"),
+                           entry("a.events.index", "3")])
+        [item] = sources.find(["swift://c/a.events"], swift=swift)
+        assert (item.object, item.listed) == ("a.events", False)
+        assert item.index_name == "a.events.index"
+
+    def test_nothing_there_is_one_line(self):
+        swift = FakeSwift([entry("x.index", "1")])
+        with pytest.raises(ToolError, match=r"^swift://c/y: no archives "
+                                            r"there \(no objects\)$"):
+            sources.find(["swift://c/y"], swift=swift)
+        with pytest.raises(ToolError, match=r"^swift://c: no archives "
+                                            r"there$"):
+            sources.find(["swift://c"], swift=swift)
+
+    def test_files_and_objects_mix_in_the_order_given(self, tmp_path):
+        path = tmp_path / "a.events"
+        path.write_bytes(archive_bytes(2))
+        (tmp_path / "a.events.index").write_bytes(b"i")
+        swift = FakeSwift([entry("o", "1")])
+        items = sources.find([str(path), "swift://c", str(path)],
+                             swift=swift)
+        assert [i.name for i in items] == [str(path), "swift://c/o",
+                                           str(path)]
+        assert items[0].meta == {} and items[0].size == path.stat().st_size
+        assert items[0].read_index() == b"i"
+        assert items[0].salvage_to == str(path) + ".salvaged"
+        assert items[1].salvage_to == "o.salvaged"
+
+    def test_heads_fill_the_metadata(self):
+        swift = FakeSwift([entry("a", "1"), entry("b", "2")],
+                          {"a": b"12", "b": b"123"})
+        items = sources.find(["swift://c"], swift=swift, heads=True, jobs=2)
+        assert [i.meta for i in items] == [
+            {"records": "2", "first-timestamp": "t"},
+            {"records": "3", "first-timestamp": "t"}]
+
+
+# -- credentials ------------------------------------------------------------
+
+class TestEnvironment:
+    def test_st_variables_are_v1(self):
+        swift = sources.Swift(environ={
+            "ST_AUTH": "http://s/auth/v1.0", "ST_USER": "a:b",
+            "ST_KEY": "k", "OS_AUTH_URL": "http://keystone/v3"})
+        options = swift.callback.options
+        assert (options["auth_version"], options["auth"], options["user"],
+                options["key"], options["os_auth_url"]) == (
+            "1", "http://s/auth/v1.0", "a:b", "k", "")
+
+    def test_os_variables_are_keystone_v3(self):
+        swift = sources.Swift(environ={
+            "OS_AUTH_URL": "http://keystone/v3", "OS_USERNAME": "u",
+            "OS_PASSWORD": "pw", "OS_PROJECT_NAME": "p",
+            "OS_USER_DOMAIN_NAME": "Default",
+            "OS_PROJECT_DOMAIN_NAME": "Default", "OS_REGION_NAME": "R1"})
+        options = swift.callback.options
+        assert options["auth_version"] == "3"
+        assert (options["os_username"], options["os_project_name"],
+                options["os_region_name"]) == ("u", "p", "R1")
+        kwargs = swift.callback.connection_kwargs()
+        assert kwargs["os_options"] == {"region_name": "R1"}
+        assert "session" in kwargs
+
+    def test_missing_ones_are_named_as_variables(self):
+        swift = sources.Swift(environ={"OS_AUTH_URL": "http://k/v3",
+                                       "OS_USERNAME": "u",
+                                       "OS_PASSWORD": "s3cr3t"})
+        with pytest.raises(ToolError) as info:
+            assert swift.callback is None
+        text = str(info.value)
+        assert text.startswith("Swift credentials from the environment: ")
+        assert "OS_PROJECT_NAME" in text and "s3cr3t" not in text
+
+    def test_none(self):
+        with pytest.raises(ToolError, match="no Swift credentials"):
+            assert sources.Swift(environ={}).callback is None
+
+    def test_nothing_is_read_until_swift_is_needed(self, tmp_path):
+        path = tmp_path / "a.events"
+        path.write_bytes(archive_bytes(1))
+        swift = sources.Swift(config_file=str(tmp_path / "missing.conf"))
+        assert [i.name for i in sources.find([str(path)], swift=swift)] \
+            == [str(path)]
+
+    def test_a_config_without_a_swift_section(self, tmp_path):
+        conf = tmp_path / "w.conf"
+        conf.write_text("[broker]\nurl = amqp://guest:guest@localhost//\n"
+                        "[consumer:q]\nexchange = nova\n")
+        swift = sources.Swift(config_file=str(conf))
+        with pytest.raises(ToolError,
+                           match=r"w\.conf: no \[callback:swift\]"):
+            assert swift.callback is None
+
+
+# -- streams and read-ahead -------------------------------------------------
+
+def swift_of(count, records=50, chunk=64):
+    names = ["o%d" % i for i in range(count)]
+    swift = FakeSwift([entry(n, str(i)) for i, n in enumerate(names)],
+                      {n: archive_bytes(records, n) for n in names})
+    return swift, names
+
+
+class TestStreams:
+    def test_an_object_reads_as_its_bytes(self, monkeypatch):
+        monkeypatch.setattr(sources, "GET_CHUNK", 7)
+        swift, names = swift_of(1)
+        [item] = sources.find(["swift://c"], swift=swift)
+        with item.open() as f:
+            assert f.read(3) + f.read() == swift.objects["o0"]
+        assert swift.bodies[0].closed
+
+    def test_a_missing_object_is_enoent(self):
+        swift, _ = swift_of(1)
+        [item] = sources.find(["swift://c"], swift=swift)
+        del swift.objects["o0"]
+        with pytest.raises(OSError) as info:
+            archive.ArchiveReader(item.open(), name=item.name)
+        assert info.value.errno == errno.ENOENT
+        assert "404" in info.value.strerror
+
+    def test_a_broken_download_is_eio(self, monkeypatch):
+        monkeypatch.setattr(sources, "GET_CHUNK", 16)
+        swift, _ = swift_of(1)
+        swift.fail["o0"] = 3
+        [item] = sources.find(["swift://c"], swift=swift)
+        with sources.read_ahead([item], 2) as ahead:
+            for it in ahead:
+                with pytest.raises(OSError) as info:
+                    list(archive.ArchiveReader(it.open(), name=it.name))
+        assert info.value.errno == errno.EIO
+        assert "broke off" in info.value.strerror
+
+    @pytest.mark.parametrize("jobs", [1, 2, 5])
+    def test_read_ahead_keeps_the_order_and_gets_each_once(
+            self, monkeypatch, jobs):
+        monkeypatch.setattr(sources, "GET_CHUNK", 32)
+        swift, names = swift_of(7)
+        items = sources.find(["swift://c"], swift=swift)
+        got = []
+        with sources.read_ahead(items, jobs) as ahead:
+            for item in ahead:
+                with archive.ArchiveReader(item.open(),
+                                           name=item.name) as reader:
+                    got.append(b"".join(p for _, p in reader))
+        assert got == [b"".join(b'{"%s":%d}' % (n.encode(), i)
+                                for i in range(50)) for n in names]
+        assert sorted(swift.gets) == names
+
+    def test_read_ahead_starts_at_most_jobs_ahead(self):
+        swift, names = swift_of(6)
+        items = sources.find(["swift://c"], swift=swift)
+        started = []
+        with sources.read_ahead(items, 3) as ahead:
+            for item in ahead:
+                started.append(sum(1 for i in items
+                                   if i._download is not None))
+                with item.open() as f:
+                    f.read()
+        assert started == [3, 3, 3, 3, 2, 1]
+
+    def test_leaving_cancels_what_was_not_read(self, monkeypatch):
+        monkeypatch.setattr(sources, "GET_CHUNK", 8)
+        swift, names = swift_of(4, records=400)
+        items = sources.find(["swift://c"], swift=swift)
+        with sources.read_ahead(items, 4) as ahead:
+            for item in ahead:
+                with item.open() as f:
+                    f.read(10)
+                break
+        for thread in ahead._threads:
+            thread.join(5)
+            assert not thread.is_alive()
+        assert all(i._download is None for i in items)
+
+    def test_local_files_are_opened_in_place(self, tmp_path):
+        path = tmp_path / "a.events"
+        path.write_bytes(archive_bytes(3))
+        items = sources.find([str(path)])
+        with sources.read_ahead(items, 4) as ahead:
+            [item] = list(ahead)
+        assert ahead._threads == []
+        with item.open() as f:
+            assert f.read() == archive_bytes(3)
+
+    def test_item_of(self, tmp_path):
+        path = str(tmp_path / "x")
+        item = sources.item_of(path)
+        assert (item.name, item.listed, item.size) == (path, False, None)
+        assert sources.item_of(item) is item
+        assert os.fspath(item.path) == path
