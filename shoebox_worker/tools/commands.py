@@ -9,6 +9,7 @@ They are subcommands of ``shoebox-worker`` (``cli`` calls
                           [SELECTION] PATH...
     (cat, verify, replay: [--config FILE] [--jobs N]; PATH may be
     swift://CONTAINER[/PREFIX])
+    shoebox-worker export --format jsonl|parquet --out DIR [SELECTION] PATH...
     shoebox-worker generate [--config FILE] --count N [--seed N [--start T]]
 
 ``replay`` and ``generate`` take the broker URL from ``--config FILE``'s
@@ -43,7 +44,8 @@ from shoebox_worker.tools import read
 from shoebox_worker.tools import select
 from shoebox_worker.tools import sources
 
-__all__ = ["add_commands", "parse_time", "run_generate", "run_replay"]
+__all__ = ["add_commands", "parse_time", "run_export", "run_generate",
+           "run_replay"]
 
 
 # The broker's modules (kombu, amqp) are imported by the commands that
@@ -53,6 +55,12 @@ def run_replay(args):
     """``replay``: :func:`shoebox_worker.tools.publish.cmd_replay`."""
     from shoebox_worker.tools import publish
     return publish.cmd_replay(args)
+
+
+def run_export(args):
+    """``export``: :func:`shoebox_worker.tools.export.cmd_export`."""
+    from shoebox_worker.tools import export
+    return export.cmd_export(args)
 
 
 def run_generate(args):
@@ -180,6 +188,36 @@ def add_commands(subparsers):
     _add_sources(replay, config=False)
     replay.add_argument("paths", nargs="+", metavar="PATH", help=paths_help)
     replay.set_defaults(func=run_replay)
+
+    export = subparsers.add_parser(
+        "export", help="write records as files for SQL (DuckDB, Spark, "
+                       "Athena)",
+        description="Write the selected records under --out, one folder "
+                    "per day of their timestamp (UTC), Hive style: "
+                    "DIR/date=YYYY-MM-DD/part-*.jsonl.gz or .parquet. A row "
+                    "is the record's timestamp, each metadata key as a "
+                    "column and the notification itself. Files appear only "
+                    "when the whole export succeeded. Exit 1 if an archive "
+                    "could not be read (the others are exported).")
+    export.add_argument("--format", choices=("jsonl", "parquet"),
+                        default="jsonl",
+                        help="JSON lines, or Parquet (needs pyarrow: pip "
+                             "install shoebox-worker[parquet]) (default: "
+                             "%(default)s)")
+    export.add_argument("--compression", choices=("gzip", "zstd"),
+                        default="gzip",
+                        help="of the JSON lines (Parquet files are zstd "
+                             "inside) (default: %(default)s)")
+    export.add_argument("--out", required=True, metavar="DIR",
+                        help="the folder to write into (made if missing; "
+                             "files of earlier exports are kept)")
+    select.add_arguments(export)
+    export.add_argument("--salvage", action="store_true",
+                        help="skip damaged records instead of stopping at "
+                             "the first of an archive")
+    _add_sources(export)
+    export.add_argument("paths", nargs="+", metavar="PATH", help=paths_help)
+    export.set_defaults(func=run_export)
 
     generate = subparsers.add_parser(
         "generate", help="publish synthetic nova notifications",

@@ -33,16 +33,21 @@ import datetime
 import io
 import os
 import secrets
+import sys
 
 import orjson
 
 from shoebox_worker import compression
 from shoebox_worker import files
 from shoebox_worker import timestamps
+from shoebox_worker.exceptions import EXIT_FAILURE
+from shoebox_worker.exceptions import EXIT_OK
 from shoebox_worker.tools import ToolError
+from shoebox_worker.tools import read
+from shoebox_worker.tools import select
 from shoebox_worker.tools.read import payload_json as _notification
 
-__all__ = ["FORMATS", "Exporter"]
+__all__ = ["FORMATS", "Exporter", "cmd_export"]
 
 #: ``--format`` choices.
 FORMATS = ("jsonl", "parquet")
@@ -254,3 +259,33 @@ class Exporter:
             except OSError:
                 pass
         self._written.clear()
+
+
+def cmd_export(args):
+    """``export``: the selected records of PATHs into ``--out``; exit 1 if
+    an archive could not be read (the others are exported all the same)."""
+    read.quiet_reader_logs()
+    selection = select.from_args(args)
+    items = read.find_items(args, selection)
+    exporter = Exporter(args.out, args.format, args.compression)
+    keep = selection.keep if selection.active else None
+    unreadable = []
+    try:
+        for metadata, payload in read.read_all(items, args.salvage,
+                                               args.jobs, unreadable.append):
+            if keep is None or keep(metadata, payload):
+                exporter.add(metadata, payload)
+        written = exporter.close()
+    except BaseException:
+        exporter.abort()
+        raise
+    print("exported %d record%s of %d archive%s to %s: %d file%s, %d "
+          "day%s" % (exporter.rows, "" if exporter.rows == 1 else "s",
+                     len(items), "" if len(items) == 1 else "s", args.out,
+                     written, "" if written == 1 else "s", len(exporter.days),
+                     "" if len(exporter.days) == 1 else "s"), flush=True)
+    for line in selection.notes():
+        print("shoebox-worker: %s" % line, file=sys.stderr)
+    for err in unreadable:  # one line each; the others were exported
+        read.say(err, debug=getattr(args, "debug", False))
+    return EXIT_FAILURE if unreadable else EXIT_OK

@@ -62,7 +62,6 @@ import re
 import threading
 
 from shoebox_worker import compression
-from shoebox_worker import config as config_mod
 from shoebox_worker import plugins
 from shoebox_worker import record
 from shoebox_worker import roll_manager
@@ -335,6 +334,8 @@ class Swift:
         return self._callback
 
     def _from_config(self):
+        # the config module brings kombu: only when --config is given
+        from shoebox_worker import config as config_mod
         conf = config_mod.load(self.config_file)  # ConfigError: one line
         options = conf.callback_options.get("swift")
         if options is None:
@@ -546,7 +547,7 @@ def keep_where(items, wanted, jobs=DEFAULT_JOBS):
             max_workers=min(jobs, len(items)),
             thread_name_prefix="shoebox-select") as pool:
         flags = list(pool.map(wanted, items))
-    return [item for item, keep in zip(items, flags) if keep]
+    return [item for item, keep in zip(items, flags, strict=True) if keep]
 
 
 def _head_all(items, jobs):

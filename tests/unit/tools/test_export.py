@@ -7,6 +7,8 @@ import os
 import duckdb
 import pytest
 
+from shoebox_worker import archive
+from shoebox_worker import cli
 from shoebox_worker.tools import ToolError
 from shoebox_worker.tools import export
 
@@ -184,3 +186,72 @@ def test_unknown_format_and_codec_are_one_line(tmp_path):
         export.Exporter(str(tmp_path), "csv")
     with pytest.raises(ToolError, match="unknown compression 'lz4'"):
         export.Exporter(str(tmp_path), "jsonl", "lz4")
+
+
+# -- the command ------------------------------------------------------------
+
+def write_archive(path, rows):
+    with archive.ArchiveWriter(str(path)) as writer:
+        for metadata, payload in rows:
+            writer.write(metadata, payload)
+    return str(path)
+
+
+def run(argv, capsys):
+    code = cli.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_the_command_exports_what_is_selected(tmp_path, capsys):
+    rows = records(days=3)
+    first = write_archive(tmp_path / "a.events", rows[:6])
+    second = write_archive(tmp_path / "b.events", rows[6:])
+    out = tmp_path / "out"
+    code, said, err = run(["export", "--out", str(out), "--since",
+                           "2024-03-02", "--where", "payload.instance_id=i-1",
+                           first, second], capsys)
+    assert (code, err) == (0, "")
+    assert said == ("exported 2 records of 2 archives to %s: 2 files, "
+                    "2 days\n" % out)
+    got = query("SELECT date, message_id FROM read_json('%s/*/*.jsonl.gz', "
+                "hive_partitioning = true) ORDER BY ALL" % out)
+    assert [(str(d), m) for d, m in got] == [("2024-03-02", "m-1-1"),
+                                             ("2024-03-03", "m-2-1")]
+
+
+def test_a_damaged_archive_is_one_line_and_the_rest_exported(tmp_path,
+                                                             capsys):
+    good = write_archive(tmp_path / "a.events", records(days=1))
+    bad = tmp_path / "b.events"
+    write_archive(bad, records(days=1))
+    data = bytearray(bad.read_bytes())
+    data[40] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    out = tmp_path / "out"
+    code, said, err = run(["export", "--format", "parquet", "--out",
+                           str(out), good, str(bad)], capsys)
+    assert code == 1
+    assert said.startswith("exported 4 records of 2 archives")
+    (line,) = err.splitlines()
+    assert line.startswith("shoebox-worker: %s" % bad)
+    assert query("SELECT count(*) FROM read_parquet('%s/*/*.parquet')"
+                 % out) == [(4,)]
+
+
+def test_a_failed_export_leaves_no_file(tmp_path, capsys, monkeypatch):
+    path = write_archive(tmp_path / "a.events", records(days=2))
+    calls = []
+
+    def fails_at_the_fifth(self, metadata, payload):
+        calls.append(1)
+        if len(calls) == 5:
+            raise OSError(28, "No space left on device")
+        return real(self, metadata, payload)
+
+    real = export.Exporter.add
+    monkeypatch.setattr(export.Exporter, "add", fails_at_the_fifth)
+    out = tmp_path / "out"
+    code, _, err = run(["export", "--out", str(out), path], capsys)
+    assert code == 1 and "No space left on device" in err
+    assert listing(out) == []
