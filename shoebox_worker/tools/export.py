@@ -43,6 +43,7 @@ from shoebox_worker import timestamps
 from shoebox_worker.exceptions import EXIT_FAILURE
 from shoebox_worker.exceptions import EXIT_OK
 from shoebox_worker.tools import ToolError
+from shoebox_worker.tools import progress
 from shoebox_worker.tools import read
 from shoebox_worker.tools import select
 from shoebox_worker.tools.read import payload_json as _notification
@@ -271,8 +272,9 @@ def cmd_export(args):
     keep = selection.keep if selection.active else None
     unreadable = []
     try:
-        for metadata, payload in read.read_all(items, args.salvage,
-                                               args.jobs, unreadable.append):
+        for metadata, payload in read.read_all(
+                items, args.salvage, args.jobs, unreadable.append,
+                shown=progress.wanted(False)):
             if keep is None or keep(metadata, payload):
                 exporter.add(metadata, payload)
         written = exporter.close()

@@ -40,6 +40,7 @@ from shoebox_worker.consume import envelope
 from shoebox_worker.exceptions import EXIT_FAILURE
 from shoebox_worker.exceptions import EXIT_OK
 from shoebox_worker.tools import ToolError
+from shoebox_worker.tools import progress
 from shoebox_worker.tools import read
 from shoebox_worker.tools import select
 from shoebox_worker.tools import simulator
@@ -135,18 +136,6 @@ def broker_error(url, err, hints=None):
     elif isinstance(err, OSError | kombu.exceptions.OperationalError):
         text += "; " + UNREACHABLE_HINT
     return ToolError("broker %s: %s" % (broker_url.redact(url), text))
-
-
-def _progress(total=None, unit="msg", file=None, enabled=None):
-    """A tqdm bar on ``file`` (stderr), shown only when it is a terminal
-    (or ``enabled``); it counts whole messages, never scaled (not
-    ``31.0/1.00k``)."""
-    from tqdm import tqdm
-    file = sys.stderr if file is None else file
-    if enabled is None:
-        enabled = file.isatty()
-    return tqdm(total=total, unit=unit, unit_scale=False, file=file,
-                disable=not enabled, dynamic_ncols=True)
 
 
 #: Where ``replay`` and ``generate`` read the broker URL when neither
@@ -446,17 +435,12 @@ def cmd_replay(args):
     selection = select.from_args(args)
     items = read.find_items(args, selection)
     keep = selection.keep if selection.active else None
-    total = None
-    if sys.stderr.isatty():  # the bar needs a total: count first
-        total = sum(1 for _ in read.read_all(items, args.salvage, args.jobs,
-                                             lambda err: None))
     unreadable = []  # archives that could not be read: said at the end
     malformed = filtered = 0
     conn = connect(url, ssl=tls)
     errors = broker_errors(conn)
     error = None
     sender = None
-    bar = _progress(total)
     try:
         channel = conn.channel()
         exchange = Exchange(args.exchange, type="topic", passive=True)
@@ -466,9 +450,9 @@ def cmd_replay(args):
             channel.exchange_declare(args.exchange, "topic", passive=True)
         sender = _Sender(channel, exchange, args.routing_key)
         pacer = Pacer(args.rate)
-        for metadata, payload in read.read_all(items, args.salvage,
-                                               args.jobs, unreadable.append):
-            bar.update(1)
+        for metadata, payload in read.read_all(
+                items, args.salvage, args.jobs, unreadable.append,
+                shown=progress.wanted(False)):
             if keep is not None and not keep(metadata, payload):
                 filtered += 1
                 continue
@@ -481,7 +465,6 @@ def cmd_replay(args):
     except errors as err:
         error = broker_error(url, err, REPLAY_HINTS)
     finally:
-        bar.close()
         conn.release()
     if sender is None:
         raise error
@@ -542,7 +525,7 @@ def cmd_generate(args):
     tls = tls_from(args, url)
     conn = connect(url, ssl=tls)  # fail fast with one line when it is down
     conn.release()
-    bar = _progress(args.count)
+    bar = progress.bar(args.count)
     try:
         outcome = publish(
             url, args.count, exchange=args.exchange,

@@ -43,6 +43,7 @@ from shoebox_worker import record
 from shoebox_worker.exceptions import EXIT_FAILURE
 from shoebox_worker.exceptions import EXIT_OK
 from shoebox_worker.tools import ToolError
+from shoebox_worker.tools import progress
 from shoebox_worker.tools import select
 from shoebox_worker.tools import sources
 
@@ -159,13 +160,16 @@ def _may_hold(selection, item):
     return selection.may_hold(item)
 
 
-def read_all(items, salvage, jobs, on_error):
+def read_all(items, salvage, jobs, on_error, shown=False):
     """Yield the ``(metadata, payload)`` of every record of ``items``, the
     next ``jobs`` read ahead from Swift; an archive that cannot be read or
     is damaged goes to ``on_error`` (a :class:`ToolError`, after its good
-    records) and the next one is read."""
+    records) and the next one is read.
+
+    :param shown: show a progress bar (:func:`.progress.wanted`).
+    """
     with sources.read_ahead(items, jobs) as ahead:
-        for item in ahead:
+        for item in progress.Reading(items, shown).track(ahead):
             try:
                 yield from read_records(item, salvage)
             except NotAnArchive as err:
@@ -311,7 +315,8 @@ def cmd_cat(args):
     status = EXIT_OK
     try:
         with sources.read_ahead(items, args.jobs) as ahead:
-            for item in ahead:
+            reading = progress.Reading(items, progress.wanted(True))
+            for item in reading.track(ahead):
                 try:
                     _cat_file(item, out, keep, args.metadata, args.salvage)
                 except ToolError as err:
@@ -541,7 +546,8 @@ def cmd_verify(args):
                 status = EXIT_FAILURE
                 continue
             with sources.read_ahead(items, args.jobs) as ahead:
-                for item in ahead:
+                reading = progress.Reading(items, progress.wanted(True))
+                for item in reading.track(ahead):
                     try:
                         report, salvaged_to = verify_file(
                             item, salvage=args.salvage)

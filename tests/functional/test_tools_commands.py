@@ -6,13 +6,17 @@ example plugin pip-installed into the venv.
 Without RabbitMQ the broker tests skip, or fail when CI=true.
 """
 
+import fcntl
 import json
 import os
+import pty
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 import urllib.request
@@ -20,6 +24,7 @@ import urllib.request
 import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from tqdm import tqdm
 
 from shoebox_worker import archive
 from shoebox_worker import compression
@@ -691,3 +696,56 @@ def test_example_plugin_selected_by_name(tmp_path, rabbit, names, ft,
                                                ".x\n"))
     err = one_line_error(sh("check-config", "--config", bad), code=2)
     assert "sufix" in err and "suffix" in err
+
+
+# -- the progress bar ---------------------------------------------------------
+
+def _on_a_terminal(argv, cwd):
+    """Run the command with stderr on a pseudo-terminal (100 columns) and
+    stdout piped: ``(exit code, stdout, what the terminal showed)``."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    try:
+        proc = subprocess.run([WORKER, *map(str, argv)],
+                              stdout=subprocess.PIPE, stderr=slave,
+                              stdin=subprocess.DEVNULL, cwd=cwd, timeout=120)
+    finally:
+        os.close(slave)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the terminal's other end is closed
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(master)
+    return proc.returncode, proc.stdout, shown.decode("utf-8", "replace")
+
+
+class TestProgress:
+    def test_a_bar_of_archives_and_bytes_on_a_terminal_none_when_piped(
+            self, tmp_path):
+        paths = []
+        for n in range(3):
+            path = tmp_path / ("a%d.events" % n)
+            write_notifications(path, 300, seed=n)
+            paths.append(path)
+        total = sum(os.path.getsize(p) for p in paths)
+        code, out, shown = _on_a_terminal(
+            ["export", "--out", tmp_path / "out", *paths], tmp_path)
+        assert code == 0 and out.startswith(b"exported 900 records")
+        last = shown.replace("\r", "\n").strip().splitlines()[-1]
+        assert last.startswith("3/3 archives: 100%"), shown
+        size = tqdm.format_sizeof(total, divisor=1024)  # the files' bytes
+        assert "| %s/%s [" % (size, size) in last, last
+        # cat prints records: a bar only when they do not go to the terminal
+        code, out, shown = _on_a_terminal(["cat", *paths], tmp_path)
+        assert code == 0 and out.count(b"\n") == 900
+        assert "3/3 archives: 100%" in shown.replace("\r", "\n")
+        # piped (the test's own pipes): nothing but the output
+        result = sh("export", "--out", tmp_path / "out2", *paths)
+        assert result.returncode == 0 and result.stderr == b""
+        result = sh("cat", *paths)
+        assert result.stderr == b""

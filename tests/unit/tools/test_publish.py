@@ -3,7 +3,6 @@ the replay envelope, the outcome's lines, the broker errors' lines, the
 progress bar. Publishing to RabbitMQ is in
 tests/functional/test_generator_publish.py and test_tools_commands.py."""
 
-import io
 import json
 
 import amqp.exceptions
@@ -132,19 +131,6 @@ class TestBrokerError:
         assert "retrying will not help" not in text
         assert text.endswith("; " + publish.UNREACHABLE_HINT)
 
-
-def test_progress_bar_shows_whole_counts():
-    out = io.StringIO()
-    bar = publish._progress(1000, file=out, enabled=True)
-    bar.update(31)
-    bar.refresh()
-    bar.close()
-    assert "31/1000" in out.getvalue()
-    assert "1.00k" not in out.getvalue()
-
-
-def test_progress_bar_hidden_off_a_terminal():
-    assert publish._progress(10, file=io.StringIO()).disable
 
 
 # -- where replay and generate find the broker URL --------------------------
