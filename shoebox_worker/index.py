@@ -199,7 +199,7 @@ def _filter(values):
     return HASHES, bytes(mask)
 
 
-# -- writing -------------------------------------------------------------------
+# -- writing ----------------------------------------------------------------
 
 class Builder:
     """Collects an archive's values as its records are written;
@@ -229,7 +229,8 @@ class Builder:
             order, None where it has none (:func:`values_of`).
         """
         self.records += 1
-        for found, value in zip(self._values, values):
+        # values is empty for a malformed record: nothing to add
+        for found, value in zip(self._values, values, strict=False):
             if value is not None:
                 found.add(value)
         if isinstance(timestamp, str) and len(timestamp) == 26 \
@@ -285,7 +286,7 @@ def _text(value, size_of=_U8):
 def _pack(fields, records, earliest, latest, values):
     parts = [_HEAD.pack(MAGIC, VERSION, 0, len(fields), records),
              _text(earliest), _text(latest)]
-    for field, found in zip(fields, values):
+    for field, found in zip(fields, values, strict=True):
         hashes, mask = _filter(found)
         parts += [_text(field, _U16),
                   _FIELD.pack(len(found), hashes, len(mask)), mask]
@@ -321,7 +322,7 @@ def write_file(path, data, mode=None):
     files.fsync_directory(path)
 
 
-# -- reading -------------------------------------------------------------------
+# -- reading ----------------------------------------------------------------
 
 class Index:
     """A parsed index (:meth:`from_bytes`, :func:`read_file`).
