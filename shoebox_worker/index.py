@@ -40,7 +40,9 @@ its first 8 bytes and ``h2`` = its last 8 (both unsigned little-endian),
 ``h2 |= 1``; bits ``(h1 + i * h2) mod M`` for ``i`` in ``0..K-1``
 (Kirsch-Mitzenmacher double hashing). A filter holds
 :data:`BITS_PER_VALUE` bits per distinct value (at least 64) and
-:data:`HASHES` hashes: 0.82 % false positives expected. Timestamps are
+:data:`HASHES` hashes: 0.82 % false positives expected; one whose set
+bits make more than :data:`MAX_FALSE_POSITIVES` (a small one, by chance)
+is made larger. Readers need none of that: ``M`` is ``8 * B``. Timestamps are
 :func:`shoebox_worker.timestamps.normalise`'s shape, the minimum and the
 maximum over every record (not the first and last), so text order is
 time order.
@@ -99,9 +101,11 @@ MAGIC = b"SBXI"
 #: filter answers "may contain" for 0.82 % of absent values.
 BITS_PER_VALUE = 10
 HASHES = 7
-#: The smallest filter (bits), so that a field with few values still has
-#: few false positives.
+#: The smallest filter (bits).
 MIN_BITS = 64
+#: The false positive rate no filter exceeds (its own, from the share of
+#: its bits that are set): a margin under the 1 % promised.
+MAX_FALSE_POSITIVES = 0.009
 
 _HEAD = struct.Struct("<4sBBHQ")
 _FIELD = struct.Struct("<IBI")
@@ -180,23 +184,33 @@ def _positions(value, bits, hashes=HASHES):
 
 
 def _filter(values):
-    """``(hashes, filter bytes)`` holding ``values`` (a set of str)."""
+    """``(hashes, filter bytes)`` holding ``values`` (a set of str).
+
+    Sized from their number; then, since a small filter's share of set
+    bits varies widely, grown by a quarter until its own false positive
+    rate, ``(set bits / bits) ** hashes``, is at most
+    :data:`MAX_FALSE_POSITIVES`.
+    """
     if not values:
         return HASHES, b""
-    bits = max(MIN_BITS, BITS_PER_VALUE * len(values))
-    size = (bits + 7) // 8
-    bits = size * 8
-    mask = bytearray(size)
-    blake2b = hashlib.blake2b
+    hashed = []
     for value in values:
-        digest = blake2b(value.encode("utf-8", "surrogatepass"),
-                         digest_size=16).digest()
-        h1 = int.from_bytes(digest[:8], "little")
-        h2 = int.from_bytes(digest[8:], "little") | 1
-        for i in range(HASHES):
-            j = (h1 + i * h2) % bits
-            mask[j >> 3] |= 1 << (j & 7)
-    return HASHES, bytes(mask)
+        digest = hashlib.blake2b(value.encode("utf-8", "surrogatepass"),
+                                 digest_size=16).digest()
+        hashed.append((int.from_bytes(digest[:8], "little"),
+                       int.from_bytes(digest[8:], "little") | 1))
+    size = (max(MIN_BITS, BITS_PER_VALUE * len(values)) + 7) // 8
+    while True:
+        bits = size * 8
+        mask = bytearray(size)
+        for h1, h2 in hashed:
+            for i in range(HASHES):
+                j = (h1 + i * h2) % bits
+                mask[j >> 3] |= 1 << (j & 7)
+        fill = int.from_bytes(mask, "little").bit_count() / bits
+        if fill ** HASHES <= MAX_FALSE_POSITIVES:
+            return HASHES, bytes(mask)
+        size += (size + 3) // 4
 
 
 # -- writing ----------------------------------------------------------------

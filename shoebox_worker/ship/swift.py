@@ -129,6 +129,7 @@ logger that blanks those header values; swiftclient's own
 
 import datetime
 import hashlib
+import io
 import json
 import logging
 import math
@@ -1032,9 +1033,9 @@ class SwiftUploadCallback:
         response = {}
         try:
             returned = conn.put_object(
-                self.container, name, data, content_length=len(data),
-                headers=headers, content_type=INDEX_CONTENT_TYPE,
-                response_dict=response)
+                self.container, name, io.BytesIO(data),
+                content_length=len(data), headers=headers,
+                content_type=INDEX_CONTENT_TYPE, response_dict=response)
         except swift_exceptions.ClientException as exc:
             if exc.http_status != 412:
                 raise
@@ -1046,9 +1047,9 @@ class SwiftUploadCallback:
                         _what_is_there(head), filename)
             del headers["If-None-Match"]
             returned = conn.put_object(
-                self.container, name, data, content_length=len(data),
-                headers=headers, content_type=INDEX_CONTENT_TYPE,
-                response_dict=response)
+                self.container, name, io.BytesIO(data),
+                content_length=len(data), headers=headers,
+                content_type=INDEX_CONTENT_TYPE, response_dict=response)
         if returned != md5:
             raise _Mismatch("PUT %s/%s returned ETag %s; MD5 of the %d bytes "
                             "sent: %s" % (self.container, name, returned,

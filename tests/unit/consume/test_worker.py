@@ -19,6 +19,7 @@ import pytest
 from shoebox_worker import archive
 from shoebox_worker import config as config_mod
 from shoebox_worker import files
+from shoebox_worker import index
 from shoebox_worker import plugins
 from shoebox_worker import roll_checker
 from shoebox_worker import roll_manager
@@ -245,8 +246,11 @@ def archives(worker_or_dir, pattern=None):
 
 
 def archive_files(worker):
+    """The archives in the working directory (not their state files nor
+    their indexes)."""
     return sorted(name for name in os.listdir(worker.directory)
-                  if not name.endswith(shipper_mod.STATE_SUFFIX))
+                  if not name.endswith((shipper_mod.STATE_SUFFIX,
+                                        index.SUFFIX)))
 
 
 def memory_of(worker):
