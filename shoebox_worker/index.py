@@ -233,7 +233,7 @@ class Builder:
         # oslo's own "YYYY-MM-DD HH:MM:SS.ffffff" orders as text: its
         # least and greatest are kept raw and normalised once at the end
         self._low = self._high = None
-        self._others = []   # every other timestamp, normalised (or None)
+        self._others = []   # every other timestamp, normalised
 
     def add(self, timestamp, values):
         """Count one record.
@@ -255,8 +255,10 @@ class Builder:
                 self._low = timestamp
             elif timestamp > self._high:
                 self._high = timestamp
-        else:
-            self._others.append(timestamps.normalise(timestamp))
+        else:  # another shape: normalised now (None: no time, left out)
+            normal = timestamps.normalise(timestamp)
+            if normal is not None:
+                self._others.append(normal)
 
     def add_notification(self, timestamp, notification):
         """:meth:`add` from a decoded notification (None: malformed)."""
@@ -266,9 +268,12 @@ class Builder:
             self.add(timestamp, values_of(notification, self.compiled))
 
     def time_range(self):
-        """``(earliest, latest)`` normalised, None when unknown (no
-        record, or one whose timestamp is not one: then no range is
-        claimed, so that no reader prunes on it)."""
+        """``(earliest, latest)`` of the records that have a plausible
+        ``timestamp`` (:func:`shoebox_worker.timestamps.normalise`);
+        records without one (malformed ones) have no time and no time
+        window selects them. ``(None, None)``: unknown (no such record,
+        or a timestamp of oslo's shape that is no real time: then no range
+        is claimed, so that no reader prunes on it)."""
         found = list(self._others)
         if self._low is not None:
             found += [timestamps.normalise(self._low),

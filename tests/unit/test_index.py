@@ -61,9 +61,17 @@ class TestRoundTrip:
         assert (got.earliest, got.latest) == (
             "2026-11-25T23:00:00.000000Z", "2026-11-27T01:00:00.000000Z")
 
+    def test_records_without_a_time_are_left_out(self):
+        stamps = [None, "2026-11-26 12:00:00.000000", "yesterday", 5,
+                  "2026-11-26T13:00:00Z"]
+        got = index.Index.from_bytes(built([(None, None)] * 5,
+                                           timestamps=stamps))
+        assert (got.earliest, got.latest) == (
+            "2026-11-26T12:00:00.000000Z", "2026-11-26T13:00:00.000000Z")
+
     @pytest.mark.parametrize("stamps", [
-        [], [None], ["2026-11-26 12:00:00.000000", "yesterday"],
-        ["2026-02-30 12:00:00.000000"]])
+        [], [None], ["yesterday"],
+        ["2026-11-26 12:00:00.000000", "2026-02-30 12:00:00.000000"]])
     def test_an_unknown_time_claims_no_range(self, stamps):
         got = index.Index.from_bytes(built([(None, None)] * len(stamps),
                                            timestamps=stamps))
