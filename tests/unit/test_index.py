@@ -2,6 +2,7 @@
 its Bloom filters and what it says of the archive."""
 
 import os
+import pathlib
 import random
 import stat
 import struct
@@ -16,6 +17,7 @@ from shoebox_worker import index
 from shoebox_worker.tools import simulator
 
 FIELDS = ("payload.instance_id", "_context_project_id")
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def ids(count, seed):
@@ -119,6 +121,19 @@ class TestRoundTrip:
         assert len(data) == pos + 4
         assert struct.unpack_from("<I", data, pos) == (
             zlib.crc32(data[:pos]),)
+
+
+def test_the_worked_example_of_docs_format_md():
+    text = (ROOT / "docs" / "format.md").read_text()
+    section = text[text.index("## Index files"):]
+    block = section[section.index("```\n") + 4:]
+    block = block[:block.index("```")]
+    shown = bytes.fromhex("".join(line[10:59] for line in
+                                  block.splitlines()))
+    builder = index.Builder(("payload.instance_id",))
+    builder.add("2026-11-26 16:11:12.000000", ("i-1",))
+    builder.add("2026-11-26 16:11:10.500000", ("i-2",))
+    assert builder.to_bytes() == shown
 
 
 class TestFalsePositives:
