@@ -26,6 +26,7 @@ from shoebox_worker import archive
 from shoebox_worker import compression
 from shoebox_worker import exceptions
 from shoebox_worker import files
+from shoebox_worker import index as archive_index
 from shoebox_worker import record
 from shoebox_worker import roll_manager
 from shoebox_worker.exceptions import EXIT_FAILURE
@@ -71,13 +72,17 @@ _PAYLOAD_WS = re.compile(rb'"(?:[^"\\]|\\.)*"|[ \t\r\n]+', re.DOTALL)
 
 def _looks_like_archive(path):
     """True when the file's (uncompressed) first bytes hold a record
-    marker: a damaged first record still counts."""
+    marker: a damaged first record still counts. An archive's index
+    (``x.events.index``, whose filter bytes may hold anything) is not
+    one."""
     try:
         with compression.open_read(path) as f:
             head = f.read(SNIFF_BYTES)
     except compression.DECOMPRESS_ERRORS:
         return True  # a damaged compressed archive: let the reader say
     except (OSError, ValueError):
+        return False
+    if head.startswith(archive_index.MAGIC):
         return False
     return record.find_marker(head, 0) >= 0
 
