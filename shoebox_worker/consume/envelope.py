@@ -287,6 +287,8 @@ class Unwrapper:
     def __init__(self, fields=(), static=None, index_fields=()):
         self.extract = MetadataExtractor(fields, static)
         self.index_fields = index.compile_fields(index_fields)
+        self._values = index.Reader(index_fields, _MAPPINGS) \
+            if index_fields else None
         self._outer = self._inner = None
         if simdjson is not None:
             self._outer = simdjson.Parser()
@@ -331,7 +333,7 @@ class Unwrapper:
             has_message = _MESSAGE_KEY in outer
             if not (has_version or has_message):  # v1: the notification
                 return (body,) + self._metadata(outer, queue, routing_key,
-                                                exchange)
+                                                exchange, body)
             if not (has_version and has_message):
                 return None
             version = outer[_VERSION_KEY]
@@ -347,13 +349,14 @@ class Unwrapper:
             if not isinstance(notification, simdjson.Object):
                 return None
             return (payload,) + self._metadata(notification, queue,
-                                               routing_key, exchange)
+                                               routing_key, exchange, payload)
         finally:
             del notification
 
-    def _metadata(self, notification, queue, routing_key, exchange):
-        """``(metadata, values)`` of a notification (a simdjson object)."""
-        values = index.values_of(notification, self.index_fields) \
-            if self.index_fields else ()
+    def _metadata(self, notification, queue, routing_key, exchange, raw):
+        """``(metadata, values)`` of a notification (a simdjson object
+        parsed from ``raw``)."""
+        values = self._values(notification, raw) \
+            if self._values is not None else ()
         return self.extract(Parsed(b"", notification), queue, routing_key,
                             exchange=exchange), values
