@@ -123,14 +123,16 @@ def sidecar(path):
 
 # -- values ------------------------------------------------------------------
 
-def _absent(key, raw):
+def _absent(key, raw, whole=False):
     """Is ``key`` certainly no key of the JSON text ``raw``, nor the start
-    of one? In a text without ``\\u`` and ``\\/`` escapes, a key made of
-    printable characters other than ``"`` and ``\\`` is written as it is,
-    so a text without ``"key`` holds no key that starts with it."""
+    of one (``whole``: is it certainly no key)? In a text without ``\\u``
+    and ``\\/`` escapes, a key made of printable characters other than
+    ``"`` and ``\\`` is written as it is, so a text without ``"key`` holds
+    no key that starts with it (nor one that is it, without ``"key"``)."""
     if '"' in key or "\\" in key or not key.isprintable():
         return False
-    return ('"%s' % key).encode("utf-8") not in raw
+    needle = '"%s"' % key if whole else '"%s' % key
+    return needle.encode("utf-8") not in raw
 
 
 def lookup(notification, parts, mappings=(dict,), raw=None):
@@ -259,8 +261,10 @@ class Reader:
         self._raw, self._plain = raw, False  # False: not looked at yet
         out = [None] * len(self.fields)
         self._walk(notification, self._edges, out)
-        return tuple(value if value is None or value.__class__ is str
-                     else value_text(value) for value in out)
+        for i, value in enumerate(out):
+            if value is not None and value.__class__ is not str:
+                out[i] = value_text(value)
+        return tuple(out)
 
     def _text(self):
         """The notification's text if :func:`lookup` may search it."""
@@ -276,7 +280,7 @@ class Reader:
                 if plain is not None and _absent(key, plain):
                     continue  # no key starts with it: all of it is None
                 found = None if plain is not None and \
-                    _absent(key + '"', plain) else value.get(key)
+                    _absent(key, plain, whole=True) else value.get(key)
             else:
                 found = value.get(key)
             if found is None:
@@ -299,7 +303,7 @@ class Reader:
         while found is None and i < n:
             key = key + "." + parts[i]
             i += 1
-            if plain is None or not _absent(key + '"', plain):
+            if plain is None or not _absent(key, plain, whole=True):
                 found = value.get(key)
         if found is None or i == n:
             return found

@@ -1,6 +1,7 @@
 """Tests for shoebox_worker.index: the bytes of an archive's field index,
 its Bloom filters and what it says of the archive."""
 
+import itertools
 import os
 import pathlib
 import random
@@ -11,6 +12,7 @@ import zlib
 
 import orjson
 import pytest
+import simdjson
 
 from shoebox_worker import exceptions
 from shoebox_worker import index
@@ -235,6 +237,58 @@ class TestValues:
         got = index.Index.from_bytes(index.build([({}, None)]))
         assert got.records == 1
         assert got.distinct["payload.instance_id"] == 0
+
+
+class TestReader:
+    """The worker's reader gives what values_of gives, in any order of
+    notifications (its shortcuts depend on the one before)."""
+
+    FIELDS = ("payload.instance_id", "payload.nova_object.data.uuid",
+              "_context_project_id", "payload.a.b", "payload.x", "n")
+
+    NOTES = [
+        {"payload": {"instance_id": "i-1", "x": {"y": 1}}, "n": 5},
+        {"payload": {"nova_object.data": {"uuid": "u-1"}},
+         "_context_project_id": "p"},
+        {"payload": {"nova_object": {"data": {"uuid": "u-2"}},
+                     "a.b": "dotted", "a": None}},
+        {"payload": {"a": {"b": "nested"}, "a.b": "dotted"}},
+        {"payload": {"instance_id": None, "x": [1, "\u00e9"]}},
+        {"payload": {"instance\u005fid": "escaped"}},
+        {"payload": {"instance_id": "i/\\/2"}, "n": True},
+        {"payload": "not an object", "n": None},
+        {},
+    ]
+
+    def reader_values(self, reader, note, text=None):
+        raw = text if text is not None else orjson.dumps(note)
+        parsed = simdjson.Parser().parse(raw)
+        return reader(parsed, raw)
+
+    def test_same_values_in_every_order(self):
+        reference = {i: index.values_of(note, index.compile_fields(
+            self.FIELDS)) for i, note in enumerate(self.NOTES)}
+        for order in itertools.islice(itertools.permutations(
+                range(len(self.NOTES))), 0, 2000, 7):
+            reader = index.Reader(self.FIELDS, (dict, simdjson.Object))
+            for i in order * 2:
+                assert self.reader_values(reader, self.NOTES[i]) == \
+                    reference[i], (order, i)
+
+    def test_escaped_keys_are_found(self):
+        reader = index.Reader(("payload.instance_id",),
+                              (dict, simdjson.Object))
+        missing = b'{"payload": {"other": 1}}'
+        escaped = b'{"payload": {"instance\\u005fid": "i-1"}}'
+        assert self.reader_values(reader, None, missing) == (None,)
+        assert self.reader_values(reader, None, escaped) == ("i-1",)
+
+    def test_simulated_stream(self):
+        compiled = index.compile_fields(index.DEFAULT_FIELDS)
+        reader = index.Reader(index.DEFAULT_FIELDS, (dict, simdjson.Object))
+        for note in simulator.notifications(500, seed=9):
+            assert self.reader_values(reader, note) == index.values_of(
+                note, compiled)
 
 
 class TestFiles:
