@@ -71,6 +71,7 @@ __all__ = [
     "Index",
     "build",
     "lookup",
+    "looks_like_index",
     "read_file",
     "sidecar",
     "value_text",
@@ -114,6 +115,11 @@ _FIELD = struct.Struct("<IBI")
 _U8 = struct.Struct("<B")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
+
+
+def looks_like_index(head):
+    """Do these first bytes of a file start an index?"""
+    return bytes(head[:len(MAGIC)]) == MAGIC
 
 
 def sidecar(path):

@@ -82,7 +82,7 @@ def _looks_like_archive(path):
         return True  # a damaged compressed archive: let the reader say
     except (OSError, ValueError):
         return False
-    if head.startswith(archive_index.MAGIC):
+    if archive_index.looks_like_index(head):
         return False
     return record.find_marker(head, 0) >= 0
 
