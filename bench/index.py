@@ -5,7 +5,11 @@
    when it is there) written with the default ``index_fields``, gzipped
    as the ``gzip`` step does: the index's size against the gzipped
    archive's (the goal: under 2 %), and its bytes per record.
-2. **Throughput.** In the same run, on the local RabbitMQ,
+2. **The worker's own work**, in this process: unwrap, write and roll
+   each message with and without the index, CPU time per message (the
+   broker's and kombu's part, about 48 us a message, left out), best of
+   ``--rounds``.
+3. **Throughput.** In the same run, on the local RabbitMQ,
    ``shoebox-worker run`` drains a pre-filled queue (as bench/worker.py
    does, rolling every ``--roll-mb`` so that indexes are built while it
    consumes) with ``index_fields =`` (no index: the baseline) and with the
@@ -23,6 +27,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 import kombu
 import orjson
@@ -79,6 +84,45 @@ def sizes(counts, directory):
         print("  %-34s gzip %10d B  index %8d B  %.2f %%  (%.1f B/record)"
               "  %s" % (label, gz, idx, 100 * ratio, idx / records,
                         "PASS" if ratio < 0.02 else "MISS"))
+
+
+def own_work(bodies, fields, roll_mb, directory):
+    """The worker's own work on each message, in this process: unwrap it,
+    write it (fsync every 1000), roll every ``roll_mb`` (the index made
+    then); CPU seconds per message (the broker's part left out)."""
+    unwrap = envelope.Unwrapper(index_fields=fields)
+    manager = roll_manager.WritingRollManager(
+        "own_%Y%m%d_{unique}.events",
+        roll_checker.SizeRollChecker(roll_size_mb=int(roll_mb)),
+        directory=directory, index_fields=fields, unique_names=True)
+    started = time.process_time()
+    for n, body in enumerate(bodies):
+        payload, metadata, values = unwrap(body, "q", "rk")
+        manager.write(metadata, payload, values)
+        if n % 1000 == 999:
+            manager.sync()
+    manager.close()
+    seconds = time.process_time() - started
+    for name in os.listdir(directory):
+        os.unlink(os.path.join(directory, name))
+    return seconds / len(bodies)
+
+
+def own(count, rounds, roll_mb, workdir):
+    print("the worker's own work per message (unwrap, write, roll), in "
+          "process, %d messages, rolls every %s MB:" % (count, roll_mb))
+    notes = [envelope.wrap(n) for n in simulator.notifications(5000, seed=7)]
+    bodies = [notes[i % len(notes)] for i in range(count)]
+    directory = tempfile.mkdtemp(dir=workdir)
+    base, indexed = [], []
+    for _ in range(rounds):
+        base.append(own_work(bodies, (), roll_mb, directory))
+        indexed.append(own_work(bodies, index.DEFAULT_FIELDS, roll_mb,
+                                directory))
+    b, w = min(base), min(indexed)
+    print("  no index: %.1f us   default index_fields: %.1f us   +%.1f us a "
+          "message; as throughput: %.3fx" % (b * 1e6, w * 1e6,
+                                             (w - b) * 1e6, b / w))
 
 
 CONFIG_INDEX = "fsync_interval = 1\nindex_fields = %s\n"
@@ -156,6 +200,7 @@ def main():
     workdir = tempfile.mkdtemp(prefix="shoebox-bench-index-")
     try:
         sizes([int(n) for n in args.sizes.split(",")], workdir)
+        own(args.count, args.rounds, args.roll_mb, workdir)
         if not args.no_throughput:
             throughput(args.count, args.rounds, args.roll_mb, workdir)
     finally:

@@ -106,19 +106,20 @@ class TestRoundTrip:
         pos = 72
         assert data[pos:pos + 3] == b"\x01\x00f"
         distinct, hashes, size = struct.unpack_from("<IBI", data, pos + 3)
-        assert (distinct, hashes, size) == (1, 7, 8)  # MIN_BITS = 64
+        assert (distinct, hashes, size) == (1, index.HASHES, 8)  # 64 bits
         mask = data[pos + 12:pos + 12 + size]
         digest = index.hashlib.blake2b(b"x", digest_size=16).digest()
         h1 = int.from_bytes(digest[:8], "little")
         h2 = int.from_bytes(digest[8:], "little") | 1
         want = bytearray(8)
-        for i in range(7):
+        for i in range(index.HASHES):
             j = (h1 + i * h2) % 64
             want[j >> 3] |= 1 << (j & 7)
         assert mask == bytes(want)
         pos += 12 + size
         assert data[pos:pos + 3] == b"\x01\x00g"
-        assert struct.unpack_from("<IBI", data, pos + 3) == (0, 7, 0)
+        assert struct.unpack_from("<IBI", data, pos + 3) == (0, index.HASHES,
+                                                             0)
         pos += 12
         assert len(data) == pos + 4
         assert struct.unpack_from("<I", data, pos) == (
