@@ -41,6 +41,7 @@ from collections.abc import Iterator
 from collections.abc import Mapping
 
 from shoebox_worker import broker_url
+from shoebox_worker import index
 from shoebox_worker import options
 from shoebox_worker.exceptions import ConfigError
 from shoebox_worker.options import OptionError
@@ -293,6 +294,8 @@ ARCHIVE_OPTIONS = _table(
            "1.0"),
     Option("metadata_fields", options.names(_dotted_path), ""),
     Option("static_metadata", _static_metadata, ""),
+    Option("index_fields", options.names(_dotted_path),
+           ", ".join(index.DEFAULT_FIELDS)),
     Option("max_backlog_mb", options.number(minimum=0, exclusive=True),
            "10240"),
     Option("retry_initial", options.number(minimum=0, exclusive=True),
@@ -510,6 +513,8 @@ class ArchiveConfig:
     fsync_interval: float
     metadata_fields: tuple[str, ...]
     static_metadata: Mapping[str, str]
+    #: Dotted paths indexed for each archive (empty: no index).
+    index_fields: tuple[str, ...]
     max_backlog_mb: float
     retry_initial: float
     retry_max: float

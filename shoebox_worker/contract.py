@@ -112,6 +112,16 @@ class ArchiveCallbackSpec(typing.Protocol):
         directory or to one a step declares here for that archive (a
         ``move`` destination): any other is refused.
 
+        **The archive's index.** When the archive has one
+        (:mod:`shoebox_worker.index`), it is the file
+        ``<filename>.index`` beside the file a step gets. A step leaves
+        it alone: the worker moves it to follow the path the step
+        returns (declared or not) and removes it when the step removed
+        the archive. A step that ships the archive somewhere may ship the
+        index too (``swift`` uploads it as ``<object>.index``); it
+        describes the records, so a step that changes the bytes only
+        (compression) keeps it valid.
+
         :returns: the path ``on_close(filename)`` will return; None when it
             removes the file (``delete``).
         """

@@ -19,6 +19,7 @@ __all__ = [
     "CallbackError",
     "UploadError",
     "PermanentError",
+    "IndexError_",
     "EXIT_OK",
     "EXIT_FAILURE",
     "EXIT_USAGE",
@@ -163,6 +164,13 @@ class PermanentError(ShoeboxError):
         super().__init__(message)
         self.message = message
         self.hint = hint
+
+
+class IndexError_(ShoeboxError):
+    """Bytes that are not an archive index of a version this reader knows,
+    or a damaged one (see :mod:`shoebox_worker.index`); the message is one
+    line naming the index. (The underscore keeps it apart from Python's
+    own ``IndexError``.)"""
 
 
 def _broker_errors():

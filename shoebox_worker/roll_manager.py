@@ -41,6 +41,16 @@ puts it right after its worker id:
 the extension (:func:`with_unique`). No state is kept on disk: a folder
 restored from a backup, or another host of the same name writing to the
 same container, cannot hand a sequence out twice.
+
+**Indexes.** With ``index_fields``, a writing manager collects the values
+of those fields as records are written (``write(..., values)``) and, when
+it closes an archive, writes its index (:mod:`shoebox_worker.index`)
+beside it as ``<archive>.index``, with the archive's permission bits,
+fsynced, before the archive's report is returned (so before the worker
+hands it to the shipper). The index is best effort: one that cannot be
+written is a WARNING and the archive goes on without it, as does an
+archive cut back after a failed write (:meth:`~WritingRollManager.
+cut_unsynced`).
 """
 
 import dataclasses
@@ -50,10 +60,12 @@ import logging
 import os
 import re
 import secrets
+import stat as stat_mod
 
 from shoebox_worker import archive
 from shoebox_worker import exceptions
 from shoebox_worker import files
+from shoebox_worker import index
 from shoebox_worker import record
 from shoebox_worker.exceptions import NoMoreFiles
 
@@ -76,6 +88,9 @@ LOG = logging.getLogger(__name__)
 #: Where in a template the unique part of a name goes (``unique_names``);
 #: removed from the names of a manager without it.
 UNIQUE_FIELD = "{unique}"
+
+#: An index that could not be written.
+W_NO_INDEX = "%s: cannot write its index (%s); it is shipped without one"
 
 _COUNTER = re.compile(r"~(\d+)(?=(?:\.[^.~]*)*$)")
 
@@ -233,12 +248,17 @@ class WritingRollManager(RollManager):
         name (see the module documentation), so that no name is ever made
         twice, whatever the clock; off by default (the names the template
         alone gives).
+    :param index_fields: dotted paths to index (see the module
+        documentation); empty (default): no index.
     """
 
     def __init__(self, filename_template, roll_checker, directory=".",
                  archive_callback=None, version=record.CURRENT_VERSION,
-                 keep_locks=False, unique_names=False):
+                 keep_locks=False, unique_names=False, index_fields=()):
         super().__init__(filename_template, directory, archive_callback)
+        self.index_fields = tuple(index_fields)
+        # the index of the active archive, as its records are written
+        self._index = None
         self.keep_locks = keep_locks
         # the lock of the active archive, and of closed ones not yet taken
         self._active_lock = None
@@ -292,6 +312,8 @@ class WritingRollManager(RollManager):
             files.fsync_directory(path)
             self._last_base, self._last_counter = base, counter
             self._synced = (0, None)
+            if self.index_fields:
+                self._index = index.Builder(self.index_fields)
             self.active_filename = path
             self.opened += 1
             LOG.debug("opened archive %s", path)
@@ -301,17 +323,22 @@ class WritingRollManager(RollManager):
             self.roll_checker.start(self.active_archive)
         return self.active_archive
 
-    def write(self, metadata, payload):
+    def write(self, metadata, payload, values=()):
         """Append one record, rolling afterwards if the checker says so.
 
         :param metadata: ``str:str`` dict.
         :param payload: str or bytes, most likely JSON.
+        :param values: the record's text for each of ``index_fields``, in
+            order (None where it has none), as
+            :func:`shoebox_worker.index.values_of` gives them.
         :returns: the closed archive's
             :class:`~shoebox_worker.archive.ArchiveReport` when this write
             rolled it, else None.
         """
         self.bytes_written += self.get_active_archive().write(metadata,
                                                               payload)
+        if self._index is not None:
+            self._index.add(metadata.get("timestamp"), values)
         if self.roll_checker.check(self.active_archive):
             return self._roll_archive()
         return None
@@ -347,6 +374,7 @@ class WritingRollManager(RollManager):
         writer, filename = self.active_archive, self.active_filename
         if writer is None:
             return None
+        self._index = None  # it counts records that are cut: none is made
         self.active_archive = None
         self.active_filename = None
         report = writer.report()
@@ -389,8 +417,21 @@ class WritingRollManager(RollManager):
                 mtime = self._last_mtime_ns + 1
                 os.utime(self.active_filename, ns=(stat.st_atime_ns, mtime))
             self._last_mtime_ns = mtime
+            self._write_index(self.active_filename, stat.st_mode)
             self._release_active_lock(self.active_filename)
         return super().close()
+
+    def _write_index(self, filename, mode):
+        """Write the closed archive's index beside it (best effort)."""
+        builder, self._index = self._index, None
+        if builder is None:
+            return
+        path = index.sidecar(filename)
+        try:
+            index.write_file(path, builder.to_bytes(),
+                             mode=stat_mod.S_IMODE(mode))
+        except OSError as exc:
+            LOG.warning(W_NO_INDEX, filename, exc)
 
     def _release_active_lock(self, closed):
         """The active archive is closed (``closed``: its path) or removed

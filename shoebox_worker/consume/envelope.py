@@ -36,6 +36,8 @@ import dataclasses
 
 import orjson
 
+from shoebox_worker import index
+
 try:  # the fast path; everything works without it, slower
     import simdjson
 except ImportError:  # pragma: no cover - a dependency, normally present
@@ -278,10 +280,15 @@ class Unwrapper:
 
     :param fields: dotted paths, as for :class:`MetadataExtractor`.
     :param static: pairs added to every record.
+    :param index_fields: dotted paths whose values the archive's index
+        holds (:mod:`shoebox_worker.index`), read in the same pass.
     """
 
-    def __init__(self, fields=(), static=None):
+    def __init__(self, fields=(), static=None, index_fields=()):
         self.extract = MetadataExtractor(fields, static)
+        self.index_fields = index.compile_fields(index_fields)
+        self._values = index.Reader(index_fields, _MAPPINGS) \
+            if index_fields else None
         self._outer = self._inner = None
         if simdjson is not None:
             self._outer = simdjson.Parser()
@@ -294,7 +301,9 @@ class Unwrapper:
         :param properties: AMQP properties, or a function returning them
             (called for malformed bodies only).
         :param exchange: the exchange it was published to.
-        :returns: ``(payload, metadata)``.
+        :returns: ``(payload, metadata, values)``; ``values``: the text of
+            each index field (:func:`shoebox_worker.index.values_of`),
+            empty for a malformed body.
         """
         if self._outer is not None:
             try:
@@ -306,11 +315,16 @@ class Unwrapper:
         parsed = parse(body)
         if callable(properties):
             properties = properties() if parsed.malformed else None
+        values = () if parsed.notification is None or not \
+            self.index_fields else index.values_of(parsed.notification,
+                                                   self.index_fields)
         return parsed.payload, self.extract(parsed, queue, routing_key,
-                                            properties, exchange=exchange)
+                                            properties,
+                                            exchange=exchange), values
 
     def _fast(self, body, queue, routing_key, exchange):
-        """``(payload, metadata)``, or None to leave it to :func:`parse`."""
+        """``(payload, metadata, values)``, or None to leave it to
+        :func:`parse`."""
         outer = self._outer.parse(body)
         try:
             if not isinstance(outer, simdjson.Object):
@@ -318,8 +332,8 @@ class Unwrapper:
             has_version = _VERSION_KEY in outer
             has_message = _MESSAGE_KEY in outer
             if not (has_version or has_message):  # v1: the notification
-                return body, self._metadata(outer, queue, routing_key,
-                                            exchange)
+                return (body,) + self._metadata(outer, queue, routing_key,
+                                                exchange, body)
             if not (has_version and has_message):
                 return None
             version = outer[_VERSION_KEY]
@@ -334,11 +348,15 @@ class Unwrapper:
         try:
             if not isinstance(notification, simdjson.Object):
                 return None
-            return payload, self._metadata(notification, queue, routing_key,
-                                           exchange)
+            return (payload,) + self._metadata(notification, queue,
+                                               routing_key, exchange, payload)
         finally:
             del notification
 
-    def _metadata(self, notification, queue, routing_key, exchange):
+    def _metadata(self, notification, queue, routing_key, exchange, raw):
+        """``(metadata, values)`` of a notification (a simdjson object
+        parsed from ``raw``)."""
+        values = self._values(notification, raw) \
+            if self._values is not None else ()
         return self.extract(Parsed(b"", notification), queue, routing_key,
-                            exchange=exchange)
+                            exchange=exchange), values

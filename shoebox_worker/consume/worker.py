@@ -236,7 +236,7 @@ class Worker(broker.Reconnecting):
         self.chain = callbacks_mod.CallbackChain(callbacks)
         self.shipper = shipper_mod.Shipper(
             self.chain, archive_conf.retry_initial, archive_conf.retry_max,
-            stats=self.stats)
+            stats=self.stats, index_fields=archive_conf.index_fields)
         # the roll manager's _<token>-<sequence> right after the worker
         # id: the recovery glob's * for {worker_id} covers both
         self.template = archive_conf.template_for(
@@ -248,7 +248,7 @@ class Worker(broker.Reconnecting):
             self.template, roll_checker, directory=self.directory,
             archive_callback=self._archive_lock,
             version=archive_conf.version, keep_locks=True,
-            unique_names=True)
+            unique_names=True, index_fields=archive_conf.index_fields)
         #: The stream queues' offsets (empty without stream queues).
         self.streams = stream_mod.Streams(self.directory, config.consumers)
         self.batch = batch_mod.Batch(self._sync)
@@ -256,7 +256,8 @@ class Worker(broker.Reconnecting):
         # offsets could not be saved (see _ship)
         self._held = []
         self.unwrap = envelope.Unwrapper(
-            archive_conf.metadata_fields, archive_conf.static_metadata)
+            archive_conf.metadata_fields, archive_conf.static_metadata,
+            index_fields=archive_conf.index_fields)
         self.queues = broker.make_queues(config.consumers)
         #: the depths of the consumed and watched queues, read for the
         #: metrics endpoint only
@@ -440,14 +441,14 @@ class Worker(broker.Reconnecting):
                 return
         body = envelope.to_bytes(message.body, message.content_encoding)
         delivery = message.delivery_info
-        payload, metadata = self.unwrap(
+        payload, metadata, values = self.unwrap(
             body, queue, delivery.get("routing_key"),
             functools.partial(_properties, message),
             exchange=delivery.get("exchange"))
         if offset is not None:
             metadata[stream_mod.METADATA_KEY] = str(offset)
         try:
-            closed = self.manager.write(metadata, payload)
+            closed = self.manager.write(metadata, payload, values)
         except OSError as exc:
             self.batch.add(message, now)  # requeued with the unsynced rest
             self._write_failed(exc)

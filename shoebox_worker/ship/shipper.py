@@ -68,9 +68,27 @@ shipped. An
 archive whose report is not known (a state file written without one, or
 one handed over without) gets it from the same function, in the shipping
 thread, just before the first step that takes it.
+
+**The index travels with the archive.** An archive's index
+(:mod:`shoebox_worker.index`) is the file ``<path>.index`` beside it, and
+the shipper keeps it there: after each step it moves the index to follow
+the archive (``x.events.index`` becomes ``x.events.gz.index`` after
+``gzip``, and goes into the ``move`` destination with it), and removes it
+once a step removed the archive (``delete``), before the state file goes.
+A crash in between is healed when the archive is resumed: its index is
+looked for under every path the chain's declared outputs lead the
+archive through (:meth:`~shoebox_worker.callbacks.CallbackChain.forms`)
+and moved beside it. So no step handles the index, except one that ships
+it (``swift`` uploads it beside the archive object). An archive recovered
+without a state file gets its index rebuilt from its records (the same
+read as its report); at start, an index whose archive is gone and that
+no state file can still lead to (none names a prefix of it) is removed.
+An archive without an index is shipped all the same: the index is best
+effort and never holds an archive back.
 """
 
 import dataclasses
+import errno
 import fcntl
 import heapq
 import json
@@ -81,9 +99,12 @@ import stat as stat_mod
 import threading
 import time
 
+import orjson
+
 from shoebox_worker import archive
 from shoebox_worker import exceptions
 from shoebox_worker import files
+from shoebox_worker import index
 from shoebox_worker.files import FileLock
 
 __all__ = ["Shipper", "STATE_SUFFIX", "DONE_FILE"]
@@ -295,6 +316,31 @@ def _report_from_state(origin, data):
         return None
 
 
+def _decoded(payload):
+    """A record's payload as a notification for the index, or None."""
+    try:
+        notification = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    return notification if isinstance(notification, dict) else None
+
+
+def _move_index(source, target):
+    """Move an index file to ``target`` (on another file system: copy it,
+    durably, then remove it)."""
+    try:
+        os.rename(source, target)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        with open(source, "rb") as f:
+            data = f.read()
+        index.write_file(target, data,
+                         mode=stat_mod.S_IMODE(os.stat(source).st_mode))
+        os.unlink(source)
+    files.fsync_directory(target)
+
+
 def _inspect(path):
     """Read an archive for its report; None when it cannot be read (the
     steps that take a report then do without)."""
@@ -315,14 +361,17 @@ class Shipper:
     :param stats: optional object with ``callback_done(name, seconds)``,
         ``callback_failed(name, permanent)`` and ``failing(by_kind)``
         methods (see :class:`~shoebox_worker.consume.stats.Stats`).
+    :param index_fields: the fields an archive recovered without a state
+        file is indexed by (``[archive] index_fields``; empty: none).
     """
 
     #: A failing step is logged again at most this often (seconds).
     failure_log_interval = FAILURE_LOG_INTERVAL
 
     def __init__(self, chain, retry_initial=1.0, retry_max=300.0,
-                 stats=None):
+                 stats=None, index_fields=()):
         self.chain = chain
+        self.index_fields = tuple(index_fields)
         self.chain_names = [name for name, _ in chain.steps]
         self.retry_initial = float(retry_initial)
         self.retry_max = float(retry_max)
@@ -433,7 +482,7 @@ class Shipper:
         names = sorted(os.listdir(directory))
         count = 0
         for name in names:  # a crash mid-rename leaves *.tmp behind
-            if name.endswith(STATE_SUFFIX + ".tmp"):
+            if name.endswith((STATE_SUFFIX + ".tmp", index.SUFFIX + ".tmp")):
                 try:
                     files.remove_stale(os.path.join(directory, name))
                 except BlockingIOError:
@@ -484,16 +533,77 @@ class Shipper:
                 os.unlink(path)
                 lock.release()
                 continue
+            builder = index.Builder(self.index_fields) \
+                if self.index_fields else None
             try:
-                report = self._recovered_report(path, on_record)
+                report = self._recovered_report(
+                    path, self._indexing(builder, on_record))
             except Exception as exc:  # shipped as it is: never stranded
                 LOG.error("%s: cannot read it for its report (%s); shipping "
                           "it as it is", path, exc)
-                report = None
+                report = builder = None
+            self._rebuild_index(path, builder)
             LOG.info("shipping %s, left by a previous run", path)
             self.submit(path, lock, report=report)
             count += 1
+        self._remove_orphan_indexes(directory)
         return count
+
+    @staticmethod
+    def _indexing(builder, on_record):
+        """``on_record`` that also adds each record to ``builder``."""
+        if builder is None:
+            return on_record
+
+        def collect(found):
+            metadata = found[3]
+            builder.add_notification(metadata.get("timestamp"),
+                                     _decoded(found[4]))
+            if on_record is not None:
+                on_record(found)
+        return collect
+
+    @staticmethod
+    def _rebuild_index(path, builder):
+        """Write the index of a recovered archive (its records as read,
+        the torn tail cut), replacing one its run may have left; a missing
+        one when it cannot be written (best effort)."""
+        target = index.sidecar(path)
+        try:
+            if builder is None:
+                if os.path.lexists(target):
+                    os.unlink(target)  # it may describe other records
+                return
+            index.write_file(target, builder.to_bytes(),
+                             mode=stat_mod.S_IMODE(os.stat(path).st_mode))
+        except OSError as exc:
+            LOG.warning("%s: cannot write its index (%s); shipping it "
+                        "without one", path, exc)
+
+    @staticmethod
+    def _remove_orphan_indexes(directory):
+        """Remove each index whose archive is gone and that no state file
+        can lead an archive to (a state file ``O.ship`` can when ``O`` is
+        a prefix of the index's name: every step names its output after
+        its input)."""
+        names = os.listdir(directory)
+        origins = [name[:-len(STATE_SUFFIX)] for name in names
+                   if name.endswith(STATE_SUFFIX) and name != DONE_FILE]
+        for name in names:
+            if not name.endswith(index.SUFFIX):
+                continue
+            path = os.path.join(directory, name)
+            archive_name = name[:-len(index.SUFFIX)]
+            if os.path.lexists(path[:-len(index.SUFFIX)]) or any(
+                    archive_name.startswith(origin) for origin in origins):
+                continue
+            if not _regular(path):
+                continue
+            LOG.info("removing %s: its archive is gone", path)
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
 
     @staticmethod
     def _recovered_report(path, on_record=None):
@@ -658,7 +768,27 @@ class Shipper:
                 with self._cond:
                     self._busy = None
 
+    def _carry_index(self, job, also=()):
+        """Put the archive's index beside it (``<job.path>.index``) from
+        wherever the chain's outputs (or ``also``) put it before, or
+        remove it once the archive is gone; best effort."""
+        target = None if job.path is None else index.sidecar(job.path)
+        for form in self.chain.forms(job.origin) + list(also):
+            found = index.sidecar(form)
+            if found == target or not _regular(found):
+                continue
+            try:
+                if target is None or os.path.lexists(target):
+                    os.unlink(found)
+                    files.fsync_directory(found)
+                else:
+                    _move_index(found, target)
+            except OSError as exc:
+                LOG.warning("%s: cannot move its index %s (%s)", job.origin,
+                            found, exc)
+
     def _ship(self, job):
+        self._carry_index(job)  # a crash may have left it behind
         while job.step < len(self.chain_names) and job.path is not None:
             if self._stopping:
                 self._enqueue(job, time.monotonic())
@@ -683,9 +813,11 @@ class Shipper:
             if new_path != job.output:
                 LOG.warning(W_UNDECLARED, name, job.path, new_path,
                             job.output)
-            job.path = new_path
+            old, job.path = job.path, new_path
             job.step += 1
             job.size = _size(new_path)
+            if new_path != old:
+                self._carry_index(job, (old,))
         self._finish(job)
 
     def _delay(self, attempts, permanent=False):
@@ -811,7 +943,10 @@ class Shipper:
         old.release()
 
     def _finish(self, job):
-        """The chain is done with this archive: drop its state."""
+        """The chain is done with this archive: drop its state (its index
+        first, when the archive is gone)."""
+        if job.path is None or not os.path.exists(job.path):
+            self._carry_index(job)
         remains = job.path is not None and os.path.exists(job.path) and \
             os.path.abspath(job.path) == os.path.abspath(job.origin)
         if remains:

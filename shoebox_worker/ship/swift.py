@@ -100,6 +100,18 @@ created that its manifest does not use (an earlier attempt with another
 ``segment_size``) are deleted once it is verified. Both containers are
 created (when missing) at the first upload.
 
+**The index.** When the archive has an index beside it
+(``<file>.index``, see :mod:`shoebox_worker.index`), it is uploaded once
+the archive object is verified, as ``<object>.index`` (beside the object
+the archive went under, another name included), in the same container,
+with the same ``X-Delete-After``, and also with ``If-None-Match: *``; its
+ETag must be the MD5 of its bytes. A 412 whose object has the same size
+and MD5 is done (an earlier attempt). One with other bytes is replaced,
+with a WARNING: the archive object is this file, and an index that does
+not describe it could hide its records from a reader. A failed index
+upload fails the step (retried; the archive, there already, is not sent
+again); no index file: nothing more is sent.
+
 **Expiry.** ``delete_after`` is sent as ``X-Delete-After``, counted by
 Swift's clock, not the worker's; segments get :data:`SEGMENT_EXPIRY_MARGIN`
 seconds more than their manifest, so that no manifest outlives them.
@@ -120,6 +132,7 @@ logger that blanks those header values; swiftclient's own
 
 import datetime
 import hashlib
+import io
 import json
 import logging
 import math
@@ -138,6 +151,7 @@ from swiftclient import exceptions as swift_exceptions
 from shoebox_worker import archive
 from shoebox_worker import compression
 from shoebox_worker import exceptions
+from shoebox_worker import index as archive_index
 from shoebox_worker import options as coercers
 from shoebox_worker import timestamps
 
@@ -173,6 +187,11 @@ SEGMENT_EXPIRY_MARGIN = 86400
 #: The loud line when a name is taken (both names in it).
 W_NAME_TAKEN = ("object %s/%s holds other content (%s): NOT overwriting it; "
                 "uploading %s as %s/%s instead")
+#: The index object beside an archive object holds other bytes: replaced.
+W_INDEX_REPLACED = ("index object %s/%s holds other content (%s): replacing "
+                    "it with the index of %s, which that archive object is")
+#: The content type of index objects.
+INDEX_CONTENT_TYPE = "application/vnd.shoebox-index"
 #: ``os_auth_type`` values (keystoneauth1's plugin names) and what they
 #: mean here.
 _AUTH_TYPES = {"": "password", "password": "password",
@@ -824,6 +843,7 @@ class SwiftUploadCallback:
                 obj, stale = self._upload(conn, f.fileno(), filename, obj,
                                           size, count, headers, content_type)
                 target = "%s/%s" % (self.container, obj)
+                self._put_index(conn, filename, obj)
         except Exception as exc:
             self._drop_connection()  # the next call starts afresh
             hint = self._permanent(exc)
@@ -987,6 +1007,45 @@ class SwiftUploadCallback:
                                 len(part), md5),
                             _trans_id(response.get("headers")))
         return md5
+
+    def _put_index(self, conn, filename, obj):
+        """Upload the archive's index, if it has one, as ``<obj>.index``
+        (see the module documentation)."""
+        try:
+            with open(archive_index.sidecar(filename), "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return
+        name = obj + archive_index.SUFFIX
+        md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
+        headers = {"If-None-Match": "*"}
+        if self.delete_after is not None:
+            headers["X-Delete-After"] = str(self.delete_after)
+        response = {}
+        try:
+            returned = conn.put_object(
+                self.container, name, io.BytesIO(data),
+                content_length=len(data), headers=headers,
+                content_type=INDEX_CONTENT_TYPE, response_dict=response)
+        except swift_exceptions.ClientException as exc:
+            if exc.http_status != 412:
+                raise
+            head = self._existing(conn, self.container, name) or {}
+            if head.get("etag", "").strip('"') == md5 and \
+                    int(head.get("content-length", -1)) == len(data):
+                return  # sent before a crash or a failure
+            LOG.warning(W_INDEX_REPLACED, self.container, name,
+                        _what_is_there(head), filename)
+            del headers["If-None-Match"]
+            returned = conn.put_object(
+                self.container, name, io.BytesIO(data),
+                content_length=len(data), headers=headers,
+                content_type=INDEX_CONTENT_TYPE, response_dict=response)
+        if returned != md5:
+            raise _Mismatch("PUT %s/%s returned ETag %s; MD5 of the %d bytes "
+                            "sent: %s" % (self.container, name, returned,
+                                          len(data), md5),
+                            _trans_id(response.get("headers")))
 
     def _head(self, conn, obj, size, etag, sha256, slo):
         head = conn.head_object(self.container, obj)

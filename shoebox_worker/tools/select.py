@@ -34,6 +34,7 @@ import re
 import orjson
 
 from shoebox_worker import exceptions
+from shoebox_worker import index
 from shoebox_worker import timestamps
 from shoebox_worker.tools import ToolError
 
@@ -127,8 +128,10 @@ def matcher(matches):
 
 def value_text(value):
     """A JSON value as ``--where`` compares it: a string as it is, anything
-    else (number, boolean, null, object, array) as its compact JSON text
-    (``42``, ``true``, ``1.5``)."""
+    else (number, boolean, object, array) as its compact JSON text (``42``,
+    ``true``, ``1.5``), as the index stores it
+    (:func:`shoebox_worker.index.value_text`). A missing or null value is
+    never compared: it matches no ``--where``, and the index holds none."""
     if isinstance(value, str):
         return value
     try:
@@ -156,8 +159,6 @@ def _no_constant(name):
     raise ValueError("%s is not JSON" % name)
 
 
-_MISSING = object()
-
 #: Characters that JSON may write otherwise than as they are (in objects,
 #: arrays, escapes), and those of a number's text (which JSON may write in
 #: other forms: ``1e3``, ``1000.0``).
@@ -183,16 +184,6 @@ def _needle(glob):
             or set(best) <= _NUMERIC or best in "null":
         return None
     return best.encode("utf-8")
-
-
-def _at(note, parts):
-    """The value at a dotted path (objects only), or ``_MISSING``."""
-    value = note
-    for part in parts:
-        if not isinstance(value, dict) or part not in value:
-            return _MISSING
-        value = value[part]
-    return value
 
 
 # -- the selection ------------------------------------------------------------
@@ -326,7 +317,7 @@ class Selection:
         needles = [n for n in (_needle(glob) for _, glob, _ in self.where)
                    if n is not None]
         dedup, seen = self.dedup, self._seen
-        record_time, at, missing = timestamps.record_time, _at, _MISSING
+        record_time = timestamps.record_time
 
         def keep(metadata, payload):
             if match is not None and not match(metadata):
@@ -349,8 +340,8 @@ class Selection:
                 if note is None:
                     return False
                 for parts, test in where:
-                    value = at(note, parts)
-                    if value is missing or test(value_text(value)) is None:
+                    value = index.lookup(note, parts)
+                    if value is None or test(value_text(value)) is None:
                         return False
             if dedup:
                 message_id = metadata.get("message_id")
@@ -395,7 +386,8 @@ def add_arguments(parser):
         help="only records whose notification JSON has a value at the "
              "dotted PATH matching GLOB (e.g. payload.instance_id='2f50*', "
              "_context_project_id=884691); numbers and booleans compare as "
-             "their JSON text, a missing PATH never matches; repeat it: "
+             "their JSON text, a missing or null value never matches; a key "
+             "holding dots is found too; repeat it: "
              "all must match")
     parser.add_argument(
         "--dedup", action="store_true",
@@ -404,8 +396,9 @@ def add_arguments(parser):
              "130 MB for a million); records without one are kept")
 
 
-def from_args(args, load_index=None):
-    """The :class:`Selection` of parsed arguments (:func:`add_arguments`).
+def from_args(args, load_index=index.Index.from_bytes):
+    """The :class:`Selection` of parsed arguments (:func:`add_arguments`);
+    archives' indexes are read with ``load_index``.
 
     :raises ToolError: ``--since`` is not before ``--until``.
     """

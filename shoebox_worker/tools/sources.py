@@ -62,6 +62,7 @@ import re
 import threading
 
 from shoebox_worker import compression
+from shoebox_worker import index as archive_index
 from shoebox_worker import plugins
 from shoebox_worker import record
 from shoebox_worker import roll_manager
@@ -264,6 +265,8 @@ def looks_like_archive(item):
         return True
     except (OSError, ValueError):
         return False
+    if archive_index.looks_like_index(head):
+        return False  # its filter bytes may hold anything
     return record.find_marker(head, 0) >= 0
 
 

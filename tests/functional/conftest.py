@@ -26,6 +26,7 @@ import time
 import types
 import uuid
 
+import orjson
 import pytest
 import swiftclient.client as swc
 from kombu import Connection
@@ -33,6 +34,8 @@ from kombu import Exchange
 from kombu import Queue
 
 from shoebox_worker import archive
+from shoebox_worker import index
+from shoebox_worker import timestamps
 from shoebox_worker.tools import publish as publish_mod
 from shoebox_worker.tools import simulator
 
@@ -675,6 +678,51 @@ def worker_ids(filenames):
     return ids
 
 
+def swift_archives(conn, container, prefix=None):
+    """The archive objects of ``container`` (listing entries), once every
+    one of them is checked to have its index object ``<name>.index``
+    beside it, and every index object its archive."""
+    listing = conn.get_container(container, prefix=prefix,
+                                 full_listing=True)[1]
+    names = {item["name"] for item in listing}
+    archives = [item for item in listing
+                if not item["name"].endswith(index.SUFFIX)]
+    missing = sorted(item["name"] for item in archives
+                     if item["name"] + index.SUFFIX not in names)
+    assert not missing, "archive objects without an index: %s" % missing[:5]
+    orphans = sorted(name for name in names if name.endswith(index.SUFFIX)
+                     and name[:-len(index.SUFFIX)] not in names)
+    assert not orphans, "index objects without an archive: %s" % orphans[:5]
+    return archives
+
+
+def check_index(data, records, name):
+    """The index ``data`` describes ``records`` (``(metadata, payload)``
+    of one archive): their count, time range, and may contain each
+    record's value of every indexed field."""
+    got = index.Index.from_bytes(data, name)
+    assert got.records == len(records), name
+    stamps = [timestamps.normalise(m.get("timestamp")) for m, _ in records]
+    stamps = [s for s in stamps if s is not None]
+    if stamps:
+        assert (got.earliest, got.latest) == (min(stamps), max(stamps)), name
+    compiled = index.compile_fields(got.fields)
+    seen = 0
+    for _, payload in records:
+        try:
+            note = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            continue
+        if not isinstance(note, dict):
+            continue
+        for field, value in zip(got.fields, index.values_of(note, compiled),
+                                strict=True):
+            if value is not None:
+                assert got.may_contain(field, value), (name, field, value)
+                seen += 1
+    return got, seen
+
+
 def delete_swift_container(conn, name):
     """Delete a container, its ``_segments`` twin and every object in them
     (a swiftclient Connection); missing ones are fine."""
@@ -697,6 +745,7 @@ def ft():
         worker_config=worker_config, write_config=write_config,
         run_worker=run_worker, read_archives=read_archives,
         archive_files=archive_files, worker_ids=worker_ids,
+        swift_archives=swift_archives, check_index=check_index,
         child_pids=child_pids, wait_until=wait_until,
         rabbitmqctl=rabbitmqctl, Rabbit=Rabbit,
         close_amqp_connections=close_amqp_connections,

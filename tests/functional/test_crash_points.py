@@ -245,8 +245,8 @@ class SwiftChain:
 
     def shipped(self, point, conn):
         ids = collections.Counter()
-        _, objects = conn.get_container(self.container, prefix=point.prefix,
-                                        full_listing=True)
+        objects = self.ft.swift_archives(conn, self.container,
+                                          prefix=point.prefix)
         for obj in objects:
             _, body = conn.get_object(self.container, obj["name"])
             path = os.path.join(point.dir, "download")
@@ -254,6 +254,9 @@ class SwiftChain:
                 f.write(body)
             assert body[:2] == b"\x1f\x8b", obj["name"]
             ids.update(_records(path))
+            _, data = conn.get_object(self.container, obj["name"] + ".index")
+            with archive.ArchiveReader(path) as reader:
+                self.ft.check_index(data, list(reader), obj["name"])
         return ids
 
     def cleanup(self, conn, ft):
@@ -286,6 +289,12 @@ class MoveChain:
         names = sorted(os.listdir(point.dest)) if os.path.isdir(
             point.dest) else []
         for name in names:
+            if name.endswith(".events.zst.index"):  # beside its archive
+                with archive.ArchiveReader(os.path.join(
+                        point.dest, name[:-len(".index")])) as reader:
+                    self.ft.check_index(open(os.path.join(
+                        point.dest, name), "rb").read(), list(reader), name)
+                continue
             assert name.endswith(".events.zst") or self.sidecar(
                 point, name), "%s left in %s" % (name, point.dest)
             if name.endswith(".events.zst"):
@@ -333,6 +342,8 @@ def test_killed_at_every_rename_unlink_and_fsync(
     only = os.environ.get("SHOEBOX_CRASH_CHAINS")  # to look at one
     if only:
         chains = [c for c in chains if c.name in only.split(",")]
+    for chain in chains:
+        chain.ft = ft  # its index checks
     conn = _swift(swift_env)
     summary = []
     try:

@@ -169,17 +169,18 @@ def _slo_body(conn, container, name):
     return b"".join(parts), paths
 
 
-def check_swift(conn, container, tmp_path):
+def check_swift(conn, container, tmp_path, ft):
     """Download and check every object of ``container``.
 
-    Each object must be gzip, read strictly through ArchiveReader, be named
-    ``<first record's day>/<file name>`` and carry metadata matching its
-    records; every segment in ``<container>_segments`` must belong to a
-    manifest (no orphans).
+    Each archive object must be gzip, read strictly through ArchiveReader,
+    be named ``<first record's day>/<file name>``, carry metadata matching
+    its records and have its index object beside it, which describes its
+    records (``ft.check_index``); every segment in ``<container>_segments``
+    must belong to a manifest (no orphans).
 
-    :returns: ``(object names, Counter of message_ids)``.
+    :returns: ``(archive object names, Counter of message_ids, SLOs)``.
     """
-    objects = [item["name"] for item in _listing(conn, container)]
+    objects = [item["name"] for item in ft.swift_archives(conn, container)]
     ids = collections.Counter()
     referenced = set()
     slos = 0
@@ -200,8 +201,12 @@ def check_swift(conn, container, tmp_path):
         path = download / os.path.basename(name)
         path.write_bytes(body)
         with archive.ArchiveReader(str(path)) as reader:
-            records = [metadata for metadata, _ in reader]
+            pairs = list(reader)
+        records = [metadata for metadata, _ in pairs]
         assert records, name
+        _, data = conn.get_object(container, name + ".index")
+        _, indexed = ft.check_index(data, pairs, name + ".index")
+        assert indexed >= len(records), name  # request ids at least
         ids.update(m["message_id"] for m in records)
         first = datetime.datetime.fromisoformat(records[0]["timestamp"])
         assert name == first.strftime(PREFIX) + os.path.basename(name)
@@ -298,7 +303,7 @@ def test_pipeline_to_swift(rabbit, names, ft, swift_env, container, tmp_path,
     assert local_files(tmp_path) == [], proc.log_tail()
     conn = _connection(swift_env)
     try:
-        objects, ids, _ = check_swift(conn, container, tmp_path)
+        objects, ids, _ = check_swift(conn, container, tmp_path, ft)
     finally:
         conn.close()
     assert len(objects) >= 5, objects
@@ -342,7 +347,7 @@ def test_swift_outage_blocks_nothing_loses_nothing(
     assert local_files(tmp_path) == [], worker.log_tail()
     conn = _connection(env)
     try:
-        objects, ids, _ = check_swift(conn, container, tmp_path)
+        objects, ids, _ = check_swift(conn, container, tmp_path, ft)
     finally:
         conn.close()
     # one object per rolled archive: none twice, none missing
@@ -393,7 +398,8 @@ def test_killed_during_upload_ships_once(
                       message="an SLO upload under way")
         worker.kill()
         segments = _listing(conn, container + "_segments")
-        done = _listing(conn, container)
+        done = [o for o in _listing(conn, container)
+                if not o["name"].endswith(".index")]
         assert len(done) < len(rolled), "all uploaded before the kill"
         assert worker.wait_for_log(r"resuming shipping of \S+ at step 1",
                                    1), worker.log_tail()
@@ -402,7 +408,7 @@ def test_killed_during_upload_ships_once(
         last = ft.run_worker(config, idle_exit=2, timeout=90)
         assert last.returncode == 0, last.log_tail()
         assert local_files(tmp_path) == [], last.log_tail()
-        objects, ids, slos = check_swift(conn, container, tmp_path)
+        objects, ids, slos = check_swift(conn, container, tmp_path, ft)
     finally:
         conn.close()
     print("\nkilled mid-upload with %d segment(s) and %d of %d object(s) "

@@ -125,6 +125,9 @@ def shipped(swift_env, rabbit_available, tmp_path_factory):
             assert not [n for n in os.listdir(directory / "archive")
                         if ".events" in n]  # all shipped and deleted
         listing = conn.get_container(container, full_listing=True)[1]
+        indexes = {e["name"] for e in listing if e["name"].endswith(".index")}
+        listing = [e for e in listing if e["name"] not in indexes]
+        assert {e["name"] + ".index" for e in listing} == indexes
         yield {"container": container, "published": published,
                "listing": listing, "env": swift_env, "conn": conn,
                "config": config}

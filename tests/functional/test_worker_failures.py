@@ -44,7 +44,7 @@ def _leftovers(directory):
     """Files the worker should not leave behind once everything shipped:
     uncompressed archives, state files, temporaries."""
     return sorted(name for name in os.listdir(directory)
-                  if not name.endswith(".events.gz"))
+                  if not name.endswith((".events.gz", ".events.gz.index")))
 
 
 def test_kill_9_loses_nothing(rabbit, names, tmp_path, worker_procs, ft):

@@ -101,7 +101,8 @@ def saved_offset(directory, queue):
 def swift_ids(conn, container, scratch):
     """message_id -> count over every (gzipped) archive in ``container``."""
     ids = collections.Counter()
-    _, objects = conn.get_container(container, full_listing=True)
+    objects = [o for o in conn.get_container(container, full_listing=True)[1]
+               if not o["name"].endswith(".index")]
     for obj in objects:
         _, body = conn.get_object(container, obj["name"])
         assert body[:2] == b"\x1f\x8b", obj["name"]
@@ -346,7 +347,7 @@ def check_point(point, conn, container):
     ids = collections.Counter()
     _, objects = conn.get_container(container, prefix=point.prefix,
                                     full_listing=True)
-    for obj in objects:
+    for obj in [o for o in objects if not o["name"].endswith(".index")]:
         _, body = conn.get_object(container, obj["name"])
         path = os.path.join(point.dir, "download.events")
         with open(path, "wb") as f:

@@ -11,6 +11,7 @@ from shoebox_worker import archive
 from shoebox_worker import callbacks
 from shoebox_worker import exceptions
 from shoebox_worker import files
+from shoebox_worker import index as index_mod
 from shoebox_worker import record
 from shoebox_worker import roll_checker
 from shoebox_worker import roll_manager
@@ -503,3 +504,98 @@ class TestUniqueNames:
         assert roll_manager.with_unique("d/x.y.gz", "*") == "d/x.y_*.gz"
         assert roll_manager.with_unique("plain", "t-1") == "plain_t-1"
         assert roll_manager.with_unique(".hidden", "t") == ".hidden_t"
+
+
+class TestIndex:
+    """With index_fields, each closed archive has its index beside it."""
+
+    FIELDS = ("payload.instance_id", "_context_project_id")
+
+    def manager(self, tmp_path, **kwargs):
+        return roll_manager.WritingRollManager(
+            "i_%Y.events", roll_checker.SizeRollChecker(roll_size_mb=1),
+            directory=str(tmp_path), index_fields=self.FIELDS, **kwargs)
+
+    def test_written_at_close_beside_the_archive(self, tmp_path,
+                                                 monkeypatch):
+        synced = []
+        real_write = index_mod.write_file
+
+        def write_file(path, data, mode=None):
+            real_write(path, data, mode)
+            synced.append(path)
+
+        monkeypatch.setattr(index_mod, "write_file", write_file)
+        old = os.umask(0o077)  # the archive's mode: the worker's file_mode
+        try:
+            manager = self.manager(tmp_path)
+            manager.write({"timestamp": "2026-11-26 12:00:04.000000"}, b"{}",
+                          ("i-0", None))
+        finally:
+            os.umask(old)
+        os.chmod(manager.active_filename, 0o640)  # the index copies it
+        stamps = ["2026-11-26 12:00:0%d.000000" % i for i in (5, 1, 9, 3)]
+        for i, stamp in enumerate(stamps):
+            manager.write({"timestamp": stamp}, b"{}",
+                          ("i-%d" % i, "p" if i == 1 else None))
+        path = manager.active_filename
+        assert not os.path.exists(path + ".index")  # not before the roll
+        report = manager.close()
+        assert synced == [path + ".index"]
+        assert sorted(os.listdir(tmp_path)) == [
+            os.path.basename(path), os.path.basename(path) + ".index"]
+        assert os.stat(path + ".index").st_mode & 0o777 == 0o640
+        got = index_mod.read_file(path + ".index")
+        assert (got.records, report.records) == (5, 5)
+        assert (got.earliest, got.latest) == ("2026-11-26T12:00:01.000000Z",
+                                              "2026-11-26T12:00:09.000000Z")
+        assert all(got.may_contain("payload.instance_id", "i-%d" % i)
+                   for i in range(4))
+        assert got.may_contain("_context_project_id", "p")
+        assert got.distinct == {"payload.instance_id": 4,
+                                "_context_project_id": 1}
+
+    def test_each_archive_its_own(self, tmp_path, frozen):
+        manager = roll_manager.WritingRollManager(
+            "i_%Y.events", roll_checker.NeverRollChecker(),
+            directory=str(tmp_path), index_fields=self.FIELDS)
+        manager.write({}, b"{}", ("a", None))
+        first = manager.close()
+        manager.write({}, b"{}", ("b", None))
+        second = manager.close()
+        one = index_mod.read_file(first.filename + ".index")
+        two = index_mod.read_file(second.filename + ".index")
+        assert (one.records, two.records) == (1, 1)
+        assert one.distinct["payload.instance_id"] == 1
+        assert two.may_contain("payload.instance_id", "b")
+
+    def test_none_without_index_fields(self, tmp_path):
+        manager = roll_manager.WritingRollManager(
+            "i_%Y.events", roll_checker.NeverRollChecker(),
+            directory=str(tmp_path))
+        manager.write({}, b"{}")
+        manager.close()
+        assert [n for n in os.listdir(tmp_path) if n.endswith(".index")] \
+            == []
+
+    def test_none_after_a_cut(self, tmp_path):
+        manager = self.manager(tmp_path)
+        manager.write({}, b"{}", ("a", None))
+        manager.sync()
+        manager.write({}, b"{}", ("b", None))
+        assert manager.cut_unsynced().records == 1
+        assert [n for n in os.listdir(tmp_path) if n.endswith(".index")] \
+            == []
+
+    def test_an_index_that_cannot_be_written_is_a_warning(
+            self, tmp_path, monkeypatch, caplog):
+        def refuse(path, data, mode=None):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(index_mod, "write_file", refuse)
+        manager = self.manager(tmp_path)
+        manager.write({}, b"{}", ("a", None))
+        path = manager.active_filename
+        assert manager.close().records == 1
+        assert os.listdir(tmp_path) == [os.path.basename(path)]
+        assert "cannot write its index" in caplog.text

@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
 
+from shoebox_worker import index
 from shoebox_worker.consume import envelope
 from shoebox_worker.tools import simulator
 
@@ -293,11 +294,22 @@ class TestUnwrapper:
     FIELDS = ("payload.instance_id", "payload.tenant_id", "payload.nested",
               "payload.missing.deeper", "n")
 
+    #: indexed: dotted keys (nova_object.data) and JSON values too
+    INDEXED = FIELDS + ("payload.nova_object.data.uuid", "payload")
+
+    def make(self):
+        return envelope.Unwrapper(self.FIELDS, {"region": "r1"},
+                                  index_fields=self.INDEXED)
+
     def reference(self, body, properties=None):
         parsed = envelope.parse(body)
         extract = envelope.MetadataExtractor(self.FIELDS, {"region": "r1"})
+        values = () if parsed.notification is None else tuple(
+            index.value_text(index.lookup(parsed.notification,
+                                          path.split(".")))
+            for path in self.INDEXED)
         return parsed.payload, extract(parsed, "q", "rk", properties,
-                                       exchange="nova")
+                                       exchange="nova"), values
 
     def check(self, unwrap, body, properties=None):
         result = unwrap(body, "q", "rk", properties, exchange="nova")
@@ -305,18 +317,20 @@ class TestUnwrapper:
         assert result[1]["exchange"] == "nova"
 
     def test_real_notifications_v1_and_v2(self):
-        unwrap = envelope.Unwrapper(self.FIELDS, {"region": "r1"})
+        unwrap = self.make()
         for note in simulator.notifications(300, seed=3):
             note["payload"]["nested"] = {"a": [1, 2.5, None, "x"]}
+            note["payload"]["nova_object.data"] = {"uuid": "u-1"}
             self.check(unwrap, envelope.wrap(note))
             self.check(unwrap, json.dumps(note).encode())
 
     def test_fast_path_is_taken_for_well_formed_bodies(self, monkeypatch):
-        unwrap = envelope.Unwrapper(self.FIELDS, {"region": "r1"})
+        unwrap = self.make()
         monkeypatch.setattr(envelope, "parse", None)  # would fail if used
         note = next(simulator.notifications(1, seed=1))
-        payload, metadata = unwrap(envelope.wrap(note), "q", "rk")
+        payload, metadata, values = unwrap(envelope.wrap(note), "q", "rk")
         assert metadata["event_type"] == note["event_type"]
+        assert values[0] == note["payload"]["instance_id"]
 
     @pytest.mark.parametrize("body", [
         b"", b"  ", b"\xff\xfe", b"[1, 2]", b'"x"', b"12", b"null",
@@ -334,7 +348,7 @@ class TestUnwrapper:
         b'{"event_type": "\\u00e9\\ud83d\\ude00", "payload": {"x": 1}}',
     ])
     def test_odd_bodies(self, body):
-        unwrap = envelope.Unwrapper(self.FIELDS, {"region": "r1"})
+        unwrap = self.make()
         props = {"message_id": "m1", "content_type": "text/plain"}
         self.check(unwrap, body, props)
         # and the parser is still usable afterwards
@@ -344,7 +358,7 @@ class TestUnwrapper:
         # JSON leaves duplicate keys undefined: simdjson reads the first,
         # orjson the last; the record's payload is the body either way
         body = b'{"event_type": "e", "event_type": "f"}'
-        payload, metadata = envelope.Unwrapper()(body, "q", "rk")
+        payload, metadata, _ = envelope.Unwrapper()(body, "q", "rk")
         assert payload == body
         assert metadata["event_type"] in ("e", "f")
 
@@ -364,7 +378,7 @@ class TestUnwrapper:
                      max_leaves=8), max_size=6),
         wrap=st.booleans())
     def test_any_notification(self, note, wrap):
-        unwrap = envelope.Unwrapper(self.FIELDS, {"region": "r1"})
+        unwrap = self.make()
         inner = json.dumps(note)
         body = v2(inner) if wrap else inner.encode()
         self.check(unwrap, body)

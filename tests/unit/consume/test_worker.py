@@ -19,6 +19,7 @@ import pytest
 from shoebox_worker import archive
 from shoebox_worker import config as config_mod
 from shoebox_worker import files
+from shoebox_worker import index
 from shoebox_worker import plugins
 from shoebox_worker import roll_checker
 from shoebox_worker import roll_manager
@@ -245,8 +246,11 @@ def archives(worker_or_dir, pattern=None):
 
 
 def archive_files(worker):
+    """The archives in the working directory (not their state files nor
+    their indexes)."""
     return sorted(name for name in os.listdir(worker.directory)
-                  if not name.endswith(shipper_mod.STATE_SUFFIX))
+                  if not name.endswith((shipper_mod.STATE_SUFFIX,
+                                        index.SUFFIX)))
 
 
 def memory_of(worker):
@@ -291,6 +295,51 @@ class TestConsume:
         assert sorted(closed) == files
         assert broker.depth() == 0
         assert worker.stats.acked_total == 30
+
+    def test_each_archive_has_its_index(self, tmp_path, broker):
+        conf = write_config(tmp_path, broker, {
+            "index_fields": "payload.instance_id, _context_request_id"},
+            "[roll_checker:count]\nroll_count = 7\n")
+        bodies = [v2_body(n) for n in range(10)] + [b"not json"] + \
+            [json.dumps(notification(n)).encode() for n in range(10, 14)]
+        broker.publish(bodies)
+        worker = make_worker(conf, broker, ident="w1")
+        running = Running(worker)
+        running.wait_acked(15)
+        running.stop()
+        files = archive_files(worker)
+        assert len(files) == 3  # 7, 7 and 1 records
+        found = {}
+        for name in files:
+            path = os.path.join(worker.directory, name)
+            got = index.read_file(path + index.SUFFIX)
+            assert got.fields == ("payload.instance_id",
+                                  "_context_request_id")
+            with archive.ArchiveReader(path) as reader:
+                records = list(reader)
+            assert got.records == len(records)
+            stamps = [m["timestamp"] for m, _ in records if "timestamp" in m]
+            assert got.earliest == min(stamps).replace(" ", "T") + \
+                ".000000Z"
+            for metadata, _ in records:
+                if "message_id" in metadata:
+                    n = int(metadata["message_id"][2:])
+                    assert got.may_contain("payload.instance_id", "i-%d" % n)
+                    assert got.may_contain("_context_request_id",
+                                           "req-%d" % n)
+                    found[n] = name
+        assert sorted(found) == list(range(14))
+
+    def test_no_index_when_index_fields_is_empty(self, tmp_path, broker):
+        conf = write_config(tmp_path, broker, {"index_fields": ""})
+        broker.publish([v2_body(0)])
+        worker = make_worker(conf, broker, ident="w1")
+        running = Running(worker)
+        running.wait_acked(1)
+        running.stop()
+        assert len(archive_files(worker)) == 1
+        assert not [n for n in os.listdir(worker.directory)
+                    if n.endswith(index.SUFFIX)]
 
     def test_v1_bodies_stored_as_is(self, tmp_path, broker):
         conf = write_config(tmp_path, broker)

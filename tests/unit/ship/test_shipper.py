@@ -11,12 +11,14 @@ import shutil
 import threading
 import time
 
+import orjson
 import pytest
 
 from shoebox_worker import archive
 from shoebox_worker import callbacks
 from shoebox_worker import exceptions
 from shoebox_worker import files
+from shoebox_worker import index
 from shoebox_worker import record
 from shoebox_worker.consume import stats as stats_mod
 from shoebox_worker.ship import shipper
@@ -141,9 +143,9 @@ def make_shipper():
     made = []
 
     def make(steps, retry_initial=0.01, retry_max=0.05, stats=None,
-             start=True):
+             start=True, **kwargs):
         ship = shipper.Shipper(callbacks.CallbackChain(steps), retry_initial,
-                               retry_max, stats=stats)
+                               retry_max, stats=stats, **kwargs)
         if start:
             ship.start()
         made.append(ship)
@@ -1245,3 +1247,189 @@ class TestSettleWaits:
         assert all(t is not None and 0 < t <= min(timeout, 0.2) + 1e-9
                    for t in cond.timeouts), cond.timeouts
         ship._busy = None
+
+
+def with_index(path, values=("i-1",)):
+    """An index beside the archive at ``path``."""
+    builder = index.Builder(("payload.instance_id",))
+    for value in values:
+        builder.add(None, (value,))
+    index.write_file(index.sidecar(path), builder.to_bytes())
+    return index.sidecar(path)
+
+
+class Sees(callbacks.ArchiveCallback):
+    """Notes whether each file it gets has its index beside it."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_close(self, filename):
+        self.seen.append((filename, os.path.exists(filename + ".index")))
+        return filename
+
+
+def listing(folder):
+    return sorted(os.listdir(folder))
+
+
+class TestIndex:
+    """The index travels with the archive along the chain."""
+
+    def test_follows_gzip_and_goes_with_delete(self, tmp_path,
+                                               make_shipper):
+        path = write_archive(tmp_path / "a.events")
+        with_index(path)
+        sees = Sees()
+        ship = make_shipper([("gzip", steps.GzipCallback()), ("sees", sees),
+                             ("delete", steps.DeleteFileCallback())])
+        ship.submit(path)
+        assert ship.wait_idle(timeout=5)
+        assert sees.seen == [(path + ".gz", True)]
+        assert listing(tmp_path) == []
+
+    def test_stays_beside_what_the_chain_leaves(self, tmp_path,
+                                                make_shipper):
+        path = write_archive(tmp_path / "a.events")
+        with_index(path, ("x",))
+        ship = make_shipper([("gzip", steps.GzipCallback())])
+        ship.submit(path)
+        assert ship.wait_idle(timeout=5)
+        assert listing(tmp_path) == ["a.events.gz", "a.events.gz.index"]
+        assert index.read_file(path + ".gz.index").may_contain(
+            "payload.instance_id", "x")
+
+    def test_moves_with_move(self, tmp_path, make_shipper):
+        work, dest = tmp_path / "work", tmp_path / "dest"
+        work.mkdir()
+        path = write_archive(work / "a.events")
+        with_index(path)
+        ship = make_shipper([("move", steps.MoveFileCallback(
+            destination_folder=str(dest)))])
+        ship.submit(path)
+        assert ship.wait_idle(timeout=5)
+        assert listing(work) == []
+        assert listing(dest) == ["a.events", "a.events.index"]
+
+    def test_moves_to_another_file_system(self, tmp_path, make_shipper,
+                                          monkeypatch):
+        real_rename = os.rename
+
+        def rename(src, dst):
+            if src.endswith(".index"):
+                raise OSError(shipper.errno.EXDEV, "Invalid cross-device link")
+            return real_rename(src, dst)
+
+        monkeypatch.setattr(os, "rename", rename)
+        path = write_archive(tmp_path / "a.events")
+        data = open(with_index(path), "rb").read()
+        ship = make_shipper([("x", steps.ChangeExtensionCallback())])
+        ship.submit(path)
+        assert ship.wait_idle(timeout=5)
+        assert listing(tmp_path) == ["a.events.done", "a.events.done.index"]
+        assert open(path + ".done.index", "rb").read() == data
+
+    def test_an_archive_without_one_ships(self, tmp_path, make_shipper):
+        path = write_archive(tmp_path / "a.events")
+        sees = Sees()
+        ship = make_shipper([("gzip", steps.GzipCallback()), ("sees", sees)])
+        ship.submit(path)
+        assert ship.wait_idle(timeout=5)
+        assert sees.seen == [(path + ".gz", False)]
+        assert listing(tmp_path) == ["a.events.gz"]
+
+    def test_a_crash_after_a_step_leaves_it_behind(self, tmp_path,
+                                                   make_shipper):
+        """gzip done, killed before the index followed: found by the
+        chain's forms when the archive is resumed."""
+        path = write_archive(tmp_path / "a.events")
+        with_index(path)
+        with open(path, "rb") as src, gzip.open(path + ".gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.unlink(path)
+        with open(path + shipper.STATE_SUFFIX, "w") as f:
+            json.dump({"path": path, "step": 0, "output": path + ".gz",
+                       "chain": ["gzip", "sees"]}, f)
+        sees = Sees()
+        ship = make_shipper([("gzip", steps.GzipCallback()), ("sees", sees)],
+                            start=False)
+        assert ship.recover(str(tmp_path), is_archive) == 1
+        ship.start()
+        assert ship.wait_idle(timeout=5)
+        assert sees.seen == [(path + ".gz", True)]
+        assert listing(tmp_path) == ["a.events.gz", "a.events.gz.index"]
+
+    def test_a_crash_after_delete_leaves_no_index(self, tmp_path,
+                                                  make_shipper):
+        path = str(tmp_path / "a.events")
+        with_index(path + ".gz")  # the archive itself is gone
+        with open(path + shipper.STATE_SUFFIX, "w") as f:
+            json.dump({"path": path + ".gz", "step": 1, "output": None,
+                       "chain": ["gzip", "delete"]}, f)
+        ship = make_shipper([("gzip", steps.GzipCallback()),
+                             ("delete", steps.DeleteFileCallback())],
+                            start=False)
+        ship.recover(str(tmp_path), is_archive)
+        ship.start()
+        assert ship.wait_idle(timeout=5)
+        assert listing(tmp_path) == []
+
+    def test_recovery_rebuilds_it_from_the_records(self, tmp_path,
+                                                   make_shipper):
+        notes = [{"payload": {"instance_id": "i-%d" % i},
+                  "_context_project_id": 7} for i in range(5)]
+        records = [({"timestamp": "2026-11-26 12:00:0%d.000000" % (4 - i)},
+                    orjson.dumps(note)) for i, note in enumerate(notes)]
+        records.append(({}, b"not json"))
+        path = write_archive(tmp_path / "a.events", records)
+        with_index(path, ("stale",))  # the killed run's, or another's
+        torn = record.pack({"n": "torn"}, b'{"payload": {"instance_id": '
+                           b'"torn"}}')
+        with open(path, "ab") as f:
+            f.write(torn[:len(torn) // 2])
+        sees = Sees()
+        fields = ("payload.instance_id", "_context_project_id")
+        ship = make_shipper([("sees", sees)], start=False,
+                            index_fields=fields)
+        assert ship.recover(str(tmp_path), is_archive) == 1
+        got = index.read_file(path + ".index")
+        assert got.fields == fields
+        assert got.records == 6
+        assert not got.may_contain("payload.instance_id", "stale")
+        assert all(got.may_contain("payload.instance_id", "i-%d" % i)
+                   for i in range(5))
+        assert got.may_contain("_context_project_id", "7")
+        assert (got.earliest, got.latest) == ("2026-11-26T12:00:00.000000Z",
+                                              "2026-11-26T12:00:04.000000Z")
+        ship.start()
+        assert ship.wait_idle(timeout=5)
+        assert sees.seen == [(path, True)]
+
+    def test_recovery_without_index_fields_drops_a_stale_one(
+            self, tmp_path, make_shipper):
+        path = write_archive(tmp_path / "a.events")
+        with_index(path)
+        ship = make_shipper([("memory", steps.MemoryCallback())],
+                            start=False)
+        assert ship.recover(str(tmp_path), is_archive) == 1
+        assert not os.path.exists(path + ".index")
+
+    def test_orphans_are_removed_at_start(self, tmp_path, make_shipper):
+        gone = with_index(str(tmp_path / "gone.events.gz"))
+        # in flight: a.events.ship can lead to a.events.gz
+        path = write_archive(tmp_path / "a.events")
+        with open(path, "rb") as src, gzip.open(path + ".gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        kept = with_index(path + ".gz")
+        with open(path + shipper.STATE_SUFFIX, "w") as f:
+            json.dump({"path": path + ".gz", "step": 1,
+                       "chain": ["gzip", "memory"]}, f)
+        leftover = tmp_path / "b.events.index.tmp"
+        leftover.write_bytes(b"half")
+        ship = make_shipper([("gzip", steps.GzipCallback()),
+                             ("memory", steps.MemoryCallback())],
+                            start=False)
+        ship.recover(str(tmp_path), is_archive)
+        assert not os.path.exists(gone)
+        assert not leftover.exists()
+        assert os.path.exists(kept)

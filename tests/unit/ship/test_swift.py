@@ -20,6 +20,7 @@ from swiftclient.exceptions import ClientException
 
 from shoebox_worker import archive
 from shoebox_worker import exceptions
+from shoebox_worker import index
 from shoebox_worker import timestamps
 from shoebox_worker.ship import swift
 
@@ -1323,3 +1324,121 @@ def test_each_put_renews_a_token_about_to_expire(monkeypatch, tmp_path):
         cb._put(conn, "c", "o", part, {}, "t/t")
     assert conn.session.invalidated == 1
     assert conn.url is conn.token is None
+
+
+# -- the index beside the archive --------------------------------------------
+
+def index_beside(path, value="i-1"):
+    builder = index.Builder(("payload.instance_id",))
+    builder.add(None, (value,))
+    data = builder.to_bytes()
+    index.write_file(index.sidecar(path), data)
+    return data
+
+
+def test_index_uploaded_after_the_archive_beside_it(monkeypatch, tmp_path):
+    path = str(tmp_path / "a.events")
+    records = write_archive(path, count=2)
+    data = index_beside(path)
+    conn = FakeConnection()
+    cb = fake_callback(monkeypatch, conn, object_prefix="%Y/",
+                       delete_after="60")
+    assert cb.on_close(path, report=report_of(path, records)) == path
+    body, headers, etag = conn.objects["shoebox", "2024/a.events.index"]
+    assert body == data and etag == hashlib.md5(data).hexdigest()
+    assert abs(int(headers["X-Delete-At"]) - (time.time() + 60)) < 5
+    assert headers["Content-Type"] == swift.INDEX_CONTENT_TYPE
+    puts = [c[2] for c in conn.calls if c[0] == "put_object"]
+    assert puts == ["2024/a.events", "2024/a.events.index"]
+    # the archive verified (its HEAD) before the index is sent
+    calls = [c[:3] for c in conn.calls]
+    assert calls.index(("head_object", "shoebox", "2024/a.events")) < \
+        calls.index(("put_object", "shoebox", "2024/a.events.index"))
+    assert os.path.exists(index.sidecar(path))  # the chain removes it
+
+
+def test_index_put_with_if_none_match(monkeypatch, tmp_path):
+    path = str(tmp_path / "a.events")
+    write_archive(path, count=2)
+    index_beside(path)
+    conn = FakeConnection()
+    sent = []
+    real_put = conn.put_object
+
+    def put_object(container, obj, contents, **kwargs):
+        sent.append((obj, dict(kwargs["headers"])))
+        return real_put(container, obj, contents, **kwargs)
+
+    conn.put_object = put_object
+    fake_callback(monkeypatch, conn).on_close(path)
+    assert [(obj, h.get("If-None-Match")) for obj, h in sent] == [
+        ("a.events", "*"), ("a.events.index", "*")]
+
+
+def test_index_sent_before_is_done(monkeypatch, tmp_path):
+    path = str(tmp_path / "a.events")
+    records = write_archive(path, count=2)
+    index_beside(path)
+    conn = FakeConnection()
+    cb = fake_callback(monkeypatch, conn)
+    cb.on_close(path, report=report_of(path, records))
+    before = dict(conn.objects)
+    conn.calls.clear()
+    cb.on_close(path, report=report_of(path, records))  # a retry
+    assert conn.objects == before
+    puts = [c[2] for c in conn.calls if c[0] == "put_object"]
+    assert puts == ["a.events", "a.events.index"]  # both 412, both done
+
+
+def test_another_index_under_the_name_is_replaced(monkeypatch, tmp_path,
+                                                  caplog):
+    path = str(tmp_path / "a.events")
+    write_archive(path, count=2)
+    data = index_beside(path)
+    conn = FakeConnection()
+    conn.objects["shoebox", "a.events.index"] = (b"old", {}, hashlib.md5(
+        b"old").hexdigest())
+    fake_callback(monkeypatch, conn).on_close(path)
+    assert conn.objects["shoebox", "a.events.index"][0] == data
+    assert "index object shoebox/a.events.index holds other content" in \
+        caplog.text
+
+
+def test_no_index_sends_nothing_more(monkeypatch, tmp_path):
+    path = str(tmp_path / "a.events")
+    write_archive(path, count=2)
+    conn = FakeConnection()
+    fake_callback(monkeypatch, conn).on_close(path)
+    assert sorted(conn.objects) == [("shoebox", "a.events")]
+
+
+def test_a_failed_index_upload_fails_the_step(monkeypatch, tmp_path):
+    path = str(tmp_path / "a.events")
+    write_archive(path, count=2)
+    index_beside(path)
+    conn = FakeConnection(corrupt=False)
+    real_put = conn.put_object
+
+    def put_object(container, obj, contents, **kwargs):
+        if obj.endswith(".index"):
+            raise ClientException("Object PUT failed", http_status=503)
+        return real_put(container, obj, contents, **kwargs)
+
+    conn.put_object = put_object
+    with pytest.raises(exceptions.UploadError, match="503"):
+        fake_callback(monkeypatch, conn).on_close(path)
+    assert ("shoebox", "a.events") in conn.objects
+
+
+def test_index_beside_the_other_name(monkeypatch, tmp_path):
+    path = str(tmp_path / "a.events")
+    write_archive(path, count=2)
+    data = index_beside(path)
+    conn = FakeConnection()
+    conn.objects["shoebox", "a.events"] = (b"other", {}, hashlib.md5(
+        b"other").hexdigest())
+    fake_callback(monkeypatch, conn).on_close(path)
+    (other,) = [o for c, o in conn.objects
+                if o.startswith("a~") and not o.endswith(".index")]
+    assert conn.objects["shoebox", other + ".index"][0] == data
+    assert ("shoebox", "a.events.index") not in conn.objects

@@ -14,6 +14,7 @@ import pytest
 from shoebox_worker import archive
 from shoebox_worker import cli
 from shoebox_worker import compression
+from shoebox_worker import index as archive_index
 from shoebox_worker import record
 from shoebox_worker.tools import ToolError
 from shoebox_worker.tools import read
@@ -93,6 +94,17 @@ class TestFindArchives:
         (tmp_path / "x.events.ship").write_text('{"step": 0}')
         (tmp_path / "log.gz").write_bytes(compression.gzip.compress(b"hi"))
         assert read.find_archives([str(tmp_path)]) == paths + [gz]
+
+    def test_an_index_is_not_an_archive(self, tmp_path):
+        path = str(tmp_path / "a.events")
+        write(path, notes(2))
+        # an index whose filter bytes hold a record marker
+        builder = archive_index.Builder(("f",))
+        builder.add(None, ("v",))
+        data = bytearray(builder.to_bytes())
+        data[-12:-8] = b"\x84\x78\x86\x69"
+        (tmp_path / "a.events.index").write_bytes(bytes(data))
+        assert read.find_archives([str(tmp_path)]) == [path]
 
     def test_damaged_first_record_still_found(self, tmp_path):
         path = tmp_path / "d.events"

@@ -7,8 +7,13 @@ import datetime
 import json
 
 import pytest
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 
 from shoebox_worker import exceptions
+from shoebox_worker import index
+from shoebox_worker.consume import envelope
 from shoebox_worker.tools import ToolError
 from shoebox_worker.tools import select
 
@@ -171,6 +176,9 @@ class TestKeep:
                                        _context_project_id=884691))
         # a missing path never matches, not even a glob of everything
         assert not selection("--where", "payload.nope=*").keep(*yes)
+        # nor a null (the index holds none: it must not prune what matched)
+        assert not selection("--where", "v=*").keep({}, b'{"v": null}')
+        assert not selection("--where", "v=null").keep({}, b'{"v": null}')
         assert not selection("--where", "payload.instance_id.x=*").keep(*yes)
         # and a payload that is no JSON object matches no --where
         for payload in (b"not json", b"[1, 2]", b'"text"'):
@@ -178,12 +186,18 @@ class TestKeep:
 
     @pytest.mark.parametrize("value, glob", [
         (884691, "884691"), (884691, "8846*"), (True, "true"),
-        (False, "false"), (None, "null"), (1.5, "1.5"),
+        (False, "false"), (1.5, "1.5"),
         ({"a": [1, 2]}, '{"a":[[]1,2]}'), ([1, "x"], '[[]1,"x"]')])
     def test_values_compare_as_json_text(self, value, glob):
         payload = json.dumps({"v": value}).encode()
         assert selection("--where", "v=" + glob).keep({}, payload)
         assert not selection("--where", "v=x" + glob).keep({}, payload)
+
+    def test_a_key_holding_dots_is_found_as_the_index_finds_it(self):
+        payload = json.dumps({"payload": {"nova_object.data": {
+            "uuid": "2f50"}}}).encode()
+        assert selection("--where", "payload.nova_object.data.uuid=2f50") \
+            .keep({}, payload)
 
     def test_json_that_orjson_refuses_is_still_json(self):
         payload = b'{"id": "x-\\ud800", "n": 5}'  # a lone surrogate escape
@@ -391,3 +405,64 @@ class TestMayHold:
 
         chosen = selection(*self.WINDOW, load_index=lambda data: FakeIndex())
         assert not chosen.may_hold(item(index_name="o.index", index=b"x"))
+
+
+# -- the index and --where agree ----------------------------------------------
+
+_VALUES = st.one_of(
+    st.text(max_size=8), st.integers(),
+    st.booleans(), st.none(), st.floats(allow_nan=False,
+                                        allow_infinity=False),
+    st.integers(min_value=2 ** 63, max_value=2 ** 70),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+    st.lists(st.one_of(st.integers(), st.text(max_size=3)), max_size=2))
+
+
+class _Archive:
+    """An item whose index is the given bytes."""
+
+    meta = {}
+    index_name = "x.index"
+
+    def __init__(self, data):
+        self._data = data
+
+    def read_index(self):
+        return self._data
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(_VALUES, min_size=1, max_size=5),
+       st.sampled_from(["payload.instance_id",
+                        "payload.nova_object.data.uuid"]),
+       st.booleans())
+def test_an_exact_where_that_selects_a_record_is_never_pruned(
+        values, field, other_keys):
+    # the index the worker writes (its own envelope parse) against what
+    # --where selects in the records it wrote: for every value a record
+    # holds, the archive may hold it
+    unwrap = envelope.Unwrapper(index_fields=(field,))
+    builder = index.Builder((field,))
+    written = []
+    for value in values:
+        inner = {"uuid": value, "x": 1} if other_keys else {"uuid": value}
+        payload = ({"nova_object.data": inner} if "nova_object" in field
+                   else {"instance_id": value})
+        body = envelope.wrap(json.dumps({"event_type": "e",
+                                         "payload": payload,
+                                         "message_id": "m"}))
+        record_payload, metadata, found = unwrap(body, "q", "rk")
+        builder.add(metadata.get("timestamp"), found)
+        written.append((metadata, record_payload))
+    data = builder.to_bytes()
+    for metadata, payload in written:
+        value = index.lookup(select._notification(payload), field.split("."))
+        if value is None:
+            continue  # matches no --where: nothing to find
+        text = select.value_text(value)
+        if set(text) & set("*?["):
+            continue  # a glob: never pruned by the index
+        chosen = selection("--where", "%s=%s" % (field, text),
+                           load_index=index.Index.from_bytes)
+        assert chosen.keep(metadata, payload), text
+        assert chosen.may_hold(_Archive(data)), text

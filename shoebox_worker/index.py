@@ -1,0 +1,633 @@
+"""The per-archive field index: which values an archive may hold.
+
+The worker writes one for each archive it closes, ``<archive>.index``
+beside it (:data:`SUFFIX`), and the chain ships it with the archive (the
+``swift`` step uploads it as ``<object>.index``). A reader asks it, without
+opening the archive, whether the archive may hold a record whose field has
+a value (:meth:`Index.may_contain`: a Bloom filter, at most 1 % false
+positives, never a false negative) and when its records were written
+(:attr:`Index.earliest`, :attr:`Index.latest`).
+
+**Values.** A field is a dotted path into the notification
+(``payload.instance_id``, ``_context_project_id``); a key that itself
+holds dots is found too (``payload.nova_object.data.uuid`` reads the
+``uuid`` of nova's versioned ``payload["nova_object.data"]``; see
+:func:`lookup`). Its value is indexed as text (:func:`value_text`): a
+string as it is, any other JSON value (number, true/false, object, array)
+as its JSON text, so ``_context_project_id=884691`` finds both
+``"884691"`` and ``884691``. A missing path or ``null`` indexes nothing.
+
+**The bytes** (little-endian, standard sizes, docs/format.md "Index
+files")::
+
+    4 bytes  magic  b"SBXI"
+    uint8    version (1)
+    uint8    0 (reserved)
+    uint16   F, the number of fields
+    uint64   records indexed
+    uint8    E, then E bytes: earliest timestamp (ASCII; E = 0: unknown)
+    uint8    L, then L bytes: latest timestamp (ASCII; L = 0: unknown)
+    F times:
+        uint16   N, then N bytes: the field's dotted path (UTF-8)
+        uint32   distinct values added
+        uint8    K, hash functions
+        uint32   B, then B bytes: the filter, M = 8 * B bits; bit j is
+                 bit (j % 8) of byte j // 8 (least significant first)
+    uint32   CRC-32 (zlib) of every byte before it
+
+A value's bits: ``h = blake2b(value as UTF-8, digest_size=16)``, ``h1`` =
+its first 8 bytes and ``h2`` = its last 8 (both unsigned little-endian),
+``h2 |= 1``; bits ``(h1 + i * h2) mod M`` for ``i`` in ``0..K-1``
+(Kirsch-Mitzenmacher double hashing). A filter holds
+:data:`BITS_PER_VALUE` bits per distinct value (at least 64) and
+:data:`HASHES` hashes: 0.61 % false positives expected; one whose set
+bits make more than :data:`MAX_FALSE_POSITIVES` (a small one, by chance)
+is made larger. Readers need none of that: ``M`` is ``8 * B``. Timestamps are
+:func:`shoebox_worker.timestamps.normalise`'s shape, the minimum and the
+maximum over every record (not the first and last), so text order is
+time order.
+
+Readers refuse any other version, magic or checksum
+(:class:`~shoebox_worker.exceptions.IndexError_`, one line); a new
+version gets a new number, and readers of this one stay.
+"""
+
+import hashlib
+import logging
+import os
+import struct
+import zlib
+
+import orjson
+
+from shoebox_worker import exceptions
+from shoebox_worker import files
+from shoebox_worker import timestamps
+
+__all__ = [
+    "DEFAULT_FIELDS",
+    "SUFFIX",
+    "Builder",
+    "Index",
+    "build",
+    "lookup",
+    "looks_like_index",
+    "read_file",
+    "sidecar",
+    "value_text",
+    "write_file",
+]
+
+LOG = logging.getLogger(__name__)
+
+#: The ids an OpenStack operator searches by: the instance (legacy
+#: notifications' ``payload.instance_id``, versioned ones'
+#: ``payload.nova_object.data.uuid``), the project (``_context_project_id``
+#: of every notification, the payload's ``tenant_id``), the user and the
+#: request.
+DEFAULT_FIELDS = (
+    "payload.instance_id",
+    "payload.nova_object.data.uuid",
+    "_context_project_id",
+    "payload.tenant_id",
+    "_context_user_id",
+    "_context_request_id",
+)
+#: An archive's index is ``<archive>`` + this, beside it.
+SUFFIX = ".index"
+#: The format version written (and the only one read).
+VERSION = 1
+MAGIC = b"SBXI"
+#: Filter bits per distinct value, and hash functions: with 15 and 3 a
+#: filter answers "may contain" for 0.61 % of absent values (10 and 7 would
+#: give 0.82 % in two thirds of the bytes, but cost the worker more than
+#: twice the time per value: the index is far under its size goal).
+BITS_PER_VALUE = 15
+HASHES = 3
+#: Records a :class:`Builder` adds to its sets at a time.
+BATCH = 1024
+#: The smallest filter (bits).
+MIN_BITS = 64
+#: The false positive rate no filter exceeds (its own, from the share of
+#: its bits that are set): a margin under the 1 % promised.
+MAX_FALSE_POSITIVES = 0.009
+
+_HEAD = struct.Struct("<4sBBHQ")
+_FIELD = struct.Struct("<IBI")
+_U8 = struct.Struct("<B")
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+
+
+def looks_like_index(head):
+    """Do these first bytes of a file start an index?"""
+    return bytes(head[:len(MAGIC)]) == MAGIC
+
+
+def sidecar(path):
+    """Where the index of the archive at ``path`` is."""
+    return os.fspath(path) + SUFFIX
+
+
+# -- values ------------------------------------------------------------------
+
+def _needle(key, whole=False):
+    """What a JSON text without ``\\u`` and ``\\/`` escapes holds when it
+    has a key that starts with ``key`` (``whole``: that is ``key``), or
+    None when ``key`` may be written otherwise. In such a text a key made
+    of printable characters other than ``"`` and ``\\`` is written as it
+    is, so a text without ``"key`` holds no key that starts with it."""
+    if '"' in key or "\\" in key or not key.isprintable():
+        return None
+    return ('"%s"' % key if whole else '"%s' % key).encode("utf-8")
+
+
+def _absent(key, raw, whole=False):
+    """Is ``key`` certainly no key of the JSON text ``raw``, nor the start
+    of one (``whole``: is it certainly no key)? See :func:`_needle`."""
+    needle = _needle(key, whole)
+    return needle is not None and needle not in raw
+
+
+def lookup(notification, parts, mappings=(dict,), raw=None):
+    """The value at a dotted path in a notification, or None.
+
+    :param parts: the path split at its dots (``("payload",
+        "instance_id")``). At each level the shortest run of parts that is
+        a key with a value (not null) is taken (``nova_object`` + ``data``
+        when the payload has ``nova_object.data`` and no ``nova_object``).
+    :param mappings: the types of JSON objects (the worker adds simdjson's
+        lazy one); each has ``get``.
+    :param raw: the notification's JSON text without ``\\u`` nor ``\\/``
+        escapes (see :func:`plain_text`), or None: when given, a level
+        whose key the text does not hold is not looked up (a search of
+        the bytes costs a fraction of a microsecond; simdjson takes 5 us
+        to find that a key is missing).
+    """
+    value = notification
+    i, n = 0, len(parts)
+    while i < n:
+        if not isinstance(value, mappings):
+            return None
+        key = parts[i]
+        i += 1
+        if raw is not None and _absent(key, raw):
+            return None
+        found = value.get(key)
+        while found is None and i < n:  # a key holding dots?
+            key = key + "." + parts[i]
+            i += 1
+            found = value.get(key)
+        value = found
+    return value
+
+
+def plain_text(raw):
+    """``raw`` (a notification's JSON bytes) when :func:`lookup` may skip
+    the keys absent from it (no ``\\u`` nor ``\\/`` escape), else None."""
+    if b"\\" in raw and (b"\\u" in raw or b"\\/" in raw):
+        return None
+    return raw
+
+
+def value_text(value):
+    """How a JSON value is indexed and looked up: a string as it is, None
+    as None (nothing indexed), anything else as its JSON text."""
+    if value is None or isinstance(value, str):
+        return value
+    if hasattr(value, "as_dict"):  # simdjson's lazy object
+        value = value.as_dict()
+    elif hasattr(value, "as_list"):  # and array
+        value = value.as_list()
+    try:
+        return orjson.dumps(value).decode("utf-8")
+    except orjson.JSONEncodeError:  # nested deeper than orjson writes
+        return None
+
+
+def compile_fields(fields):
+    """``fields`` (dotted paths) as :func:`lookup` takes them."""
+    return tuple(tuple(field.split(".")) for field in fields)
+
+
+def values_of(notification, compiled, mappings=(dict,)):
+    """The indexed text of each field (None where it has none).
+
+    :param compiled: the fields, as :func:`compile_fields` gives them.
+    :param mappings: as for :func:`lookup`.
+    """
+    values = []
+    for parts in compiled:
+        value = lookup(notification, parts, mappings)
+        values.append(value if value is None or value.__class__ is str
+                      else value_text(value))
+    return tuple(values)
+
+
+class _Edge:
+    """One key of the fields' tree (:class:`Reader`)."""
+
+    __slots__ = ("key", "leaves", "children", "fields", "missed", "starts",
+                 "whole")
+
+    def __init__(self, key):
+        self.key = key
+        self.starts = _needle(key)            # see _needle
+        self.whole = _needle(key, whole=True)
+        self.leaves = []     # the fields that end here
+        self.children = []   # the edges below
+        self.fields = []     # (field, its parts, this level) under here
+        self.missed = False  # was the key missing from the last one?
+
+
+class Reader:
+    """:func:`values_of` for a stream of notifications, fast: the fields
+    are read in one walk of their tree (``payload`` is looked up once for
+    every ``payload.*`` field), and a key missing from the last
+    notification is first looked for in the next one's JSON text (see
+    :func:`lookup`'s ``raw``), so the notifications of a service that
+    never has a field cost a search of the bytes, not a failed lookup
+    (5 us on a simdjson object). The values are those of
+    :func:`values_of`.
+
+    Not thread-safe: one per consumer.
+
+    :param fields: dotted paths.
+    :param mappings: as for :func:`lookup`.
+    """
+
+    def __init__(self, fields, mappings=(dict,)):
+        self.fields = tuple(fields)
+        self.mappings = mappings
+        self._edges = []
+        for number, parts in enumerate(compile_fields(self.fields)):
+            edges = self._edges
+            for level, key in enumerate(parts):
+                edge = next((e for e in edges if e.key == key), None)
+                if edge is None:
+                    edge = _Edge(key)
+                    edges.append(edge)
+                edge.fields.append((number, parts, level))
+                if level == len(parts) - 1:
+                    edge.leaves.append(number)
+                edges = edge.children
+        self._raw = self._plain = None
+
+    def __call__(self, notification, raw):
+        """The values of ``notification``, parsed from ``raw`` (bytes)."""
+        self._raw, self._plain = raw, False  # False: not looked at yet
+        out = [None] * len(self.fields)
+        self._walk(notification, self._edges, out)
+        for i, value in enumerate(out):
+            if value is not None and value.__class__ is not str:
+                out[i] = value_text(value)
+        return tuple(out)
+
+    def _text(self):
+        """The notification's text if :func:`lookup` may search it."""
+        if self._plain is False:
+            self._plain = plain_text(self._raw)
+        return self._plain
+
+    def _walk(self, value, edges, out):
+        get = value.get
+        for edge in edges:
+            if edge.missed:
+                plain = self._text()
+                if plain is not None and edge.starts is not None:
+                    if edge.starts not in plain:
+                        continue  # no key starts with it: all of it None
+                    found = None if edge.whole not in plain \
+                        else get(edge.key)
+                else:
+                    found = get(edge.key)
+                if found is not None:
+                    edge.missed = False
+            else:
+                found = get(edge.key)
+            if found is None:
+                edge.missed = True
+                for number, parts, level in edge.fields:
+                    out[number] = self._joined(value, parts, level)
+                continue
+            for number in edge.leaves:
+                out[number] = found
+            if edge.children and isinstance(found, self.mappings):
+                self._walk(found, edge.children, out)
+
+    def _joined(self, value, parts, level):
+        """:func:`lookup` from ``value`` at ``level``, whose own key is
+        missing: the keys holding dots that start with it."""
+        plain = self._text()
+        key, i, n = parts[level], level + 1, len(parts)
+        found = None
+        while found is None and i < n:
+            key = key + "." + parts[i]
+            i += 1
+            if plain is None or not _absent(key, plain, whole=True):
+                found = value.get(key)
+        if found is None or i == n:
+            return found
+        return lookup(found, parts[i:], self.mappings, plain)
+
+
+# -- the filter ---------------------------------------------------------------
+
+def _positions(value, bits, hashes=HASHES):
+    digest = hashlib.blake2b(value.encode("utf-8", "surrogatepass"),
+                             digest_size=16).digest()
+    h1 = int.from_bytes(digest[:8], "little")
+    h2 = int.from_bytes(digest[8:], "little") | 1
+    return [(h1 + i * h2) % bits for i in range(hashes)]
+
+
+def _filter(values):
+    """``(hashes, filter bytes)`` holding ``values`` (a set of str).
+
+    Sized from their number; then, since a small filter's share of set
+    bits varies widely, grown by a quarter until its own false positive
+    rate, ``(set bits / bits) ** hashes``, is at most
+    :data:`MAX_FALSE_POSITIVES`.
+    """
+    if not values:
+        return HASHES, b""
+    hashed = []
+    for value in values:
+        digest = hashlib.blake2b(value.encode("utf-8", "surrogatepass"),
+                                 digest_size=16).digest()
+        hashed.append((int.from_bytes(digest[:8], "little"),
+                       int.from_bytes(digest[8:], "little") | 1))
+    size = (max(MIN_BITS, BITS_PER_VALUE * len(values)) + 7) // 8
+    while True:
+        bits = size * 8
+        mask = bytearray(size)
+        for h1, h2 in hashed:
+            for i in range(HASHES):
+                j = (h1 + i * h2) % bits
+                mask[j >> 3] |= 1 << (j & 7)
+        fill = int.from_bytes(mask, "little").bit_count() / bits
+        if fill ** HASHES <= MAX_FALSE_POSITIVES:
+            return HASHES, bytes(mask)
+        size += (size + 3) // 4
+
+
+# -- writing ----------------------------------------------------------------
+
+class Builder:
+    """Collects an archive's values as its records are written;
+    :meth:`to_bytes` makes the index.
+
+    Holds each field's distinct values until then (a filter is sized from
+    their number), so its memory grows with them. Records are added to
+    the sets :data:`BATCH` at a time (a few C calls instead of a loop in
+    Python per record).
+
+    :param fields: dotted paths (:data:`DEFAULT_FIELDS`).
+    """
+
+    def __init__(self, fields=DEFAULT_FIELDS):
+        self.fields = tuple(fields)
+        self.compiled = compile_fields(self.fields)
+        self.records = 0
+        self._values = [set() for _ in self.fields]
+        self._none = (None,) * len(self.fields)
+        self._rows = []     # values of the records not in the sets yet
+        self._stamps = []   # and their timestamps
+        # oslo's own "YYYY-MM-DD HH:MM:SS.ffffff" orders as text: its
+        # least and greatest are kept raw and normalised once at the end
+        self._low = self._high = None
+        self._others = []   # every other timestamp, normalised
+
+    def add(self, timestamp, values):
+        """Count one record.
+
+        :param timestamp: its ``timestamp`` metadata (or None).
+        :param values: its value text for each field, in :attr:`fields`
+            order, None where it has none (:func:`values_of`); empty for
+            a malformed record.
+        """
+        self.records += 1
+        self._rows.append(values or self._none)
+        self._stamps.append(timestamp)
+        if len(self._rows) >= BATCH:
+            self._flush()
+
+    def _flush(self):
+        rows, self._rows = self._rows, []
+        stamps, self._stamps = self._stamps, []
+        if not rows:
+            return
+        columns = zip(*rows, strict=True)  # each row has every field
+        for found, column in zip(self._values, columns, strict=True):
+            found.update(column)
+            found.discard(None)
+        oslo = [t for t in stamps if t.__class__ is str and len(t) == 26
+                and t[10] == " "]
+        if oslo:
+            low, high = min(oslo), max(oslo)
+            if self._low is None or low < self._low:
+                self._low = low
+            if self._high is None or high > self._high:
+                self._high = high
+        if len(oslo) < len(stamps):  # other shapes: normalised now
+            for stamp in stamps:
+                if not (stamp.__class__ is str and len(stamp) == 26
+                        and stamp[10] == " "):
+                    normal = timestamps.normalise(stamp)
+                    if normal is not None:  # None: no time, left out
+                        self._others.append(normal)
+
+    def add_notification(self, timestamp, notification):
+        """:meth:`add` from a decoded notification (None: malformed)."""
+        if notification is None:
+            self.add(timestamp, ())
+        else:
+            self.add(timestamp, values_of(notification, self.compiled))
+
+    def time_range(self):
+        """``(earliest, latest)`` of the records that have a plausible
+        ``timestamp`` (:func:`shoebox_worker.timestamps.normalise`);
+        records without one (malformed ones) have no time and no time
+        window selects them. ``(None, None)``: unknown (no such record,
+        or a timestamp of oslo's shape that is no real time: then no range
+        is claimed, so that no reader prunes on it)."""
+        self._flush()
+        found = list(self._others)
+        if self._low is not None:
+            found += [timestamps.normalise(self._low),
+                      timestamps.normalise(self._high)]
+        if not found or None in found:
+            return None, None
+        return min(found), max(found)
+
+    def to_bytes(self):
+        earliest, latest = self.time_range()  # flushes
+        return _pack(self.fields, self.records, earliest, latest,
+                     self._values)
+
+
+def build(records, fields=DEFAULT_FIELDS):
+    """The index of ``records``: ``(metadata, notification)`` pairs (the
+    notification decoded, or None when malformed)."""
+    builder = Builder(fields)
+    for metadata, notification in records:
+        builder.add_notification(metadata.get("timestamp"), notification)
+    return builder.to_bytes()
+
+
+def _text(value, size_of=_U8):
+    data = (value or "").encode("utf-8")
+    return size_of.pack(len(data)) + data
+
+
+def _pack(fields, records, earliest, latest, values):
+    parts = [_HEAD.pack(MAGIC, VERSION, 0, len(fields), records),
+             _text(earliest), _text(latest)]
+    for field, found in zip(fields, values, strict=True):
+        hashes, mask = _filter(found)
+        parts += [_text(field, _U16),
+                  _FIELD.pack(len(found), hashes, len(mask)), mask]
+    data = b"".join(parts)
+    return data + _U32.pack(zlib.crc32(data))
+
+
+def write_file(path, data, mode=None):
+    """Write ``data`` to ``path`` durably and atomically (a temporary
+    file, fsynced, renamed into place, the directory fsynced).
+
+    :param mode: the file's permission bits (default: as umask leaves
+        them).
+    """
+    tmp = path + ".tmp"
+    lock = files.create_temporary(tmp)
+    try:
+        if mode is not None:
+            os.fchmod(lock.fd, mode)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(lock.fd, view):]
+        os.fsync(lock.fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    finally:
+        lock.release()
+    files.fsync_directory(path)
+
+
+# -- reading ----------------------------------------------------------------
+
+class Index:
+    """A parsed index (:meth:`from_bytes`, :func:`read_file`).
+
+    :ivar fields: the dotted paths indexed.
+    :ivar records: records in the archive.
+    :ivar earliest: the least record timestamp (UTC
+        ``YYYY-MM-DDTHH:MM:SS.ffffffZ``), None when unknown.
+    :ivar latest: the greatest, likewise.
+    :ivar distinct: ``{field: distinct values}``.
+    """
+
+    def __init__(self, fields, records, earliest, latest, filters):
+        self.fields = tuple(fields)
+        self.records = records
+        self.earliest = earliest
+        self.latest = latest
+        self._filters = filters     # field -> (distinct, hashes, bytes)
+        self.distinct = {field: filters[field][0] for field in fields}
+
+    @classmethod
+    def from_bytes(cls, data, name="index"):
+        """Parse an index.
+
+        :param name: what the error names (a path, an object name).
+        :raises IndexError_: bytes that are not an index of a known
+            version, cut short, or damaged.
+        """
+        data = bytes(data)
+        if len(data) < _HEAD.size + 4 or data[:4] != MAGIC:
+            raise exceptions.IndexError_("%s: not a shoebox index (no %r "
+                                         "magic)" % (name, MAGIC))
+        if data[4] != VERSION:
+            raise exceptions.IndexError_("%s: index format version %d; "
+                                         "this reader knows %d" % (
+                                             name, data[4], VERSION))
+        body, (crc,) = data[:-4], _U32.unpack_from(data, len(data) - 4)
+        if zlib.crc32(body) != crc:
+            raise exceptions.IndexError_("%s: damaged index (checksum "
+                                         "mismatch)" % (name,))
+        try:
+            return cls._parse(body)
+        except (struct.error, UnicodeDecodeError, ValueError) as exc:
+            raise exceptions.IndexError_("%s: malformed index (%s)" % (
+                name, exc)) from None
+
+    @classmethod
+    def _parse(cls, body):
+        _, _, _, count, records = _HEAD.unpack_from(body, 0)
+        pos = _HEAD.size
+
+        def text(size_of=_U8):
+            nonlocal pos
+            (length,) = size_of.unpack_from(body, pos)
+            pos += size_of.size
+            if pos + length > len(body):
+                raise ValueError("a length past the end")
+            value = body[pos:pos + length].decode("utf-8")
+            pos += length
+            return value or None
+
+        earliest, latest = text(), text()
+        fields, filters = [], {}
+        for _ in range(count):
+            field = text(_U16)
+            distinct, hashes, size = _FIELD.unpack_from(body, pos)
+            pos += _FIELD.size
+            if pos + size > len(body):
+                raise ValueError("a filter past the end")
+            if field is None or field in filters or (size and not hashes):
+                raise ValueError("a bad field entry")
+            filters[field] = (distinct, hashes, body[pos:pos + size])
+            fields.append(field)
+            pos += size
+        if pos != len(body):
+            raise ValueError("%d bytes after the last field" % (
+                len(body) - pos))
+        return cls(fields, records, earliest, latest, filters)
+
+    def may_contain(self, field, value):
+        """May a record of the archive have ``value`` at ``field``?
+
+        False only when it certainly has none; True for a field that is
+        not indexed (nothing is known).
+
+        :param value: the text to find, as :func:`value_text` gives it (a
+            string as it is; a number or ``true`` as its JSON text).
+        """
+        entry = self._filters.get(field)
+        if entry is None:
+            return True
+        _, hashes, mask = entry
+        if not mask:
+            return False
+        bits = len(mask) * 8
+        return all(mask[j >> 3] & (1 << (j & 7))
+                   for j in _positions(value, bits, hashes))
+
+    def __repr__(self):
+        return "<Index %d records, %s .. %s, fields %s>" % (
+            self.records, self.earliest, self.latest, ", ".join(self.fields))
+
+
+def read_file(path):
+    """The :class:`Index` in the file ``path``.
+
+    :raises IndexError_: not an index, or damaged.
+    :raises OSError: it cannot be read.
+    """
+    with open(path, "rb") as f:
+        return Index.from_bytes(f.read(), os.fspath(path))

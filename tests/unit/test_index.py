@@ -1,0 +1,311 @@
+"""Tests for shoebox_worker.index: the bytes of an archive's field index,
+its Bloom filters and what it says of the archive."""
+
+import itertools
+import os
+import pathlib
+import random
+import stat
+import struct
+import uuid
+import zlib
+
+import orjson
+import pytest
+import simdjson
+
+from shoebox_worker import exceptions
+from shoebox_worker import index
+from shoebox_worker.tools import simulator
+
+FIELDS = ("payload.instance_id", "_context_project_id")
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def ids(count, seed):
+    rng = random.Random(seed)
+    return [str(uuid.UUID(int=rng.getrandbits(128), version=4))
+            for _ in range(count)]
+
+
+def built(values, fields=FIELDS, timestamps=None):
+    """An index of one record per tuple of ``values``."""
+    builder = index.Builder(fields)
+    for i, row in enumerate(values):
+        stamp = None if timestamps is None else timestamps[i]
+        builder.add(stamp, row)
+    return builder.to_bytes()
+
+
+class TestRoundTrip:
+    def test_what_was_written_is_read(self):
+        present = ids(2000, 1)
+        data = built([(v, str(i % 7)) for i, v in enumerate(present)],
+                     timestamps=["2026-11-26 16:11:%02d.000000" % (59 - i % 60)
+                                 for i in range(2000)])
+        got = index.Index.from_bytes(data)
+        assert got.fields == FIELDS
+        assert got.records == 2000
+        assert got.distinct == {"payload.instance_id": 2000,
+                                "_context_project_id": 7}
+        assert all(got.may_contain("payload.instance_id", v)
+                   for v in present)
+        assert all(got.may_contain("_context_project_id", str(i))
+                   for i in range(7))
+        assert got.earliest == "2026-11-26T16:11:00.000000Z"
+        assert got.latest == "2026-11-26T16:11:59.000000Z"
+
+    def test_time_range_is_min_and_max_not_first_and_last(self):
+        stamps = ["2026-11-26 12:00:00.000000",
+                  "2026-11-25T23:00:00+00:00",    # the earliest, not first
+                  "2026-11-27 01:00:00.000000",   # the latest, not last
+                  "2026-11-26T20:00:00-05:00"]    # 2026-11-27 01:00 UTC too
+        got = index.Index.from_bytes(built([(None, None)] * 4,
+                                           timestamps=stamps))
+        assert (got.earliest, got.latest) == (
+            "2026-11-25T23:00:00.000000Z", "2026-11-27T01:00:00.000000Z")
+
+    def test_records_without_a_time_are_left_out(self):
+        stamps = [None, "2026-11-26 12:00:00.000000", "yesterday", 5,
+                  "2026-11-26T13:00:00Z"]
+        got = index.Index.from_bytes(built([(None, None)] * 5,
+                                           timestamps=stamps))
+        assert (got.earliest, got.latest) == (
+            "2026-11-26T12:00:00.000000Z", "2026-11-26T13:00:00.000000Z")
+
+    @pytest.mark.parametrize("stamps", [
+        [], [None], ["yesterday"],
+        ["2026-11-26 12:00:00.000000", "2026-02-30 12:00:00.000000"]])
+    def test_an_unknown_time_claims_no_range(self, stamps):
+        got = index.Index.from_bytes(built([(None, None)] * len(stamps),
+                                           timestamps=stamps))
+        assert (got.earliest, got.latest) == (None, None)
+
+    def test_a_field_without_values_contains_nothing(self):
+        got = index.Index.from_bytes(built([("a", None)]))
+        assert not got.may_contain("_context_project_id", "a")
+        assert got.may_contain("payload.instance_id", "a")
+
+    def test_a_field_not_indexed_may_contain_anything(self):
+        got = index.Index.from_bytes(built([("a", None)]))
+        assert got.may_contain("payload.user_id", "whatever")
+
+    def test_the_same_values_give_the_same_bytes(self):
+        rows = [(v, "p") for v in ids(100, 2)]
+        assert built(rows) == built(list(reversed(rows)))
+
+    def test_bytes_as_documented(self):
+        """The layout of the module docstring, read here by hand."""
+        data = built([("x", None)], fields=("f", "g"),
+                     timestamps=["2026-11-26 12:00:00.000000"])
+        assert data[:8] == b"SBXI\x01\x00\x02\x00"
+        assert struct.unpack_from("<Q", data, 8) == (1,)
+        stamp = b"2026-11-26T12:00:00.000000Z"
+        assert data[16] == len(stamp) and data[17:44] == stamp
+        assert data[44] == len(stamp) and data[45:72] == stamp
+        pos = 72
+        assert data[pos:pos + 3] == b"\x01\x00f"
+        distinct, hashes, size = struct.unpack_from("<IBI", data, pos + 3)
+        assert (distinct, hashes, size) == (1, index.HASHES, 8)  # 64 bits
+        mask = data[pos + 12:pos + 12 + size]
+        digest = index.hashlib.blake2b(b"x", digest_size=16).digest()
+        h1 = int.from_bytes(digest[:8], "little")
+        h2 = int.from_bytes(digest[8:], "little") | 1
+        want = bytearray(8)
+        for i in range(index.HASHES):
+            j = (h1 + i * h2) % 64
+            want[j >> 3] |= 1 << (j & 7)
+        assert mask == bytes(want)
+        pos += 12 + size
+        assert data[pos:pos + 3] == b"\x01\x00g"
+        assert struct.unpack_from("<IBI", data, pos + 3) == (0, index.HASHES,
+                                                             0)
+        pos += 12
+        assert len(data) == pos + 4
+        assert struct.unpack_from("<I", data, pos) == (
+            zlib.crc32(data[:pos]),)
+
+
+def test_the_worked_example_of_docs_format_md():
+    text = (ROOT / "docs" / "format.md").read_text()
+    section = text[text.index("## Index files"):]
+    block = section[section.index("```\n") + 4:]
+    block = block[:block.index("```")]
+    shown = bytes.fromhex("".join(line[10:59] for line in
+                                  block.splitlines()))
+    builder = index.Builder(("payload.instance_id",))
+    builder.add("2026-11-26 16:11:12.000000", ("i-1",))
+    builder.add("2026-11-26 16:11:10.500000", ("i-2",))
+    assert builder.to_bytes() == shown
+
+
+class TestFalsePositives:
+    @pytest.mark.parametrize("count", [3, 10, 100, 1000, 20000])
+    def test_at_most_one_percent_over_100k_absent_values(self, count):
+        present = ids(count, count)
+        got = index.Index.from_bytes(built([(v, None) for v in present]))
+        absent = ids(100_000, "absent %d" % count)  # not abs(seed)
+        hits = sum(got.may_contain("payload.instance_id", v)
+                   for v in absent)
+        assert hits / len(absent) <= 0.01, hits
+        assert all(got.may_contain("payload.instance_id", v)
+                   for v in present)
+
+    def test_size_is_bits_per_distinct_value(self):
+        data = built([(v, "p") for v in ids(10_000, 3)])
+        filters = 10_000 * index.BITS_PER_VALUE // 8 + index.MIN_BITS // 8
+        assert len(data) <= filters + 200
+
+
+class TestDamage:
+    DATA = built([(v, "p") for v in ids(50, 4)],
+                 timestamps=["2026-11-26 12:00:00.000000"] * 50)
+
+    def test_every_flipped_byte_is_one_line(self):
+        for pos in range(len(self.DATA)):
+            damaged = bytearray(self.DATA)
+            damaged[pos] ^= 0x40
+            with pytest.raises(exceptions.IndexError_) as caught:
+                index.Index.from_bytes(bytes(damaged), "x.index")
+            assert "\n" not in str(caught.value)
+            assert str(caught.value).startswith("x.index: ")
+
+    def test_every_cut_is_one_line(self):
+        for end in range(len(self.DATA)):
+            with pytest.raises(exceptions.IndexError_):
+                index.Index.from_bytes(self.DATA[:end])
+
+    def test_another_version_is_named(self):
+        data = bytearray(self.DATA)
+        data[4] = 2
+        with pytest.raises(exceptions.IndexError_,
+                           match="version 2; this reader knows 1"):
+            index.Index.from_bytes(bytes(data))
+
+    def test_a_good_checksum_over_bad_lengths(self):
+        body = self.DATA[:-4] + b"junk"
+        with pytest.raises(exceptions.IndexError_, match="malformed"):
+            index.Index.from_bytes(body + struct.pack("<I",
+                                                      zlib.crc32(body)))
+
+    def test_it_is_a_shoebox_error(self):
+        assert issubclass(exceptions.IndexError_, exceptions.ShoeboxError)
+
+
+class TestValues:
+    def test_dotted_paths_and_keys_with_dots(self):
+        note = {"payload": {"instance_id": "i-1",
+                            "nova_object.data": {"uuid": "u-1"},
+                            "a.b": {"c": 1}, "a": {"b": {"c": 2}}},
+                "_context_project_id": 884691}
+        assert index.lookup(note, ("payload", "instance_id")) == "i-1"
+        assert index.lookup(note, ("payload", "nova_object", "data",
+                                   "uuid")) == "u-1"
+        # the shortest key first
+        assert index.lookup(note, ("payload", "a", "b", "c")) == 2
+        assert index.lookup(note, ("payload", "missing")) is None
+        assert index.lookup(note, ("payload", "instance_id", "x")) is None
+
+    @pytest.mark.parametrize("value, text", [
+        ("884691", "884691"), (884691, "884691"), (True, "true"),
+        (2.5, "2.5"), (None, None), ({"a": [1]}, '{"a":[1]}'),
+        ("\u00e9", "\u00e9")])
+    def test_value_text(self, value, text):
+        assert index.value_text(value) == text
+
+    def test_a_number_is_found_by_its_text(self):
+        fields = ("_context_project_id",)
+        data = index.build([({}, {"_context_project_id": 884691})], fields)
+        got = index.Index.from_bytes(data)
+        assert got.may_contain("_context_project_id", "884691")
+
+    def test_build_from_simulated_notifications(self):
+        notes = list(simulator.notifications(300, seed=5))
+        data = index.build(((n, n) for n in notes))
+        got = index.Index.from_bytes(data)
+        assert got.fields == index.DEFAULT_FIELDS
+        assert got.records == 300
+        for note in notes:
+            for field in ("payload.instance_id", "_context_request_id",
+                          "_context_project_id", "_context_user_id"):
+                value = index.lookup(note, field.split("."))
+                if value is not None:
+                    assert got.may_contain(field, index.value_text(value))
+        assert got.earliest == min(
+            index.timestamps.normalise(n["timestamp"]) for n in notes)
+
+    def test_malformed_records_count_but_index_nothing(self):
+        got = index.Index.from_bytes(index.build([({}, None)]))
+        assert got.records == 1
+        assert got.distinct["payload.instance_id"] == 0
+
+
+class TestReader:
+    """The worker's reader gives what values_of gives, in any order of
+    notifications (its shortcuts depend on the one before)."""
+
+    FIELDS = ("payload.instance_id", "payload.nova_object.data.uuid",
+              "_context_project_id", "payload.a.b", "payload.x", "n")
+
+    NOTES = [
+        {"payload": {"instance_id": "i-1", "x": {"y": 1}}, "n": 5},
+        {"payload": {"nova_object.data": {"uuid": "u-1"}},
+         "_context_project_id": "p"},
+        {"payload": {"nova_object": {"data": {"uuid": "u-2"}},
+                     "a.b": "dotted", "a": None}},
+        {"payload": {"a": {"b": "nested"}, "a.b": "dotted"}},
+        {"payload": {"instance_id": None, "x": [1, "\u00e9"]}},
+        {"payload": {"instance\u005fid": "escaped"}},
+        {"payload": {"instance_id": "i/\\/2"}, "n": True},
+        {"payload": "not an object", "n": None},
+        {},
+    ]
+
+    def reader_values(self, reader, note, text=None):
+        raw = text if text is not None else orjson.dumps(note)
+        parsed = simdjson.Parser().parse(raw)
+        return reader(parsed, raw)
+
+    def test_same_values_in_every_order(self):
+        reference = {i: index.values_of(note, index.compile_fields(
+            self.FIELDS)) for i, note in enumerate(self.NOTES)}
+        for order in itertools.islice(itertools.permutations(
+                range(len(self.NOTES))), 0, 2000, 7):
+            reader = index.Reader(self.FIELDS, (dict, simdjson.Object))
+            for i in order * 2:
+                assert self.reader_values(reader, self.NOTES[i]) == \
+                    reference[i], (order, i)
+
+    def test_escaped_keys_are_found(self):
+        reader = index.Reader(("payload.instance_id",),
+                              (dict, simdjson.Object))
+        missing = b'{"payload": {"other": 1}}'
+        escaped = b'{"payload": {"instance\\u005fid": "i-1"}}'
+        assert self.reader_values(reader, None, missing) == (None,)
+        assert self.reader_values(reader, None, escaped) == ("i-1",)
+
+    def test_simulated_stream(self):
+        compiled = index.compile_fields(index.DEFAULT_FIELDS)
+        reader = index.Reader(index.DEFAULT_FIELDS, (dict, simdjson.Object))
+        for note in simulator.notifications(500, seed=9):
+            assert self.reader_values(reader, note) == index.values_of(
+                note, compiled)
+
+
+class TestFiles:
+    def test_write_and_read_file(self, tmp_path):
+        path = str(tmp_path / "a.events.index")
+        data = built([("x", None)])
+        index.write_file(path, data, mode=0o640)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
+        assert index.read_file(path).may_contain("payload.instance_id", "x")
+        assert os.listdir(tmp_path) == ["a.events.index"]
+
+    def test_read_file_names_the_file(self, tmp_path):
+        path = tmp_path / "a.events.index"
+        path.write_bytes(orjson.dumps({"not": "an index"}))
+        with pytest.raises(exceptions.IndexError_, match="a.events.index"):
+            index.read_file(path)
+
+    def test_sidecar(self):
+        assert index.sidecar("/w/x.events.gz") == "/w/x.events.gz.index"
