@@ -21,7 +21,7 @@ to /dev/null):
 
 The ratio is baseline time / cat time; the counts of lines printed are
 checked equal. Reading gzip uses ISA-L's inflate when the ``isal`` package
-is installed (``shoebox-worker[fast]``), zlib's otherwise; the first line
+is installed (a dependency), zlib's otherwise; the first line
 says which. Usage::
 
     .venv/bin/python bench/read.py [--records 100000] [--files 10]
@@ -144,7 +144,7 @@ def main(argv=None):
 
     size = sum(len(p) for _, p in records)
     print("%d notifications (%.1f MB as JSON) in %d files; best of %d; "
-          "gzip read with %s (isal: pip install shoebox-worker[fast])"
+          "gzip read with %s"
           % (len(records), size / 1e6, args.files, args.rounds,
              compression.inflate.__name__))
     baseline = best["zcat | grep -F"]

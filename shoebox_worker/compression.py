@@ -42,11 +42,11 @@ try:  # optional extra: pip install shoebox-worker[zstd]
 except ImportError:  # pragma: no cover - depends on the environment
     zstandard = None
 
-try:  # optional extra: pip install shoebox-worker[fast]
+try:  # a dependency; zlib where it cannot be installed
     from isal import isal_zlib as inflate
 except ImportError:  # pragma: no cover - depends on the environment
-    #: What decompresses gzip: ISA-L's zlib-compatible inflate when the
-    #: isal package is installed (about twice as fast), else zlib.
+    #: What decompresses gzip: ISA-L's zlib-compatible inflate (the isal
+    #: package: about twice as fast), else zlib: the same bytes.
     inflate = zlib
 
 _COPY_CHUNK = 1 << 20

@@ -63,7 +63,7 @@ import struct
 
 from shoebox_worker import exceptions
 
-try:  # the same CRC-32, several times faster (shoebox-worker[fast])
+try:  # the same CRC-32, several times faster (isal, a dependency)
     from isal.isal_zlib import crc32
 except ImportError:  # pragma: no cover - depends on the environment
     from zlib import crc32
