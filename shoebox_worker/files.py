@@ -17,7 +17,7 @@ import os
 
 __all__ = ["FileLock", "create_temporary", "ensure_writable_directory",
            "fsync_directory", "is_within", "names_same_file", "remove_stale",
-           "write_json_atomic"]
+           "write_atomic", "write_json_atomic"]
 
 #: Prefix of the probe file :func:`ensure_writable_directory` writes.
 PROBE_PREFIX = ".shoebox-probe-"
@@ -162,23 +162,38 @@ def is_within(path, folder):
 
 
 def write_json_atomic(path, data):
-    """Replace ``path`` with ``data`` atomically.
-
-    Writes ``<path>.tmp`` (created by :func:`create_temporary`), fsyncs,
-    renames it over ``path`` and fsyncs the directory.
+    """Replace ``path`` with ``data`` (JSON) atomically
+    (:func:`write_atomic`).
 
     :returns: a :class:`FileLock` held on the new file. It is taken on the
         temporary file before the rename, so ``path`` is never unlocked (a
         lock held on the file it replaces goes away with that file).
     :raises BlockingIOError: another process is writing ``<path>.tmp``.
     """
+    return write_atomic(path, json.dumps(data).encode("utf-8"), keep=True)
+
+
+def write_atomic(path, data, mode=None, keep=False):
+    """Replace ``path`` with the bytes ``data`` atomically: writes
+    ``<path>.tmp`` (created by :func:`create_temporary`), fsyncs, renames
+    it over ``path`` and fsyncs the directory; the temporary file is
+    removed if anything fails.
+
+    :param mode: the file's permission bits (default: as umask leaves
+        them).
+    :param keep: return the :class:`FileLock` held on the new file (else
+        it is released).
+    :raises BlockingIOError: another process is writing ``<path>.tmp``.
+    """
     tmp = path + ".tmp"
     lock = create_temporary(tmp)
     try:
-        with os.fdopen(os.dup(lock.fd), "w") as f:
-            json.dump(data, f)
-            f.flush()
-            os.fsync(f.fileno())
+        if mode is not None:
+            os.fchmod(lock.fd, mode)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(lock.fd, view):]
+        os.fsync(lock.fd)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -187,8 +202,11 @@ def write_json_atomic(path, data):
             pass
         lock.release()
         raise
-    lock.path = path
     fsync_directory(path)
+    if not keep:
+        lock.release()
+        return None
+    lock.path = path
     return lock
 
 

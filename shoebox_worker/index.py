@@ -493,30 +493,13 @@ def _pack(fields, records, earliest, latest, values):
 
 def write_file(path, data, mode=None):
     """Write ``data`` to ``path`` durably and atomically (a temporary
-    file, fsynced, renamed into place, the directory fsynced).
+    file, fsynced, renamed into place, the directory fsynced:
+    :func:`shoebox_worker.files.write_atomic`).
 
     :param mode: the file's permission bits (default: as umask leaves
         them).
     """
-    tmp = path + ".tmp"
-    lock = files.create_temporary(tmp)
-    try:
-        if mode is not None:
-            os.fchmod(lock.fd, mode)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(lock.fd, view):]
-        os.fsync(lock.fd)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    finally:
-        lock.release()
-    files.fsync_directory(path)
+    files.write_atomic(path, data, mode)
 
 
 # -- reading ----------------------------------------------------------------

@@ -290,6 +290,32 @@ class TestWriteJsonAtomic:
         assert json.loads(path.read_text()) == {"old": 1}
 
 
+class TestWriteAtomic:
+    def test_bytes_in_place_with_their_mode_and_no_lock_kept(self, tmp_path):
+        path = str(tmp_path / "x.index")
+        assert files.write_atomic(path, b"abc" * 100000, mode=0o640) is None
+        assert open(path, "rb").read() == b"abc" * 100000
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
+        assert os.listdir(tmp_path) == ["x.index"]
+        with open(path, "rb") as f:  # released: another may lock it
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def test_a_failed_write_leaves_the_old_file_and_no_temporary(
+            self, tmp_path, monkeypatch):
+        path = str(tmp_path / "x.index")
+        files.write_atomic(path, b"old")
+
+        def full(fd, data):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(os, "write", full)
+        with pytest.raises(OSError, match="No space"):
+            files.write_atomic(path, b"new")
+        monkeypatch.undo()
+        assert open(path, "rb").read() == b"old"
+        assert os.listdir(tmp_path) == ["x.index"]
+
+
 class TestFsyncDirectory:
 
     @pytest.fixture
