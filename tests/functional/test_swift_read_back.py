@@ -157,7 +157,8 @@ def _second_run(ft, queue, env, container, directory):
 def shipped(ft, swift_env, rabbit_available, tmp_path_factory):
     """The container of both runs, and what is in it, read locally:
     ``records`` (object name -> ``[(metadata, payload)]``), ``indexes``
-    (object name -> :class:`index.Index`), ``order`` (the objects in
+    (object name -> :class:`index.Index`), ``versions`` (object name ->
+    its record versions), ``order`` (the objects in
     write order), ``killed`` and ``published`` (message_ids of the killed
     run, of both runs)."""
     container = "shoebox-readback-%s" % uuid.uuid4().hex[:12]
@@ -190,8 +191,7 @@ def shipped(ft, swift_env, rabbit_available, tmp_path_factory):
         assert sorted(order) == sorted(records)
         yield {"container": container, "records": records,
                "indexes": indexes, "versions": versions, "order": order,
-               "killed": killed,
-               "published": killed + later}
+               "killed": killed, "published": killed + later}
     finally:
         rabbit.cleanup()
         ft.delete_swift_container(conn, container)
