@@ -738,12 +738,31 @@ def delete_swift_container(conn, name):
 
 
 @pytest.fixture
+def swift_gets(monkeypatch):
+    """The ``(container, object)`` of every GET the tools send through the
+    swift step's connection (archives and indexes alike), in the order
+    sent; each still goes through to Swift."""
+    from shoebox_worker.ship import swift as swift_mod
+    gets = []
+    real = swift_mod._Connection.get_object
+
+    def get_object(self, container, obj, *args, **kwargs):
+        gets.append((container, obj))
+        return real(self, container, obj, *args, **kwargs)
+
+    monkeypatch.setattr(swift_mod._Connection, "get_object", get_object)
+    return gets
+
+
+@pytest.fixture(scope="session")
 def ft():
-    """The helpers above, for the test modules (conftest is not imported)."""
+    """The helpers above, for the test modules (conftest is not imported);
+    session-scoped, so that module fixtures can use them too."""
     return types.SimpleNamespace(
         AMQP_URL=AMQP_URL, REDIS_URL=REDIS_URL, publish=publish,
         worker_config=worker_config, write_config=write_config,
-        run_worker=run_worker, read_archives=read_archives,
+        run_worker=run_worker, WorkerProcess=WorkerProcess,
+        read_archives=read_archives,
         archive_files=archive_files, worker_ids=worker_ids,
         swift_archives=swift_archives, check_index=check_index,
         child_pids=child_pids, wait_until=wait_until,

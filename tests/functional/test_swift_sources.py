@@ -29,7 +29,6 @@ from kombu import Queue
 from swiftclient import client as swc
 
 from shoebox_worker import cli
-from shoebox_worker.ship import swift as swift_mod
 from shoebox_worker.tools import publish as publish_mod
 from shoebox_worker.tools import simulator
 from shoebox_worker.tools import sources
@@ -137,20 +136,6 @@ def shipped(swift_env, rabbit_available, tmp_path_factory):
         conn.close()
 
 
-@pytest.fixture
-def counting(monkeypatch):
-    """Count the GETs of objects the tools send (each through to Swift)."""
-    gets = []
-    real = swift_mod._Connection.get_object
-
-    def get_object(self, container, obj, *args, **kwargs):
-        gets.append((container, obj))
-        return real(self, container, obj, *args, **kwargs)
-
-    monkeypatch.setattr(swift_mod._Connection, "get_object", get_object)
-    return gets
-
-
 def _main(argv, capsysbinary):
     code = cli.main(argv)
     out, err = capsysbinary.readouterr()
@@ -176,7 +161,7 @@ def _is_slo(conn, container, name):
 # -- the tests ----------------------------------------------------------------
 
 def test_cat_prints_what_a_local_cat_of_the_objects_prints(
-        shipped, tmp_path, capsysbinary, counting, monkeypatch):
+        shipped, tmp_path, capsysbinary, swift_gets, monkeypatch):
     container, conn = shipped["container"], shipped["conn"]
     names = [e["name"] for e in shipped["listing"]]
     assert len(names) == 2 * COUNT // ROLL
@@ -189,7 +174,7 @@ def test_cat_prints_what_a_local_cat_of_the_objects_prints(
 
     assert (code, err) == (0, "")
     # every object GET once, nothing else GET
-    assert sorted(counting) == sorted((container, n) for n in names)
+    assert sorted(swift_gets) == sorted((container, n) for n in names)
     lines = [orjson.loads(line) for line in out.splitlines()]
     assert len(lines) == len(shipped["published"])
     assert [m["metadata"]["message_id"] for m in lines] == \
