@@ -26,7 +26,9 @@ index GETs, HEADs and listings apart. Two measurements, best of ROUNDS:
    baseline, to one without (the same objects, every one read).
    ``cat --where payload.instance_id=ID`` of an id found in only a few
    archives: bytes against the baseline's (<= 5 %), and time (>= 10x
-   faster); the two outputs must hold the same lines.
+   faster); the two outputs must hold the same lines. Then the index
+   GETs alone are timed (``--jobs`` at a time, as ``cat`` prunes): the
+   floor of a read pruned by per-archive indexes.
 
 The containers are deleted at the end. Usage::
 
