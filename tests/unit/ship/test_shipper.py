@@ -3,6 +3,7 @@ files,
 retries and recovery after a crash."""
 
 import gzip
+import itertools
 import json
 import logging
 import os
@@ -1176,6 +1177,60 @@ class TestPromisesFromTheMutationCheck:
         # 2 ** 8 = 256 < 300 <= 2 ** 9: the 10th delay is the first capped
         assert capped == [10, 11]
         job.lock.release()
+
+    def test_a_saved_report_is_the_report_resumed_with(self, tmp_path):
+        origin = str(tmp_path / "a.events")
+        report = archive.ArchiveReport(
+            origin, records=3, size=900, versions={1, 2},
+            skipped=[archive.Skipped(origin, 10, 40, "no record marker"),
+                     archive.Skipped(origin, 850, 900, "torn")],
+            torn_offset=850, first_metadata={"n": "0"},
+            last_metadata={"n": "2"})
+        saved = json.loads(json.dumps(shipper._report_to_state(report)))
+        assert shipper._report_from_state(origin, saved) == report
+
+    def test_recover_hands_each_record_read_to_on_record(
+            self, tmp_path, make_shipper):
+        write_archive(tmp_path / "a.events")
+        found = []
+        ship = make_shipper([("m", steps.MemoryCallback())], start=False)
+        assert ship.recover(str(tmp_path), is_archive,
+                            on_record=found.append) == 1
+        assert [(f[3], bytes(f[4])) for f in found] == RECORDS
+        assert [f[0] for f in found] == [0] + list(itertools.accumulate(
+            len(record.pack(*r)) for r in RECORDS[:-1]))
+
+    def test_damage_before_a_torn_tail_said_exactly_and_kept(
+            self, tmp_path, make_shipper, monkeypatch, caplog):
+        path = write_archive(tmp_path / "a.events")
+        with open(path, "r+b") as f:
+            f.write(b"XXXX")  # the first record's marker
+        whole = os.path.getsize(path)
+        with open(path, "ab") as f:
+            f.write(b"\x00garbage")
+        copy = str(tmp_path / "copy")
+        shutil.copyfile(path, copy)
+        damage, tail = archive.inspect_file(copy, quiet=True).skipped
+        os.unlink(copy)
+        inspected = count_inspections(monkeypatch)
+        seen = []
+        ship = make_shipper([("swift", Reports(seen))], start=False)
+        with caplog.at_level(logging.WARNING, logger="shoebox_worker"):
+            assert ship.recover(str(tmp_path), is_archive) == 1
+        assert inspected == [path]  # read once, for the cut too
+        assert [r.getMessage() for r in caplog.records] == [
+            "%s: skipped bytes %d-%d: %s" % (path, damage.start, damage.end,
+                                             damage.reason),
+            "%s: cut a torn tail of 8 bytes at offset %d (%s: a record "
+            "being written when the last run died; it was never acked)"
+            % (path, whole, tail.reason)]
+        ship.start()
+        assert ship.wait_idle(timeout=5)
+        ((_, report),) = seen
+        assert report.skipped == [archive.Skipped(path, damage.start,
+                                                  damage.end, damage.reason)]
+        assert (report.size, report.torn_offset) == (whole, None)
+        assert report.records == len(RECORDS) - 1
 
 
 class TestSettleWaits:
