@@ -1232,6 +1232,153 @@ class TestPromisesFromTheMutationCheck:
         assert (report.size, report.torn_offset) == (whole, None)
         assert report.records == len(RECORDS) - 1
 
+    def test_an_archive_listed_as_done_does_not_stop_the_rest(
+            self, tmp_path, make_shipper):
+        done = write_archive(tmp_path / "a.events")
+        ship = make_shipper([])
+        ship.submit(done)
+        assert ship.wait_idle(timeout=5)
+        left = write_archive(tmp_path / "b.events")  # a killed run's
+        memory = steps.MemoryCallback()
+        again = make_shipper([("m", memory)])
+        assert again.recover(str(tmp_path), is_archive) == 1
+        assert again.wait_idle(timeout=5)
+        assert memory.events == [("close", left)]
+
+    def test_a_recovered_archive_is_unlocked_once_handed_over(
+            self, tmp_path, make_shipper):
+        # its lock, taken by recover, goes with submit (not left open
+        # for the life of the process: one descriptor per archive)
+        path = write_archive(tmp_path / "a.events")
+        ship = make_shipper([("m", steps.MemoryCallback())], start=False)
+        assert ship.recover(str(tmp_path), is_archive) == 1
+        other = files.FileLock.try_acquire(path, create=False)
+        assert other is not None
+        other.release()
+
+    def test_an_archive_unreadable_at_recovery_is_shipped_as_it_is(
+            self, tmp_path, make_shipper, monkeypatch, caplog):
+        path = write_archive(tmp_path / "a.events")
+
+        def fail(path, **kwargs):
+            raise OSError("unreadable")
+
+        monkeypatch.setattr(archive, "inspect_file", fail)
+        seen = []
+        ship = make_shipper([("swift", Reports(seen))])
+        with caplog.at_level(logging.ERROR, logger="shoebox_worker"):
+            assert ship.recover(str(tmp_path), is_archive) == 1
+        assert [r.getMessage() for r in caplog.records] == [
+            "%s: cannot read it for its report (unreadable); shipping it "
+            "as it is" % path]
+        assert ship.wait_idle(timeout=5)
+        assert seen == [(path, None)]
+
+    def test_an_unexpected_error_is_retried_after_its_backoff(
+            self, tmp_path, monkeypatch):
+        # _run's retry of an error that is no CallbackError (attempts
+        # counted there first)
+        path = str(tmp_path / "a.events")
+        ship = shipper.Shipper(callbacks.CallbackChain([]), 1.0, 300.0)
+        job = shipper._Job(path, path, 0, None)
+        monkeypatch.setattr(shipper.time, "monotonic", lambda: 1000.0)
+        for attempts, base in ((1, 1.0), (3, 4.0)):
+            job.attempts = attempts
+            ship._retry(job)
+            ((due, _, queued),) = ship._heap
+            assert queued is job
+            assert 1000.0 + 0.75 * base <= due <= 1000.0 + base
+            ship._heap.clear()
+
+    def test_an_unexpected_error_does_not_end_the_thread(
+            self, tmp_path, make_shipper, caplog):
+        class Breaks(Stats):
+            def callback_done(self, name, seconds):
+                if not self.done:
+                    self.done.append("broke")
+                    raise RuntimeError("stats broke")
+                super().callback_done(name, seconds)
+
+        path = write_archive(tmp_path / "a.events")
+        memory = steps.MemoryCallback()
+        stats = Breaks()
+        ship = make_shipper([("m", memory)], stats=stats)
+        with caplog.at_level(logging.ERROR, logger="shoebox_worker"):
+            ship.submit(path)
+            assert ship.wait_idle(timeout=5)
+        assert ship._thread.is_alive()
+        assert memory.events == [("close", path)] * 2  # run again
+        assert stats.done == ["broke", "m"]
+        (line,) = caplog.records
+        assert line.getMessage() == "unexpected error shipping %s" % path
+        assert line.exc_info
+
+    def test_failing_archives_counted_by_kind_since_the_oldest(
+            self, tmp_path):
+        seen = []
+
+        class Failing:
+            def failing(self, by_kind):
+                seen.append(by_kind)
+
+        ship = shipper.Shipper(callbacks.CallbackChain([]), stats=Failing())
+        for name, since, permanent in (("a", None, False),
+                                       ("b", 50.0, False),
+                                       ("c", 20.0, False),
+                                       ("d", 30.0, True),
+                                       ("e", 40.0, False)):
+            path = str(tmp_path / name)
+            job = ship._jobs[path] = shipper._Job(path, path, 0, None)
+            job.failing_since, job.permanent = since, permanent
+        ship._report_failing()
+        assert seen == [{"transient": (3, 20.0), "permanent": (1, 30.0)}]
+
+    @staticmethod
+    def capped_lines(caplog):
+        return [r.getMessage() for r in caplog.records
+                if r.levelno == logging.WARNING]
+
+    def test_capped_said_when_a_permanent_failure_joins_the_failing(
+            self, tmp_path, make_shipper, monkeypatch, caplog):
+        a, b = (write_archive(tmp_path / name)
+                for name in ("a.events", "b.events"))
+        ship = make_shipper([("upload", steps.MemoryCallback())],
+                            retry_initial=1.0, retry_max=300.0, start=False)
+        jobs = [shipper._Job(path, path, 0, files.FileLock(
+            path + shipper.STATE_SUFFIX)) for path in (a, b)]
+        with caplog.at_level(logging.WARNING, logger="shoebox_worker"):
+            self.fail_at(ship, jobs[0], monkeypatch, 100.0)  # transient
+            exc = exceptions.CallbackError("key refused", callback="upload",
+                                           filename=b, permanent=True)
+            monkeypatch.setattr(shipper.time, "monotonic", lambda: 130.0)
+            ship._failed(jobs[1], "upload", exc)
+        # the permanent kind is new to the step: said, and this archive
+        # retries at retry_max from now on: named
+        assert self.capped_lines(caplog) == [
+            shipper.W_CAPPED % (b, "upload", 1, "0 s", 300.0, exc)]
+        for job in jobs:
+            job.lock.release()
+
+    def test_capped_said_again_at_its_interval_with_how_long(
+            self, tmp_path, make_shipper, monkeypatch, caplog):
+        path = write_archive(tmp_path / "a.events")
+        ship = make_shipper([("upload", steps.MemoryCallback())],
+                            retry_initial=1.0, retry_max=1.0, start=False)
+        job = shipper._Job(path, path, 0, files.FileLock(
+            path + shipper.STATE_SUFFIX))
+        with caplog.at_level(logging.WARNING, logger="shoebox_worker"):
+            for now in (100.0, 130.0, 189.0, 190.0):
+                self.fail_at(ship, job, monkeypatch, now)
+        exc = exceptions.CallbackError("refused", callback="upload",
+                                       filename=path)
+        # capped from the first failure (its E_FAILED says it), then at
+        # most every CAPPED_LOG_INTERVAL, at exactly that interval too
+        assert shipper.CAPPED_LOG_INTERVAL == 60.0
+        assert self.capped_lines(caplog) == [
+            shipper.W_CAPPED % (path, "upload", 2, "30 s", 1.0, exc),
+            shipper.W_CAPPED % (path, "upload", 4, "90 s", 1.0, exc)]
+        job.lock.release()
+
 
 class TestSettleWaits:
     """settle() wakes at least every 0.2 s (an archive may fall due with
