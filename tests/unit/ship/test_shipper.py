@@ -1379,6 +1379,101 @@ class TestPromisesFromTheMutationCheck:
             shipper.W_CAPPED % (path, "upload", 4, "90 s", 1.0, exc)]
         job.lock.release()
 
+    def test_after_a_success_failures_count_and_are_said_afresh(
+            self, tmp_path, make_shipper, monkeypatch, caplog):
+        path = write_archive(tmp_path / "a.events")
+        ship = make_shipper([("upload", steps.MemoryCallback())],
+                            retry_initial=1.0, retry_max=1.0, start=False)
+        job = shipper._Job(path, path, 0, files.FileLock(
+            path + shipper.STATE_SUFFIX))
+        with caplog.at_level(logging.INFO, logger="shoebox_worker"):
+            self.fail_at(ship, job, monkeypatch, 100.0)
+            self.fail_at(ship, job, monkeypatch, 110.0)  # capped: said
+            ship._worked(job, "upload")  # at 110.0
+            self.fail_at(ship, job, monkeypatch, 130.0)
+            self.fail_at(ship, job, monkeypatch, 140.0)  # said again
+        exc = exceptions.CallbackError("refused", callback="upload",
+                                       filename=path)
+        lines = [r.getMessage() for r in caplog.records]
+        assert [line.partition("retrying in ")[0] for line in lines] == [
+            "%s (attempt 1; " % exc,
+            shipper.W_CAPPED % (path, "upload", 2, "10 s", 1.0, exc),
+            "callback upload works again, after 2 failed attempts in 10 s",
+            "%s (attempt 1; " % exc,
+            shipper.W_CAPPED % (path, "upload", 2, "10 s", 1.0, exc)]
+        job.lock.release()
+
+    def test_a_done_list_that_does_not_parse_is_said_and_shipped_again(
+            self, tmp_path, make_shipper, caplog):
+        path = write_archive(tmp_path / "a.events")
+        done = tmp_path / shipper.DONE_FILE
+        done.write_text("{")
+        try:
+            json.loads("{")
+        except ValueError as exc:
+            reason = str(exc)
+        memory = steps.MemoryCallback()
+        ship = make_shipper([("m", memory)])
+        with caplog.at_level(logging.WARNING, logger="shoebox_worker"):
+            assert ship.recover(str(tmp_path), is_archive) == 1
+        assert ship.wait_idle(timeout=5)
+        assert memory.events == [("close", path)]
+        assert caplog.records[0].getMessage() == (
+            "%s does not parse (%s): archives it listed as shipped are "
+            "shipped again" % (done, reason))
+
+    def test_since_given_is_the_age_of_the_backlog(self, tmp_path,
+                                                   make_shipper):
+        path = write_archive(tmp_path / "a.events")
+        ship = make_shipper([("m", steps.MemoryCallback())], start=False)
+        since = time.time() - 3600  # the oldest record, an hour ago
+        ship.submit(path, since=since)
+        assert 3600 <= ship.backlog[2] < 3660
+
+    def test_stop_between_steps_leaves_the_rest_queued_quietly(
+            self, tmp_path, make_shipper, caplog):
+        first, second = (write_archive(tmp_path / name)
+                         for name in ("a.events", "b.events"))
+        block = Blocking()
+        memory = steps.MemoryCallback()
+        ship = make_shipper([("block", block), ("m", memory)])
+        with caplog.at_level(logging.INFO, logger="shoebox_worker"):
+            ship.submit(first)
+            assert block.entered.wait(5)
+            ship.submit(second)  # queued behind it
+            stopping = threading.Thread(target=ship.stop, args=(10,))
+            stopping.start()
+            with ship._cond:
+                assert ship._cond.wait_for(lambda: ship._stopping, 5)
+            block.release.set()
+            stopping.join(10)
+        assert not ship._thread.is_alive()
+        assert memory.events == []  # nothing after the step that ran
+        assert ship.pending() == 2  # their state files resume them
+        assert all(os.path.exists(p + shipper.STATE_SUFFIX)
+                   for p in (first, second))
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert caplog.records[-1].getMessage() == (
+            "2 archive(s) not shipped yet; the next start resumes them")
+
+    def test_stats_get_the_seconds_each_step_took(self, tmp_path,
+                                                  make_shipper):
+        class Timed(Stats):
+            def callback_done(self, name, seconds):
+                self.done.append((name, seconds))
+
+        class Slow(callbacks.ArchiveCallback):
+            def on_close(self, filename):
+                time.sleep(0.05)
+                return filename
+
+        stats = Timed()
+        ship = make_shipper([("slow", Slow())], stats=stats)
+        ship.submit(write_archive(tmp_path / "a.events"))
+        assert ship.wait_idle(timeout=5)
+        ((name, seconds),) = stats.done
+        assert name == "slow" and 0.05 <= seconds < 5
+
 
 class TestSettleWaits:
     """settle() wakes at least every 0.2 s (an archive may fall due with
