@@ -1474,6 +1474,21 @@ class TestPromisesFromTheMutationCheck:
         ((name, seconds),) = stats.done
         assert name == "slow" and 0.05 <= seconds < 5
 
+    def test_shipped_said_with_where_the_archive_is_now(
+            self, tmp_path, make_shipper, caplog):
+        stays, moved = (write_archive(tmp_path / name)
+                        for name in ("a.events", "b.events"))
+        ship = make_shipper([])
+        gzipped = make_shipper([("gzip", steps.GzipCallback())])
+        with caplog.at_level(logging.INFO, logger="shoebox_worker"):
+            ship.submit(stays)
+            gzipped.submit(moved)
+            assert ship.wait_idle(timeout=5)
+            assert gzipped.wait_idle(timeout=5)
+        assert sorted(r.getMessage() for r in caplog.records
+                      if r.getMessage().startswith("shipped ")) == [
+            "shipped %s" % stays, "shipped %s (now %s.gz)" % (moved, moved)]
+
 
 class TestSettleWaits:
     """settle() wakes at least every 0.2 s (an archive may fall due with
