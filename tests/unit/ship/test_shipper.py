@@ -1294,7 +1294,7 @@ class TestPromisesFromTheMutationCheck:
             self, tmp_path, make_shipper, caplog):
         class Breaks(Stats):
             def callback_done(self, name, seconds):
-                if not self.done:
+                if len(self.done) < 2:
                     self.done.append("broke")
                     raise RuntimeError("stats broke")
                 super().callback_done(name, seconds)
@@ -1303,15 +1303,39 @@ class TestPromisesFromTheMutationCheck:
         memory = steps.MemoryCallback()
         stats = Breaks()
         ship = make_shipper([("m", memory)], stats=stats)
-        with caplog.at_level(logging.ERROR, logger="shoebox_worker"):
+        with caplog.at_level(logging.DEBUG, logger="shoebox_worker"):
             ship.submit(path)
             assert ship.wait_idle(timeout=5)
         assert ship._thread.is_alive()
-        assert memory.events == [("close", path)] * 2  # run again
-        assert stats.done == ["broke", "m"]
-        (line,) = caplog.records
-        assert line.getMessage() == "unexpected error shipping %s" % path
-        assert line.exc_info
+        assert memory.events == [("close", path)] * 3  # run again
+        assert stats.done == ["broke", "broke", "m"]
+        lines = [r for r in caplog.records
+                 if r.getMessage().startswith("unexpected")]
+        # a traceback once, then a line at DEBUG per retry
+        assert [(r.levelno, r.getMessage(), bool(r.exc_info))
+                for r in lines] == [
+            (logging.ERROR, "unexpected error shipping %s" % path, True),
+            (logging.DEBUG, "unexpected error shipping %s again (attempt "
+             "2): stats broke" % path, False)]
+
+    def test_a_retried_step_does_not_write_its_state_again(
+            self, tmp_path, make_shipper):
+        path = write_archive(tmp_path / "a.events")
+        inodes = []
+
+        class Fails(callbacks.ArchiveCallback):
+            def on_close(self, filename):
+                inodes.append(os.stat(filename + shipper.STATE_SUFFIX).st_ino)
+                if len(inodes) < 3:
+                    raise OSError("no")
+                return filename
+
+        ship = make_shipper([("fails", Fails())], start=False)
+        ship.submit(path)
+        written = os.stat(path + shipper.STATE_SUFFIX).st_ino
+        ship.start()
+        assert ship.wait_idle(timeout=5)
+        assert inodes == [written] * 3  # replaced by no retry
 
     def test_failing_archives_counted_by_kind_since_the_oldest(
             self, tmp_path):
