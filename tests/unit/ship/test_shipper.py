@@ -1513,6 +1513,29 @@ class TestPromisesFromTheMutationCheck:
                       if r.getMessage().startswith("shipped ")) == [
             "shipped %s" % stays, "shipped %s (now %s.gz)" % (moved, moved)]
 
+    def test_a_listed_name_whose_file_is_gone_resumes_its_state(
+            self, tmp_path, make_shipper):
+        # a.events was shipped and listed; a new a.events of that name
+        # was gzipped by its step when the worker died: the list's stale
+        # entry must not end the new archive's state
+        path = write_archive(tmp_path / "a.events")
+        ship = make_shipper([])
+        ship.submit(path)
+        assert ship.wait_idle(timeout=5)
+        os.unlink(path)
+        write_archive(path, RECORDS[:2])
+        with open(path, "rb") as src, gzip.open(path + ".gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.unlink(path)
+        with open(path + shipper.STATE_SUFFIX, "w") as f:
+            json.dump({"path": path + ".gz", "step": 1,
+                       "chain": ["gzip", "m"]}, f)
+        memory = steps.MemoryCallback()
+        again = make_shipper([("gzip", steps.GzipCallback()), ("m", memory)])
+        assert again.recover(str(tmp_path), is_archive) == 1
+        assert again.wait_idle(timeout=5)
+        assert memory.events == [("close", path + ".gz")]
+
 
 class TestSettleWaits:
     """settle() wakes at least every 0.2 s (an archive may fall due with
