@@ -1536,6 +1536,17 @@ class TestPromisesFromTheMutationCheck:
         assert again.wait_idle(timeout=5)
         assert memory.events == [("close", path + ".gz")]
 
+    def test_archives_due_at_one_instant_go_in_the_order_queued(
+            self, tmp_path, make_shipper, monkeypatch):
+        paths = [write_archive(tmp_path / ("%d.events" % i))
+                 for i in range(3)]
+        ship = make_shipper([("m", steps.MemoryCallback())], start=False)
+        monkeypatch.setattr(shipper.time, "monotonic", lambda: 1000.0)
+        for path in paths:
+            ship.submit(path)
+        assert [ship._next().origin for _ in paths] == paths
+        ship._busy = None
+
 
 class TestSettleWaits:
     """settle() wakes at least every 0.2 s (an archive may fall due with
