@@ -1507,8 +1507,9 @@ class TestPromisesFromTheMutationCheck:
         with caplog.at_level(logging.INFO, logger="shoebox_worker"):
             ship.submit(stays)
             gzipped.submit(moved)
-            assert ship.wait_idle(timeout=5)
-            assert gzipped.wait_idle(timeout=5)
+            for each in (ship, gzipped):
+                assert each.wait_idle(timeout=5)
+                each.stop(5)  # the line comes after the job is gone
         assert sorted(r.getMessage() for r in caplog.records
                       if r.getMessage().startswith("shipped ")) == [
             "shipped %s" % stays, "shipped %s (now %s.gz)" % (moved, moved)]
@@ -1546,6 +1547,56 @@ class TestPromisesFromTheMutationCheck:
             ship.submit(path)
         assert [ship._next().origin for _ in paths] == paths
         ship._busy = None
+
+    def test_stop_closes_each_callback_once_even_after_a_failing_close(
+            self, tmp_path, make_shipper, caplog):
+        closed = []
+
+        class Closes(callbacks.ArchiveCallback):
+            def __init__(self, name, fails=False):
+                self.name, self.fails = name, fails
+
+            def on_close(self, filename):
+                return filename
+
+            def close(self):
+                closed.append(self.name)
+                if self.fails:
+                    raise OSError("pool gone")
+
+        ship = make_shipper([("a", Closes("a", fails=True)),
+                             ("b", Closes("b")),
+                             ("plain", steps.MemoryCallback())])
+        with caplog.at_level(logging.WARNING, logger="shoebox_worker"):
+            ship.stop(5)
+        assert closed == ["a", "b"]
+        (line,) = caplog.records
+        assert line.getMessage() == "closing callback a failed"
+        assert line.exc_info
+
+    def test_stop_leaves_a_stuck_step_after_its_timeout(
+            self, tmp_path, make_shipper, caplog):
+        closed = []
+
+        class Stuck(Blocking):
+            def close(self):
+                closed.append(True)
+
+        step = Stuck()
+        ship = make_shipper([("stuck", step)])
+        ship.submit(write_archive(tmp_path / "a.events"))
+        assert step.entered.wait(5)
+        started = time.monotonic()
+        with caplog.at_level(logging.INFO, logger="shoebox_worker"):
+            ship.stop(0.2)
+        assert 0.2 <= time.monotonic() - started < 5
+        assert closed == []  # not under a step that still runs
+        assert [r.getMessage() for r in caplog.records] == [
+            "shipping step still running after 0 s; its state file resumes "
+            "it next start",
+            "1 archive(s) not shipped yet; the next start resumes them"]
+        step.release.set()
+        ship._thread.join(5)
 
 
 class TestSettleWaits:
