@@ -1598,6 +1598,23 @@ class TestPromisesFromTheMutationCheck:
         step.release.set()
         ship._thread.join(5)
 
+    def test_reports_that_cannot_be_had_are_said(self, tmp_path,
+                                                 monkeypatch, caplog):
+        origin = str(tmp_path / "a.events")
+
+        def fail(path):
+            raise OSError("unreadable")
+
+        monkeypatch.setattr(archive, "inspect_file", fail)
+        with caplog.at_level(logging.WARNING, logger="shoebox_worker"):
+            assert shipper._report_from_state(origin,
+                                              {"records": "many"}) is None
+            assert shipper._inspect(origin) is None
+        assert [r.getMessage() for r in caplog.records] == [
+            "%s.ship: the saved archive report does not parse; it is read "
+            "again from the archive" % origin,
+            "%s: cannot read its records for a report: unreadable" % origin]
+
 
 class TestSettleWaits:
     """settle() wakes at least every 0.2 s (an archive may fall due with
