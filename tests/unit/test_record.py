@@ -816,3 +816,58 @@ class TestSmallReads:
         # the bytes of that record and at most one chunk more
         assert stream.pos <= len(one) + 64
         assert len(list(walker)) == 40
+
+
+def v1_header(meta_len, raw_len, third=0):
+    return struct.pack("<ihiii", MAGIC, 1, meta_len, raw_len, third)
+
+
+class TestHeaderErrors:
+    """Each check of a header, its class, reason and offset (the offset
+    given to :func:`record.unpack_from`): what salvage and verify report.
+    (Survivors of the mutation check, docs/mutation.md.)"""
+
+    @pytest.mark.parametrize("header,error,reason", [
+        (b"x" * 18, exceptions.OutOfSync, "no record marker"),
+        (v2_header(8, 12)[:14] + b"\0\0\0\0", exceptions.CorruptRecord,
+         "header checksum mismatch"),
+        (v1_header(8, 12, third=1), exceptions.CorruptRecord,
+         "end-of-header marker is not 0"),
+        (v1_header(-2 ** 31, 12), exceptions.CorruptRecord,
+         "negative block length"),
+        (v1_header(8, -2 ** 31), exceptions.CorruptRecord,
+         "negative block length"),
+        (v1_header(-1, 12), exceptions.CorruptRecord,
+         "negative block length"),
+        (struct.pack("<ihiii", MAGIC, 7, 8, 12, 0),
+         exceptions.InvalidVersion, "unknown format version 7"),
+        (v2_header(3, 12), exceptions.CorruptRecord,
+         "block shorter than its length field"),
+        (v1_header(8, 3), exceptions.CorruptRecord,
+         "block shorter than its length field"),
+    ])
+    def test_reason_and_offset(self, header, error, reason):
+        with pytest.raises(error) as info:
+            record.unpack_from(b"junk" + header + bytes(64), 4)
+        assert (info.value.message, info.value.offset) == (reason, 4)
+        with pytest.raises(error) as info:
+            record.record_size(b"junk" + header, 4)
+        assert info.value.offset == 4
+
+
+class TestPackLimits:
+    def test_blocks_longer_than_the_format_holds_are_refused(
+            self, monkeypatch):
+        monkeypatch.setattr(record, "_MAX_LEN", 64)
+        record.pack({}, b"x" * 64)  # at the limit: written
+        record.pack({"k": "v" * 51}, b"")  # a 64-byte metadata block
+        for metadata, payload in (({}, b"x" * 65), ({"k": "v" * 52}, b"")):
+            with pytest.raises(ValueError) as info:
+                record.pack(metadata, payload)
+            assert str(info.value) == "record too large for the format " \
+                "(2 GiB)"
+
+    def test_unknown_version_is_named(self):
+        with pytest.raises(exceptions.InvalidVersion) as info:
+            record.pack({}, b"", version=3)
+        assert str(info.value) == "cannot write format version 3"
