@@ -845,6 +845,9 @@ class TestHeaderErrors:
          "block shorter than its length field"),
         (v1_header(8, 3), exceptions.CorruptRecord,
          "block shorter than its length field"),
+        (v2_header(8, record.MAX_BLOCK + 1), exceptions.CorruptRecord,
+         "block longer than any writer makes (%d bytes)"
+         % (record.MAX_BLOCK + 1)),
     ])
     def test_reason_and_offset(self, header, error, reason):
         with pytest.raises(error) as info:
@@ -871,3 +874,17 @@ class TestPackLimits:
         with pytest.raises(exceptions.InvalidVersion) as info:
             record.pack({}, b"", version=3)
         assert str(info.value) == "cannot write format version 3"
+
+
+class TestTornReasons:
+    @pytest.mark.parametrize("version", [1, 2])
+    def test_a_whole_header_is_a_torn_record_not_a_torn_header(
+            self, version):
+        data = record.pack({"k": "v"}, b"payload", version)
+        for cut, reason in (
+                (17, "archive ends inside a record header"),
+                (18, "archive ends inside a record (18 of %d bytes)"
+                 % len(data))):
+            with pytest.raises(exceptions.TornRecord) as info:
+                record.unpack_from(b"junk" + data[:cut], 4)
+            assert (info.value.message, info.value.offset) == (reason, 4)
