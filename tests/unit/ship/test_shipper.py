@@ -1615,6 +1615,44 @@ class TestPromisesFromTheMutationCheck:
             "again from the archive" % origin,
             "%s: cannot read its records for a report: unreadable" % origin]
 
+    def test_what_recovery_finds_is_said_word_for_word(
+            self, tmp_path, make_shipper, caplog):
+        work, outside = tmp_path / "work", tmp_path / "outside"
+        work.mkdir()
+        outside.mkdir()
+        (outside / "x").write_bytes(b"not yours")
+        state_link = work / ("a.events" + shipper.STATE_SUFFIX)
+        os.symlink(outside / "x", state_link)
+        archive_link = work / "b.events"
+        os.symlink(outside / "x", archive_link)
+        (work / "c.events").write_bytes(b"")
+        left = write_archive(work / "d.events")
+        moved = write_archive(work / "e.events.gz")  # the step's output
+        state = work / ("e.events" + shipper.STATE_SUFFIX)
+        state.write_text(json.dumps({"path": str(work / "e.events"),
+                                     "step": 0, "output": moved,
+                                     "chain": ["gzip", "m"]}))
+        changed = write_archive(work / "f.events")
+        with open(changed + shipper.STATE_SUFFIX, "w") as f:
+            json.dump({"path": changed, "step": 1, "chain": ["old"]}, f)
+        ship = make_shipper([("gzip", steps.GzipCallback()),
+                             ("m", steps.MemoryCallback())], start=False)
+        with caplog.at_level(logging.INFO, logger="shoebox_worker"):
+            assert ship.recover(str(work), is_archive) == 3
+        assert [r.getMessage() for r in caplog.records] == [
+            shipper.E_NOT_REGULAR % state_link,
+            "%s: step 0 (gzip) had left it at %s; going on"
+            % (work / "e.events", moved),
+            "resuming shipping of %s at step 1 of 2" % moved,
+            "%s: the callback chain changed since it was started (['old'], "
+            "now ['gzip', 'm']); running the new chain from its first step"
+            % changed,
+            "resuming shipping of %s at step 0 of 2" % changed,
+            shipper.E_NOT_REGULAR % archive_link,
+            "removing empty archive %s left by a killed run"
+            % (work / "c.events"),
+            "shipping %s, left by a previous run" % left]
+
 
 class TestSettleWaits:
     """settle() wakes at least every 0.2 s (an archive may fall due with
