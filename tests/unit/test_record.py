@@ -888,3 +888,23 @@ class TestTornReasons:
             with pytest.raises(exceptions.TornRecord) as info:
                 record.unpack_from(b"junk" + data[:cut], 4)
             assert (info.value.message, info.value.offset) == (reason, 4)
+
+
+class TestBodyErrors:
+    """The checks past the header: reason and offset, as for the header."""
+
+    @staticmethod
+    def changed(version, field, value):
+        data = bytearray(record.pack({"a": "b"}, b"payload!", version))
+        data[field:field + 4] = struct.pack("<i", value)
+        return bytes(data)
+
+    @pytest.mark.parametrize("data,reason", [
+        (changed(2, 30, 9), "record checksum mismatch"),
+        (changed(1, 18, 3), "bad metadata count 3"),
+        (changed(1, 30, 9), "payload length does not match block"),
+    ])
+    def test_reason_and_offset(self, data, reason):
+        with pytest.raises(exceptions.CorruptRecord) as info:
+            record.unpack_from(b"junk" + data, 4)
+        assert (info.value.message, info.value.offset) == (reason, 4)
