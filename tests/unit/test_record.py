@@ -903,6 +903,9 @@ class TestBodyErrors:
         (changed(2, 30, 9), "record checksum mismatch"),
         (changed(1, 18, 3), "bad metadata count 3"),
         (changed(1, 30, 9), "payload length does not match block"),
+        (changed(1, 18, 0), "metadata lengths do not add up"),
+        (changed(1, 18, 400), "metadata lengths overrun"),
+        (changed(1, 22, 2), "metadata lengths do not add up"),
     ])
     def test_reason_and_offset(self, data, reason):
         with pytest.raises(exceptions.CorruptRecord) as info:
