@@ -785,3 +785,81 @@ class TestReaderOfAFileObject:
         with open(path, "rb") as f:
             assert archive.ArchiveReader(f).filename == str(path)
         assert archive.ArchiveReader(io.BytesIO(b"")).filename == "<stream>"
+
+
+class TestWriterPromises:
+    """What ArchiveWriter promises beyond the bytes (survivors of the
+    mutation check, docs/mutation.md)."""
+
+    RECORDS = [({"n": str(i)}, b"payload %d" % i) for i in range(3)]
+
+    def test_report_from_its_own_counts(self, tmp_path):
+        path = str(tmp_path / "a.events")
+        with archive.ArchiveWriter(path) as writer:
+            assert writer.report() == archive.ArchiveReport(path)
+            for metadata, payload in self.RECORDS:
+                writer.write(metadata, payload)
+        assert writer.report() == archive.ArchiveReport(
+            path, records=3, size=os.path.getsize(path),
+            versions={record.CURRENT_VERSION},
+            first_metadata={"n": "0"}, last_metadata={"n": "2"})
+
+    def test_abandon_cuts_back_to_the_last_sync(self, tmp_path):
+        path = str(tmp_path / "a.events")
+        with open(path, "wb") as f:
+            f.write(record.pack({"n": "old"}, b"kept"))
+        kept = os.path.getsize(path)
+        writer = archive.ArchiveWriter(path, exclusive=False)
+        assert writer.abandon() == kept  # nothing synced by this writer
+        writer = archive.ArchiveWriter(path, exclusive=False)
+        writer.write({"n": "0"}, b"synced")
+        writer.sync()
+        synced = writer.synced_size
+        assert synced == os.path.getsize(path) > kept
+        writer.write({"n": "1"}, b"flushed, not synced")
+        writer.flush()
+        writer.write({"n": "2"}, b"buffered")
+        assert writer.abandon() == synced == writer.size
+        assert os.path.getsize(path) == synced
+        assert [m["n"] for m, _ in archive.ArchiveReader(path)] == [
+            "old", "0"]
+
+    def test_buffered_until_write_buffer_bytes_then_one_write(
+            self, tmp_path, monkeypatch):
+        one = len(record.pack(*self.RECORDS[0]))
+        path = str(tmp_path / "a.events")
+        for limit, expected in ((one + 1, [0, 2 * one, 2 * one]),
+                                (2 * one, [0, 2 * one, 2 * one]),
+                                (2 * one + 1, [0, 0, 3 * one])):
+            monkeypatch.setattr(archive, "WRITE_BUFFER", limit)
+            on_disk = []
+            with archive.ArchiveWriter(path) as writer:
+                for _ in expected:
+                    writer.write(*self.RECORDS[0])
+                    on_disk.append(os.path.getsize(path))
+            assert on_disk == expected, limit
+            os.unlink(path)
+
+    def test_a_short_write_is_continued(self, tmp_path):
+        path = str(tmp_path / "a.events")
+
+        class Trickle:
+            def __init__(self, handle):
+                self.handle = handle
+
+            def write(self, data):
+                return self.handle.write(bytes(data[:3]))
+
+            def __getattr__(self, name):
+                return getattr(self.handle, name)
+
+        with archive.ArchiveWriter(path) as writer:
+            writer._handle = Trickle(writer._handle)
+            for metadata, payload in self.RECORDS:
+                writer.write(metadata, payload)
+        assert list(archive.ArchiveReader(path)) == self.RECORDS
+
+    def test_unknown_version_is_named(self, tmp_path):
+        with pytest.raises(exceptions.InvalidVersion) as info:
+            archive.ArchiveWriter(str(tmp_path / "a.events"), version=3)
+        assert str(info.value) == "cannot write format version 3"

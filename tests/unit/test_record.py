@@ -826,3 +826,98 @@ def test_the_checksum_is_zlibs_crc32_whichever_computes_it():
         assert record.crc32(piece) == zlib.crc32(piece)
     packed = record.pack({"k": "v"}, data)
     assert int.from_bytes(packed[-4:], "little") == zlib.crc32(packed[:-4])
+
+
+def v1_header(meta_len, raw_len, third=0):
+    return struct.pack("<ihiii", MAGIC, 1, meta_len, raw_len, third)
+
+
+class TestHeaderErrors:
+    """Each check of a header, its class, reason and offset (the offset
+    given to :func:`record.unpack_from`): what salvage and verify report.
+    (Survivors of the mutation check, docs/mutation.md.)"""
+
+    @pytest.mark.parametrize("header,error,reason", [
+        (b"x" * 18, exceptions.OutOfSync, "no record marker"),
+        (v2_header(8, 12)[:14] + b"\0\0\0\0", exceptions.CorruptRecord,
+         "header checksum mismatch"),
+        (v1_header(8, 12, third=1), exceptions.CorruptRecord,
+         "end-of-header marker is not 0"),
+        (v1_header(-2 ** 31, 12), exceptions.CorruptRecord,
+         "negative block length"),
+        (v1_header(8, -2 ** 31), exceptions.CorruptRecord,
+         "negative block length"),
+        (v1_header(-1, 12), exceptions.CorruptRecord,
+         "negative block length"),
+        (struct.pack("<ihiii", MAGIC, 7, 8, 12, 0),
+         exceptions.InvalidVersion, "unknown format version 7"),
+        (v2_header(3, 12), exceptions.CorruptRecord,
+         "block shorter than its length field"),
+        (v1_header(8, 3), exceptions.CorruptRecord,
+         "block shorter than its length field"),
+        (v2_header(8, record.MAX_BLOCK + 1), exceptions.CorruptRecord,
+         "block longer than any writer makes (%d bytes)"
+         % (record.MAX_BLOCK + 1)),
+    ])
+    def test_reason_and_offset(self, header, error, reason):
+        with pytest.raises(error) as info:
+            record.unpack_from(b"junk" + header + bytes(64), 4)
+        assert (info.value.message, info.value.offset) == (reason, 4)
+        with pytest.raises(error) as info:
+            record.record_size(b"junk" + header, 4)
+        assert info.value.offset == 4
+
+
+class TestPackLimits:
+    def test_blocks_longer_than_the_format_holds_are_refused(
+            self, monkeypatch):
+        monkeypatch.setattr(record, "_MAX_LEN", 64)
+        record.pack({}, b"x" * 64)  # at the limit: written
+        record.pack({"k": "v" * 51}, b"")  # a 64-byte metadata block
+        for metadata, payload in (({}, b"x" * 65), ({"k": "v" * 52}, b"")):
+            with pytest.raises(ValueError) as info:
+                record.pack(metadata, payload)
+            assert str(info.value) == "record too large for the format " \
+                "(2 GiB)"
+
+    def test_unknown_version_is_named(self):
+        with pytest.raises(exceptions.InvalidVersion) as info:
+            record.pack({}, b"", version=3)
+        assert str(info.value) == "cannot write format version 3"
+
+
+class TestTornReasons:
+    @pytest.mark.parametrize("version", [1, 2])
+    def test_a_whole_header_is_a_torn_record_not_a_torn_header(
+            self, version):
+        data = record.pack({"k": "v"}, b"payload", version)
+        for cut, reason in (
+                (17, "archive ends inside a record header"),
+                (18, "archive ends inside a record (18 of %d bytes)"
+                 % len(data))):
+            with pytest.raises(exceptions.TornRecord) as info:
+                record.unpack_from(b"junk" + data[:cut], 4)
+            assert (info.value.message, info.value.offset) == (reason, 4)
+
+
+class TestBodyErrors:
+    """The checks past the header: reason and offset, as for the header."""
+
+    @staticmethod
+    def changed(version, field, value):
+        data = bytearray(record.pack({"a": "b"}, b"payload!", version))
+        data[field:field + 4] = struct.pack("<i", value)
+        return bytes(data)
+
+    @pytest.mark.parametrize("data,reason", [
+        (changed(2, 30, 9), "record checksum mismatch"),
+        (changed(1, 18, 3), "bad metadata count 3"),
+        (changed(1, 30, 9), "payload length does not match block"),
+        (changed(1, 18, 0), "metadata lengths do not add up"),
+        (changed(1, 18, 400), "metadata lengths overrun"),
+        (changed(1, 22, 2), "metadata lengths do not add up"),
+    ])
+    def test_reason_and_offset(self, data, reason):
+        with pytest.raises(exceptions.CorruptRecord) as info:
+            record.unpack_from(b"junk" + data, 4)
+        assert (info.value.message, info.value.offset) == (reason, 4)

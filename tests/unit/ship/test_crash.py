@@ -176,8 +176,9 @@ class TestKilledInsideAStep:
             recover(tmp_path, [("renames", Renames()),
                                ("delete", steps.DeleteFileCallback())])
         assert os.listdir(tmp_path) == []
-        assert any("not at %s as declared" % path in r.getMessage()
-                   for r in caplog.records), caplog.text
+        assert [r.getMessage() for r in caplog.records
+                if r.levelno == logging.WARNING] == [
+            shipper.W_UNDECLARED % ("renames", path, path + ".x", path)]
 
 
 class TestHostileStateFiles:
@@ -199,7 +200,8 @@ class TestHostileStateFiles:
         assert "refused" in caplog.text
 
     def test_planted_output_pointing_outside_is_not_followed(self,
-                                                             tmp_path):
+                                                             tmp_path,
+                                                             caplog):
         work, outside = tmp_path / "work", tmp_path / "outside"
         work.mkdir()
         outside.mkdir()
@@ -209,8 +211,14 @@ class TestHostileStateFiles:
             {"path": str(work / "x.events"), "step": 0,
              "output": str(victim), "chain": ["delete", "delete"]}))
         both = [("delete", steps.DeleteFileCallback())] * 2
-        recover(work, both)
+        with caplog.at_level(logging.ERROR):
+            recover(work, both)
         assert victim.read_bytes() == b"not yours"
+        state = work / ("x.events" + shipper.STATE_SUFFIX)
+        assert [r.getMessage() for r in caplog.records] == [
+            shipper.E_REFUSED % (state, victim, work),
+            "%s: state says %s, which is gone; nothing to ship"
+            % (state, work / "x.events")]
 
     def test_state_may_name_the_move_destination(self, tmp_path):
         work, dest = tmp_path / "work", tmp_path / "dest"
@@ -416,3 +424,60 @@ class TestTwoWorkersOneFolder:
         assert sorted(p for p, _ in seen) == sorted(p + ".gz"
                                                     for p in paths)
         assert os.listdir(tmp_path) == []
+
+    @staticmethod
+    def before_the_archive_lock(monkeypatch, path, then):
+        """Run ``then()`` once, just before a flock of ``path``."""
+        forced = []
+
+        def hook(fd):
+            if not forced and os.readlink("/proc/self/fd/%d" % fd) == path:
+                forced.append(True)
+                then()
+
+        monkeypatch.setattr(files, "fcntl", FlockHook(hook))
+        return forced
+
+    def test_finished_by_the_other_between_the_list_and_the_lock(
+            self, tmp_path, monkeypatch):
+        # A lists the folder (a.events: no state file, not done); B, its
+        # writer, hands it over and finishes it (no step: it stays, listed
+        # as done) before A's flock: A must look at the list again
+        done = write_archive(tmp_path / "0.events")
+        first = shipper.Shipper(callbacks.CallbackChain([]))
+        first.submit(done)
+        first._ship(first._jobs[done])  # the list exists before A looks
+        path = write_archive(tmp_path / "a.events")
+        left = write_archive(tmp_path / "b.events")  # a killed run's
+        b = shipper.Shipper(callbacks.CallbackChain([]))
+
+        def b_finishes():
+            b.submit(path)
+            b._ship(b._jobs[path])
+
+        forced = self.before_the_archive_lock(monkeypatch, path, b_finishes)
+        memory = steps.MemoryCallback()
+        a = shipper.Shipper(callbacks.CallbackChain([("m", memory)]))
+        assert a.recover(str(tmp_path), is_archive) == 1
+        monkeypatch.setattr(files, "fcntl", fcntl)
+        assert forced and b.pending() == 0
+        assert list(a._jobs) == [left]  # not a.events again
+        a._jobs[left].lock.release()
+
+    def test_handed_over_between_the_two_looks_does_not_stop_the_rest(
+            self, tmp_path, monkeypatch):
+        path = write_archive(tmp_path / "a.events")
+        left = write_archive(tmp_path / "b.events")
+        b = shipper.Shipper(callbacks.CallbackChain(
+            [("m", steps.MemoryCallback())]))
+        forced = self.before_the_archive_lock(
+            monkeypatch, path, lambda: b.submit(path))
+        a = shipper.Shipper(callbacks.CallbackChain(
+            [("m", steps.MemoryCallback())]))
+        assert a.recover(str(tmp_path), is_archive) == 1
+        monkeypatch.setattr(files, "fcntl", fcntl)
+        assert forced
+        assert list(a._jobs) == [left] and list(b._jobs) == [path]
+        for ship in (a, b):
+            for job in ship._jobs.values():
+                job.lock.release()

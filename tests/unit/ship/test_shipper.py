@@ -3,6 +3,7 @@ files,
 retries and recovery after a crash."""
 
 import gzip
+import itertools
 import json
 import logging
 import os
@@ -1219,6 +1220,481 @@ class TestPromisesFromTheMutationCheck:
         # 2 ** 8 = 256 < 300 <= 2 ** 9: the 10th delay is the first capped
         assert capped == [10, 11]
         job.lock.release()
+
+    def test_a_saved_report_is_the_report_resumed_with(self, tmp_path):
+        origin = str(tmp_path / "a.events")
+        report = archive.ArchiveReport(
+            origin, records=3, size=900, versions={1, 2},
+            skipped=[archive.Skipped(origin, 10, 40, "no record marker"),
+                     archive.Skipped(origin, 850, 900, "torn")],
+            torn_offset=850, first_metadata={"n": "0"},
+            last_metadata={"n": "2"})
+        saved = json.loads(json.dumps(shipper._report_to_state(report)))
+        assert shipper._report_from_state(origin, saved) == report
+
+    def test_recover_hands_each_record_read_to_on_record(
+            self, tmp_path, make_shipper):
+        write_archive(tmp_path / "a.events")
+        found = []
+        ship = make_shipper([("m", steps.MemoryCallback())], start=False)
+        assert ship.recover(str(tmp_path), is_archive,
+                            on_record=found.append) == 1
+        assert [(f[3], bytes(f[4])) for f in found] == RECORDS
+        assert [f[0] for f in found] == [0] + list(itertools.accumulate(
+            len(record.pack(*r)) for r in RECORDS[:-1]))
+
+    def test_damage_before_a_torn_tail_said_exactly_and_kept(
+            self, tmp_path, make_shipper, monkeypatch, caplog):
+        path = write_archive(tmp_path / "a.events")
+        with open(path, "r+b") as f:
+            f.write(b"XXXX")  # the first record's marker
+        whole = os.path.getsize(path)
+        with open(path, "ab") as f:
+            f.write(b"\x00garbage")
+        copy = str(tmp_path / "copy")
+        shutil.copyfile(path, copy)
+        damage, tail = archive.inspect_file(copy, quiet=True).skipped
+        os.unlink(copy)
+        inspected = count_inspections(monkeypatch)
+        seen = []
+        ship = make_shipper([("swift", Reports(seen))], start=False)
+        with caplog.at_level(logging.WARNING, logger="shoebox_worker"):
+            assert ship.recover(str(tmp_path), is_archive) == 1
+        assert inspected == [path]  # read once, for the cut too
+        assert [r.getMessage() for r in caplog.records] == [
+            "%s: skipped bytes %d-%d: %s" % (path, damage.start, damage.end,
+                                             damage.reason),
+            "%s: cut a torn tail of 8 bytes at offset %d (%s: a record "
+            "being written when the last run died; it was never acked)"
+            % (path, whole, tail.reason)]
+        ship.start()
+        assert ship.wait_idle(timeout=5)
+        ((_, report),) = seen
+        assert report.skipped == [archive.Skipped(path, damage.start,
+                                                  damage.end, damage.reason)]
+        assert (report.size, report.torn_offset) == (whole, None)
+        assert report.records == len(RECORDS) - 1
+
+    def test_an_archive_listed_as_done_does_not_stop_the_rest(
+            self, tmp_path, make_shipper):
+        done = write_archive(tmp_path / "a.events")
+        ship = make_shipper([])
+        ship.submit(done)
+        assert ship.wait_idle(timeout=5)
+        left = write_archive(tmp_path / "b.events")  # a killed run's
+        memory = steps.MemoryCallback()
+        again = make_shipper([("m", memory)])
+        assert again.recover(str(tmp_path), is_archive) == 1
+        assert again.wait_idle(timeout=5)
+        assert memory.events == [("close", left)]
+
+    def test_a_recovered_archive_is_unlocked_once_handed_over(
+            self, tmp_path, make_shipper):
+        # its lock, taken by recover, goes with submit (not left open
+        # for the life of the process: one descriptor per archive)
+        path = write_archive(tmp_path / "a.events")
+        ship = make_shipper([("m", steps.MemoryCallback())], start=False)
+        assert ship.recover(str(tmp_path), is_archive) == 1
+        other = files.FileLock.try_acquire(path, create=False)
+        assert other is not None
+        other.release()
+
+    def test_an_archive_unreadable_at_recovery_is_shipped_as_it_is(
+            self, tmp_path, make_shipper, monkeypatch, caplog):
+        path = write_archive(tmp_path / "a.events")
+
+        def fail(path, **kwargs):
+            raise OSError("unreadable")
+
+        monkeypatch.setattr(archive, "inspect_file", fail)
+        seen = []
+        ship = make_shipper([("swift", Reports(seen))])
+        with caplog.at_level(logging.ERROR, logger="shoebox_worker"):
+            assert ship.recover(str(tmp_path), is_archive) == 1
+        assert [r.getMessage() for r in caplog.records] == [
+            "%s: cannot read it for its report (unreadable); shipping it "
+            "as it is" % path]
+        assert ship.wait_idle(timeout=5)
+        assert seen == [(path, None)]
+
+    def test_an_unexpected_error_is_retried_after_its_backoff(
+            self, tmp_path, monkeypatch):
+        # _run's retry of an error that is no CallbackError (attempts
+        # counted there first)
+        path = str(tmp_path / "a.events")
+        ship = shipper.Shipper(callbacks.CallbackChain([]), 1.0, 300.0)
+        job = shipper._Job(path, path, 0, None)
+        monkeypatch.setattr(shipper.time, "monotonic", lambda: 1000.0)
+        for attempts, base in ((1, 1.0), (3, 4.0)):
+            job.attempts = attempts
+            ship._retry(job)
+            ((due, _, queued),) = ship._heap
+            assert queued is job
+            assert 1000.0 + 0.75 * base <= due <= 1000.0 + base
+            ship._heap.clear()
+
+    def test_an_unexpected_error_does_not_end_the_thread(
+            self, tmp_path, make_shipper, caplog):
+        class Breaks(Stats):
+            def callback_done(self, name, seconds):
+                if len(self.done) < 2:
+                    self.done.append("broke")
+                    raise RuntimeError("stats broke")
+                super().callback_done(name, seconds)
+
+        path = write_archive(tmp_path / "a.events")
+        memory = steps.MemoryCallback()
+        stats = Breaks()
+        ship = make_shipper([("m", memory)], stats=stats)
+        with caplog.at_level(logging.DEBUG, logger="shoebox_worker"):
+            ship.submit(path)
+            assert ship.wait_idle(timeout=5)
+        assert ship._thread.is_alive()
+        assert memory.events == [("close", path)] * 3  # run again
+        assert stats.done == ["broke", "broke", "m"]
+        lines = [r for r in caplog.records
+                 if r.getMessage().startswith("unexpected")]
+        # a traceback once, then a line at DEBUG per retry
+        assert [(r.levelno, r.getMessage(), bool(r.exc_info))
+                for r in lines] == [
+            (logging.ERROR, "unexpected error shipping %s" % path, True),
+            (logging.DEBUG, "unexpected error shipping %s again (attempt "
+             "2): stats broke" % path, False)]
+
+    def test_a_retried_step_does_not_write_its_state_again(
+            self, tmp_path, make_shipper):
+        path = write_archive(tmp_path / "a.events")
+        inodes = []
+
+        class Fails(callbacks.ArchiveCallback):
+            def on_close(self, filename):
+                inodes.append(os.stat(filename + shipper.STATE_SUFFIX).st_ino)
+                if len(inodes) < 3:
+                    raise OSError("no")
+                return filename
+
+        ship = make_shipper([("fails", Fails())], start=False)
+        ship.submit(path)
+        written = os.stat(path + shipper.STATE_SUFFIX).st_ino
+        ship.start()
+        assert ship.wait_idle(timeout=5)
+        assert inodes == [written] * 3  # replaced by no retry
+
+    def test_failing_archives_counted_by_kind_since_the_oldest(
+            self, tmp_path):
+        seen = []
+
+        class Failing:
+            def failing(self, by_kind):
+                seen.append(by_kind)
+
+        ship = shipper.Shipper(callbacks.CallbackChain([]), stats=Failing())
+        for name, since, permanent in (("a", None, False),
+                                       ("b", 50.0, False),
+                                       ("c", 20.0, False),
+                                       ("d", 30.0, True),
+                                       ("e", 40.0, False)):
+            path = str(tmp_path / name)
+            job = ship._jobs[path] = shipper._Job(path, path, 0, None)
+            job.failing_since, job.permanent = since, permanent
+        ship._report_failing()
+        assert seen == [{"transient": (3, 20.0), "permanent": (1, 30.0)}]
+
+    @staticmethod
+    def capped_lines(caplog):
+        return [r.getMessage() for r in caplog.records
+                if r.levelno == logging.WARNING]
+
+    def test_capped_said_when_a_permanent_failure_joins_the_failing(
+            self, tmp_path, make_shipper, monkeypatch, caplog):
+        a, b = (write_archive(tmp_path / name)
+                for name in ("a.events", "b.events"))
+        ship = make_shipper([("upload", steps.MemoryCallback())],
+                            retry_initial=1.0, retry_max=300.0, start=False)
+        jobs = [shipper._Job(path, path, 0, files.FileLock(
+            path + shipper.STATE_SUFFIX)) for path in (a, b)]
+        with caplog.at_level(logging.WARNING, logger="shoebox_worker"):
+            self.fail_at(ship, jobs[0], monkeypatch, 100.0)  # transient
+            exc = exceptions.CallbackError("key refused", callback="upload",
+                                           filename=b, permanent=True)
+            monkeypatch.setattr(shipper.time, "monotonic", lambda: 130.0)
+            ship._failed(jobs[1], "upload", exc)
+        # the permanent kind is new to the step: said, and this archive
+        # retries at retry_max from now on: named
+        assert self.capped_lines(caplog) == [
+            shipper.W_CAPPED % (b, "upload", 1, "0 s", 300.0, exc)]
+        for job in jobs:
+            job.lock.release()
+
+    def test_capped_said_again_at_its_interval_with_how_long(
+            self, tmp_path, make_shipper, monkeypatch, caplog):
+        path = write_archive(tmp_path / "a.events")
+        ship = make_shipper([("upload", steps.MemoryCallback())],
+                            retry_initial=1.0, retry_max=1.0, start=False)
+        job = shipper._Job(path, path, 0, files.FileLock(
+            path + shipper.STATE_SUFFIX))
+        with caplog.at_level(logging.WARNING, logger="shoebox_worker"):
+            for now in (100.0, 130.0, 189.0, 190.0):
+                self.fail_at(ship, job, monkeypatch, now)
+        exc = exceptions.CallbackError("refused", callback="upload",
+                                       filename=path)
+        # capped from the first failure (its E_FAILED says it), then at
+        # most every CAPPED_LOG_INTERVAL, at exactly that interval too
+        assert shipper.CAPPED_LOG_INTERVAL == 60.0
+        assert self.capped_lines(caplog) == [
+            shipper.W_CAPPED % (path, "upload", 2, "30 s", 1.0, exc),
+            shipper.W_CAPPED % (path, "upload", 4, "90 s", 1.0, exc)]
+        job.lock.release()
+
+    def test_after_a_success_failures_count_and_are_said_afresh(
+            self, tmp_path, make_shipper, monkeypatch, caplog):
+        path = write_archive(tmp_path / "a.events")
+        ship = make_shipper([("upload", steps.MemoryCallback())],
+                            retry_initial=1.0, retry_max=1.0, start=False)
+        job = shipper._Job(path, path, 0, files.FileLock(
+            path + shipper.STATE_SUFFIX))
+        with caplog.at_level(logging.INFO, logger="shoebox_worker"):
+            self.fail_at(ship, job, monkeypatch, 100.0)
+            self.fail_at(ship, job, monkeypatch, 110.0)  # capped: said
+            ship._worked(job, "upload")  # at 110.0
+            self.fail_at(ship, job, monkeypatch, 130.0)
+            self.fail_at(ship, job, monkeypatch, 140.0)  # said again
+        exc = exceptions.CallbackError("refused", callback="upload",
+                                       filename=path)
+        lines = [r.getMessage() for r in caplog.records]
+        assert [line.partition("retrying in ")[0] for line in lines] == [
+            "%s (attempt 1; " % exc,
+            shipper.W_CAPPED % (path, "upload", 2, "10 s", 1.0, exc),
+            "callback upload works again, after 2 failed attempts in 10 s",
+            "%s (attempt 1; " % exc,
+            shipper.W_CAPPED % (path, "upload", 2, "10 s", 1.0, exc)]
+        job.lock.release()
+
+    def test_a_done_list_that_does_not_parse_is_said_and_shipped_again(
+            self, tmp_path, make_shipper, caplog):
+        path = write_archive(tmp_path / "a.events")
+        done = tmp_path / shipper.DONE_FILE
+        done.write_text("{")
+        try:
+            json.loads("{")
+        except ValueError as exc:
+            reason = str(exc)
+        memory = steps.MemoryCallback()
+        ship = make_shipper([("m", memory)])
+        with caplog.at_level(logging.WARNING, logger="shoebox_worker"):
+            assert ship.recover(str(tmp_path), is_archive) == 1
+        assert ship.wait_idle(timeout=5)
+        assert memory.events == [("close", path)]
+        assert caplog.records[0].getMessage() == (
+            "%s does not parse (%s): archives it listed as shipped are "
+            "shipped again" % (done, reason))
+
+    def test_since_given_is_the_age_of_the_backlog(self, tmp_path,
+                                                   make_shipper):
+        path = write_archive(tmp_path / "a.events")
+        ship = make_shipper([("m", steps.MemoryCallback())], start=False)
+        since = time.time() - 3600  # the oldest record, an hour ago
+        ship.submit(path, since=since)
+        assert 3600 <= ship.backlog[2] < 3660
+
+    def test_stop_between_steps_leaves_the_rest_queued_quietly(
+            self, tmp_path, make_shipper, caplog):
+        first, second = (write_archive(tmp_path / name)
+                         for name in ("a.events", "b.events"))
+        block = Blocking()
+        memory = steps.MemoryCallback()
+        ship = make_shipper([("block", block), ("m", memory)])
+        with caplog.at_level(logging.INFO, logger="shoebox_worker"):
+            ship.submit(first)
+            assert block.entered.wait(5)
+            ship.submit(second)  # queued behind it
+            stopping = threading.Thread(target=ship.stop, args=(10,))
+            stopping.start()
+            with ship._cond:
+                assert ship._cond.wait_for(lambda: ship._stopping, 5)
+            block.release.set()
+            stopping.join(10)
+        assert not ship._thread.is_alive()
+        assert memory.events == []  # nothing after the step that ran
+        assert ship.pending() == 2  # their state files resume them
+        assert all(os.path.exists(p + shipper.STATE_SUFFIX)
+                   for p in (first, second))
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert caplog.records[-1].getMessage() == (
+            "2 archive(s) not shipped yet; the next start resumes them")
+
+    def test_stats_get_the_seconds_each_step_took(self, tmp_path,
+                                                  make_shipper):
+        class Timed(Stats):
+            def callback_done(self, name, seconds):
+                self.done.append((name, seconds))
+
+        class Slow(callbacks.ArchiveCallback):
+            def on_close(self, filename):
+                time.sleep(0.05)
+                return filename
+
+        stats = Timed()
+        ship = make_shipper([("slow", Slow())], stats=stats)
+        ship.submit(write_archive(tmp_path / "a.events"))
+        assert ship.wait_idle(timeout=5)
+        ((name, seconds),) = stats.done
+        assert name == "slow" and 0.05 <= seconds < 5
+
+    def test_shipped_said_with_where_the_archive_is_now(
+            self, tmp_path, make_shipper, caplog):
+        stays, moved = (write_archive(tmp_path / name)
+                        for name in ("a.events", "b.events"))
+        ship = make_shipper([])
+        gzipped = make_shipper([("gzip", steps.GzipCallback())])
+        with caplog.at_level(logging.INFO, logger="shoebox_worker"):
+            ship.submit(stays)
+            gzipped.submit(moved)
+            for each in (ship, gzipped):
+                assert each.wait_idle(timeout=5)
+                each.stop(5)  # the line comes after the job is gone
+        assert sorted(r.getMessage() for r in caplog.records
+                      if r.getMessage().startswith("shipped ")) == [
+            "shipped %s" % stays, "shipped %s (now %s.gz)" % (moved, moved)]
+
+    def test_a_listed_name_whose_file_is_gone_resumes_its_state(
+            self, tmp_path, make_shipper):
+        # a.events was shipped and listed; a new a.events of that name
+        # was gzipped by its step when the worker died: the list's stale
+        # entry must not end the new archive's state
+        path = write_archive(tmp_path / "a.events")
+        ship = make_shipper([])
+        ship.submit(path)
+        assert ship.wait_idle(timeout=5)
+        os.unlink(path)
+        write_archive(path, RECORDS[:2])
+        with open(path, "rb") as src, gzip.open(path + ".gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.unlink(path)
+        with open(path + shipper.STATE_SUFFIX, "w") as f:
+            json.dump({"path": path + ".gz", "step": 1,
+                       "chain": ["gzip", "m"]}, f)
+        memory = steps.MemoryCallback()
+        again = make_shipper([("gzip", steps.GzipCallback()), ("m", memory)])
+        assert again.recover(str(tmp_path), is_archive) == 1
+        assert again.wait_idle(timeout=5)
+        assert memory.events == [("close", path + ".gz")]
+
+    def test_archives_due_at_one_instant_go_in_the_order_queued(
+            self, tmp_path, make_shipper, monkeypatch):
+        paths = [write_archive(tmp_path / ("%d.events" % i))
+                 for i in range(3)]
+        ship = make_shipper([("m", steps.MemoryCallback())], start=False)
+        monkeypatch.setattr(shipper.time, "monotonic", lambda: 1000.0)
+        for path in paths:
+            ship.submit(path)
+        assert [ship._next().origin for _ in paths] == paths
+        ship._busy = None
+
+    def test_stop_closes_each_callback_once_even_after_a_failing_close(
+            self, tmp_path, make_shipper, caplog):
+        closed = []
+
+        class Closes(callbacks.ArchiveCallback):
+            def __init__(self, name, fails=False):
+                self.name, self.fails = name, fails
+
+            def on_close(self, filename):
+                return filename
+
+            def close(self):
+                closed.append(self.name)
+                if self.fails:
+                    raise OSError("pool gone")
+
+        ship = make_shipper([("a", Closes("a", fails=True)),
+                             ("b", Closes("b")),
+                             ("plain", steps.MemoryCallback())])
+        with caplog.at_level(logging.WARNING, logger="shoebox_worker"):
+            ship.stop(5)
+        assert closed == ["a", "b"]
+        (line,) = caplog.records
+        assert line.getMessage() == "closing callback a failed"
+        assert line.exc_info
+
+    def test_stop_leaves_a_stuck_step_after_its_timeout(
+            self, tmp_path, make_shipper, caplog):
+        closed = []
+
+        class Stuck(Blocking):
+            def close(self):
+                closed.append(True)
+
+        step = Stuck()
+        ship = make_shipper([("stuck", step)])
+        ship.submit(write_archive(tmp_path / "a.events"))
+        assert step.entered.wait(5)
+        started = time.monotonic()
+        with caplog.at_level(logging.INFO, logger="shoebox_worker"):
+            ship.stop(0.2)
+        assert 0.2 <= time.monotonic() - started < 5
+        assert closed == []  # not under a step that still runs
+        assert [r.getMessage() for r in caplog.records] == [
+            "shipping step still running after 0 s; its state file resumes "
+            "it next start",
+            "1 archive(s) not shipped yet; the next start resumes them"]
+        step.release.set()
+        ship._thread.join(5)
+
+    def test_reports_that_cannot_be_had_are_said(self, tmp_path,
+                                                 monkeypatch, caplog):
+        origin = str(tmp_path / "a.events")
+
+        def fail(path):
+            raise OSError("unreadable")
+
+        monkeypatch.setattr(archive, "inspect_file", fail)
+        with caplog.at_level(logging.WARNING, logger="shoebox_worker"):
+            assert shipper._report_from_state(origin,
+                                              {"records": "many"}) is None
+            assert shipper._inspect(origin) is None
+        assert [r.getMessage() for r in caplog.records] == [
+            "%s.ship: the saved archive report does not parse; it is read "
+            "again from the archive" % origin,
+            "%s: cannot read its records for a report: unreadable" % origin]
+
+    def test_what_recovery_finds_is_said_word_for_word(
+            self, tmp_path, make_shipper, caplog):
+        work, outside = tmp_path / "work", tmp_path / "outside"
+        work.mkdir()
+        outside.mkdir()
+        (outside / "x").write_bytes(b"not yours")
+        state_link = work / ("a.events" + shipper.STATE_SUFFIX)
+        os.symlink(outside / "x", state_link)
+        archive_link = work / "b.events"
+        os.symlink(outside / "x", archive_link)
+        (work / "c.events").write_bytes(b"")
+        left = write_archive(work / "d.events")
+        moved = write_archive(work / "e.events.gz")  # the step's output
+        state = work / ("e.events" + shipper.STATE_SUFFIX)
+        state.write_text(json.dumps({"path": str(work / "e.events"),
+                                     "step": 0, "output": moved,
+                                     "chain": ["gzip", "m"]}))
+        changed = write_archive(work / "f.events")
+        with open(changed + shipper.STATE_SUFFIX, "w") as f:
+            json.dump({"path": changed, "step": 1, "chain": ["old"]}, f)
+        ship = make_shipper([("gzip", steps.GzipCallback()),
+                             ("m", steps.MemoryCallback())], start=False)
+        with caplog.at_level(logging.INFO, logger="shoebox_worker"):
+            assert ship.recover(str(work), is_archive) == 3
+        assert [r.getMessage() for r in caplog.records] == [
+            shipper.E_NOT_REGULAR % state_link,
+            "%s: step 0 (gzip) had left it at %s; going on"
+            % (work / "e.events", moved),
+            "resuming shipping of %s at step 1 of 2" % moved,
+            "%s: the callback chain changed since it was started (['old'], "
+            "now ['gzip', 'm']); running the new chain from its first step"
+            % changed,
+            "resuming shipping of %s at step 0 of 2" % changed,
+            shipper.E_NOT_REGULAR % archive_link,
+            "removing empty archive %s left by a killed run"
+            % (work / "c.events"),
+            "shipping %s, left by a previous run" % left]
 
 
 class TestSettleWaits:
