@@ -563,6 +563,50 @@ class TestSalvage:
                 next(walker)
             assert info.value.offset == len(good)
 
+    def test_memory_running_out_while_resyncing_says_where(self):
+        # the error comes from a read of _skip's scan, past _next's own
+        # offset: the offset is where the scan had got to, in the bytes read
+        class Scarce(_Trickle):
+            def read1(self, size=-1):
+                if self.pos >= len(good) + 120:
+                    raise MemoryError
+                return super().read1(size)
+
+        good = record.pack({"n": "1"}, b"one")
+        data = good + b"\x01" + b"x" * 400 + good
+        stream = Scarce(data, 40)
+        walker = record.walk(stream, salvage=True, chunk_size=40)
+        assert next(walker)[4] == b"one"
+        with pytest.raises(exceptions.RecordError,
+                           match="more than this process can hold") as info:
+            next(walker)
+        # where the scan had got to: the bytes read but the last 3 it keeps
+        # (a marker may straddle two reads)
+        assert info.value.offset == stream.pos - 3 > len(good)
+        assert "offset %d" % info.value.offset in str(info.value)
+
+    def test_memory_running_out_passing_a_damaged_record_says_where(self):
+        # a record refuted by its first bytes while still in the buffer
+        # (no read, so no rebase); passing the range its header claims
+        # then reads, and memory runs out there: the offset is where
+        # reading stopped, the end of the bytes read
+        class Scarce(_Trickle):
+            def read1(self, size=-1):
+                if self.pos >= 100:
+                    raise MemoryError
+                return super().read1(size)
+
+        good = record.pack({"n": "1"}, b"one")
+        forged = v2_header(8, 1 << 20) + struct.pack("<ii", -4, 0)
+        data = good + forged + bytes(200)
+        stream = Scarce(data, 100)
+        walker = record.walk(stream, salvage=True, chunk_size=100)
+        assert next(walker)[4] == b"one"
+        with pytest.raises(exceptions.RecordError,
+                           match="more than this process can hold") as info:
+            next(walker)
+        assert info.value.offset == stream.pos == 100
+
 
 class _Zeros(io.RawIOBase):
     """An endless stream of zeros (a decompression bomb), counting."""
