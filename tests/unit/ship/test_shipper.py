@@ -1909,3 +1909,22 @@ class TestIndex:
         assert not os.path.exists(gone)
         assert not leftover.exists()
         assert os.path.exists(kept)
+
+
+def test_the_done_stamp_is_the_lists_own_not_its_folders(tmp_path):
+    # recover looks at the done list again when its stamp changed; a list
+    # replaced within one tick of the folder's coarse clock leaves the
+    # folder looking unchanged, the list's new inode does not
+    folder = str(tmp_path)
+    done = os.path.join(folder, shipper.DONE_FILE)
+    with open(done, "w") as f:
+        f.write("{}")
+    before = shipper._done_stamp(folder)
+    folder_times = os.stat(folder)
+    with open(done + ".tmp", "w") as f:
+        f.write('{"x.events": [1, 2, 3]}')
+    os.replace(done + ".tmp", done)
+    os.utime(folder, ns=(folder_times.st_atime_ns, folder_times.st_mtime_ns))
+    assert shipper._done_stamp(folder) != before
+    os.unlink(done)
+    assert shipper._done_stamp(folder) is None
