@@ -335,8 +335,8 @@ def test_ctrl_c_twice_to_the_group_still_ships_in_the_grace(
                    if name.endswith(".events")), (left, said)
         return
     assert "stopping now" not in text, said
-    assert all(name.endswith(".events.gz") or name == ".finished.ship"
-               for name in left), (left, said)
+    assert all(name.endswith((".events.gz", ".events.gz.index"))
+               or name == ".finished.ship" for name in left), (left, said)
 
 
 def _unacked(ft, queue):
