@@ -28,7 +28,10 @@ index GETs, HEADs and listings apart. Two measurements, best of ROUNDS:
    archives: bytes against the baseline's (<= 5 %), and time (>= 10x
    faster); the two outputs must hold the same lines. Then the index
    GETs alone are timed (``--jobs`` at a time, as ``cat`` prunes): the
-   floor of a read pruned by per-archive indexes.
+   floor of a read pruned by per-archive indexes. Last, ``index-bundle``
+   puts the indexes into one object (timed apart: a cron job's work, not
+   the reader's) and the same ``--where`` is measured again, against
+   reading every archive: one bundle GET instead of ARCHIVES index GETs.
 
 The containers are deleted at the end. Usage::
 
@@ -143,7 +146,8 @@ def local_records(paths):
 class ProxyLog:
     """The requests the proxy logged for some containers since
     :meth:`mark`: ``{kind: [requests, bytes sent]}``, kinds ``get``
-    (archives), ``index`` (``.index`` GETs), ``head``, ``listing``."""
+    (archives), ``index`` (``.index`` GETs), ``bundle`` (index bundle
+    GETs), ``head``, ``listing``."""
 
     def __init__(self, path):
         self.path = path
@@ -176,6 +180,8 @@ class ProxyLog:
                 kind = "listing"
             elif parts[4].endswith(index.SUFFIX):
                 kind = "index"
+            elif parts[4].endswith(index.BUNDLE_SUFFIX):
+                kind = "bundle"
             else:
                 kind = "get"
             counts[kind][0] += 1
@@ -421,6 +427,30 @@ def bench_where(args, log, scratch, containers):
     print("   of which the %d index GETs alone (in this process, --jobs %d "
           "at a time): %.2f s, %.1f ms each" % (
               args.archives, args.jobs, floor, 1e3 * floor / args.archives))
+    bundled = time.perf_counter()
+    made = subprocess.run(
+        [WORKER, "index-bundle", "--jobs", str(args.jobs),
+         "swift://" + indexed], stdin=subprocess.DEVNULL,
+        capture_output=True, text=True)
+    bundled = time.perf_counter() - bundled
+    if made.returncode != 0:
+        raise SystemExit("index-bundle failed: %s" % made.stderr[-2000:])
+    t_bun, out_bun, bun = measured(where + ["swift://" + indexed], log,
+                                   {indexed})
+    if sorted(out_bun.splitlines()) != sorted(lines_all):
+        raise SystemExit("cat --where printed %d lines with the bundle, %d "
+                         "reading every archive" % (
+                             len(out_bun.splitlines()), len(lines_all)))
+    b_bun = best(where + ["swift://" + indexed], args.rounds)
+    speedup = b_all / b_bun
+    print("   index-bundle (setup, once): %.2f s: %s" % (
+        bundled, made.stdout.strip()))
+    print("   requests, bundle:     %s" % describe(bun))
+    print("   time: every archive %.2f s, with the bundle %.2f s: %.1fx "
+          "faster  %s  (per-archive indexes: %.1fx; first run %.2f s)" % (
+              b_all, b_bun, speedup,
+              "PASS" if speedup >= GOAL_SPEEDUP else "MISS",
+              b_all / b_idx, t_bun))
 
 
 def index_gets(container, jobs):

@@ -50,6 +50,23 @@ time order.
 Readers refuse any other version, magic or checksum
 (:class:`~shoebox_worker.exceptions.IndexError_`, one line); a new
 version gets a new number, and readers of this one stay.
+
+**Bundles.** One object holding the indexes of many archive objects
+(``shoebox-worker index-bundle`` writes it, :data:`BUNDLE_SUFFIX`), so
+that a reader GETs one object instead of one index per archive
+(:class:`Bundle`, :func:`build_bundle`; docs/format.md "Index
+bundles")::
+
+    4 bytes  magic  b"SBXB"
+    uint8    version (1)
+    uint8    0 (reserved)
+    uint32   N, the number of entries
+    N times:
+        uint16   the archive object's name (UTF-8), its length first
+        uint8    its ETag as the listing gives it (``hash``, ASCII),
+                 its length first
+        uint32   its index's bytes as uploaded, their length first
+    uint32   CRC-32 (zlib) of every byte before it
 """
 
 import hashlib
@@ -67,9 +84,12 @@ from shoebox_worker import timestamps
 __all__ = [
     "DEFAULT_FIELDS",
     "SUFFIX",
+    "BUNDLE_SUFFIX",
     "Builder",
+    "Bundle",
     "Index",
     "build",
+    "build_bundle",
     "lookup",
     "looks_like_index",
     "read_file",
@@ -98,6 +118,10 @@ SUFFIX = ".index"
 #: The format version written (and the only one read).
 VERSION = 1
 MAGIC = b"SBXI"
+#: A bundle of the archives under ``PREFIX`` is ``PREFIX`` + this.
+BUNDLE_SUFFIX = ".shoebox-index-bundle"
+BUNDLE_VERSION = 1
+BUNDLE_MAGIC = b"SBXB"
 #: Filter bits per distinct value, and hash functions: with 15 and 3 a
 #: filter answers "may contain" for 0.61 % of absent values (10 and 7 would
 #: give 0.82 % in two thirds of the bytes, but cost the worker more than
@@ -113,6 +137,7 @@ MIN_BITS = 64
 MAX_FALSE_POSITIVES = 0.009
 
 _HEAD = struct.Struct("<4sBBHQ")
+_BUNDLE_HEAD = struct.Struct("<4sBBI")
 _FIELD = struct.Struct("<IBI")
 _U8 = struct.Struct("<B")
 _U16 = struct.Struct("<H")
@@ -614,3 +639,87 @@ def read_file(path):
     """
     with open(path, "rb") as f:
         return Index.from_bytes(f.read(), os.fspath(path))
+
+
+# -- bundles ----------------------------------------------------------------
+
+def build_bundle(entries):
+    """The bytes of a bundle of ``entries``: ``(archive object name, its
+    listing hash, its index bytes)``."""
+    entries = list(entries)
+    parts = [_BUNDLE_HEAD.pack(BUNDLE_MAGIC, BUNDLE_VERSION, 0,
+                               len(entries))]
+    for name, etag, data in entries:
+        data = bytes(data)
+        parts += [_text(name, _U16), _text(etag), _U32.pack(len(data)), data]
+    body = b"".join(parts)
+    return body + _U32.pack(zlib.crc32(body))
+
+
+class Bundle:
+    """A parsed bundle (:meth:`from_bytes`).
+
+    :ivar entries: ``{(archive object name, listing hash): index bytes}``.
+    """
+
+    def __init__(self, entries):
+        self.entries = entries
+
+    def index_of(self, name, etag):
+        """The index bytes of the archive object ``name`` when the bundle
+        has it with this ``etag`` (else None: not bundled, or the object
+        was replaced since)."""
+        return self.entries.get((name, etag))
+
+    @classmethod
+    def from_bytes(cls, data, name="bundle"):
+        """Parse a bundle.
+
+        :param name: what the error names.
+        :raises IndexError_: not a bundle of a known version, cut short,
+            or damaged.
+        """
+        data = bytes(data)
+        if len(data) < _BUNDLE_HEAD.size + 4 or data[:4] != BUNDLE_MAGIC:
+            raise exceptions.IndexError_("%s: not a shoebox index bundle "
+                                         "(no %r magic)" % (name,
+                                                            BUNDLE_MAGIC))
+        if data[4] != BUNDLE_VERSION:
+            raise exceptions.IndexError_(
+                "%s: index bundle format version %d; this reader knows %d"
+                % (name, data[4], BUNDLE_VERSION))
+        body, (crc,) = data[:-4], _U32.unpack_from(data, len(data) - 4)
+        if zlib.crc32(body) != crc:
+            raise exceptions.IndexError_("%s: damaged index bundle "
+                                         "(checksum mismatch)" % (name,))
+        try:
+            return cls(_parse_bundle(body))
+        except (struct.error, UnicodeDecodeError, ValueError) as exc:
+            raise exceptions.IndexError_("%s: malformed index bundle (%s)"
+                                         % (name, exc)) from None
+
+    def __len__(self):
+        return len(self.entries)
+
+
+def _parse_bundle(body):
+    (_, _, _, count) = _BUNDLE_HEAD.unpack_from(body, 0)
+    pos = _BUNDLE_HEAD.size
+    entries = {}
+
+    def field(size_of):
+        nonlocal pos
+        (length,) = size_of.unpack_from(body, pos)
+        pos += size_of.size
+        if pos + length > len(body):
+            raise ValueError("a length past the end")
+        pos += length
+        return body[pos - length:pos]
+
+    for _ in range(count):
+        name = field(_U16).decode("utf-8")
+        etag = field(_U8).decode("ascii")
+        entries[(name, etag)] = field(_U32)
+    if pos != len(body):
+        raise ValueError("%d bytes after the last entry" % (len(body) - pos))
+    return entries

@@ -11,6 +11,8 @@ They are subcommands of ``shoebox-worker`` (``cli`` calls
     swift://CONTAINER[/PREFIX])
     shoebox-worker export --format jsonl|parquet --out DIR [SELECTION] PATH...
     shoebox-worker generate [--config FILE] --count N [--seed N [--start T]]
+    shoebox-worker index-bundle [--config FILE] [--jobs N]
+                                swift://CONTAINER[/PREFIX]
 
 ``replay`` and ``generate`` take the broker URL from ``--config FILE``'s
 ``[broker] url``, else from ``$SHOEBOX_BROKER_URL``
@@ -45,7 +47,7 @@ from shoebox_worker.tools import select
 from shoebox_worker.tools import sources
 
 __all__ = ["add_commands", "parse_time", "run_export", "run_generate",
-           "run_replay"]
+           "run_index_bundle", "run_replay"]
 
 
 # The broker's modules (kombu, amqp) are imported by the commands that
@@ -61,6 +63,12 @@ def run_export(args):
     """``export``: :func:`shoebox_worker.tools.export.cmd_export`."""
     from shoebox_worker.tools import export
     return export.cmd_export(args)
+
+
+def run_index_bundle(args):
+    """``index-bundle``: :func:`.bundle.cmd_index_bundle`."""
+    from shoebox_worker.tools import bundle
+    return bundle.cmd_index_bundle(args)
 
 
 def run_generate(args):
@@ -218,6 +226,20 @@ def add_commands(subparsers):
     _add_sources(export)
     export.add_argument("paths", nargs="+", metavar="PATH", help=paths_help)
     export.set_defaults(func=run_export)
+
+    bundle = subparsers.add_parser(
+        "index-bundle", help="put the indexes of the archives under a Swift "
+                             "prefix into one object",
+        description="GET the index objects of the archives under PREFIX "
+                    "and PUT them as one object, PREFIX.shoebox-index-bundle "
+                    "(replacing an older one), so that a read pruned by "
+                    "--where or --since/--until makes one GET instead of one "
+                    "per archive. Archives replaced or added since are read "
+                    "through their own index. Run it again (e.g. daily from "
+                    "cron) once a prefix has its archives.")
+    _add_sources(bundle)
+    bundle.add_argument("spec", metavar="swift://CONTAINER[/PREFIX]")
+    bundle.set_defaults(func=run_index_bundle)
 
     generate = subparsers.add_parser(
         "generate", help="publish synthetic nova notifications",

@@ -140,8 +140,11 @@ def find_items(args, selection=None):
         range and index, read ``--jobs`` at a time: see docs/reading.md).
     """
     swift = sources.Swift(config_file=getattr(args, "config", None))
-    items = sources.find(args.paths, swift=swift, jobs=args.jobs)
-    if selection is None or not (selection.windowed or selection.exact):
+    pruned = selection is not None and bool(selection.windowed
+                                            or selection.exact)
+    items = sources.find(args.paths, swift=swift, jobs=args.jobs,
+                         indexes=pruned and selection.load_index is not None)
+    if not pruned:
         return items
     return sources.keep_where(
         items, functools.partial(_may_hold, selection), args.jobs)

@@ -9,7 +9,9 @@ being downloaded, each into a bounded buffer.
 
 **What a listing holds.** The whole listing (paged by swiftclient) of the
 container under the prefix, less what is never an archive: ``<object>.index``
-(paired with its archive as :attr:`Item.index_name`), the segments of a
+(paired with its archive as :attr:`Item.index_name`), index bundles
+(``<prefix>.shoebox-index-bundle``, ``shoebox-worker index-bundle``), the
+segments of a
 Static Large Object (``<object>/<size>/<segment_size>/<index>``, the names
 :mod:`shoebox_worker.ship.swift` gives them, wherever they are), directory
 markers and empty objects. Whether the rest are archives is found out by
@@ -18,6 +20,15 @@ name): a listed object whose first bytes hold no record is skipped, as a
 directory walk skips such a file; an object named by the spec itself is
 always read, and one that is not an archive is an error. A PREFIX that is
 the name of an object reads that object alone.
+
+**Index bundles.** When the indexes will be read (``find(...,
+indexes=True)``: a pruned read), the bundles in the listing are fetched
+(a GET each, ``jobs`` at a time) and an archive whose name and listing
+``hash`` (its ETag) a bundle holds takes its index from there, with no
+GET of its own ``.index``. An entry whose hash is not the listing's (the
+archive object was replaced since) is ignored, and so is a damaged bundle
+(one line on stderr): those archives' own indexes are read, as are those
+of archives no bundle holds.
 
 **Write order.** Objects are ordered as :func:`roll_manager.sort_written_order`
 orders files: by the time Swift last wrote them (the listing's
@@ -59,9 +70,11 @@ import logging
 import os
 import queue
 import re
+import sys
 import threading
 
 from shoebox_worker import compression
+from shoebox_worker import exceptions
 from shoebox_worker import index as archive_index
 from shoebox_worker import plugins
 from shoebox_worker import record
@@ -199,7 +212,8 @@ class SwiftItem(Item):
     over the download :func:`read_ahead` started for it)."""
 
     def __init__(self, swift, container, obj, *, size=None,
-                 last_modified="", index_name=None, listed=False):
+                 last_modified="", index_name=None, index_data=None,
+                 listed=False):
         super().__init__("%s%s/%s" % (SCHEME, container, obj), size=size,
                          index_name=index_name, listed=listed,
                          salvage_to=os.path.basename(obj) + ".salvaged")
@@ -207,6 +221,7 @@ class SwiftItem(Item):
         self.container = container
         self.object = obj
         self.last_modified = last_modified
+        self._index_data = index_data  # from a bundle: no GET
         self._download = None  # started by read_ahead, not yet opened
 
     def open(self):
@@ -219,6 +234,10 @@ class SwiftItem(Item):
         return _ObjectStream(download)
 
     def read_index(self):
+        """The index from its bundle (:func:`load_bundles`), else from a
+        GET of its own ``.index`` object."""
+        if self._index_data is not None:
+            return self._index_data
         if self.index_name is None:
             return None
         try:
@@ -481,40 +500,83 @@ def _written_order_key(entry):
     return (entry.get("last_modified", ""), match, entry["name"])
 
 
-def _find_objects(swift, spec):
-    """The :class:`SwiftItem` objects of one ``swift://`` spec."""
+def is_archive_entry(entry):
+    """Whether a listing entry may be an archive: not an index, an index
+    bundle, an SLO segment, a directory marker nor an empty object."""
+    name = entry["name"]
+    return not (name.endswith((INDEX_SUFFIX, archive_index.BUNDLE_SUFFIX))
+                or _SEGMENT_NAME.search(name) or not entry.get("bytes")
+                or entry.get("content_type") == "application/directory")
+
+
+def _find_objects(swift, spec, indexes=False, jobs=DEFAULT_JOBS):
+    """The :class:`SwiftItem` objects of one ``swift://`` spec (with
+    ``indexes``, their indexes from the listing's bundles where those
+    have them: :func:`load_bundles`)."""
     container, prefix = parse_spec(spec)
     listing = swift.list(container, prefix)
     names = {entry["name"] for entry in listing}
-    if prefix and prefix in names and not prefix.endswith(INDEX_SUFFIX):
+    if prefix and prefix in names and not prefix.endswith(
+            (INDEX_SUFFIX, archive_index.BUNDLE_SUFFIX)):
         # the spec names an object: that one alone
         entry = next(e for e in listing if e["name"] == prefix)
         index = prefix + INDEX_SUFFIX
         return [SwiftItem(swift, container, prefix, size=entry.get("bytes"),
                           last_modified=entry.get("last_modified", ""),
                           index_name=index if index in names else None)]
-    kept = []
-    for entry in listing:
-        name = entry["name"]
-        if (name.endswith(INDEX_SUFFIX) or _SEGMENT_NAME.search(name)
-                or not entry.get("bytes")
-                or entry.get("content_type") == "application/directory"):
-            continue
-        kept.append(entry)
+    kept = [entry for entry in listing if is_archive_entry(entry)]
     if not kept:
         raise ToolError("%s: no archives there%s" % (
             spec, "" if listing else " (no objects)"))
+    bundles = load_bundles(swift, container, listing, jobs) if indexes \
+        else {}
     items = []
     for entry in sorted(kept, key=_written_order_key):
         index = entry["name"] + INDEX_SUFFIX
+        bundled = bundles.get((entry["name"], entry.get("hash")))
         items.append(SwiftItem(
             swift, container, entry["name"], size=entry.get("bytes"),
             last_modified=entry.get("last_modified", ""),
-            index_name=index if index in names else None, listed=True))
+            index_name=index if index in names or bundled else None,
+            index_data=bundled, listed=True))
     return items
 
 
-def find(specs, *, swift=None, heads=False, jobs=DEFAULT_JOBS):
+def load_bundles(swift, container, listing, jobs=DEFAULT_JOBS):
+    """``{(archive object name, listing hash): index bytes}`` from the
+    index bundles in ``listing``, GET ``jobs`` at a time. A bundle that
+    cannot be read or is damaged is left out, with one line on stderr:
+    its archives' own indexes are read instead."""
+
+    def get(name):
+        try:
+            _, data = swift.connection().get_object(container, name)
+            return archive_index.Bundle.from_bytes(
+                data, SCHEME + container + "/" + name).entries
+        except exceptions.IndexError_ as exc:
+            problem = str(exc)
+        except Exception as exc:
+            problem = "%s%s/%s: %s" % (SCHEME, container, name,
+                                       _describe(exc))
+        print("shoebox-worker: warning: %s; reading the indexes of its "
+              "archives instead" % problem, file=sys.stderr, flush=True)
+        return {}
+
+    names = [entry["name"] for entry in listing
+             if entry["name"].endswith(archive_index.BUNDLE_SUFFIX)]
+    found = {}
+    if not names:
+        return found
+    with concurrent.futures.ThreadPoolExecutor(
+            max_workers=min(jobs, len(names)),
+            thread_name_prefix="shoebox-bundle") as pool:
+        for entries in pool.map(get, names):
+            found.update(entries)
+    return found
+
+
+def find(specs, *, swift=None, heads=False, jobs=DEFAULT_JOBS,
+         indexes=False):
     """The archives the specs name, in write order (see the module
     documentation).
 
@@ -523,6 +585,8 @@ def find(specs, *, swift=None, heads=False, jobs=DEFAULT_JOBS):
         when a spec needs it.
     :param heads: HEAD each object (``jobs`` at a time) to fill
         :attr:`Item.meta`.
+    :param indexes: the indexes will be read: take them from the index
+        bundles of each listing where they have them (:func:`load_bundles`).
     :raises ToolError: a path that does not exist, a directory or a
         listing without archives, a container that cannot be listed,
         credentials that cannot work (one line each).
@@ -532,7 +596,7 @@ def find(specs, *, swift=None, heads=False, jobs=DEFAULT_JOBS):
         if spec.startswith(SCHEME):
             if swift is None:
                 swift = Swift()
-            items.extend(_find_objects(swift, spec))
+            items.extend(_find_objects(swift, spec, indexes, jobs))
         else:
             items.extend(_find_files(spec))
     if heads:

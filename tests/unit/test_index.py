@@ -309,3 +309,49 @@ class TestFiles:
 
     def test_sidecar(self):
         assert index.sidecar("/w/x.events.gz") == "/w/x.events.gz.index"
+
+
+class TestBundle:
+    def entries(self):
+        first = index.build([({"timestamp": "2026-11-26 16:11:12.000000"},
+                              {"payload": {"instance_id": "i-1"}})])
+        second = index.build([({}, {"payload": {"instance_id": "i-2"}})])
+        return [("day/a.events.gz", "0123abcd", first),
+                ("day/b.events.gz", "4567ef01", second)]
+
+    def test_round_trip(self):
+        entries = self.entries()
+        bundle = index.Bundle.from_bytes(index.build_bundle(entries))
+        assert len(bundle) == 2
+        for name, etag, data in entries:
+            assert bundle.index_of(name, etag) == data
+        found = index.Index.from_bytes(
+            bundle.index_of("day/a.events.gz", "0123abcd"))
+        assert found.may_contain("payload.instance_id", "i-1")
+
+    def test_another_hash_is_not_the_archive_bundled(self):
+        bundle = index.Bundle.from_bytes(index.build_bundle(self.entries()))
+        assert bundle.index_of("day/a.events.gz", "4567ef01") is None
+        assert bundle.index_of("day/c.events.gz", "0123abcd") is None
+
+    def test_empty(self):
+        assert len(index.Bundle.from_bytes(index.build_bundle([]))) == 0
+
+    def test_damage_is_one_line_naming_it(self):
+        data = index.build_bundle(self.entries())
+        flipped = bytearray(data)
+        flipped[40] ^= 1
+        bad_version = data[:4] + b"\x02" + data[5:]
+        # a count larger than the entries, with a checksum that matches
+        body = bytearray(data[:-4])
+        struct.pack_into("<I", body, 6, 3)
+        too_many = bytes(body) + struct.pack("<I", zlib.crc32(body))
+        for bad, says in ((bytes(flipped), "checksum mismatch"),
+                          (data[:len(data) // 2], "checksum mismatch"),
+                          (b"SBXI" + data[4:], "not a shoebox index bundle"),
+                          (bad_version, "format version 2"),
+                          (too_many, "malformed index bundle")):
+            with pytest.raises(exceptions.IndexError_, match=says) as err:
+                index.Bundle.from_bytes(bad, "swift://c/x")
+            assert "\n" not in str(err.value)
+            assert str(err.value).startswith("swift://c/x: ")

@@ -11,8 +11,10 @@ import pytest
 from swiftclient import exceptions as swift_exceptions
 
 from shoebox_worker import archive
+from shoebox_worker import index
 from shoebox_worker import record
 from shoebox_worker.tools import ToolError
+from shoebox_worker.tools import select
 from shoebox_worker.tools import sources
 
 
@@ -170,6 +172,86 @@ class TestListing:
         assert [i.meta for i in items] == [
             {"records": "2", "first-timestamp": "t"},
             {"records": "3", "first-timestamp": "t"}]
+
+
+# -- index bundles -----------------------------------------------------------
+
+def instance_archive(name, ids):
+    """A listing entry, the archive's bytes and its index's, for records of
+    the instance ids ``ids``."""
+    notes = [{"payload": {"instance_id": i}} for i in ids]
+    data = b"".join(record.pack({}, b'{"payload":{"instance_id":"%s"}}'
+                                % i.encode()) for i in ids)
+    built = index.build([({}, n) for n in notes])
+    found = dict(entry(name, "2026-01-01T00:00:0%d" % len(ids)),
+                 hash="etag-" + name)
+    return found, data, built
+
+
+class TestBundles:
+    def swift(self, bundled, stale=(), damaged=False):
+        """Archives a (i-1), b (i-2), c (i-1, i-3), d (i-4), each with its
+        index; a bundle of ``bundled`` (names), the hashes of ``stale``
+        wrong in it."""
+        listing, objects, bundle = [], {}, []
+        for name, ids in (("a", ["i-1"]), ("b", ["i-2"]),
+                          ("c", ["i-1", "i-3"]), ("d", ["i-4", "i-4"])):
+            found, data, built = instance_archive(name, ids)
+            listing += [found, entry(name + ".index", found["last_modified"])]
+            objects[name], objects[name + ".index"] = data, built
+            if name in bundled:
+                etag = "old" if name in stale else found["hash"]
+                bundle.append((name, etag, built))
+        data = index.build_bundle(bundle)
+        if damaged:
+            data = data[:-1] + bytes([data[-1] ^ 1])
+        listing.append(entry(index.BUNDLE_SUFFIX, "2026-01-02T00:00:00"))
+        objects[index.BUNDLE_SUFFIX] = data
+        return FakeSwift(listing, objects)
+
+    def kept(self, swift, value):
+        items = sources.find(["swift://c"], swift=swift, indexes=True)
+        where = select.Selection(where=[select.parse_where(
+            "payload.instance_id=" + value)],
+            load_index=index.Index.from_bytes)
+        return [i.object for i in sources.keep_where(items, where.may_hold)]
+
+    def test_a_bundle_is_never_an_archive(self):
+        swift = self.swift("abcd")
+        names = [i.object for i in sources.find(["swift://c"], swift=swift)]
+        assert names == ["a", "b", "c", "d"]
+        assert swift.gets == []  # not needed, not fetched
+
+    def test_indexes_come_from_the_bundle_with_one_get(self):
+        swift = self.swift("abcd")
+        assert self.kept(swift, "i-1") == ["a", "c"]
+        assert swift.gets == [index.BUNDLE_SUFFIX]
+
+    def test_a_stale_entry_or_one_missing_reads_the_own_index(self):
+        swift = self.swift("abc", stale="c")
+        assert self.kept(swift, "i-1") == ["a", "c"]
+        assert sorted(swift.gets) == sorted([index.BUNDLE_SUFFIX, "c.index",
+                                             "d.index"])
+        swift = self.swift("abc", stale="c")
+        assert self.kept(swift, "i-4") == ["d"]
+
+    def test_a_damaged_bundle_is_one_warning_and_every_own_index(
+            self, capsys):
+        swift = self.swift("abcd", damaged=True)
+        assert self.kept(swift, "i-3") == ["c"]
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and "damaged index bundle" in err[0]
+        assert err[0].startswith("shoebox-worker: warning: swift://c/")
+        assert len(swift.gets) == 5
+
+    @pytest.mark.parametrize("bundled,stale", [
+        ("abcd", ""), ("ab", ""), ("abcd", "abcd"), ("", ""), ("bd", "b")])
+    def test_pruning_never_misses_a_record(self, bundled, stale):
+        for value in ("i-1", "i-2", "i-3", "i-4"):
+            swift = self.swift(bundled, stale)
+            holding = [name for name in "abcd"
+                       if value.encode() in swift.objects[name]]
+            assert set(holding) <= set(self.kept(swift, value))
 
 
 # -- credentials ------------------------------------------------------------
