@@ -138,13 +138,11 @@ import logging
 import math
 import os
 import re
+import sys
 import time
 import urllib.parse
 
 import requests.adapters
-from keystoneauth1 import exceptions as ks_exceptions
-from keystoneauth1 import session as ks_session
-from keystoneauth1.identity import v3 as identity_v3
 from swiftclient import client as swiftclient
 from swiftclient import exceptions as swift_exceptions
 
@@ -511,7 +509,13 @@ def keystone_session(options):
     """A keystoneauth1 session for Keystone v3 from the callback's checked
     ``os_*`` options (a reader of ``swift://`` uses the same). Building it
     sends nothing; it authenticates at the first token asked, and again
-    after :meth:`~keystoneauth1.session.Session.invalidate`."""
+    after :meth:`~keystoneauth1.session.Session.invalidate`.
+
+    keystoneauth1 is imported here, when Keystone is used: a tempauth
+    upload, or a ``cat swift://`` pruned by indexes, does not pay the tenth
+    of a second its import takes."""
+    from keystoneauth1 import session as ks_session
+    from keystoneauth1.identity import v3 as identity_v3
     o = options
 
     def given(name):
@@ -862,12 +866,15 @@ class SwiftUploadCallback:
         """What the operator must fix when retrying cannot fix ``exc``
         (credentials or rights refused, a name Swift refuses); None for
         a failure that may pass (network, 5xx, a checksum mismatch)."""
-        if isinstance(exc, ks_exceptions.EndpointNotFound):
+        # only a Keystone session raises keystoneauth1's errors, and it
+        # imported them (see keystone_session)
+        ks = sys.modules.get("keystoneauth1.exceptions")
+        if ks is not None and isinstance(exc, ks.EndpointNotFound):
             return ("check [callback:swift] os_region_name, "
                     "os_endpoint_type and os_service_type (no such endpoint "
                     "in the Keystone catalog)")
-        if isinstance(exc, ks_exceptions.HttpError) and exc.http_status in (
-                400, 401, 403, 404):
+        if ks is not None and isinstance(exc, ks.HttpError) and \
+                exc.http_status in (400, 401, 403, 404):
             # Keystone refused the credentials, or the scope
             return self._credentials_hint()
         if not isinstance(exc, swift_exceptions.ClientException):
