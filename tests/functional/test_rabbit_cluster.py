@@ -74,9 +74,9 @@ class Publisher(threading.Thread):
                 started = time.monotonic()
                 for n, notification in enumerate(simulator.notifications(
                         COUNT, seed=self.seed)):
-                    due = started + n / RATE
-                    if due > time.monotonic():
-                        time.sleep(due - time.monotonic())
+                    wait = started + n / RATE - time.monotonic()
+                    if wait > 0:  # one reading: a second may be past it
+                        time.sleep(wait)
                     self.sent.add(notification["message_id"])
                     publish(envelope.wrap(notification),
                             routing_key=ROUTING_KEY,
