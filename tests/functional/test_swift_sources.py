@@ -52,17 +52,6 @@ def _connection(env):
                           timeout=30)
 
 
-def _delete_container(conn, name):
-    for cont in (name, name + "_segments"):
-        try:
-            for obj in conn.get_container(cont, full_listing=True)[1]:
-                conn.delete_object(cont, obj["name"])
-            conn.delete_container(cont)
-        except swc.ClientException as exc:
-            if exc.http_status != 404:
-                raise
-
-
 def _config(path, queue, env, container, codec, version):
     path.write_text("\n".join([
         "[broker]", "url = %s" % AMQP_URL, "connect_timeout = 5", "",
@@ -108,7 +97,7 @@ def _delete_amqp(names):
 
 
 @pytest.fixture(scope="module")
-def shipped(swift_env, rabbit_available, tmp_path_factory):
+def shipped(ft, swift_env, rabbit_available, tmp_path_factory):
     """A container filled by two real worker runs (v1 gzip, v2 zstd)."""
     container = "shoebox-read-%s" % uuid.uuid4().hex[:12]
     queue = "shoebox-read-%s" % uuid.uuid4().hex[:12]
@@ -132,7 +121,7 @@ def shipped(swift_env, rabbit_available, tmp_path_factory):
                "config": config}
     finally:
         _delete_amqp([queue])
-        _delete_container(conn, container)
+        ft.delete_swift_container(conn, container)
         conn.close()
 
 
@@ -277,7 +266,7 @@ def test_credentials_from_config_and_from_st_env(shipped, monkeypatch):
 
 
 @pytest.fixture
-def troubled(shipped):
+def troubled(ft, shipped):
     """A container of three good archives, a truncated one, one that is
     not an archive, and the name of one to delete after the listing."""
     conn, env = shipped["conn"], shipped["env"]
@@ -298,7 +287,7 @@ def troubled(shipped):
         yield {"container": container, "names": put, "env": env,
                "conn": conn}
     finally:
-        _delete_container(conn, container)
+        ft.delete_swift_container(conn, container)
 
 
 def test_a_missing_and_a_damaged_object_are_one_line_each(
