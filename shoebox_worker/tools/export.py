@@ -117,7 +117,8 @@ class Exporter:
         self._written = []        # (tmp, final) of finished files
         self._open = {}           # day -> _JsonlPart, least recent first
         self._buffers = {}        # day -> [rows] (parquet)
-        self._buffered = 0        # bytes in self._buffers
+        self._sizes = {}          # day -> about how many bytes its rows hold
+        self._buffered = 0        # the sum of self._sizes
         if fmt == "parquet":
             try:
                 import pyarrow  # noqa: F401
@@ -187,19 +188,19 @@ class Exporter:
         row["notification"] = text.decode("utf-8", "backslashreplace")
         rows = self._buffers.setdefault(day, [])
         rows.append(row)
-        self._buffered += len(text) + 64 * len(row)
+        size = len(text) + 64 * len(row)
+        self._sizes[day] = self._sizes.get(day, 0) + size
+        self._buffered += size
         if len(rows) >= PARQUET_ROWS:
             self._write_parquet(day)
         elif self._buffered > PARQUET_BUFFER:
-            self._write_parquet(max(self._buffers,
-                                    key=lambda d: len(self._buffers[d])))
+            self._write_parquet(max(self._sizes, key=self._sizes.get))
 
     def _write_parquet(self, day):
         import pyarrow as pa
         import pyarrow.parquet as pq
         rows = self._buffers.pop(day)
-        self._buffered = sum(64 * len(r) + len(r["notification"])
-                             for rs in self._buffers.values() for r in rs)
+        self._buffered -= self._sizes.pop(day)
         keys = sorted({key for row in rows for key in row}
                       - {"timestamp", "notification"})
         fields = [pa.field("timestamp", pa.timestamp("us", tz="UTC"))]
@@ -254,6 +255,8 @@ class Exporter:
             self._written.append((part.tmp, part.final))
         self._open.clear()
         self._buffers.clear()
+        self._sizes.clear()
+        self._buffered = 0
         for tmp, _ in self._written:
             try:
                 os.unlink(tmp)
