@@ -9,7 +9,9 @@ every other one exists. What the broker refuses there is one
 change: oslo.messaging declares its exchanges and queues non-durable
 unless ``amqp_durable_queues`` is set, and RabbitMQ refuses
 (``PRECONDITION_FAILED``) a declaration that differs from the existing
-one, naming the argument that differs.
+one, naming the argument that differs; RabbitMQ 4.3 refuses
+(``INTERNAL_ERROR``, closing the connection) a queue that is neither
+durable nor exclusive (:data:`DEPRECATED`).
 
 Once consuming, :class:`Reconnecting` leaves reconnecting to kombu and
 only changes how failures are told: an :class:`Outage` logs the first
@@ -47,8 +49,8 @@ from shoebox_worker.consume import notify
 
 __all__ = ["make_connection", "make_queues", "declare", "is_amqp",
            "ssl_argument", "Connection", "BrokerError", "StopRequested",
-           "Outage", "permanent_advice", "tls_refusal", "QueueDepths",
-           "BlockingReads", "Reconnecting"]
+           "Outage", "permanent_advice", "tls_refusal", "deprecated_feature",
+           "QueueDepths", "BlockingReads", "Reconnecting"]
 
 LOG = logging.getLogger(__name__)
 
@@ -57,6 +59,7 @@ ACCESS_REFUSED = 403
 NOT_FOUND = 404
 PRECONDITION_FAILED = 406
 NOT_ALLOWED = 530
+INTERNAL_ERROR = 541
 
 #: Backoff between attempts after an error that retrying cannot fix:
 #: ``RETRY_STEP`` seconds more each time, at most ``RETRY_MAX`` (kombu's
@@ -76,6 +79,24 @@ PERMANENT = {
     NOT_ALLOWED: "check the vhost in [broker] url, and that the user may "
                  "use it",
 }
+
+#: RabbitMQ 4 refuses a deprecated feature that its configuration does
+#: not permit with ``INTERNAL_ERROR`` ("Feature `transient_nonexcl_queues`
+#: is deprecated. Its use is not permitted ..."), closing the connection:
+#: the features a declaration of ours can use, the ``[consumer:QUEUE]``
+#: option to change, and how. RabbitMQ 4.3 denies transient non-exclusive
+#: queues by default, which is what ``durable = false`` declares.
+DEPRECATED = {
+    "transient_nonexcl_queues": (
+        "durable", "set durable = true (RabbitMQ 4.3 and later refuse "
+                   "queues that are neither durable nor exclusive, unless "
+                   "deprecated_features.permit.transient_nonexcl_queues = "
+                   "true), and make it a quorum queue on a cluster"),
+}
+#: for a deprecated feature not listed there
+_DEPRECATED_ADVICE = ("stop using the feature the broker names, or permit it "
+                      "on the broker (deprecated_features.permit)")
+_DEPRECATED_FEATURE = re.compile(r"Feature `(?P<feature>[^`]+)` is deprecated")
 
 #: TLS failures that retrying does not fix, by OpenSSL's reason: the
 #: ``[broker]`` option to look at, and what to do. The broker's
@@ -273,7 +294,19 @@ def permanent_advice(exc):
     refusal = tls_refusal(exc)
     if refusal is not None:
         return refusal[1]
+    feature = deprecated_feature(exc)
+    if feature is not None:
+        return DEPRECATED.get(feature, (None, _DEPRECATED_ADVICE))[1]
     return PERMANENT.get(reply_code(exc))
+
+
+def deprecated_feature(exc):
+    """The name of the deprecated feature a RabbitMQ 4 broker refused
+    (:data:`DEPRECATED`), or None."""
+    if reply_code(exc) != INTERNAL_ERROR:
+        return None
+    match = _DEPRECATED_FEATURE.search(reason(exc))
+    return match.group("feature") if match else None
 
 
 class Outage:
@@ -443,6 +476,10 @@ def _declare_all(worker, conn):
                 channel.queue_declare(queue=queue.name, passive=True)
         except conn.channel_errors as exc:
             raise _refused(worker.config.filename, consumer, exc) from None
+        except conn.connection_errors as exc:
+            if deprecated_feature(exc) is None:
+                raise
+            raise _refused(worker.config.filename, consumer, exc) from None
         finally:
             try:
                 channel.close()
@@ -464,6 +501,12 @@ def _refused(filename, consumer, exc):
             filename=filename, section=section, key="declare")
     if code == PRECONDITION_FAILED:
         return _mismatch(filename, section, text)
+    feature = deprecated_feature(exc)
+    if feature is not None:
+        option, advice = DEPRECATED.get(feature, (None, _DEPRECATED_ADVICE))
+        return exceptions.ConfigError(
+            "the broker refused the declaration: %s; %s" % (text, advice),
+            filename=filename, section=section, key=option)
     if code == ACCESS_REFUSED:
         return exceptions.ConfigError(
             "the broker refused: %s; give the user configure permission "

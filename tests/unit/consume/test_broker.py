@@ -214,6 +214,84 @@ class TestDeclare:
         assert isinstance(caught.value, exceptions.ShoeboxError)
         assert not isinstance(caught.value, exceptions.ConfigError)
 
+    def test_a_refused_transient_queue_is_one_line_naming_durable(
+            self, tmp_path, rabbit, monkeypatch):
+        # RabbitMQ 4.3 closes the connection (INTERNAL_ERROR) at the
+        # declaration of a queue neither durable nor exclusive; no 4.x
+        # broker here, so the declaration raises what py-amqp raises then
+        exchange, queue = names()
+        conf = load_config(tmp_path, AMQP_URL, exchange, queue,
+                           "durable = false")
+        monkeypatch.setattr(kombu.Queue, "declare", _refuse_transient)
+        with pytest.raises(exceptions.ConfigError) as caught:
+            broker.declare(make_worker(conf))
+        message = str(caught.value)
+        assert "\n" not in message
+        assert message.startswith("%s [consumer:%s] durable: the broker "
+                                  "refused the declaration: INTERNAL_ERROR"
+                                  " - Feature `transient_nonexcl_queues` is "
+                                  "deprecated. Its use is not permitted"
+                                  % (conf.filename, queue)), message
+        assert message.endswith("set durable = true (RabbitMQ 4.3 and later "
+                                "refuse queues that are neither durable nor "
+                                "exclusive, unless deprecated_features.permit"
+                                ".transient_nonexcl_queues = true), and make "
+                                "it a quorum queue on a cluster"), message
+
+    def test_another_connection_error_at_declare_is_not_a_config_error(
+            self, tmp_path, rabbit, monkeypatch):
+        exchange, queue = names()
+        conf = load_config(tmp_path, AMQP_URL, exchange, queue)
+
+        def internal_error(self, nowait=False, channel=None):
+            raise amqp_exceptions.error_for_code(
+                broker.INTERNAL_ERROR, "INTERNAL_ERROR", (50, 10),
+                amqp_exceptions.ConnectionError)
+        monkeypatch.setattr(kombu.Queue, "declare", internal_error)
+        with pytest.raises(amqp_exceptions.InternalError):
+            broker.declare(make_worker(conf))
+
+
+#: what RabbitMQ 4.0.6 said (rabbitmq-server discussion 12972, hyperion
+#: issue 156), the end as 4.3 words it
+TRANSIENT_REFUSED = (
+    "INTERNAL_ERROR - Feature `transient_nonexcl_queues` is deprecated.\n"
+    "Its use is not permitted per the configuration (overriding the "
+    "default, which is permitted):\n"
+    "    \"deprecated_features.permit.transient_nonexcl_queues = false\"\n"
+    "Its use will not be permitted by default in RabbitMQ 4.3.")
+
+
+def _refuse_transient(self, nowait=False, channel=None):
+    raise amqp_exceptions.error_for_code(
+        broker.INTERNAL_ERROR, TRANSIENT_REFUSED, (50, 10),
+        amqp_exceptions.ConnectionError)
+
+
+def test_a_deprecated_feature_refused_is_permanent():
+    refused = amqp_exceptions.error_for_code(
+        broker.INTERNAL_ERROR, TRANSIENT_REFUSED, (50, 10),
+        amqp_exceptions.ConnectionError)
+    assert broker.deprecated_feature(refused) == "transient_nonexcl_queues"
+    assert broker.permanent_advice(refused) == \
+        broker.DEPRECATED["transient_nonexcl_queues"][1]
+    other = amqp_exceptions.error_for_code(
+        broker.INTERNAL_ERROR, "INTERNAL_ERROR - Feature `ram_node_type` is "
+        "deprecated.", (50, 10), amqp_exceptions.ConnectionError)
+    assert broker.deprecated_feature(other) == "ram_node_type"
+    assert "deprecated_features.permit" in broker.permanent_advice(other)
+    # the same words under another code, or 541 for another reason: no
+    for exc in (amqp_exceptions.error_for_code(
+                    broker.NOT_ALLOWED, TRANSIENT_REFUSED, (50, 10),
+                    amqp_exceptions.ConnectionError),
+                amqp_exceptions.error_for_code(
+                    broker.INTERNAL_ERROR, "INTERNAL_ERROR", (50, 10),
+                    amqp_exceptions.ConnectionError)):
+        assert broker.deprecated_feature(exc) is None
+    assert broker.permanent_advice(amqp_exceptions.error_for_code(
+        broker.INTERNAL_ERROR, "INTERNAL_ERROR", (50, 10),
+        amqp_exceptions.ConnectionError)) is None
+
 
 class Counter(broker.BlockingReads):
     """A minimal consumer on the read loop: counts messages and ticks."""
