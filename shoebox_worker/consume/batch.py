@@ -11,7 +11,12 @@ carries it out, and is the only code that acks, requeues or nacks:
   which ack one delivery tag at a time;
 - :meth:`Batch.requeue` gives the batch back to the broker when its records
   could not be synced (one ``basic.nack(multiple=True, requeue=True)`` on
-  AMQP), and :meth:`requeue_one` a message that was not written at all;
+  AMQP), and :meth:`requeue_one` a message that was not written at all. A
+  stream queue takes nothing back (RabbitMQ closes the connection on a
+  ``basic.nack`` or ``basic.reject`` of its message): its messages are
+  acked instead, which only gives credit, and the worker reads them again
+  from the stream when it subscribes after the last offset synced
+  (:mod:`~shoebox_worker.consume.stream`);
 - :meth:`Batch.forget` drops the batch when the connection was lost: the
   broker delivers those messages again by itself (their records stay in the
   archive: duplicates are possible, losses are not).
@@ -77,15 +82,16 @@ class Batch:
     def __len__(self):
         return len(self._messages)
 
-    def add(self, message, now):
+    def add(self, message, now, stream=False):
         """Take a message whose record is written (not yet synced).
 
         :param now: the monotonic time (kept in :attr:`since` when the
             batch was empty).
+        :param stream: the message is a stream queue's (never requeued).
         """
         if not self._messages:
             self.since = now
-        self._messages.append(message)
+        self._messages.append((message, stream))
 
     def commit(self):
         """Sync, then ack the whole batch.
@@ -102,31 +108,38 @@ class Batch:
             raise SyncFailed(exc) from exc
         messages, self._messages = self._messages, []
         if self.multiple:
-            messages[-1].ack(multiple=True)
+            messages[-1][0].ack(multiple=True)
         else:
-            for message in messages:
+            for message, _ in messages:
                 message.ack()
         return len(messages)
 
     def requeue(self):
-        """Give every message of the batch back to the broker.
+        """Give every message of the batch back to the broker (a stream's:
+        ack it, see above). On AMQP, one nack of the last when no message
+        is a stream's, else one frame per message: a nack of several
+        would reach the stream's too.
 
-        :returns: how many messages were requeued.
+        :returns: how many messages were given back.
         """
         messages, self._messages = self._messages, []
         if not messages:
             return 0
-        if self.multiple:
-            _nack_up_to(messages[-1])
+        if self.multiple and not any(stream for _, stream in messages):
+            _nack_up_to(messages[-1][0])
         else:
-            for message in messages:
-                message.requeue()
+            for message, stream in messages:
+                self.requeue_one(message, stream)
         return len(messages)
 
     @staticmethod
-    def requeue_one(message):
-        """Give back a message that was not written (and not added)."""
-        message.requeue()
+    def requeue_one(message, stream=False):
+        """Give back a message that was not written (and not added); a
+        stream's is acked (see above)."""
+        if stream:
+            message.ack()
+        else:
+            message.requeue()
 
     def forget(self):
         """Drop the batch without a word to the broker: its channel is gone

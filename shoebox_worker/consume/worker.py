@@ -27,8 +27,9 @@ and logged at a bounded rate.
 One method decides what happens to a message: :meth:`Worker.on_message`.
 It writes the record and adds the message to the
 :class:`~shoebox_worker.consume.batch.Batch` (acked with it), or, when the
-disk refuses the write, has the unsynced batch requeued, cuts it off the
-archive and pauses consumption until there is room again. Consumption also
+disk refuses the write, has the unsynced batch requeued (a stream's
+messages are read again from the stream instead), cuts it off the archive
+and pauses consumption until there is room again. Consumption also
 pauses while the archives waiting to be shipped exceed ``max_backlog_mb``.
 The batch is the only code that acks or requeues.
 
@@ -425,17 +426,17 @@ class Worker(broker.Reconnecting):
     def on_message(self, queue, message):
         """Write one message and add it to the batch (acked with it); or,
         while the disk is full, requeue it."""
+        stream = self.streams.get(queue)
         if self.paused == backpressure_mod.PAUSE_DISK_FULL:
-            self.batch.requeue_one(message)
+            self.batch.requeue_one(message, stream is not None)
             return
         now = time.monotonic()
-        stream = self.streams.get(queue)
         offset = None
         if stream is not None:
             offset = stream.offset_of(message)
             if not stream.is_new(offset):  # archived already: only credit
                 self._last_message = now
-                self.batch.add(message, now)
+                self.batch.add(message, now, stream=True)
                 if len(self.batch) >= self.fsync_every:
                     self._commit()
                 return
@@ -450,13 +451,14 @@ class Worker(broker.Reconnecting):
         try:
             closed = self.manager.write(metadata, payload, values)
         except OSError as exc:
-            self.batch.add(message, now)  # requeued with the unsynced rest
+            # requeued with the unsynced rest
+            self.batch.add(message, now, stream is not None)
             self._write_failed(exc)
             return
         if stream is not None:
             stream.written(offset)
         self._last_message = now
-        self.batch.add(message, now)
+        self.batch.add(message, now, stream is not None)
         self.stats.consumed(queue)
         if "malformed" in metadata:
             self._malformed(queue, metadata["malformed"], now)

@@ -400,3 +400,61 @@ def test_streams_killed_at_every_rename_unlink_and_fsync(
               ", ".join("%d %s" % (n, kind) for kind, n in counts.items()),
               killed, len(done)))
     assert killed >= len(done) // 2, (killed, len(done))
+
+
+# -- the offset file cannot be written ----------------------------------------
+
+@pytest.mark.parametrize("call", ["openat", "write"])
+def test_streams_offset_file_refused_by_the_disk_loses_and_repeats_nothing(
+        strace, rabbit, names, ft, tmp_path, swift_env, call):
+    """Every third attempt to write the offset file fails with ENOSPC
+    (``strace -P`` on its temporary file): at the ack points (a failed
+    sync: the batch is given back and consuming pauses as for a full
+    disk) and before an archive is shipped (the archive is held for the
+    next start). Then a run without it: every message once in Swift."""
+    queue, exchange = declare_stream(rabbit, names)
+    container = "shoebox-stream-enospc-%s" % names[-8:]
+    conn = swc.Connection(authurl=swift_env["ST_AUTH"],
+                          user=swift_env["ST_USER"], key=swift_env["ST_KEY"],
+                          auth_version="1", retries=2, timeout=30)
+    work = tmp_path / "archive"
+    config = stream_config(ft, tmp_path, queue, exchange, callbacks={
+        "gzip": {},
+        "swift": {"auth": swift_env["ST_AUTH"], "user": swift_env["ST_USER"],
+                  "key": swift_env["ST_KEY"], "container": container,
+                  "retries": 0, "timeout": 20},
+        "delete": {}}, roll_count=250)  # rolls between two ack points
+    published = publish(ft, exchange, 3000, seed=31)
+    tmp = stream_mod.offset_path(str(work), queue) + ".tmp"
+    log = str(tmp_path / "log")
+    try:
+        code = _run([strace, "-f", "-qq", "-o", os.devnull, "-P", tmp,
+                     "-e", "trace=" + call, "-e",
+                     "inject=%s:error=ENOSPC:when=3+3" % call,
+                     WORKER, "run", "--config", config, "--idle-exit", "3"],
+                    log)
+        first = open(log, errors="replace").read()
+        assert code == 0, first[-4000:]
+        # both places the offset file is written were refused
+        assert "cannot write archive" in first, first[-4000:]
+        assert "cannot save the stream offsets" in first, first[-4000:]
+        assert "Traceback" not in first, first[-4000:]
+        held = ft.archive_files(work)
+        again = run_until_idle(ft, config)
+        ids, objects = swift_ids(conn, container, str(tmp_path))
+        lost = set(published) - set(ids)
+        twice = {i: n for i, n in ids.items() if n > 1}
+        assert not lost, "%d lost; log:\n%s" % (len(lost), first[-4000:])
+        assert not twice, "%d twice; log:\n%s" % (len(twice), first[-4000:])
+        assert set(ids) == set(published)
+        assert saved_offset(work, queue) == 2999
+        assert not ft.archive_files(work), again.log_tail()
+        print("\noffset file refused at every third %s: %d time(s) at "
+              "an ack point, %d before shipping, %d archive(s) held for the "
+              "next start; %d objects, every message once" % (
+                  call, first.count("cannot write archive"),
+                  first.count("cannot save the stream offsets"), len(held),
+                  objects))
+    finally:
+        ft.delete_swift_container(conn, container)
+        conn.close()

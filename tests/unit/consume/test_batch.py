@@ -133,6 +133,37 @@ class TestRequeue:
         batch_mod.Batch.requeue_one(FakeMessage(7, log))
         assert log == [("requeue", 7)]
 
+    @pytest.mark.parametrize("multiple", [True, False])
+    def test_a_streams_messages_are_acked_not_requeued(self, log, multiple):
+        # RabbitMQ closes the connection on a nack of a stream's message
+        batch = make(log, multiple=multiple)
+        for tag in (1, 2, 3):
+            batch.add(FakeMessage(tag, log), 5.0, stream=True)
+        assert batch.requeue() == 3
+        assert log == [("ack", 1, False), ("ack", 2, False),
+                       ("ack", 3, False)]
+
+    def test_amqp_a_batch_with_a_streams_message_is_given_back_one_by_one(
+            self, log):
+        # one nack up to the last would reach the stream's message too
+        batch = make(log, multiple=True)
+        batch.add(FakeMessage(1, log), 5.0)
+        batch.add(FakeMessage(2, log), 5.0, stream=True)
+        batch.add(FakeMessage(3, log), 5.0)
+        assert batch.requeue() == 3
+        assert log == [("requeue", 1), ("ack", 2, False), ("requeue", 3)]
+
+    def test_requeue_one_of_a_stream_acks_it(self, log):
+        batch_mod.Batch.requeue_one(FakeMessage(7, log), stream=True)
+        assert log == [("ack", 7, False)]
+
+    def test_a_streams_messages_are_acked_with_the_batch(self, log):
+        batch = make(log, multiple=True)
+        batch.add(FakeMessage(1, log), 5.0)
+        batch.add(FakeMessage(2, log), 5.0, stream=True)
+        assert batch.commit() == 2
+        assert log == [("sync",), ("ack", 2, True)]
+
 
 def test_forget_tells_the_broker_nothing(log):
     batch = make(log, multiple=True)
