@@ -120,6 +120,9 @@ DONE_FILE = ".finished" + STATE_SUFFIX
 FAILURE_LOG_INTERVAL = 300.0
 
 E_FAILED = "%s (attempt %d; retrying in %.1f s)"
+E_LOCAL = ("cannot ship %s: the local disk refused its state (%s); retrying "
+           "in %.1f s, then with backoff")
+E_LOCAL_AGAIN = "cannot ship %s (attempt %d): %s"
 E_REFUSED = ("%s names %s, which is neither inside %s nor where the "
              "callback chain puts an archive, or not a regular file: "
              "refused, not shipped, left alone")
@@ -159,6 +162,9 @@ class _Job:
         self.failing_since = None   # monotonic time of its first failure
         self.permanent = False      # is its last failure a permanent one?
         self.capped_logged = None   # when its last W_CAPPED line was
+        # the archive's own FileLock, until a state file holds the archive
+        # (submit could not write it: a sibling must not take it over)
+        self.archive_lock = None
 
     @property
     def state_path(self):
@@ -391,7 +397,10 @@ class Shipper:
         """Hand over a closed archive; returns at once.
 
         Writes its state file (durably) before returning, so the archive is
-        shipped even if the process dies right after.
+        shipped even if the process dies right after. When the disk refuses
+        it, the shipping thread writes it before the first step (retrying
+        with backoff), and the archive stays locked until then: a killed
+        process leaves an unlocked archive that the next start ships.
 
         :param lock: the archive's :class:`FileLock`, released once the
             state file holds the archive.
@@ -409,9 +418,15 @@ class Shipper:
                 job.declared, job.output = self.chain.output_path(0, path)
             except exceptions.CallbackError:
                 pass  # the shipping thread asks again, and retries
-        self._save(job)
-        if lock is not None:
-            lock.release()
+        try:
+            self._save(job)
+        except OSError as exc:  # the disk refused it: the thread retries
+            job.attempts = 1
+            job.archive_lock = lock
+            LOG.error(E_LOCAL, path, exc, 0.0)
+        else:
+            if lock is not None:
+                lock.release()
         self._enqueue(job, time.monotonic())
 
     @property
@@ -756,6 +771,14 @@ class Shipper:
                 return
             try:
                 self._ship(job)
+            except OSError as exc:  # a state file the disk refused (full)
+                job.attempts += 1
+                delay = self._delay(job.attempts)
+                if job.attempts == 1:
+                    LOG.error(E_LOCAL, job.origin, exc, delay)
+                else:
+                    LOG.debug(E_LOCAL_AGAIN, job.origin, job.attempts, exc)
+                self._retry(job, delay)
             except Exception as exc:  # never let the thread die
                 job.attempts += 1
                 if job.attempts == 1:
@@ -941,6 +964,9 @@ class Shipper:
         job.saved = state
         old, job.lock = job.lock, lock
         old.release()
+        if job.archive_lock is not None:
+            job.archive_lock.release()
+            job.archive_lock = None
 
     def _finish(self, job):
         """The chain is done with this archive: drop its state (its index

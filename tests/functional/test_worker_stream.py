@@ -402,16 +402,18 @@ def test_streams_killed_at_every_rename_unlink_and_fsync(
     assert killed >= len(done) // 2, (killed, len(done))
 
 
-# -- the offset file cannot be written ----------------------------------------
+# -- the disk refuses writes -------------------------------------------------
 
-@pytest.mark.parametrize("call", ["openat", "write"])
-def test_streams_offset_file_refused_by_the_disk_loses_and_repeats_nothing(
+@pytest.mark.parametrize("call", ["openat", "write", "fsync"])
+def test_streams_writes_refused_by_the_disk_lose_and_repeat_nothing(
         strace, rabbit, names, ft, tmp_path, swift_env, call):
     """Every third attempt to write the offset file fails with ENOSPC
     (``strace -P`` on its temporary file): at the ack points (a failed
     sync: the batch is given back and consuming pauses as for a full
     disk) and before an archive is shipped (the archive is held for the
-    next start). Then a run without it: every message once in Swift."""
+    next start). ``fsync``: every seventh fsync of each thread fails, the
+    archive's, the offset file's and the shipper's. Then a run without
+    it: every message once in Swift."""
     queue, exchange = declare_stream(rabbit, names)
     container = "shoebox-stream-enospc-%s" % names[-8:]
     conn = swc.Connection(authurl=swift_env["ST_AUTH"],
@@ -428,16 +430,20 @@ def test_streams_offset_file_refused_by_the_disk_loses_and_repeats_nothing(
     tmp = stream_mod.offset_path(str(work), queue) + ".tmp"
     log = str(tmp_path / "log")
     try:
-        code = _run([strace, "-f", "-qq", "-o", os.devnull, "-P", tmp,
+        only = [] if call == "fsync" else ["-P", tmp]
+        # (a failed commit makes three fsyncs: every third would fail the
+        # archive's at each commit, and the worker would never get on)
+        when = "when=4+7" if call == "fsync" else "when=3+3"
+        code = _run([strace, "-f", "-qq", "-o", os.devnull, *only,
                      "-e", "trace=" + call, "-e",
-                     "inject=%s:error=ENOSPC:when=3+3" % call,
+                     "inject=%s:error=ENOSPC:%s" % (call, when),
                      WORKER, "run", "--config", config, "--idle-exit", "3"],
                     log)
         first = open(log, errors="replace").read()
         assert code == 0, first[-4000:]
-        # both places the offset file is written were refused
         assert "cannot write archive" in first, first[-4000:]
-        assert "cannot save the stream offsets" in first, first[-4000:]
+        if only:  # both places the offset file is written were refused
+            assert "cannot save the stream offsets" in first, first[-4000:]
         assert "Traceback" not in first, first[-4000:]
         held = ft.archive_files(work)
         again = run_until_idle(ft, config)
@@ -449,10 +455,10 @@ def test_streams_offset_file_refused_by_the_disk_loses_and_repeats_nothing(
         assert set(ids) == set(published)
         assert saved_offset(work, queue) == 2999
         assert not ft.archive_files(work), again.log_tail()
-        print("\noffset file refused at every third %s: %d time(s) at "
+        print("\noffset file refused (%s, %s): %d time(s) at "
               "an ack point, %d before shipping, %d archive(s) held for the "
               "next start; %d objects, every message once" % (
-                  call, first.count("cannot write archive"),
+                  call, when, first.count("cannot write archive"),
                   first.count("cannot save the stream offsets"), len(held),
                   objects))
     finally:

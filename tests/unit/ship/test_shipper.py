@@ -2,6 +2,7 @@
 files,
 retries and recovery after a crash."""
 
+import errno
 import gzip
 import itertools
 import json
@@ -1360,6 +1361,67 @@ class TestPromisesFromTheMutationCheck:
             (logging.ERROR, "unexpected error shipping %s" % path, True),
             (logging.DEBUG, "unexpected error shipping %s again (attempt "
              "2): stats broke" % path, False)]
+
+    def test_a_state_file_the_disk_refuses_is_one_line_and_retried(
+            self, tmp_path, make_shipper, caplog, monkeypatch):
+        path = write_archive(tmp_path / "a.events")
+        memory = steps.MemoryCallback()
+        ship = make_shipper([("m", memory)])
+        real, refused = shipper.files.write_json_atomic, []
+
+        def full(target, data):
+            if len(refused) < 2:
+                refused.append(target)
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(target, data)
+        monkeypatch.setattr(shipper.files, "write_json_atomic", full)
+        with caplog.at_level(logging.DEBUG, logger="shoebox_worker"):
+            ship.submit(path)
+            assert ship.wait_idle(timeout=5)
+        # at submit, then in the shipping thread, before the first step
+        assert refused == [path + shipper.STATE_SUFFIX] * 2
+        assert memory.events == [("close", path)]  # run once, when saved
+        lines = [(r.levelno, r.getMessage(), bool(r.exc_info))
+                 for r in caplog.records
+                 if r.getMessage().startswith(("cannot ship", "unexpected"))]
+        assert lines == [
+            (logging.ERROR, "cannot ship %s: the local disk refused its "
+             "state ([Errno 28] No space left on device); retrying in 0.0 s, "
+             "then with backoff" % path, False),
+            (logging.DEBUG, "cannot ship %s (attempt 2): [Errno 28] No space "
+             "left on device" % path, False)]
+        assert not os.path.exists(path + shipper.STATE_SUFFIX)
+
+    def test_the_archive_stays_locked_until_a_state_file_holds_it(
+            self, tmp_path, make_shipper, monkeypatch):
+        # a sibling sharing the folder must not take it for a dead
+        # worker's archive meanwhile
+        path = write_archive(tmp_path / "a.events")
+        lock = files.FileLock(path)
+        gate = threading.Event()
+        real, refused = shipper.files.write_json_atomic, []
+
+        def full(target, data):
+            if not gate.is_set():
+                refused.append(target)
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(target, data)
+        monkeypatch.setattr(shipper.files, "write_json_atomic", full)
+        memory = steps.MemoryCallback()
+        ship = make_shipper([("m", memory)])
+        ship.submit(path, lock)
+        deadline = time.monotonic() + 5
+        while len(refused) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(refused) >= 3  # submit's, and the thread's retries
+        assert files.FileLock.try_acquire(path, create=False) is None
+        assert memory.events == []
+        gate.set()
+        assert ship.wait_idle(timeout=5)
+        assert memory.events == [("close", path)]
+        taken = files.FileLock.try_acquire(path, create=False)
+        assert taken is not None
+        taken.release()
 
     def test_a_retried_step_does_not_write_its_state_again(
             self, tmp_path, make_shipper):
