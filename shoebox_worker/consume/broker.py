@@ -410,19 +410,21 @@ def declare(worker):
     where = conn.as_uri()
 
     def on_error(exc, interval):
-        # kombu retries every OSError, TLS ones too: not those
+        # kombu retries every OSError, TLS ones too: not those. The host
+        # is named here: kombu moves to the next failover URL after this.
         if tls_refusal(exc) is not None:
-            raise _TLSRefused(exc)
+            raise _TLSRefused(exc, conn.as_uri())
         worker.on_connection_error(exc, interval)
 
     try:
         conn.ensure_connection(on_error, worker.connect_max_retries,
                                callback=worker.check_stop)
     except _TLSRefused as refused:
-        raise _tls_failed(worker, conn, refused.args[0]) from None
+        raise _tls_failed(worker, *refused.args) from None
     except kombu.exceptions.OperationalError as exc:
         if tls_refusal(exc.__cause__) is not None:  # the last attempt's
-            raise _tls_failed(worker, conn, exc.__cause__) from None
+            raise _tls_failed(worker, exc.__cause__,
+                              conn.as_uri()) from None
         raise worker.outage.gave_up(
             where, exc.__cause__ or exc,
             worker.connect_max_retries) from None
@@ -445,19 +447,20 @@ def declare(worker):
 
 class _TLSRefused(Exception):
     """Ends kombu's connection retries on a TLS failure that retrying does
-    not fix (carries it)."""
+    not fix (carries it, and the URL of the host that failed)."""
 
 
-def _tls_failed(worker, conn, exc):
-    """The one line for a TLS failure at start, naming the file and the
-    option to look at: a :class:`BrokerError` (exit 1, and a supervisor
-    does not restart its child), as the fix may be on the broker's side
-    as well as in the config."""
+def _tls_failed(worker, exc, url):
+    """The one line for a TLS failure at start, naming the file, the
+    option to look at and the URL (password masked) of the host that
+    failed: a :class:`BrokerError` (exit 1, and a supervisor does not
+    restart its child), as the fix may be on the broker's side as well as
+    in the config."""
     option, advice = tls_refusal(exc)
     return BrokerError(
         "%s [broker] %s: TLS to the broker %s failed: %s; this will not "
-        "heal by retrying: %s" % (worker.config.filename, option,
-                                  conn.as_uri(), reason(exc), advice))
+        "heal by retrying: %s" % (worker.config.filename, option, url,
+                                  reason(exc), advice))
 
 
 def _declare_all(worker, conn):

@@ -55,6 +55,7 @@ __all__ = [
     "connect",
     "publish",
     "tls_from",
+    "tls_hints",
     "url_from",
 ]
 
@@ -119,13 +120,16 @@ def broker_error(url, err, hints=None):
     that retrying cannot fix (:func:`is_permanent`) says so.
 
     :param hints: ``{reply code: what to check}``, over
-        :data:`PERMANENT_HINTS`.
+        :data:`PERMANENT_HINTS`, and ``{TLS option: what to do}`` (the
+        ``[broker]`` option a TLS refusal points at, :func:`tls_hints`),
+        over the worker's advice.
     """
     tls = _tls_cause(err)
     text = " ".join(str(err).split()) or type(err).__name__
     if tls is not None:
+        option, advice = broker.tls_refusal(tls)
         text = "%s; retrying will not help: %s" % (
-            broker.reason(tls), broker.tls_refusal(tls)[1])
+            broker.reason(tls), (hints or {}).get(option, advice))
     elif is_permanent(err):
         code = broker.reply_code(err)
         if code == broker.ACCESS_REFUSED and "Login was refused" in text:
@@ -182,17 +186,37 @@ def tls_from(args, url):
     return broker.ssl_argument(settings)
 
 
+#: For a command given no ``--config``: its broker's certificate is checked
+#: against the system's CAs, and there is no ``[broker] ssl_ca_file`` to
+#: set.
+SYSTEM_CAS_HINT = ("the system's CAs do not trust the broker's "
+                   "certificate: give --config FILE with [broker] "
+                   "ssl_ca_file set to the CA that signed it (or add that "
+                   "CA to the system's), and use the host name it was made "
+                   "for")
+
+
+def tls_hints(args):
+    """:func:`broker_error`'s TLS hints for a command: none with
+    ``--config`` (the worker's advice, naming its ``[broker]`` options,
+    holds), else :data:`SYSTEM_CAS_HINT` for an untrusted certificate."""
+    if getattr(args, "config", None):
+        return {}
+    return {"ssl_ca_file": SYSTEM_CAS_HINT}
+
+
 def _kombu_hostname(url):
     """``url`` (as written, see :mod:`shoebox_worker.broker_url`) as kombu
     must be given it."""
     return broker_url.kombu_hostname(broker_url.parse(url))
 
 
-def connect(url, ssl=False):
+def connect(url, ssl=False, hints=None):
     """A connected kombu Connection with publisher confirms, or a
     ToolError within a few seconds.
 
     :param ssl: kombu's TLS argument (:func:`tls_from`).
+    :param hints: :func:`broker_error`'s (:func:`tls_hints`).
     """
     conn = broker.Connection(_kombu_hostname(url),
                              connect_timeout=BROKER_CONNECT_TIMEOUT,
@@ -204,7 +228,7 @@ def connect(url, ssl=False):
             interval_start=0.5, interval_step=0.5, interval_max=1.0)
     except broker_errors(conn) as err:
         conn.release()
-        raise broker_error(url, err) from None
+        raise broker_error(url, err, hints) from None
     return conn
 
 
@@ -437,7 +461,8 @@ def cmd_replay(args):
     keep = selection.keep if selection.active else None
     unreadable = []  # archives that could not be read: said at the end
     malformed = filtered = 0
-    conn = connect(url, ssl=tls)
+    hints = tls_hints(args)
+    conn = connect(url, ssl=tls, hints=hints)
     errors = broker_errors(conn)
     error = None
     sender = None
@@ -463,7 +488,7 @@ def cmd_replay(args):
             pacer.wait(sender.outcome.sent)
             sender.send(body)
     except errors as err:
-        error = broker_error(url, err, REPLAY_HINTS)
+        error = broker_error(url, err, {**REPLAY_HINTS, **hints})
     finally:
         conn.release()
     if sender is None:
@@ -523,7 +548,9 @@ def cmd_generate(args):
         raise ToolError("--rate must be > 0, got %g" % args.rate)
     url = url_from(args, os.environ)
     tls = tls_from(args, url)
-    conn = connect(url, ssl=tls)  # fail fast with one line when it is down
+    hints = tls_hints(args)
+    # fail fast with one line when it is down
+    conn = connect(url, ssl=tls, hints=hints)
     conn.release()
     bar = progress.bar(args.count)
     try:
@@ -534,7 +561,7 @@ def cmd_generate(args):
             declare_queue=args.queue, ssl=tls,
             progress=None if bar.disable else lambda n: bar.update(1))
     except broker_errors() as err:
-        raise broker_error(url, err, GENERATE_HINTS) from None
+        raise broker_error(url, err, {**GENERATE_HINTS, **hints}) from None
     finally:
         bar.close()
     print("published %d notification%s to exchange %s with routing key %s "

@@ -281,8 +281,17 @@ class Cluster:
     def url_of(self, node):
         return self.urls[self.nodes.index(node)]
 
+    @property
+    def tls_urls(self):
+        """The three nodes' amqps URLs (guest, host 127.0.0.1), node 1
+        first."""
+        return self.env["SHOEBOX_TEST_CLUSTER_TLS_URLS"].split(";")
+
+    def tls_url_of(self, node):
+        return self.tls_urls[self.nodes.index(node)]
+
     def __getattr__(self, name):
-        # tls_url, tls_node, ca, client_cert, client_key
+        # tls_url (node 1's), tls_node, ca, client_cert, client_key
         try:
             return self.__dict__["env"]["SHOEBOX_TEST_CLUSTER_"
                                         + name.upper()]

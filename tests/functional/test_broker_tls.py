@@ -1,21 +1,29 @@
-"""TLS to the broker, on the TLS listener of the project's own cluster
-(node 1 of ``scripts/rabbit-cluster``: a test CA, ``verify_peer``,
-``fail_if_no_peer_cert = false``).
+"""TLS to the broker, on the TLS listeners of the project's own cluster
+(``scripts/rabbit-cluster``: every node's, with a test CA, ``verify_peer``,
+``fail_if_no_peer_cert = false``; a server certificate for ``localhost``
+and ``127.0.0.1``).
 
 The worker archives over TLS (with and without a client certificate), and
 ``generate`` publishes over TLS from the worker's config. A broker whose
 certificate the worker cannot verify (another CA), and a client
 certificate the node refuses (signed by a CA it does not trust), are each
 one line and exit 1, at once: no traceback, no endless retry, whatever
-``connect_max_retries`` says.
+``connect_max_retries`` says. A failover host is checked against its own
+name, not the first URL's. ``generate`` and ``replay`` given a bare
+``--url amqps://...`` verify against the system's CAs: the test CA when
+``SSL_CERT_FILE`` names it, else one line and exit 1.
 """
 
 import os
 import re
+import socket
 import subprocess
 import sys
 
 import pytest
+
+from shoebox_worker import broker_url
+from shoebox_worker.tools import publish
 
 pytestmark = pytest.mark.functional
 
@@ -135,6 +143,36 @@ def test_generate_with_another_ca_is_one_line(cluster, names, tmp_path, ft,
            "trusted" in result.stderr
 
 
+def test_a_failover_host_is_checked_against_its_own_name(cluster, names,
+                                                        tmp_path, ft):
+    """The first URL (127.0.0.1, which the certificate covers) refuses the
+    connection; the second names node 2 as ``127.1``, an address for
+    127.0.0.1 that the certificate does not cover. Checked against the
+    first URL's name it would pass; against its own it fails."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        refusing = sock.getsockname()[1]
+    node2 = cluster.tls_urls[1].replace("@127.0.0.1:", "@127.1:")
+    config = ft.worker_config(
+        tmp_path, names, names, routing_key=ROUTING_KEY,
+        url="amqps://guest:guest@127.0.0.1:%d//;%s" % (refusing, node2),
+        broker={"ssl_ca_file": cluster.ca, "connect_max_retries": 3})
+    result = ft.run_worker(config, idle_exit=1, timeout=60)
+    assert result.returncode == 1, result.log_tail()
+    assert "Traceback" not in result.log, result.log_tail()
+    line = result.log.splitlines()[-1]
+    assert line.startswith("shoebox-worker: %s [broker] ssl_ca_file: TLS "
+                           "to the broker amqps://guest:**@127.1:%d// "
+                           "failed: TLS: certificate verify failed: "
+                           % (config, _port(node2))), line
+    assert "not valid for '127.1'" in line, line
+    assert "this will not heal by retrying" in line, line
+
+
+def _port(url):
+    return int(url.rsplit(":", 1)[1].split("/")[0])
+
+
 def test_check_config_loads_the_tls_files(cluster, names, tmp_path, ft):
     config = _config(ft, tmp_path, cluster, names,
                      ssl_cert_file=cluster.client_cert,
@@ -144,3 +182,100 @@ def test_check_config_loads_the_tls_files(cluster, names, tmp_path, ft):
     assert result.returncode == 2, result.stderr
     assert result.stderr == "shoebox-worker: %s [broker] ssl_key_file: %s: " \
         "no such file\n" % (config, tmp_path / "missing.key")
+
+
+# -- generate and replay given a bare amqps:// URL (no --config) -----------
+
+def _tool(*argv, trust_test_ca):
+    """``shoebox-worker ARGV`` with the system's CAs as OpenSSL finds them:
+    ``SSL_CERT_FILE`` set to the cluster's test CA (which Python's default
+    verify paths honour), or unset (the test CA is then not trusted)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("SSL_CERT_FILE", "SSL_CERT_DIR")}
+    if trust_test_ca:
+        env["SSL_CERT_FILE"] = trust_test_ca
+    return subprocess.run([WORKER, *map(str, argv)], capture_output=True,
+                          text=True, timeout=120, stdin=subprocess.DEVNULL,
+                          env=env)
+
+
+def _error_line(result):
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("shoebox-worker: "), result.stderr
+    return result.stderr
+
+
+def test_generate_and_replay_trust_the_systems_cas(cluster, names, tmp_path,
+                                                   ft):
+    """``generate --url amqps://...`` on node 1 and ``replay --url
+    amqps://...`` on node 2 (as ``localhost``), verified against the
+    system's CAs: the test CA through SSL_CERT_FILE."""
+    rabbit = ft.Rabbit(cluster.urls[0])
+    rabbit.track_queue(names)
+    rabbit.track_exchange(names)
+    try:
+        published = _tool("generate", "--url", cluster.tls_url, "--count",
+                          COUNT, "--exchange", names, "--queue", names,
+                          "--seed", "7", trust_test_ca=cluster.ca)
+        assert published.returncode == 0, published.stderr
+        assert "%d confirmed" % COUNT in published.stdout, published.stdout
+        assert rabbit.depth(names) == COUNT
+
+        config = ft.worker_config(tmp_path, names, names,
+                                  url=cluster.urls[0],
+                                  routing_key=ROUTING_KEY)
+        archived = ft.run_worker(config, idle_exit=2, timeout=120)
+        assert archived.returncode == 0, archived.log_tail()
+        records = ft.read_archives(tmp_path / "archive")
+        assert len({r.metadata["message_id"] for r in records}) == COUNT
+        assert rabbit.depth(names) == 0
+
+        node2 = cluster.tls_urls[1].replace("@127.0.0.1:", "@localhost:")
+        replayed = _tool("replay", "--url", node2, "--exchange", names,
+                         "--routing-key", ROUTING_KEY, tmp_path / "archive",
+                         trust_test_ca=cluster.ca)
+        assert replayed.returncode == 0, replayed.stderr
+        assert "%d published, %d confirmed" % (COUNT, COUNT) in \
+            replayed.stdout, replayed.stdout
+        assert rabbit.depth(names) == COUNT
+    finally:
+        rabbit.cleanup()
+
+
+def test_without_the_test_ca_generate_and_replay_are_one_line(
+        cluster, names, tmp_path, ft):
+    """The same commands with SSL_CERT_FILE unset: the system's CAs do not
+    include the test CA, so each is one line and exit 1, at once, with
+    what to do without --config."""
+    rabbit = ft.Rabbit(cluster.urls[0])
+    rabbit.declare(names, names, ROUTING_KEY)
+    archive = tmp_path / "archive"
+    try:
+        generated = _tool("generate", "--url", cluster.tls_url, "--count",
+                          1, "--exchange", names, "--queue", names,
+                          trust_test_ca=None)
+        line = _error_line(generated)
+        assert rabbit.depth(names) == 0
+
+        config = ft.worker_config(tmp_path, names, names,
+                                  url=cluster.urls[0],
+                                  routing_key=ROUTING_KEY)
+        ft.publish(cluster.urls[0], 5, exchange=names,
+                   routing_key=ROUTING_KEY)
+        assert ft.run_worker(config, idle_exit=1).returncode == 0
+        assert len(ft.read_archives(archive)) == 5
+        replayed = _tool("replay", "--url", cluster.tls_url, "--exchange",
+                         names, "--routing-key", ROUTING_KEY, archive,
+                         trust_test_ca=None)
+        lines = [line, _error_line(replayed)]
+    finally:
+        rabbit.cleanup()
+    for line in lines:
+        assert "broker %s: " % broker_url.redact(cluster.tls_url) in line, \
+            line
+        assert "certificate verify failed" in line, line
+        # no [broker] ssl_ca_file to set without --config
+        assert line.endswith("; retrying will not help: %s\n"
+                             % publish.SYSTEM_CAS_HINT), line

@@ -4,7 +4,13 @@ leader killed with SIGKILL while the worker consumes and a publisher with
 confirms publishes: every confirmed message is archived.
 
 The worker is given the three URLs (``;``), the leader's first, so that
-its connection is the one the kill cuts. The publisher uses kombu as
+its connection is the one the kill cuts: plain ``amqp://``, and (``tls``)
+the nodes' ``amqps://`` listeners with ``[broker] ssl_ca_file`` set to the
+cluster's test CA, the URL it fails over to naming its host ``localhost``
+and the others ``127.0.0.1`` (the certificate covers both; kombu's pyamqp
+transport connects to ``localhost`` as ``127.0.0.1``, so both are checked
+against ``127.0.0.1``). After the kill, the worker's connection must be a
+TLS one on another node, as the broker lists it. The publisher uses kombu as
 designed for this: ``confirm_publish`` and ``Connection.ensure`` (which
 reconnects, to the next URL, and publishes again: a message whose confirm
 the kill swallowed is sent twice, so duplicates are allowed and counted).
@@ -13,6 +19,7 @@ first) is measured from its metrics endpoint and printed, not asserted.
 """
 
 import collections
+import json
 import re
 import socket
 import threading
@@ -157,25 +164,50 @@ def _depth(cluster, name):
         return None
 
 
+def _worker_urls(cluster, order, tls):
+    """The URLs of the nodes ``order`` for the worker: plain, or TLS with
+    the second (where the worker fails over to) named ``localhost``."""
+    if not tls:
+        return [cluster.url_of(node) for node in order]
+    urls = [cluster.tls_url_of(node) for node in order]
+    urls[1] = urls[1].replace("@127.0.0.1:", "@localhost:")
+    return urls
+
+
+def _port(url):
+    return int(url.rsplit(":", 1)[1].split("/")[0])
+
+
+def _tls_connections(cluster, node):
+    """The server ports of the TLS client connections the cluster lists
+    (asked of ``node``)."""
+    result = cluster.ctl(node, "list_connections", "-q", "port", "ssl",
+                         "--formatter", "json")
+    assert result.returncode == 0, result.stderr
+    return sorted(c["port"] for c in json.loads(result.stdout) if c["ssl"])
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
 def test_killing_the_leader_loses_no_confirmed_message(
-        cluster, names, tmp_path, worker_procs, ft):
+        cluster, names, tmp_path, worker_procs, ft, tls):
     _declare(cluster, names)
     try:
-        _run(cluster, names, tmp_path, worker_procs, ft)
+        _run(cluster, names, tmp_path, worker_procs, ft, tls)
     finally:
         _delete(cluster, names)
 
 
-def _run(cluster, names, tmp_path, worker_procs, ft):
+def _run(cluster, names, tmp_path, worker_procs, ft, tls):
     leader = cluster.leader(names)
     others = [node for node in cluster.nodes if node != leader]
-    worker_urls = [cluster.url_of(node) for node in [leader] + others]
+    worker_urls = _worker_urls(cluster, [leader] + others, tls)
     config = ft.worker_config(
         tmp_path, names, names, url=";".join(worker_urls),
         routing_key=ROUTING_KEY, durable=True,
         consumer_options={"queue_arguments": "x-queue-type=quorum"},
         roll_checker="count", roll_options={"roll_count": 1000},
-        broker={"prefetch_count": 200},
+        broker={"prefetch_count": 200,
+                **({"ssl_ca_file": cluster.ca} if tls else {})},
         archive_options={"fsync_every": 50})
     metrics_port = _free_port()
     with open(config, "a") as conf:
@@ -209,6 +241,10 @@ def _run(cluster, names, tmp_path, worker_procs, ft):
     finally:
         watch.stop.set()
         watch.join(5)
+    # where the worker consumes now, as it logged it and as the broker
+    # lists its TLS connections (the publisher's are plain)
+    consuming = re.findall(r"consuming from \S+ on (\S+)", worker.log)
+    tls_now = _tls_connections(cluster, others[0])
     worker.signal(15)
     assert worker.wait(60) == 0, worker.log_tail()
 
@@ -222,17 +258,31 @@ def _run(cluster, names, tmp_path, worker_procs, ft):
     assert not unexpected, sorted(unexpected)[:3]
     duplicates = sum(counts.values()) - len(counts)
     gap, reconnected = watch.next_ack_after(killed)
-    print("\ncluster: killed the leader %s (the worker's node) with SIGKILL "
-          "after %d confirmed, serving again %.1f s after the kill; %d "
-          "confirmed of %d sent (%d publisher retries), %d archived: 0 "
-          "lost, %d "
-          "duplicate(s), %d archived unconfirmed; kill to next acked "
-          "message: %s (worker reconnected: %s); the worker connected %d "
-          "time(s)" % (
-              leader, confirmed_at_kill, restarted - killed,
+    print("\ncluster (%s): killed the leader %s (the worker's node) with "
+          "SIGKILL after %d confirmed, serving again %.1f s after the "
+          "kill; %d confirmed of %d sent (%d publisher retries), %d "
+          "archived: 0 lost, %d duplicate(s), %d archived unconfirmed; "
+          "kill to next acked message: %s (worker reconnected: %s); the "
+          "worker connected %d time(s)" % (
+              "tls" if tls else "plain", leader, confirmed_at_kill,
+              restarted - killed,
               len(confirmed), len(publisher.sent),
               publisher.retries, len(counts), duplicates,
               len(set(counts) - confirmed),
               "%.2f s" % gap if gap is not None else "not seen",
               reconnected, worker.log.count("consuming from")))
     assert gap is not None, "no ack seen after the kill"
+    assert len(consuming) >= 2, worker.log_tail()
+    scheme = "amqps" if tls else "amqp"
+    assert consuming[0] == "%s://guest:**@127.0.0.1:%d//" % (
+        scheme, _port(worker_urls[0])), consuming
+    assert consuming[-1].startswith(scheme + "://"), consuming
+    assert _port(consuming[-1]) in {_port(u) for u in worker_urls[1:]}, \
+        consuming
+    if tls:
+        print("cluster (tls): the worker consumed on %s, then on %s; the "
+              "broker's TLS connections: port(s) %s" % (
+                  consuming[0], consuming[-1], tls_now))
+        assert tls_now == [_port(consuming[-1])], tls_now
+    else:
+        assert tls_now == [], tls_now

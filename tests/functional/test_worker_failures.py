@@ -79,8 +79,9 @@ def test_kill_9_loses_nothing(rabbit, names, tmp_path, worker_procs, ft):
 
 def test_broker_restart_and_connection_cut(cluster, names, tmp_path,
                                            worker_procs, ft):
-    # on a node of the project's own cluster (node 3, not the TLS one),
-    # not the machine's node: it is stopped and started here
+    # on a node of the project's own cluster (node 3: the TLS tests use
+    # node 1's listener), not the machine's node: it is stopped and
+    # started here
     node = cluster.nodes[2]
     url = cluster.url_of(node)
     port = int(url.rsplit(":", 1)[1].split("/")[0])

@@ -891,20 +891,26 @@ def tls_server():
     listener.close()
 
 
-@pytest.mark.parametrize("retries", ["", "5"])
-def test_an_untrusted_broker_stops_the_start_at_once(tmp_path, tls_server,
-                                                     retries, caplog):
-    port, accepted = tls_server
+def _tls_config(tmp_path, urls, retries=""):
     path = tmp_path / "tls.conf"
     path.write_text(textwrap.dedent("""\
         [broker]
-        url = amqps://guest:secret@127.0.0.1:{port}//
+        url = {urls}
         connect_max_retries = {retries}
         [consumer:q]
         [archive]
         working_directory = {work}
         roll_checker = never
-        """).format(port=port, retries=retries, work=tmp_path / "work"))
+        """).format(urls=urls, retries=retries, work=tmp_path / "work"))
+    return path
+
+
+@pytest.mark.parametrize("retries", ["", "5"])
+def test_an_untrusted_broker_stops_the_start_at_once(tmp_path, tls_server,
+                                                     retries, caplog):
+    port, accepted = tls_server
+    path = _tls_config(tmp_path, "amqps://guest:secret@127.0.0.1:%d//"
+                       % port, retries)
     worker = make_worker(config_mod.load(str(path)))
     with pytest.raises(broker.BrokerError) as info:
         broker.declare(worker)
@@ -915,4 +921,23 @@ def test_an_untrusted_broker_stops_the_start_at_once(tmp_path, tls_server,
         "not heal by retrying: %s" % (path, port,
                                       broker.TLS_PERMANENT[
                                           "CERTIFICATE_VERIFY_FAILED"][1]))
+    assert len(accepted) == 1
+
+
+def test_an_untrusted_failover_host_is_the_one_named(tmp_path, tls_server):
+    """The first URL refuses the connection, the second is the TLS server
+    the worker cannot verify: the line names the second (kombu has moved
+    on to the next URL by the time the retries end)."""
+    port, accepted = tls_server
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        refusing = sock.getsockname()[1]
+    path = _tls_config(tmp_path, "amqps://guest:secret@127.0.0.1:%d//;"
+                       "amqps://guest:secret@127.0.0.1:%d//"
+                       % (refusing, port))
+    worker = make_worker(config_mod.load(str(path)))
+    with pytest.raises(broker.BrokerError) as info:
+        broker.declare(worker)
+    assert "TLS to the broker amqps://guest:**@127.0.0.1:%d// failed: " \
+        "TLS: certificate verify failed" % port in str(info.value)
     assert len(accepted) == 1

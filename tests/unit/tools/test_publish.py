@@ -3,12 +3,15 @@ the replay envelope, the outcome's lines, the broker errors' lines, the
 progress bar. Publishing to RabbitMQ is in
 tests/functional/test_generator_publish.py and test_tools_commands.py."""
 
+import argparse
 import json
+import ssl
 
 import amqp.exceptions
 import kombu.exceptions
 import pytest
 
+from shoebox_worker.consume import broker
 from shoebox_worker.tools import ToolError
 from shoebox_worker.tools import publish
 
@@ -120,6 +123,25 @@ class TestBrokerError:
         err = _amqp(amqp.exceptions.NotFound, "NOT_FOUND - no exchange")
         text = str(publish.broker_error(URL, err, {404: "check --exchange"}))
         assert text.endswith("retrying will not help: check --exchange")
+
+    @pytest.mark.parametrize("config, advice", [
+        (None, publish.SYSTEM_CAS_HINT),
+        ("worker.conf",
+         broker.TLS_PERMANENT["CERTIFICATE_VERIFY_FAILED"][1])])
+    def test_an_untrusted_certificate_advises_by_the_command(self, config,
+                                                             advice):
+        """Without --config there is no [broker] ssl_ca_file to set."""
+        verify = ssl.SSLCertVerificationError(1, "certificate verify failed")
+        verify.reason = "CERTIFICATE_VERIFY_FAILED"
+        verify.verify_message = "self-signed certificate in certificate chain"
+        err = kombu.exceptions.OperationalError(str(verify))
+        err.__cause__ = verify
+        hints = publish.tls_hints(argparse.Namespace(config=config))
+        text = str(publish.broker_error(URL, err, {404: "x", **hints}))
+        assert text == ("broker amqp://guest:***@127.0.0.1:5672//: TLS: "
+                        "certificate verify failed: self-signed certificate "
+                        "in certificate chain; retrying will not help: "
+                        + advice)
 
     @pytest.mark.parametrize("err", [
         ConnectionRefusedError(111, "Connection refused"),
