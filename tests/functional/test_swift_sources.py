@@ -168,7 +168,9 @@ def test_cat_prints_what_a_local_cat_of_the_objects_prints(
     assert len(lines) == len(shipped["published"])
     assert [m["metadata"]["message_id"] for m in lines] == \
         shipped["published"]  # write order: the first run's, then the rest
-    read = [item.object for item in sources.find(["swift://" + container])]
+    with sources.Swift() as swift:
+        read = [item.object for item in sources.find(
+            ["swift://" + container], swift=swift)]
     assert sorted(read) == sorted(names)
     local = subprocess.run(
         [WORKER, "cat", "--metadata",
@@ -210,8 +212,9 @@ def test_verify_says_each_object_and_its_versions(shipped, capsysbinary):
 
 
 def test_find_heads_fill_the_metadata(shipped):
-    items = sources.find(["swift://" + shipped["container"]], heads=True,
-                         jobs=3)
+    with sources.Swift() as swift:
+        items = sources.find(["swift://" + shipped["container"]],
+                             swift=swift, heads=True, jobs=3)
     assert [i.meta["records"] for i in items] == [str(ROLL)] * len(items)
     assert {i.meta["format-versions"] for i in items} == {"1", "2"}
 

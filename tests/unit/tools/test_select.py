@@ -372,7 +372,7 @@ class TestMayHold:
             def may_contain(self, field, value):
                 return value in self.values
 
-        def load(data):
+        def load(data, name):
             if data == b"damaged":
                 raise exceptions.ShoeboxError("damaged index")
             return FakeIndex(data)
@@ -403,7 +403,8 @@ class TestMayHold:
             def may_contain(self, field, value):
                 return True
 
-        chosen = selection(*self.WINDOW, load_index=lambda data: FakeIndex())
+        chosen = selection(*self.WINDOW,
+                           load_index=lambda data, name: FakeIndex())
         assert not chosen.may_hold(item(index_name="o.index", index=b"x"))
 
 

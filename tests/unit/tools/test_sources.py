@@ -154,14 +154,15 @@ class TestListing:
     def test_files_and_objects_mix_in_the_order_given(self, tmp_path):
         path = tmp_path / "a.events"
         path.write_bytes(archive_bytes(2))
-        (tmp_path / "a.events.index").write_bytes(b"i")
+        built = index.build([])
+        (tmp_path / "a.events.index").write_bytes(built)
         swift = FakeSwift([entry("o", "1")])
         items = sources.find([str(path), "swift://c", str(path)],
                              swift=swift)
         assert [i.name for i in items] == [str(path), "swift://c/o",
                                            str(path)]
         assert items[0].meta == {} and items[0].size == path.stat().st_size
-        assert items[0].read_index() == b"i"
+        assert items[0].read_index() == built
         assert items[0].salvage_to == str(path) + ".salvaged"
         assert items[1].salvage_to == "o.salvaged"
 
