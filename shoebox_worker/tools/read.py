@@ -181,12 +181,11 @@ def _index_unused(item, err):
     """The one warning line for an index that cannot be used (unreadable,
     damaged, or longer than an index may be): its archive is read."""
     if isinstance(err, OSError):
-        text = "%s: cannot read: %s" % (item.index_name,
+        text = "%s: cannot read: %s" % (item.index_label,
                                         err.strerror or err)
     else:
         text = str(err)
-    print("shoebox-worker: warning: %s; reading %s in full" % (
-        text, item.name), file=sys.stderr, flush=True)
+    sources.warn("%s; reading %s in full" % (text, item.name))
 
 
 def read_all(items, salvage, jobs, on_error, shown=False):

@@ -275,7 +275,8 @@ class Selection:
 
     def may_hold(self, item, on_unused=None):
         """False only when ``item`` (an archive: ``meta``, ``index_name``,
-        ``read_index()``) provably holds no record this selection keeps.
+        ``index_label``, ``read_index()``) provably holds no record this
+        selection keeps.
 
         :param on_unused: called as ``on_unused(item, error)`` when the
             item has an index that cannot be read or used (an OSError, a
@@ -290,7 +291,7 @@ class Selection:
             return True
         try:
             data = item.read_index()
-            index = self.load_index(data, item.index_name) \
+            index = self.load_index(data, item.index_label) \
                 if data is not None else None
         except (exceptions.ShoeboxError, OSError) as err:
             if on_unused is not None:

@@ -107,6 +107,7 @@ __all__ = [
     "item_of",
     "looks_like_archive",
     "read_ahead",
+    "warn",
     "SCHEME",
     "DEFAULT_JOBS",
 ]
@@ -196,6 +197,11 @@ class Item:
         """The bytes of the index, or None when there is none."""
         raise NotImplementedError
 
+    @property
+    def index_label(self):
+        """The index, for messages (a path, ``swift://C/O.index``)."""
+        return self.index_name
+
     def __repr__(self):
         return "<%s %s>" % (type(self).__name__, self.name)
 
@@ -274,8 +280,14 @@ class SwiftItem(Item):
         except exceptions.IndexError_:
             raise
         except Exception as exc:
-            raise _stream_error(self, exc, self.index_name) from None
+            raise _stream_error(self, exc) from None
         return data
+
+    @property
+    def index_label(self):
+        if self.index_name is None:
+            return None
+        return "%s%s/%s" % (SCHEME, self.container, self.index_name)
 
     def head(self, conn):
         """Fill :attr:`meta` from a HEAD of the object."""
@@ -345,6 +357,17 @@ def _too_big(name, limit, size=None):
                                   "for it (%d)" % (
                                       name, size if size is not None
                                       else "over %d" % limit, limit))
+
+
+_WARN_LOCK = threading.Lock()
+
+
+def warn(text):
+    """One warning line on stderr, whole even when threads warn at once
+    (``print`` writes the text and its newline apart)."""
+    with _WARN_LOCK:
+        sys.stderr.write("shoebox-worker: warning: %s\n" % text)
+        sys.stderr.flush()
 
 
 def item_of(source):
@@ -668,8 +691,7 @@ def load_bundles(swift, container, listing, jobs=DEFAULT_JOBS):
         except Exception as exc:
             problem = "%s%s/%s: %s" % (SCHEME, container, name,
                                        _describe(exc))
-        print("shoebox-worker: warning: %s; reading the indexes of its "
-              "archives instead" % problem, file=sys.stderr, flush=True)
+        warn("%s; reading the indexes of its archives instead" % problem)
         return {}
 
     bundles = [entry for entry in listing

@@ -300,6 +300,10 @@ class FakeItem:
         self.reads += 1
         return self.index
 
+    @property
+    def index_label(self):
+        return self.index_name
+
 
 def item(earliest=None, latest=None, name="o", **more):
     meta = {}
@@ -423,7 +427,7 @@ class _Archive:
     """An item whose index is the given bytes."""
 
     meta = {}
-    index_name = "x.index"
+    index_name = index_label = "x.index"
 
     def __init__(self, data):
         self._data = data
