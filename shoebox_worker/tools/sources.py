@@ -684,9 +684,10 @@ def _find_objects(swift, spec, indexes=False, jobs=DEFAULT_JOBS):
 
 def load_bundles(swift, container, listing, jobs=DEFAULT_JOBS):
     """``{(archive object name, listing hash): index bytes}`` from the
-    index bundles in ``listing``, GET ``jobs`` at a time. A bundle that
-    cannot be read or is damaged is left out, with one line on stderr:
-    its archives' own indexes are read instead."""
+    index bundles in ``listing``, GET ``jobs`` at a time (each at most
+    :data:`~shoebox_worker.index.MAX_BUNDLE_BYTES`: :func:`get_bounded`).
+    A bundle that cannot be read, is damaged or is longer is left out,
+    with one line on stderr: its archives' own indexes are read instead."""
 
     def get(entry):
         name = entry["name"]
