@@ -51,6 +51,14 @@ Readers refuse any other version, magic or checksum
 (:class:`~shoebox_worker.exceptions.IndexError_`, one line); a new
 version gets a new number, and readers of this one stay.
 
+**Size.** A reader takes no index longer than :func:`size_limit` says
+from its first :data:`HEAD_BYTES` bytes: what F fields of the longest
+paths with filters of :data:`MAX_BITS_PER_RECORD` bits per record
+indexed may take, and never more than :data:`MAX_BYTES`; nor a bundle
+longer than :data:`MAX_BUNDLE_BYTES`. Longer bytes are refused before
+they are held (:class:`~shoebox_worker.exceptions.IndexError_`): the
+archive is then read, as for a damaged index.
+
 **Bundles.** One object holding the indexes of many archive objects
 (``shoebox-worker index-bundle`` writes it, :data:`BUNDLE_SUFFIX`), so
 that a reader GETs one object instead of one index per archive
@@ -90,10 +98,12 @@ __all__ = [
     "Index",
     "build",
     "build_bundle",
+    "bundle_size_limit",
     "lookup",
     "looks_like_index",
     "read_file",
     "sidecar",
+    "size_limit",
     "value_text",
     "write_file",
 ]
@@ -136,12 +146,66 @@ MIN_BITS = 64
 #: its bits that are set): a margin under the 1 % promised.
 MAX_FALSE_POSITIVES = 0.009
 
+#: The most bytes a reader takes for one index. 64 MiB hold 35 million
+#: distinct values at the writer's 15 bits each: an archive of 5.8
+#: million records with their own ids in all six default fields, 58 times
+#: the default ``roll_count``. A larger index is not read (its archive is).
+MAX_BYTES = 64 << 20
+#: The most bytes a reader takes for one bundle (held whole while the
+#: listing is pruned, ``--jobs`` at a time): the indexes of 3,000
+#: archives of 100,000 simulated nova notifications each (75 KB an
+#: index, bench/index.py) fit.
+MAX_BUNDLE_BYTES = 256 << 20
+#: Filter bits per record indexed that a reader accepts: over four times
+#: the :data:`BITS_PER_VALUE` the writer spends per distinct value (and
+#: a field has no more distinct values than records), so a writer that
+#: spends more stays readable without a new version.
+MAX_BITS_PER_RECORD = 64
+
 _HEAD = struct.Struct("<4sBBHQ")
 _BUNDLE_HEAD = struct.Struct("<4sBBI")
 _FIELD = struct.Struct("<IBI")
 _U8 = struct.Struct("<B")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
+
+
+#: Bytes of an index that tell how long it may be (:func:`size_limit`).
+HEAD_BYTES = _HEAD.size
+
+
+def size_limit(head):
+    """The most bytes an index that starts with ``head`` may have: its
+    header, the longest time texts, and for each of its F fields the
+    longest path and a filter of :data:`MAX_BITS_PER_RECORD` bits per
+    record it counts; :data:`MAX_BYTES` at most (and until ``head`` holds
+    :data:`HEAD_BYTES` bytes).
+
+    :raises IndexError_: ``head`` is not the start of an index of this
+        version.
+    """
+    head = bytes(head[:HEAD_BYTES])
+    if len(head) < HEAD_BYTES:
+        if not MAGIC.startswith(head[:len(MAGIC)]):
+            raise exceptions.IndexError_("not a shoebox index (no %r "
+                                         "magic)" % (MAGIC,))
+        return MAX_BYTES
+    magic, version, _, count, records = _HEAD.unpack(head)
+    if magic != MAGIC or version != VERSION:
+        raise exceptions.IndexError_(
+            "not a shoebox index of version %d (%r, version %d)" % (
+                VERSION, magic, version))
+    per_field = (_U16.size + 0xFFFF + _FIELD.size + MIN_BITS // 8
+                 + (MAX_BITS_PER_RECORD * records + 7) // 8)
+    most = _HEAD.size + 2 * (_U8.size + 0xFF) + count * per_field + 4
+    return min(most, MAX_BYTES)
+
+
+def bundle_size_limit(head):
+    """The most bytes a bundle that starts with ``head`` may have:
+    :data:`MAX_BUNDLE_BYTES` (the entries' sizes say nothing before they
+    are read)."""
+    return MAX_BUNDLE_BYTES
 
 
 def looks_like_index(head):
@@ -556,7 +620,7 @@ class Index:
         :raises IndexError_: bytes that are not an index of a known
             version, cut short, or damaged.
         """
-        data = bytes(data)
+        data = memoryview(data).cast("B")  # no copy of a big one
         if len(data) < _HEAD.size + 4 or data[:4] != MAGIC:
             raise exceptions.IndexError_("%s: not a shoebox index (no %r "
                                          "magic)" % (name, MAGIC))
@@ -585,7 +649,7 @@ class Index:
             pos += size_of.size
             if pos + length > len(body):
                 raise ValueError("a length past the end")
-            value = body[pos:pos + length].decode("utf-8")
+            value = bytes(body[pos:pos + length]).decode("utf-8")
             pos += length
             return value or None
 
@@ -599,7 +663,8 @@ class Index:
                 raise ValueError("a filter past the end")
             if field is None or field in filters or (size and not hashes):
                 raise ValueError("a bad field entry")
-            filters[field] = (distinct, hashes, body[pos:pos + size])
+            filters[field] = (distinct, hashes,
+                              bytes(body[pos:pos + size]))
             fields.append(field)
             pos += size
         if pos != len(body):
@@ -679,7 +744,7 @@ class Bundle:
         :raises IndexError_: not a bundle of a known version, cut short,
             or damaged.
         """
-        data = bytes(data)
+        data = memoryview(data).cast("B")  # no copy of a big one
         if len(data) < _BUNDLE_HEAD.size + 4 or data[:4] != BUNDLE_MAGIC:
             raise exceptions.IndexError_("%s: not a shoebox index bundle "
                                          "(no %r magic)" % (name,
@@ -714,7 +779,7 @@ def _parse_bundle(body):
         if pos + length > len(body):
             raise ValueError("a length past the end")
         pos += length
-        return body[pos - length:pos]
+        return bytes(body[pos - length:pos])
 
     for _ in range(count):
         name = field(_U16).decode("utf-8")

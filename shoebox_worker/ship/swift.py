@@ -345,23 +345,47 @@ class _Part:
 
 class _BlockAdapter(requests.adapters.HTTPAdapter):
     """requests' adapter, reading request bodies :data:`SEND_BLOCK` bytes
-    at a time."""
+    at a time, whose :meth:`close` closes its sockets."""
 
     def init_poolmanager(self, *args, **kwargs):
         kwargs.setdefault("blocksize", SEND_BLOCK)
         super().init_poolmanager(*args, **kwargs)
 
+    def close(self):
+        """requests' close, then every pool's idle sockets: urllib3 2's
+        ``PoolManager.clear`` forgets its pools without closing them (a
+        pool's sockets close when it is garbage, and a response kept in a
+        reference cycle, as swiftclient's are, keeps its pool), so they
+        would stay open until the garbage collector runs."""
+        pools = self.poolmanager.pools
+        held = []
+        for key in list(pools.keys()):
+            pool = pools.get(key)
+            if pool is not None:
+                held.append(pool)
+        super().close()
+        for pool in held:
+            pool.close()
+
 
 class _Connection(swiftclient.Connection):
     """swiftclient's Connection, sending bodies in :data:`SEND_BLOCK`
-    reads."""
+    reads; :meth:`close` closes the sockets of every HTTP connection it
+    made (swiftclient drops one without closing it when it retries)."""
 
     def http_connection(self, url=None):
         parsed, conn = super().http_connection(url)
         adapter = _BlockAdapter()
         for prefix in ("http://", "https://"):
             conn.request_session.mount(prefix, adapter)
+        self.__dict__.setdefault("_adapters", []).append(adapter)
         return parsed, conn
+
+    def close(self):
+        super().close()
+        adapters, self._adapters = self.__dict__.get("_adapters", []), []
+        for adapter in adapters:
+            adapter.close()
 
     def put_object(self, container, obj, contents, **kwargs):
         """swiftclient's, except that a :class:`_Part` body is sent again

@@ -17,7 +17,9 @@ the day before's prefix) and the bundle is rebuilt from what is there.
 An archive is left out (and read through its own index) when it has no
 index object, when its index is older than it (the swift step uploads the
 index after the archive: the new index may not be there yet), or when
-the GET of its index fails or returns another ETag than the listing.
+the GET of its index fails or returns another ETag than the listing, or
+when its index is not one or longer than a reader takes
+(:func:`shoebox_worker.index.size_limit`).
 """
 
 import concurrent.futures
@@ -39,10 +41,12 @@ def bundle_name(prefix):
 
 
 def _fetch(swift, container, archive, index_entry):
-    """``(name, hash, index bytes)`` of one archive, or None."""
+    """``(name, hash, index bytes)`` of one archive, or None (an index
+    longer than a reader takes is left out: its archive is read)."""
     try:
-        headers, data = swift.connection().get_object(container,
-                                                      index_entry["name"])
+        headers, data = sources.get_bounded(
+            swift.connection(), container, index_entry["name"],
+            archive_index.size_limit, listed=index_entry.get("bytes"))
     except Exception:  # gone since the listing: its reader GETs it
         return None
     if headers.get("etag", "").strip('"') != index_entry.get("hash"):
@@ -56,8 +60,7 @@ def cmd_index_bundle(args):
     if not spec.startswith(sources.SCHEME):
         raise ToolError("%s: expected swift://CONTAINER[/PREFIX]" % spec)
     container, prefix = sources.parse_spec(spec)
-    swift = sources.Swift(config_file=args.config)
-    try:
+    with sources.Swift(config_file=args.config) as swift:
         listing = swift.list(container, prefix)
         by_name = {entry["name"]: entry for entry in listing}
         archives = [e for e in listing if sources.is_archive_entry(e)]
@@ -81,8 +84,6 @@ def cmd_index_bundle(args):
             raise ToolError("%s%s/%s: cannot write: %s" % (
                 sources.SCHEME, container, name,
                 sources._describe(exc))) from None
-    finally:
-        swift.close()
     print("%s%s/%s: the indexes of %d of %d archives" % (
         sources.SCHEME, container, name, len(found), len(archives)))
     return EXIT_OK

@@ -270,7 +270,12 @@ def cmd_export(args):
     an archive could not be read (the others are exported all the same)."""
     read.quiet_reader_logs()
     selection = select.from_args(args)
-    items = read.find_items(args, selection)
+    with read.swift_of(args) as swift:
+        items = read.find_items(args, swift, selection)
+        return _export(args, items, selection)
+
+
+def _export(args, items, selection):
     exporter = Exporter(args.out, args.format, args.compression)
     keep = selection.keep if selection.active else None
     unreadable = []

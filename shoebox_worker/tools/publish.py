@@ -457,7 +457,12 @@ def cmd_replay(args):
     url = url_from(args, os.environ)
     tls = tls_from(args, url)
     selection = select.from_args(args)
-    items = read.find_items(args, selection)
+    with read.swift_of(args) as swift:
+        items = read.find_items(args, swift, selection)
+        return _replay(args, url, tls, items, selection)
+
+
+def _replay(args, url, tls, items, selection):
     keep = selection.keep if selection.active else None
     unreadable = []  # archives that could not be read: said at the end
     malformed = filtered = 0

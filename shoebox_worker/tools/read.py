@@ -16,9 +16,11 @@ back in the version it was found in).
 ``cat`` keeps what the selection options say
 (:mod:`shoebox_worker.tools.select`), and reads only the archives that may
 hold such records (:func:`find_items`); ``replay`` (in
-:mod:`shoebox_worker.tools.publish`) reads archives with
-:func:`find_items` and :func:`read_all` from here, and selects the same
-way.
+:mod:`shoebox_worker.tools.publish`) and ``export`` read archives with
+:func:`find_items` and :func:`read_all` from here, and select the same
+way. Each command opens its Swift with :func:`swift_of` around all of its
+work, so that its connections are closed however it ends (an error, a
+closed pipe).
 """
 
 import functools
@@ -62,6 +64,7 @@ __all__ = [
     "render_record",
     "say",
     "report_line",
+    "swift_of",
     "verify_file",
 ]
 
@@ -131,15 +134,26 @@ def _not_an_archive(item):
 find_archives = sources.find_archives
 
 
-def find_items(args, selection=None):
-    """The archives a command's PATHs name, in write order: files,
-    directories and ``swift://`` specs, with ``--config``'s Swift.
+def swift_of(args):
+    """The command's :class:`~shoebox_worker.tools.sources.Swift`, from
+    ``--config`` or the environment; a context manager that closes its
+    connections::
 
+        with read.swift_of(args) as swift:
+            items = read.find_items(args, swift, selection)
+    """
+    return sources.Swift(config_file=getattr(args, "config", None))
+
+
+def find_items(args, swift, selection=None):
+    """The archives a command's PATHs name, in write order: files,
+    directories and ``swift://`` specs.
+
+    :param swift: the command's Swift (:func:`swift_of`), which it closes.
     :param selection: a :class:`~shoebox_worker.tools.select.Selection`:
         only the archives that may hold a record it keeps (their time
         range and index, read ``--jobs`` at a time: see docs/reading.md).
     """
-    swift = sources.Swift(config_file=getattr(args, "config", None))
     pruned = selection is not None and bool(selection.windowed
                                             or selection.exact)
     items = sources.find(args.paths, swift=swift, jobs=args.jobs,
@@ -158,9 +172,20 @@ def _may_hold(selection, item):
             item.index_name is None or selection.load_index is None):
         try:
             item.head(item.swift.connection())
-        except ToolError:
+        except (ToolError, OSError):
             return True
-    return selection.may_hold(item)
+    return selection.may_hold(item, on_unused=_index_unused)
+
+
+def _index_unused(item, err):
+    """The one warning line for an index that cannot be used (unreadable,
+    damaged, or longer than an index may be): its archive is read."""
+    if isinstance(err, OSError):
+        text = "%s: cannot read: %s" % (item.index_label,
+                                        err.strerror or err)
+    else:
+        text = str(err)
+    sources.warn("%s; reading %s in full" % (text, item.name))
 
 
 def read_all(items, salvage, jobs, on_error, shown=False):
@@ -312,7 +337,17 @@ def cmd_cat(args):
     or is damaged (the others are printed all the same)."""
     quiet_reader_logs()
     selection = select.from_args(args)
-    items = find_items(args, selection)
+    with swift_of(args) as swift:
+        items = find_items(args, swift, selection)
+        status = _cat_items(args, items, selection)
+    if status == EXIT_BROKEN_PIPE:
+        return status
+    for line in selection.notes():
+        print("shoebox-worker: %s" % line, file=sys.stderr)
+    return status
+
+
+def _cat_items(args, items, selection):
     keep = selection.keep if selection.active else None
     out = sys.stdout.buffer
     status = EXIT_OK
@@ -333,8 +368,6 @@ def cmd_cat(args):
         os.dup2(devnull, out.fileno())
         os.close(devnull)
         return EXIT_BROKEN_PIPE
-    for line in selection.notes():
-        print("shoebox-worker: %s" % line, file=sys.stderr)
     return status
 
 
@@ -539,8 +572,7 @@ def cmd_verify(args):
     """Check archives; exit 1 if any is damaged or unreadable."""
     quiet_reader_logs()
     status = EXIT_OK
-    swift = sources.Swift(config_file=args.config)
-    try:
+    with swift_of(args) as swift:
         for path in args.paths:
             try:
                 items = sources.find([path], swift=swift, jobs=args.jobs)
@@ -561,6 +593,4 @@ def cmd_verify(args):
                     print(report_line(report, salvaged_to), flush=True)
                     if not report.ok:
                         status = EXIT_FAILURE
-    finally:
-        swift.close()
     return status

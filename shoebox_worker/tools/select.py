@@ -198,11 +198,11 @@ class Selection:
     :param match: ``(key, test)`` pairs (:func:`parse_match`), all of
         which must match the metadata.
     :param dedup: drop records whose ``message_id`` was already kept.
-    :param load_index: turns the bytes of an archive's index into an
-        object with ``fields``, ``may_contain(field, value)``,
-        ``earliest`` and ``latest`` (``shoebox_worker.index.Index
-        .from_bytes``), raising a ShoeboxError for a damaged one; None:
-        indexes are not read.
+    :param load_index: ``load_index(data, name)`` turns the bytes of an
+        archive's index (named ``name`` in messages) into an object with
+        ``fields``, ``may_contain(field, value)``, ``earliest`` and
+        ``latest`` (``shoebox_worker.index.Index.from_bytes``), raising a
+        ShoeboxError for a damaged one; None: indexes are not read.
 
     ``keep(metadata, payload)`` is made once, for the options given (a
     plain attribute: the tools' hot loop calls it per record).
@@ -273,9 +273,15 @@ class Selection:
 
     # -- pruning archives ----------------------------------------------
 
-    def may_hold(self, item):
+    def may_hold(self, item, on_unused=None):
         """False only when ``item`` (an archive: ``meta``, ``index_name``,
-        ``read_index()``) provably holds no record this selection keeps."""
+        ``index_label``, ``read_index()``) provably holds no record this
+        selection keeps.
+
+        :param on_unused: called as ``on_unused(item, error)`` when the
+            item has an index that cannot be read or used (an OSError, a
+            ShoeboxError: damaged, too long); the item may hold then.
+        """
         if self.windowed:
             meta = item.meta or {}
             if self._misses(meta.get(EARLIEST_KEY), meta.get(LATEST_KEY)):
@@ -285,8 +291,11 @@ class Selection:
             return True
         try:
             data = item.read_index()
-            index = self.load_index(data) if data is not None else None
-        except (exceptions.ShoeboxError, OSError):
+            index = self.load_index(data, item.index_label) \
+                if data is not None else None
+        except (exceptions.ShoeboxError, OSError) as err:
+            if on_unused is not None:
+                on_unused(item, err)
             return True  # a damaged or unreadable index proves nothing
         if index is None:
             return True

@@ -30,6 +30,15 @@ archive object was replaced since) is ignored, and so is a damaged bundle
 (one line on stderr): those archives' own indexes are read, as are those
 of archives no bundle holds.
 
+**Indexes are bounded.** An index or a bundle is read with one GET,
+:data:`INDEX_CHUNK` bytes at a time, and given up (one warning line, an
+:class:`~shoebox_worker.exceptions.IndexError_`) as soon as its size, by
+the listing, by its ``Content-Length`` or by the bytes that came, passes
+what :func:`shoebox_worker.index.size_limit` allows for its header (or
+:data:`~shoebox_worker.index.MAX_BUNDLE_BYTES`): a hostile or huge
+``.index`` object is never held. An index not used proves nothing, so its
+archive is read (:func:`get_bounded`).
+
 **Write order.** Objects are ordered as :func:`roll_manager.sort_written_order`
 orders files: by the time Swift last wrote them (the listing's
 ``last_modified``, the upload, which the shipper does in the order the
@@ -37,6 +46,11 @@ archives were closed), then by the ``~N`` counter of the name, then by the
 name. The name alone would not do: ``object_prefix`` puts the first
 record's time in front of the file name, and the file name starts with
 whatever ``filename_template`` says.
+
+**Connections.** A :class:`Swift` owns every connection made through it
+(one per thread) and closes them when it is closed: use it as a context
+manager around the whole command, so that an error or a reader that stops
+early (``cat | head``) closes them too.
 
 **Credentials.** ``--config FILE``'s ``[callback:swift]`` section, checked
 as the worker checks it, else the environment as the swift CLI reads it:
@@ -66,6 +80,7 @@ report it in one line and go on with the next.
 import collections
 import concurrent.futures
 import errno
+import gc
 import logging
 import os
 import queue
@@ -89,9 +104,11 @@ __all__ = [
     "Swift",
     "find",
     "find_archives",
+    "get_bounded",
     "item_of",
     "looks_like_archive",
     "read_ahead",
+    "warn",
     "SCHEME",
     "DEFAULT_JOBS",
 ]
@@ -105,6 +122,8 @@ DEFAULT_JOBS = 4
 #: Bytes of an object's body taken from the HTTP response at a time
 #: (swiftclient's ``resp_chunk_size``).
 GET_CHUNK = 1 << 20
+#: Bytes of an index or bundle taken from the HTTP response at a time.
+INDEX_CHUNK = 1 << 16
 #: Chunks an object read ahead may hold before its download waits.
 READ_AHEAD_CHUNKS = 4
 #: How much of a file is looked at to decide whether it is an archive.
@@ -179,6 +198,11 @@ class Item:
         """The bytes of the index, or None when there is none."""
         raise NotImplementedError
 
+    @property
+    def index_label(self):
+        """The index, for messages (a path, ``swift://C/O.index``)."""
+        return self.index_name
+
     def __repr__(self):
         return "<%s %s>" % (type(self).__name__, self.name)
 
@@ -204,7 +228,12 @@ class FileItem(Item):
         if self.index_name is None:
             return None
         with open(self.index_name, "rb") as f:
-            return f.read()
+            head = f.read(archive_index.HEAD_BYTES)
+            limit = _limit(archive_index.size_limit, head, self.index_name)
+            data = head + f.read(max(0, limit - len(head)) + 1)
+        if len(data) > limit:
+            raise _too_big(self.index_name, limit)
+        return data
 
 
 class SwiftItem(Item):
@@ -212,8 +241,8 @@ class SwiftItem(Item):
     over the download :func:`read_ahead` started for it)."""
 
     def __init__(self, swift, container, obj, *, size=None,
-                 last_modified="", index_name=None, index_data=None,
-                 listed=False):
+                 last_modified="", index_name=None, index_size=None,
+                 index_data=None, listed=False):
         super().__init__("%s%s/%s" % (SCHEME, container, obj), size=size,
                          index_name=index_name, listed=listed,
                          salvage_to=os.path.basename(obj) + ".salvaged")
@@ -221,6 +250,7 @@ class SwiftItem(Item):
         self.container = container
         self.object = obj
         self.last_modified = last_modified
+        self.index_size = index_size  # the listing's bytes of index_name
         self._index_data = index_data  # from a bundle: no GET
         self._download = None  # started by read_ahead, not yet opened
 
@@ -235,17 +265,30 @@ class SwiftItem(Item):
 
     def read_index(self):
         """The index from its bundle (:func:`load_bundles`), else from a
-        GET of its own ``.index`` object."""
+        GET of its own ``.index`` object (:func:`get_bounded`).
+
+        :raises IndexError_: the index is longer than an index may be.
+        :raises OSError: the GET failed.
+        """
         if self._index_data is not None:
             return self._index_data
         if self.index_name is None:
             return None
         try:
-            _, data = self.swift.connection().get_object(self.container,
-                                                         self.index_name)
+            _, data = get_bounded(self.swift.connection(), self.container,
+                                  self.index_name, archive_index.size_limit,
+                                  listed=self.index_size)
+        except exceptions.IndexError_:
+            raise
         except Exception as exc:
-            raise _stream_error(self, exc, self.index_name) from None
+            raise _stream_error(self, exc) from None
         return data
+
+    @property
+    def index_label(self):
+        if self.index_name is None:
+            return None
+        return "%s%s/%s" % (SCHEME, self.container, self.index_name)
 
     def head(self, conn):
         """Fill :attr:`meta` from a HEAD of the object."""
@@ -263,6 +306,69 @@ def object_meta(headers):
     return {key.lower()[len(prefix):]: value
             for key, value in headers.items()
             if key.lower().startswith(prefix)}
+
+
+def get_bounded(conn, container, obj, limit_of, listed=None):
+    """``(headers, bytes-like)`` of an object that may be at most
+    ``limit_of(first bytes)`` long (:func:`shoebox_worker.index.
+    size_limit`), read :data:`INDEX_CHUNK` bytes at a time; refused
+    before the GET when the listing's ``listed`` bytes are more than
+    ``limit_of(b"")``, and as soon as the ``Content-Length`` or the bytes
+    that came are more than the limit (the rest is not read).
+
+    :raises IndexError_: too long, or ``limit_of`` refuses its first
+        bytes (not an index).
+    :raises Exception: what swiftclient raises for a failed GET.
+    """
+    name = SCHEME + container + "/" + obj
+    limit = _limit(limit_of, b"", name)
+    if listed is not None and listed > limit:
+        raise _too_big(name, limit, listed)
+    headers, body = conn.get_object(container, obj,
+                                    resp_chunk_size=INDEX_CHUNK)
+    try:
+        length = headers.get("content-length")
+        length = int(length) if length is not None else None
+        data = bytearray()
+        known = False  # is the limit from the header yet?
+        for chunk in body:
+            data += chunk
+            if not known and len(data) >= archive_index.HEAD_BYTES:
+                limit, known = _limit(limit_of, data, name), True
+            if length is not None and length > limit:
+                raise _too_big(name, limit, length)
+            if len(data) > limit:
+                raise _too_big(name, limit)
+        if not known:
+            _limit(limit_of, data, name)  # shorter than a header
+    finally:
+        body.close()
+    return headers, data  # a bytearray: no copy
+
+
+def _limit(limit_of, head, name):
+    try:
+        return limit_of(head)
+    except exceptions.IndexError_ as exc:
+        raise exceptions.IndexError_("%s: %s" % (name, exc)) from None
+
+
+def _too_big(name, limit, size=None):
+    return exceptions.IndexError_("%s: %s bytes, more than a reader takes "
+                                  "for it (%d)" % (
+                                      name, size if size is not None
+                                      else "over %d" % limit, limit))
+
+
+_WARN_LOCK = threading.Lock()
+
+
+def warn(text):
+    """One warning line on stderr, whole even when threads warn at once
+    (``print`` writes the text and its newline apart)."""
+    with _WARN_LOCK:
+        sys.stderr.write("shoebox-worker: warning: %s\n" % text)
+        sys.stderr.flush()
 
 
 def item_of(source):
@@ -336,7 +442,13 @@ class Swift:
     from ``environ`` (see the module documentation). Nothing is read or
     checked until a ``swift://`` spec needs it; connections are made one
     per thread (swiftclient's are not thread-safe) and closed by
-    :meth:`close`."""
+    :meth:`close`, which leaving it as a context manager calls::
+
+        with sources.Swift(config_file=args.config) as swift:
+            items = sources.find(args.paths, swift=swift)
+            ...
+
+    A connection asked for once it is closed is an ``OSError``."""
 
     def __init__(self, config_file=None, environ=None):
         self.config_file = config_file
@@ -345,7 +457,14 @@ class Swift:
         self._lock = threading.Lock()
         self._local = threading.local()
         self._connections = []
+        self._closed = False
         self._auth = None  # (storage URL, token) of the first connection
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
 
     @property
     def callback(self):
@@ -403,7 +522,12 @@ class Swift:
                             "%s" % (names, err.message)) from None
 
     def connection(self):
-        """This thread's connection (made at the first call)."""
+        """This thread's connection (made at the first call).
+
+        :raises OSError: :meth:`close` was called.
+        """
+        if self._closed:
+            raise OSError(errno.EBADF, "the Swift connections are closed")
         conn = getattr(self._local, "conn", None)
         if conn is None:
             callback = self.callback
@@ -414,9 +538,14 @@ class Swift:
                 # a v1 token serves every thread: one auth request in all
                 overrides = {"preauthurl": auth[0], "preauthtoken": auth[1]}
             conn = callback.new_connection(**overrides)
-            self._local.conn = conn
             with self._lock:
-                self._connections.append(conn)
+                closed = self._closed
+                if not closed:
+                    self._connections.append(conn)
+            if closed:  # closed meanwhile (by another thread)
+                conn.close()
+                raise OSError(errno.EBADF, "the Swift connections are closed")
+            self._local.conn = conn
         return conn
 
     def _remember_auth(self, conn):
@@ -438,14 +567,24 @@ class Swift:
         return listing
 
     def close(self):
-        """Close every connection made (idempotent)."""
+        """Close every connection made (idempotent); none is made after."""
         with self._lock:
+            self._closed = True
             connections, self._connections = self._connections, []
         for conn in connections:
             try:
                 conn.close()
             except Exception:  # closing a broken connection: nothing to do
                 LOG.debug("closing a Swift connection failed", exc_info=True)
+        self._local = threading.local()  # this thread's, closed above
+        if connections:
+            # the socket of swiftclient's auth request (its own HTTP
+            # connection, closed by swiftclient) is left in a urllib3
+            # pool, which closes it only when it is garbage, and a
+            # reference cycle of swiftclient's response keeps it: one
+            # collection closes it now (tests/functional/
+            # test_swift_sources.py counts the sockets)
+            gc.collect()
 
 
 def _describe(exc, what="object"):
@@ -515,7 +654,7 @@ def _find_objects(swift, spec, indexes=False, jobs=DEFAULT_JOBS):
     have them: :func:`load_bundles`)."""
     container, prefix = parse_spec(spec)
     listing = swift.list(container, prefix)
-    names = {entry["name"] for entry in listing}
+    names = {entry["name"]: entry.get("bytes") for entry in listing}
     if prefix and prefix in names and not prefix.endswith(
             (INDEX_SUFFIX, archive_index.BUNDLE_SUFFIX)):
         # the spec names an object: that one alone
@@ -523,7 +662,8 @@ def _find_objects(swift, spec, indexes=False, jobs=DEFAULT_JOBS):
         index = prefix + INDEX_SUFFIX
         return [SwiftItem(swift, container, prefix, size=entry.get("bytes"),
                           last_modified=entry.get("last_modified", ""),
-                          index_name=index if index in names else None)]
+                          index_name=index if index in names else None,
+                          index_size=names.get(index))]
     kept = [entry for entry in listing if is_archive_entry(entry)]
     if not kept:
         raise ToolError("%s: no archives there%s" % (
@@ -538,19 +678,23 @@ def _find_objects(swift, spec, indexes=False, jobs=DEFAULT_JOBS):
             swift, container, entry["name"], size=entry.get("bytes"),
             last_modified=entry.get("last_modified", ""),
             index_name=index if index in names or bundled else None,
-            index_data=bundled, listed=True))
+            index_size=names.get(index), index_data=bundled, listed=True))
     return items
 
 
 def load_bundles(swift, container, listing, jobs=DEFAULT_JOBS):
     """``{(archive object name, listing hash): index bytes}`` from the
-    index bundles in ``listing``, GET ``jobs`` at a time. A bundle that
-    cannot be read or is damaged is left out, with one line on stderr:
-    its archives' own indexes are read instead."""
+    index bundles in ``listing``, GET ``jobs`` at a time (each at most
+    :data:`~shoebox_worker.index.MAX_BUNDLE_BYTES`: :func:`get_bounded`).
+    A bundle that cannot be read, is damaged or is longer is left out,
+    with one line on stderr: its archives' own indexes are read instead."""
 
-    def get(name):
+    def get(entry):
+        name = entry["name"]
         try:
-            _, data = swift.connection().get_object(container, name)
+            _, data = get_bounded(swift.connection(), container, name,
+                                  archive_index.bundle_size_limit,
+                                  listed=entry.get("bytes"))
             return archive_index.Bundle.from_bytes(
                 data, SCHEME + container + "/" + name).entries
         except exceptions.IndexError_ as exc:
@@ -558,19 +702,18 @@ def load_bundles(swift, container, listing, jobs=DEFAULT_JOBS):
         except Exception as exc:
             problem = "%s%s/%s: %s" % (SCHEME, container, name,
                                        _describe(exc))
-        print("shoebox-worker: warning: %s; reading the indexes of its "
-              "archives instead" % problem, file=sys.stderr, flush=True)
+        warn("%s; reading the indexes of its archives instead" % problem)
         return {}
 
-    names = [entry["name"] for entry in listing
-             if entry["name"].endswith(archive_index.BUNDLE_SUFFIX)]
+    bundles = [entry for entry in listing
+               if entry["name"].endswith(archive_index.BUNDLE_SUFFIX)]
     found = {}
-    if not names:
+    if not bundles:
         return found
     with concurrent.futures.ThreadPoolExecutor(
-            max_workers=min(jobs, len(names)),
+            max_workers=min(jobs, len(bundles)),
             thread_name_prefix="shoebox-bundle") as pool:
-        for entries in pool.map(get, names):
+        for entries in pool.map(get, bundles):
             found.update(entries)
     return found
 
@@ -581,8 +724,8 @@ def find(specs, *, swift=None, heads=False, jobs=DEFAULT_JOBS,
     documentation).
 
     :param specs: local paths and ``swift://CONTAINER[/PREFIX]``.
-    :param swift: a :class:`Swift`; None: from the environment, made only
-        when a spec needs it.
+    :param swift: the :class:`Swift` to read ``swift://`` specs with (the
+        caller closes it); None when there are none.
     :param heads: HEAD each object (``jobs`` at a time) to fill
         :attr:`Item.meta`.
     :param indexes: the indexes will be read: take them from the index
@@ -595,7 +738,7 @@ def find(specs, *, swift=None, heads=False, jobs=DEFAULT_JOBS,
     for spec in specs:
         if spec.startswith(SCHEME):
             if swift is None:
-                swift = Swift()
+                raise ValueError("%s: find() needs swift= for it" % spec)
             items.extend(_find_objects(swift, spec, indexes, jobs))
         else:
             items.extend(_find_files(spec))
@@ -849,8 +992,14 @@ class read_ahead:
             download = self._todo.get()
             if download is None:
                 return
-            if not download.cancelled.is_set():
-                download.run(download.item.swift.connection(), feed=True)
+            if download.cancelled.is_set():
+                continue
+            try:
+                conn = download.item.swift.connection()
+            except Exception as exc:  # closed, or credentials refused
+                download._put(_stream_error(download.item, exc))
+                continue
+            download.run(conn, feed=True)
 
     def _drop(self, item):
         """The reader is done with ``item``: a download not opened (the
@@ -861,7 +1010,9 @@ class read_ahead:
             item._download = None
 
     def close(self):
-        """Cancel every download and let the threads end."""
+        """Cancel every download and wait for the threads to end (a
+        cancelled download stops at its next chunk), so that none is
+        using a connection when the :class:`Swift` closes them."""
         while self._started:
             self._started.popleft().cancel()
         for item in self.items:
@@ -869,3 +1020,6 @@ class read_ahead:
                 item._download = None
         for _ in self._threads:
             self._todo.put(None)
+        for thread in self._threads:
+            thread.join()
+        self._threads = []

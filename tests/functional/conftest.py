@@ -732,6 +732,34 @@ def check_index(data, records, name):
     return got, seen
 
 
+def write_archive(notes, directory, name):
+    """``(path of the .gz, report)`` of ``notes`` as one archive, written
+    as the worker writes it (its envelope, ``roll_manager`` with the
+    default ``index_fields``), gzipped, its index beside the ``.gz``."""
+    from shoebox_worker import compression
+    from shoebox_worker import roll_checker
+    from shoebox_worker import roll_manager
+    from shoebox_worker.consume import envelope
+    unwrap = envelope.Unwrapper(index_fields=index.DEFAULT_FIELDS)
+    manager = roll_manager.WritingRollManager(
+        name, roll_checker.NeverRollChecker(), directory=str(directory),
+        index_fields=index.DEFAULT_FIELDS)
+    for note in notes:
+        payload, metadata, values = unwrap(envelope.wrap(note), "q", "rk")
+        manager.write(metadata, payload, values)
+    report = manager.close()
+    gz = compression.compress_file(report.filename,
+                                   compression.get_codec("gzip"))
+    os.unlink(report.filename)
+    os.replace(index.sidecar(report.filename), index.sidecar(gz))
+    return gz, report
+
+
+def local_ports(pid, port):
+    """Local TCP ports of ``pid``'s connections to ``port``."""
+    return amqp_local_ports(pid, port)
+
+
 def delete_swift_container(conn, name):
     """Delete a container, its ``_segments`` twin and every object in them
     (a swiftclient Connection); missing ones are fine."""
@@ -777,4 +805,5 @@ def ft():
         child_pids=child_pids, wait_until=wait_until,
         rabbitmqctl=rabbitmqctl, Rabbit=Rabbit,
         close_amqp_connections=close_amqp_connections,
+        write_archive=write_archive, local_ports=local_ports,
         delete_swift_container=delete_swift_container)

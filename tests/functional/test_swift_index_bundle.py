@@ -1,8 +1,8 @@
 """Index bundles on the real Swift: ``index-bundle``, then a pruned read.
 
-Archives are written as the worker writes them (its envelope,
-``roll_manager`` with the default ``index_fields``, gzipped, the index
-beside the ``.gz``) and uploaded with the real swift step (each with its
+Archives are written as the worker writes them (``ft.write_archive``: its
+envelope, ``roll_manager`` with the default ``index_fields``, gzipped, the
+index beside the ``.gz``) and uploaded with the real swift step (each with its
 ``<object>.index``). ``index-bundle`` puts their indexes into one object;
 ``cat --where`` must then GET that bundle and the archives whose index
 may hold the value, no ``.index``, and print what a full read keeps. An
@@ -22,11 +22,7 @@ import pytest
 from swiftclient import client as swc
 
 from shoebox_worker import cli
-from shoebox_worker import compression
 from shoebox_worker import index
-from shoebox_worker import roll_checker
-from shoebox_worker import roll_manager
-from shoebox_worker.consume import envelope
 from shoebox_worker.ship import swift as swift_step
 from shoebox_worker.tools import simulator
 
@@ -34,23 +30,6 @@ pytestmark = pytest.mark.functional
 
 ARCHIVES = 6
 RECORDS = 40
-
-
-def write_archive(notes, directory, name):
-    """``(path of the .gz, report)`` of ``notes`` as one archive."""
-    unwrap = envelope.Unwrapper(index_fields=index.DEFAULT_FIELDS)
-    manager = roll_manager.WritingRollManager(
-        name, roll_checker.NeverRollChecker(), directory=str(directory),
-        index_fields=index.DEFAULT_FIELDS)
-    for note in notes:
-        payload, metadata, values = unwrap(envelope.wrap(note), "q", "rk")
-        manager.write(metadata, payload, values)
-    report = manager.close()
-    gz = compression.compress_file(report.filename,
-                                   compression.get_codec("gzip"))
-    os.unlink(report.filename)
-    os.replace(index.sidecar(report.filename), index.sidecar(gz))
-    return gz, report
 
 
 def instance_of(line):
@@ -74,7 +53,8 @@ def uploaded(ft, swift_env, tmp_path_factory):
         names = []
         for n in range(ARCHIVES):
             chunk = [next(notes) for _ in range(RECORDS)]
-            path, report = write_archive(chunk, directory, "b_%02d.events" % n)
+            path, report = ft.write_archive(chunk, directory,
+                                            "b_%02d.events" % n)
             step.on_close(path, report=report)
             names.append(os.path.basename(path))
         listing = ft.swift_archives(conn, container)
@@ -95,7 +75,7 @@ def _main(argv, capsysbinary):
 
 
 def test_a_bundle_replaces_the_index_gets_and_a_replaced_archive_is_read(
-        uploaded, swift_gets, capsysbinary):
+        ft, uploaded, swift_gets, capsysbinary):
     container, names = uploaded["container"], uploaded["names"]
     spec = "swift://" + container
     code, out, err = _main(["index-bundle", spec], capsysbinary)
@@ -137,7 +117,7 @@ def test_a_bundle_replaces_the_index_gets_and_a_replaced_archive_is_read(
     notes = list(simulator.notifications(RECORDS, seed=6))
     notes[3]["payload"]["instance_id"] = iid
     os.makedirs(uploaded["directory"] / "new")
-    path, _ = write_archive(notes, uploaded["directory"] / "new",
+    path, _ = ft.write_archive(notes, uploaded["directory"] / "new",
                             "replaced.events")
     conn = uploaded["conn"]
     with open(path, "rb") as f:

@@ -186,8 +186,9 @@ def shipped(ft, swift_env, rabbit_available, tmp_path_factory):
             versions[name] = archive.inspect_file(str(path)).versions
             _, data = conn.get_object(container, name + index.SUFFIX)
             indexes[name] = index.Index.from_bytes(data, name)
-        order = [item.object for item in sources.find(
-            ["swift://" + container])]
+        with sources.Swift() as swift:
+            order = [item.object for item in sources.find(
+                ["swift://" + container], swift=swift)]
         assert sorted(order) == sorted(records)
         yield {"container": container, "records": records,
                "indexes": indexes, "versions": versions, "order": order,

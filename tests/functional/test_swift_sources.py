@@ -8,7 +8,8 @@ enough that some objects are Static Large Objects. What ``cat swift://``
 prints must be, byte for byte, what a local ``cat`` prints of the same
 objects downloaded. A second container holds what goes wrong: a truncated
 archive, an object that disappears between the listing and its GET, a
-file that is not an archive.
+file that is not an archive. Every command closes the connections it
+made to the proxy, however it ends (an error, a closed pipe).
 
 Needs ST_AUTH, ST_USER, ST_KEY (the Swift all-in-one) and RabbitMQ; skips
 without them, or fails when CI=true.
@@ -19,6 +20,8 @@ import os
 import re
 import subprocess
 import sys
+import types
+import urllib.parse
 import uuid
 
 import orjson
@@ -168,7 +171,9 @@ def test_cat_prints_what_a_local_cat_of_the_objects_prints(
     assert len(lines) == len(shipped["published"])
     assert [m["metadata"]["message_id"] for m in lines] == \
         shipped["published"]  # write order: the first run's, then the rest
-    read = [item.object for item in sources.find(["swift://" + container])]
+    with sources.Swift() as swift:
+        read = [item.object for item in sources.find(
+            ["swift://" + container], swift=swift)]
     assert sorted(read) == sorted(names)
     local = subprocess.run(
         [WORKER, "cat", "--metadata",
@@ -210,8 +215,9 @@ def test_verify_says_each_object_and_its_versions(shipped, capsysbinary):
 
 
 def test_find_heads_fill_the_metadata(shipped):
-    items = sources.find(["swift://" + shipped["container"]], heads=True,
-                         jobs=3)
+    with sources.Swift() as swift:
+        items = sources.find(["swift://" + shipped["container"]],
+                             swift=swift, heads=True, jobs=3)
     assert [i.meta["records"] for i in items] == [str(ROLL)] * len(items)
     assert {i.meta["format-versions"] for i in items} == {"1", "2"}
 
@@ -379,3 +385,102 @@ def test_replay_goes_on_past_a_damaged_object(troubled, capsysbinary):
             assert depth == published
         finally:
             _delete_amqp([name])
+
+
+# -- connections --------------------------------------------------------------
+
+@pytest.fixture
+def proxy_sockets(ft, swift_env, monkeypatch):
+    """``count()``: the local ports of this process's sockets to the Swift
+    proxy; ``at_close``: those open when each ``sources.Swift`` the
+    commands made was closed. Every Swift made is kept alive here, so that
+    only its close() can close its sockets, not the garbage collector."""
+    port = urllib.parse.urlsplit(swift_env["ST_AUTH"]).port
+    made, at_close = [], []
+
+    def count():
+        return ft.local_ports(os.getpid(), port)
+
+    class Kept(sources.Swift):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+        def close(self):
+            at_close.append(count())
+            super().close()
+
+    monkeypatch.setattr(sources, "Swift", Kept)
+    return types.SimpleNamespace(count=count, at_close=at_close, made=made)
+
+
+def _closed_after(proxy_sockets, run):
+    """Run ``run()`` (a command); its sockets to the proxy were open when
+    its Swift was closed, and none of them is open after."""
+    before = proxy_sockets.count()
+    result = run()
+    after = proxy_sockets.count()
+    assert len(proxy_sockets.made) == 1
+    assert proxy_sockets.at_close, "the command's Swift was never closed"
+    opened = proxy_sockets.at_close[0] - before
+    assert opened, "no connection to the proxy when it was closed"
+    assert not (after - before), "left open: %s" % sorted(after - before)
+    return result
+
+
+def _command(name, container, tmp_path):
+    """``(argv, exit code)`` of each command the test runs."""
+    spec = "swift://" + container
+    exchange = "shoebox-no-such-%s" % uuid.uuid4().hex[:8]
+    return {
+        "cat": (["cat", spec], 0),
+        "cat --where": (["cat", "--where", "payload.instance_id=none",
+                         spec], 0),
+        "cat of a missing container": (["cat", spec + "-missing"], 1),
+        "verify": (["verify", spec], 0),
+        "export": (["export", "--out", str(tmp_path / "out"), spec], 0),
+        "replay --where": (["replay", "--url", AMQP_URL, "--exchange",
+                            "amq.topic", "--routing-key", "k", "--where",
+                            "payload.instance_id=none", spec], 0),
+        "replay to a missing exchange": (
+            ["replay", "--url", AMQP_URL, "--exchange", exchange,
+             "--routing-key", "k", spec], 1),
+    }[name]
+
+
+@pytest.mark.parametrize("name", [
+    "cat", "cat --where", "cat of a missing container", "verify", "export",
+    "replay --where", "replay to a missing exchange"])
+def test_every_command_closes_its_connections(
+        shipped, proxy_sockets, tmp_path, capsysbinary, name):
+    argv, expected = _command(name, shipped["container"], tmp_path)
+    code, _, err = _closed_after(proxy_sockets,
+                                 lambda: _main(argv, capsysbinary))
+    assert code == expected, err
+
+
+def test_cat_into_a_closed_pipe_closes_its_connections(
+        shipped, proxy_sockets, monkeypatch):
+    # cat | head: the reader of stdout is gone while downloads are ahead
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    stdout = io.TextIOWrapper(io.BufferedWriter(io.FileIO(write_end, "w")))
+    monkeypatch.setattr(sys, "stdout", stdout)
+    try:
+        code = _closed_after(proxy_sockets, lambda: cli.main(
+            ["cat", "--jobs", "4", "swift://" + shipped["container"]]))
+    finally:
+        monkeypatch.undo()
+        stdout.close()
+    assert code == 141
+
+
+def test_index_bundle_closes_its_connections(troubled, proxy_sockets,
+                                             capsysbinary):
+    code, out, err = _closed_after(proxy_sockets, lambda: _main(
+        ["index-bundle", "swift://" + troubled["container"]], capsysbinary))
+    assert code == 0, err
+    # the objects of the listing (zz-notes.txt too: it is not read), none
+    # with an index
+    assert out.endswith(b"the indexes of 0 of %d archives\n" % (
+        len(troubled["names"]) + 1))

@@ -355,3 +355,32 @@ class TestBundle:
                 index.Bundle.from_bytes(bad, "swift://c/x")
             assert "\n" not in str(err.value)
             assert str(err.value).startswith("swift://c/x: ")
+
+
+class TestSizeLimit:
+    @pytest.mark.parametrize("records", [0, 1, 7, 300, 5000])
+    def test_what_the_writer_makes_is_within_it(self, records):
+        # every record with its own value in every default field: the
+        # largest filters the writer makes for that many records
+        notes = [({"timestamp": "2026-11-26T16:11:12"}, {
+            "_context_project_id": "p-%d" % n, "_context_user_id": "u-%d" % n,
+            "_context_request_id": "req-%d" % n,
+            "payload": {"instance_id": "i-%d" % n, "tenant_id": "t-%d" % n,
+                        "nova_object.data": {"uuid": "v-%d" % n}}})
+            for n in range(records)]
+        data = index.build(notes)
+        assert len(data) <= index.size_limit(data) <= index.MAX_BYTES
+        assert index.size_limit(data[:index.HEAD_BYTES]) == \
+            index.size_limit(data)
+
+    def test_a_header_cannot_raise_it_past_the_most(self):
+        head = struct.pack("<4sBBHQ", index.MAGIC, index.VERSION, 0, 0xFFFF,
+                           (1 << 64) - 1)
+        assert index.size_limit(head) == index.MAX_BYTES
+        assert index.size_limit(b"SB") == index.MAX_BYTES  # not known yet
+
+    @pytest.mark.parametrize("head", [b"<html>", b"SBXB" + bytes(12),
+                                      b"SBXI\x02" + bytes(11)])
+    def test_what_is_no_index_of_this_version_is_refused(self, head):
+        with pytest.raises(exceptions.IndexError_):
+            index.size_limit(head)

@@ -14,6 +14,22 @@ from shoebox_worker.tools import bundle
 from shoebox_worker.tools import sources
 
 
+class Body(list):
+    """swiftclient's ``_ObjectBody``: the chunks, and close."""
+
+    def __init__(self, data, chunk):
+        super().__init__(data[i:i + chunk] for i in range(0, len(data),
+                                                          chunk))
+
+    def close(self):
+        pass
+
+
+def index_of(name):
+    """A real index (one record holding ``name`` as its instance id)."""
+    return index.build([({}, {"payload": {"instance_id": name}})])
+
+
 class FakeSwift(sources.Swift):
     """Objects in a dict; the listing's ``hash`` is their MD5, as Swift's
     ETag; ``replaced`` objects changed after the listing."""
@@ -35,13 +51,17 @@ class FakeSwift(sources.Swift):
                 for name, data in sorted(self.objects.items())
                 if name.startswith(prefix)]
 
-    def get_object(self, container, name):
+    def get_object(self, container, name, resp_chunk_size=None):
         if name not in self.objects:
             raise swift_exceptions.ClientException("GET", http_status=404)
         data = self.objects[name]
         if name in self.replaced:
             data += b"new"
-        return {"etag": hashlib.md5(data).hexdigest()}, data
+        headers = {"etag": hashlib.md5(data).hexdigest(),
+                   "content-length": str(len(data))}
+        if resp_chunk_size is None:
+            return headers, data
+        return headers, Body(data, resp_chunk_size)
 
     def put_object(self, container, name, data, content_type=None):
         self.puts[name] = (data, content_type)
@@ -63,7 +83,7 @@ def test_the_indexes_that_describe_their_archives(monkeypatch, capsys):
                                    ("day/e", "10", "11")):  # replaced
         objects[name], times[name] = b"archive " + name.encode(), when
         if index_when:
-            objects[name + ".index"] = b"index of " + name.encode()
+            objects[name + ".index"] = index_of(name)
             times[name + ".index"] = index_when
     objects["day/.shoebox-index-bundle"] = b"an older bundle"
     times["day/.shoebox-index-bundle"] = "09"
@@ -77,6 +97,23 @@ def test_the_indexes_that_describe_their_archives(monkeypatch, capsys):
     assert found == {
         (n, hashlib.md5(objects[n]).hexdigest()): objects[n + ".index"]
         for n in ("day/a", "day/b")}
+
+
+def test_an_index_that_is_none_or_too_long_is_left_out(monkeypatch,
+                                                       capsys):
+    big = index.build([({}, {"payload": {"instance_id": str(n)}})
+                       for n in range(500)])
+    objects = {"day/a": b"archive a", "day/a.index": index_of("day/a"),
+               "day/b": b"archive b", "day/b.index": b"not an index",
+               "day/c": b"archive c", "day/c.index": big}
+    times = dict.fromkeys(objects, "10")
+    monkeypatch.setattr(index, "MAX_BYTES", len(big) - 1)
+    swift = FakeSwift(objects, times)
+    out = run(swift, "swift://c/day/", monkeypatch, capsys)
+    assert out.endswith(": the indexes of 1 of 3 archives\n")
+    found = index.Bundle.from_bytes(swift.puts["day/" + index.BUNDLE_SUFFIX]
+                                    [0]).entries
+    assert [name for name, _ in found] == ["day/a"]
 
 
 def test_only_swift(monkeypatch, capsys):

@@ -300,6 +300,10 @@ class FakeItem:
         self.reads += 1
         return self.index
 
+    @property
+    def index_label(self):
+        return self.index_name
+
 
 def item(earliest=None, latest=None, name="o", **more):
     meta = {}
@@ -372,7 +376,7 @@ class TestMayHold:
             def may_contain(self, field, value):
                 return value in self.values
 
-        def load(data):
+        def load(data, name):
             if data == b"damaged":
                 raise exceptions.ShoeboxError("damaged index")
             return FakeIndex(data)
@@ -403,7 +407,8 @@ class TestMayHold:
             def may_contain(self, field, value):
                 return True
 
-        chosen = selection(*self.WINDOW, load_index=lambda data: FakeIndex())
+        chosen = selection(*self.WINDOW,
+                           load_index=lambda data, name: FakeIndex())
         assert not chosen.may_hold(item(index_name="o.index", index=b"x"))
 
 
@@ -422,7 +427,7 @@ class _Archive:
     """An item whose index is the given bytes."""
 
     meta = {}
-    index_name = "x.index"
+    index_name = index_label = "x.index"
 
     def __init__(self, data):
         self._data = data

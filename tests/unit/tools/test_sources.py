@@ -154,14 +154,15 @@ class TestListing:
     def test_files_and_objects_mix_in_the_order_given(self, tmp_path):
         path = tmp_path / "a.events"
         path.write_bytes(archive_bytes(2))
-        (tmp_path / "a.events.index").write_bytes(b"i")
+        built = index.build([])
+        (tmp_path / "a.events.index").write_bytes(built)
         swift = FakeSwift([entry("o", "1")])
         items = sources.find([str(path), "swift://c", str(path)],
                              swift=swift)
         assert [i.name for i in items] == [str(path), "swift://c/o",
                                            str(path)]
         assert items[0].meta == {} and items[0].size == path.stat().st_size
-        assert items[0].read_index() == b"i"
+        assert items[0].read_index() == built
         assert items[0].salvage_to == str(path) + ".salvaged"
         assert items[1].salvage_to == "o.salvaged"
 
@@ -252,6 +253,119 @@ class TestBundles:
             holding = [name for name in "abcd"
                        if value.encode() in swift.objects[name]]
             assert set(holding) <= set(self.kept(swift, value))
+
+
+# -- bounded index reads ----------------------------------------------------
+
+class SizedConnection(FakeConnection):
+    """A connection whose GETs say a ``Content-Length`` (None: none)."""
+
+    def __init__(self, swift, length=None):
+        super().__init__(swift)
+        self.length = length
+
+    def get_object(self, container, obj, resp_chunk_size=None):
+        headers, body = super().get_object(container, obj, resp_chunk_size)
+        if self.length is not None:
+            headers = {"content-length": str(self.length)}
+        return headers, body
+
+
+def _index_of(records):
+    return index.build([({}, {"payload": {"instance_id": "i-%d" % n}})
+                        for n in range(records)])
+
+
+class TestBoundedReads:
+    def test_an_index_within_its_limit_is_read_whole(self):
+        data = _index_of(3)
+        swift = FakeSwift(objects={"o.index": data})
+        _, got = sources.get_bounded(SizedConnection(swift, len(data)), "c",
+                                     "o.index", index.size_limit,
+                                     listed=len(data))
+        assert bytes(got) == data
+        assert swift.bodies[0].closed
+
+    def test_too_long_by_the_listing_is_not_even_got(self, monkeypatch):
+        monkeypatch.setattr(index, "MAX_BYTES", 1000)
+        swift = FakeSwift(objects={"o.index": _index_of(3)})
+        with pytest.raises(index.exceptions.IndexError_,
+                           match=r"^swift://c/o.index: 1001 bytes, more "
+                                 r"than a reader takes for it \(1000\)$"):
+            sources.get_bounded(FakeConnection(swift), "c", "o.index",
+                                index.size_limit, listed=1001)
+        assert swift.gets == []
+
+    def test_too_long_for_its_header_by_content_length(self):
+        # a header of 1 field and 1 record, then 10 MB: one chunk is read
+        data = _index_of(1)[:index.HEAD_BYTES] + bytes(10 << 20)
+        data = data[:4] + b"\x01\x00\x01\x00" + data[8:]
+        swift = FakeSwift(objects={"o.index": data})
+        limit = index.size_limit(data)
+        assert limit < 100_000
+        with pytest.raises(index.exceptions.IndexError_,
+                           match="%d bytes, more than a reader takes for "
+                                 "it \\(%d\\)" % (len(data), limit)):
+            sources.get_bounded(SizedConnection(swift, len(data)), "c",
+                                "o.index", index.size_limit)
+        assert swift.bodies[0].closed
+
+    def test_too_long_by_its_bytes_without_content_length(self,
+                                                         monkeypatch):
+        monkeypatch.setattr(index, "MAX_BYTES", sources.INDEX_CHUNK + 1)
+        data = _index_of(50_000)
+        assert len(data) > index.MAX_BYTES
+        swift = FakeSwift(objects={"o.index": data})
+        with pytest.raises(index.exceptions.IndexError_,
+                           match="over %d bytes" % index.MAX_BYTES):
+            sources.get_bounded(SizedConnection(swift), "c", "o.index",
+                                index.size_limit)
+        assert swift.bodies[0].closed
+
+    def test_not_an_index_stops_at_its_first_chunk(self):
+        swift = FakeSwift(objects={"o.index": b"<html>" * 100_000})
+        with pytest.raises(index.exceptions.IndexError_,
+                           match="not a shoebox index"):
+            sources.get_bounded(SizedConnection(swift), "c", "o.index",
+                                index.size_limit)
+
+    def test_a_local_index_is_bounded_too(self, tmp_path, monkeypatch):
+        path = tmp_path / "a.events"
+        path.write_bytes(archive_bytes(1))
+        (tmp_path / "a.events.index").write_bytes(_index_of(2000))
+        monkeypatch.setattr(index, "MAX_BYTES", 1000)
+        with pytest.raises(index.exceptions.IndexError_,
+                           match="a.events.index: over 1000 bytes"):
+            sources.FileItem(str(path)).read_index()
+
+
+class TestSwiftClose:
+    def test_a_context_manager_that_closes_what_it_made(self):
+        closed = []
+
+        class Conn:
+            url = token = None
+
+            def close(self):
+                closed.append(self)
+
+        class Callback:
+            options = {"auth_version": "1"}
+
+            def new_connection(self, **overrides):
+                return Conn()
+
+        with sources.Swift() as swift:
+            swift._callback = Callback()
+            made = [swift.connection()]
+            thread = threading.Thread(
+                target=lambda: made.append(swift.connection()))
+            thread.start()
+            thread.join()
+            assert closed == []
+        assert sorted(map(id, closed)) == sorted(map(id, made))
+        with pytest.raises(OSError, match="closed"):
+            swift.connection()  # none is made after
 
 
 # -- credentials ------------------------------------------------------------
