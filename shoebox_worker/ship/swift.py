@@ -141,6 +141,7 @@ import re
 import sys
 import time
 import urllib.parse
+import weakref
 
 import requests.adapters
 from swiftclient import client as swiftclient
@@ -371,19 +372,22 @@ class _BlockAdapter(requests.adapters.HTTPAdapter):
 class _Connection(swiftclient.Connection):
     """swiftclient's Connection, sending bodies in :data:`SEND_BLOCK`
     reads; :meth:`close` closes the sockets of every HTTP connection it
-    made (swiftclient drops one without closing it when it retries)."""
+    made that is still alive (swiftclient drops one without closing it
+    when it retries: held weakly, so that a long-lived connection's
+    retries do not pile up)."""
 
     def http_connection(self, url=None):
         parsed, conn = super().http_connection(url)
         adapter = _BlockAdapter()
         for prefix in ("http://", "https://"):
             conn.request_session.mount(prefix, adapter)
-        self.__dict__.setdefault("_adapters", []).append(adapter)
+        self.__dict__.setdefault("_adapters", weakref.WeakSet()).add(adapter)
         return parsed, conn
 
     def close(self):
         super().close()
-        adapters, self._adapters = self.__dict__.get("_adapters", []), []
+        adapters = list(self.__dict__.get("_adapters", ()))
+        self._adapters = weakref.WeakSet()
         for adapter in adapters:
             adapter.close()
 

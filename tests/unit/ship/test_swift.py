@@ -3,6 +3,7 @@ metadata from the archive's report, hashing while sending, the upload logic
 against a fake connection, and what swiftclient logs."""
 
 import datetime
+import gc
 import gzip
 import hashlib
 import importlib.metadata
@@ -414,6 +415,24 @@ def test_connection_sends_large_blocks():
         pool = adapter.poolmanager.connection_from_url(url)
         assert pool.conn_kw["blocksize"] == swift.SEND_BLOCK
     http.close()
+
+
+def test_connection_closes_the_adapters_alive_and_holds_none():
+    conn = swift._Connection(**swift.SwiftUploadCallback(
+        **V1).connection_kwargs())
+    url = "http://swift.example:8080/v1/AUTH_x"
+    for _ in range(3):  # swiftclient's retries drop the last one
+        conn.http_conn = conn.http_connection(url)
+    gc.collect()
+    alive = list(conn._adapters)
+    assert len(alive) == 1  # the dropped ones were not kept
+    pool = alive[0].poolmanager.connection_from_url(url)
+    closed = []
+    pool.close = lambda: closed.append(pool)
+    del alive
+    conn.close()
+    assert closed == [pool]
+    assert len(conn._adapters) == 0
 
 
 def test_secrets_not_in_repr():
