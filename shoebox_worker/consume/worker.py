@@ -108,6 +108,14 @@ W_PAUSED = ("PAUSED consuming from %s: %s. Nothing more is taken off the "
             "queue until this clears.")
 W_RESUMED = "RESUMED consuming: %s"
 E_DISK = "cannot write archive %s: %s"
+E_HELD = ("cannot save the stream offsets (%s): %s kept from the shipper "
+          "until they are saved (tried again every %.0f s; a stop leaves it "
+          "to the next start)")
+I_HELD = ("stream offsets saved: handing the %d archive(s) kept back to the "
+          "shipper")
+#: Seconds between two tries to save the stream offsets while closed
+#: archives wait for them (see Worker._ship_held).
+HELD_RETRY = 1.0
 
 
 def worker_id():
@@ -253,9 +261,10 @@ class Worker(broker.Reconnecting):
         #: The stream queues' offsets (empty without stream queues).
         self.streams = stream_mod.Streams(self.directory, config.consumers)
         self.batch = batch_mod.Batch(self._sync)
-        # locks of closed archives kept from the shipper: their stream
-        # offsets could not be saved (see _ship)
+        # closed archives kept from the shipper, (report, lock, since):
+        # their stream offsets could not be saved yet (see _ship_held)
         self._held = []
+        self._held_retry = 0.0
         self.unwrap = envelope.Unwrapper(
             archive_conf.metadata_fields, archive_conf.static_metadata,
             index_fields=archive_conf.index_fields)
@@ -482,6 +491,8 @@ class Worker(broker.Reconnecting):
         if closed is not None:
             self._ship(closed)
             self._commit()
+        if self._held and now >= self._held_retry:
+            self._ship_held()
         self._apply(self.backpressure.check(
             self.shipper.backlog,
             lambda: shutil.disk_usage(self.directory).free))
@@ -544,19 +555,35 @@ class Worker(broker.Reconnecting):
             return
         since = self._archive_lock.take()
         lock = self.manager.take_lock(report.filename)
-        # a closed archive is fsynced: the stream offsets must cover it
-        # before the shipper may upload and delete it
+        # a closed archive is fsynced, and nothing is written after it yet
         self.streams.synced()
+        self._held.append((report, lock, since))
+        self._ship_held(report.filename)
+
+    def _ship_held(self, new=None):
+        """Hand the closed archives to the shipper once the stream offsets
+        that cover them are saved (before the shipper may upload and
+        delete them); when the disk refuses, keep them back and try again
+        (each :data:`HELD_RETRY` seconds, from :meth:`on_iteration`).
+
+        :param new: the archive just closed (said at once if kept back).
+        """
+        if not self._held:
+            return
         try:
             self.streams.save()
         except OSError as exc:
-            LOG.error("cannot save the stream offsets (%s): %s is left "
-                      "for the next start to ship", exc, report.filename)
-            self._held.append(lock)
+            self._held_retry = time.monotonic() + HELD_RETRY
+            if new is not None:
+                LOG.error(E_HELD, exc, new, HELD_RETRY)
             return
-        self.stats.rolled()
-        self.shipper.submit(report.filename, lock, since=since,
-                            report=report)
+        held, self._held = self._held, []
+        if new is None or len(held) > 1:
+            LOG.info(I_HELD, len(held) - (new is not None))
+        for report, lock, since in held:
+            self.stats.rolled()
+            self.shipper.submit(report.filename, lock, since=since,
+                                report=report)
 
     def _write_failed(self, exc):
         """The disk refused a write or a sync: cut what is not synced off

@@ -410,10 +410,10 @@ def test_streams_writes_refused_by_the_disk_lose_and_repeat_nothing(
     """Every third attempt to write the offset file fails with ENOSPC
     (``strace -P`` on its temporary file): at the ack points (a failed
     sync: the batch is given back and consuming pauses as for a full
-    disk) and before an archive is shipped (the archive is held for the
-    next start). ``fsync``: every seventh fsync of each thread fails, the
-    archive's, the offset file's and the shipper's. Then a run without
-    it: every message once in Swift."""
+    disk) and before an archive is shipped (the archive is kept back until
+    the file is saved). ``fsync``: every seventh fsync of each thread
+    fails, the archive's, the offset file's and the shipper's. Then a run
+    without it: every message once in Swift."""
     queue, exchange = declare_stream(rabbit, names)
     container = "shoebox-stream-enospc-%s" % names[-8:]
     conn = swc.Connection(authurl=swift_env["ST_AUTH"],
@@ -444,8 +444,10 @@ def test_streams_writes_refused_by_the_disk_lose_and_repeat_nothing(
         assert "cannot write archive" in first, first[-4000:]
         if only:  # both places the offset file is written were refused
             assert "cannot save the stream offsets" in first, first[-4000:]
+            # and the archive kept back went in this run
+            assert "kept back to the shipper" in first, first[-4000:]
         assert "Traceback" not in first, first[-4000:]
-        held = ft.archive_files(work)
+        left = ft.archive_files(work)
         again = run_until_idle(ft, config)
         ids, objects = swift_ids(conn, container, str(tmp_path))
         lost = set(published) - set(ids)
@@ -455,11 +457,11 @@ def test_streams_writes_refused_by_the_disk_lose_and_repeat_nothing(
         assert set(ids) == set(published)
         assert saved_offset(work, queue) == 2999
         assert not ft.archive_files(work), again.log_tail()
-        print("\noffset file refused (%s, %s): %d time(s) at "
-              "an ack point, %d before shipping, %d archive(s) held for the "
-              "next start; %d objects, every message once" % (
+        print("\nwrites refused (%s, %s): %d time(s) at an ack point, %d "
+              "before shipping; %d archive(s) left for the next run; %d "
+              "objects, every message once" % (
                   call, when, first.count("cannot write archive"),
-                  first.count("cannot save the stream offsets"), len(held),
+                  first.count("cannot save the stream offsets"), len(left),
                   objects))
     finally:
         ft.delete_swift_container(conn, container)

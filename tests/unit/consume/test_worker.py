@@ -1378,6 +1378,61 @@ class TestStream:
         assert [last for last, _ in seen] == [3, 7, 9]
         assert all(offset >= last for last, offset in seen), seen
 
+    def test_an_archive_kept_back_is_shipped_once_the_offsets_are_saved(
+            self, tmp_path, broker, monkeypatch, caplog):
+        # the disk refuses the offset file at the roll (after the ack
+        # point before it was saved): the archive waits, and goes to the
+        # shipper at a tick once the file is saved, never before
+        monkeypatch.setattr(worker_mod, "HELD_RETRY", 0.05)
+        conf = stream_config(tmp_path, broker, roll_count=4,
+                             archive_options={"fsync_every": 3})
+        worker = make_worker(conf, broker)
+        refusing = threading.Event()
+        refused = []
+        write = stream_mod.write_offset
+
+        def offset_file(path, queue, offset):
+            if refusing.is_set():
+                refused.append(offset)
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return write(path, queue, offset)
+        monkeypatch.setattr(stream_mod, "write_offset", offset_file)
+        seen = []
+        submit = worker.shipper.submit
+
+        def checked(path, lock=None, since=None, report=None):
+            seen.append((int(report.last_metadata[
+                stream_mod.METADATA_KEY]), saved(worker, broker.queue_name)))
+            return submit(path, lock, since=since, report=report)
+        worker.shipper.submit = checked
+        publish_offsets(broker, range(3))
+        running = Running(worker)
+        with caplog.at_level(logging.INFO, logger=worker_mod.LOG.name):
+            running.wait_acked(3)  # offset 2 saved at the ack point
+            refusing.set()
+            publish_offsets(broker, [3])  # the roll: 3 not saved
+            deadline = time.monotonic() + 5
+            while len(refused) < 3 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert len(refused) >= 3, refused  # the roll's, then retries
+            assert seen == []  # kept back
+            refusing.clear()
+            deadline = time.monotonic() + 5
+            while not seen and time.monotonic() < deadline:
+                time.sleep(0.01)
+            running.stop()
+        assert seen == [(3, 3)], seen
+        lines = [r.getMessage() for r in caplog.records
+                 if "stream offsets" in r.getMessage()]
+        assert len(lines) == 2, lines
+        assert lines[0].startswith("cannot save the stream offsets ([Errno "
+                                   "28] No space left on device): ")
+        assert lines[0].endswith(" kept from the shipper until they are "
+                                 "saved (tried again every 0 s; a stop "
+                                 "leaves it to the next start)")
+        assert lines[1] == ("stream offsets saved: handing the 1 archive(s) "
+                            "kept back to the shipper")
+
     def test_resumes_after_the_saved_offset(self, tmp_path, broker):
         conf = stream_config(tmp_path, broker)
         path = stream_mod.offset_path(str(tmp_path / "work"),
