@@ -140,11 +140,11 @@ class AckWatch(threading.Thread):
         return None, bool(reconnected)
 
 
-def _declare(cluster, name):
+def _declare(cluster, name, arguments=QUORUM):
     with Connection(cluster.urls[0], connect_timeout=5) as conn:
         exchange = Exchange(name, type="topic", durable=True)
         Queue(name, exchange, routing_key=ROUTING_KEY, durable=True,
-              queue_arguments=QUORUM)(conn.default_channel).declare()
+              queue_arguments=arguments)(conn.default_channel).declare()
 
 
 def _delete(cluster, name):
@@ -286,3 +286,81 @@ def _run(cluster, names, tmp_path, worker_procs, ft, tls):
         assert tls_now == [_port(consuming[-1])], tls_now
     else:
         assert tls_now == [], tls_now
+
+
+# -- a stream on the cluster ------------------------------------------------
+
+STREAM = {"x-queue-type": "stream"}
+
+
+def test_a_stream_on_the_cluster_its_leader_killed_every_offset_once(
+        cluster, names, tmp_path, worker_procs, ft):
+    """A stream replicated on the three nodes, its leader's node killed
+    with SIGKILL mid-run: the worker resumes on another node after the
+    last offset it wrote, so no offset is archived twice, and every
+    confirmed message is archived (a publish the kill left unconfirmed is
+    sent again: a second stream entry, archived as such)."""
+    _declare(cluster, names, STREAM)
+    try:
+        leader = cluster.leader(names)
+        others = [node for node in cluster.nodes if node != leader]
+        config = ft.worker_config(
+            tmp_path, names, names, url=";".join(
+                cluster.url_of(node) for node in [leader] + others),
+            routing_key=ROUTING_KEY, durable=True,
+            consumer_options={"queue_arguments": "x-queue-type=stream",
+                              "exchange_durable": True},
+            roll_checker="count", roll_options={"roll_count": 1000},
+            broker={"prefetch_count": 200},
+            archive_options={"fsync_every": 50})
+        worker = worker_procs(config)
+        assert worker.wait_for_log(r"consuming from", 60), worker.log_tail()
+        publisher = Publisher([cluster.url_of(node)
+                               for node in others + [leader]],
+                              names, seed=13)
+        publisher.start()
+        ft.wait_until(lambda: len(publisher.confirmed) >= COUNT * 0.3
+                      or not publisher.is_alive(), 60,
+                      message="a third published")
+        cluster.kill(leader)
+        time.sleep(5)
+        cluster.restart(leader)
+        publisher.join(300)
+        assert not publisher.is_alive(), "publisher still running"
+        assert publisher.error is None, repr(publisher.error)
+        time.sleep(2)
+        worker.signal(15)
+        assert worker.wait(60) == 0, worker.log_tail()
+        # what it had not read yet: a restart resumes after its last offset
+        rest = ft.run_worker(config, idle_exit=5, timeout=120)
+        assert rest.returncode == 0, rest.log_tail()
+    finally:
+        _delete(cluster, names)
+    records = ft.read_archives(tmp_path / "archive")
+    offsets = collections.Counter(int(r.metadata["stream_offset"])
+                                  for r in records)
+    twice = sorted(o for o, n in offsets.items() if n > 1)
+    assert not twice, "offsets archived twice: %s" % twice[:5]
+    # every entry from the first to the last, none missing
+    assert sorted(offsets) == list(range(len(offsets))), worker.log_tail()
+    ids = collections.Counter(r.metadata["message_id"] for r in records)
+    lost = set(publisher.confirmed) - set(ids)
+    assert not lost, "%d confirmed message(s) lost" % len(lost)
+    assert set(ids) <= publisher.sent
+    print("\nstream on the cluster: leader %s killed; %d entries archived "
+          "once each (offsets 0-%d), %d confirmed of %d sent, %d sent twice "
+          "by the publisher; the worker connected %d time(s), its restart "
+          "archived %d" % (
+              leader, len(offsets), len(offsets) - 1,
+              len(set(publisher.confirmed)), len(publisher.sent),
+              sum(n - 1 for n in ids.values()),
+              worker.log.count("consuming from"),
+              len(offsets) - _archived_before(rest.log)))
+    assert worker.log.count("consuming from") >= 2, worker.log_tail()
+
+
+def _archived_before(log):
+    """The last offset the first run archived + 1, from the restart's
+    resume line."""
+    match = re.search(r"resuming after offset (\d+)", log)
+    return int(match.group(1)) + 1 if match else 0
