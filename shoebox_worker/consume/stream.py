@@ -81,7 +81,7 @@ _MAX_NAME = 200
 I_RESUME = "stream %s: resuming after offset %d (%s)"
 I_FIRST = "stream %s: first start, reading from %s"
 W_GAP = ("stream %s: offsets %d-%d were never delivered (the stream's "
-         "retention removed them before they were read?)")
+         "retention removed them before they were read)")
 W_ARCHIVED_GAP = ("stream %s: the archives recovery read lack offset %d "
                   "but hold later ones: resuming at %d (the records after "
                   "the gap will be archived twice, none lost)")
@@ -133,16 +133,28 @@ def write_offset(path, queue, offset):
                                    "offset": offset}).release()
 
 
-def resume_point(saved, archived):
-    """The last offset archived: the saved one, or past it the contiguous
-    run of offsets found in the archives recovery read.
+def resume_point(saved, archived, damaged=False):
+    """The last offset archived: the saved one, or the highest found in the
+    archives recovery read.
+
+    A stream's offsets have gaps of their own (each segment starts with an
+    entry of the broker's, which no consumer gets), so a gap in what was
+    archived is no hole, unless recovery passed over damaged records that
+    had valid ones after them (a power cut's unsynced pages, written back
+    out of order): then only the contiguous run past the saved offset
+    counts, and what follows the first gap is read again (archived twice
+    rather than lost).
 
     :param saved: the offset file's offset, or None.
     :param archived: offsets found in recovered archives (any order).
+    :param damaged: recovery passed over such damage.
     :returns: ``(last, gap)``: the last offset archived (None: nothing
         was), and the first offset missing before later ones were found
-        (None when there is no gap).
+        (None when there is no gap, or no damage).
     """
+    if not damaged:
+        known = [o for o in (saved, *archived) if o is not None]
+        return (max(known) if known else None), None
     last = saved
     for offset in sorted(set(archived)):
         if last is not None and offset <= last:
@@ -177,8 +189,13 @@ class Stream:
         #: The highest offset known fsynced, and the one saved.
         self.durable = None
         self.saved = None
-        #: Offsets found in the archives crash recovery read.
+        #: Offsets found in the archives crash recovery read, and whether
+        #: it passed over damage with valid records after it.
         self.archived = []
+        self.damaged = False
+        #: Subscribed, nothing written since (a gap then is the stream's
+        #: retention at work).
+        self.subscribed = False
         self._lock = None
         self._warned_header = False
 
@@ -202,11 +219,18 @@ class Stream:
         return offset is None or self.last is None or offset > self.last
 
     def written(self, offset):
-        """A record of ``offset`` was written (not yet synced)."""
+        """A record of ``offset`` was written (not yet synced). The first
+        one of a subscription far past the offset asked for says what the
+        stream no longer held (a warning); other gaps are the stream's own
+        entries (a segment's first one), logged at debug."""
         if offset is None:
             return
         if self.last is not None and offset > self.last + 1:
-            LOG.warning(W_GAP, self.queue, self.last + 1, offset - 1)
+            # retention removes whole segments, each two entries or more
+            removed = self.subscribed and offset > self.last + 2
+            LOG.log(logging.WARNING if removed else logging.DEBUG, W_GAP,
+                    self.queue, self.last + 1, offset - 1)
+        self.subscribed = False
         self.last = offset
 
     def resume(self):
@@ -222,7 +246,7 @@ class Stream:
                 "[archive] working_directory" % (lock_path, self.queue)
             ) from None
         self.saved = read_offset(self.path)
-        last, gap = resume_point(self.saved, self.archived)
+        last, gap = resume_point(self.saved, self.archived, self.damaged)
         self.archived = []
         if gap is not None:
             LOG.warning(W_ARCHIVED_GAP, self.queue, gap, gap)
@@ -277,6 +301,12 @@ class Streams:
         if stream is not None and offset is not None and offset.isdigit():
             stream.archived.append(int(offset))
 
+    def damaged(self, path, skipped):
+        """Crash recovery's ``on_damage``: ``path`` had damaged records
+        before valid ones (which stream's, nobody knows)."""
+        for stream in self._streams.values():
+            stream.damaged = True
+
     def resume(self):
         """After recovery, before shipping starts: lock, compute and save
         each stream's resume point.
@@ -294,6 +324,7 @@ class Streams:
             stream = self._streams.get(queue.name)
             if stream is not None:
                 queue.consumer_arguments = {OFFSET_ARG: stream.argument()}
+                stream.subscribed = True
 
     def synced(self):
         """Every record written so far is fsynced."""

@@ -322,13 +322,15 @@ class Worker(broker.Reconnecting):
         recovered = self.shipper.recover(
             self.directory,
             lambda name: self.archive_name.fullmatch(name) is not None,
-            on_record=self.streams.recovered if self.streams else None)
+            on_record=self.streams.recovered if self.streams else None,
+            on_damage=self.streams.damaged if self.streams else None,
+            # before a recovered archive gets a state file (the next start
+            # would not read it again) and is shipped: the offsets found
+            # in it are saved
+            before_submit=self.streams.resume)
         if recovered:
             LOG.info("%d archive(s) from a previous run queued for "
                      "shipping", recovered)
-        # before anything recovered is shipped (and deleted): the offsets
-        # found in it are saved
-        self.streams.resume()
         self.shipper.start()
 
     #: SIGTERM/SIGINT counted so far (a repeat within a second is one:

@@ -481,7 +481,8 @@ class Shipper:
 
     # -- start-up ------------------------------------------------------
 
-    def recover(self, directory, pattern_match, on_record=None):
+    def recover(self, directory, pattern_match, on_record=None,
+                on_damage=None, before_submit=None):
         """Find what a previous run left in ``directory`` and queue it.
 
         :param pattern_match: ``f(name) -> bool``: is this file name one of
@@ -490,9 +491,18 @@ class Shipper:
             read here (those without a state file), as
             :func:`~shoebox_worker.archive.inspect_file` passes them, before
             anything is shipped (the worker finds its stream offsets so).
+        :param on_damage: called with ``(path, skipped)`` for each damaged
+            range with valid records after it (not a torn tail) in those
+            archives: records may be missing before the ones after it.
+        :param before_submit: called once, after every archive was read and
+            before the state file of any of them is written (the worker
+            saves its stream offsets then: an archive with a state file is
+            not read again at the next start, so they must cover it first).
         :returns: the number of archives queued.
         """
         if not os.path.isdir(directory):
+            if before_submit is not None:
+                before_submit()
             return 0
         names = sorted(os.listdir(directory))
         count = 0
@@ -514,6 +524,7 @@ class Shipper:
         done_stamp = _done_stamp(directory)
         done = _load_done(directory)
         names = sorted(os.listdir(directory))
+        found = []  # (path, lock, report): submitted after before_submit
         for name in names:
             path = os.path.join(directory, name)
             if not pattern_match(name) or os.path.exists(path +
@@ -552,12 +563,16 @@ class Shipper:
                 if self.index_fields else None
             try:
                 report = self._recovered_report(
-                    path, self._indexing(builder, on_record))
+                    path, self._indexing(builder, on_record), on_damage)
             except Exception as exc:  # shipped as it is: never stranded
                 LOG.error("%s: cannot read it for its report (%s); shipping "
                           "it as it is", path, exc)
                 report = builder = None
             self._rebuild_index(path, builder)
+            found.append((path, lock, report))
+        if before_submit is not None:
+            before_submit()
+        for path, lock, report in found:
             LOG.info("shipping %s, left by a previous run", path)
             self.submit(path, lock, report=report)
             count += 1
@@ -621,13 +636,15 @@ class Shipper:
                 pass
 
     @staticmethod
-    def _recovered_report(path, on_record=None):
+    def _recovered_report(path, on_record=None, on_damage=None):
         """Read an archive left by a killed run for its report, and cut off
         a torn tail (the record being written when that run died; it was
         never acked), saying so in one line.
 
         :param on_record: passed to :func:`~shoebox_worker.archive.
             inspect_file` (a torn tail holds no valid record).
+        :param on_damage: called with ``(path, skipped)`` for each damaged
+            range before the end.
         :returns: the report of what is left.
         """
         report = archive.inspect_file(path, on_record=on_record, quiet=True)
@@ -637,6 +654,8 @@ class Shipper:
             if skipped is not tail:  # damage before the end: said as read
                 LOG.warning("%s: skipped bytes %d-%d: %s", path,
                             skipped.start, skipped.end, skipped.reason)
+                if on_damage is not None:
+                    on_damage(path, skipped)
         if tail is None:
             return report
         cut = archive.cut_torn_tail(path, report)

@@ -115,12 +115,19 @@ class TestResumePoint:
     def test_duplicates_count_once(self):
         assert stream_mod.resume_point(3, [4, 4, 5, 5]) == (5, None)
 
-    def test_a_gap_stops_before_it(self):
+    def test_a_gap_is_the_streams_own(self):
+        # each segment starts with an entry no consumer gets
+        assert stream_mod.resume_point(9, [10, 11, 13, 14]) == (14, None)
+        assert stream_mod.resume_point(None, [3, 5]) == (5, None)
+
+    def test_after_damage_a_gap_stops_before_it(self):
         # records after a hole (unsynced pages lost to a power cut) are
         # archived twice rather than the hole lost
-        assert stream_mod.resume_point(9, [10, 11, 14, 15]) == (11, 12)
-        assert stream_mod.resume_point(9, [12, 13]) == (9, 10)
-        assert stream_mod.resume_point(None, [3, 5]) == (3, 4)
+        assert stream_mod.resume_point(9, [10, 11, 14, 15], True) == (11, 12)
+        assert stream_mod.resume_point(9, [12, 13], True) == (9, 10)
+        assert stream_mod.resume_point(None, [3, 5], True) == (3, 4)
+        assert stream_mod.resume_point(None, [], True) == (None, None)
+        assert stream_mod.resume_point(3, [1, 2, 3, 4], True) == (4, None)
 
 
 class TestStream:
@@ -157,14 +164,28 @@ class TestStream:
         assert len(caplog.records) == 1  # said once
         assert "without an x-stream-offset header" in caplog.text
 
-    def test_a_gap_in_deliveries_is_warned(self, tmp_path, caplog):
+    def test_a_gap_at_a_subscriptions_start_is_warned(self, tmp_path,
+                                                      caplog):
         stream = self.make(tmp_path)
+        stream.written(1)
+        stream.subscribed = True  # as Streams.position sets it
         with caplog.at_level(logging.WARNING):
-            stream.written(0)
-            stream.written(1)
             stream.written(5)
-        assert "offsets 2-4 were never delivered" in caplog.text
-        assert stream.last == 5
+        assert "offsets 2-4 were never delivered (the stream's retention " \
+            "removed them before they were read)" in caplog.text
+        assert stream.last == 5 and not stream.subscribed
+
+    def test_other_gaps_are_the_streams_own_entries(self, tmp_path,
+                                                    caplog):
+        stream = self.make(tmp_path)
+        stream.written(0)
+        stream.subscribed = True
+        with caplog.at_level(logging.DEBUG, logger=stream_mod.LOG.name):
+            stream.written(2)   # one entry: a segment's first
+            stream.written(3)
+            stream.written(9)   # later in the subscription
+        assert [r.levelno for r in caplog.records] == [logging.DEBUG] * 2
+        assert stream.last == 9
 
     def test_saves_only_what_is_durable(self, tmp_path):
         stream = self.make(tmp_path)
@@ -193,14 +214,24 @@ class TestStream:
         assert stream.argument() == 11 and stream.archived == []
         stream.release()
 
-    def test_resume_warns_of_a_gap(self, tmp_path, caplog):
+    def test_resume_after_damage_warns_of_a_gap(self, tmp_path, caplog):
         stream = self.make(tmp_path)
         stream.archived = [0, 1, 3]
+        stream.damaged = True
         with caplog.at_level(logging.WARNING):
             stream.resume()
         assert "lack offset 2 but hold later ones: resuming at 2" in \
             caplog.text
         assert stream.argument() == 2
+        stream.release()
+
+    def test_resume_without_damage_goes_past_a_gap(self, tmp_path, caplog):
+        stream = self.make(tmp_path)
+        stream.archived = [0, 1, 3]
+        with caplog.at_level(logging.WARNING):
+            stream.resume()
+        assert caplog.text == ""
+        assert stream.argument() == 4
         stream.release()
 
     def test_the_lock_keeps_a_second_reader_out(self, tmp_path):

@@ -1488,6 +1488,36 @@ class TestStream:
         assert mine == [str(n) for n in range(5, 16)]  # 15 once, new
         assert saved(worker, broker.queue_name) == 15
 
+    @pytest.mark.parametrize("damage", [False, True])
+    def test_a_gap_in_the_offsets_a_killed_run_left(self, tmp_path, broker,
+                                                    damage):
+        # offsets 10-12 and 14-16: 13 was the first entry of a segment
+        # (no consumer gets it): resume after 16. Unless recovery passed
+        # over damaged records with valid ones after them: then after 12,
+        # the records after the gap archived twice rather than lost
+        conf = stream_config(tmp_path, broker)
+        work = tmp_path / "work"
+        work.mkdir()
+        left = str(work / "shoebox_20260101T000000_dead-1_0123456789ab-0."
+                   "events")
+        with archive.ArchiveWriter(left) as writer:
+            for n in (10, 11, 12, 14, 15, 16):
+                writer.write({"queue": broker.queue_name,
+                              stream_mod.METADATA_KEY: str(n)}, b"{}")
+        if damage:  # a record's bytes in the middle, overwritten
+            with open(left, "r+b") as f:
+                data = f.read()
+                middle = len(data) // 2
+                f.seek(middle)
+                f.write(b"\xff" * 8)
+        worker = make_worker(conf, broker)
+        worker.start()
+        try:
+            assert worker.streams.get(broker.queue_name).argument() == (
+                13 if damage else 17)
+        finally:
+            worker.shutdown(ship_timeout=1)
+
     def test_a_second_worker_on_the_directory_is_refused(self, tmp_path,
                                                          broker):
         conf = stream_config(tmp_path, broker)

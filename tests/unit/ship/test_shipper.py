@@ -1244,6 +1244,37 @@ class TestPromisesFromTheMutationCheck:
         assert [f[0] for f in found] == [0] + list(itertools.accumulate(
             len(record.pack(*r)) for r in RECORDS[:-1]))
 
+    def test_before_submit_runs_before_any_state_file_is_written(
+            self, tmp_path, make_shipper):
+        # the worker saves its stream offsets then: an archive with a
+        # state file is not read again at the next start
+        paths = [write_archive(tmp_path / name)
+                 for name in ("a.events", "b.events")]
+        seen = []
+        ship = make_shipper([("m", steps.MemoryCallback())], start=False)
+        assert ship.recover(str(tmp_path), is_archive, before_submit=lambda:
+                            seen.append([os.path.exists(p + ".ship")
+                                         for p in paths])) == 2
+        assert seen == [[False, False]]
+        assert all(os.path.exists(p + ".ship") for p in paths)
+        missing = []
+        assert ship.recover(str(tmp_path / "none"), is_archive,
+                            before_submit=lambda: missing.append(1)) == 0
+        assert missing == [1]  # once, even with no directory
+
+    def test_on_damage_is_told_of_damage_before_valid_records_only(
+            self, tmp_path, make_shipper):
+        path = write_archive(tmp_path / "a.events")
+        with open(path, "r+b") as f:
+            f.write(b"XXXX")  # the first record's marker
+        with open(path, "ab") as f:
+            f.write(b"\x00garbage")  # a torn tail: not told
+        told = []
+        ship = make_shipper([("m", steps.MemoryCallback())], start=False)
+        ship.recover(str(tmp_path), is_archive,
+                     on_damage=lambda p, s: told.append((p, s.start)))
+        assert told == [(path, 0)]
+
     def test_damage_before_a_torn_tail_said_exactly_and_kept(
             self, tmp_path, make_shipper, monkeypatch, caplog):
         path = write_archive(tmp_path / "a.events")
