@@ -40,9 +40,10 @@ from shoebox_worker.tools import publish as publish_mod
 from shoebox_worker.tools import simulator
 
 
-def declare_stream(rabbit, names):
+def declare_stream(rabbit, names, **arguments):
     """A durable topic exchange and a stream bound to it (both deleted at
-    the end); returns ``(queue, exchange)``."""
+    the end), with ``x-max-age = 1h`` and ``arguments``; returns
+    ``(queue, exchange)``."""
     queue = rabbit.track_queue(names + "-stream")
     exchange = rabbit.track_exchange(names + "-ex")
     channel = rabbit.channel()
@@ -51,10 +52,18 @@ def declare_stream(rabbit, names):
                                           durable=True),
                     routing_key="notifications.*", durable=True,
                     queue_arguments={"x-queue-type": "stream",
-                                     "x-max-age": "1h"})(channel).declare()
+                                     "x-max-age": "1h", **arguments})(
+                                         channel).declare()
     finally:
         channel.close()
     return queue, exchange
+
+
+def stream_arguments(**arguments):
+    """``queue_arguments`` as the config says those of :func:`declare_stream`
+    (the worker declares the queue too: they must match)."""
+    return ", ".join("%s=%s" % item for item in {
+        "x-queue-type": "stream", "x-max-age": "1h", **arguments}.items())
 
 
 def publish(ft, exchange, count, seed):
@@ -188,20 +197,10 @@ def test_streams_killed_past_a_segment_start_every_message_once(
     saved one, across such gaps, and the restart must resume after the
     highest of them, not at the first gap (which archived what followed
     twice)."""
-    queue = rabbit.track_queue(names + "-stream")
-    exchange = rabbit.track_exchange(names + "-ex")
-    segments = "x-stream-max-segment-size-bytes"
-    channel = rabbit.channel()
-    try:
-        kombu.Queue(queue, kombu.Exchange(exchange, type="topic",
-                                          durable=True),
-                    routing_key="notifications.*", durable=True,
-                    queue_arguments={"x-queue-type": "stream",
-                                     segments: 100000})(channel).declare()
-    finally:
-        channel.close()
+    segments = {"x-stream-max-segment-size-bytes": 100000}
+    queue, exchange = declare_stream(rabbit, names, **segments)
     config = stream_config(ft, tmp_path, queue, exchange, consumer={
-        "queue_arguments": "x-queue-type=stream, %s=100000" % segments},
+        "queue_arguments": stream_arguments(**segments)},
         archive_options={"fsync_every": 200, "fsync_interval": 30},
         roll_count=10000)
     published = publish(ft, exchange, 2000, seed=51)
@@ -279,22 +278,12 @@ def test_streams_what_retention_removed_is_a_logged_gap(rabbit, names, ft,
     never got, and archives the rest once each. Each segment starts with
     an entry of the broker's that no consumer gets: gaps that are no
     loss, and not warned of."""
-    queue = rabbit.track_queue(names + "-stream")
-    exchange = rabbit.track_exchange(names + "-ex")
-    arguments = {"x-queue-type": "stream", "x-max-length-bytes": 200000,
+    retention = {"x-max-length-bytes": 200000,
                  "x-stream-max-segment-size-bytes": 50000}
-    channel = rabbit.channel()
-    try:
-        kombu.Queue(queue, kombu.Exchange(exchange, type="topic",
-                                          durable=True),
-                    routing_key="notifications.*", durable=True,
-                    queue_arguments=arguments)(channel).declare()
-    finally:
-        channel.close()
+    queue, exchange = declare_stream(rabbit, names, **retention)
     published = publish(ft, exchange, 1000, seed=41)
     config = stream_config(ft, tmp_path, queue, exchange, consumer={
-        "queue_arguments": "x-queue-type=stream, x-max-length-bytes=200000, "
-                           "x-stream-max-segment-size-bytes=50000"})
+        "queue_arguments": stream_arguments(**retention)})
     work = tmp_path / "archive"
     work.mkdir()
     # as if a run had archived offsets 0-5 and shipped them

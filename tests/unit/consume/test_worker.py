@@ -1326,6 +1326,20 @@ def saved(worker, queue):
                                                          queue))
 
 
+def watch_submits(worker, queue):
+    """``[(last offset in the archive, offset saved), ...]`` at each
+    archive the worker hands to its shipper."""
+    seen = []
+    submit = worker.shipper.submit
+
+    def checked(path, lock=None, since=None, report=None):
+        seen.append((int(report.last_metadata[stream_mod.METADATA_KEY]),
+                     saved(worker, queue)))
+        return submit(path, lock, since=since, report=report)
+    worker.shipper.submit = checked
+    return seen
+
+
 class TestStream:
     """The worker's side of :mod:`shoebox_worker.consume.stream`: offsets
     in the records, saved at the ack point and before shipping, resumed
@@ -1363,15 +1377,7 @@ class TestStream:
         conf = stream_config(tmp_path, broker, roll_count=4)
         publish_offsets(broker, range(10))
         worker = make_worker(conf, broker)
-        seen = []
-        submit = worker.shipper.submit
-
-        def checked(path, lock=None, since=None, report=None):
-            seen.append((int(report.last_metadata[
-                stream_mod.METADATA_KEY]), saved(worker, broker.queue_name)))
-            return submit(path, lock, since=since, report=report)
-
-        worker.shipper.submit = checked
+        seen = watch_submits(worker, broker.queue_name)
         running = Running(worker)
         running.wait_acked(10)
         running.stop()
@@ -1397,14 +1403,7 @@ class TestStream:
                 raise OSError(errno.ENOSPC, "No space left on device")
             return write(path, queue, offset)
         monkeypatch.setattr(stream_mod, "write_offset", offset_file)
-        seen = []
-        submit = worker.shipper.submit
-
-        def checked(path, lock=None, since=None, report=None):
-            seen.append((int(report.last_metadata[
-                stream_mod.METADATA_KEY]), saved(worker, broker.queue_name)))
-            return submit(path, lock, since=since, report=report)
-        worker.shipper.submit = checked
+        seen = watch_submits(worker, broker.queue_name)
         publish_offsets(broker, range(3))
         running = Running(worker)
         with caplog.at_level(logging.INFO, logger=worker_mod.LOG.name):
