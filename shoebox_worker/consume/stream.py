@@ -19,7 +19,9 @@ restarts, broker reconnects, and the shipping and deletion of its archives:
 - at start, after crash recovery has read the archives a killed run left,
   the worker resumes right after the highest of the saved offset and the
   offsets recovery found in those archives (:func:`resume_point`), saves
-  that before anything is shipped, and every (re)subscription asks the
+  that before a recovered archive gets its state file (one with a state
+  file is not read again) or anything is shipped, and every
+  (re)subscription asks the
   broker for the offset after the last one written (:meth:`Stream.argument`);
 - a delivery at or below the last offset written is not written again
   (the broker starts at the chunk holding a timestamp, and deliveries of a
@@ -31,10 +33,12 @@ nor recovery goes past them: they are read again. Records fsynced but not
 yet in the offset file are found by recovery in the archive, which is not
 shipped before the resume point is saved. An archive is handed to the
 shipper only once the offset file covers it, so one shipped and deleted
-never leaves the offset file behind it. A gap in the offsets recovery finds
-(a power cut can lose unsynced pages in the middle of the tail) stops the
-resume point before it: the records after the gap are then archived twice,
-never lost.
+never leaves the offset file behind it. A stream's offsets have gaps of
+their own (each segment's first entry is the broker's), so a gap recovery
+finds is no hole, unless it passed over damaged records with valid ones
+after them (a power cut can lose unsynced pages in the middle of the
+tail): then the gap stops the resume point before it, and the records
+after it are archived twice, never lost.
 
 The first start of a queue (no offset file, no archived offset) reads from
 ``stream_offset``: ``first`` by default (everything the stream retains:
