@@ -14,10 +14,13 @@ Every test uses its own queue and exchange names (``names`` fixture) and
 deletes them at the end (``rabbit.track_queue``/``track_exchange``).
 """
 
+import contextlib
 import dataclasses
+import fcntl
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -149,15 +152,15 @@ class Rabbit:
             channel.close()
 
     def declare(self, queue, exchange, routing_key, durable=False,
-                exchange_type="topic"):
+                exchange_type="topic", queue_arguments=None):
         """Declare an exchange and a queue bound to it (tracked)."""
         self.track_exchange(exchange)
         self.track_queue(queue)
         channel = self.channel()
         try:
             ex = Exchange(exchange, type=exchange_type, durable=durable)
-            Queue(queue, ex, routing_key=routing_key,
-                  durable=durable)(channel).declare()
+            Queue(queue, ex, routing_key=routing_key, durable=durable,
+                  queue_arguments=queue_arguments)(channel).declare()
         finally:
             channel.close()
 
@@ -208,11 +211,89 @@ def rabbit_available():
         unavailable("RabbitMQ not reachable at %s: %s" % (AMQP_URL, exc))
 
 
+#: The brokers a test marked ``both_brokers`` runs against, by id: the
+#: machine's RabbitMQ (Debian 12's 3.10, 127.0.0.1:5672) and the tests'
+#: own RabbitMQ 4.0 (scripts/rabbitmq4, which scripts/test starts; it
+#: refuses what 4.3 refuses: transient non-exclusive queues, global QoS).
+BROKERS = ("rabbitmq3", "rabbitmq4")
+
+
+def pytest_generate_tests(metafunc):
+    if metafunc.definition.get_closest_marker("both_brokers") is not None:
+        metafunc.parametrize("broker", BROKERS, indirect=True)
+
+
+@dataclasses.dataclass
+class Broker:
+    """One RabbitMQ the tests use: its id (:data:`BROKERS`), AMQP URL
+    (guest) and version, as the server tells it."""
+
+    name: str
+    url: str
+    version: tuple
+
+    @property
+    def is_4(self):
+        return self.version >= (4, 0)
+
+    @property
+    def port(self):
+        return int(self.url.rsplit(":", 1)[1].split("/")[0])
+
+    def ctl(self, *args, timeout=120):
+        """rabbitmqctl ARGS on this broker's node (the machine's, or
+        scripts/rabbitmq4's in its root)."""
+        if self.name == "rabbitmq3":
+            return rabbitmqctl(*args, timeout=timeout)
+        return subprocess.run([RABBIT4_SCRIPT, "ctl", *args],
+                              capture_output=True, text=True,
+                              timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def _version_of(url):
+    from shoebox_worker.consume import rabbitmq as rabbitmq_mod
+    with Connection(url, connect_timeout=5) as conn:
+        conn.connect()
+        return rabbitmq_mod.server_version(conn)
+
+
+@pytest.fixture(scope="session")
+def brokers():
+    """``{id: Broker}`` of the brokers that answer (checked when a test
+    asks for one)."""
+    return {}
+
+
 @pytest.fixture
-def rabbit(rabbit_available):
-    broker = Rabbit()
-    yield broker
-    broker.cleanup()
+def broker(request, brokers):
+    """The broker of this test: the machine's, or, for a test marked
+    ``both_brokers``, each of :data:`BROKERS` in turn. A RabbitMQ 4 that
+    is not there skips the test, or fails it when CI=true."""
+    which = getattr(request, "param", "rabbitmq3")
+    if which not in brokers:
+        if which == "rabbitmq3":
+            url = AMQP_URL
+        else:
+            url = os.environ.get("SHOEBOX_TEST_RABBIT4_URL")
+            if not url:
+                unavailable("SHOEBOX_TEST_RABBIT4_URL not set; run: "
+                            "env=\"$(scripts/rabbitmq4 start)\" && "
+                            "eval \"$env\"")
+        try:
+            brokers[which] = Broker(which, url, _version_of(url))
+        except Exception as exc:
+            unavailable("RabbitMQ not reachable at %s: %s" % (url, exc))
+    return brokers[which]
+
+
+@pytest.fixture
+def rabbit(rabbit_available, broker):
+    """A connection to this test's broker (:func:`broker`), and what the
+    test declared on it, deleted at the end."""
+    connection = Rabbit(broker.url)
+    connection.broker = broker
+    yield connection
+    connection.cleanup()
 
 
 @pytest.fixture
@@ -257,6 +338,9 @@ def publish(url, count, exchange, routing_key, queue=None, seed=1,
 
 # -- the project's own RabbitMQ cluster --------------------------------------
 
+#: scripts/rabbitmq4, the tests' RabbitMQ 4 (Broker.ctl runs its ctl).
+RABBIT4_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(
+    os.path.dirname(os.path.abspath(__file__)))), "scripts", "rabbitmq4")
 #: scripts/rabbit-cluster, which the ``cluster`` fixture runs.
 CLUSTER_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(
     os.path.dirname(os.path.abspath(__file__)))), "scripts", "rabbit-cluster")
@@ -321,7 +405,7 @@ class Cluster:
         """The node holding quorum queue ``queue``'s leader."""
         return self.run("leader", queue).stdout.strip()
 
-    def ctl(self, node, *args, timeout=120):
+    def ctl(self, node, *args, timeout=300):
         """rabbitmqctl ARGS on ``node`` (with the cluster's cookie)."""
         return self.run("ctl", node, *args, timeout=timeout, check=False)
 
@@ -335,35 +419,45 @@ def _exports(text):
     return values
 
 
+#: Held while ``scripts/rabbit-cluster start`` runs: each pytest-xdist
+#: worker has its own session, and two starts at once would race.
+CLUSTER_LOCK = os.path.join(os.path.dirname(CLUSTER_SCRIPT), os.pardir,
+                            ".rabbit-cluster.lock")
+
+
 @pytest.fixture(scope="session")
 def cluster():
-    """The project's own 3-node RabbitMQ cluster (``scripts/rabbit-cluster
-    start``, once per session, when a test needs it); stopped at the end
-    when this session started it, left running when it already was.
-    A start that fails skips the tests, or fails them when CI=true."""
-    status = subprocess.run([CLUSTER_SCRIPT, "status"], capture_output=True,
-                            text=True, stdin=subprocess.DEVNULL, timeout=120)
+    """The project's own 3-node RabbitMQ cluster. ``scripts/test`` starts it
+    before pytest and exports its ``SHOEBOX_TEST_CLUSTER_*`` variables,
+    which are used as they are (asking the nodes again takes seconds of
+    Erlang CLI on a machine busy with the other tests). Without them (a
+    run without scripts/test), ``scripts/rabbit-cluster start`` runs
+    once per pytest-xdist worker, under a lock: a no-op when the cluster
+    runs, a fresh start otherwise. It is left running, as Keystone and
+    the Swift all-in-ones are: other workers may still use it, and the
+    next run finds it up. A start that fails skips the tests, or fails
+    them when CI=true."""
+    exported = {name: value for name, value in os.environ.items()
+                if name.startswith("SHOEBOX_TEST_CLUSTER_")}
+    if "SHOEBOX_TEST_CLUSTER_URLS" in exported:
+        return Cluster(exported)
     started = time.monotonic()
-    try:
-        result = subprocess.run([CLUSTER_SCRIPT, "start"],
-                                capture_output=True, text=True,
-                                stdin=subprocess.DEVNULL, timeout=900)
-    except subprocess.TimeoutExpired:
-        subprocess.run([CLUSTER_SCRIPT, "stop"], capture_output=True,
-                       timeout=120)
-        unavailable("scripts/rabbit-cluster start did not finish in 900 s")
+    with open(CLUSTER_LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            result = subprocess.run([CLUSTER_SCRIPT, "start"],
+                                    capture_output=True, text=True,
+                                    stdin=subprocess.DEVNULL, timeout=900)
+        except subprocess.TimeoutExpired:
+            unavailable("scripts/rabbit-cluster start did not finish in "
+                        "900 s")
     if result.returncode != 0:
         unavailable("scripts/rabbit-cluster start failed (rc %d): %s" % (
             result.returncode, result.stderr[-3000:]))
-    if status.returncode != 0:
+    if "already running" not in result.stderr:
         print("\nscripts/rabbit-cluster start: %.1f s" % (
             time.monotonic() - started))
-    try:
-        yield Cluster(_exports(result.stdout))
-    finally:
-        if status.returncode != 0:  # not running before: ours to stop
-            subprocess.run([CLUSTER_SCRIPT, "stop"], capture_output=True,
-                           timeout=120)
+    return Cluster(_exports(result.stdout))
 
 
 # -- Keystone ---------------------------------------------------------------
@@ -414,6 +508,41 @@ def keystone():
         unavailable("Keystone not answering at %s: %s"
                     % (values["auth_url"], exc))
     return types.SimpleNamespace(**values)
+
+
+# -- the example plugin -------------------------------------------------------
+
+#: examples/shoebox-example-plugin: a third-party callback package.
+EXAMPLE_PLUGIN = os.path.join(os.path.dirname(CLUSTER_SCRIPT), os.pardir,
+                              "examples", "shoebox-example-plugin")
+
+
+@pytest.fixture(scope="session")
+def example_plugin(tmp_path_factory):
+    """The environment in which ``shoebox-worker`` finds the example
+    plugin: it is pip-installed (from a copy, so that the source tree
+    stays clean) into a folder of this session's own, put first on
+    ``PYTHONPATH``; its entry points are found there. The venv itself is
+    never changed, so tests running beside these do not see the plugin
+    come and go."""
+    base = tmp_path_factory.mktemp("example-plugin")
+    source, target = base / "src", base / "site"
+    shutil.copytree(EXAMPLE_PLUGIN, source)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    try:
+        import wheel  # noqa: F401 - needed to build without isolation
+        isolation = ["--no-build-isolation"]
+    except ImportError:
+        isolation = []
+    installed = subprocess.run(
+        [*pip, "install", "--no-deps", *isolation, "--target", str(target),
+         str(source)], capture_output=True, text=True, timeout=300)
+    if installed.returncode != 0:
+        pytest.fail("pip install of the example plugin failed:\n%s"
+                    % installed.stderr)
+    path = os.environ.get("PYTHONPATH")
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(target)] + ([path] if path else [])))
 
 
 # -- configs ----------------------------------------------------------------
@@ -477,7 +606,7 @@ def worker_config(tmp_path, queue, exchange, *, url=AMQP_URL,
 class WorkerProcess:
     """``shoebox-worker run`` as a subprocess; its log goes to a file."""
 
-    def __init__(self, config, idle_exit=None, log_path=None):
+    def __init__(self, config, idle_exit=None, log_path=None, env=None):
         self.config = config
         self.log_path = log_path or "%s.%s.log" % (config,
                                                    uuid.uuid4().hex[:6])
@@ -489,7 +618,7 @@ class WorkerProcess:
         self.started = time.monotonic()
         self.proc = subprocess.Popen(argv, stdout=self._log,
                                      stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
+                                     stdin=subprocess.DEVNULL, env=env)
         self.pid = self.proc.pid
         self.elapsed = None
 
@@ -559,10 +688,15 @@ def worker_procs():
             proc.kill()
 
 
-def run_worker(config, idle_exit=2.0, timeout=90):
+def run_worker(config, idle_exit=0.5, timeout=90, env=None):
     """Run the worker until it exits; returns the finished WorkerProcess
-    (``.returncode``, ``.log``, ``.elapsed``)."""
-    proc = WorkerProcess(config, idle_exit)
+    (``.returncode``, ``.log``, ``.elapsed``). ``--idle-exit`` waits for
+    the consumed queues to be empty too (but a stream's): half a second
+    of quiet after that is enough, however busy the machine.
+
+    :param env: its environment (default: the test's).
+    """
+    proc = WorkerProcess(config, idle_exit, env=env)
     proc.returncode = proc.wait(timeout)
     return proc
 
@@ -633,6 +767,18 @@ def close_amqp_connections(pid, reason="test", ctl=rabbitmqctl,
             assert result.returncode == 0, result.stderr
             closed += 1
     return closed
+
+
+@contextlib.contextmanager
+def paused(proc):
+    """``proc`` (a WorkerProcess) stopped with SIGSTOP for the body, and
+    continued after it: what the body does to its connections happens at
+    this point of its run, however long the body takes."""
+    proc.signal(signal.SIGSTOP)
+    try:
+        yield proc
+    finally:
+        proc.signal(signal.SIGCONT)
 
 
 def wait_until(predicate, timeout, interval=0.02, message="condition"):
@@ -760,6 +906,29 @@ def local_ports(pid, port):
     return amqp_local_ports(pid, port)
 
 
+def free_port():
+    """A TCP port that nothing listens on at 127.0.0.1 now (for a
+    worker's [metrics] port)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def http_get(port, path, timeout=5):
+    """``(status, body)`` of a GET of http://127.0.0.1:PORT/PATH (an HTTP
+    error's too); ``(None, "")`` while nothing answers there."""
+    import urllib.error
+    import urllib.request
+    try:
+        with urllib.request.urlopen("http://127.0.0.1:%d%s" % (port, path),
+                                    timeout=timeout) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+    except OSError:
+        return None, ""
+
+
 def delete_swift_container(conn, name):
     """Delete a container, its ``_segments`` twin and every object in them
     (a swiftclient Connection); missing ones are fine."""
@@ -802,8 +971,10 @@ def ft():
         read_archives=read_archives,
         archive_files=archive_files, worker_ids=worker_ids,
         swift_archives=swift_archives, check_index=check_index,
-        child_pids=child_pids, wait_until=wait_until,
+        child_pids=child_pids, wait_until=wait_until, paused=paused,
+        unavailable=unavailable, WORKER=WORKER,
         rabbitmqctl=rabbitmqctl, Rabbit=Rabbit,
         close_amqp_connections=close_amqp_connections,
         write_archive=write_archive, local_ports=local_ports,
+        free_port=free_port, http_get=http_get,
         delete_swift_container=delete_swift_container)

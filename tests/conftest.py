@@ -1,0 +1,47 @@
+"""How the suite is spread over pytest-xdist's workers.
+
+``scripts/test`` runs every test with pytest-xdist (``-n``, ``--dist
+loadgroup``; pytest.ini sets both): most functional tests spend their time
+waiting on a broker, a roll, a token or a process, so they overlap. Each
+test names its own queues, exchanges, vhosts, containers and working
+directories (the ``names`` fixture, ``tmp_path``), and no test stops a
+server another test may be using.
+
+Tests that must not overlap share an ``xdist_group``: one worker runs
+them, one after the other.
+
+- ``cluster-node-3``: the tests that kill node 3 of the project's own
+  three-node cluster (the ``cluster`` fixture) or stop its application:
+  the leader-kill tests of test_rabbit_cluster (they place the queue's
+  leader on node 3) and the node restart of test_worker_failures. Two at
+  once would take two of the three nodes down, and a quorum queue or a
+  stream stops serving without a majority. The other cluster tests (TLS)
+  use nodes 1 and 2 only, and run beside them.
+
+Tests marked ``slow`` run first, so that the longest ones do not start
+last and stretch the run's tail.
+"""
+
+import pytest
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_collection_modifyitems(config, items):
+    """The order first, before xdist's own hook; then, on a worker, check
+    that the groups took: xdist marks a grouped test by a suffix of its
+    node id, which pytest 9.2 ignores (pytest-xdist issue 1386), and the
+    tests of a group would then run beside each other, silently."""
+    # stable: the order within each part stays as collected
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    yield
+    if not getattr(config.option, "loadgroup", False):
+        return
+    lost = [item.nodeid for item in items
+            if item.get_closest_marker("xdist_group") is not None
+            and "@" not in item.nodeid]
+    if lost:
+        raise pytest.UsageError(
+            "pytest-xdist's --dist loadgroup did not group %d test(s) (e.g. "
+            "%s): this pytest ignores xdist's group suffix (pytest 9.2: "
+            "pytest-xdist issue 1386); install the versions setup.cfg's "
+            "test extras ask for" % (len(lost), lost[0]))
