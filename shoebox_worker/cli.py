@@ -1,7 +1,8 @@
 """The ``shoebox-worker`` command.
 
-``run`` the worker, ``check-config`` without connecting, and the operator
-tools (``cat``, ``verify``, ``replay``, ``generate``).
+``run`` the worker, ``check-config`` (without connecting, or with
+``--connect``: :mod:`shoebox_worker.preflight`), and the operator tools
+(``cat``, ``verify``, ``replay``, ``generate``).
 
 Every error that reaches :func:`main` is one line on stderr naming what
 failed and what to do (:func:`describe`), never a traceback unless
@@ -26,21 +27,13 @@ __all__ = ["main", "check_working_directory"]
 
 LOG = logging.getLogger(__name__)
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s"
-
-
 def setup_logging(conf=None, level=None):
-    """Log to stderr (or ``[logging] file``) at ``[logging] level``."""
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    if conf is not None and conf.file:
-        handler = logging.FileHandler(conf.file)
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    root.addHandler(handler)
-    root.setLevel(level or (conf.level if conf is not None else "INFO"))
+    """Log to stderr (or ``[logging] file``) at ``[logging] level``, in
+    ``[logging] format`` (see :mod:`shoebox_worker.logs`)."""
+    from shoebox_worker import logs
+    logs.setup(level or (conf.level if conf is not None else "INFO"),
+               file=conf.file if conf is not None else None,
+               format=conf.format if conf is not None else "text")
     # kombu and swiftclient are chatty at INFO about things we log better
     logging.getLogger("swiftclient").setLevel(logging.WARNING)
     # kombu's ConsumerMixin says "Connected to ..." at each (re)connect,
@@ -92,8 +85,23 @@ def _load(path):
 
 
 def cmd_check_config(args):
-    _load(args.config)
-    print("%s: OK" % args.config)
+    conf, (_, callbacks) = _load(args.config)
+    from shoebox_worker.consume import rabbitmq
+    for line in rabbitmq.config_warnings(conf):
+        print("shoebox-worker: warning: %s %s" % (args.config, line),
+              file=sys.stderr)
+    print("%s: OK" % args.config, flush=True)
+    if not args.connect:
+        return EXIT_OK
+    from shoebox_worker import preflight
+    checks = preflight.run(conf, callbacks,
+                           lambda line: print(line, flush=True))
+    failed = [check for check in checks if not check.ok]
+    if failed:
+        raise exceptions.ConfigError(
+            "check-config --connect: %d of %d checks failed: %s"
+            % (len(failed), len(checks), "; ".join(
+                check.what for check in failed)), filename=args.config)
     return EXIT_OK
 
 
@@ -133,13 +141,26 @@ def build_parser():
     run = sub.add_parser("run", help="consume, archive and ship")
     run.add_argument("--config", required=True, help="the INI file")
     run.add_argument("--idle-exit", type=float, metavar="SECONDS",
-                     help="exit 0 once no message came for this long and "
-                          "every archive is shipped")
+                     help="exit 0 once no message came for this long, "
+                          "the queues are empty and every archive is "
+                          "shipped; exit 1 when all that is left are "
+                          "archives whose shipping fails in a way retrying "
+                          "will not fix (a refused key)")
     run.set_defaults(func=cmd_run)
 
-    check = sub.add_parser("check-config",
-                           help="validate a config without connecting")
+    check = sub.add_parser(
+        "check-config",
+        help="validate a config (without connecting, unless --connect)",
+        description="Read the config, build its plugins and prove that the "
+                    "working directory takes a file. With --connect, also "
+                    "log in to each broker URL, check each queue's "
+                    "declaration against the broker, and authenticate to "
+                    "Swift (or Keystone) and HEAD the container: one line "
+                    "per check; exit 2 if any fails.")
     check.add_argument("--config", required=True, help="the INI file")
+    check.add_argument("--connect", action="store_true",
+                       help="also try the broker(s), the queues and Swift "
+                            "with the config's credentials")
     check.set_defaults(func=cmd_check_config)
 
     try:

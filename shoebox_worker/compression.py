@@ -37,7 +37,7 @@ __all__ = [
 
 LOG = logging.getLogger(__name__)
 
-try:  # optional extra: pip install shoebox-worker[zstd]
+try:  # the zstd extra of shoebox-worker: pip install zstandard
     import zstandard
 except ImportError:  # pragma: no cover - depends on the environment
     zstandard = None
@@ -274,8 +274,9 @@ def get_codec(name):
         return CODECS[name]
     except KeyError:
         if name == "zstd":
-            raise ValueError("zstd needs the zstandard package "
-                             "(pip install shoebox-worker[zstd])") from None
+            raise ValueError("zstd needs the zstandard package (pip "
+                             "install zstandard: the zstd extra of "
+                             "shoebox-worker)") from None
         raise ValueError("unknown compression %r (known: %s)"
                          % (name, ", ".join(sorted(CODECS)))) from None
 

@@ -18,7 +18,10 @@ options are handed as strings to the plugin's constructor by
 :mod:`shoebox_worker.plugins`, which checks them against its signature.
 
 Values may contain ``${NAME}`` references to environment variables (for
-secrets such as the broker password or the Swift key). Neither the broker
+secrets such as the broker password or the Swift key), and
+``${credential:NAME}`` references to systemd credentials: the file NAME in
+``$CREDENTIALS_DIRECTORY``, which systemd fills from the unit's
+``LoadCredential=`` lines (its trailing newline dropped). Neither the broker
 URL nor a plugin option that looks secret appears in ``repr()``; log the
 broker with :meth:`BrokerConfig.redacted_url`. How a broker URL is read
 (any character in its password) is :mod:`shoebox_worker.broker_url`'s.
@@ -85,14 +88,6 @@ _SECRET_KEY = re.compile(r"pass|secret|token|credential|(^|_)key\Z")
 
 # -- parsers of this file's own kinds of value (the common kinds, numbers,
 # -- booleans, paths..., are in shoebox_worker.options) ---------------------
-
-def _plugin_name(raw):
-    if not _PLUGIN_NAME.match(raw):
-        if "," in raw or " " in raw.strip():
-            raise OptionError("expected one name, got %r" % raw)
-        raise OptionError("expected a plugin name, got %r" % raw)
-    return raw
-
 
 def _plugin_name_item(item):
     if not _PLUGIN_NAME.match(item):
@@ -287,7 +282,8 @@ ARCHIVE_OPTIONS = _table(
     Option("filename_template", _filename_template,
            "shoebox_%Y%m%dT%H%M%S_{worker_id}.events"),
     Option("version", options.integer_in(1, 2), "2"),
-    Option("roll_checker", _plugin_name, "size"),
+    Option("roll_checker", _required(options.names(_plugin_name_item)),
+           "size"),
     Option("callbacks", options.names(_plugin_name_item), ""),
     Option("fsync_every", options.integer(minimum=1), "1000"),
     Option("fsync_interval", options.number(minimum=0, exclusive=True),
@@ -322,6 +318,7 @@ LOGGING_OPTIONS = _table(
            options.choice("DEBUG", "INFO", "WARNING", "ERROR", upper=True),
            "INFO"),
     Option("file", options.path(empty=None), ""),
+    Option("format", options.choice("text", "json"), "text"),
 )
 
 #: Every fixed section's options, in the order the sample documents them.
@@ -410,7 +407,13 @@ class PluginOptions(Mapping):
 @dataclasses.dataclass(frozen=True)
 @_defaults_from(BROKER_OPTIONS)
 class BrokerConfig:
-    """``[broker]``. ``url`` is kombu's (``;`` between failover URLs)."""
+    """``[broker]``. ``url`` is kombu's (``;`` between failover URLs), or
+    oslo.messaging's transport_url (``rabbit://``), whose query's options
+    (``?ssl=1``) win over the section's, as oslo's do
+    (:func:`~shoebox_worker.broker_url.query_options`).
+
+    :raises OptionError: a query option's value does not parse.
+    """
 
     url: str
     prefetch_count: int
@@ -426,6 +429,18 @@ class BrokerConfig:
     #: ...and showing this client certificate and key (None: none).
     ssl_cert_file: str | None
     ssl_key_file: str | None
+
+    def __post_init__(self):
+        for key, value in broker_url.query_options(self.urls).items():
+            try:
+                parsed = BROKER_OPTIONS[key].parse(value)
+            except OptionError as err:
+                option = next(name for name, target in
+                              broker_url.OSLO_QUERY.items() if target == key
+                              and "%s=" % name in self.url)
+                raise OptionError("%s=%s in the URL's query: %s" % (
+                    option, value, err)) from None
+            object.__setattr__(self, key, parsed)
 
     @property
     def tls(self):
@@ -507,7 +522,9 @@ class ArchiveConfig:
     working_directory: str
     filename_template: str
     version: int
-    roll_checker: str
+    #: One roll checker or several: the archive rolls when the first of
+    #: them says so (``size, time``).
+    roll_checker: tuple[str, ...]
     callbacks: tuple[str, ...]
     fsync_every: int
     fsync_interval: float
@@ -570,6 +587,8 @@ class LoggingConfig:
 
     level: str
     file: str | None
+    #: ``text`` or ``json`` (one object a line): :mod:`shoebox_worker.logs`
+    format: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -578,7 +597,8 @@ class Config:
 
     :ivar filename: the file it was read from (as given to :func:`load`).
     :ivar consumers: one per ``[consumer:QUEUE]``, in file order.
-    :ivar roll_checker_options: ``[roll_checker:<archive.roll_checker>]``.
+    :ivar roll_checker_options: ``[roll_checker:NAME]`` by name (only the
+        names of ``[archive] roll_checker`` that have a section).
     :ivar callback_options: ``[callback:NAME]`` by name (only the names
         that have a section).
     """
@@ -587,7 +607,7 @@ class Config:
     broker: BrokerConfig
     consumers: tuple[ConsumerConfig, ...]
     archive: ArchiveConfig
-    roll_checker_options: PluginOptions
+    roll_checker_options: Mapping[str, PluginOptions]
     callback_options: Mapping[str, PluginOptions]
     worker: WorkerConfig
     metrics: MetricsConfig
@@ -650,19 +670,66 @@ def _read(path):
     return parser
 
 
+#: The unit's ``EnvironmentFile=`` (etc/shoebox-worker.service).
+ENVIRONMENT_FILE = "/etc/shoebox-worker/env"
+#: ``${credential:NAME}``: the systemd credential NAME.
+CREDENTIAL_PREFIX = "credential:"
+#: Where systemd puts a unit's credentials (``LoadCredential=``).
+CREDENTIALS_VARIABLE = "CREDENTIALS_DIRECTORY"
+_CREDENTIAL_NAME = re.compile(r"[A-Za-z0-9_.@+-]+\Z")
+
+
+def _credential(name, environ, path, section, key):
+    """The content of the systemd credential ``name``, its trailing
+    newline dropped."""
+    if not _CREDENTIAL_NAME.match(name) or name in (".", ".."):
+        raise ConfigError("bad credential name %r in ${credential:%s}: "
+                          "letters, digits and . _ - @ + only"
+                          % (name, name), path, section, key)
+    folder = environ.get(CREDENTIALS_VARIABLE)
+    if not folder:
+        raise ConfigError(
+            "${credential:%s}: %s is not set: systemd sets it for a unit "
+            "with LoadCredential= (see etc/shoebox-worker.service); run by "
+            "hand, set it to a folder holding the file %s"
+            % (name, CREDENTIALS_VARIABLE, name), path, section, key)
+    filename = os.path.join(folder, name)
+    try:
+        with open(filename, "rb") as stream:
+            data = stream.read()
+    except OSError as err:
+        raise ConfigError(
+            "${credential:%s}: cannot read %s: %s (is the unit's "
+            "LoadCredential= for it set, and its file there?)"
+            % (name, filename, err.strerror or err), path, section,
+            key) from None
+    try:
+        return data.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise ConfigError("${credential:%s}: %s is not UTF-8 text"
+                          % (name, filename), path, section, key) from None
+
+
 def _expand(raw, environ, path, section, key):
-    """Replace every ``${NAME}`` with the environment variable's value."""
+    """Replace every ``${NAME}`` with the environment variable's value,
+    and every ``${credential:NAME}`` with the systemd credential's."""
     used = []
 
     def replace(match):
         name = match.group(1)
+        if name.startswith(CREDENTIAL_PREFIX):
+            used.append(name)
+            return _credential(name[len(CREDENTIAL_PREFIX):], environ,
+                               path, section, key)
         if not _ENV_NAME.match(name):
             raise ConfigError("bad environment variable reference %r: "
-                              "expected ${NAME}" % match.group(0),
+                              "expected ${NAME} or ${credential:NAME}"
+                              % match.group(0),
                               path, section, key)
         if name not in environ:
-            raise ConfigError("environment variable %s is not set" % name,
-                              path, section, key)
+            raise ConfigError("environment variable %s is not set (under "
+                              "systemd: in %s, the unit's EnvironmentFile=)"
+                              % (name, ENVIRONMENT_FILE), path, section, key)
         used.append(name)
         return environ[name]
 
@@ -859,8 +926,11 @@ def load(path, environ=None):
         raise ConfigError("no [consumer:QUEUE] section: name at least one "
                           "queue to consume", path)
 
-    broker = BrokerConfig(**_read_section(
-        parser, "broker", BROKER_OPTIONS, path, environ))
+    try:
+        broker = BrokerConfig(**_read_section(
+            parser, "broker", BROKER_OPTIONS, path, environ))
+    except OptionError as err:  # the URL's query (oslo's transport_url)
+        raise ConfigError(str(err), path, "broker", "url") from None
     _check_tls(broker, path)
 
     consumers = []
@@ -885,17 +955,17 @@ def load(path, environ=None):
                           % (archive.retry_initial, archive.retry_max),
                           path, "archive", "retry_max")
 
-    roll_checker_options = PluginOptions()
+    roll_checker_options = {}
     for section, name in roll_sections:
-        if name != archive.roll_checker:
+        if name not in archive.roll_checker:
             raise ConfigError(
-                "roll checker %r is not the one selected by [archive] "
-                "roll_checker (%s)%s" % (
-                    name, archive.roll_checker, did_you_mean(
-                        name, [archive.roll_checker], "[roll_checker:%s]")),
+                "roll checker %r is not listed in [archive] roll_checker "
+                "(%s)%s" % (
+                    name, ", ".join(archive.roll_checker), did_you_mean(
+                        name, archive.roll_checker, "[roll_checker:%s]")),
                 path, section)
-        roll_checker_options = _plugin_options(parser, section, path,
-                                               environ)
+        roll_checker_options[name] = _plugin_options(parser, section, path,
+                                                     environ)
     callback_options = {}
     for section, name in callback_sections:
         if name not in archive.callbacks:
@@ -922,7 +992,7 @@ def load(path, environ=None):
         broker=broker,
         consumers=tuple(consumers),
         archive=archive,
-        roll_checker_options=roll_checker_options,
+        roll_checker_options=types.MappingProxyType(roll_checker_options),
         callback_options=types.MappingProxyType(callback_options),
         worker=worker,
         metrics=MetricsConfig(**_read_section(

@@ -195,8 +195,8 @@ def describe(exc):
     """
     if isinstance(exc, ConfigError):
         return str(exc), EXIT_USAGE
-    if isinstance(exc, ShoeboxError):
-        return str(exc), EXIT_FAILURE
+    if isinstance(exc, ShoeboxError):  # a usage error says it is one
+        return str(exc), getattr(exc, "exit_code", EXIT_FAILURE)
     if isinstance(exc, OSError) and exc.strerror:
         where = "%s: " % exc.filename if exc.filename else ""
         return ("%s%s (rerun with --debug to see what was being done)" % (

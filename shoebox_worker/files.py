@@ -1,5 +1,6 @@
 """Small file-system helpers every layer uses: a lock, a durable rename,
-temporary files, a check that a folder can be written.
+temporary files, a check that a folder can be written, a read that opens
+regular files only.
 
 A create or rename is durable only once the directory holding it is
 fsynced (:func:`fsync_directory`); a lock is an exclusive ``flock`` that
@@ -7,17 +8,20 @@ dies with its process, and holds the file its path names (checked after
 the ``flock``: :class:`FileLock`); a temporary file is created exclusively,
 never through a symlink, and a crash's leftover is replaced
 (:func:`create_temporary`); :func:`ensure_writable_directory` creates a
-folder and proves it takes a file, before anything depends on it.
+folder and proves it takes a file, before anything depends on it;
+:func:`read_regular` reads a file of our own (a state file) without
+following a symlink and without waiting on a FIFO or a device.
 """
 
 import errno
 import fcntl
 import json
 import os
+import stat
 
 __all__ = ["FileLock", "create_temporary", "ensure_writable_directory",
-           "fsync_directory", "is_within", "names_same_file", "remove_stale",
-           "write_atomic", "write_json_atomic"]
+           "fsync_directory", "is_within", "names_same_file", "read_regular",
+           "remove_stale", "write_atomic", "write_json_atomic"]
 
 #: Prefix of the probe file :func:`ensure_writable_directory` writes.
 PROBE_PREFIX = ".shoebox-probe-"
@@ -148,6 +152,46 @@ def remove_stale(path):
         pass
     finally:
         stale.release()
+
+
+#: What a file that is not a regular one is, for :func:`read_regular`.
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+          (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"),
+          (stat.S_ISBLK, "a device"))
+
+
+def read_regular(path):
+    """The bytes of the regular file ``path``.
+
+    It is opened without following a symlink (``O_NOFOLLOW``) and without
+    waiting (``O_NONBLOCK``: opening a FIFO with no writer does not hang),
+    and read only once ``fstat`` says it is a regular file.
+
+    :raises OSError: as ``open`` does (``FileNotFoundError``...), or
+        ``ELOOP`` for a symlink, or ``EINVAL`` for a FIFO, a device, a
+        socket or a directory; its ``strerror`` says which, in words.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | _NOFOLLOW)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, "a symlink (not followed)",
+                          path) from None
+        raise
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = next((name for test, name in _KINDS if test(mode)),
+                        "not a regular file")
+            raise OSError(errno.EINVAL, kind, path)
+        parts = []
+        while True:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                return b"".join(parts)
+            parts.append(chunk)
+    finally:
+        os.close(fd)
 
 
 def is_within(path, folder):

@@ -738,53 +738,129 @@ class Bundle:
 
     @classmethod
     def from_bytes(cls, data, name="bundle"):
-        """Parse a bundle.
+        """Parse a bundle (:meth:`from_chunks` of one piece).
 
         :param name: what the error names.
         :raises IndexError_: not a bundle of a known version, cut short,
             or damaged.
         """
-        data = memoryview(data).cast("B")  # no copy of a big one
-        if len(data) < _BUNDLE_HEAD.size + 4 or data[:4] != BUNDLE_MAGIC:
+        return cls.from_chunks([data], name)
+
+    @classmethod
+    def from_chunks(cls, chunks, name="bundle", keep=None):
+        """Parse a bundle given in pieces (the chunks of a GET's body, any
+        sizes), as they come: what is held is the entries kept, not the
+        bundle.
+
+        :param keep: ``keep(archive name, hash, index length)``: whether
+            to hold that entry (every entry without it); one not kept is
+            read past (and checksummed), never held.
+        :raises IndexError_: not a bundle of a known version, cut short,
+            or damaged: nothing it held is returned.
+        """
+        stream = _Pieces(chunks)
+        head = stream.take(_BUNDLE_HEAD.size)
+        if len(head) < _BUNDLE_HEAD.size or head[:4] != BUNDLE_MAGIC:
             raise exceptions.IndexError_("%s: not a shoebox index bundle "
                                          "(no %r magic)" % (name,
                                                             BUNDLE_MAGIC))
-        if data[4] != BUNDLE_VERSION:
+        if head[4] != BUNDLE_VERSION:
             raise exceptions.IndexError_(
                 "%s: index bundle format version %d; this reader knows %d"
-                % (name, data[4], BUNDLE_VERSION))
-        body, (crc,) = data[:-4], _U32.unpack_from(data, len(data) - 4)
-        if zlib.crc32(body) != crc:
+                % (name, head[4], BUNDLE_VERSION))
+        entries, problem = {}, None
+        try:
+            (_, _, _, count) = _BUNDLE_HEAD.unpack(head)
+            for _ in range(count):
+                archive = stream.field(_U16).decode("utf-8")
+                etag = stream.field(_U8).decode("ascii")
+                (length,) = _U32.unpack(stream.exactly(_U32.size))
+                if keep is None or keep(archive, etag, length):
+                    entries[(archive, etag)] = stream.exactly(length)
+                else:
+                    stream.skip(length)
+        except (UnicodeDecodeError, ValueError) as exc:
+            problem = str(exc)
+        left = stream.drain()  # what follows: the checksum, if intact
+        if not stream.checksum_ok():
             raise exceptions.IndexError_("%s: damaged index bundle "
                                          "(checksum mismatch)" % (name,))
-        try:
-            return cls(_parse_bundle(body))
-        except (struct.error, UnicodeDecodeError, ValueError) as exc:
+        if problem is None and left != _U32.size:
+            problem = "%d bytes after the last entry" % (left - _U32.size)
+        if problem is not None:
             raise exceptions.IndexError_("%s: malformed index bundle (%s)"
-                                         % (name, exc)) from None
+                                         % (name, problem))
+        return cls(entries)
 
     def __len__(self):
         return len(self.entries)
 
 
-def _parse_bundle(body):
-    (_, _, _, count) = _BUNDLE_HEAD.unpack_from(body, 0)
-    pos = _BUNDLE_HEAD.size
-    entries = {}
+class _Pieces:
+    """The bytes of a bundle given in pieces, taken front to back, with
+    the CRC-32 of every byte but the last four (the checksum's) kept on
+    the way."""
 
-    def field(size_of):
-        nonlocal pos
-        (length,) = size_of.unpack_from(body, pos)
-        pos += size_of.size
-        if pos + length > len(body):
+    def __init__(self, chunks):
+        self._chunks = iter(chunks)
+        self._pending = memoryview(b"")
+        self._tail = b""  # the last bytes come, not yet in the CRC
+        self._crc = 0
+
+    def _more(self):
+        chunk = next(self._chunks, None)
+        if chunk is None:
+            return False
+        chunk = memoryview(chunk).cast("B")
+        joined = self._tail + bytes(chunk[:_U32.size])
+        rest = chunk[_U32.size:]
+        if len(rest) >= _U32.size:
+            self._crc = zlib.crc32(joined, self._crc)
+            self._crc = zlib.crc32(rest[:-_U32.size], self._crc)
+            self._tail = bytes(rest[-_U32.size:])
+        else:
+            joined += bytes(rest)
+            cut = max(0, len(joined) - _U32.size)
+            self._crc = zlib.crc32(joined[:cut], self._crc)
+            self._tail = joined[cut:]
+        self._pending = chunk
+        return True
+
+    def _pieces(self, size):
+        while size > 0 and (self._pending or self._more()):
+            piece = self._pending[:size]
+            self._pending = self._pending[len(piece):]
+            size -= len(piece)
+            yield piece
+
+    def take(self, size):
+        """At most ``size`` bytes (fewer at the end)."""
+        return b"".join(bytes(piece) for piece in self._pieces(size))
+
+    def exactly(self, size):
+        data = self.take(size)
+        if len(data) < size:
             raise ValueError("a length past the end")
-        pos += length
-        return bytes(body[pos - length:pos])
+        return data
 
-    for _ in range(count):
-        name = field(_U16).decode("utf-8")
-        etag = field(_U8).decode("ascii")
-        entries[(name, etag)] = field(_U32)
-    if pos != len(body):
-        raise ValueError("%d bytes after the last entry" % (len(body) - pos))
-    return entries
+    def skip(self, size):
+        if sum(len(piece) for piece in self._pieces(size)) < size:
+            raise ValueError("a length past the end")
+
+    def field(self, size_of):
+        (length,) = size_of.unpack(self.exactly(size_of.size))
+        return self.exactly(length)
+
+    def drain(self):
+        """Read to the end; how many bytes were left."""
+        left = len(self._pending)
+        while self._more():
+            left += len(self._pending)
+        self._pending = memoryview(b"")
+        return left
+
+    def checksum_ok(self):
+        """After :meth:`drain`: the last four bytes are the CRC-32 of the
+        others."""
+        return len(self._tail) == _U32.size and \
+            _U32.unpack(self._tail)[0] == self._crc

@@ -1,7 +1,9 @@
 """Load the roll checker and the archive callbacks named in the config.
 
-Plugins are stevedore entry points, picked by cardinality: exactly one
-roll checker (``shoebox.roll_checkers``, a stevedore *driver*) and an
+Plugins are stevedore entry points, picked by cardinality: roll checkers
+(``shoebox.roll_checkers``, each name a stevedore *driver*; several names
+are combined: the archive rolls on the first that fires,
+:class:`~shoebox_worker.roll_checker.FirstOfRollChecker`) and an
 ordered set of callbacks (``shoebox.callbacks``, a
 ``NamedExtensionManager`` with ``name_order=True``, because ``gzip`` must
 run before ``swift`` and ``swift`` before ``delete``). A third-party
@@ -44,6 +46,7 @@ __all__ = [
     "build",
     "load_callbacks",
     "load_roll_checker",
+    "load_roll_checkers",
 ]
 
 LOG = logging.getLogger(__name__)
@@ -262,6 +265,26 @@ def load_callbacks(names, options_by_name=None, *, config_file=None):
             for ext in manager]
 
 
+def load_roll_checkers(names, options_by_name=None, *, config_file=None):
+    """The roll checkers ``names``, each built with its options: the one
+    checker when there is one, else a
+    :class:`~shoebox_worker.roll_checker.FirstOfRollChecker` of them, in
+    that order.
+
+    :param options_by_name: ``{name: {option: string}}``; a name without
+        an entry gets no options.
+    :raises PluginError: as :func:`load_roll_checker`.
+    """
+    options_by_name = options_by_name or {}
+    checkers = [load_roll_checker(name, options_by_name.get(name),
+                                  config_file=config_file)
+                for name in names]
+    if len(checkers) == 1:
+        return checkers[0]
+    from shoebox_worker import roll_checker
+    return roll_checker.FirstOfRollChecker(checkers)
+
+
 def build(config):
     """The roll checker and the callbacks a :class:`Config` names.
 
@@ -269,7 +292,7 @@ def build(config):
     :raises PluginError: as :func:`load_roll_checker` and
         :func:`load_callbacks`.
     """
-    roll_checker = load_roll_checker(
+    roll_checker = load_roll_checkers(
         config.archive.roll_checker, config.roll_checker_options,
         config_file=config.filename)
     callbacks = load_callbacks(

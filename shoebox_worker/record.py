@@ -51,7 +51,11 @@ with its offset, version and size, strictly or salvaging past damage.
 Salvaging resyncs past a damaged v2 record whose header checksum holds at
 the end that header claims (its bytes are that record's, whatever they
 look like), so no record is surfaced from inside it and each byte is
-checksummed about once: salvage is linear in the file's size.
+checksummed about once: salvage is linear in the file's size. Where a
+record was written, a damaged header still tells that end when it is one
+bit from intact (v2: :func:`repaired_size`) or when the lengths the
+record's bytes claim end where the file does or a header that holds
+starts (v1, or more damage, up to 1 MiB).
 :class:`~shoebox_worker.archive.ArchiveReader` is built on it, and
 ``inspect_file``, ``cat`` and ``verify`` on that reader, so that the
 layout is known here and nowhere else.
@@ -78,6 +82,7 @@ __all__ = [
     "record_size",
     "unpack_from",
     "is_record_start",
+    "repaired_size",
     "find_marker",
     "walk",
 ]
@@ -111,6 +116,11 @@ MAX_BLOCK = _MAX_LEN + 4
 READ_CHUNK = 1 << 20
 # The most one read asks for, however long a record claims to be.
 _MAX_READ = 1 << 24
+# Salvage reads a damaged record's own lengths (see _Walk._written_size)
+# only for records up to this size, with at most this many lengths in its
+# metadata table: a bounded look ahead, a bounded sum at each damage.
+_WRITTEN_LOOKAHEAD = READ_CHUNK
+_WRITTEN_LENGTHS = 4096
 
 
 def _encode(text):
@@ -349,6 +359,46 @@ def _check_start(buf, pos, meta_len, raw_len):
                 "payload length does not match block", pos)
 
 
+def _single_bit_syndromes():
+    """``{syndrome: bit}`` of every one-bit error in an 18-byte v2 header:
+    the syndrome of a header is the CRC-32 of its first 14 bytes XOR its
+    HCRC, 0 when intact; CRC-32 being affine, flipping bit ``bit`` (0..143,
+    little-endian bit order, byte ``bit // 8``) gives a syndrome that
+    depends on the bit alone, and no two bits give the same one (CRC-32's
+    Hamming distance over 144 bits is above 3)."""
+    zeros = crc32(bytes(14))
+    table = {}
+    for bit in range(14 * 8):
+        error = bytearray(14)
+        error[bit // 8] = 1 << (bit % 8)
+        table[crc32(bytes(error)) ^ zeros] = bit
+    for bit in range(32):  # a bit of the HCRC itself
+        table[1 << bit] = 14 * 8 + bit
+    return table
+
+
+_SYNDROMES = _single_bit_syndromes()
+
+
+def repaired_size(buf, pos=0):
+    """Size of the v2 record whose header at ``pos`` is intact or one bit
+    away from intact (that bit flipped back, the header passes every
+    check), or None. Needs :data:`HEADER_SIZE` bytes at ``pos``."""
+    head = bytearray(buf[pos:pos + HEADER_SIZE])
+    (hcrc,) = _U32.unpack_from(head, 14)
+    syndrome = crc32(bytes(head[:14])) ^ hcrc
+    if syndrome:
+        bit = _SYNDROMES.get(syndrome)
+        if bit is None:
+            return None
+        head[bit // 8] ^= 1 << (bit % 8)
+    try:
+        version, _, _, size = _header(head, 0)
+    except exceptions.RecordError:
+        return None
+    return size if version == 2 else None
+
+
 def is_record_start(buf, pos, end=None):
     """True when a whole, valid record starts at ``pos`` (used to resync)."""
     try:
@@ -529,7 +579,7 @@ class _Walk:
     def _skip(self, exc):
         """Salvage: move to the next offset where a valid record starts."""
         start = self.base + self.pos
-        self._pass_damaged()
+        self._pass_damaged(written=True)
         while True:
             self._fill(HEADER_SIZE)
             found = self.buf.find(_MAGIC_BYTES, self.pos)
@@ -553,7 +603,7 @@ class _Walk:
         if self.on_skip is not None:
             self.on_skip(start, self.base + self.pos, exc.message)
 
-    def _pass_damaged(self):
+    def _pass_damaged(self, written=False):
         """Step over the damaged record at the current position.
 
         A v2 header whose checksum holds gives the writer's own lengths, so
@@ -561,9 +611,11 @@ class _Walk:
         payload may hold a whole valid record: it is not one). Resync goes
         on at that end (or the end of the stream: a torn tail). Skipping
         the claimed range also checks each byte's checksum once, however
-        many forged headers overlap. Anything else (a v1 header, a header
-        that fails its checks) says nothing of its extent: resync goes on
-        at the next byte.
+        many forged headers overlap. Where a record was written
+        (``written``: the first damage after a record or at the start,
+        not a candidate found by the search), a damaged header can still
+        tell the record's extent (:meth:`_written_size`). Anything else
+        says nothing of its extent: resync goes on at the next byte.
         """
         size = None
         if len(self.buf) - self.pos >= HEADER_SIZE:
@@ -574,6 +626,8 @@ class _Walk:
             else:
                 if version != 2:
                     size = None
+        if size is None and written:
+            size = self._written_size()
         if size is None:
             self.pos += 1
             return
@@ -583,3 +637,76 @@ class _Walk:
             self.buf, self.pos = b"", 0
             self._fill(min(size, self.chunk_size))
         self.pos += min(size, len(self.buf) - self.pos)
+
+    def _written_size(self):
+        """The size of the damaged record written at the current position,
+        when its damaged header still tells it, else None.
+
+        A v2 header one bit from intact is repaired (:func:`repaired_size`:
+        the writer's lengths, whatever the record's size). Otherwise, for a
+        record of up to :data:`_WRITTEN_LOOKAHEAD` bytes, the sizes its
+        bytes claim (its v1 header when that passes its checks; the
+        lengths in its metadata table and payload field, as v1 or v2) hold
+        when the stream ends right there or a header that passes its
+        checks starts there, and the longest that holds is taken: a v1
+        record damaged anywhere in its header or its body, or a v2 header
+        with more bits damaged, before a record that is whole.
+        """
+        if self._fill(HEADER_SIZE) < HEADER_SIZE:
+            return None
+        size = repaired_size(self.buf, self.pos)
+        if size is not None:
+            return size
+        # the longest that holds: a wrong one that ends where the record
+        # its payload holds starts would return that record
+        return max((size for size in self._claimed_sizes()
+                    if self._record_ends_at(size)), default=None)
+
+    def _claimed_sizes(self):
+        """The sizes the damaged record at the current position claims: its
+        v1 header's (when it passes its checks), then those its metadata
+        table and payload length field add up to (v1, then v2)."""
+        try:
+            version, _, _, size = _header(self.buf, self.pos)
+        except exceptions.RecordError:
+            pass
+        else:
+            if version == 1:
+                yield size
+        start = HEADER_SIZE + 4
+        if self._fill(start) < start:
+            return
+        (count,) = _I32.unpack_from(self.buf, self.pos + HEADER_SIZE)
+        if count < 0 or count % 4 or count // 2 > _WRITTEN_LENGTHS:
+            return
+        table = start + 2 * count  # count // 2 lengths of 4 bytes
+        if self._fill(table) < table:
+            return
+        lengths = _lengths_struct(count // 2).unpack_from(
+            self.buf, self.pos + start)
+        if lengths and min(lengths) < 0:
+            return
+        raw = table + sum(lengths)
+        if raw + 4 > _WRITTEN_LOOKAHEAD or self._fill(raw + 4) < raw + 4:
+            return
+        (length,) = _I32.unpack_from(self.buf, self.pos + raw)
+        if length >= 0:
+            yield raw + 4 + length
+            yield raw + 4 + length + TRAILER_SIZE
+
+    def _record_ends_at(self, size):
+        """Does the stream end ``size`` bytes from the current position, or
+        a header that passes its checks start there (read ahead, at most
+        :data:`_WRITTEN_LOOKAHEAD` bytes)?"""
+        if size + HEADER_SIZE > _WRITTEN_LOOKAHEAD:
+            return False
+        have = self._fill(size + HEADER_SIZE)
+        if have == size:
+            return True  # _fill stops short only at the end
+        if have < size + HEADER_SIZE:
+            return False
+        try:
+            _header(self.buf, self.pos + size)
+        except exceptions.RecordError:
+            return False
+        return True

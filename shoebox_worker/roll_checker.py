@@ -4,6 +4,17 @@ Loaded by name from ``shoebox.roll_checkers`` (``never``, ``size``,
 ``time``, ``count``); the contract is in :mod:`shoebox_worker.contract`.
 Constructors take keyword arguments only, as strings from the config, and
 coerce them with :mod:`shoebox_worker.options`.
+
+``[archive] roll_checker = size, time`` names several: the archive rolls
+on whichever fires first (256 MiB or an hour, as every log shipper
+rolls), each checker with its own ``[roll_checker:NAME]`` section.
+:class:`FirstOfRollChecker` is that combination, and works with anything
+that has ``start(archive)`` and ``check(archive)`` (StackTach shoebox's
+roll checker API, and third-party checkers)::
+
+    checker = FirstOfRollChecker([SizeRollChecker(roll_size_mb=256),
+                                  TimeRollChecker(roll_minutes=60)])
+    manager = roll_manager.WritingRollManager("x_%c.events", checker)
 """
 
 import time
@@ -16,6 +27,7 @@ __all__ = [
     "SizeRollChecker",
     "TimeRollChecker",
     "CountRollChecker",
+    "FirstOfRollChecker",
 ]
 
 #: The clock time-based checkers read (monotonic: immune to clock steps).
@@ -85,3 +97,30 @@ class CountRollChecker(RollChecker):
 
     def check(self, archive):
         return archive.records >= self.roll_count
+
+
+class FirstOfRollChecker(RollChecker):
+    """Roll when the first of several checkers says so.
+
+    ``start`` starts every one of them (each new archive restarts a time
+    checker's clock, as it would alone); ``check`` asks them in order and
+    stops at the first that fires.
+
+    :param checkers: roll checkers (objects with ``start(archive)`` and
+        ``check(archive)``), at least one.
+    """
+
+    def __init__(self, checkers):
+        self.checkers = tuple(checkers)
+        if not self.checkers:
+            raise ValueError("FirstOfRollChecker needs at least one checker")
+
+    def start(self, archive):
+        for checker in self.checkers:
+            checker.start(archive)
+
+    def check(self, archive):
+        return any(checker.check(archive) for checker in self.checkers)
+
+    def __repr__(self):
+        return "FirstOfRollChecker(%r)" % (list(self.checkers),)

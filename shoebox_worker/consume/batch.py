@@ -17,6 +17,12 @@ carries it out, and is the only code that acks, requeues or nacks:
   acked instead, which only gives credit, and the worker reads them again
   from the stream when it subscribes after the last offset synced
   (:mod:`~shoebox_worker.consume.stream`);
+- :meth:`Batch.take_back` empties the batch for the worker to write its
+  messages again itself, once the disk has room, without a word to the
+  broker: they stay unacked there, and no delivery attempt is spent (a
+  quorum queue drops, or dead-letters, a message returned too often:
+  :mod:`~shoebox_worker.consume.rabbitmq`). A stream's are acked, as
+  :meth:`Batch.requeue` does;
 - :meth:`Batch.forget` drops the batch when the connection was lost: the
   broker delivers those messages again by itself (their records stay in the
   archive: duplicates are possible, losses are not).
@@ -82,16 +88,17 @@ class Batch:
     def __len__(self):
         return len(self._messages)
 
-    def add(self, message, now, stream=False):
+    def add(self, message, now, stream=False, queue=None):
         """Take a message whose record is written (not yet synced).
 
         :param now: the monotonic time (kept in :attr:`since` when the
             batch was empty).
         :param stream: the message is a stream queue's (never requeued).
+        :param queue: its queue's name, given back by :meth:`take_back`.
         """
         if not self._messages:
             self.since = now
-        self._messages.append((message, stream))
+        self._messages.append((message, stream, queue))
 
     def commit(self):
         """Sync, then ack the whole batch.
@@ -110,7 +117,7 @@ class Batch:
         if self.multiple:
             messages[-1][0].ack(multiple=True)
         else:
-            for message, _ in messages:
+            for message, _, _ in messages:
                 message.ack()
         return len(messages)
 
@@ -125,12 +132,27 @@ class Batch:
         messages, self._messages = self._messages, []
         if not messages:
             return 0
-        if self.multiple and not any(stream for _, stream in messages):
+        if self.multiple and not any(stream for _, stream, _ in messages):
             _nack_up_to(messages[-1][0])
         else:
-            for message, stream in messages:
+            for message, stream, _ in messages:
                 self.requeue_one(message, stream)
         return len(messages)
+
+    def take_back(self):
+        """Empty the batch; its messages (not a stream's, which are acked:
+        see above) go back to the caller, still unacked on the broker.
+
+        :returns: ``[(queue, message)]`` in the order they were added.
+        """
+        messages, self._messages = self._messages, []
+        kept = []
+        for message, stream, queue in messages:
+            if stream:
+                message.ack()
+            else:
+                kept.append((queue, message))
+        return kept
 
     @staticmethod
     def requeue_one(message, stream=False):

@@ -46,11 +46,12 @@ from kombu.utils.objects import cached_property
 from shoebox_worker import broker_url
 from shoebox_worker import exceptions
 from shoebox_worker.consume import notify
+from shoebox_worker.consume import rabbitmq
 
 __all__ = ["make_connection", "make_queues", "declare", "is_amqp",
            "ssl_argument", "Connection", "BrokerError", "StopRequested",
            "Outage", "permanent_advice", "tls_refusal", "deprecated_feature",
-           "QueueDepths", "BlockingReads", "Reconnecting"]
+           "QueueDepths", "BlockingReads", "Reconnecting", "refusal"]
 
 LOG = logging.getLogger(__name__)
 
@@ -80,23 +81,19 @@ PERMANENT = {
                  "use it",
 }
 
-#: RabbitMQ 4 refuses a deprecated feature that its configuration does
-#: not permit with ``INTERNAL_ERROR`` ("Feature `transient_nonexcl_queues`
-#: is deprecated. Its use is not permitted ..."), closing the connection:
-#: the features a declaration of ours can use, the ``[consumer:QUEUE]``
-#: option to change, and how. RabbitMQ 4.3 denies transient non-exclusive
-#: queues by default, which is what ``durable = false`` declares.
-DEPRECATED = {
-    "transient_nonexcl_queues": (
-        "durable", "set durable = true (RabbitMQ 4.3 and later refuse "
-                   "queues that are neither durable nor exclusive, unless "
-                   "deprecated_features.permit.transient_nonexcl_queues = "
-                   "true), and make it a quorum queue on a cluster"),
-}
+#: RabbitMQ 4's deprecated features a declaration of ours can use, the
+#: ``[consumer:QUEUE]`` option to change and how (see
+#: :mod:`~shoebox_worker.consume.rabbitmq`, where what differs between
+#: versions is kept).
+DEPRECATED = rabbitmq.DEPRECATED
 #: for a deprecated feature not listed there
 _DEPRECATED_ADVICE = ("stop using the feature the broker names, or permit it "
                       "on the broker (deprecated_features.permit)")
 _DEPRECATED_FEATURE = re.compile(r"Feature `(?P<feature>[^`]+)` is deprecated")
+#: A stream (or quorum queue) consumed on a cluster node that holds no
+#: replica of it yet (a node just restarted): the replica comes, or the
+#: next connection is to another node; not the config's fault.
+_NO_LOCAL_REPLICA = "does not have a replica on the local node"
 
 #: TLS failures that retrying does not fix, by OpenSSL's reason: the
 #: ``[broker]`` option to look at, and what to do. The broker's
@@ -183,6 +180,12 @@ class Connection(kombu.Connection):
         if isinstance(self.ssl, dict) and "server_hostname" in self.ssl:
             self.ssl = dict(self.ssl, server_hostname=None)
         return super()._establish_connection()
+
+    def as_uri(self, include_password=False, mask=broker_url.MASK,
+               **kwargs):
+        """kombu's, with the one mask of every secret (kombu's own is
+        ``**``)."""
+        return super().as_uri(include_password, mask, **kwargs)
 
 
 def ssl_argument(broker):
@@ -297,6 +300,8 @@ def permanent_advice(exc):
     feature = deprecated_feature(exc)
     if feature is not None:
         return DEPRECATED.get(feature, (None, _DEPRECATED_ADVICE))[1]
+    if _NO_LOCAL_REPLICA in reason(exc):
+        return None
     return PERMANENT.get(reply_code(exc))
 
 
@@ -478,11 +483,11 @@ def _declare_all(worker, conn):
             else:
                 channel.queue_declare(queue=queue.name, passive=True)
         except conn.channel_errors as exc:
-            raise _refused(worker.config.filename, consumer, exc) from None
+            raise refusal(worker.config.filename, consumer, exc) from None
         except conn.connection_errors as exc:
             if deprecated_feature(exc) is None:
                 raise
-            raise _refused(worker.config.filename, consumer, exc) from None
+            raise refusal(worker.config.filename, consumer, exc) from None
         finally:
             try:
                 channel.close()
@@ -490,8 +495,9 @@ def _declare_all(worker, conn):
                 pass
 
 
-def _refused(filename, consumer, exc):
-    """The one line for a declaration (or check) the broker refused."""
+def refusal(filename, consumer, exc):
+    """The one line for a declaration (or check) the broker refused (at a
+    worker's start, and in ``check-config --connect``)."""
     section = "consumer:%s" % consumer.queue
     code = reply_code(exc)
     text = reason(exc)

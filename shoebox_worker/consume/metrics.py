@@ -1,7 +1,14 @@
-"""Prometheus metrics of a running worker, on ``[metrics] port``.
+"""Prometheus metrics and a health check of a running worker, on
+``[metrics] port``.
 
-:func:`serve` starts prometheus_client's HTTP server on a registry of its
-own (no default process/platform collectors). The counters are not
+:func:`serve` starts an HTTP server in a thread of its own, with two
+paths: ``/metrics``, the Prometheus text format of a registry of its own
+(no default process/platform collectors), and ``/healthz``, ``200`` with
+``ok: ...`` while the worker consumes and shipping works, else ``503``
+with the reason (:meth:`~shoebox_worker.consume.stats.Stats.health`):
+not consuming (not connected yet, the broker failing, paused, stopping),
+an archive whose shipping fails in a way retrying will not fix, or one
+failing for 5 minutes or more. Any other path is a 404. The counters are not
 touched on the hot path: a custom collector reads the worker's
 :class:`~shoebox_worker.consume.stats.Stats` (and nothing else) when
 Prometheus scrapes; the data-at-risk gauges are as of the worker's last
@@ -15,6 +22,8 @@ Exported (``queue`` and ``callback`` labels are the config's names)::
     shoebox_messages_consumed_total{queue}    messages written to archives
     shoebox_messages_acked_total              messages acked to the broker
     shoebox_messages_malformed_total{queue}   archived with malformed=...
+    shoebox_messages_redelivered_total{queue} came back after a return
+                                              (x-delivery-count)
     shoebox_bytes_written_total               record bytes written
     shoebox_rolls_total                       archives closed
     shoebox_callback_successes_total{callback}
@@ -46,6 +55,13 @@ and the data at risk, now::
     shoebox_oldest_failure_age_seconds        how long the oldest of them
                                               has been failing; 0 if none
 
+and whether it does its job, and what it is::
+
+    shoebox_up                                1 while /healthz says 200
+    shoebox_consuming                         1 while it has its consumers
+                                              (paused too: shoebox_paused)
+    shoebox_build_info{version}               1, the version as a label
+
 and the lag: the messages waiting in each consumed queue and in each of
 ``[metrics] watch_queues`` (read every few seconds, see
 :class:`~shoebox_worker.consume.broker.QueueDepths`; a queue that does
@@ -60,17 +76,23 @@ endpoint: worker ``k`` (0 to N-1) on ``port + k``.
 import logging
 import multiprocessing
 import re
+import socket
+import socketserver
+import threading
+from wsgiref import simple_server
 
 from prometheus_client import CollectorRegistry
 from prometheus_client import Counter
 from prometheus_client import Histogram
-from prometheus_client import start_http_server
+from prometheus_client import make_wsgi_app
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.core import GaugeMetricFamily
 
+from shoebox_worker import __version__
 from shoebox_worker import exceptions
 
-__all__ = ["MetricsError", "StatsCollector", "serve", "worker_index"]
+__all__ = ["MetricsError", "StatsCollector", "app", "serve",
+           "worker_index"]
 
 LOG = logging.getLogger(__name__)
 
@@ -117,6 +139,12 @@ class StatsCollector:
             "shoebox_messages_acked",
             "Messages acked to the broker (after their records were "
             "fsynced).", value=stats.acked_total)
+        yield self._by_label(CounterMetricFamily(
+            "shoebox_messages_redelivered",
+            "Messages that came back after being returned to the broker "
+            "(x-delivery-count, on queues with a delivery limit), by "
+            "queue.", labels=["queue"]),
+            stats.redelivered_by_queue, self.queues)
         yield self._by_label(CounterMetricFamily(
             "shoebox_messages_malformed",
             "Messages archived verbatim with malformed=<reason> in their "
@@ -191,6 +219,22 @@ class StatsCollector:
             depths.add_metric([queue], count)
         yield depths
 
+        # whether it does its job, and what it is
+        healthy, _ = stats.health()
+        yield GaugeMetricFamily(
+            "shoebox_up",
+            "1 while the worker consumes and shipping works (/healthz "
+            "answers 200), else 0.", value=1 if healthy else 0)
+        yield GaugeMetricFamily(
+            "shoebox_consuming", "1 while the worker has its consumers "
+            "(also while paused: see shoebox_paused), else 0.",
+            value=1 if stats.consuming and not stats.stopping else 0)
+        info = GaugeMetricFamily(
+            "shoebox_build_info", "The running shoebox-worker's version "
+            "(always 1).", labels=["version"])
+        info.add_metric([__version__], 1)
+        yield info
+
 
 def worker_index():
     """``k`` in a supervised child ``shoebox-worker-k``, else 0."""
@@ -237,11 +281,66 @@ def serve(stats, queues, callbacks, host, port):
 
     stats.listeners.append(on_event)
     try:
-        start_http_server(port, addr=host, registry=registry)
+        _start_server(host, port, app(stats, registry))
     except OSError as err:
         stats.listeners.remove(on_event)
         raise MetricsError("[metrics] cannot listen on %s:%d: %s" % (
             host, port, err.strerror or err)) from None
-    LOG.info("serving Prometheus metrics on http://%s:%d/metrics", host,
-             port)
+    LOG.info("serving Prometheus metrics on http://%s:%d/metrics and the "
+             "health check on /healthz", host, port)
     return registry
+
+
+def app(stats, registry):
+    """The WSGI application: ``/metrics``, ``/healthz``, else 404."""
+    metrics_app = make_wsgi_app(registry)
+
+    def application(environ, start_response):
+        path = environ.get("PATH_INFO") or "/"
+        if path == "/metrics":
+            return metrics_app(environ, start_response)
+        if path == "/healthz":
+            healthy, reason = stats.health()
+            body = ("%s: %s\n" % ("ok" if healthy else "unhealthy",
+                                   reason)).encode("utf-8")
+            status = "200 OK" if healthy else "503 Service Unavailable"
+        else:
+            body = b"not found: /metrics or /healthz\n"
+            status = "404 Not Found"
+        start_response(status, [("Content-Type", "text/plain; charset=utf-8"),
+                                ("Content-Length", str(len(body))),
+                                ("Cache-Control", "no-store")])
+        return [body]
+    return application
+
+
+class _Server(socketserver.ThreadingMixIn, simple_server.WSGIServer):
+    """A thread per request, none waited for at exit."""
+
+    daemon_threads = True
+
+
+class _QuietHandler(simple_server.WSGIRequestHandler):
+    """No access log on stderr."""
+
+    def log_message(self, format, *args):
+        pass
+
+
+def _start_server(host, port, application):
+    """Serve ``application`` on ``host:port`` (IPv4 or IPv6) in a daemon
+    thread.
+
+    :raises OSError: the address cannot be bound.
+    """
+    family, _, _, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+
+    class Server(_Server):
+        address_family = family
+
+    server = simple_server.make_server(address[0], port, application,
+                                       Server, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="shoebox-metrics",
+                     daemon=True).start()
+    return server

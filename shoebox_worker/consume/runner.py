@@ -54,11 +54,14 @@ def run_worker(conf, plugins, idle_exit=None,
         if not worker.stop():
             LOG.info("got %s again within %.0f s: the same stop", name,
                      signals.REPEAT)
-        elif worker.stopping == worker_mod.STOP_INTERRUPTED:
+        elif worker.stopping != worker_mod.STOP_INTERRUPTED:
+            LOG.info("got %s: stopping", name)
+        elif worker.stop_signals.count > 1:
             LOG.info("got %s again: stopping now, shipping left to the "
                      "next start", name)
-        else:
-            LOG.info("got %s: stopping", name)
+        else:  # the first signal, while --idle-exit ships before exiting
+            LOG.info("got %s: stopping now, shipping left to the next "
+                     "start", name)
 
     for signum in stop_signals:
         signal.signal(signum, on_signal)

@@ -27,11 +27,18 @@ and logged at a bounded rate.
 One method decides what happens to a message: :meth:`Worker.on_message`.
 It writes the record and adds the message to the
 :class:`~shoebox_worker.consume.batch.Batch` (acked with it), or, when the
-disk refuses the write, has the unsynced batch requeued (a stream's
-messages are read again from the stream instead), cuts it off the archive
-and pauses consumption until there is room again. Consumption also
-pauses while the archives waiting to be shipped exceed ``max_backlog_mb``.
-The batch is the only code that acks or requeues.
+disk refuses the write, cuts the unsynced records off the archive, takes
+their messages back from the batch, unacked, and pauses consumption until
+there is room again, then writes them first. Consumption also pauses
+while the archives waiting to be shipped exceed ``max_backlog_mb``. While
+paused, nothing goes back to the broker (a quorum queue drops a message
+returned too often: :mod:`~shoebox_worker.consume.rabbitmq`): what is
+delivered meanwhile is kept unacked, which fills the consumers' prefetch
+window and stops deliveries (a stream's messages are acked as credit and
+read again from the stream; its consumers are cancelled).
+:data:`HOLD_MAX` seconds after the first message was kept, what is kept
+is given back, and every consumer is cancelled until the pause ends. The
+batch is the only code that acks or requeues.
 
 A roll is returned, not looked for: the roll manager's ``write()`` and
 ``maybe_roll()`` return the closed archive's report, and the worker hands
@@ -71,6 +78,7 @@ from shoebox_worker.consume import batch as batch_mod
 from shoebox_worker.consume import broker
 from shoebox_worker.consume import envelope
 from shoebox_worker.consume import notify
+from shoebox_worker.consume import rabbitmq
 from shoebox_worker.consume import signals
 from shoebox_worker.consume import stats as stats_mod
 from shoebox_worker.consume import stream as stream_mod
@@ -100,8 +108,18 @@ STOP_SIGNAL = "signal"
 STOP_INTERRUPTED = "interrupted"
 #: ``--idle-exit``: ship everything before exiting.
 STOP_IDLE = "idle"
+#: ``--idle-exit``: seconds between two reads of the consumed queues'
+#: depths once the worker is quiet (it stops only when they are 0).
+IDLE_DEPTH_INTERVAL = 1.0
 #: The archive directory is not writable: exit code 1.
 STOP_FAILED = "failed"
+#: Seconds a pause (a full disk, a backlog) may keep delivered messages
+#: unacked, counted from the first one kept, before they are given back.
+HOLD_MAX = rabbitmq.HOLD_MAX
+#: At most one line per this many seconds about messages returned often.
+REDELIVERY_LOG_INTERVAL = 60.0
+W_RETURNS = ("message %s of %s has been returned to the broker %d time(s); "
+             "the queue drops it (or dead-letters it) after %d")
 
 W_MALFORMED = "archived a malformed message from %s (%s); %d so far"
 W_PAUSED = ("PAUSED consuming from %s: %s. Nothing more is taken off the "
@@ -113,6 +131,9 @@ E_HELD = ("cannot save the stream offsets (%s): %s kept from the shipper "
           "to the next start)")
 I_HELD = ("stream offsets saved: handing the %d archive(s) kept back to the "
           "shipper")
+E_STUCK = ("idle: exiting 1: %d archive(s) left whose shipping fails in a "
+           "way retrying will not fix (see above); the next start ships "
+           "them once that is fixed")
 #: Seconds between two tries to save the stream offsets while closed
 #: archives wait for them (see Worker._ship_held).
 HELD_RETRY = 1.0
@@ -220,7 +241,8 @@ class Worker(broker.Reconnecting):
     :param callbacks: ``[(name, callback), ...]``, the callback chain, both
         as :func:`shoebox_worker.plugins.build` returns them.
     :param connection: a kombu Connection (default: from ``[broker]``).
-    :param idle_exit: stop once no message came for this many seconds;
+    :param idle_exit: stop once no message came for this many seconds
+        and no consumed queue (but a stream) holds a ready message;
         :meth:`shutdown` then ships everything before returning.
     :param ident: the worker id put into file names.
     :param stats: a :class:`~shoebox_worker.consume.stats.Stats` to count
@@ -275,6 +297,15 @@ class Worker(broker.Reconnecting):
             [queue.name for queue in self.queues] +
             list(config.metrics.watch_queues)) \
             if config.metrics.port is not None else None
+        #: --idle-exit: the consumed queues that must hold no ready
+        #: message (a stream's count is its length, not what is left to
+        #: read: not those), read every second while quiet
+        self._idle_depths = broker.QueueDepths(
+            [queue.name for queue in self.queues
+             if self.streams.get(queue.name) is None]) \
+            if idle_exit is not None else None
+        if self._idle_depths is not None:
+            self._idle_depths.interval = IDLE_DEPTH_INTERVAL
         #: the connection consuming now (a clone of :attr:`connection`)
         self._consuming_on = None
         self.fsync_every = archive_conf.fsync_every
@@ -286,6 +317,10 @@ class Worker(broker.Reconnecting):
         #: Why the worker stops (``STOP_*``), None while it runs.
         self.stopping = None
         self._consumers = []
+        #: the consumers cancelled while paused (see _cancel_consumers),
+        #: and whether kept messages were given back (then all are)
+        self._cancelled = []
+        self._hold_expired = False
         #: whether consuming ever started (else no stats line at the end)
         self._consumed = False
         self.outage = broker.Outage(listeners=self.stats.listeners)
@@ -293,6 +328,18 @@ class Worker(broker.Reconnecting):
         self._next_tick = 0.0
         self._next_stats = time.monotonic() + config.worker.stats_interval
         self._malformed_logged = 0.0
+        #: ``(queue, message, counted)`` delivered but not written, kept
+        #: unacked while paused (never returned to the broker: a return
+        #: spends one of a quorum queue's delivery attempts), written when
+        #: the pause ends; and since when the oldest waits
+        self._waiting = []
+        self._waiting_since = None
+        #: the broker's version and each queue's delivery limit, as of the
+        #: last connection (:mod:`~shoebox_worker.consume.rabbitmq`); None
+        #: until a connection was read
+        self._server_version = None
+        self._limits = None
+        self._redelivery_logged = 0.0
 
     @property
     def should_stop(self):
@@ -313,7 +360,12 @@ class Worker(broker.Reconnecting):
 
     @property
     def exit_code(self):
-        return 1 if self.stopping == STOP_FAILED else 0
+        """1 when the archive directory failed, or ``--idle-exit`` left
+        archives that fail in a way retrying will not fix; else 0."""
+        return 1 if self.stopping == STOP_FAILED or self._stuck else 0
+
+    #: ``--idle-exit`` ended with only such archives left.
+    _stuck = False
 
     # -- start and stop ------------------------------------------------
 
@@ -362,6 +414,7 @@ class Worker(broker.Reconnecting):
         after a signal, only the steps running or due) and leave the rest
         to the state files for the next start."""
         self.notifier.stopping()
+        self.stats.stopping = True
         try:
             self._commit()
         except Exception as exc:  # the connection may be gone
@@ -373,7 +426,11 @@ class Worker(broker.Reconnecting):
             LOG.info("idle: shipping %d archive(s) before exiting",
                      self.shipper.pending())
             self.shipper.wait_idle(
-                should_stop=lambda: self.stopping == STOP_INTERRUPTED)
+                should_stop=lambda: self.stopping == STOP_INTERRUPTED
+                or self.shipper.stuck())
+            if self.stopping != STOP_INTERRUPTED and self.shipper.stuck():
+                self._stuck = True
+                LOG.error(E_STUCK, self.shipper.pending())
         elif self.stopping != STOP_INTERRUPTED:
             self.shipper.settle(SHUTDOWN_SHIP_GRACE)
         self.shipper.stop(ship_timeout)
@@ -400,21 +457,25 @@ class Worker(broker.Reconnecting):
 
     def on_consume_ready(self, connection, channel, consumers, **kwargs):
         super().on_consume_ready(connection, channel, consumers, **kwargs)
+        self._read_limits(connection)
         if not self._consumed:
             self.notifier.ready("consuming from %s" % ", ".join(
                 q.name for q in self.queues))
         self._consumed = True
+        self.stats.consuming_now()
         self._consumers = consumers
         self._consuming_on = connection
-        if self.depths is not None:
-            self.depths.reset()
+        for depths in (self.depths, self._idle_depths):
+            if depths is not None:  # their channel was the lost connection's
+                depths.reset()
         # --idle-exit counts from here: time spent reconnecting is not idle
         self._last_message = time.monotonic()
         LOG.info("consuming from %s on %s",
                  ", ".join(q.name for q in self.queues),
                  connection.as_uri())
+        self._cancelled = []
         if self.paused:
-            self._cancel_consumers()
+            self._cancel_consumers(everyone=self._hold_expired)
 
     def on_consume_end(self, connection, channel):
         # ack the last batch while the channel is still open
@@ -429,25 +490,49 @@ class Worker(broker.Reconnecting):
             LOG.warning("connection lost with %d written but unacked "
                         "message(s); they will be delivered again",
                         dropped)
+        waiting, self._waiting = self._waiting, []
+        self._waiting_since = None
+        if waiting:
+            LOG.warning("connection lost with %d message(s) kept for the "
+                        "full disk; they will be delivered again",
+                        len(waiting))
         if self.outage.since is None:  # else recovered() tells it
             LOG.info("connected to %s", self.connection.as_uri())
 
     # -- the one place that decides ------------------------------------
 
-    def on_message(self, queue, message):
+    def on_message(self, queue, message, counted=False):
         """Write one message and add it to the batch (acked with it); or,
-        while the disk is full, requeue it."""
+        while paused, keep it unacked to write on resuming (a stream's:
+        ack it, it is read again from the stream).
+
+        :param counted: a kept message written again: it was counted
+            (consumed, malformed, returned) when it first came.
+
+        Once the disk has failed for good (:data:`STOP_FAILED`), nothing
+        more is written: messages stay unacked for the next start.
+        """
+        if self.stopping == STOP_FAILED:
+            # the disk failed for good: left unacked, the broker delivers
+            # it again once the connection closes (not written, no line)
+            return
         stream = self.streams.get(queue)
-        if self.paused == backpressure_mod.PAUSE_DISK_FULL:
-            self.batch.requeue_one(message, stream is not None)
+        if self.paused:
+            if stream is not None:
+                self.batch.requeue_one(message, stream=True)
+            else:
+                self._keep([(queue, message)], counted)
             return
         now = time.monotonic()
+        if not counted:
+            self._count_returns(queue, message, now)
         offset = None
         if stream is not None:
             offset = stream.offset_of(message)
             if not stream.is_new(offset):  # archived already: only credit
+                stream.credit(offset)
                 self._last_message = now
-                self.batch.add(message, now, stream=True)
+                self.batch.add(message, now, True, queue)
                 if len(self.batch) >= self.fsync_every:
                     self._commit()
                 return
@@ -459,20 +544,21 @@ class Worker(broker.Reconnecting):
             exchange=delivery.get("exchange"))
         if offset is not None:
             metadata[stream_mod.METADATA_KEY] = str(offset)
+        if not counted:  # once, also when the disk refuses it
+            self.stats.consumed(queue)
+            if "malformed" in metadata:
+                self._malformed(queue, metadata["malformed"], now)
         try:
             closed = self.manager.write(metadata, payload, values)
         except OSError as exc:
-            # requeued with the unsynced rest
-            self.batch.add(message, now, stream is not None)
+            # kept or requeued with the unsynced rest
+            self.batch.add(message, now, stream is not None, queue)
             self._write_failed(exc)
             return
         if stream is not None:
-            stream.written(offset)
+            stream.written(offset, body)
         self._last_message = now
-        self.batch.add(message, now, stream is not None)
-        self.stats.consumed(queue)
-        if "malformed" in metadata:
-            self._malformed(queue, metadata["malformed"], now)
+        self.batch.add(message, now, stream is not None, queue)
         if closed is not None:
             self._ship(closed)
             self._commit()
@@ -498,9 +584,16 @@ class Worker(broker.Reconnecting):
         self._apply(self.backpressure.check(
             self.shipper.backlog,
             lambda: shutil.disk_usage(self.directory).free))
+        # paused by a backlog only an operator can ship: --idle-exit ends it
+        stuck = self.paused is not None and self.shipper.stuck()
+        if (self.paused or self._waiting) and not stuck:
+            # --idle-exit counts only time in which a message could come
+            self._last_message = now
+        if self._waiting and now - self._waiting_since >= HOLD_MAX:
+            self._give_back_waiting()
         if self.idle_exit is not None and not self.batch and \
                 now - self._last_message >= self.idle_exit and \
-                self.stopping is None:
+                self.stopping is None and (stuck or self._drained(now)):
             LOG.info("no message for %.0f s: stopping", self.idle_exit)
             self.stopping = STOP_IDLE
         self._update_stats()
@@ -512,6 +605,15 @@ class Worker(broker.Reconnecting):
         if self.depths is not None and self._consuming_on is not None:
             self.stats.queue_depths = self.depths.poll(self._consuming_on,
                                                        now)
+
+    def _drained(self, now):
+        """For ``--idle-exit``: no consumed queue holds a message ready
+        for this worker (quiet is not idle while the broker still has
+        some: a slow moment must not end a drain early)."""
+        if self._consuming_on is None:
+            return True
+        depths = self._idle_depths.poll(self._consuming_on, now)
+        return not any(depths.values())
 
     def _update_stats(self):
         """Pass down what only the consumer thread knows: the data at
@@ -589,20 +691,27 @@ class Worker(broker.Reconnecting):
 
     def _write_failed(self, exc):
         """The disk refused a write or a sync: cut what is not synced off
-        the archive, requeue its messages, and pause until there is room
-        (or stop on other errors)."""
+        the archive; when it is full, keep its messages (unacked) and pause
+        until there is room, then write them again; on other errors,
+        requeue them and stop."""
         LOG.error(E_DISK, self.manager.active_filename, exc)
         closed = self.manager.cut_unsynced()
         self.streams.cut()
         if closed is None:
             self._archive_lock.take()  # the empty archive is gone
-        requeued = self.batch.requeue()
-        if requeued:
-            LOG.warning("requeued %d unsynced message(s)", requeued)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            taken = self.batch.take_back()
+            if taken:
+                self._keep(taken, counted=True)
+                LOG.warning("kept %d unsynced message(s) to write again "
+                            "once there is room (unacked: not returned to "
+                            "the broker)", len(taken))
             self._apply(self.backpressure.disk_full(
                 "disk full under %s" % self.directory))
         else:
+            requeued = self.batch.requeue()
+            if requeued:
+                LOG.warning("requeued %d unsynced message(s)", requeued)
             LOG.critical("stopping: the archive directory is not writable "
                          "(%s)", exc)
             self.stopping = STOP_FAILED
@@ -624,13 +733,95 @@ class Worker(broker.Reconnecting):
                 self.stats.paused = True
             return
         self.stats.paused = False
-        for consumer in self._consumers:
+        LOG.warning(W_RESUMED, change.reason)
+        # before any new delivery: an ack of a later one acks these too
+        waiting, self._waiting = self._waiting, []
+        self._waiting_since = None
+        for queue, message, counted in waiting:
+            self.on_message(queue, message, counted)
+        if self.paused:  # the disk refused one of them: still full
+            return
+        self._hold_expired = False
+        cancelled, self._cancelled = self._cancelled, []
+        for consumer in cancelled:
             self.streams.position(consumer)
             consumer.consume()
-        LOG.warning(W_RESUMED, change.reason)
 
-    def _cancel_consumers(self):
+    def _keep(self, messages, counted=False):
+        """Keep delivered messages, ``[(queue, message)]``, unacked until
+        the pause ends (``counted``: see :meth:`on_message`)."""
+        if not self._waiting:
+            self._waiting_since = time.monotonic()
+        self._waiting.extend((queue, message, counted)
+                             for queue, message in messages)
+
+    def _give_back_waiting(self):
+        """Messages kept for :data:`HOLD_MAX` seconds: give them back to
+        the broker before it closes the channel for holding them unacked
+        too long (its consumer timeout, 30 minutes by default), and cancel
+        every consumer until consumption resumes (so none is kept
+        again)."""
+        waiting, self._waiting = self._waiting, []
+        self._waiting_since = None
+        self._hold_expired = True
+        self._cancel_consumers(everyone=True)
+        for _, message, _ in waiting:
+            self.batch.requeue_one(message)
+        LOG.warning("paused with messages kept for %.0f minutes: gave %d "
+                    "kept message(s) back to the broker", HOLD_MAX / 60,
+                    len(waiting))
+
+    def _read_limits(self, connection):
+        """The broker's version, and what it means for each queue's
+        delivery limit; said once per version (see
+        :func:`~shoebox_worker.consume.rabbitmq.limit_warning`)."""
+        version = rabbitmq.server_version(connection)
+        if version == self._server_version and self._limits is not None:
+            return
+        self._server_version = version
+        self._limits = {}
+        for consumer in self.config.consumers:
+            limit = rabbitmq.delivery_limit(version, consumer)
+            if limit is not None:
+                self._limits[consumer.queue] = limit
+            warning = rabbitmq.limit_warning(version, consumer)
+            if warning is not None:
+                LOG.warning("%s", warning)
+
+    def _count_returns(self, queue, message, now):
+        """A message that was returned to the broker before (it carries an
+        ``x-delivery-count``: a quorum queue's) is counted; when its queue
+        has a delivery limit and the message comes near it, say so (once a
+        minute at most)."""
+        returns = (message.headers or {}).get("x-delivery-count")
+        if not returns:
+            return
+        self.stats.redelivered(queue)
+        limit = (self._limits or {}).get(queue)
+        if limit is not None and returns * 2 >= limit and \
+                now - self._redelivery_logged >= REDELIVERY_LOG_INTERVAL:
+            self._redelivery_logged = now
+            LOG.warning(W_RETURNS, message.properties.get("message_id")
+                        or message.delivery_tag, queue, returns, limit)
+
+    def _cancel_consumers(self, everyone=False):
+        """Stop deliveries while paused: a stream's consumers are
+        cancelled (their messages are acked as credit, and a stream would
+        deliver for ever); the others stay, and their deliveries are kept
+        unacked, which fills the prefetch window and stops them with no
+        frame sent. (A ``basic.cancel`` on a quorum queue of RabbitMQ 3.10
+        returns the deliveries under way to the queue, each a delivery
+        attempt spent; seen here.)
+
+        :param everyone: cancel every consumer (kept messages were given
+            back).
+        """
         for consumer in self._consumers:
+            if consumer in self._cancelled or not everyone and not any(
+                    self.streams.get(queue.name) is not None
+                    for queue in consumer.queues):
+                continue
+            self._cancelled.append(consumer)
             try:
                 consumer.cancel()
             except Exception:  # a dead channel; reconnect recreates them

@@ -59,6 +59,17 @@ removed, whatever their age.
 A state file may only send the chain to a regular file inside the working
 directory or where the chain's declared outputs put the archive (a
 ``move`` destination); any other path is refused, loudly, and left alone.
+State files and :data:`DONE_FILE` are read only when they are regular
+files (never through a symlink, never waiting on a FIFO:
+:func:`~shoebox_worker.files.read_regular`). A state file that cannot be
+read, does not parse or has the wrong shape (not an object, a ``step`` that
+is not one of the chain's, a ``path`` that is not a file name...) is said
+in one WARNING line and its archive shipped from the first step of the
+chain: a step may run again, never out of order, and none is skipped (it
+is left alone, with that line, when the archive is no longer where it was
+written). A :data:`DONE_FILE` of the wrong shape is said in one line too,
+and written again with the entries that have the right one: the archives
+it listed otherwise are shipped again.
 
 :meth:`Shipper.recover` runs at start: it resumes every unlocked state
 file, and treats every unlocked archive that has none as left by a killed
@@ -128,6 +139,13 @@ E_REFUSED = ("%s names %s, which is neither inside %s nor where the "
              "refused, not shipped, left alone")
 E_NOT_REGULAR = ("%s is not a regular file (a symlink?): not shipped, left "
                  "alone")
+#: A state file of the wrong shape: which, what is wrong, the archive.
+W_BAD_STATE = "%s %s: shipping %s from the first step of the chain"
+#: The same, when the archive is not where it was written.
+W_BAD_STATE_LEFT = ("%s %s, and %s is not there: left alone, for an "
+                    "operator to look at")
+#: A :data:`DONE_FILE` that cannot be used: which, what is wrong.
+W_BAD_DONE = ("%s %s: archives it listed as shipped are shipped again")
 W_UNDECLARED = ("callback %s left %s at %s, not at %s as declared "
                 "(output_path): a crash while it runs can strand the "
                 "archive; see shoebox_worker.contract")
@@ -161,6 +179,7 @@ class _Job:
         self.since = since if since is not None else _mtime(path)
         self.failing_since = None   # monotonic time of its first failure
         self.permanent = False      # is its last failure a permanent one?
+        self.last_error = None      # ...and what it said (a line)
         self.capped_logged = None   # when its last W_CAPPED line was
         # the archive's own FileLock, until a state file holds the archive
         # (submit could not write it: a sibling must not take it over)
@@ -222,21 +241,65 @@ def _identity(stat):
     return [stat.st_ino, stat.st_size, stat.st_mtime_ns]
 
 
+def _shown(value):
+    """A JSON value as a state file holds it, cut short, for a log line."""
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _read_json(path):
+    """``(value, problem)`` of the JSON file ``path``, a regular one:
+    ``problem`` says why there is no value (None when there is, or when
+    there is no file: value None)."""
+    try:
+        return json.loads(files.read_regular(path)), None
+    except FileNotFoundError:
+        return None, None
+    except OSError as exc:
+        return None, "cannot be read (%s)" % (exc.strerror or exc)
+    except (ValueError, RecursionError) as exc:  # RecursionError: [[[[...
+        return None, "does not parse (%s)" % exc
+
+
+def _is_identity(entry):
+    """Is ``entry`` what :func:`_identity` makes (three whole numbers)?"""
+    return isinstance(entry, list) and len(entry) == 3 and all(
+        type(value) is int for value in entry)
+
+
+def _done_problem(done):
+    """``(entries, problem)`` of what :data:`DONE_FILE` holds: the entries
+    of the right shape, and what is wrong (None: nothing)."""
+    if not isinstance(done, dict):
+        return {}, "holds %s, not an object" % _shown(done)
+    kept = {name: entry for name, entry in done.items()
+            if _is_identity(entry)}
+    if len(kept) < len(done):
+        name = next(name for name in done if name not in kept)
+        return kept, "lists %s as %s, not [inode, size, mtime]" % (
+            json.dumps(name), _shown(done[name]))
+    return done, None
+
+
+def _read_done(directory):
+    """``(done, sound)``: the entries of :data:`DONE_FILE` that have the
+    right shape, ``{name: [inode, size, mtime_ns]}``, and whether the file
+    had that shape (or is missing); what is wrong is said
+    (:data:`W_BAD_DONE`)."""
+    path = os.path.join(directory, DONE_FILE)
+    done, problem = _read_json(path)
+    if problem is None:
+        done, problem = ({}, None) if done is None else _done_problem(done)
+    else:
+        done = {}
+    if problem is not None:
+        LOG.warning(W_BAD_DONE, path, problem)
+    return done, problem is None
+
+
 def _load_done(directory):
     """``{name: [inode, size, mtime_ns]}`` of :data:`DONE_FILE`."""
-    path = os.path.join(directory, DONE_FILE)
-    try:
-        with open(path) as f:
-            done = json.load(f)
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        LOG.warning("%s does not parse (%s): archives it listed as shipped "
-                    "are shipped again", path, exc)
-        return {}
-    if not isinstance(done, dict):
-        return {}
-    return done
+    return _read_done(directory)[0]
 
 
 def _done_stamp(directory):
@@ -262,21 +325,55 @@ def _is_done(path, done):
 def _update_done(directory, add=None):
     """Add ``add`` (a path in ``directory``) to its :data:`DONE_FILE` and
     drop the archives no longer there; the file is replaced atomically,
-    and only when it changes, under a ``flock`` on the directory."""
+    and only when it changes or is of the wrong shape, under a ``flock`` on
+    the directory."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # released with the fd
-        done = _load_done(directory)
+        done, sound = _read_done(directory)
         names = set(os.listdir(directory))
         kept = {name: entry for name, entry in done.items()
                 if name in names}
         if add is not None:
             kept[os.path.basename(add)] = _identity(os.stat(add))
-        if kept != done:
+        if kept != done or not sound:
             files.write_json_atomic(os.path.join(directory, DONE_FILE),
                                     kept).release()
     finally:
         os.close(fd)
+
+
+def _state_problem(state, chain_names):
+    """What is wrong with the shape of a state file's ``state`` for a
+    shipper running ``chain_names`` (None: nothing). The saved report is
+    checked where it is read (:func:`_report_from_state`)."""
+    if not isinstance(state, dict):
+        return "holds %s, not an object" % _shown(state)
+    if state.get("done", True) is not True:
+        return "says done is %s, not true" % _shown(state["done"])
+    for key in ("path", "output"):
+        value = state.get(key)
+        if value is not None and not (isinstance(value, str) and value
+                                      and "\0" not in value):
+            return "says %s is %s, not a file name" % (key, _shown(value))
+    step = state.get("step", 0)
+    if type(step) is not int:
+        return "says step is %s, not a whole number" % _shown(step)
+    steps = len(chain_names)
+    if state.get("chain") == chain_names and not 0 <= step < max(steps, 1):
+        return "says step is %d, not one of the chain's %d (0 to %d)" % (
+            step, steps, max(steps - 1, 0))
+    return None
+
+
+def _read_state(state_path, chain_names):
+    """``(state, problem)`` of a state file: its content and None, or
+    ``{}`` and what is wrong with it (it cannot be read, does not parse,
+    or has the wrong shape: :func:`_state_problem`)."""
+    state, problem = _read_json(state_path)
+    if problem is None:
+        problem = _state_problem(state, chain_names)
+    return (state, None) if problem is None else ({}, problem)
 
 
 def _report_to_state(report):
@@ -306,6 +403,12 @@ def _report_from_state(origin, data):
         if not all(v is None or isinstance(v, str)
                    for v in (earliest, latest)):
             raise TypeError("earliest/latest")
+        if not all(data[key] is None or isinstance(data[key], dict)
+                   for key in ("first_metadata", "last_metadata")):
+            raise TypeError("first/last metadata")
+        if not (data["torn_offset"] is None
+                or type(data["torn_offset"]) is int):
+            raise TypeError("torn_offset")
         return archive.ArchiveReport(
             origin, records=int(data["records"]), size=int(data["size"]),
             versions={int(v) for v in data["versions"]},
@@ -444,6 +547,15 @@ class Shipper:
         with self._cond:
             return len(self._jobs)
 
+    def stuck(self):
+        """True when archives are left and the last attempt of each one
+        failed in a way retrying will not fix (a refused key): only an
+        operator can move them on (``--idle-exit`` then exits 1)."""
+        with self._cond:
+            return bool(self._jobs) and all(
+                job.permanent and job.failing_since is not None
+                for job in self._jobs.values())
+
     def wait_idle(self, timeout=None, should_stop=None):
         """Block until every archive went through the chain.
 
@@ -512,6 +624,14 @@ class Shipper:
                     files.remove_stale(os.path.join(directory, name))
                 except BlockingIOError:
                     pass  # a live worker is writing it
+        if os.path.lexists(os.path.join(directory, DONE_FILE)):
+            # forget the archives gone since; one of the wrong shape is
+            # said here, once, and written again
+            try:
+                _update_done(directory)
+            except OSError as exc:  # a folder of that name: said when used
+                LOG.warning("cannot write %s: %s",
+                            os.path.join(directory, DONE_FILE), exc)
         for name in names:
             path = os.path.join(directory, name)
             if name.endswith(STATE_SUFFIX) and name != DONE_FILE:
@@ -519,8 +639,6 @@ class Shipper:
                     LOG.error(E_NOT_REGULAR, path)
                     continue
                 count += self._resume(path)
-        if os.path.exists(os.path.join(directory, DONE_FILE)):
-            _update_done(directory)  # forget the archives gone since
         done_stamp = _done_stamp(directory)
         done = _load_done(directory)
         names = sorted(os.listdir(directory))
@@ -671,11 +789,7 @@ class Shipper:
         if lock is None:
             return 0
         origin = state_path[:-len(STATE_SUFFIX)]
-        try:
-            with open(state_path) as f:
-                state = json.load(f)
-        except (OSError, ValueError):
-            state = {}
+        state, problem = _read_state(state_path, self.chain_names)
         directory = os.path.dirname(origin) or "."
         if state.get("done") or _is_done(origin, _load_done(directory)):
             # finished: by an older version, which kept a state file saying
@@ -684,6 +798,8 @@ class Shipper:
                 _update_done(directory, origin)
             self._drop_state(state_path, lock)
             return 0
+        if problem is not None:
+            return self._restart(state_path, lock, problem)
         path = state.get("path", origin)
         step = int(state.get("step", 0))
         declared, output = "output" in state, state.get("output")
@@ -723,6 +839,19 @@ class Shipper:
         LOG.info("resuming shipping of %s at step %d of %d", path, step,
                  len(self.chain_names))
         self._enqueue(job, time.monotonic())
+        return 1
+
+    def _restart(self, state_path, lock, problem):
+        """Ship from the first step the archive of a state file of the
+        wrong shape (``problem``: what is wrong), or leave both alone when
+        the archive is not where it was written."""
+        origin = state_path[:-len(STATE_SUFFIX)]
+        if not _regular(origin):
+            LOG.warning(W_BAD_STATE_LEFT, state_path, problem, origin)
+            lock.release()
+            return 0
+        LOG.warning(W_BAD_STATE, state_path, problem, origin)
+        self._enqueue(_Job(origin, origin, 0, lock), time.monotonic())
         return 1
 
     # -- the thread ----------------------------------------------------
@@ -876,6 +1005,8 @@ class Shipper:
         now = time.monotonic()
         job.attempts += 1
         job.permanent = exc.permanent
+        job.last_error = "step %s: %s" % (name, exc.message) + (
+            "; %s" % exc.hint if exc.permanent and exc.hint else "")
         if job.failing_since is None:
             job.failing_since = now  # monotonic: a clock step is no failure
         if self.stats is not None:
@@ -941,6 +1072,7 @@ class Shipper:
         if self.stats is None:
             return
         by_kind = {"transient": (0, None), "permanent": (0, None)}
+        reasons = {}
         with self._cond:
             jobs = list(self._jobs.values())
         for job in jobs:
@@ -948,9 +1080,11 @@ class Shipper:
                 continue
             kind = "permanent" if job.permanent else "transient"
             count, since = by_kind[kind]
-            by_kind[kind] = (count + 1, job.failing_since if since is None
-                             else min(since, job.failing_since))
-        self.stats.failing(by_kind)
+            if since is None or job.failing_since < since:
+                since = job.failing_since
+                reasons[kind] = "%s: %s" % (job.origin, job.last_error)
+            by_kind[kind] = (count + 1, since)
+        self.stats.failing(by_kind, reasons)
 
     def _retry(self, job, delay=None):
         if delay is None:

@@ -205,7 +205,8 @@ class GzipCallback(CompressCallback):
 class ZstdCallback(CompressCallback):
     """zstd the archive (``x.events`` -> ``x.events.zst``); ``level`` 1-22.
 
-    Needs the ``zstandard`` package (``pip install shoebox-worker[zstd]``).
+    Needs the ``zstandard`` package (the ``zstd`` extra of
+    shoebox-worker: ``pip install zstandard``).
     """
 
     codec_name = "zstd"

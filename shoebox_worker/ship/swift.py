@@ -128,6 +128,13 @@ every request at DEBUG) with the first characters of ``X-Auth-Key`` and
 ``X-Auth-Token``. The first connection adds a filter to the ``swiftclient``
 logger that blanks those header values; swiftclient's own
 ``logger_settings`` are left as they are.
+
+**Redirects.** A credential goes to its own origin only: a redirect to
+another host or port (or from https to http: requests'
+``should_strip_auth``) is followed without ``X-Auth-Token``,
+``X-Auth-Key`` and the other :data:`CREDENTIAL_HEADERS` (Swift's requests
+and a v1 auth's: :class:`_Session`), and the Keystone session follows no
+redirect (it would send the password again wherever it points).
 """
 
 import datetime
@@ -146,6 +153,7 @@ import weakref
 import requests.adapters
 from swiftclient import client as swiftclient
 from swiftclient import exceptions as swift_exceptions
+from swiftclient import requests_compat
 
 from shoebox_worker import archive
 from shoebox_worker import compression
@@ -153,6 +161,7 @@ from shoebox_worker import exceptions
 from shoebox_worker import index as archive_index
 from shoebox_worker import options as coercers
 from shoebox_worker import timestamps
+from shoebox_worker.broker_url import MASK
 
 __all__ = ["SwiftUploadCallback"]
 
@@ -176,6 +185,10 @@ SEND_BLOCK = 1 << 20
 #: expire on the way: a large body sent with an expired token may be cut
 #: off (a connection error) rather than answered 401.
 TOKEN_MARGIN = 10
+#: Request headers that carry a credential: never sent on a redirect to
+#: another origin (see :class:`_Session`).
+CREDENTIAL_HEADERS = ("X-Auth-Token", "X-Auth-Key", "X-Auth-User",
+                      "X-Storage-Token", "X-Service-Token", "Authorization")
 #: How many other names (:func:`_other_name`) an upload tries when Swift
 #: holds other content under the first.
 _MAX_OTHER_NAMES = 3
@@ -369,15 +382,84 @@ class _BlockAdapter(requests.adapters.HTTPAdapter):
             pool.close()
 
 
+class _Session(requests_compat.SwiftClientRequestsSession):
+    """swiftclient's requests session, whose redirects to another origin
+    carry no credential: requests itself drops only ``Authorization``
+    there (:meth:`~requests.Session.should_strip_auth`: another host, or
+    another scheme or port than an upgrade to https), and would send
+    ``X-Auth-Token`` (Swift) and ``X-Auth-Key`` (the tempauth password)
+    to whatever a 302 names. A redirect within the origin keeps them."""
+
+    def __init__(self):
+        super().__init__()
+        self.headers = None  # as swiftclient: no default headers
+
+    def rebuild_auth(self, prepared_request, response):
+        super().rebuild_auth(prepared_request, response)
+        if self.should_strip_auth(response.request.url, prepared_request.url):
+            for name in CREDENTIAL_HEADERS:
+                prepared_request.headers.pop(name, None)
+
+
+def _http_connection(url, **kwargs):
+    """swiftclient's ``http_connection``, through a :class:`_Session`."""
+    parsed, conn = swiftclient.http_connection(url, **kwargs)
+    conn.request_session.close()
+    conn.request_session = _Session()
+    return parsed, conn
+
+
+def _auth_v1(url, user, key, **kwargs):
+    """``(storage URL, token)`` from a v1 (tempauth, swauth) auth URL:
+    swiftclient's ``get_auth_1_0`` through :func:`_http_connection`, so
+    that a redirect elsewhere does not carry ``X-Auth-Key``.
+
+    :raises ClientException: refused, or no storage URL in the answer.
+    """
+    parsed, conn = _http_connection(url, **kwargs)
+    headers = {"X-Auth-User": user, "X-Auth-Key": key}
+    try:
+        conn.request("GET", parsed.path, "", headers)
+        resp = conn.getresponse()
+        body = resp.read()
+        resp.close()
+    finally:
+        conn.close()
+    # logged as swiftclient logs it (the key blanked: _RedactSecrets)
+    swiftclient.http_log((url, "GET"), headers, resp, body)
+    storage_url = resp.getheader("x-storage-url")
+    if resp.status < 200 or resp.status >= 300 or (body and
+                                                   not storage_url):
+        raise swift_exceptions.ClientException.from_response(
+            resp, "Auth GET failed", body)
+    return storage_url, resp.getheader("x-storage-token",
+                                       resp.getheader("x-auth-token"))
+
+
 class _Connection(swiftclient.Connection):
     """swiftclient's Connection, sending bodies in :data:`SEND_BLOCK`
-    reads; :meth:`close` closes the sockets of every HTTP connection it
+    reads, its credentials never sent on a redirect to another origin
+    (:class:`_Session`, for Swift's requests and a v1 auth's);
+    :meth:`close` closes the sockets of every HTTP connection it
     made that is still alive (swiftclient drops one without closing it
     when it retries: held weakly, so that a long-lived connection's
     retries do not pile up)."""
 
+    def get_auth(self):
+        if self.session is not None or \
+                self.auth_version not in swiftclient.AUTH_VERSIONS_V1:
+            return super().get_auth()  # Keystone: keystone_session's
+        self.url, self.token = _auth_v1(
+            self.authurl, self.user, self.key, cacert=self.cacert,
+            insecure=self.insecure, cert=self.cert, cert_key=self.cert_key,
+            timeout=self.timeout)
+        return self.url, self.token
+
     def http_connection(self, url=None):
-        parsed, conn = super().http_connection(url)
+        parsed, conn = _http_connection(
+            url or self.url, cacert=self.cacert, insecure=self.insecure,
+            cert=self.cert, cert_key=self.cert_key,
+            ssl_compression=self.ssl_compression, timeout=self.timeout)
         adapter = _BlockAdapter()
         for prefix in ("http://", "https://"):
             conn.request_session.mount(prefix, adapter)
@@ -513,12 +595,14 @@ _SECRET_HEADER = re.compile(
 
 
 class _RedactSecrets(logging.Filter):
-    """Blank the value of every secret header (``X-Auth-Key``,
-    ``X-Auth-Token``, ...) in a log record."""
+    """Mask the value of every secret header (``X-Auth-Key``,
+    ``X-Auth-Token``, ...) in a log record, with the one mask of every
+    secret (:data:`shoebox_worker.broker_url.MASK`)."""
 
     def filter(self, record):
         message = record.getMessage()
-        redacted = _SECRET_HEADER.sub(r"\1\2...", message)
+        redacted = _SECRET_HEADER.sub(
+            lambda m: m.group(1) + m.group(2) + MASK, message)
         if redacted != message:
             record.msg, record.args = redacted, None
         return True
@@ -568,8 +652,16 @@ def keystone_session(options):
             project_name=given("os_project_name"),
             project_domain_id=given("os_project_domain_id"),
             project_domain_name=given("os_project_domain_name"), **user)
+    # keystoneauth1 asks for a new token whenever the one it holds has
+    # less than MIN_TOKEN_LIFE_SECONDS (120) left: with tokens that live
+    # two minutes or less, every request authenticated again. Renew at
+    # this module's own margin instead.
+    plugin.MIN_TOKEN_LIFE_SECONDS = TOKEN_MARGIN
+    # keystoneauth1 follows a redirect with the same headers and body (the
+    # password, a token) wherever it leads: follow none (getting a token
+    # from a 3xx answer then fails)
     return ks_session.Session(auth=plugin, verify=not o.get("insecure"),
-                              timeout=o.get("timeout"))
+                              timeout=o.get("timeout"), redirect=False)
 
 
 # -- the callback -----------------------------------------------------------
@@ -809,6 +901,44 @@ class SwiftUploadCallback:
     def close(self):
         """Release the connection (idempotent)."""
         self._drop_connection()
+
+    def check_access(self):
+        """Authenticate and HEAD the container, for ``check-config
+        --connect`` (a connection of its own, closed after).
+
+        :returns: one line saying what was found.
+        :raises UploadError: it failed; ``permanent`` (with a ``hint``)
+            when retrying will not fix it (credentials refused, no
+            endpoint, no right on the container).
+        """
+        conn = self.new_connection(retries=0)
+        where = self.options["auth"] or self.options["os_auth_url"] or \
+            self.options["os_storage_url"]
+        try:
+            try:
+                head = conn.head_container(self.container)
+            except swift_exceptions.ClientException as exc:
+                if exc.http_status != 404:
+                    raise
+                head = None
+            account = conn.url
+        except Exception as exc:
+            hint = self._permanent(exc)
+            raise exceptions.UploadError(
+                "%s: %s" % (where, _describe(exc)), callback=self.name,
+                filename=self.container, permanent=hint is not None,
+                hint=hint) from exc
+        finally:
+            conn.close()
+        if head is None:
+            return ("authenticated at %s (account %s); container %s does not "
+                    "exist yet: the first upload creates it"
+                    % (where, account, self.container))
+        return ("authenticated at %s (account %s); container %s exists (%s "
+                "objects, %s bytes)" % (
+                    where, account, self.container,
+                    head.get("x-container-object-count", "?"),
+                    head.get("x-container-bytes-used", "?")))
 
     def __enter__(self):
         return self

@@ -27,6 +27,7 @@ import concurrent.futures
 from shoebox_worker import index as archive_index
 from shoebox_worker.exceptions import EXIT_OK
 from shoebox_worker.tools import ToolError
+from shoebox_worker.tools import UsageError
 from shoebox_worker.tools import sources
 
 __all__ = ["BUNDLE_CONTENT_TYPE", "bundle_name", "cmd_index_bundle"]
@@ -58,7 +59,7 @@ def cmd_index_bundle(args):
     """Write the bundle; print what it covers."""
     spec = args.spec
     if not spec.startswith(sources.SCHEME):
-        raise ToolError("%s: expected swift://CONTAINER[/PREFIX]" % spec)
+        raise UsageError("%s: expected swift://CONTAINER[/PREFIX]" % spec)
     container, prefix = sources.parse_spec(spec)
     with sources.Swift(config_file=args.config) as swift:
         listing = swift.list(container, prefix)

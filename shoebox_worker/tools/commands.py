@@ -9,7 +9,8 @@ They are subcommands of ``shoebox-worker`` (``cli`` calls
                           [SELECTION] PATH...
     (cat, verify, replay: [--config FILE] [--jobs N]; PATH may be
     swift://CONTAINER[/PREFIX])
-    shoebox-worker export --format jsonl|parquet --out DIR [SELECTION] PATH...
+    shoebox-worker export --format jsonl|parquet --out DIR [--mode MODE]
+                          [SELECTION] PATH...
     shoebox-worker generate [--config FILE] --count N [--seed N [--start T]]
     shoebox-worker index-bundle [--config FILE] [--jobs N]
                                 swift://CONTAINER[/PREFIX]
@@ -41,6 +42,7 @@ live in :mod:`~shoebox_worker.tools.read`, ``replay`` and ``generate`` in
 import argparse
 import datetime
 
+from shoebox_worker import options
 from shoebox_worker import tools
 from shoebox_worker.tools import read
 from shoebox_worker.tools import select
@@ -97,6 +99,14 @@ def _jobs(text):
         raise argparse.ArgumentTypeError("expected an integer >= 1, got %r"
                                          % text)
     return value
+
+
+def _mode(text):
+    """``--mode``: permission bits in octal (:func:`.options.mode`)."""
+    try:
+        return options.mode()(text)
+    except options.OptionError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _add_sources(parser, config=True):
@@ -200,18 +210,21 @@ def add_commands(subparsers):
     export = subparsers.add_parser(
         "export", help="write records as files for SQL (DuckDB, Spark, "
                        "Athena)",
-        description="Write the selected records under --out, one folder "
-                    "per day of their timestamp (UTC), Hive style: "
-                    "DIR/date=YYYY-MM-DD/part-*.jsonl.gz or .parquet. A row "
-                    "is the record's timestamp, each metadata key as a "
-                    "column and the notification itself. Files appear only "
-                    "when the whole export succeeded. Exit 1 if an archive "
-                    "could not be read (the others are exported).")
+        description="Write the selected records under --out as one run, one "
+                    "folder per day of their timestamp (UTC), Hive style: "
+                    "DIR/run=RUN/date=YYYY-MM-DD/part-*.jsonl.gz or "
+                    ".parquet (read DIR/run=*/date=*/*.parquet). A row is "
+                    "the record's timestamp, each metadata key as a column "
+                    "and the notification itself. The run appears whole, "
+                    "in one rename, only when the whole export succeeded; "
+                    "a failed or interrupted export (Ctrl-C, SIGTERM) "
+                    "leaves nothing. Exit 1 if an archive could not be "
+                    "read (the others are exported).")
     export.add_argument("--format", choices=("jsonl", "parquet"),
                         default="jsonl",
-                        help="JSON lines, or Parquet (needs pyarrow: pip "
-                             "install shoebox-worker[parquet]) (default: "
-                             "%(default)s)")
+                        help="JSON lines, or Parquet (needs pyarrow, the "
+                             "parquet extra of shoebox-worker: pip install "
+                             "pyarrow) (default: %(default)s)")
     export.add_argument("--compression", choices=("gzip", "zstd"),
                         default="gzip",
                         help="of the JSON lines (Parquet files are zstd "
@@ -219,6 +232,12 @@ def add_commands(subparsers):
     export.add_argument("--out", required=True, metavar="DIR",
                         help="the folder to write into (made if missing; "
                              "files of earlier exports are kept)")
+    export.add_argument("--mode", type=_mode, default="0600",
+                        help="the files' permission bits, whatever the "
+                             "umask; folders get the same with x where r "
+                             "is set (default: %(default)s, folders 0700, "
+                             "as archives; 0640 opens them to the group: "
+                             "folders 0750)")
     select.add_arguments(export)
     export.add_argument("--salvage", action="store_true",
                         help="skip damaged records instead of stopping at "

@@ -5,7 +5,8 @@ envelope (:func:`shoebox_worker.consume.envelope.wrap`), JSON, UTF-8,
 persistent, mandatory, with publisher confirms, so that a message the
 broker refuses (nacks) or cannot route to any queue (returns) is counted
 and never silent: both commands print how many were confirmed, and exit 1
-when any was returned or nacked. ``replay`` republishes archived
+when any was returned, nacked or left unconfirmed (:class:`_Sender`
+pipelines the confirms). ``replay`` republishes archived
 notifications (read with :mod:`shoebox_worker.tools.read`); ``generate``
 publishes the simulator's (:mod:`shoebox_worker.tools.simulator`).
 
@@ -18,10 +19,12 @@ transient ones, and says what to check. :class:`Pacer` holds either
 command to ``--rate``.
 """
 
+import collections
 import dataclasses
 import datetime
 import logging
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -40,6 +43,7 @@ from shoebox_worker.consume import envelope
 from shoebox_worker.exceptions import EXIT_FAILURE
 from shoebox_worker.exceptions import EXIT_OK
 from shoebox_worker.tools import ToolError
+from shoebox_worker.tools import UsageError
 from shoebox_worker.tools import progress
 from shoebox_worker.tools import read
 from shoebox_worker.tools import select
@@ -72,8 +76,8 @@ BROKER_CONNECT_RETRIES = 1
 def broker_errors(conn=None):
     """What a broker that is down, refuses or goes away raises (with
     ``conn``'s transport's own errors when given)."""
-    errors = (OSError, kombu.exceptions.KombuError, amqp.exceptions.AMQPError,
-              amqp.exceptions.MessageNacked)
+    errors = (OSError, kombu.exceptions.KombuError,
+              amqp.exceptions.AMQPError)
     if conn is not None:
         errors += tuple(conn.connection_errors) + tuple(conn.channel_errors)
     return errors
@@ -92,6 +96,11 @@ PERMANENT_HINTS = {
 
 #: The hint for a refused login (a 403 at connection time).
 LOGIN_HINT = "check the user name and password in the URL"
+#: What to do when RabbitMQ 4 refuses a deprecated feature a tool used.
+DEPRECATED_HINTS = {
+    "transient_nonexcl_queues": "give --durable (RabbitMQ 4.3 and later "
+                                "refuse a --queue that is not durable)",
+}
 #: The hint for a broker that cannot be reached (which may heal).
 UNREACHABLE_HINT = ("check that the broker runs and listens at that "
                     "address, then try again")
@@ -126,6 +135,13 @@ def broker_error(url, err, hints=None):
     """
     tls = _tls_cause(err)
     text = " ".join(str(err).split()) or type(err).__name__
+    feature = broker.deprecated_feature(err)
+    if feature is not None:  # RabbitMQ 4: refused, the connection closed
+        return ToolError("broker %s: the broker refused a deprecated "
+                         "feature, %s; retrying will not help: %s" % (
+                             broker_url.redact(url), feature,
+                             (hints or {}).get(feature, DEPRECATED_HINTS.get(
+                                 feature, broker.permanent_advice(err)))))
     if tls is not None:
         option, advice = broker.tls_refusal(tls)
         text = "%s; retrying will not help: %s" % (
@@ -161,13 +177,14 @@ def url_from(args, environ):
     elif environ.get(URL_VARIABLE, "").strip():
         url, where = environ[URL_VARIABLE], URL_VARIABLE
     else:
-        raise ToolError("no broker URL: give --config FILE (its [broker] "
+        raise UsageError("no broker URL: give --config FILE (its [broker] "
                         "url) or set %s (--url works too, but shows the "
                         "password to every local user in ps)" % URL_VARIABLE)
     try:
-        broker_url.parse(url)
+        # the query's options too (heartbeat_timeout_threshold=x ...)
+        config.BrokerConfig(url=url)
     except ValueError as err:
-        raise ToolError("%s: %s" % (where, err)) from None
+        raise UsageError("%s: %s" % (where, err)) from None
     return url
 
 
@@ -212,16 +229,15 @@ def _kombu_hostname(url):
 
 
 def connect(url, ssl=False, hints=None):
-    """A connected kombu Connection with publisher confirms, or a
-    ToolError within a few seconds.
+    """A connected kombu Connection, or a ToolError within a few seconds
+    (:class:`_Sender` turns publisher confirms on for its channel).
 
     :param ssl: kombu's TLS argument (:func:`tls_from`).
     :param hints: :func:`broker_error`'s (:func:`tls_hints`).
     """
     conn = broker.Connection(_kombu_hostname(url),
                              connect_timeout=BROKER_CONNECT_TIMEOUT,
-                             ssl=ssl,
-                             transport_options={"confirm_publish": True})
+                             ssl=ssl)
     try:
         conn.ensure_connection(
             max_retries=BROKER_CONNECT_RETRIES * len(broker_url.split(url)),
@@ -238,19 +254,27 @@ class Outcome:
 
     ``confirmed`` ones were acked and routed to a queue; ``returned`` ones
     were acked but no queue is bound for their routing key (the broker
-    dropped them); ``nacked`` ones the broker refused. Without publisher
-    confirms nothing is counted but ``sent``.
+    dropped them); ``nacked`` ones the broker refused; ``unconfirmed``
+    ones got no answer in time, or before the connection was lost (they
+    may or may not be queued). Counted as the answers come. Without
+    publisher confirms (``confirm=False``) nothing is counted but
+    ``sent``; on kombu's virtual transports, which have none, a message
+    sent counts as confirmed.
     """
 
     sent: int = 0
     confirmed: int = 0
     returned: int = 0
     nacked: int = 0
+    #: sent, and neither confirmed nor nacked within CONFIRM_TIMEOUT (or
+    #: before a broker error stopped the run)
+    unconfirmed: int = 0
 
     @property
     def lost(self):
-        """How many the broker did not queue: returned and nacked."""
-        return self.returned + self.nacked
+        """How many the broker did not queue, or did not say it did:
+        returned, nacked and unconfirmed."""
+        return self.returned + self.nacked + self.unconfirmed
 
     def summary(self):
         """``5 confirmed``, or ``0 confirmed, 5 returned, 1 nacked``."""
@@ -259,6 +283,8 @@ class Outcome:
             parts.append("%d returned" % self.returned)
         if self.nacked:
             parts.append("%d nacked" % self.nacked)
+        if self.unconfirmed:
+            parts.append("%d unconfirmed" % self.unconfirmed)
         return ", ".join(parts)
 
     def error(self, exchange, routing_key,
@@ -277,47 +303,142 @@ class Outcome:
             reasons.append(
                 "%d of %d nacked: the broker refused them (see its log)"
                 % (self.nacked, self.sent))
+        if self.unconfirmed:
+            reasons.append(
+                "%d of %d unconfirmed: the broker did not confirm them "
+                "within %.0f s (they may or may not be queued)"
+                % (self.unconfirmed, self.sent, CONFIRM_TIMEOUT))
         return ToolError("; ".join(reasons))
+
+
+#: Publisher confirms are pipelined: at most this many messages, and
+#: this many bytes, are sent and not yet confirmed at once (the broker
+#: confirms several with one frame).
+CONFIRM_WINDOW = 1000
+CONFIRM_WINDOW_BYTES = 16 << 20
+#: Seconds to wait for a confirm: for the last ones (what is still
+#: unconfirmed then is counted, and reported, as such), and for room in a
+#: full window (then the run stops: :class:`ConfirmTimeout`).
+CONFIRM_TIMEOUT = 60.0
+
+
+class ConfirmTimeout(ToolError):
+    """The broker confirmed nothing for :data:`CONFIRM_TIMEOUT` seconds
+    while the window was full (a quorum queue without its majority, a
+    blocked connection): the run stops rather than wait for ever."""
 
 
 class _Sender:
     """Publishes bodies as mandatory to one exchange and routing key and
     counts the :class:`Outcome`.
 
-    With publisher confirms, a basic.return comes before the ack that ends
-    ``publish``, so each message is known to be confirmed, returned or
-    nacked when :meth:`send` returns.
+    With publisher confirms, the confirms are pipelined: :meth:`send`
+    returns once the message is sent, while at most
+    :data:`CONFIRM_WINDOW` messages (and :data:`CONFIRM_WINDOW_BYTES`)
+    wait for theirs; :meth:`finish` waits for the rest (up to
+    :data:`CONFIRM_TIMEOUT` seconds: what is still unconfirmed then is
+    counted as such). Each message ends confirmed, returned (the broker's
+    basic.return, which comes before its ack), nacked or unconfirmed. On
+    kombu's virtual transports, which have no confirms, a message sent is
+    counted as confirmed.
     """
 
     def __init__(self, channel, exchange, routing_key, confirm=True):
         self.outcome = Outcome()
         self.routing_key = routing_key
         self.confirm = confirm
-        self._returned = False
         self._producer = Producer(channel, exchange=exchange,
                                   auto_declare=False,
                                   on_return=self._on_return)
+        #: ``{sequence: body size}`` of the messages not confirmed yet
+        self._pending = collections.OrderedDict()
+        self._pending_bytes = 0
+        self._sequence = 0
+        self._pipelined = confirm and hasattr(channel, "confirm_select")
+        if self._pipelined:
+            self._connection = channel.connection
+            channel.confirm_select()
+            channel.events["basic_ack"].add(self._on_ack)
+            channel.events["basic_nack"].add(self._on_nack)
 
     def _on_return(self, exc, exchange, routing_key, message):
-        self._returned = True
+        self.outcome.returned += 1
+
+    def _settle(self, tag, multiple):
+        settled = 0
+        if multiple:
+            while self._pending and next(iter(self._pending)) <= tag:
+                self._pending_bytes -= self._pending.popitem(last=False)[1]
+                settled += 1
+        elif tag in self._pending:
+            self._pending_bytes -= self._pending.pop(tag)
+            settled = 1
+        return settled
+
+    def _on_ack(self, tag, multiple):
+        # a returned message is acked too (its basic.return comes first):
+        # counted returned, not confirmed
+        self._acked += self._settle(tag, multiple)
+        self.outcome.confirmed = self._acked - self.outcome.returned
+
+    def _on_nack(self, tag, multiple):
+        self.outcome.nacked += self._settle(tag, multiple)
+
+    _acked = 0
 
     def send(self, body):
-        """Publish one body; broker errors other than a nack propagate."""
-        outcome = self.outcome
-        self._returned = False
-        outcome.sent += 1
-        try:
-            self._producer.publish(
-                body, routing_key=self.routing_key,
-                content_type="application/json", content_encoding="utf-8",
-                delivery_mode=2, mandatory=True, declare=[], retry=False)
-        except amqp.exceptions.MessageNacked:
-            outcome.nacked += 1
+        """Publish one body, then wait while the window is full; broker
+        errors propagate."""
+        self.outcome.sent += 1
+        self._producer.publish(
+            body, routing_key=self.routing_key,
+            content_type="application/json", content_encoding="utf-8",
+            delivery_mode=2, mandatory=True, declare=[], retry=False)
+        if not self._pipelined:
+            if self.confirm:
+                self.outcome.confirmed = \
+                    self.outcome.sent - self.outcome.returned
             return
-        if self._returned:
-            outcome.returned += 1
-        elif self.confirm:
-            outcome.confirmed += 1
+        self._sequence += 1
+        self._pending[self._sequence] = len(body)
+        self._pending_bytes += len(body)
+        deadline = time.monotonic() + CONFIRM_TIMEOUT
+        while len(self._pending) > CONFIRM_WINDOW or \
+                self._pending_bytes > CONFIRM_WINDOW_BYTES:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.give_up()
+                raise ConfirmTimeout(
+                    "the broker confirmed none of %d messages for %.0f s: "
+                    "stopped after %d sent (%s; the unconfirmed may or may "
+                    "not be queued): check the broker (a quorum queue "
+                    "without its majority, an alarm blocking publishers)"
+                    % (self.outcome.unconfirmed, CONFIRM_TIMEOUT,
+                       self.outcome.sent, self.outcome.summary()))
+            self._wait(left)
+
+    def finish(self):
+        """Wait for the confirms still due; count what is left
+        unconfirmed after :data:`CONFIRM_TIMEOUT` seconds."""
+        if self._pipelined:
+            deadline = time.monotonic() + CONFIRM_TIMEOUT
+            while self._pending and time.monotonic() < deadline:
+                self._wait(deadline - time.monotonic())
+            self.give_up()
+        return self.outcome
+
+    def give_up(self):
+        """Count what is still waiting for its confirm as unconfirmed (the
+        run ends: done, timed out, or stopped by a broker error)."""
+        self.outcome.unconfirmed += len(self._pending)
+        self._pending.clear()
+        self._pending_bytes = 0
+
+    def _wait(self, timeout):
+        try:
+            self._connection.drain_events(timeout=max(0.0, timeout))
+        except socket.timeout:
+            pass
 
 
 def _declare(channel, exchange):
@@ -389,24 +510,22 @@ def publish(url: str, count: int, *, exchange: str = "nova",
     :param declare_queue: name of a queue to declare and bind to the
         exchange with ``routing_key`` before publishing, so that nothing is
         dropped when no consumer has declared it yet.
-    :param confirm: use publisher confirms: each publish waits for the
-        broker's ack, and the :class:`Outcome` counts what was confirmed,
-        returned and nacked.
+    :param confirm: use publisher confirms (pipelined, :class:`_Sender`),
+        and the :class:`Outcome` counts what was confirmed, returned,
+        nacked and unconfirmed.
     :param progress: optional callable, called with the number sent so far
         after each message.
     :param ssl: kombu's TLS argument (:func:`tls_from`).
     :returns: the :class:`Outcome`: how many were sent, confirmed, returned
         and nacked.
     :raises: the transport's errors (:func:`broker_errors`) on anything
-        but a nack or a return.
+        but a nack or a return; :class:`ConfirmTimeout`.
     """
     if count < 0:
         raise ValueError(f"count must be >= 0, not {count!r}")
     if rate is not None and rate <= 0:
         raise ValueError(f"rate must be > 0, not {rate!r}")
-    transport_options = {"confirm_publish": True} if confirm else {}
-    with broker.Connection(_kombu_hostname(url), ssl=ssl,
-                           transport_options=transport_options) as conn:
+    with broker.Connection(_kombu_hostname(url), ssl=ssl) as conn:
         conn.connect()
         channel = conn.channel()
         target = Exchange(exchange, type=exchange_type, durable=durable,
@@ -429,7 +548,7 @@ def publish(url: str, count: int, *, exchange: str = "nova",
             send(envelope.wrap(notification))
             if progress is not None:
                 progress(sent + 1)
-        outcome = sender.outcome
+        outcome = sender.finish()
         elapsed = time.monotonic() - started
         LOG.info("published %d notifications in %.2fs (%.0f msg/s): %s",
                  outcome.sent, elapsed,
@@ -452,7 +571,7 @@ REPLAY_HINTS = {
 def cmd_replay(args):
     """Republish archived notifications in the oslo.messaging v2 envelope."""
     if args.rate is not None and args.rate <= 0:
-        raise ToolError("--rate must be > 0, got %g" % args.rate)
+        raise UsageError("--rate must be > 0, got %g" % args.rate)
     read.quiet_reader_logs()
     url = url_from(args, os.environ)
     tls = tls_from(args, url)
@@ -492,9 +611,14 @@ def _replay(args, url, tls, items, selection):
                 continue
             pacer.wait(sender.outcome.sent)
             sender.send(body)
+        sender.finish()
     except errors as err:
         error = broker_error(url, err, {**REPLAY_HINTS, **hints})
+    except ConfirmTimeout as err:
+        error = err
     finally:
+        if sender is not None:  # a broker error: no answer will come
+            sender.give_up()
         conn.release()
     if sender is None:
         raise error
@@ -548,9 +672,9 @@ GENERATE_HINTS = {
 def cmd_generate(args):
     """Publish synthetic nova notifications."""
     if args.count < 0:
-        raise ToolError("--count must be >= 0, got %d" % args.count)
+        raise UsageError("--count must be >= 0, got %d" % args.count)
     if args.rate is not None and args.rate <= 0:
-        raise ToolError("--rate must be > 0, got %g" % args.rate)
+        raise UsageError("--rate must be > 0, got %g" % args.rate)
     url = url_from(args, os.environ)
     tls = tls_from(args, url)
     hints = tls_hints(args)

@@ -472,32 +472,35 @@ def verify_file(path, salvage=False):
 
     :param salvage: write the good records of a damaged archive, each in
         the version it was found in, to ``<path>.salvaged`` (uncompressed;
-        for an object in Swift, ``<its base name>.salvaged`` here).
+        for an object in Swift, ``<its base name>.salvaged`` here), each
+        as it is found (:class:`_SalvagedCopy`): nothing is kept until the
+        end.
     :returns: ``(report, salvaged_to)``: an
         :class:`~shoebox_worker.archive.ArchiveReport` and the path of the
         salvaged copy, or None when none was written.
-    :raises ToolError: the file cannot be read, or is not an archive.
+    :raises ToolError: the file cannot be read, or is not an archive, or
+        its salvaged copy cannot be written.
     """
-    kept = []
-
-    def keep(found):
-        _, version, _, metadata, payload = found
-        kept.append(record.pack(metadata, payload, version))
-
     item = sources.item_of(path)
+    copy = _SalvagedCopy(item.salvage_to) if salvage else None
     try:
-        report = archive.inspect_file(item.open(), name=item.name,
-                                      on_record=keep if salvage else None)
-    except (ValueError,) + _READ_ERRORS as err:
-        raise _unreadable(item.name, err) from None
-    except exceptions.RecordError as err:  # salvage cannot go on past it
-        raise ToolError(str(err)) from None
-    if report.records == 0 and not report.ok and _holds_no_record(item):
-        raise _not_an_archive(item)
-    salvaged_to = None
-    if salvage and not report.ok:
-        salvaged_to = _write_salvaged(item.salvage_to, kept)
-    return report, salvaged_to
+        try:
+            report = archive.inspect_file(
+                item.open(), name=item.name,
+                on_record=copy.write if copy is not None else None)
+        except (ValueError,) + _READ_ERRORS as err:
+            raise _unreadable(item.name, err) from None
+        except exceptions.RecordError as err:  # salvage cannot go past it
+            raise ToolError(str(err)) from None
+        if report.records == 0 and not report.ok and _holds_no_record(item):
+            raise _not_an_archive(item)
+        salvaged_to = None
+        if copy is not None and not report.ok:
+            salvaged_to = copy.commit()
+        return report, salvaged_to
+    finally:
+        if copy is not None:
+            copy.discard()  # unless committed: an OK archive, an error
 
 
 def report_line(report, salvaged_to=None):
@@ -530,23 +533,80 @@ def report_line(report, salvaged_to=None):
     return text
 
 
-def _write_salvaged(target, records):
-    """Write ``target`` (``<path>.salvaged``) through ``<target>.tmp``,
-    made exclusively and never through a symlink (a stale one, or a link
-    planted there, is removed first: the link, not what it names)."""
-    tmp = target + ".tmp"
-    try:
-        with open(_create_new(tmp), "wb") as f:
-            for data in records:
-                f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)  # a link at target is replaced, not followed
-        files.fsync_directory(target)
-    except OSError as err:
-        raise ToolError("%s: cannot write: %s" % (
-            target, err.strerror or err)) from None
-    return target
+class _SalvagedCopy:
+    """``verify --salvage``'s copy of an archive's good records, written
+    as they are found to ``<target>.tmp`` (made exclusively, 0600, never
+    through a symlink: :func:`_create_new`), which :meth:`commit` makes
+    ``target`` (fsynced, then renamed: a crash leaves no half copy under
+    that name) and :meth:`discard` removes. A temporary that cannot be
+    made or written (a name holding NUL, no room) is said only when the
+    copy is wanted: by :meth:`commit`, as a :class:`ToolError`."""
+
+    def __init__(self, target):
+        self.target = target
+        self.tmp = target + ".tmp"
+        self._file = None
+        self._error = None
+        self._made = False  # the temporary is there, and this one's
+        try:
+            self._file = open(_create_new(self.tmp), "wb")
+            self._made = True
+        except (OSError, ValueError) as err:  # ValueError: NUL in the name
+            self._error = err
+
+    def write(self, found):
+        """``archive.inspect_file``'s ``on_record``: one good record."""
+        if self._file is None:
+            return
+        _, version, _, metadata, payload = found
+        try:
+            self._file.write(record.pack(metadata, payload, version))
+        except OSError as err:
+            self._error = err
+            self.discard()
+
+    def commit(self):
+        """Make the copy ``target``; its path.
+
+        :raises ToolError: the copy could not be made or written.
+        """
+        try:
+            if self._error is not None:
+                raise self._error
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+            os.replace(self.tmp, self.target)  # a link there is replaced
+            self._made = False
+            files.fsync_directory(self.target)
+        except (OSError, ValueError) as err:
+            raise ToolError("%s: cannot write: %s" % (
+                _printable(self.target),
+                getattr(err, "strerror", None) or err)) from None
+        return self.target
+
+    def discard(self):
+        """Close and remove the temporary, unless committed."""
+        if self._file is not None:
+            file, self._file = self._file, None
+            try:
+                file.close()
+            except OSError:
+                pass  # its last bytes not written: it goes all the same
+        if self._made:
+            self._made = False
+            try:
+                os.unlink(self.tmp)
+            except OSError:
+                pass  # gone already: nothing to remove
+
+
+def _printable(name):
+    """``name`` for a one-line message: characters that are not printable
+    (NUL, a newline) as Python escapes them."""
+    return "".join(c if c.isprintable() else c.encode(
+        "unicode_escape").decode("ascii") for c in name)
 
 
 #: How many times a leftover temporary file is removed before giving up
@@ -573,7 +633,7 @@ def cmd_verify(args):
     quiet_reader_logs()
     status = EXIT_OK
     with swift_of(args) as swift:
-        for path in args.paths:
+        for path in sources.without_sidecars(args.paths):
             try:
                 items = sources.find([path], swift=swift, jobs=args.jobs)
             except ToolError as err:

@@ -36,7 +36,8 @@ import orjson
 from shoebox_worker import exceptions
 from shoebox_worker import index
 from shoebox_worker import timestamps
-from shoebox_worker.tools import ToolError
+from shoebox_worker.options import did_you_mean
+from shoebox_worker.tools import UsageError
 
 __all__ = [
     "Selection",
@@ -207,13 +208,13 @@ class Selection:
     ``keep(metadata, payload)`` is made once, for the options given (a
     plain attribute: the tools' hot loop calls it per record).
 
-    :raises ToolError: ``since`` is not before ``until``.
+    :raises UsageError: ``since`` is not before ``until``.
     """
 
     def __init__(self, *, since=None, until=None, where=(), match=(),
                  dedup=False, load_index=None):
         if since is not None and until is not None and since >= until:
-            raise ToolError(
+            raise UsageError(
                 "--since (%s) must be before --until (%s)" % (
                     timestamps.to_text(since), timestamps.to_text(until)))
         self.since = since
@@ -228,6 +229,14 @@ class Selection:
         #: Records dropped as duplicates (``--dedup``).
         self.duplicates = 0
         self._seen = set()
+        #: ``--match`` keys and ``--where`` paths not found in any record
+        #: read yet (a misspelled one finds nothing: :meth:`notes` says
+        #: so), and how many records were looked at for them
+        self.unseen = {("--match", key): None for key, _ in self.match}
+        self.unseen.update({("--where", path): path.split(".")
+                            for path, _, _ in self.where})
+        self.looked_at = 0
+        self._metadata_keys = set()
         self.keep = self._make_keep()
 
     @property
@@ -269,7 +278,48 @@ class Selection:
         if self.duplicates:
             lines.append("%d duplicate%s dropped by --dedup" % (
                 self.duplicates, "" if self.duplicates == 1 else "s"))
+        if self.looked_at:
+            for (option, key), parts in self.unseen.items():
+                where = "metadata" if parts is None else "notification"
+                lines.append(
+                    "%s %s: no record read has %s in its %s (%d read): a "
+                    "misspelled key finds nothing%s" % (
+                        option, key, "the key %r" % key if parts is None
+                        else "a value at %r" % key, where, self.looked_at,
+                        self._suggestion(option, key)))
         return lines
+
+    def _suggestion(self, option, key):
+        """`` (did you mean K?)`` among the metadata keys the records read
+        had (``--match``)."""
+        if option != "--match":
+            return ""
+        return did_you_mean(key, sorted(self._metadata_keys))
+
+    def _look_for_keys(self, metadata, payload):
+        """Strike off the selection keys this record has (only while some
+        are not seen yet).
+
+        :returns: the notification, when it had to be parsed (None
+            otherwise, or when it is not a JSON object)."""
+        self.looked_at += 1
+        self._metadata_keys.update(metadata)
+        note = None
+        for entry, parts in list(self.unseen.items()):
+            if parts is None:
+                if entry[1] in metadata:
+                    del self.unseen[entry]
+                continue
+            # a key's bytes absent from a payload without escapes: not in
+            # it (no parse)
+            if b"\\" not in payload and \
+                    parts[-1].encode("utf-8") not in payload:
+                continue
+            if note is None:
+                note = _notification(payload) or {}
+            if index.lookup(note, parts) is not None:
+                del self.unseen[entry]
+        return note or None
 
     # -- pruning archives ----------------------------------------------
 
@@ -327,8 +377,10 @@ class Selection:
                    if n is not None]
         dedup, seen = self.dedup, self._seen
         record_time = timestamps.record_time
+        unseen, look_for_keys = self.unseen, self._look_for_keys
 
         def keep(metadata, payload):
+            parsed = look_for_keys(metadata, payload) if unseen else None
             if match is not None and not match(metadata):
                 return False
             if windowed:
@@ -339,13 +391,14 @@ class Selection:
                 if (since is not None and moment < since) or (
                         until is not None and moment >= until):
                     return False
-            note = None
+            note = parsed
             if where:
                 if needles and b"\\" not in payload:
                     for needle in needles:  # cannot match: skip the parse
                         if needle not in payload:
                             return False
-                note = _notification(payload)
+                if note is None:
+                    note = _notification(payload)
                 if note is None:
                     return False
                 for parts, test in where:
@@ -409,7 +462,7 @@ def from_args(args, load_index=index.Index.from_bytes):
     """The :class:`Selection` of parsed arguments (:func:`add_arguments`);
     archives' indexes are read with ``load_index``.
 
-    :raises ToolError: ``--since`` is not before ``--until``.
+    :raises UsageError: ``--since`` is not before ``--until``.
     """
     return Selection(since=args.since, until=args.until, where=args.where,
                      match=args.match, dedup=args.dedup,

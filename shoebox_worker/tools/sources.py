@@ -7,8 +7,10 @@ the objects of the container under the prefix. :func:`read_ahead` hands
 them out in that order while the next ``jobs - 1`` objects are already
 being downloaded, each into a bounded buffer.
 
-**What a listing holds.** The whole listing (paged by swiftclient) of the
-container under the prefix, less what is never an archive: ``<object>.index``
+**What a listing holds.** The listing of the container under the prefix,
+read :data:`LIST_PAGE` entries at a time (:meth:`Swift.entries`: one page
+held at once, never the whole listing), less what is never an archive:
+``<object>.index``
 (paired with its archive as :attr:`Item.index_name`), index bundles
 (``<prefix>.shoebox-index-bundle``, ``shoebox-worker index-bundle``), the
 segments of a
@@ -28,7 +30,11 @@ indexes=True)``: a pruned read), the bundles in the listing are fetched
 GET of its own ``.index``. An entry whose hash is not the listing's (the
 archive object was replaced since) is ignored, and so is a damaged bundle
 (one line on stderr): those archives' own indexes are read, as are those
-of archives no bundle holds.
+of archives no bundle holds. A bundle is parsed as its bytes come, and
+only the entries of the listing's archives are kept, at most
+:data:`BUNDLE_MEMORY` bytes of them in all (past that, one line on
+stderr, and those archives' own indexes are read): the bundles' sizes do
+not make a reader hold more.
 
 **Indexes are bounded.** An index or a bundle is read with one GET,
 :data:`INDEX_CHUNK` bytes at a time, and given up (one warning line, an
@@ -96,6 +102,7 @@ from shoebox_worker import record
 from shoebox_worker import roll_manager
 from shoebox_worker.options import OptionError
 from shoebox_worker.tools import ToolError
+from shoebox_worker.tools import UsageError
 
 __all__ = [
     "Item",
@@ -104,6 +111,8 @@ __all__ = [
     "Swift",
     "find",
     "find_archives",
+    "is_index_file",
+    "without_sidecars",
     "get_bounded",
     "item_of",
     "looks_like_archive",
@@ -124,6 +133,13 @@ DEFAULT_JOBS = 4
 GET_CHUNK = 1 << 20
 #: Bytes of an index or bundle taken from the HTTP response at a time.
 INDEX_CHUNK = 1 << 16
+#: Objects a listing asks Swift for at a time (``limit``; Swift's own
+#: default most, ``container_listing_limit``): the listing is read page by
+#: page, never held whole.
+LIST_PAGE = 10000
+#: The most bytes of bundled indexes a listing keeps (:func:`load_bundles`),
+#: all bundles together; the archives past it take their own ``.index``.
+BUNDLE_MEMORY = 32 << 20
 #: Chunks an object read ahead may hold before its download waits.
 READ_AHEAD_CHUNKS = 4
 #: How much of a file is looked at to decide whether it is an archive.
@@ -395,6 +411,29 @@ def looks_like_archive(item):
     return record.find_marker(head, 0) >= 0
 
 
+def is_index_file(path):
+    """Is ``path`` an archive's index sidecar (``x.events.gz.index``, its
+    first bytes an index's)? Named among archives (a shell glob of an
+    archive folder), such a file is skipped, not taken for a damaged
+    archive."""
+    if not path.endswith(archive_index.SUFFIX) or not os.path.isfile(path):
+        return False
+    try:
+        with open(path, "rb") as f:
+            return archive_index.looks_like_index(f.read(8))
+    except OSError:
+        return False
+
+
+def without_sidecars(paths):
+    """``paths`` without the archives' index files among them
+    (``var/archive/*`` names each archive's ``.index`` too), unless they
+    are all index files (then each is said to be one)."""
+    kept = [path for path in paths
+            if path.startswith(SCHEME) or not is_index_file(path)]
+    return kept or list(paths)
+
+
 def find_archives(paths):
     """The archives named by ``paths``, in reading order.
 
@@ -480,20 +519,26 @@ class Swift:
         conf = config_mod.load(self.config_file)  # ConfigError: one line
         options = conf.callback_options.get("swift")
         if options is None:
-            raise ToolError(
-                "%s: no [callback:swift] section, so no Swift credentials "
-                "(list swift in [archive] callbacks, or leave out --config "
-                "and set ST_AUTH, ST_USER, ST_KEY or OS_AUTH_URL, "
-                "OS_USERNAME, ...)" % self.config_file)
+            # a config that ships nowhere (the sample's): the environment,
+            # as without --config (replay needs --config for its broker)
+            return self._from_environment(self.config_file)
         [(_, callback)] = plugins.load_callbacks(
             ["swift"], {"swift": options}, config_file=self.config_file)
         return callback
 
-    def _from_environment(self):
+    def _from_environment(self, config_file=None):
+        """The swift step from ``ST_*`` (or ``OS_*``), as the swift CLI
+        reads them; also for a ``--config`` without ``[callback:swift]``
+        (``config_file``, named when neither has credentials)."""
         env = self.environ
         table = ENVIRONMENT_V1 if env.get("ST_AUTH") else ENVIRONMENT
         options = {option: env[name] for name, option in table
                    if env.get(name)}
+        if not options and config_file:
+            raise ToolError(
+                "no Swift credentials: %s has no [callback:swift] section, "
+                "and neither ST_AUTH, ST_USER, ST_KEY nor OS_AUTH_URL, "
+                "OS_USERNAME, OS_PASSWORD, ... are set" % config_file)
         if not options:
             raise ToolError(
                 "no Swift credentials: give --config FILE (its "
@@ -553,18 +598,35 @@ class Swift:
             if self._auth is None and conn.url and conn.token:
                 self._auth = (conn.url, conn.token)
 
-    def list(self, container, prefix):
-        """The listing of ``container`` under ``prefix`` (all pages)."""
+    def entries(self, container, prefix):
+        """The listing of ``container`` under ``prefix``, entry by entry,
+        in Swift's (name) order: asked :data:`LIST_PAGE` entries at a time
+        (``marker``, ``limit``), one page held at once.
+
+        :raises ToolError: a page could not be listed (one line).
+        """
         conn = self.connection()
-        try:
-            _, listing = conn.get_container(container, prefix=prefix or None,
-                                            full_listing=True)
-        except Exception as exc:
-            where = SCHEME + container + ("/" + prefix if prefix else "")
-            raise ToolError("%s: %s" % (where, _describe(exc, "container")))\
-                from None
-        self._remember_auth(conn)
-        return listing
+        marker = ""
+        while True:
+            try:
+                _, page = conn.get_container(container,
+                                             prefix=prefix or None,
+                                             marker=marker, limit=LIST_PAGE)
+            except Exception as exc:
+                where = SCHEME + container + ("/" + prefix if prefix else "")
+                raise ToolError("%s: %s" % (where,
+                                            _describe(exc, "container")))\
+                    from None
+            self._remember_auth(conn)
+            if not page:
+                return
+            marker = page[-1]["name"]
+            yield from page
+
+    def list(self, container, prefix):
+        """The whole listing of ``container`` under ``prefix``, as a list
+        (:meth:`entries`)."""
+        return list(self.entries(container, prefix))
 
     def close(self):
         """Close every connection made (idempotent); none is made after."""
@@ -629,8 +691,8 @@ def parse_spec(spec):
     """
     container, _, prefix = spec[len(SCHEME):].partition("/")
     if not container:
-        raise ToolError("%s: no container (swift://CONTAINER[/PREFIX])"
-                        % spec)
+        raise UsageError("%s: no container (swift://CONTAINER[/PREFIX])"
+                         % spec)
     return container, prefix
 
 
@@ -648,60 +710,135 @@ def is_archive_entry(entry):
                 or entry.get("content_type") == "application/directory")
 
 
+class _Listing:
+    """What a listing's entries, taken one by one (:meth:`add`), leave to
+    keep: the archive entries (name, bytes, time, hash: not what else
+    swiftclient's entry holds), each with the bytes of its ``.index`` when
+    one is listed (``index_bytes``), and the bundles' entries; not the
+    indexes, segments and other objects themselves. An index is listed
+    after its archive (its name is the archive's and a suffix), so an
+    archive waits in :attr:`_waiting` only until its index is seen.
+
+    When ``prefix`` names an object (the first entry under it is that
+    name), only that object is kept (:attr:`named`), with its index."""
+
+    def __init__(self, prefix):
+        self.prefix = prefix
+        self.archives = []
+        self.bundles = []
+        self.named = None
+        self.count = 0  # entries seen
+        self._waiting = {}  # index name -> its archive's kept entry
+
+    def add(self, entry):
+        """Take the next entry; False once nothing after it matters."""
+        name = entry["name"]
+        self.count += 1
+        if self.count == 1 and self.prefix and name == self.prefix and \
+                not name.endswith((INDEX_SUFFIX, archive_index.BUNDLE_SUFFIX)):
+            # the spec names an object: that one alone
+            self.named = self._keep(entry)
+            return True
+        if self.named is not None:
+            if name == self.prefix + INDEX_SUFFIX:
+                self.named["index_bytes"] = entry.get("bytes")
+            return name < self.prefix + INDEX_SUFFIX
+        archive = self._waiting.pop(name, None)
+        if archive is not None:
+            archive["index_bytes"] = entry.get("bytes")
+        if name.endswith(archive_index.BUNDLE_SUFFIX):
+            self.bundles.append(entry)
+        elif is_archive_entry(entry):
+            self.archives.append(self._keep(entry))
+        return True
+
+    def _keep(self, entry):
+        kept = {key: entry[key] for key in ("name", "bytes", "last_modified",
+                                            "hash") if key in entry}
+        kept["index_bytes"] = None
+        self._waiting[entry["name"] + INDEX_SUFFIX] = kept
+        return kept
+
+
 def _find_objects(swift, spec, indexes=False, jobs=DEFAULT_JOBS):
     """The :class:`SwiftItem` objects of one ``swift://`` spec (with
     ``indexes``, their indexes from the listing's bundles where those
-    have them: :func:`load_bundles`)."""
+    have them: :func:`load_bundles`), from its listing read page by page
+    (:class:`_Listing`)."""
     container, prefix = parse_spec(spec)
-    listing = swift.list(container, prefix)
-    names = {entry["name"]: entry.get("bytes") for entry in listing}
-    if prefix and prefix in names and not prefix.endswith(
-            (INDEX_SUFFIX, archive_index.BUNDLE_SUFFIX)):
-        # the spec names an object: that one alone
-        entry = next(e for e in listing if e["name"] == prefix)
-        index = prefix + INDEX_SUFFIX
-        return [SwiftItem(swift, container, prefix, size=entry.get("bytes"),
-                          last_modified=entry.get("last_modified", ""),
-                          index_name=index if index in names else None,
-                          index_size=names.get(index))]
-    kept = [entry for entry in listing if is_archive_entry(entry)]
-    if not kept:
+    listing = _Listing(prefix)
+    for entry in swift.entries(container, prefix):
+        if not listing.add(entry):
+            break
+    if listing.named is not None:
+        return [_item_of(swift, container, listing.named, listed=False)]
+    if not listing.archives:
         raise ToolError("%s: no archives there%s" % (
-            spec, "" if listing else " (no objects)"))
-    bundles = load_bundles(swift, container, listing, jobs) if indexes \
-        else {}
-    items = []
-    for entry in sorted(kept, key=_written_order_key):
-        index = entry["name"] + INDEX_SUFFIX
-        bundled = bundles.get((entry["name"], entry.get("hash")))
-        items.append(SwiftItem(
-            swift, container, entry["name"], size=entry.get("bytes"),
-            last_modified=entry.get("last_modified", ""),
-            index_name=index if index in names or bundled else None,
-            index_size=names.get(index), index_data=bundled, listed=True))
-    return items
+            spec, "" if listing.count else " (no objects)"))
+    bundles = {}
+    if indexes and listing.bundles:
+        wanted = {(e["name"], e.get("hash")) for e in listing.archives}
+        bundles = load_bundles(swift, container, listing.bundles, jobs,
+                               wanted=wanted)
+    return [_item_of(swift, container, entry,
+                     bundles.get((entry["name"], entry.get("hash"))))
+            for entry in sorted(listing.archives, key=_written_order_key)]
 
 
-def load_bundles(swift, container, listing, jobs=DEFAULT_JOBS):
+def _item_of(swift, container, entry, bundled=None, listed=True):
+    """The :class:`SwiftItem` of an archive entry :class:`_Listing` kept."""
+    has_index = entry["index_bytes"] is not None or bundled is not None
+    return SwiftItem(swift, container, entry["name"], size=entry.get("bytes"),
+                     last_modified=entry.get("last_modified", ""),
+                     index_name=(entry["name"] + INDEX_SUFFIX if has_index
+                                 else None),
+                     index_size=entry["index_bytes"], index_data=bundled,
+                     listed=listed)
+
+
+def load_bundles(swift, container, listing, jobs=DEFAULT_JOBS, wanted=None):
     """``{(archive object name, listing hash): index bytes}`` from the
-    index bundles in ``listing``, GET ``jobs`` at a time (each at most
-    :data:`~shoebox_worker.index.MAX_BUNDLE_BYTES`: :func:`get_bounded`).
-    A bundle that cannot be read, is damaged or is longer is left out,
-    with one line on stderr: its archives' own indexes are read instead."""
+    index bundles in ``listing``, GET ``jobs`` at a time, each parsed as
+    it comes (:meth:`~shoebox_worker.index.Bundle.from_chunks`) and at
+    most :data:`~shoebox_worker.index.MAX_BUNDLE_BYTES` long.
+
+    Only the entries of ``wanted`` (``(name, hash)`` of the listing's
+    archives; every entry when None) are kept, and of those at most
+    :data:`BUNDLE_MEMORY` bytes in all: what is held does not grow with
+    the bundles' sizes. An archive whose entry is not kept takes its own
+    ``.index``. A bundle that cannot be read, is damaged or is longer is
+    left out, with one line on stderr: its archives' own indexes are read
+    instead."""
+    lock = threading.Lock()
+    room = [BUNDLE_MEMORY]  # bytes of entries that may still be kept
+    past = [0]  # wanted entries left out for want of room
 
     def get(entry):
         name = entry["name"]
+        held = 0
+
+        def keep(archive, etag, length):
+            nonlocal held
+            if wanted is not None and (archive, etag) not in wanted:
+                return False
+            with lock:
+                if length > room[0]:
+                    past[0] += 1
+                    return False
+                room[0] -= length
+            held += length
+            return True
+
         try:
-            _, data = get_bounded(swift.connection(), container, name,
-                                  archive_index.bundle_size_limit,
-                                  listed=entry.get("bytes"))
-            return archive_index.Bundle.from_bytes(
-                data, SCHEME + container + "/" + name).entries
+            return _get_bundle(swift.connection(), container, entry,
+                               keep).entries
         except exceptions.IndexError_ as exc:
             problem = str(exc)
         except Exception as exc:
             problem = "%s%s/%s: %s" % (SCHEME, container, name,
                                        _describe(exc))
+        with lock:
+            room[0] += held  # nothing of it is kept
         warn("%s; reading the indexes of its archives instead" % problem)
         return {}
 
@@ -715,7 +852,49 @@ def load_bundles(swift, container, listing, jobs=DEFAULT_JOBS):
             thread_name_prefix="shoebox-bundle") as pool:
         for entries in pool.map(get, bundles):
             found.update(entries)
+    if past[0]:
+        warn("%s%s: the bundled indexes of %d archive%s left out (more "
+             "than %d bytes of them in all); reading their own indexes "
+             "instead" % (SCHEME, container, past[0],
+                          "" if past[0] == 1 else "s", BUNDLE_MEMORY))
     return found
+
+
+def _get_bundle(conn, container, entry, keep):
+    """The :class:`~shoebox_worker.index.Bundle` of a listing ``entry``,
+    read :data:`INDEX_CHUNK` bytes at a time and parsed as they come, its
+    entries those ``keep`` accepts; refused (as :func:`get_bounded` does)
+    as soon as the listing, its ``Content-Length`` or its bytes say it is
+    longer than :data:`~shoebox_worker.index.MAX_BUNDLE_BYTES`.
+
+    :raises IndexError_: too long, or not an intact bundle.
+    :raises Exception: what swiftclient raises for a failed GET.
+    """
+    name = SCHEME + container + "/" + entry["name"]
+    limit = _limit(archive_index.bundle_size_limit, b"", name)
+    if entry.get("bytes") is not None and entry["bytes"] > limit:
+        raise _too_big(name, limit, entry["bytes"])
+    headers, body = conn.get_object(container, entry["name"],
+                                    resp_chunk_size=INDEX_CHUNK)
+    try:
+        length = headers.get("content-length")
+        if length is not None and int(length) > limit:
+            raise _too_big(name, limit, int(length))
+        return archive_index.Bundle.from_chunks(
+            _within(body, name, limit), name, keep)
+    finally:
+        body.close()
+
+
+def _within(body, name, limit):
+    """The chunks of ``body``; an :class:`IndexError_` once they pass
+    ``limit`` bytes."""
+    size = 0
+    for chunk in body:
+        size += len(chunk)
+        if size > limit:
+            raise _too_big(name, limit)
+        yield chunk
 
 
 def find(specs, *, swift=None, heads=False, jobs=DEFAULT_JOBS,
@@ -735,11 +914,15 @@ def find(specs, *, swift=None, heads=False, jobs=DEFAULT_JOBS,
         credentials that cannot work (one line each).
     """
     items = []
-    for spec in specs:
+    for spec in without_sidecars(specs):
         if spec.startswith(SCHEME):
             if swift is None:
                 raise ValueError("%s: find() needs swift= for it" % spec)
             items.extend(_find_objects(swift, spec, indexes, jobs))
+        elif is_index_file(spec):
+            raise ToolError("%s: an archive's index, not an archive: name "
+                            "the archive (without %s) or its folder"
+                            % (spec, archive_index.SUFFIX))
         else:
             items.extend(_find_files(spec))
     if heads:

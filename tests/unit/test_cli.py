@@ -32,6 +32,7 @@ url = memory://
 
 [consumer:notifications.info]
 exchange = nova
+durable = true
 
 [archive]
 working_directory = {work}
@@ -69,6 +70,25 @@ def test_check_config_ok(write, capsys):
     assert err == ""
 
 
+def test_check_config_warns_of_what_rabbitmq_4_refuses(write, capsys):
+    # OK for RabbitMQ 3, one line each for what 4.3 refuses
+    path = write(GOOD.replace("durable = true", "durable = false")
+                 + "\n[consumer:other]\nexchange = nova\ndurable = true\n"
+                 "queue_arguments = x-queue-master-locator=min-masters\n")
+    assert cli.main(["check-config", "--config", path]) == 0
+    out, err = capsys.readouterr()
+    assert out == "%s: OK\n" % path
+    assert err.splitlines() == [
+        "shoebox-worker: warning: %s [consumer:notifications.info] "
+        "durable = false: set durable = true (RabbitMQ 4.3 and later refuse "
+        "queues that are neither durable nor exclusive, unless "
+        "deprecated_features.permit.transient_nonexcl_queues = true), and "
+        "make it a quorum queue on a cluster" % path,
+        "shoebox-worker: warning: %s [consumer:other] queue_arguments: use "
+        "x-queue-leader-locator instead of x-queue-master-locator "
+        "(deprecated since RabbitMQ 4.0)" % path]
+
+
 def test_check_config_ok_in_a_subprocess(write):
     path = write(GOOD)
     result = run_cli("check-config", "--config", path)
@@ -91,7 +111,7 @@ NO_ROLL_SECTION = ("[roll_checker:count]\nroll_count = 10\n", "")
     ([("callbacks = gzip, memory", "callbacks = gzip, memory\n"
        "fsync_every = x")],
      "{path} [archive] fsync_every: expected an integer, got 'x'"),
-    ([("exchange = nova", "exchange = nova\ndurable = maybe")],
+    ([("durable = true", "durable = maybe")],
      "{path} [consumer:notifications.info] durable: expected true or false "
      "(or yes/no, on/off, 1/0), got 'maybe'"),
     ([("level = 1", "level = 99")],
@@ -103,8 +123,8 @@ NO_ROLL_SECTION = ("[roll_checker:count]\nroll_count = 10\n", "")
      "{path} [archive] roll_checker: no roll checker named 'sise' "
      "(installed: count, never, size, time)"),
     ([("roll_checker = count", "roll_checker = size")],
-     "{path} [roll_checker:count]: roll checker 'count' is not the one "
-     "selected by [archive] roll_checker (size)"),
+     "{path} [roll_checker:count]: roll checker 'count' is not listed "
+     "in [archive] roll_checker (size)"),
     ([("level = 1", "levle = 1")],
      "{path} [callback:gzip] levle: option not taken by gzip (takes: "
      "level)"),
@@ -215,7 +235,8 @@ def test_run_idle_exit_ships_everything(write, tmp_path, quiet_process):
     bound = kombu.Queue(queue, exchange, routing_key=queue, durable=False)
     path = write(GOOD.replace("notifications.info", queue).replace(
         "exchange = nova", "exchange = ex-%s\nrouting_key = %s" % (
-            queue, queue)) + "\n[logging]\nlevel = WARNING\n")
+            queue, queue)).replace("durable = true", "durable = false")
+        + "\n[logging]\nlevel = WARNING\n")
     bodies = [json.dumps({"event_type": "x", "message_id": str(n)}).encode()
               for n in range(25)]
     memory = steps.MemoryCallback.all_events
@@ -305,11 +326,10 @@ def test_leftovers_ship_while_the_broker_is_unreachable(write, tmp_path):
                                                      b"{}")]
 
 
-def test_sigterm_with_idle_exit_does_not_wait_for_a_failing_upload(
-        write, tmp_path):
-    # --idle-exit ships everything only when idleness stopped the worker; a
-    # signal leaves a failing archive to its state file for the next start
-    import time
+def _run_with_a_failing_archive(write, tmp_path, idle_exit):
+    """``run --idle-exit IDLE_EXIT`` on memory:// with one archive left in
+    its working directory whose step fails every time (retried after 30
+    s); returns the process and the archive's path."""
     path = write("""\
         [broker]
         url = memory://
@@ -333,10 +353,19 @@ def test_sigterm_with_idle_exit_does_not_wait_for_a_failing_upload(
     with archive.ArchiveWriter(str(left)) as writer:
         writer.write({"event_type": "e"}, b"{}")
     proc = subprocess.Popen(COMMAND + ["run", "--config", path,
-                                       "--idle-exit", "600"],
+                                       "--idle-exit", idle_exit],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, cwd=ROOT)
-    state = work / (left.name + ".ship")
+    return proc, left
+
+
+def test_sigterm_with_idle_exit_does_not_wait_for_a_failing_upload(
+        write, tmp_path):
+    # --idle-exit ships everything only when idleness stopped the worker; a
+    # signal leaves a failing archive to its state file for the next start
+    import time
+    proc, left = _run_with_a_failing_archive(write, tmp_path, "600")
+    state = left.parent / (left.name + ".ship")
     deadline = time.monotonic() + 20
     while not state.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -347,6 +376,29 @@ def test_sigterm_with_idle_exit_does_not_wait_for_a_failing_upload(
     assert proc.returncode == 0, err
     assert time.monotonic() - started < 15
     assert left.exists() and state.exists()  # resumed at the next start
+
+
+def test_the_first_sigint_while_idle_exit_ships_is_not_again(write,
+                                                             tmp_path):
+    # --idle-exit stopped the worker and it waits for a failing step; the
+    # first SIGINT stops that wait, and is said to be the first
+    import time
+    proc, _ = _run_with_a_failing_archive(write, tmp_path, "0.2")
+    err = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # stderr, line by line
+        line = proc.stderr.readline()
+        err.append(line)
+        if "before exiting" in line or not line:
+            break
+    assert "idle: shipping 1 archive(s) before exiting" in err[-1], err
+    proc.send_signal(signal.SIGINT)
+    _, rest = proc.communicate(timeout=60)
+    log = "".join(err) + rest
+    assert proc.returncode == 0, log
+    assert "got SIGINT: stopping now, shipping left to the next start" \
+        in log
+    assert "again" not in log
 
 
 # -- the one rule: one line, exit 1 or 2, a traceback only with --debug ----
@@ -412,6 +464,38 @@ def test_without_debug_one_line(tmp_path):
     result = run_cli("cat", missing)
     assert (result.returncode, result.stderr) == (
         1, "shoebox-worker: %s: no such file or directory\n" % missing)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["index-bundle", "var/archive"],
+     "var/archive: expected swift://CONTAINER[/PREFIX]"),
+    (["index-bundle", "swift://"],
+     "swift://: no container (swift://CONTAINER[/PREFIX])"),
+    (["cat", "--since", "2024-03-02", "--until", "2024-03-01", "x.events"],
+     "--since (2024-03-02T00:00:00.000000Z) must be before --until "
+     "(2024-03-01T00:00:00.000000Z)"),
+    (["generate", "--url", "memory://", "--count", "-1"],
+     "--count must be >= 0, got -1"),
+    (["generate", "--url", "memory://", "--count", "1", "--rate", "0"],
+     "--rate must be > 0, got 0"),
+    (["replay", "--url", "memory://", "--exchange", "x", "--routing-key",
+      "k", "--rate", "0", "x.events"], "--rate must be > 0, got 0"),
+    (["generate", "--url", "amqp://u:s3cret@h:5x//", "--count", "1"],
+     "--url: bad port in 'amqp://u:***@h:5x//'"),
+])
+def test_usage_mistakes_of_the_tools_exit_2(capsys, monkeypatch, argv,
+                                            expected):
+    monkeypatch.delenv("SHOEBOX_BROKER_URL", raising=False)
+    assert cli.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert (out, err) == ("", "shoebox-worker: %s\n" % expected)
+
+
+def test_no_broker_url_is_a_usage_mistake(capsys, monkeypatch):
+    monkeypatch.delenv("SHOEBOX_BROKER_URL", raising=False)
+    assert cli.main(["generate", "--count", "1"]) == 2
+    assert capsys.readouterr().err.startswith(
+        "shoebox-worker: no broker URL: give --config FILE")
 
 
 @pytest.mark.parametrize("argv, expected", [
@@ -482,7 +566,7 @@ def test_broker_gone_is_one_error_naming_it(write, tmp_path, monkeypatch,
         "connect_max_retries = 2") +
         ("\n[logging]\nfile = %s\n" % log if log_file else ""))
 
-    message = ("cannot connect to the broker amqp://guest:**@127.0.0.1:1//: "
+    message = ("cannot connect to the broker amqp://guest:***@127.0.0.1:1//: "
                "[Errno 111] Connection refused (gave up after 3 failed "
                "attempt(s), 3 s, as [broker] connect_max_retries = 2 says); "
                "check that it runs and that [broker] url points to it")

@@ -68,7 +68,7 @@ def test_defaults(write):
     assert archive.filename_template == (
         "shoebox_%Y%m%dT%H%M%S_{worker_id}.events")
     assert archive.version == 2
-    assert archive.roll_checker == "size"
+    assert archive.roll_checker == ("size",)
     assert archive.callbacks == ()
     assert archive.fsync_every == 1000
     assert archive.fsync_interval == 1.0
@@ -314,7 +314,8 @@ def test_unset_environment_variable(write):
         """)
     assert error(path) == (
         "worker.conf [broker] url: environment variable RABBIT_PASSWORD is "
-        "not set")
+        "not set (under systemd: in /etc/shoebox-worker/env, the unit's "
+        "EnvironmentFile=)")
 
 
 def test_unset_environment_variable_in_plugin_section(write):
@@ -325,7 +326,8 @@ def test_unset_environment_variable_in_plugin_section(write):
         key = ${SWIFT_KEY}
         """) == (
         "worker.conf [callback:swift] key: environment variable SWIFT_KEY "
-        "is not set")
+        "is not set (under systemd: in /etc/shoebox-worker/env, the unit's "
+        "EnvironmentFile=)")
 
 
 def test_bad_environment_reference(write):
@@ -334,7 +336,53 @@ def test_bad_environment_reference(write):
         static_metadata = region=${REGION:-dfw}
         """) == (
         "worker.conf [archive] static_metadata: bad environment variable "
-        "reference '${REGION:-dfw}': expected ${NAME}")
+        "reference '${REGION:-dfw}': expected ${NAME} or "
+        "${credential:NAME}")
+
+
+def test_systemd_credentials(write, tmp_path):
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    (creds / "rabbit-password").write_text("a/b#c@d%e;f\n")
+    (creds / "swift-key").write_bytes(b"k3y")
+    conf = config.load(write("""
+        [broker]
+        url = amqp://shoebox:${credential:rabbit-password}@rabbit1//
+        [consumer:q]
+        [archive]
+        working_directory = .
+        callbacks = swift
+        [callback:swift]
+        key = ${credential:swift-key}
+        """), environ={"CREDENTIALS_DIRECTORY": str(creds)})
+    assert conf.broker.urls[0].password == "a/b#c@d%e;f"
+    assert conf.callback_options["swift"]["key"] == "k3y"
+    # secrets: masked wherever the config is shown
+    assert "a/b#c" not in repr(conf) and "k3y" not in repr(conf)
+
+
+@pytest.mark.parametrize("value, environ, message", [
+    ("${credential:rabbit-password}", {},
+     "${credential:rabbit-password}: CREDENTIALS_DIRECTORY is not set: "
+     "systemd sets it for a unit with LoadCredential= (see "
+     "etc/shoebox-worker.service); run by hand, set it to a folder holding "
+     "the file rabbit-password"),
+    ("${credential:missing}", {"CREDENTIALS_DIRECTORY": "{creds}"},
+     "${credential:missing}: cannot read {creds}/missing: No such file or "
+     "directory (is the unit's LoadCredential= for it set, and its file "
+     "there?)"),
+    ("${credential:../etc}", {"CREDENTIALS_DIRECTORY": "{creds}"},
+     "bad credential name '../etc' in ${credential:../etc}: letters, "
+     "digits and . _ - @ + only"),
+])
+def test_systemd_credential_mistakes(write, tmp_path, value, environ,
+                                     message):
+    creds = str(tmp_path)
+    environ = {k: v.replace("{creds}", creds) for k, v in environ.items()}
+    assert base_error(write, "[archive]\nstatic_metadata = a=%s\n" % value,
+                      environ=environ) == (
+        "worker.conf [archive] static_metadata: "
+        + message.replace("{creds}", creds))
 
 
 def test_expanded_values_are_not_expanded_again(write):
@@ -660,7 +708,7 @@ def test_archive_values(write, tmp_path):
     assert archive.working_directory == str(tmp_path / "var" / "archive")
     assert archive.filename_template == "nova_%Y%m%d_{worker_id}.dat"
     assert archive.version == 1
-    assert archive.roll_checker == "count"
+    assert archive.roll_checker == ("count",)
     assert archive.callbacks == ("gzip", "swift", "delete")
     assert archive.fsync_every == 10
     assert archive.fsync_interval == 0.25
@@ -699,8 +747,10 @@ def test_template_for():
      "renders as '01/01/70_host-1', which contains '/': a file name, not a "
      "path (see working_directory)"),
     ("version", "3", "expected 1 or 2, got '3'"),
-    ("roll_checker", "size, time", "expected one name, got 'size, time'"),
-    ("roll_checker", "", "expected a plugin name, got ''"),
+    ("roll_checker", "size time",
+     "expected comma-separated names, got 'size time'"),
+    ("roll_checker", "size, time, size", "'size' is listed twice"),
+    ("roll_checker", "", "must not be empty"),
     ("callbacks", "gzip swift",
      "expected comma-separated names, got 'gzip swift'"),
     ("callbacks", "gzip, swift, gzip", "'gzip' is listed twice"),
@@ -749,7 +799,9 @@ def test_plugin_options_are_strings(write):
         [callback:change_extension]
         new_extension = .done
         """, environ={"DONE": "/srv/done"})
-    assert dict(conf.roll_checker_options) == {"roll_minutes": "15"}
+    assert {name: dict(options)
+            for name, options in conf.roll_checker_options.items()} == {
+        "time": {"roll_minutes": "15"}}
     assert {name: dict(options)
             for name, options in conf.callback_options.items()} == {
         "move": {"destination_folder": "/srv/done"},
@@ -766,12 +818,27 @@ def test_roll_checker_section_not_selected(write):
         [roll_checker:tme]
         roll_minutes = 5
         """) == (
-        "worker.conf [roll_checker:tme]: roll checker 'tme' is not the one "
-        "selected by [archive] roll_checker (time) (did you mean "
+        "worker.conf [roll_checker:tme]: roll checker 'tme' is not listed "
+        "in [archive] roll_checker (time) (did you mean "
         "[roll_checker:time]?)")
     assert base_error(write, "[roll_checker:time]\nroll_minutes = 5\n") == (
-        "worker.conf [roll_checker:time]: roll checker 'time' is not the one "
-        "selected by [archive] roll_checker (size)")
+        "worker.conf [roll_checker:time]: roll checker 'time' is not listed "
+        "in [archive] roll_checker (size)")
+
+
+def test_several_roll_checkers_each_with_its_section(write):
+    conf = load(write, """
+        [archive]
+        roll_checker = size, time
+        [roll_checker:size]
+        roll_size_mb = 256
+        [roll_checker:time]
+        roll_minutes = 60
+        """)
+    assert conf.archive.roll_checker == ("size", "time")
+    assert {name: dict(options)
+            for name, options in conf.roll_checker_options.items()} == {
+        "size": {"roll_size_mb": "256"}, "time": {"roll_minutes": "60"}}
 
 
 def test_callback_section_not_listed(write):

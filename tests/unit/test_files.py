@@ -1,11 +1,12 @@
-"""Tests for shoebox_worker.files: FileLock, write_json_atomic and
-fsync_directory.
+"""Tests for shoebox_worker.files: FileLock, write_json_atomic,
+fsync_directory and read_regular.
 
 flock locks belong to an open file description, so "another process" is
 played either by a second open of the path (a second FileLock) or by a real
 subprocess.
 """
 
+import errno
 import fcntl
 import json
 import os
@@ -406,3 +407,32 @@ class TestEnsureWritableDirectory:
             files.ensure_writable_directory(path)
         assert info.value.errno in (13, 30)  # EACCES, EROFS
         assert os.listdir(path) == before
+
+
+class TestReadRegular:
+    def test_reads_a_regular_file(self, tmp_path):
+        path = tmp_path / "state"
+        path.write_bytes(b"x" * 200000)
+        assert files.read_regular(str(path)) == b"x" * 200000
+
+    @pytest.mark.parametrize("make,kind,code", [
+        (os.mkfifo, "a FIFO", errno.EINVAL),
+        (os.mkdir, "a directory", errno.EINVAL),
+        (lambda path: os.symlink(path + ".target", path),
+         "a symlink (not followed)", errno.ELOOP),
+    ])
+    def test_refuses_what_is_not_one_without_waiting(self, tmp_path, make,
+                                                     kind, code):
+        path = str(tmp_path / "state")
+        with open(path + ".target", "w") as f:
+            f.write("{}")
+        make(path)
+        # a FIFO without a writer: a blocking open would never return
+        with pytest.raises(OSError) as caught:
+            files.read_regular(path)
+        assert (caught.value.errno, caught.value.strerror,
+                caught.value.filename) == (code, kind, path)
+
+    def test_a_missing_file_is_file_not_found(self, tmp_path):
+        with pytest.raises(FileNotFoundError):
+            files.read_regular(str(tmp_path / "none"))

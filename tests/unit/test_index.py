@@ -357,6 +357,67 @@ class TestBundle:
             assert str(err.value).startswith("swift://c/x: ")
 
 
+def pieces(data, size):
+    return [data[i:i + size] for i in range(0, len(data), size)]
+
+
+class TestBundleInPieces:
+    entries = TestBundle.entries
+
+    @pytest.mark.parametrize("size", [1, 3, 4, 5, 7, 64, 1 << 20])
+    def test_any_pieces_read_as_the_whole(self, size):
+        data = index.build_bundle(self.entries())
+        whole = index.Bundle.from_bytes(data).entries
+        assert index.Bundle.from_chunks(pieces(data, size)).entries == whole
+
+    def test_only_the_entries_kept_are_held(self):
+        data = index.build_bundle(self.entries())
+        asked = []
+
+        def keep(name, etag, length):
+            asked.append((name, etag, length))
+            return name == "day/b.events.gz"
+
+        bundle = index.Bundle.from_chunks(pieces(data, 5), keep=keep)
+        assert list(bundle.entries) == [("day/b.events.gz", "4567ef01")]
+        assert [a[:2] for a in asked] == [(n, e) for n, e, _ in
+                                          self.entries()]
+        assert [a[2] for a in asked] == [len(d) for _, _, d in
+                                         self.entries()]
+
+    def test_what_is_held_does_not_grow_with_the_bundle(self):
+        """16 MiB of entries not kept, read 64 KiB at a time: a peak of a
+        few pieces (the whole bundle, before)."""
+        import tracemalloc
+        filler = [("gone/%d" % n, "e%d" % n, b"x" * (1 << 20))
+                  for n in range(16)]
+        data = index.build_bundle(self.entries() + filler)
+        chunks = pieces(data, 1 << 16)
+        del data, filler
+        tracemalloc.start()
+        try:
+            bundle = index.Bundle.from_chunks(
+                iter(chunks), keep=lambda name, etag, length:
+                not name.startswith("gone/"))
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert len(bundle) == 2
+        assert peak < 1 << 20, peak
+
+    @pytest.mark.parametrize("size", [1, 7, 64])
+    def test_damage_says_the_same_in_pieces(self, size):
+        data = index.build_bundle(self.entries())
+        flipped = bytearray(data)
+        flipped[40] ^= 1
+        for bad, says in ((bytes(flipped), "checksum mismatch"),
+                          (data[:len(data) // 2], "checksum mismatch"),
+                          (data + b"more", "checksum mismatch"),
+                          (b"SBXI" + data[4:], "not a shoebox index "
+                                               "bundle")):
+            with pytest.raises(exceptions.IndexError_, match=says):
+                index.Bundle.from_chunks(pieces(bad, size), "swift://c/x")
+
 class TestSizeLimit:
     @pytest.mark.parametrize("records", [0, 1, 7, 300, 5000])
     def test_what_the_writer_makes_is_within_it(self, records):

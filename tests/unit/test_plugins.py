@@ -412,8 +412,38 @@ def test_build_the_sample(monkeypatch):
     monkeypatch.chdir(ROOT)
     conf = config.load("etc/shoebox-worker.conf.sample", environ={})
     roll_checker, callbacks = plugins.build(conf)
-    assert isinstance(roll_checker, builtin_roll_checkers.TimeRollChecker)
-    assert roll_checker.roll_minutes == 60
+    assert isinstance(roll_checker,
+                      builtin_roll_checkers.FirstOfRollChecker)
+    size, time = roll_checker.checkers
+    assert isinstance(size, builtin_roll_checkers.SizeRollChecker)
+    assert isinstance(time, builtin_roll_checkers.TimeRollChecker)
+    assert (size.roll_size_mb, time.roll_minutes) == (256, 60)
     ((name, callback),) = callbacks
     assert name == "gzip"
     assert isinstance(callback, steps.GzipCallback)
+
+
+# -- several roll checkers --------------------------------------------------
+
+def test_several_roll_checkers_each_with_its_options():
+    from shoebox_worker import roll_checker as builtin
+    checker = plugins.load_roll_checkers(
+        ["size", "time"], {"size": {"roll_size_mb": "256"},
+                           "time": {"roll_minutes": "30"}})
+    assert isinstance(checker, builtin.FirstOfRollChecker)
+    assert [type(c) for c in checker.checkers] == [builtin.SizeRollChecker,
+                                                   builtin.TimeRollChecker]
+    assert [checker.checkers[0].roll_size_mb,
+            checker.checkers[1].roll_minutes] == [256, 30]
+    # one name: that checker itself, as before
+    assert isinstance(plugins.load_roll_checkers(["count"]),
+                      builtin.CountRollChecker)
+
+
+def test_a_wrong_option_names_its_own_section():
+    assert error(plugins.load_roll_checkers, ["size", "time"],
+                 {"size": {"roll_size_mb": "256"},
+                  "time": {"roll_size_mb": "5"}},
+                 config_file="worker.conf") == (
+        "worker.conf [roll_checker:time] roll_size_mb: option not taken by "
+        "time (takes: roll_minutes)")

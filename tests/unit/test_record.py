@@ -519,29 +519,110 @@ class TestSalvage:
         assert [r[3] for r in got] == [{"n": "after"}]
         assert skips[0][:2] == (0, len(damaged))
 
+    @staticmethod
+    def nested(outer_version, inner_version):
+        """``(before, outer, after)``: an outer record whose payload (a
+        body archived as malformed, kept verbatim) holds a whole valid
+        record, between two records."""
+        inner = record.pack({"event_type": "forged"}, b'{"forged": 1}',
+                            inner_version)
+        outer = record.pack({"malformed": "not UTF-8"},
+                            b"\xff" + inner + b"\xfe" * 7, outer_version)
+        return (record.pack({"n": "before"}, b"1"), outer,
+                record.pack({"n": "after"}, b"2"))
+
+    @pytest.mark.parametrize("outer_version,inner_version",
+                             [(1, 1), (1, 2), (2, 1), (2, 2)])
+    def test_no_record_inside_a_header_one_bit_damaged(
+            self, outer_version, inner_version):
+        """Each of the 144 bits of the header flipped in turn: the record
+        its payload holds is never returned, the damaged record is one
+        skipped range, the records around it are returned."""
+        before, outer, after = self.nested(outer_version, inner_version)
+        for bit in range(record.HEADER_SIZE * 8):
+            damaged = bytearray(outer)
+            damaged[bit // 8] ^= 1 << (bit % 8)
+            data = before + bytes(damaged) + after
+            for chunk in (record.READ_CHUNK, 7):
+                got, skips = self.walk(data, chunk_size=chunk)
+                assert [r[3] for r in got] == [{"n": "before"},
+                                               {"n": "after"}], bit
+                assert [s[:2] for s in skips] == [
+                    (len(before), len(before) + len(outer))], bit
+
+    @pytest.mark.parametrize("outer_version", [1, 2])
+    def test_no_record_inside_a_record_damaged_at_its_end(self,
+                                                          outer_version):
+        """Its header, or its last record's, one bit off: the damaged
+        record runs to the end of the stream, nothing inside it is
+        returned."""
+        before, outer, _ = self.nested(outer_version, outer_version)
+        for bit in (0, 50, 8 * 6 + 3, 8 * 10, 8 * 14 + 1):
+            damaged = bytearray(outer)
+            damaged[bit // 8] ^= 1 << (bit % 8)
+            got, skips = self.walk(before + bytes(damaged))
+            assert [r[3] for r in got] == [{"n": "before"}], bit
+            assert [s[:2] for s in skips] == [
+                (len(before), len(before) + len(outer))], bit
+
+    def test_v1_body_damaged_under_a_header_that_holds(self):
+        """v1 has no header checksum: a v1 record whose header passes but
+        whose body fails claims its extent by its header, taken because a
+        whole record follows it: the record its payload holds stays
+        payload."""
+        before, outer, after = self.nested(1, 1)
+        bad = bytearray(outer)
+        bad[record.HEADER_SIZE] = 8  # the metadata count: 2 pairs, not 1
+        got, skips = self.walk(before + bytes(bad) + after)
+        assert [r[3] for r in got] == [{"n": "before"}, {"n": "after"}]
+        assert [s[:2] for s in skips] == [(len(before),
+                                          len(before) + len(bad))]
+
+    def test_a_header_with_many_bits_damaged_before_a_whole_record(self):
+        """More than one bit of a v2 header damaged (no repair): the
+        lengths in its metadata table and payload field tell its extent,
+        taken because a whole record follows it."""
+        before, outer, after = self.nested(2, 2)
+        bad = bytearray(outer)
+        bad[6:14] = b"\xff" * 8  # M and R
+        got, skips = self.walk(before + bytes(bad) + after)
+        assert [r[3] for r in got] == [{"n": "before"}, {"n": "after"}]
+        assert [s[:2] for s in skips] == [(len(before),
+                                          len(before) + len(bad))]
+
     def test_failed_header_resyncs_at_the_next_byte(self):
-        """No checksum holds (v1, or a v2 header that fails its own): its
-        lengths say nothing, the next record inside is found."""
+        """A header that fails its checks where no extent can be told (its
+        claimed sizes do not end where a record starts, or run past the
+        look ahead): resync at the next byte, and the record there is
+        found."""
         inner = record.pack({"n": "inner"}, b"2")
         for version in (1, 2):
             bad = bytearray(record.pack({"n": "x"}, b"y" + inner, version))
-            if version == 2:
-                bad[14] ^= 1  # the header checksum
-            else:
-                bad[14] = 1  # the end-of-header marker
-            got, skips = self.walk(bytes(bad))
+            bad[6:18] = b"\x01" * 12  # no checks hold, nor any repair
+            bad[record.HEADER_SIZE:record.HEADER_SIZE + 4] = b"\x07\0\0\0"
+            got, skips = self.walk(b"junk" + bytes(bad))
             assert [r[3] for r in got] == [{"n": "inner"}]
-
-    def test_v1_header_that_holds_says_nothing_of_its_extent(self):
-        """v1 has no header checksum: a v1 record whose header passes but
-        whose body fails is resynced from the next byte (the record its
-        payload holds is found, as documented)."""
-        inner = record.pack({"n": "inner"}, b"2", 1)
-        bad = bytearray(record.pack({"n": "x"}, b"y" + inner, 1))
-        bad[record.HEADER_SIZE] = 8  # the metadata count: 2 pairs, not 1
-        got, skips = self.walk(bytes(bad))
+        # a record claimed past the look ahead is not read ahead for
+        big = bytearray(record.pack({}, b"y" * record._WRITTEN_LOOKAHEAD))
+        big[6] ^= 3  # two bits of M: no repair
+        data = bytes(big) + inner
+        got, skips = self.walk(data)
         assert [r[3] for r in got] == [{"n": "inner"}]
-        assert skips[0][:2] == (0, len(bad) - len(inner))
+        assert skips[0][:2] == (0, len(big))  # the next record found
+
+    def test_repaired_size_is_the_writers(self):
+        written = record.pack({"k": "v"}, b"x" * 70000)
+        assert record.repaired_size(written) == len(written)
+        for bit in range(record.HEADER_SIZE * 8):
+            damaged = bytearray(written)
+            damaged[bit // 8] ^= 1 << (bit % 8)
+            assert record.repaired_size(bytes(damaged)) == len(written)
+        damaged = bytearray(written)
+        damaged[7] ^= 0x11  # two bits: not repaired, never guessed
+        assert record.repaired_size(bytes(damaged)) is None
+        v1 = bytearray(record.pack({"k": "v"}, b"x", 1))
+        v1[14] ^= 1
+        assert record.repaired_size(bytes(v1)) is None
 
     def test_a_record_too_big_for_memory_stops_salvage_too(self):
         class Huge(_Trickle):

@@ -148,3 +148,65 @@ def test_load_by_name(name, kwargs, cls):
                                    invoke_on_load=True, invoke_kwds=kwargs)
     assert type(manager.driver) is cls
     assert isinstance(manager.driver, contract.RollCheckerSpec)
+
+
+# -- several checkers: the first that fires -----------------------------------
+
+def test_first_of_rolls_on_size_or_time_whichever_comes_first(clock):
+    checker = roll_checker.FirstOfRollChecker([
+        roll_checker.SizeRollChecker(roll_size_mb=1),
+        roll_checker.TimeRollChecker(roll_minutes=60)])
+    checker.start(FakeArchive())
+    assert not checker.check(FakeArchive(size=1024))
+    assert checker.check(FakeArchive(size=1 << 20))      # busy: by size
+    checker.start(FakeArchive())                          # a new archive
+    clock[0] += 3599
+    assert not checker.check(FakeArchive(size=10))
+    clock[0] += 1
+    assert checker.check(FakeArchive(size=10))            # quiet: by time
+    checker.start(FakeArchive())                          # the clock restarts
+    assert not checker.check(FakeArchive(size=10))
+
+
+class StackTachStyleChecker:
+    """A roll checker as StackTach shoebox's API has it (no base class):
+    ``start(archive)`` and ``check(archive)``."""
+
+    def __init__(self):
+        self.started = 0
+
+    def start(self, archive):
+        self.started += 1
+
+    def check(self, archive):
+        return archive.records >= 3
+
+
+def test_several_checkers_through_the_roll_manager(tmp_path, clock):
+    # the library's API: a combined checker is a roll checker like any other
+    third_party = StackTachStyleChecker()
+    checker = roll_checker.FirstOfRollChecker([
+        roll_checker.TimeRollChecker(roll_minutes=1), third_party])
+    manager = roll_manager.WritingRollManager(
+        "test_%Y%m%d%H%M%S.events", checker, directory=str(tmp_path),
+        unique_names=True)
+    closed = [manager.write({"i": str(i)}, b"x") for i in range(7)]
+    assert [c is not None for c in closed] == [False, False, True] * 2 + [
+        False]
+    clock[0] += 61
+    assert manager.maybe_roll() is not None   # the 7th record, by time
+    assert third_party.started == 3
+    manager.close()
+    reader = roll_manager.ReadingRollManager(str(tmp_path / "test_*.events"))
+    got = []
+    while True:
+        try:
+            got.append(reader.read()[0]["i"])
+        except roll_manager.NoMoreFiles:
+            break
+    assert got == [str(i) for i in range(7)]
+
+
+def test_first_of_needs_a_checker():
+    with pytest.raises(ValueError):
+        roll_checker.FirstOfRollChecker([])

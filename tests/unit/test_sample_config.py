@@ -121,14 +121,22 @@ def test_sample_loads_with_the_documented_values(monkeypatch):
         queue_arguments={"x-queue-type": "quorum"}),)
     assert len(conf.consumers[0].bindings) == 28
     assert conf.archive.working_directory == str(ROOT / "var" / "archive")
-    assert conf.archive.roll_checker == "time"
-    assert dict(conf.roll_checker_options) == {"roll_minutes": "60"}
+    # rolls at 256 MiB or after an hour, whichever comes first
+    assert conf.archive.roll_checker == ("size", "time")
+    assert {k: dict(v) for k, v in conf.roll_checker_options.items()} == {
+        "size": {"roll_size_mb": "256"}, "time": {}}
+    from shoebox_worker import plugins
+    from shoebox_worker import roll_checker
+    checker, _ = plugins.build(conf)
+    assert isinstance(checker, roll_checker.FirstOfRollChecker)
+    size, time = checker.checkers
+    assert (size.roll_size, time.roll_minutes) == (256 << 20, 60)
     assert conf.archive.callbacks == ("gzip",)
     assert {k: dict(v) for k, v in conf.callback_options.items()} == {
         "gzip": {}}
     assert conf.archive == dataclasses.replace(
         config.ArchiveConfig(), working_directory=str(ROOT / "var/archive"),
-        roll_checker="time", callbacks=("gzip",))
+        roll_checker=("size", "time"), callbacks=("gzip",))
     assert conf.worker == config.WorkerConfig()
     assert conf.metrics == config.MetricsConfig()
     assert conf.metrics.watch_queues == ()
@@ -136,6 +144,13 @@ def test_sample_loads_with_the_documented_values(monkeypatch):
 
 
 # -- the fixed sections -----------------------------------------------------
+
+def test_sample_asks_for_nothing_rabbitmq_4_refuses(monkeypatch):
+    from shoebox_worker.consume import rabbitmq
+    monkeypatch.chdir(ROOT)
+    conf = config.load("etc/shoebox-worker.conf.sample", environ={})
+    assert rabbitmq.config_warnings(conf) == []
+
 
 def test_sample_documents_every_option_in_table_order():
     found = _fixed_sections()
@@ -157,7 +172,7 @@ def test_sample_shows_the_real_defaults():
 def test_sample_shows_a_section_for_the_plugins_it_names():
     shown = [name for name, _, _ in _plugin_sections()]
     assert shown == [
-        "roll_checker:time", "roll_checker:size", "roll_checker:count",
+        "roll_checker:size", "roll_checker:time", "roll_checker:count",
         "callback:gzip", "callback:change_extension", "callback:move",
         "callback:swift"]
 

@@ -165,6 +165,24 @@ class TestRequeue:
         assert log == [("sync",), ("ack", 2, True)]
 
 
+@pytest.mark.parametrize("multiple", [True, False])
+def test_take_back_keeps_the_messages_unacked_and_acks_a_streams(log,
+                                                                multiple):
+    # a full disk: the worker keeps what was not synced, unacked (a
+    # return would spend a quorum queue's delivery attempt); a stream's
+    # message is acked as credit and read again from the stream
+    batch = make(log, multiple)
+    first, second, third = (FakeMessage(tag, log) for tag in (1, 2, 3))
+    batch.add(first, 1.0, False, "a")
+    batch.add(second, 2.0, True, "s")
+    batch.add(third, 3.0, False, "b")
+    assert batch.take_back() == [("a", first), ("b", third)]
+    assert log == [("ack", 2, False)]
+    assert len(batch) == 0 and not batch
+    assert batch.take_back() == []
+    assert batch.commit() == 0 and log == [("ack", 2, False)]
+
+
 def test_forget_tells_the_broker_nothing(log):
     batch = make(log, multiple=True)
     fill(batch, log, 3)

@@ -293,6 +293,21 @@ def test_a_deprecated_feature_refused_is_permanent():
         amqp_exceptions.ConnectionError)) is None
 
 
+def test_no_replica_on_the_node_heals():
+    # seen on the tests' cluster: a stream consumed on the node just
+    # restarted after its kill, before its replica is back
+    exc = amqp_exceptions.error_for_code(
+        broker.PRECONDITION_FAILED, "PRECONDITION_FAILED - queue 'queue "
+        "'s' in vhost '/'' does not have a replica on the local node",
+        (60, 20), amqp_exceptions.ChannelError)
+    assert broker.permanent_advice(exc) is None
+    mismatch = amqp_exceptions.error_for_code(
+        broker.PRECONDITION_FAILED, "PRECONDITION_FAILED - inequivalent arg "
+        "'durable' for queue 'q' in vhost '/'", (50, 10),
+        amqp_exceptions.ChannelError)
+    assert broker.permanent_advice(mismatch) is not None
+
+
 class Counter(broker.BlockingReads):
     """A minimal consumer on the read loop: counts messages and ticks."""
 
@@ -369,7 +384,7 @@ class FakeClock:
 
 
 class TestOutage:
-    URL = "amqp://guest:**@host//"
+    URL = "amqp://guest:***@host//"
 
     def test_once_then_bounded_with_count_and_duration(self, caplog):
         clock = FakeClock()
@@ -916,7 +931,7 @@ def test_an_untrusted_broker_stops_the_start_at_once(tmp_path, tls_server,
         broker.declare(worker)
     assert str(info.value) == (
         "%s [broker] ssl_ca_file: TLS to the broker "
-        "amqps://guest:**@127.0.0.1:%d// failed: TLS: certificate verify "
+        "amqps://guest:***@127.0.0.1:%d// failed: TLS: certificate verify "
         "failed: unable to get local issuer certificate; this will "
         "not heal by retrying: %s" % (path, port,
                                       broker.TLS_PERMANENT[
@@ -938,6 +953,6 @@ def test_an_untrusted_failover_host_is_the_one_named(tmp_path, tls_server):
     worker = make_worker(config_mod.load(str(path)))
     with pytest.raises(broker.BrokerError) as info:
         broker.declare(worker)
-    assert "TLS to the broker amqps://guest:**@127.0.0.1:%d// failed: " \
+    assert "TLS to the broker amqps://guest:***@127.0.0.1:%d// failed: " \
         "TLS: certificate verify failed" % port in str(info.value)
     assert len(accepted) == 1

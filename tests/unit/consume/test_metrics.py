@@ -110,7 +110,7 @@ class TestMetrics:
                               sock.getsockname()[1])
         finally:
             sock.close()
-        assert stats.listeners == []
+        assert stats.listeners == [stats._heard]  # its own only
 
 
 def test_events_feed_the_histogram_and_the_broker_failures():
@@ -133,3 +133,43 @@ def test_events_feed_the_histogram_and_the_broker_failures():
     assert after['shoebox_broker_failures_total{kind="permanent"}'] == 1
     assert after['shoebox_broker_failures_total{kind="transient"}'] == 2
     assert after['shoebox_upload_seconds_count{callback="gzip"}'] == 1
+
+
+def _get(port, path):
+    import urllib.error
+    import urllib.request
+    try:
+        with urllib.request.urlopen("http://127.0.0.1:%d%s" % (port, path),
+                                    timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def test_healthz_metrics_and_nothing_else_on_their_paths():
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    stats = stats_mod.Stats()
+    metrics.serve(stats, QUEUES, CALLBACKS, "127.0.0.1", port)
+    assert _get(port, "/healthz") == (
+        503, "unhealthy: not consuming yet: connecting to the broker\n")
+    status, text = _get(port, "/metrics")
+    assert status == 200
+    assert "\nshoebox_up 0.0\n" in text
+    assert "\nshoebox_consuming 0.0\n" in text
+    assert 'shoebox_build_info{version="%s"} 1.0' % metrics.__version__ \
+        in text
+    stats.consuming_now()
+    assert _get(port, "/healthz") == (200, "ok: consuming; shipping works\n")
+    assert "\nshoebox_up 1.0\n" in _get(port, "/metrics")[1]
+    stats.failing({"transient": (0, None), "permanent": (1, time.monotonic())},
+                  {"permanent": "x.events: step swift: 401"})
+    status, text = _get(port, "/healthz")
+    assert status == 503 and text.startswith(
+        "unhealthy: shipping fails in a way retrying will not fix")
+    assert "\nshoebox_up 0.0\n" in _get(port, "/metrics")[1]
+    # /healthz is not the metrics, and other paths are nothing
+    assert _get(port, "/")[0] == 404
+    assert _get(port, "/metricsx")[0] == 404

@@ -91,3 +91,50 @@ def test_log_line_format_and_rates(caplog):
     # rates are since the last line
     assert second.startswith("0 msg/s, 0.00 MB/s; consumed 300")
     assert second.endswith("oldest 42 s; PAUSED")
+
+
+# -- health: consuming, and shipping works ------------------------------------
+
+def test_health_says_why_not():
+    clock = Clock()
+    stats = stats_mod.Stats(clock=clock)
+    assert stats.health() == (False, "not consuming yet: connecting to the "
+                                     "broker")
+    stats.consuming_now()
+    assert stats.health() == (True, "consuming; shipping works")
+    # the broker fails (the worker's Outage tells its listeners)
+    for listener in stats.listeners:
+        listener("broker_failed", "transient", None)
+    clock.now += 12
+    assert stats.health() == (False, "not consuming: the broker has been "
+                                     "failing for 12 s (see the log)")
+    for listener in stats.listeners:
+        listener("broker_failed", "permanent", None)
+    assert stats.health()[1].endswith(
+        "for 12 s, in a way retrying will not fix (see the log)")
+    stats.consuming_now()  # back
+    assert stats.health()[0]
+    stats.paused = True
+    assert stats.health() == (False, "consumption paused: disk full, or the "
+                                     "archives to ship over max_backlog_mb "
+                                     "(see the log)")
+    stats.paused = False
+    # a step failing transiently: healthy for TRANSIENT_GRACE seconds
+    stats.failing({"transient": (1, clock.now), "permanent": (0, None)},
+                  {"transient": "x.events: step swift: 503"})
+    clock.now += stats_mod.TRANSIENT_GRACE - 1
+    assert stats.health()[0]
+    clock.now += 1
+    assert stats.health() == (False, "shipping has been failing on 1 "
+                                     "archive(s) for 300 s: x.events: step "
+                                     "swift: 503")
+    # a permanent one: at once
+    stats.failing({"transient": (0, None), "permanent": (2, clock.now - 3)},
+                  {"permanent": "y.events: step swift: 401; check key"})
+    assert stats.health() == (False, "shipping fails in a way retrying will "
+                                     "not fix, on 2 archive(s) for 3 s: "
+                                     "y.events: step swift: 401; check key")
+    stats.failing({"transient": (0, None), "permanent": (0, None)})
+    assert stats.health()[0]
+    stats.stopping = True
+    assert stats.health() == (False, "stopping")

@@ -4,11 +4,13 @@ test_worker.py's TestStream, the real broker in
 tests/functional/test_worker_stream.py)."""
 
 import datetime
+import hashlib
 import json
 import logging
 import os
 import types
 
+import kombu
 import pytest
 
 from shoebox_worker import exceptions
@@ -91,6 +93,50 @@ class TestOffsetFile:
         message = str(info.value)
         assert "\n" not in message
         assert str(path) in message and "remove it" in message
+
+
+class TestIdentity:
+    def test_written_with_the_offset_and_read_back(self, tmp_path):
+        path = str(tmp_path / "q.stream-offset")
+        identity = stream_mod.Identity(7, stream_mod.digest(b"seven"))
+        stream_mod.write_offset(path, "q", 9, identity)
+        with open(path) as f:
+            assert json.load(f) == {"queue": "q", "offset": 9, "identity": {
+                "offset": 7, "sha256": hashlib.sha256(b"seven").hexdigest()}}
+        assert stream_mod.read_saved(path) == (9, identity)
+        assert stream_mod.read_offset(path) == 9
+
+    def test_an_old_file_has_none(self, tmp_path):
+        path = tmp_path / "q.stream-offset"
+        path.write_text('{"queue": "q", "offset": 4}')
+        assert stream_mod.read_saved(str(path)) == (4, None)
+        assert stream_mod.read_saved(str(tmp_path / "none")) == (None, None)
+
+    def test_one_known_by_its_offset_alone_is_not_written(self, tmp_path):
+        path = str(tmp_path / "q.stream-offset")
+        stream_mod.write_offset(path, "q", 4, stream_mod.Identity(4))
+        assert stream_mod.read_saved(path) == (4, None)
+
+    @pytest.mark.parametrize("identity", [
+        "[]", '{"offset": 1}', '{"sha256": "%s"}' % ("a" * 64),
+        '{"offset": -1, "sha256": "%s"}' % ("a" * 64),
+        '{"offset": 1, "sha256": "%s"}' % ("A" * 64),
+        '{"offset": 1, "sha256": "abc"}'])
+    def test_a_broken_one_is_one_line(self, tmp_path, identity):
+        path = tmp_path / "q.stream-offset"
+        path.write_text('{"queue": "q", "offset": 4, "identity": %s}'
+                        % identity)
+        with pytest.raises(stream_mod.StreamError) as info:
+            stream_mod.read_saved(str(path))
+        assert "\n" not in str(info.value)
+        assert str(path) in str(info.value) and "remove it" in \
+            str(info.value)
+
+    def test_as_a_log_line_names_it(self):
+        assert str(stream_mod.Identity(4, "0123456789abcdef" * 4)) == \
+            "sha256 0123456789abcdef at offset 4"
+        assert str(stream_mod.Identity(1000)) == \
+            "offset 1000 (no sha256 saved)"
 
 
 class TestResumePoint:
@@ -246,6 +292,194 @@ class TestStream:
         two.release()
 
 
+def probe_of(found):
+    """A probe (:func:`stream_mod.first_delivery`) answering ``found``,
+    noting the offsets asked for."""
+    def probe(connection, queue, offset):
+        probe.asked.append((connection, queue, offset))
+        return found
+    probe.asked = []
+    return probe
+
+
+SAVED = stream_mod.Identity(4, stream_mod.digest(b"four"))
+
+
+class TestCheck:
+    """Before a subscription: the stream must hold the identity's
+    message."""
+
+    def resumed(self, tmp_path, identity=SAVED, start="next"):
+        stream = stream_mod.Stream("q", str(tmp_path / "q.stream-offset"),
+                                   start)
+        stream_mod.write_offset(stream.path, "q", 4, identity)
+        stream.resume()
+        return stream
+
+    def test_the_same_stream(self, tmp_path, caplog):
+        stream = self.resumed(tmp_path)
+        probe = probe_of(SAVED)
+        with caplog.at_level(logging.WARNING):
+            assert stream.subscribe(probe, "conn") == 5
+        assert probe.asked == [("conn", "q", 4)]
+        assert caplog.text == ""
+        stream.release()
+
+    def test_nothing_to_check_on_another_transport(self, tmp_path, caplog):
+        stream = self.resumed(tmp_path)
+        with caplog.at_level(logging.WARNING):
+            assert stream.subscribe(probe_of(stream_mod.UNKNOWN), None) == 5
+        assert caplog.text == ""
+        stream.release()
+
+    def test_nothing_archived_nothing_checked(self, tmp_path):
+        stream = stream_mod.Stream("q", str(tmp_path / "q"), "next")
+        stream.resume()
+        probe = probe_of(None)
+        assert stream.subscribe(probe, None) == "next"
+        assert probe.asked == []
+        stream.release()
+
+    def test_retention_removed_it(self, tmp_path, caplog):
+        # the stream starts past the offset: the gap is written()'s
+        stream = self.resumed(tmp_path)
+        later = stream_mod.Identity(9, stream_mod.digest(b"nine"))
+        with caplog.at_level(logging.WARNING):
+            assert stream.subscribe(probe_of(later), None) == 5
+        assert caplog.text == "" and stream.identity == SAVED
+        stream.release()
+
+    @pytest.mark.parametrize("found, holds", [
+        (stream_mod.Identity(4, stream_mod.digest(b"other")),
+         "sha256 %s at offset 4" % stream_mod.digest(b"other")[:16]),
+        (None, "nothing at or after offset 4"),
+        (stream_mod.Identity(2, stream_mod.digest(b"two")),
+         "offset 2 first when asked for 4")])
+    def test_another_stream_is_read_from_its_first_offset(
+            self, tmp_path, caplog, found, holds):
+        stream = self.resumed(tmp_path, start="next")
+        with caplog.at_level(logging.WARNING):
+            assert stream.subscribe(probe_of(found), None) == "first"
+        assert [r.levelno for r in caplog.records] == [logging.ERROR]
+        assert caplog.records[0].getMessage() == (
+            "stream q: %s names sha256 %s at offset 4; the stream holds "
+            "%s: not the stream archived before (deleted and declared "
+            "again, or a working directory restored from another time): "
+            "reading it from its first offset, so that none of it is "
+            "skipped" % (stream.path, SAVED.sha256[:16], holds))
+        assert stream.last is None and stream.is_new(0)
+        stream.release()
+
+    def test_after_another_stream_its_own_identity_is_saved(self, tmp_path):
+        # the new stream's offset 4 is saved, though the file said 4 too
+        stream = self.resumed(tmp_path)
+        stream.subscribe(probe_of(None), None)
+        for n in range(5):
+            stream.written(n, b"new %d" % n)
+        stream.synced()
+        stream.save()
+        assert stream_mod.read_saved(stream.path) == (4, stream_mod.Identity(
+            4, stream_mod.digest(b"new 4")))
+        stream.release()
+
+    def test_an_old_file_is_checked_by_its_offset(self, tmp_path, caplog):
+        with caplog.at_level(logging.INFO):
+            stream = self.resumed(tmp_path, identity=None)
+        assert "stream q: %s names no stream identity (an earlier " \
+            "version's): checking only that the stream holds offset 4; " \
+            "the identity is saved with the next offset" % stream.path in \
+            caplog.text
+        assert stream.identity == stream_mod.Identity(4)
+        assert stream.subscribe(probe_of(SAVED), None) == 5
+        assert stream.identity == SAVED  # what it held there
+        stream.release()
+
+    def test_an_old_file_past_the_streams_end(self, tmp_path, caplog):
+        stream = self.resumed(tmp_path, identity=None)
+        with caplog.at_level(logging.ERROR):
+            assert stream.subscribe(probe_of(None), None) == "first"
+        assert "names offset 4 (no sha256 saved); the stream holds " \
+            "nothing at or after offset 4: not the stream" in caplog.text
+        stream.release()
+
+
+def test_first_delivery_has_nothing_to_check_without_rabbitmq():
+    with kombu.Connection("memory://") as conn:
+        assert stream_mod.first_delivery(conn, "q", 0) is \
+            stream_mod.UNKNOWN
+
+
+class TestIdentityKept:
+    def make(self, tmp_path):
+        stream = stream_mod.Stream("q", str(tmp_path / "q.stream-offset"),
+                                   "first")
+        stream.resume()
+        return stream
+
+    def test_the_last_synced_record_names_the_stream(self, tmp_path):
+        stream = self.make(tmp_path)
+        stream.written(0, b"zero")
+        stream.written(1, b"one")
+        stream.save()  # nothing synced: nothing saved
+        assert stream_mod.read_saved(stream.path) == (None, None)
+        stream.synced()
+        stream.written(2, b"two")
+        stream.save()
+        assert stream_mod.read_saved(stream.path) == (1, stream_mod.Identity(
+            1, stream_mod.digest(b"one")))
+        stream.cut()  # 2 was cut off: it names nothing
+        stream.synced()
+        assert stream.identity == stream_mod.Identity(
+            1, stream_mod.digest(b"one"))
+        stream.release()
+
+    def test_offsets_recovery_found_keep_the_files_identity(self, tmp_path):
+        path = str(tmp_path / "q.stream-offset")
+        stream_mod.write_offset(path, "q", 4, SAVED)
+        stream = stream_mod.Stream("q", path, "first")
+        stream.archived = [5, 6]
+        stream.resume()
+        stream.save()
+        assert stream_mod.read_saved(path) == (6, SAVED)
+        stream.release()
+
+
+class TestCredit:
+    def test_a_subscription_behind_the_last_offset_is_warned_once(
+            self, tmp_path, caplog):
+        stream = stream_mod.Stream("q", str(tmp_path / "q"), "first")
+        stream.resume()
+        stream.written(1000)
+        probe = probe_of(stream_mod.UNKNOWN)
+        stream.subscribe(probe, None)
+        with caplog.at_level(logging.WARNING):
+            for offset in (0, 1, 2):
+                stream.credit(offset)
+        assert [r.getMessage() for r in caplog.records] == [
+            "stream q: asked for offset 1001, the broker delivered offset "
+            "0, at or below the last one archived (1000): taken as "
+            "archived already (acked as credit, not written), and so every "
+            "delivery up to offset 1000"]
+        assert caplog.records[0].levelno == logging.WARNING
+        caplog.clear()
+        stream.subscribe(probe, None)  # again: said again
+        stream.credit(3)
+        assert len(caplog.records) == 1
+        stream.release()
+
+    def test_not_once_the_subscription_wrote(self, tmp_path, caplog):
+        # a cancelled subscription's last deliveries: nothing to say
+        stream = stream_mod.Stream("q", str(tmp_path / "q"), "first")
+        stream.resume()
+        stream.subscribe(probe_of(stream_mod.UNKNOWN), None)
+        stream.written(0)
+        stream.written(1)
+        with caplog.at_level(logging.WARNING):
+            stream.credit(0)
+        assert caplog.text == ""
+        stream.release()
+
+
 class TestStreams:
     def test_only_stream_queues(self, tmp_path):
         streams = stream_mod.Streams(str(tmp_path), [
@@ -294,7 +528,7 @@ class TestStreams:
             consumer("a", offset="next"), consumer("b", offset=3)])
         queues = [types.SimpleNamespace(name=name, consumer_arguments=None)
                   for name in ("a", "b", "classic")]
-        fake = types.SimpleNamespace(queues=queues)
+        fake = types.SimpleNamespace(queues=queues, connection=None)
         streams.position(fake)
         assert [q.consumer_arguments for q in queues] == [
             {"x-stream-offset": "next"}, {"x-stream-offset": 3}, None]

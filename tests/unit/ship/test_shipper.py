@@ -135,7 +135,7 @@ class Stats:
     def callback_failed(self, name, permanent=False):
         self.failed.append((name, permanent) if permanent else name)
 
-    def failing(self, by_kind):
+    def failing(self, by_kind, reasons=None):
         self.failing_now.append({kind: count for kind, (count, _)
                                  in by_kind.items()})
 
@@ -340,6 +340,42 @@ class TestSubmit:
         assert stats.failing_now == [
             {"transient": 0, "permanent": 1}] * 2 + [
             {"transient": 0, "permanent": 0}]
+
+    def test_stuck_once_every_archive_left_fails_for_good(
+            self, tmp_path, make_shipper):
+        # what --idle-exit waits for: nothing but archives that only an
+        # operator can move on (their last failure a permanent one)
+        first = write_archive(tmp_path / "a.events")
+        second = write_archive(tmp_path / "b.events")
+        refused = {first}
+
+        class Step(callbacks.ArchiveCallback):
+            def on_close(self, filename):
+                if filename in refused:
+                    raise exceptions.PermanentError("key refused",
+                                                    hint="check key")
+                raise RuntimeError("Swift is down")  # may pass
+
+        stats = Stats()
+        ship = make_shipper([("up", Step())], retry_initial=0.01,
+                            retry_max=0.05, stats=stats, start=False)
+        assert not ship.stuck()  # nothing left
+        ship.submit(first)
+        ship.submit(second)
+        ship.start()
+        assert not ship.wait_idle(timeout=0.5, should_stop=ship.stuck)
+        assert not ship.stuck()  # b.events may still pass
+        refused.add(second)
+        assert not ship.wait_idle(timeout=10, should_stop=ship.stuck)
+        assert ship.stuck()
+        refused.clear()  # fixed: they go on, and it is not stuck any more
+
+        class Works(callbacks.ArchiveCallback):
+            def on_close(self, filename):
+                return filename
+        ship.chain.steps[0] = ("up", Works())
+        assert ship.wait_idle(timeout=10)
+        assert not ship.stuck()
 
     def test_backoff_grows_and_is_capped(self):
         ship = shipper.Shipper(callbacks.CallbackChain([]), 1.0, 5.0)
@@ -1018,7 +1054,7 @@ class TestRecover:
                                                  make_shipper):
         state = tmp_path / ("gone.events" + shipper.STATE_SUFFIX)
         state.write_text(json.dumps({"path": str(tmp_path / "gone.x"),
-                                     "step": 1, "chain": ["m"]}))
+                                     "step": 0, "chain": ["m"]}))
         ship = make_shipper([("m", steps.MemoryCallback())])
         assert ship.recover(str(tmp_path), is_archive) == 0
         assert os.listdir(tmp_path) == []
@@ -1478,7 +1514,7 @@ class TestPromisesFromTheMutationCheck:
         seen = []
 
         class Failing:
-            def failing(self, by_kind):
+            def failing(self, by_kind, reasons=None):
                 seen.append(by_kind)
 
         ship = shipper.Shipper(callbacks.CallbackChain([]), stats=Failing())
@@ -2021,3 +2057,247 @@ def test_the_done_stamp_is_the_lists_own_not_its_folders(tmp_path):
     assert shipper._done_stamp(folder) != before
     os.unlink(done)
     assert shipper._done_stamp(folder) is None
+
+
+class TestStateReadDefensively:
+    """A state file or the done list of the wrong shape is said in one
+    WARNING line; its archive goes through the whole chain, in order."""
+
+    CHAIN = ["memory", "delete"]
+
+    # (what the state file holds, what the warning says is wrong: None
+    # for the error json.loads gives); PATH stands for the archive's path
+    BAD = [
+        (b"[]", "holds [], not an object"),
+        (b'"a.events"', 'holds "a.events", not an object'),
+        (b'{"path": ', None),
+        (b'{"path": "\xff"}', None),
+        (b"[" * 100000, None),
+        ({"path": 5, "step": 0}, "says path is 5, not a file name"),
+        ({"path": ["x"], "step": 0}, 'says path is ["x"], not a file name'),
+        ({"path": "a\0", "step": 0},
+         'says path is "a\\u0000", not a file name'),
+        ({"path": "", "step": 0}, 'says path is "", not a file name'),
+        ({"path": "PATH", "step": 0, "output": 7},
+         "says output is 7, not a file name"),
+        ({"path": "PATH", "step": "1"},
+         'says step is "1", not a whole number'),
+        ({"path": "PATH", "step": 1.0},
+         "says step is 1.0, not a whole number"),
+        ({"path": "PATH", "step": True},
+         "says step is true, not a whole number"),
+        ({"path": "PATH", "step": None},
+         "says step is null, not a whole number"),
+        ({"path": "PATH", "step": -1},
+         "says step is -1, not one of the chain's 2 (0 to 1)"),
+        ({"path": "PATH", "step": 2},
+         "says step is 2, not one of the chain's 2 (0 to 1)"),
+        ({"path": "PATH", "step": 2 ** 70},
+         "says step is %d, not one of the chain's 2 (0 to 1)" % 2 ** 70),
+        ({"done": "yes", "path": "PATH"}, 'says done is "yes", not true'),
+        ({"done": 1}, "says done is 1, not true"),
+    ]
+
+    @pytest.mark.parametrize("content,problem", BAD, ids=[
+        (problem or repr(content))[:40] for content, problem in BAD])
+    def test_said_once_and_shipped_through_the_whole_chain(
+            self, tmp_path, make_shipper, caplog, content, problem):
+        if problem is None:
+            try:
+                json.loads(content)
+            except (ValueError, RecursionError) as exc:
+                problem = "does not parse (%s)" % exc
+        path = write_archive(tmp_path / "a.events")
+        state = path + shipper.STATE_SUFFIX
+        if isinstance(content, dict):
+            content = json.dumps(
+                {**{key: value.replace("PATH", path)
+                    if isinstance(value, str) else value
+                    for key, value in content.items()},
+                 "chain": self.CHAIN}).encode()
+        with open(state, "wb") as f:
+            f.write(content)
+        memory = steps.MemoryCallback()
+        ship = make_shipper([("memory", memory),
+                             ("delete", steps.DeleteFileCallback())],
+                            start=False)
+        with caplog.at_level(logging.WARNING, logger="shoebox_worker"):
+            assert ship.recover(str(tmp_path), is_archive) == 1
+        said = [(r.levelname, r.getMessage()) for r in caplog.records]
+        ship.start()
+        assert ship.wait_idle(timeout=5)
+        # memory saw the archive before delete removed it: never deleted
+        # unshipped, no step run out of order, none skipped
+        assert memory.events == [("close", path)]
+        assert os.listdir(tmp_path) == []
+        assert said == [("WARNING", shipper.W_BAD_STATE % (
+            state, problem.replace("PATH", path), path))]
+
+    def test_a_chain_of_one_step_resumes_at_its_only_step(
+            self, tmp_path, make_shipper):
+        path = write_archive(tmp_path / "a.events")
+        with open(path + shipper.STATE_SUFFIX, "w") as f:
+            json.dump({"path": path, "step": 0, "chain": ["memory"]}, f)
+        memory = steps.MemoryCallback()
+        ship = make_shipper([("memory", memory)])
+        assert ship.recover(str(tmp_path), is_archive) == 1
+        assert ship.wait_idle(timeout=5)
+        assert memory.events == [("close", path)]
+
+    def test_an_empty_chain_takes_step_zero(self, tmp_path, make_shipper,
+                                            caplog):
+        path = write_archive(tmp_path / "a.events")
+        with open(path + shipper.STATE_SUFFIX, "w") as f:
+            json.dump({"path": path, "step": 0, "chain": []}, f)
+        ship = make_shipper([])
+        with caplog.at_level(logging.WARNING, logger="shoebox_worker"):
+            assert ship.recover(str(tmp_path), is_archive) == 1
+        assert ship.wait_idle(timeout=5)
+        assert caplog.records == []
+        assert sorted(os.listdir(tmp_path)) == [shipper.DONE_FILE,
+                                                "a.events"]
+
+    def test_a_wrong_state_of_a_gone_archive_is_left_alone(
+            self, tmp_path, make_shipper, caplog):
+        state = tmp_path / ("gone.events" + shipper.STATE_SUFFIX)
+        state.write_text("[]")
+        (tmp_path / "gone.events.gz").write_bytes(b"where it may be now")
+        ship = make_shipper([("gzip", steps.GzipCallback())])
+        with caplog.at_level(logging.WARNING, logger="shoebox_worker"):
+            assert ship.recover(str(tmp_path), is_archive) == 0
+        assert [r.getMessage() for r in caplog.records] == [
+            shipper.W_BAD_STATE_LEFT % (state, "holds [], not an object",
+                                        tmp_path / "gone.events")]
+        assert state.read_text() == "[]"
+        assert (tmp_path / "gone.events.gz").exists()
+
+    def test_a_saved_report_of_the_wrong_shape_is_read_again(
+            self, tmp_path, make_shipper, caplog):
+        log = []
+        path = write_archive(tmp_path / "a.events")
+        report = shipper._report_to_state(archive.inspect_file(path))
+        for key, value in (("first_metadata", ["n"]),
+                           ("last_metadata", "n"), ("torn_offset", "0")):
+            with open(path + shipper.STATE_SUFFIX, "w") as f:
+                json.dump({"path": path, "step": 0, "chain": ["r"],
+                           "report": {**report, key: value}}, f)
+            ship = make_shipper([("r", Reports(log))], start=False)
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="shoebox_worker"):
+                assert ship.recover(str(tmp_path), is_archive) == 1
+            assert [r.getMessage() for r in caplog.records] == [
+                "%s.ship: the saved archive report does not parse; it is "
+                "read again from the archive" % path], key
+            ship.start()
+            assert ship.wait_idle(timeout=5)
+            ship.stop(5)
+            os.unlink(tmp_path / shipper.DONE_FILE)
+        assert [r.first_metadata for _, r in log] == [RECORDS[0][0]] * 3
+
+
+class TestDoneListReadDefensively:
+    """The done list is read only as a regular file, and one of the wrong
+    shape is said once and written again."""
+
+    def _recover(self, tmp_path, make_shipper, caplog):
+        """Recover ``tmp_path`` in a thread (a hang fails, not blocks, the
+        test); returns the memory callback and the WARNING lines."""
+        memory = steps.MemoryCallback()
+        ship = make_shipper([("m", memory)])
+        found = []
+        with caplog.at_level(logging.WARNING, logger="shoebox_worker"):
+            thread = threading.Thread(target=lambda: found.append(
+                ship.recover(str(tmp_path), is_archive)), daemon=True)
+            thread.start()
+            thread.join(5)
+        done = tmp_path / shipper.DONE_FILE
+        if thread.is_alive():  # let it go: a writer gives the reader EOF
+            os.close(os.open(done, os.O_WRONLY | os.O_NONBLOCK))
+            thread.join(5)
+            pytest.fail("recover hung on %s" % done)
+        assert ship.wait_idle(timeout=5)
+        return found, memory, [(r.levelname, r.getMessage())
+                               for r in caplog.records]
+
+    def test_a_fifo_is_not_waited_on(self, tmp_path, make_shipper, caplog):
+        path = write_archive(tmp_path / "a.events")
+        done = tmp_path / shipper.DONE_FILE
+        os.mkfifo(done)
+        found, memory, said = self._recover(tmp_path, make_shipper, caplog)
+        assert found == [1]
+        assert memory.events == [("close", path)]
+        assert said == [("WARNING", shipper.W_BAD_DONE % (
+            done, "cannot be read (a FIFO)"))]
+        assert json.loads(done.read_text()) == {
+            "a.events": shipper._identity(os.stat(path))}
+
+    def test_a_symlink_is_not_followed(self, tmp_path, make_shipper,
+                                       caplog):
+        work = tmp_path / "work"
+        work.mkdir()
+        path = write_archive(work / "a.events")
+        target = tmp_path / "elsewhere.json"
+        target.write_text(json.dumps(
+            {"a.events": shipper._identity(os.stat(path))}))
+        done = work / shipper.DONE_FILE
+        os.symlink(target, done)
+        found, memory, said = self._recover(work, make_shipper, caplog)
+        assert found == [1]
+        assert memory.events == [("close", path)]
+        assert said == [("WARNING", shipper.W_BAD_DONE % (
+            done, "cannot be read (a symlink (not followed))"))]
+        assert not os.path.islink(done)
+        assert json.loads(target.read_text()) == {
+            "a.events": shipper._identity(os.stat(path))}
+
+    @pytest.mark.parametrize("content,problem", [
+        ("[]", "holds [], not an object"),
+        ('{"a.events": "x"}', 'lists "a.events" as "x", not [inode, size, '
+         'mtime]'),
+        ('{"a.events": [1, 2]}', 'lists "a.events" as [1, 2], not [inode, '
+         'size, mtime]'),
+        ('{"a.events": [1, 2, true]}', 'lists "a.events" as [1, 2, true], '
+         'not [inode, size, mtime]'),
+    ])
+    def test_the_wrong_shape_is_said_once_and_written_again(
+            self, tmp_path, make_shipper, caplog, content, problem):
+        path = write_archive(tmp_path / "a.events")
+        other = write_archive(tmp_path / "b.events")
+        with open(other + shipper.STATE_SUFFIX, "w") as f:  # reads the list
+            json.dump({"path": other, "step": 0, "chain": ["m"]}, f)
+        done = tmp_path / shipper.DONE_FILE
+        done.write_text(content)
+        found, memory, said = self._recover(tmp_path, make_shipper, caplog)
+        assert found == [2]
+        assert sorted(memory.events) == [("close", path), ("close", other)]
+        assert said == [("WARNING", shipper.W_BAD_DONE % (done, problem))]
+
+    def test_entries_of_the_right_shape_are_kept(self, tmp_path,
+                                                 make_shipper, caplog):
+        path = write_archive(tmp_path / "a.events")
+        kept = write_archive(tmp_path / "b.events")
+        done = tmp_path / shipper.DONE_FILE
+        done.write_text(json.dumps({
+            "a.events": None, "b.events": shipper._identity(os.stat(kept))}))
+        found, memory, said = self._recover(tmp_path, make_shipper, caplog)
+        assert found == [1]
+        assert memory.events == [("close", path)]
+        assert said == [("WARNING", shipper.W_BAD_DONE % (
+            done, 'lists "a.events" as null, not [inode, size, mtime]'))]
+        assert json.loads(done.read_text()) == {
+            "a.events": shipper._identity(os.stat(path)),
+            "b.events": shipper._identity(os.stat(kept))}
+
+    def test_a_folder_of_its_name_does_not_stop_the_recovery(
+            self, tmp_path, make_shipper, caplog):
+        write_archive(tmp_path / "a.events")
+        done = tmp_path / shipper.DONE_FILE
+        done.mkdir()
+        memory = steps.MemoryCallback()
+        ship = make_shipper([("m", memory)], start=False)
+        with caplog.at_level(logging.WARNING, logger="shoebox_worker"):
+            assert ship.recover(str(tmp_path), is_archive) == 1
+        assert [r.getMessage() for r in caplog.records][:2] == [
+            shipper.W_BAD_DONE % (done, "cannot be read (a directory)"),
+            "cannot write %s: [Errno 21] Is a directory: '%s.tmp' -> '%s'"
+            % (done, done, done)]

@@ -1461,3 +1461,158 @@ def test_index_beside_the_other_name(monkeypatch, tmp_path):
                 if o.startswith("a~") and not o.endswith(".index")]
     assert conn.objects["shoebox", other + ".index"][0] == data
     assert ("shoebox", "a.events.index") not in conn.objects
+
+
+def test_swiftclient_log_lines_mask_secrets_with_the_one_mask():
+    # the mask of every secret: broker URLs and Swift headers alike
+    from shoebox_worker import broker_url
+    record = logging.LogRecord(
+        "swiftclient", logging.INFO, "f.py", 1,
+        "REQ: curl -i http://h/v1 -H \"X-Auth-Token: AUTH_tk5e3c\" "
+        "RESP headers: {'X-Auth-Key': 's3cr3t', 'Content-Length': '0'}",
+        (), None)
+    swift._RedactSecrets().filter(record)
+    text = record.getMessage()
+    assert "tk5e3c" not in text and "s3cr3t" not in text
+    assert "X-Auth-Token: %s" % broker_url.MASK in text
+    assert "'X-Auth-Key': '%s'" % broker_url.MASK in text
+    assert broker_url.MASK == "***"
+
+
+# -- redirects: credentials stay with their origin -------------------------
+
+class Recorder:
+    """A local HTTP server (a thread) that answers every request with
+    ``answer(handler)`` and records the method, path and headers it got."""
+
+    def __init__(self, answer):
+        import http.server
+        import threading
+        self.requests = []
+        recorder = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _answer(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                recorder.requests.append((
+                    self.command, self.path,
+                    {k.lower(): v for k, v in self.headers.items()}, body))
+                status, headers = answer(self)
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _answer
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                                     Handler)
+        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever,
+                                       daemon=True)
+        self.thread.start()
+
+    def headers(self):
+        """Every header name received (lowercase)."""
+        return {name for _, _, headers, _ in self.requests
+                for name in headers}
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def elsewhere():
+    """Another origin (another port), which answers 401 to anything."""
+    server = Recorder(lambda handler: (401, {}))
+    yield server
+    server.close()
+
+
+def redirecting_to(target):
+    """A server that answers 302 to the same path at ``target``."""
+    return Recorder(lambda handler: (302, {"Location": target + handler.path}))
+
+
+def test_a_v1_auth_redirected_elsewhere_does_not_send_the_key(elsewhere,
+                                                              caplog):
+    auth = redirecting_to(elsewhere.url)
+    try:
+        cb = swift.SwiftUploadCallback(auth=auth.url + "/auth/v1.0",
+                                       user="acct:me", key="s3cret-key",
+                                       retries=0)
+        conn = cb.new_connection()
+        with caplog.at_level(logging.DEBUG, logger="swiftclient"), \
+                pytest.raises(ClientException, match="Auth GET failed"):
+            conn.get_auth()
+        conn.close()
+    finally:
+        auth.close()
+    assert [r[1] for r in auth.requests] == ["/auth/v1.0"]
+    assert auth.requests[0][2]["x-auth-key"] == "s3cret-key"
+    assert not {"x-auth-key", "x-auth-user"} & elsewhere.headers()
+    assert "/auth/v1.0 -X GET" in caplog.text  # as swiftclient logs it
+    assert "s3cret" not in caplog.text
+
+
+def test_a_swift_answer_redirected_elsewhere_does_not_send_the_token(
+        elsewhere):
+    storage = redirecting_to(elsewhere.url)
+    try:
+        cb = swift.SwiftUploadCallback(
+            os_storage_url=storage.url + "/v1/AUTH_me",
+            os_auth_token="tok-s3cret", retries=0)
+        for request in (lambda conn: conn.head_container("c"),
+                        lambda conn: conn.get_object("c", "o")):
+            conn = cb.new_connection()  # a 401 makes it forget the token
+            with pytest.raises(ClientException):
+                request(conn)
+            conn.close()
+    finally:
+        storage.close()
+    assert len(storage.requests) == 2
+    assert all(r[2]["x-auth-token"] == "tok-s3cret"
+               for r in storage.requests)
+    assert "x-auth-token" not in elsewhere.headers()
+
+
+def test_a_same_origin_redirect_keeps_the_token():
+    """Credentials are dropped on another origin's hop, not on every hop."""
+    def answer(handler):
+        if handler.path.startswith("/old/"):
+            return 302, {"Location": handler.path.replace("/old/", "/v1/")}
+        return 204, {"X-Container-Object-Count": "0"}
+    storage = Recorder(answer)
+    try:
+        cb = swift.SwiftUploadCallback(os_storage_url=storage.url + "/old/a",
+                                       os_auth_token="tok-s3cret", retries=0)
+        conn = cb.new_connection()
+        conn.head_container("c")
+        conn.close()
+    finally:
+        storage.close()
+    assert [(r[1], r[2].get("x-auth-token")) for r in storage.requests] == [
+        ("/old/a/c", "tok-s3cret"), ("/v1/a/c", "tok-s3cret")]
+
+
+def test_a_keystone_answer_redirected_elsewhere_sends_no_password(elsewhere):
+    keystone = redirecting_to(elsewhere.url)
+    try:
+        cb = swift.SwiftUploadCallback(**dict(
+            V3, os_auth_url=keystone.url + "/v3"))
+        session = swift.keystone_session(cb.options)
+        with pytest.raises(ks_exceptions.ClientException):
+            session.get_token()
+    finally:
+        keystone.close()
+    assert keystone.requests
+    assert b"s3cret-pw" in keystone.requests[0][3]
+    assert elsewhere.requests == []

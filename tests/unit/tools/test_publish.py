@@ -5,14 +5,19 @@ tests/functional/test_generator_publish.py and test_tools_commands.py."""
 
 import argparse
 import json
+import socket
 import ssl
+import time
+import types
 
 import amqp.exceptions
 import kombu.exceptions
 import pytest
+from kombu import Exchange
 
 from shoebox_worker.consume import broker
 from shoebox_worker.tools import ToolError
+from shoebox_worker.tools import UsageError
 from shoebox_worker.tools import publish
 
 
@@ -90,6 +95,65 @@ URL = "amqp://guest:secret@127.0.0.1:5672//"
 
 def _amqp(cls, text, method=(40, 10)):
     return cls(reply_text=text, method_sig=method)
+
+
+class _NoConfirms:
+    """A channel whose broker never confirms (what a quorum queue without
+    its majority does): confirm_select, the ack and nack events, and a
+    drain_events that times out."""
+
+    def __init__(self):
+        self.events = {"basic_ack": set(), "basic_nack": set(),
+                       "basic_return": set()}
+        self.connection = self
+
+    def confirm_select(self):
+        pass
+
+    def drain_events(self, timeout):
+        time.sleep(min(timeout, 0.01))
+        raise socket.timeout()
+
+
+class TestSender:
+    @staticmethod
+    def sender(monkeypatch, window=2, timeout=0.05):
+        monkeypatch.setattr(publish, "CONFIRM_WINDOW", window)
+        monkeypatch.setattr(publish, "CONFIRM_TIMEOUT", timeout)
+        sender = publish._Sender(_NoConfirms(), Exchange("x"), "k")
+        sent = []
+        sender._producer = types.SimpleNamespace(
+            publish=lambda body, **kwargs: sent.append(body))
+        return sender, sent
+
+    def test_a_full_window_without_confirms_stops_the_run(self,
+                                                          monkeypatch):
+        sender, sent = self.sender(monkeypatch)
+        sender.send(b"1")
+        sender.send(b"2")
+        with pytest.raises(publish.ConfirmTimeout) as caught:
+            sender.send(b"3")
+        assert len(sent) == 3
+        assert sender.outcome == publish.Outcome(sent=3, unconfirmed=3)
+        assert str(caught.value).startswith(
+            "the broker confirmed none of 3 messages for 0 s: stopped "
+            "after 3 sent (0 confirmed, 3 unconfirmed;")
+
+    def test_confirms_are_counted_as_they_come(self, monkeypatch):
+        # a run that a broker error ends has the confirms so far
+        sender, _ = self.sender(monkeypatch, window=10)
+        for body in (b"1", b"2", b"3"):
+            sender.send(body)
+        sender._on_return(None, "x", "k", None)  # 3 is returned...
+        sender._on_ack(2, True)
+        sender._on_ack(3, False)  # ... and then acked
+        assert sender.outcome == publish.Outcome(sent=3, confirmed=2,
+                                                 returned=1)
+        sender.send(b"4")
+        sender.give_up()  # a broker error: 4 will get no answer
+        assert sender.outcome == publish.Outcome(sent=4, confirmed=2,
+                                                 returned=1, unconfirmed=1)
+        assert sender.finish() == sender.outcome  # nothing left to wait for
 
 
 class TestBrokerError:
@@ -203,6 +267,16 @@ def test_a_bad_url_from_the_environment_is_one_line_without_the_password():
         publish.url_from(_args(), {publish.URL_VARIABLE: "amqp://u:s3cr/et@h:x"})
     assert str(caught.value) == \
         "SHOEBOX_BROKER_URL: bad port in 'amqp://u:***@h:x'"
+
+
+def test_a_bad_query_option_is_a_usage_mistake_not_a_bug():
+    with pytest.raises(UsageError) as caught:
+        publish.url_from(_args(), {publish.URL_VARIABLE: (
+            "rabbit://nova:s3cret@127.0.0.1:1/"
+            "?heartbeat_timeout_threshold=x")})
+    assert str(caught.value) == (
+        "SHOEBOX_BROKER_URL: heartbeat_timeout_threshold=x in the URL's "
+        "query: expected a number, got 'x'")
 
 
 def test_generate_publishes_to_a_url_with_any_password(monkeypatch, capsys):

@@ -467,6 +467,106 @@ class TestSalvagedCopy:
             read.verify_file(path, salvage=True)
 
 
+class TestSalvageIsStreamed:
+    def test_the_good_records_are_not_kept_until_the_end(self, tmp_path):
+        """verify --salvage writes each good record as it finds it: what
+        it holds does not grow with the archive (16 MiB of records here;
+        the reader's own buffers take about 4 MiB whatever the size)."""
+        import tracemalloc
+        path = str(tmp_path / "big.events")
+        pad = "x" * 16000
+        pieces = [record.pack({"n": str(n)}, b'{"pad": "%s"}' % pad.encode())
+                  for n in range(1024)]
+        data = bytearray(b"".join(pieces))
+        data[len(pieces[0]) + 30] ^= 0x01  # the second record damaged
+        with open(path, "wb") as f:
+            f.write(data)
+        del data
+        tracemalloc.start()
+        try:
+            report, salvaged_to = read.verify_file(path, salvage=True)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert report.records == 1023 and salvaged_to == path + ".salvaged"
+        assert os.path.getsize(salvaged_to) == sum(map(len, pieces)) - len(
+            pieces[1])
+        assert peak < 8 << 20, peak
+
+    def test_an_archive_found_ok_leaves_no_file(self, tmp_path):
+        path = str(tmp_path / "a.events")
+        write(path, notes(3))
+        assert read.verify_file(path, salvage=True)[1] is None
+        assert sorted(os.listdir(tmp_path)) == ["a.events"]
+
+    def test_a_failed_read_leaves_no_temporary(self, tmp_path):
+        path = str(tmp_path / "a.events")
+        damaged_archive(path)
+        item = read.sources.item_of(path)
+        data = open(path, "rb").read()
+        item.open = lambda: _Failing(data[:-5], OSError(5, "Input/output "
+                                                        "error"))
+        with pytest.raises(ToolError, match="cannot read"):
+            read.verify_file(item, salvage=True)
+        assert sorted(os.listdir(tmp_path)) == ["a.events"]
+
+
+class MemorySwift(read.sources.Swift):
+    """A :class:`~shoebox_worker.tools.sources.Swift` of objects in a
+    dict."""
+
+    def __init__(self, objects):
+        super().__init__()
+        self.objects = objects
+
+    def connection(self):
+        objects = self.objects
+
+        class Connection:
+            url = token = None
+
+            def get_object(self, container, obj, resp_chunk_size=None):
+                return {}, _Body(objects[obj])
+
+        return Connection()
+
+
+class _Body(list):
+    def __init__(self, data):
+        super().__init__([bytes(data)])
+
+    def close(self):
+        pass
+
+
+def test_verify_salvage_goes_on_past_an_object_name_holding_nul(
+        tmp_path, monkeypatch, capsys):
+    """A listed name with NUL cannot name a local file: that object is one
+    line, and the rest of the listing is verified and salvaged."""
+    monkeypatch.chdir(tmp_path)
+    expected = damaged_archive(str(tmp_path / "damaged"))
+    bad = (tmp_path / "damaged").read_bytes()
+    os.unlink(tmp_path / "damaged")
+    names = ["a\0b.events", "c\0\n.events", "d.events"]
+    swift = MemorySwift(dict.fromkeys(names, bad))
+    items = [read.sources.SwiftItem(swift, "c", name, size=len(bad),
+                                    listed=True) for name in names]
+    monkeypatch.setattr(read, "swift_of", lambda args: swift)
+    monkeypatch.setattr(read.sources, "find", lambda specs, **kw: items)
+    assert cli.main(["verify", "--salvage", "swift://c"]) == 1
+    out, err = capsys.readouterr()
+    lines = err.splitlines()
+    assert len(lines) == 2, err
+    assert lines == [
+        "shoebox-worker: a\\x00b.events.salvaged: cannot write: embedded "
+        "null byte",
+        "shoebox-worker: c\\x00\\n.events.salvaged: cannot write: "
+        "embedded null byte"]
+    assert "swift://c/d.events: DAMAGED: 2 records" in out
+    assert (tmp_path / "d.events.salvaged").read_bytes() == expected
+    assert sorted(os.listdir(tmp_path)) == ["d.events.salvaged"]
+
+
 class _Failing(io.RawIOBase):
     """A stream that gives a few bytes, then raises ``error``."""
 
@@ -588,3 +688,43 @@ class TestOneBadArchiveAmongOthers:
         (tmp_path / "notes.txt").write_text("hello\n")
         code, out, err = run(["cat", str(tmp_path)], capsysbinary)
         assert (code, err) == (0, "") and out.count(b"\n") == 2
+
+
+class TestAGlobOfAnArchiveFolder:
+    """``verify var/archive/*``: the natural glob after ``ls var/archive``
+    names each archive's ``.index`` too."""
+
+    @pytest.fixture
+    def folder(self, tmp_path):
+        from shoebox_worker import roll_checker
+        from shoebox_worker import roll_manager
+        manager = roll_manager.WritingRollManager(
+            "a_%Y%m%dT%H%M%S.events", roll_checker.CountRollChecker(
+                roll_count=3), directory=str(tmp_path), unique_names=True,
+            index_fields=archive_index.DEFAULT_FIELDS)
+        for metadata, payload in notes(6):
+            manager.write(metadata, payload)
+        manager.close()
+        names = sorted(os.listdir(tmp_path))
+        assert [n.endswith(".index") for n in names] == [False, True] * 2
+        return tmp_path, [str(tmp_path / n) for n in names]
+
+    @pytest.mark.parametrize("command", ["verify", "cat"])
+    def test_the_index_files_are_skipped(self, folder, capsysbinary,
+                                         command):
+        _, paths = folder
+        code, out, err = run([command] + paths, capsysbinary)
+        assert (code, err) == (0, "")
+        if command == "verify":
+            assert [line.split(": ")[1] for line in
+                    out.decode().splitlines()] == ["OK"] * 2
+        else:
+            assert len(out.splitlines()) == 6
+
+    def test_an_index_alone_is_one_line(self, folder, capsysbinary):
+        _, paths = folder
+        code, out, err = run(["verify", paths[1]], capsysbinary)
+        assert (code, out) == (1, b"")
+        assert err == ("shoebox-worker: %s: an archive's index, not an "
+                       "archive: name the archive (without .index) or its "
+                       "folder\n" % paths[1])

@@ -471,3 +471,45 @@ def test_an_exact_where_that_selects_a_record_is_never_pruned(
                            load_index=index.Index.from_bytes)
         assert chosen.keep(metadata, payload), text
         assert chosen.may_hold(_Archive(data)), text
+
+
+# -- a key that no record has: one warning -----------------------------------
+
+class TestKeysFoundInNoRecord:
+    def test_a_misspelled_match_key_is_said_once(self):
+        chosen = selection("--match", "event-type=compute.*")
+        kept = [chosen.keep(*record(message_id=str(n))) for n in range(5)]
+        assert kept == [False] * 5
+        assert chosen.notes() == [
+            "--match event-type: no record read has the key 'event-type' in "
+            "its metadata (5 read): a misspelled key finds nothing (did you "
+            "mean event_type?)"]
+
+    def test_a_misspelled_where_path_is_said_once(self):
+        chosen = selection("--where", "payload.instanceid=2f50*")
+        for _ in range(3):
+            assert not chosen.keep(*record(payload={"instance_id": "2f50"}))
+        assert chosen.notes() == [
+            "--where payload.instanceid: no record read has a value at "
+            "'payload.instanceid' in its notification (3 read): a "
+            "misspelled key finds nothing"]
+
+    def test_keys_that_some_record_has_are_not_said(self):
+        chosen = selection("--where", "payload.instance_id=nope",
+                           "--match", "message_id=nope")
+        records = [record(), record(payload={"instance_id": "2f50"}),
+                   record(message_id="m1")]
+        assert [chosen.keep(*r) for r in records] == [False] * 3
+        assert chosen.notes() == []
+        # once every key was seen, nothing more is looked for
+        assert chosen.unseen == {} and chosen.looked_at == 3
+
+    def test_nothing_read_nothing_said(self):
+        assert selection("--match", "nope=x").notes() == []
+
+    def test_a_key_in_an_escaped_payload_is_found(self):
+        chosen = selection("--where", "payload.na\u00efve=x")
+        metadata = {"event_type": "e"}
+        payload = b'{"payload": {"na\\u00efve": "y"}}'
+        assert not chosen.keep(metadata, payload)
+        assert chosen.notes() == []

@@ -5,6 +5,7 @@ the real one)."""
 
 import errno
 import os
+import pathlib
 import threading
 
 import pytest
@@ -22,15 +23,16 @@ class Body:
     """swiftclient's ``_ObjectBody``: chunks, then the end."""
 
     def __init__(self, data, chunk, fail_after=None):
-        self.chunks = [data[i:i + chunk] for i in range(0, len(data), chunk)]
+        self.data, self.chunk = data, chunk
         self.fail_after = fail_after
         self.closed = False
 
     def __iter__(self):
-        for number, chunk in enumerate(self.chunks):
+        for number, start in enumerate(range(0, len(self.data),
+                                             self.chunk)):
             if number == self.fail_after:
                 raise ConnectionResetError(104, "Connection reset by peer")
-            yield chunk
+            yield self.data[start:start + self.chunk]  # as it comes
 
     def close(self):
         self.closed = True
@@ -59,6 +61,21 @@ class FakeConnection:
         return {"x-object-meta-records": str(len(self.swift.objects[obj])),
                 "X-Object-Meta-First-Timestamp": "t", "etag": "x"}
 
+    def get_container(self, container, prefix=None, marker="", limit=None,
+                      full_listing=False):
+        """A page of the listing, as Swift gives it: in name order, after
+        ``marker``, each entry a dict of its own (parsed JSON); or, with
+        ``full_listing``, every page at once, as swiftclient joins them."""
+        with self.swift.lock:
+            self.swift.pages += 1
+        after = [e for e in sorted(self.swift.listing,
+                                   key=lambda e: e["name"])
+                 if e["name"].startswith(prefix or "")
+                 and e["name"] > marker]
+        if not full_listing:
+            after = after[:limit]
+        return {}, [dict(e) for e in after]
+
 
 class FakeSwift(sources.Swift):
     """A :class:`sources.Swift` whose connections and listing are dicts."""
@@ -70,13 +87,11 @@ class FakeSwift(sources.Swift):
         self.gets = []
         self.bodies = []
         self.fail = {}
+        self.pages = 0
         self.lock = threading.Lock()
 
     def connection(self):
         return FakeConnection(self)
-
-    def list(self, container, prefix):
-        return [e for e in self.listing if e["name"].startswith(prefix)]
 
 
 def entry(name, last_modified, size=10, content_type="application/gzip"):
@@ -177,6 +192,66 @@ class TestListing:
 
 # -- index bundles -----------------------------------------------------------
 
+class TestPagedListing:
+    def listing(self, archives):
+        """``archives`` archives, each with its index (every third
+        without), in write order by time."""
+        listing, objects = [], {}
+        for n in range(archives):
+            name = "a%03d" % n
+            listing.append(entry(name, "2026-01-01T00:%02d:%02d" % divmod(
+                archives - n, 60)))
+            objects[name] = archive_bytes(1)
+            if n % 3:
+                listing.append(entry(name + ".index", "2026-01-02", 30))
+        return listing, objects
+
+    @pytest.mark.parametrize("page", [1, 2, 3, 7, 1000])
+    def test_pages_of_any_size_find_the_same(self, monkeypatch, page):
+        listing, objects = self.listing(20)
+        monkeypatch.setattr(sources, "LIST_PAGE", page)
+        swift = FakeSwift(listing, objects)
+        items = sources.find(["swift://c"], swift=swift)
+        assert [i.object for i in items] == ["a%03d" % n
+                                             for n in reversed(range(20))]
+        assert [(i.index_name, i.index_size) for i in items] == [
+            ("a%03d.index" % n, 30) if n % 3 else (None, None)
+            for n in reversed(range(20))]
+        assert swift.pages == -(-len(listing) // page) + 1  # then empty
+
+    def test_a_prefix_that_names_an_object_across_pages(self, monkeypatch):
+        listing, objects = self.listing(20)
+        monkeypatch.setattr(sources, "LIST_PAGE", 1)
+        swift = FakeSwift(listing, objects)
+        [item] = sources.find(["swift://c/a002"], swift=swift)
+        assert (item.object, item.index_name, item.listed) == (
+            "a002", "a002.index", False)
+        assert swift.pages == 2  # a002, a002.index: no more asked
+
+    def test_what_a_listing_holds_does_not_grow_with_the_objects(
+            self, monkeypatch):
+        """20,000 segments and indexes of archives listed elsewhere, three
+        archives, pages of 500: a peak of about one page held (every
+        entry at once, with the whole listing)."""
+        import tracemalloc
+        listing = [entry("seg/1000/10/%08d" % n, "2026-01-01", 10)
+                   for n in range(10000)]
+        listing += [entry("x%05d.index" % n, "2026-01-01", 10)
+                    for n in range(10000)]
+        listing += [entry(n, "2026-01-0%d" % i) for i, n in
+                    enumerate(("a", "b", "c"), 1)]
+        swift = FakeSwift(listing, {})
+        monkeypatch.setattr(sources, "LIST_PAGE", 500, raising=False)
+        tracemalloc.start()
+        try:
+            items = sources.find(["swift://c"], swift=swift)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert [i.object for i in items] == ["a", "b", "c"]
+        assert peak < 1 << 20, peak
+
+
 def instance_archive(name, ids):
     """A listing entry, the archive's bytes and its index's, for records of
     the instance ids ``ids``."""
@@ -190,10 +265,11 @@ def instance_archive(name, ids):
 
 
 class TestBundles:
-    def swift(self, bundled, stale=(), damaged=False):
+    def swift(self, bundled, stale=(), damaged=False, gone=0):
         """Archives a (i-1), b (i-2), c (i-1, i-3), d (i-4), each with its
         index; a bundle of ``bundled`` (names), the hashes of ``stale``
-        wrong in it."""
+        wrong in it, and ``gone`` entries of 512 KiB for archives no
+        longer listed."""
         listing, objects, bundle = [], {}, []
         for name, ids in (("a", ["i-1"]), ("b", ["i-2"]),
                           ("c", ["i-1", "i-3"]), ("d", ["i-4", "i-4"])):
@@ -203,6 +279,8 @@ class TestBundles:
             if name in bundled:
                 etag = "old" if name in stale else found["hash"]
                 bundle.append((name, etag, built))
+        bundle += [("gone/%d" % n, "e", b"x" * (512 << 10))
+                   for n in range(gone)]
         data = index.build_bundle(bundle)
         if damaged:
             data = data[:-1] + bytes([data[-1] ^ 1])
@@ -244,6 +322,50 @@ class TestBundles:
         assert len(err) == 1 and "damaged index bundle" in err[0]
         assert err[0].startswith("shoebox-worker: warning: swift://c/")
         assert len(swift.gets) == 5
+
+    def test_only_the_listings_entries_are_held(self):
+        """A bundle of 8 MiB, nearly all of it for archives no longer
+        listed: read as it comes, and only the listed archives' indexes
+        held (the whole bundle, before)."""
+        import tracemalloc
+        swift = self.swift("abcd", gone=16)
+        tracemalloc.start()
+        try:
+            items = sources.find(["swift://c"], swift=swift, indexes=True)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert [i.read_index() == swift.objects[i.object + ".index"]
+                for i in items] == [True] * 4
+        assert swift.gets == [index.BUNDLE_SUFFIX]
+        assert peak < 2 << 20, peak
+
+    def test_a_bundle_longer_than_it_may_be_stops_as_it_comes(
+            self, monkeypatch, capsys):
+        swift = self.swift("abcd")  # listed as 10 bytes: GET all the same
+        monkeypatch.setattr(index, "MAX_BUNDLE_BYTES", 100)
+        assert self.kept(swift, "i-1") == ["a", "c"]
+        err = capsys.readouterr().err.splitlines()
+        assert err == ["shoebox-worker: warning: swift://c/%s: over 100 "
+                       "bytes, more than a reader takes for it (100); "
+                       "reading the indexes of its archives instead"
+                       % index.BUNDLE_SUFFIX]
+        assert all(body.closed for body in swift.bodies)
+
+    def test_past_the_cap_the_own_indexes_are_read(self, monkeypatch,
+                                                   capsys):
+        swift = self.swift("abcd")
+        sizes = {n: len(swift.objects[n + ".index"]) for n in "abcd"}
+        monkeypatch.setattr(sources, "BUNDLE_MEMORY",
+                            sizes["a"] + sizes["b"], raising=False)
+        assert self.kept(swift, "i-1") == ["a", "c"]
+        assert sorted(swift.gets) == [index.BUNDLE_SUFFIX, "c.index",
+                                      "d.index"]
+        err = capsys.readouterr().err.splitlines()
+        assert err == ["shoebox-worker: warning: swift://c: the bundled "
+                       "indexes of 2 archives left out (more than %d bytes "
+                       "of them in all); reading their own indexes instead"
+                       % (sizes["a"] + sizes["b"])]
 
     @pytest.mark.parametrize("bundled,stale", [
         ("abcd", ""), ("ab", ""), ("abcd", "abcd"), ("", ""), ("bd", "b")])
@@ -419,10 +541,27 @@ class TestEnvironment:
         conf = tmp_path / "w.conf"
         conf.write_text("[broker]\nurl = amqp://guest:guest@localhost//\n"
                         "[consumer:q]\nexchange = nova\n")
-        swift = sources.Swift(config_file=str(conf))
-        with pytest.raises(ToolError,
-                           match=r"w\.conf: no \[callback:swift\]"):
+        swift = sources.Swift(config_file=str(conf), environ={})
+        with pytest.raises(ToolError) as info:
             assert swift.callback is None
+        assert str(info.value) == (
+            "no Swift credentials: %s has no [callback:swift] section, and "
+            "neither ST_AUTH, ST_USER, ST_KEY nor OS_AUTH_URL, OS_USERNAME, "
+            "OS_PASSWORD, ... are set" % conf)
+
+    def test_the_samples_config_reads_swift_from_the_environment(
+            self, monkeypatch):
+        # replay --config etc/shoebox-worker.conf.sample swift://...: the
+        # broker from the config, Swift as the swift CLI finds it
+        root = pathlib.Path(__file__).resolve().parents[3]
+        monkeypatch.chdir(root)
+        swift = sources.Swift(
+            config_file="etc/shoebox-worker.conf.sample",
+            environ={"ST_AUTH": "http://127.0.0.1:8080/auth/v1.0",
+                     "ST_USER": "test:tester", "ST_KEY": "testing"})
+        callback = swift.callback
+        assert callback.options["auth"] == "http://127.0.0.1:8080/auth/v1.0"
+        assert callback.options["user"] == "test:tester"
 
 
 # -- streams and read-ahead -------------------------------------------------
