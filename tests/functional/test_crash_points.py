@@ -15,9 +15,10 @@ of one thread in the counting run, and a run that exits without being
 killed (its K-th call came in no thread this time) is counted as not
 reached, and checked all the same.
 
-Each point has its own queue, working directory and object prefix, and
-several points run at once (:data:`PARALLEL`), to stay within about three
-minutes for all of them.
+Each chain is a test of its own (``-k zstd-move`` picks one), so that
+pytest-xdist runs the three beside each other. Each point has its own
+queue, working directory and object prefix, and several points of a chain
+run at once (:data:`PARALLEL`).
 """
 
 import collections
@@ -73,33 +74,6 @@ def _swift(env):
     return swc.Connection(authurl=env["ST_AUTH"], user=env["ST_USER"],
                           key=env["ST_KEY"], auth_version="1", retries=2,
                           timeout=30)
-
-
-@pytest.fixture(scope="module")
-def example_plugin():
-    """pip-install examples/shoebox-example-plugin (from a copy) into the
-    venv; uninstalled at the end."""
-    source = tempfile.mkdtemp(prefix="shoebox-plugin-")
-    shutil.copytree(EXAMPLE_PLUGIN, os.path.join(source, "p"))
-    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    try:
-        import wheel  # noqa: F401 - needed to build without isolation
-        isolation = ["--no-build-isolation"]
-    except ImportError:
-        isolation = []
-    try:
-        installed = subprocess.run(
-            [*pip, "install", "--no-deps", *isolation,
-             os.path.join(source, "p")], capture_output=True, text=True,
-            timeout=300)
-        if installed.returncode != 0:
-            pytest.fail("pip install of the example plugin failed:\n%s"
-                        % installed.stderr)
-        yield
-    finally:
-        subprocess.run([*pip, "uninstall", "-y", "shoebox-example-plugin"],
-                       capture_output=True, timeout=120)
-        shutil.rmtree(source, ignore_errors=True)
 
 
 # -- one point ---------------------------------------------------------------
@@ -184,8 +158,8 @@ def _worker_argv(point):
             str(IDLE_EXIT)]
 
 
-def _env():
-    return dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+def _env(point):
+    return dict(point.chain.env, PYTHONDONTWRITEBYTECODE="1")
 
 
 def count_calls(strace, point, ft):
@@ -198,7 +172,7 @@ def count_calls(strace, point, ft):
     code = _run([strace, "-f", "-qq", "-o", trace,
                  "-e", "trace=" + ",".join(KINDS.values()),
                  *_worker_argv(point)], os.path.join(point.dir, "log"),
-                _env())
+                _env(point))
     assert code == 0, open(os.path.join(point.dir, "log")).read()[-3000:]
     return kill_points.most_calls_per_thread(trace)
 
@@ -213,12 +187,12 @@ def run_point(strace, point, ft):
     code = _run([strace, "-f", "-qq", "-o", os.devnull,
                  "-e", "trace=" + names,
                  "-e", "inject=%s:signal=KILL:when=%d" % (names, point.k),
-                 *_worker_argv(point)], log, _env())
+                 *_worker_argv(point)], log, _env(point))
     point.killed = code != 0
     with open(log, "ab") as f:
         f.write(b"\n---- killed: %r (exit %r); restart ----\n"
                 % (point.killed, code))
-    point.restart = _run(_worker_argv(point), log, _env())
+    point.restart = _run(_worker_argv(point), log, _env(point))
     return point
 
 
@@ -231,6 +205,7 @@ def _records(path):
 
 class SwiftChain:
     name = "gzip-swift-delete"
+    env = os.environ
 
     def __init__(self, env, base):
         self.env = env
@@ -269,6 +244,7 @@ class MoveChain:
 
     name = "zstd-move"
     callbacks = "zstd, move"
+    env = os.environ
 
     def __init__(self, base):
         shm = "/dev/shm"
@@ -315,6 +291,10 @@ class PluginChain(MoveChain):
     name = "zstd-sha256-move"
     callbacks = "zstd, sha256, move"
 
+    def __init__(self, base, env):
+        super().__init__(base)
+        self.env = env  # where the worker finds the plugin
+
     def sections(self, point):
         return {"sha256": {"folder": point.dest},
                 "move": {"destination_folder": point.dest}}
@@ -333,63 +313,57 @@ class PluginChain(MoveChain):
 
 # -- the test -----------------------------------------------------------------
 
+@pytest.mark.slow
+@pytest.mark.parametrize("chain_name", ["gzip-swift-delete", "zstd-move",
+                                        "zstd-sha256-move"])
 def test_killed_at_every_rename_unlink_and_fsync(
-        strace, swift_env, example_plugin, rabbit, ft, tmp_path):
+        chain_name, strace, swift_env, rabbit, ft, tmp_path, request):
     started = time.monotonic()
     base = str(tmp_path)
-    chains = [SwiftChain(swift_env, base), MoveChain(base),
-              PluginChain(base)]
-    only = os.environ.get("SHOEBOX_CRASH_CHAINS")  # to look at one
-    if only:
-        chains = [c for c in chains if c.name in only.split(",")]
-    for chain in chains:
-        chain.ft = ft  # its index checks
+    if chain_name == SwiftChain.name:
+        chain = SwiftChain(swift_env, base)
+    elif chain_name == MoveChain.name:
+        chain = MoveChain(base)
+    else:
+        chain = PluginChain(base, request.getfixturevalue("example_plugin"))
+    chain.ft = ft  # its index checks
     conn = _swift(swift_env)
-    summary = []
     try:
+        counting = Point(base, chain, "count", 0)
+        rabbit.track_queue(counting.queue)
+        rabbit.track_exchange(counting.queue)
+        counts = count_calls(strace, counting, ft)
+        check_point(chain, counting, conn)
         points = []
-        for chain in chains:
-            counting = Point(base, chain, "count", 0)
-            rabbit.track_queue(counting.queue)
-            rabbit.track_exchange(counting.queue)
-            counts = count_calls(strace, counting, ft)
-            check_point(chain, counting, conn)
-            for kind, count in counts.items():
-                assert count > 0, (chain.name, kind, counts)
-                for k in range(1, count + 1):
-                    point = Point(base, chain, kind, k)
-                    rabbit.track_queue(point.queue)
-                    rabbit.track_exchange(point.queue)
-                    points.append(point)
-            summary.append((chain.name, counts))
+        for kind, count in counts.items():
+            assert count > 0, (chain.name, kind, counts)
+            for k in range(1, count + 1):
+                point = Point(base, chain, kind, k)
+                rabbit.track_queue(point.queue)
+                rabbit.track_exchange(point.queue)
+                points.append(point)
         with concurrent.futures.ThreadPoolExecutor(PARALLEL) as pool:
             done = list(pool.map(lambda p: run_point(strace, p, ft), points))
-        duplicates = collections.Counter()
+        duplicates = 0
         failed = []
         for point in done:
             try:
-                duplicates[point.chain.name] += check_point(
-                    point.chain, point, conn)
+                duplicates += check_point(chain, point, conn)
             except AssertionError as exc:
                 failed.append("%s: %s" % (point.name, str(exc)[:2000]))
         assert not failed, "%d of %d point(s) failed:\n%s" % (
             len(failed), len(done), "\n\n".join(failed))
-        killed = collections.Counter(p.chain.name for p in done if p.killed)
+        killed = sum(1 for p in done if p.killed)
     finally:
-        for chain in chains:
-            chain.cleanup(conn, ft)
+        chain.cleanup(conn, ft)
         conn.close()
-    elapsed = time.monotonic() - started
-    print("\ncrash points in %.0f s:" % elapsed)
-    for name, counts in summary:
-        print("  %s: %s calls (largest per thread); %d of %d points killed; "
-              "%d duplicate record(s)" % (
-                  name, ", ".join("%d %s" % (n, kind) for kind, n
-                                  in counts.items()),
-                  killed[name], sum(counts.values()), duplicates[name]))
+    print("\ncrash points of %s in %.0f s: %s calls (largest per thread); "
+          "%d of %d points killed; %d duplicate record(s)" % (
+              chain.name, time.monotonic() - started,
+              ", ".join("%d %s" % (n, kind) for kind, n in counts.items()),
+              killed, sum(counts.values()), duplicates))
     # the kills must land: a worker that is never killed proves nothing
-    for name, counts in summary:
-        assert killed[name] >= sum(counts.values()) // 2, (name, killed)
+    assert killed >= sum(counts.values()) // 2, (chain.name, killed)
 
 
 def check_point(chain, point, conn):

@@ -38,6 +38,12 @@ def _servers_missing():
     return missing
 
 
+def _sbin_missing():
+    """What the script lists of the tools it finds in /usr/sbin, which it
+    adds to any PATH."""
+    return [] if os.path.exists("/usr/sbin/logrotate") else ["logrotate"]
+
+
 @pytest.fixture
 def bare_path(tmp_path):
     """A PATH directory holding only ``timeout`` (the script's one
@@ -61,14 +67,14 @@ def test_hidden_binaries_are_listed(bare_path):
     # rabbitmq-server and redis-server are hidden too, but listed only
     # when their server does not answer.
     assert result.stdout.split() == _servers_missing() + [
-        "strace", "jq", "openssl", "systemd"]
+        "strace", "jq", "openssl", "systemd"] + _sbin_missing()
 
 
 def test_a_binary_on_path_is_not_listed(bare_path):
     (bare_path / "jq").symlink_to(shutil.which("jq") or "/bin/true")
     result = _run(bare_path, "--dry-run")
     assert result.stdout.split() == _servers_missing() + [
-        "strace", "openssl", "systemd"]
+        "strace", "openssl", "systemd"] + _sbin_missing()
 
 
 def test_no_python_that_makes_a_venv_lists_python3_venv(bare_path):
@@ -78,9 +84,10 @@ def test_no_python_that_makes_a_venv_lists_python3_venv(bare_path):
 
 def test_with_the_full_path_only_what_is_missing_is_listed():
     tools = {"strace": "strace", "jq": "jq", "openssl": "openssl",
-             "systemd": "systemd-analyze"}
+             "systemd": "systemd-analyze", "logrotate": "logrotate"}
     expected = [name for name, binary in tools.items()
-                if not shutil.which(binary)]
+                if not shutil.which(binary, path=os.environ["PATH"]
+                                    + ":/usr/sbin:/sbin")]
     result = _run(os.environ["PATH"], "--dry-run")
     assert result.returncode == 0, result.stderr
     assert [name for name in result.stdout.split()

@@ -89,3 +89,42 @@ def test_unroutable_messages_are_counted_as_returned(conn):
     finally:
         Exchange(name)(channel).delete()
         channel.close()
+
+
+def test_confirms_are_pipelined_and_every_message_counted(conn,
+                                                         monkeypatch):
+    """Many messages in flight (a window of 50 here), each ends confirmed,
+    returned or nacked: a queue that takes 120 and refuses the rest
+    (``x-overflow = reject-publish``) nacks 380 of 500, and a second
+    binding's unroutable key returns them all."""
+    from shoebox_worker.tools import publish as publish_mod
+    monkeypatch.setattr(publish_mod, "CONFIRM_WINDOW", 50)
+    waits = []
+    real_wait = publish_mod._Sender._wait
+
+    def wait(self, timeout):
+        waits.append(len(self._pending))
+        return real_wait(self, timeout)
+
+    monkeypatch.setattr(publish_mod._Sender, "_wait", wait)
+    name = f"shoebox-test-generator-{uuid.uuid4().hex[:12]}"
+    exchange = Exchange(name, type="topic", durable=False)
+    queue = Queue(name, exchange=exchange, routing_key="notifications.info",
+                  durable=True, queue_arguments={
+                      "x-max-length": 120, "x-overflow": "reject-publish"})
+    channel = conn.channel()
+    try:
+        queue(channel).declare()
+        outcome = publish(URL, 500, exchange=name, seed=3)
+        assert outcome == Outcome(sent=500, confirmed=120, nacked=380)
+        # the window held: never more than 51 in flight before a wait
+        assert waits and max(waits) <= 51
+        assert queue(channel).queue_declare(passive=True).message_count \
+            == 120
+        outcome = publish(URL, 30, exchange=name, seed=4,
+                          routing_key="nobody.listens")
+        assert outcome == Outcome(sent=30, returned=30)
+    finally:
+        queue(channel).delete()
+        exchange(channel).delete()
+        channel.close()

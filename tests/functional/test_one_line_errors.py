@@ -27,8 +27,8 @@ pytestmark = pytest.mark.functional
 WORKER = os.path.join(os.path.dirname(sys.executable), "shoebox-worker")
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
 
-#: A line of the worker's log (cli.LOG_FORMAT).
-LOG_LINE = re.compile(r"\A\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} "
+#: A line of the worker's log (shoebox_worker.logs.TextFormatter).
+LOG_LINE = re.compile(r"\A\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z "
                       r"(DEBUG|INFO|WARNING|ERROR|CRITICAL) \S+ \[\d+\] ")
 #: Longest any case may take (a case that hangs fails at this bound).
 TIMEOUT = 20
@@ -131,7 +131,7 @@ CASES = [
     ("run-workdir-under-a-file", "run", _workdir("{tmp}/f/sub"), 2,
      "[archive] working_directory: cannot create", True),
     ("run-broker-down", "run", _broker_down, 1,
-     "cannot connect to the broker amqp://guest:**@127.0.0.1:", True),
+     "cannot connect to the broker amqp://guest:***@127.0.0.1:", True),
     ("run-declare-false-missing-queue", "run", _missing_queue, 2,
      "-q", True, True),
     ("run-durable-mismatch", "run", _durable_mismatch, 2, "durable", True,
@@ -189,10 +189,10 @@ CASES = [
 def _params():
     for case in CASES:
         case = case + (False, None)[len(case) - 6:]
-        ident, command, setup, code, text, debug, broker, xfail = case
+        ident, command, setup, code, text, debug, uses_broker, xfail = case
         marks = [pytest.mark.xfail(strict=True, reason=xfail)] \
             if xfail else []
-        yield pytest.param(command, setup, code, text, debug, broker,
+        yield pytest.param(command, setup, code, text, debug, uses_broker,
                            id=ident, marks=marks)
 
 
@@ -221,11 +221,11 @@ def _error_line(result, code):
     return lines[-1]
 
 
-@pytest.mark.parametrize("command, setup, code, text, debug, broker",
+@pytest.mark.parametrize("command, setup, code, text, debug, uses_broker",
                          list(_params()))
 def test_one_line(request, tmp_path, names, ft, command, setup, code, text,
-                  debug, broker):
-    rabbit = request.getfixturevalue("rabbit") if broker else None
+                  debug, uses_broker):
+    rabbit = request.getfixturevalue("rabbit") if uses_broker else None
     ctx = Ctx(tmp_path, names, ft, rabbit)
     argv = ([command] if command else []) + setup(ctx)
     line = _error_line(_run(argv), code)

@@ -1,7 +1,8 @@
 """A quorum queue on the project's own 3-node RabbitMQ cluster
 (``scripts/rabbit-cluster``, the ``cluster`` fixture), the node holding its
-leader killed with SIGKILL while the worker consumes and a publisher with
-confirms publishes: every confirmed message is archived.
+leader (node 3: it is declared there) killed with SIGKILL while the worker
+consumes and a publisher with confirms publishes: every confirmed message
+is archived.
 
 The worker is given the three URLs (``;``), the leader's first, so that
 its connection is the one the kill cuts: plain ``amqp://``, and (``tls``)
@@ -19,6 +20,7 @@ first) is measured from its metrics endpoint and printed, not asserted.
 """
 
 import collections
+import contextlib
 import json
 import re
 import socket
@@ -40,6 +42,9 @@ COUNT = 5000
 RATE = 500.0  # messages a second: ten seconds of publishing
 ROUTING_KEY = "notifications.info"
 QUORUM = {"x-queue-type": "quorum"}
+#: The tests that kill node 3 (tests/conftest.py): the queue's leader is
+#: placed there. The TLS tests use nodes 1 and 2 meanwhile.
+NODE_3 = pytest.mark.xdist_group("cluster-node-3")
 
 
 def _free_port():
@@ -140,11 +145,86 @@ class AckWatch(threading.Thread):
         return None, bool(reconnected)
 
 
+def _through_the_kill(worker, publisher, confirmed, restart, ft):
+    """With the leader's node killed: wait until the worker consumes on
+    another node (its second "consuming from") and the publisher has had
+    a confirm from the nodes left, so that both worked through the
+    outage (the node stays down until then); then start the node again
+    (``restart``, in the background) and wait for the publisher to end
+    without an error."""
+    try:
+        ft.wait_until(lambda: worker.log.count("consuming from") >= 2, 120,
+                      interval=0.05, message="the worker consuming again")
+    except BaseException:
+        print("the worker's log:\n%s" % worker.log_tail())
+        raise
+    ft.wait_until(lambda: len(publisher.confirmed) > confirmed
+                  or not publisher.is_alive(), 120, interval=0.05,
+                  message="a confirm after the kill")
+    restart.begin()
+    publisher.join(300)
+    assert not publisher.is_alive(), "publisher still running"
+    assert publisher.error is None, repr(publisher.error)
+
+
+class _Restart(threading.Thread):
+    """Starts a killed node again in the background (it rejoins the
+    cluster) once :meth:`begin` is called, while the test goes on;
+    :meth:`join` waits until it serves and returns when it did
+    (``time.monotonic()``)."""
+
+    def __init__(self, cluster, node):
+        super().__init__(daemon=True)
+        self.cluster, self.node = cluster, node
+        self.error = self.done = None
+
+    def begin(self):
+        if self.ident is None:
+            self.start()
+
+    def run(self):
+        try:
+            self.cluster.restart(self.node)
+            self.done = time.monotonic()
+        except BaseException as exc:  # reported by join
+            self.error = exc
+
+    def join(self, timeout=300):
+        self.begin()
+        super().join(timeout)
+        assert not self.is_alive(), "node %s not back in %d s" % (
+            self.node, timeout)
+        if self.error is not None:
+            raise self.error
+        return self.done
+
+
+@contextlib.contextmanager
+def _killed(cluster, node):
+    """SIGKILL ``node``; the body calls ``begin()`` on what it is given
+    when the node may come back. Whatever happens, the node serves again
+    when the body is left: the next test of the group needs all three."""
+    cluster.kill(node)
+    restart = _Restart(cluster, node)
+    try:
+        yield restart
+    finally:
+        restart.join()
+
+
 def _declare(cluster, name, arguments=QUORUM):
-    with Connection(cluster.urls[0], connect_timeout=5) as conn:
+    """Declare the queue through node 3, so that its leader is there
+    (RabbitMQ's default leader locator, client-local): the node these
+    tests kill. Returns that node."""
+    node = cluster.nodes[2]
+    with Connection(cluster.url_of(node), connect_timeout=5) as conn:
         exchange = Exchange(name, type="topic", durable=True)
         Queue(name, exchange, routing_key=ROUTING_KEY, durable=True,
               queue_arguments=arguments)(conn.default_channel).declare()
+    leader = cluster.leader(name)
+    assert leader == node, "the leader of %s is on %s, not on %s" % (
+        name, leader, node)
+    return leader
 
 
 def _delete(cluster, name):
@@ -178,27 +258,32 @@ def _port(url):
     return int(url.rsplit(":", 1)[1].split("/")[0])
 
 
-def _tls_connections(cluster, node):
-    """The server ports of the TLS client connections the cluster lists
-    (asked of ``node``)."""
+def _tls_connections(cluster, node, pid, ft):
+    """The server ports of process ``pid``'s TLS connections, as the
+    cluster lists them (asked of ``node``); other tests' connections (the
+    TLS tests run beside these) are not counted."""
+    ours = set()
+    for url in cluster.urls + cluster.tls_urls:
+        ours |= ft.local_ports(pid, _port(url))
     result = cluster.ctl(node, "list_connections", "-q", "port", "ssl",
-                         "--formatter", "json")
+                         "peer_port", "--formatter", "json")
     assert result.returncode == 0, result.stderr
-    return sorted(c["port"] for c in json.loads(result.stdout) if c["ssl"])
+    return sorted(c["port"] for c in json.loads(result.stdout)
+                  if c["ssl"] and c["peer_port"] in ours)
 
 
+@NODE_3
 @pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
 def test_killing_the_leader_loses_no_confirmed_message(
         cluster, names, tmp_path, worker_procs, ft, tls):
-    _declare(cluster, names)
+    leader = _declare(cluster, names)
     try:
-        _run(cluster, names, tmp_path, worker_procs, ft, tls)
+        _run(cluster, names, leader, tmp_path, worker_procs, ft, tls)
     finally:
         _delete(cluster, names)
 
 
-def _run(cluster, names, tmp_path, worker_procs, ft, tls):
-    leader = cluster.leader(names)
+def _run(cluster, names, leader, tmp_path, worker_procs, ft, tls):
     others = [node for node in cluster.nodes if node != leader]
     worker_urls = _worker_urls(cluster, [leader] + others, tls)
     config = ft.worker_config(
@@ -227,24 +312,22 @@ def _run(cluster, names, tmp_path, worker_procs, ft, tls):
                       message="a third published")
         confirmed_at_kill = len(publisher.confirmed)
         killed = time.monotonic()
-        cluster.kill(leader)
-        time.sleep(5)
-        cluster.restart(leader)
-        restarted = time.monotonic()
-        publisher.join(300)
-        assert not publisher.is_alive(), "publisher still running"
-        assert publisher.error is None, repr(publisher.error)
-        ft.wait_until(lambda: _depth(cluster, names) == 0
-                      and (watch.samples[-1][1] if watch.samples else 0)
-                      >= len(set(publisher.confirmed)), 180, interval=0.2,
-                      message="every confirmed message acked")
+        with _killed(cluster, leader) as restart:
+            _through_the_kill(worker, publisher, confirmed_at_kill,
+                              restart, ft)
+            ft.wait_until(lambda: _depth(cluster, names) == 0
+                          and (watch.samples[-1][1] if watch.samples else 0)
+                          >= len(set(publisher.confirmed)), 180,
+                          interval=0.2,
+                          message="every confirmed message acked")
+        restarted = restart.done
     finally:
         watch.stop.set()
         watch.join(5)
     # where the worker consumes now, as it logged it and as the broker
     # lists its TLS connections (the publisher's are plain)
     consuming = re.findall(r"consuming from \S+ on (\S+)", worker.log)
-    tls_now = _tls_connections(cluster, others[0])
+    tls_now = _tls_connections(cluster, others[0], worker.pid, ft)
     worker.signal(15)
     assert worker.wait(60) == 0, worker.log_tail()
 
@@ -274,7 +357,7 @@ def _run(cluster, names, tmp_path, worker_procs, ft, tls):
     assert gap is not None, "no ack seen after the kill"
     assert len(consuming) >= 2, worker.log_tail()
     scheme = "amqps" if tls else "amqp"
-    assert consuming[0] == "%s://guest:**@127.0.0.1:%d//" % (
+    assert consuming[0] == "%s://guest:***@127.0.0.1:%d//" % (
         scheme, _port(worker_urls[0])), consuming
     assert consuming[-1].startswith(scheme + "://"), consuming
     assert _port(consuming[-1]) in {_port(u) for u in worker_urls[1:]}, \
@@ -293,6 +376,7 @@ def _run(cluster, names, tmp_path, worker_procs, ft, tls):
 STREAM = {"x-queue-type": "stream"}
 
 
+@NODE_3
 def test_a_stream_on_the_cluster_its_leader_killed_every_offset_once(
         cluster, names, tmp_path, worker_procs, ft):
     """A stream replicated on the three nodes, its leader's node killed
@@ -300,9 +384,8 @@ def test_a_stream_on_the_cluster_its_leader_killed_every_offset_once(
     last offset it wrote, so no offset is archived twice, and every
     confirmed message is archived (a publish the kill left unconfirmed is
     sent again: a second stream entry, archived as such)."""
-    _declare(cluster, names, STREAM)
+    leader = _declare(cluster, names, STREAM)
     try:
-        leader = cluster.leader(names)
         others = [node for node in cluster.nodes if node != leader]
         config = ft.worker_config(
             tmp_path, names, names, url=";".join(
@@ -322,17 +405,14 @@ def test_a_stream_on_the_cluster_its_leader_killed_every_offset_once(
         ft.wait_until(lambda: len(publisher.confirmed) >= COUNT * 0.3
                       or not publisher.is_alive(), 60,
                       message="a third published")
-        cluster.kill(leader)
-        time.sleep(5)
-        cluster.restart(leader)
-        publisher.join(300)
-        assert not publisher.is_alive(), "publisher still running"
-        assert publisher.error is None, repr(publisher.error)
-        time.sleep(2)
+        confirmed_at_kill = len(publisher.confirmed)
+        with _killed(cluster, leader) as restart:
+            _through_the_kill(worker, publisher, confirmed_at_kill,
+                              restart, ft)
         worker.signal(15)
         assert worker.wait(60) == 0, worker.log_tail()
         # what it had not read yet: a restart resumes after its last offset
-        rest = ft.run_worker(config, idle_exit=5, timeout=120)
+        rest = ft.run_worker(config, idle_exit=2, timeout=120)
         assert rest.returncode == 0, rest.log_tail()
     finally:
         _delete(cluster, names)

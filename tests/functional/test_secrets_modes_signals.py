@@ -170,7 +170,7 @@ def test_a_password_of_special_characters_archives_generates_and_replays(
     _not_on_the_command_line(["generate", "--config", config, "--count", 6,
                               "--seed", 2, "--exchange", names,
                               "--routing-key", names, "--rate", 20])
-    run = ft.run_worker(config, idle_exit=1.5, timeout=60)
+    run = ft.run_worker(config, timeout=60)
     assert run.returncode == 0, run.log_tail()
     records = ft.read_archives(tmp_path / "archive")
     assert len(records) == 12
@@ -181,7 +181,7 @@ def test_a_password_of_special_characters_archives_generates_and_replays(
             ["replay", *argv, "--exchange", names, "--routing-key", names,
              "--rate", 20, tmp_path / "archive"], env=environ)
         assert "12 published, 12 confirmed" in out, out
-    run = ft.run_worker(config, idle_exit=1.5, timeout=60)
+    run = ft.run_worker(config, timeout=60)
     assert run.returncode == 0, run.log_tail()
     assert len(ft.read_archives(tmp_path / "archive")) == 36
     # a wrong password of such characters: refused, in one line without it

@@ -5,6 +5,7 @@ Needs ST_AUTH, ST_USER and ST_KEY, e.g. from
 Without them the module is skipped, or fails when CI=true.
 """
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -286,6 +287,22 @@ def test_damaged_in_transit_is_refused(env, conn, container, tmp_path,
     assert head["x-object-meta-sha256"] == sha256_of(path)
 
 
+@contextlib.contextmanager
+def _debug_logs(caplog):
+    """Every DEBUG line captured, swiftclient's included: the CLI sets its
+    logger to WARNING, and a test run before in this process may have run
+    the CLI."""
+    with caplog.at_level(logging.DEBUG), \
+            caplog.at_level(logging.DEBUG, logger="swiftclient"):
+        yield
+
+
+def _swiftclient_logged(caplog):
+    """Did swiftclient log a request (so that what is not in the log was
+    looked for where it would be)?"""
+    return any(r.name.startswith("swiftclient") for r in caplog.records)
+
+
 def test_wrong_key(env, container, tmp_path, caplog):
     path = str(tmp_path / "a.events")
     write_archive(path, count=20)
@@ -294,7 +311,7 @@ def test_wrong_key(env, container, tmp_path, caplog):
                        retries="0")
     started = time.monotonic()
     try:
-        with caplog.at_level(logging.DEBUG), \
+        with _debug_logs(caplog), \
                 pytest.raises(exceptions.UploadError) as info:
             cb.on_close(path)
     finally:
@@ -303,6 +320,7 @@ def test_wrong_key(env, container, tmp_path, caplog):
     text = str(info.value)
     assert "401" in text and path in text and container in text
     assert "Zq9" not in text
+    assert _swiftclient_logged(caplog)
     assert "Zq9" not in caplog.text  # swiftclient's request log included
     assert md5_of(path) == before
 
@@ -314,7 +332,7 @@ def test_failed_request_logs_no_token(env, conn, container, tmp_path,
     _, token = conn.get_auth()  # the same user's token, while valid
     cb = make_callback(env, "x" * 300, retries="0")  # too long: 400
     try:
-        with caplog.at_level(logging.DEBUG), \
+        with _debug_logs(caplog), \
                 pytest.raises(exceptions.UploadError, match="400"):
             cb.on_close(path)
     finally:

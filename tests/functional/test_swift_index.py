@@ -92,7 +92,7 @@ def test_worker_ships_an_index_beside_each_archive(
             "delete_after": DELETE_AFTER, "retries": 0, "timeout": 20},
             "delete": {}})
 
-    proc = ft.run_worker(config, idle_exit=2, timeout=90)
+    proc = ft.run_worker(config, timeout=90)
 
     assert proc.returncode == 0, proc.log_tail()
     assert os.listdir(tmp_path / "archive") == [], proc.log_tail()

@@ -84,6 +84,7 @@ def slo_body(conn, container, name):
 
 # -- a segmented upload across an expiry --------------------------------------
 
+@pytest.mark.slow
 def test_slo_upload_spanning_a_token_expiry(ks, container, tmp_path,
                                             monkeypatch):
     """Segment 2 is sent with the token of segments 0-1 once it has
@@ -194,6 +195,7 @@ def objects_in_swift(conn, container, tmp_path):
     return ids, slos
 
 
+@pytest.mark.slow
 def test_worker_run_longer_than_a_token_ships_everything(
         ks, container, rabbit, names, ft, tmp_path):
     """Batches published over more than a token's lifetime, each archive
@@ -208,7 +210,7 @@ def test_worker_run_longer_than_a_token_ships_everything(
     span = ks.token_expiration * 1.3 + 5
     batches = 6
     gap = span / (batches - 1)
-    worker = _Worker(config, idle_exit=gap + 10)
+    worker = _Worker(config, idle_exit=gap + 5)
     published = []
     started = time.monotonic()
     for batch in range(batches):
@@ -338,7 +340,11 @@ def test_refused_credentials_are_one_permanent_line_and_consuming_goes_on(
         ft.wait_until(lambda: rabbit.depth(queue) == 0, 30,
                       message="an empty queue")
         metrics = scrape(port)
-        time.sleep(5)  # retried every retry_max = 2 s: still one line
+        # retried every retry_max = 2 s: two more attempts, still one line
+        failures = "shoebox_callback_permanent_failures_total{callback=swift}"
+        ft.wait_until(lambda: scrape(port).get(failures, 0)
+                      >= metrics[failures] + 2, 60,
+                      message="two more attempts")
     finally:
         code = worker.stop()
     log = worker.log

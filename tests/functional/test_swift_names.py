@@ -338,7 +338,7 @@ def test_poison_first_records_ship_and_idle_exit_exits(
         roll_options={"roll_count": 5},
         callbacks={"gzip": {}, "swift": swift_options(
             swift_env, container, object_prefix="%Y/"), "delete": {}})
-    proc = ft.run_worker(config, idle_exit=1.5, timeout=60)
+    proc = ft.run_worker(config, timeout=60)
     assert proc.returncode == 0, proc.log[-3000:]
     assert "Traceback" not in proc.log
     assert len(uploads(proc.log)) == len(POISONS)

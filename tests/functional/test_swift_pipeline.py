@@ -296,7 +296,7 @@ def test_pipeline_to_swift(rabbit, names, ft, swift_env, container, tmp_path,
     config = pipeline_config(ft, tmp_path, names, swift_env, container,
                              roll_count=1000)
 
-    proc = ft.run_worker(config, idle_exit=2, timeout=90)
+    proc = ft.run_worker(config, timeout=90)
 
     assert proc.returncode == 0, proc.log_tail()
     assert rabbit.depth(names) == 0
@@ -356,6 +356,7 @@ def test_swift_outage_blocks_nothing_loses_nothing(
     assert rabbit.depth(names) == 0
 
 
+@pytest.mark.slow
 def test_killed_during_upload_ships_once(
         rabbit, names, ft, private_swift, container, tmp_path, worker_procs,
         request):
@@ -405,7 +406,7 @@ def test_killed_during_upload_ships_once(
                                    1), worker.log_tail()
 
         # 3. a last restart ships everything, exactly once
-        last = ft.run_worker(config, idle_exit=2, timeout=90)
+        last = ft.run_worker(config, timeout=90)
         assert last.returncode == 0, last.log_tail()
         assert local_files(tmp_path) == [], last.log_tail()
         objects, ids, slos = check_swift(conn, container, tmp_path, ft)

@@ -132,7 +132,7 @@ def _killed_run(ft, rabbit, queue, env, container, directory):
                   message="the unacked messages back in the queue")
     # the same working directory and chain; an ack point every 0.2 s, so
     # that --idle-exit does not wait 30 s for the last one
-    again = ft.run_worker(config("restart.conf"), idle_exit=2, timeout=90)
+    again = ft.run_worker(config("restart.conf"), timeout=90)
     assert again.returncode == 0, again.log_tail()
     assert _archive_files(work) == [], again.log_tail()
     return published
@@ -147,7 +147,7 @@ def _second_run(ft, queue, env, container, directory):
         roll_checker="count", roll_options={"roll_count": ROLL},
         callbacks={"zstd": {}, "swift": _swift_options(env, container),
                    "delete": {}})
-    worker = ft.run_worker(config, idle_exit=2, timeout=90)
+    worker = ft.run_worker(config, timeout=90)
     assert worker.returncode == 0, worker.log_tail()
     assert _archive_files(directory / "archive") == [], worker.log_tail()
     return published
@@ -369,13 +369,17 @@ def test_export_is_read_by_duckdb_with_the_counts_of_a_local_read(
         sum(expected.values()), len(shipped["records"])))
     days = sorted({day for day, _ in expected})
     assert days == ["2024-03-08", "2024-03-09", "2024-03-10", "2024-03-11"]
-    assert sorted(os.listdir(out_dir)) == ["date=" + d for d in days]
+    (run,) = os.listdir(out_dir)  # one run, nothing hidden left
+    assert run.startswith("run=")
+    assert sorted(os.listdir(out_dir / run)) == ["date=" + d for d in days]
     if fmt == "jsonl":
-        source = ("read_json('%s/*/*.jsonl.gz', hive_partitioning = true, "
-                  "union_by_name = true)" % out_dir)
+        source = ("read_json('%s/run=*/date=*/*.jsonl.gz', "
+                  "hive_partitioning = true, union_by_name = true)"
+                  % out_dir)
     else:
-        source = ("read_parquet('%s/*/*.parquet', hive_partitioning = "
-                  "true, union_by_name = true)" % out_dir)
+        source = ("read_parquet('%s/run=*/date=*/*.parquet', "
+                  "hive_partitioning = true, union_by_name = true)"
+                  % out_dir)
     got = duckdb.sql("SELECT date, event_type, count(*) FROM %s GROUP BY "
                      "ALL" % source).fetchall()
     assert {(str(d), e): c for d, e, c in got} == dict(expected)

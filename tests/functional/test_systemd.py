@@ -118,6 +118,16 @@ def test_the_unit_says_what_the_worker_needs():
     assert service["ProtectSystem"] == "strict"
     assert service["NoNewPrivileges"] == "yes"
     assert service["PrivateTmp"] == "yes"
+    # secrets the systemd way: an optional environment file (root's), and
+    # credentials for ${credential:NAME}, each optional in the credstore
+    assert service["EnvironmentFile"] == "-/etc/shoebox-worker/env"
+    credentials = [line.split("=", 1)[1] for line in
+                   UNIT.read_text().splitlines()
+                   if line.startswith("LoadCredential=")]
+    assert credentials == ["%s:shoebox-worker.%s" % (name, name) for name in
+                           ("rabbit-password", "swift-key", "os-password")]
+    # a log file may go where logrotate finds it
+    assert service["LogsDirectory"] == "shoebox-worker"
 
 
 # -- the notify protocol ------------------------------------------------------

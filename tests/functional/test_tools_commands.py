@@ -1,7 +1,8 @@
 """The operator tools as a user runs them: the venv's ``shoebox-worker``
 as a subprocess, on real files, against the real RabbitMQ (127.0.0.1:5672,
 guest/guest) for ``replay``, ``generate`` and the metrics endpoint; the
-example plugin pip-installed into the venv.
+example plugin installed as a third party would (conftest's
+``example_plugin``).
 
 Without RabbitMQ the broker tests skip, or fail when CI=true.
 """
@@ -34,8 +35,6 @@ pytestmark = pytest.mark.functional
 
 WORKER = os.path.join(os.path.dirname(sys.executable), "shoebox-worker")
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
-EXAMPLE_PLUGIN = os.path.join(os.path.dirname(__file__), os.pardir,
-                              os.pardir, "examples", "shoebox-example-plugin")
 STANDARD = ("event_type", "message_id", "timestamp", "publisher_id",
             "priority")
 
@@ -233,16 +232,18 @@ class TestVerify:
 
 # -- replay and generate -----------------------------------------------------
 
-def broker_config(ft, tmp_path, queue, exchange, url=AMQP_URL):
+def broker_config(ft, tmp_path, queue, exchange, url=AMQP_URL,
+                  durable=False):
     return ft.worker_config(tmp_path, queue, exchange, url=url,
                             routing_key="notifications.info",
-                            roll_checker="count",
+                            durable=durable, roll_checker="count",
                             roll_options={"roll_count": 100})
 
 
 class TestReplay:
+    @pytest.mark.both_brokers
     def test_worker_archives_replayed_payloads_identically(
-            self, tmp_path, rabbit, names, ft):
+            self, tmp_path, rabbit, broker, names, ft):
         source = tmp_path / "source"
         source.mkdir()
         expected = write_notifications(source / "a.events", 150, seed=11,
@@ -255,8 +256,9 @@ class TestReplay:
         os.utime(source / "a.events", ns=(0, 10**9))
 
         queue = exchange = names
-        rabbit.declare(queue, exchange, "notifications.info")
-        config = broker_config(ft, tmp_path, queue, exchange)
+        rabbit.declare(queue, exchange, "notifications.info", durable=True)
+        config = broker_config(ft, tmp_path, queue, exchange,
+                               url=broker.url, durable=True)
         result = sh("replay", "--config", config, "--exchange", exchange,
                     "--routing-key", "notifications.info", source)
         assert result.returncode == 0, result.stderr
@@ -266,7 +268,7 @@ class TestReplay:
             % exchange)
         assert rabbit.depth(queue) == 248
 
-        worker = ft.run_worker(config, idle_exit=1.5)
+        worker = ft.run_worker(config)
         assert worker.returncode == 0, worker.log_tail()
         records = ft.read_archives(tmp_path / "archive")
         assert [r.payload for r in records] == expected
@@ -366,16 +368,19 @@ class TestReplay:
 
 
 class TestGenerate:
-    def test_publishes_into_the_queue(self, rabbit, names):
+    @pytest.mark.both_brokers
+    def test_publishes_into_the_queue(self, rabbit, broker, names):
+        # --durable: RabbitMQ 4.3 refuses a transient queue
         rabbit.track_queue(names)
         rabbit.track_exchange(names)
-        result = sh("generate", "--url", AMQP_URL, "--count", 120,
-                    "--exchange", names, "--queue", names, "--seed", 5)
+        result = sh("generate", "--url", broker.url, "--count", 120,
+                    "--exchange", names, "--queue", names, "--seed", 5,
+                    "--durable")
         assert result.returncode == 0, result.stderr
         assert result.stdout.decode().strip() == (
             "published 120 notifications to exchange %s with routing key "
-            "notifications.info on amqp://guest:***@127.0.0.1:5672//: "
-            "120 confirmed" % names)
+            "notifications.info on amqp://guest:***@127.0.0.1:%d//: "
+            "120 confirmed" % (names, broker.port))
         assert result.stderr == b""  # no progress bar without a terminal
         channel = rabbit.channel()
         ids = []
@@ -384,6 +389,15 @@ class TestGenerate:
             ids.append(json.loads(outer["oslo.message"])["message_id"])
         assert ids == [n["message_id"] for n in
                        simulator.notifications(120, seed=5)]
+
+    @pytest.mark.parametrize("broker", ["rabbitmq4"], indirect=True)
+    def test_a_transient_queue_refused_by_rabbitmq_4_says_durable(
+            self, rabbit, broker, names):
+        rabbit.track_exchange(names)
+        err = one_line_error(sh("generate", "--url", broker.url, "--count",
+                                1, "--exchange", names, "--queue", names))
+        assert "deprecated feature, transient_nonexcl_queues" in err, err
+        assert "give --durable" in err, err
 
     def test_errors(self, rabbit, names):
         started = time.monotonic()
@@ -415,7 +429,7 @@ class TestGenerate:
         assert "NOT_ALLOWED" in err and "retrying will not help" in err
 
         err = one_line_error(sh("generate", "--url", AMQP_URL, "--count",
-                                -1))
+                                -1), code=2)  # a usage mistake
         assert "--count" in err
 
 
@@ -643,29 +657,6 @@ def _port_free(port):
 
 # -- the example plugin ------------------------------------------------------
 
-@pytest.fixture
-def example_plugin(tmp_path):
-    """pip-install examples/shoebox-example-plugin into the venv (from a
-    copy, so the source tree stays clean); uninstall it afterwards."""
-    source = tmp_path / "plugin-src"
-    shutil.copytree(EXAMPLE_PLUGIN, source)
-    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    try:
-        import wheel  # noqa: F401 - needed to build without isolation
-        isolation = ["--no-build-isolation"]
-    except ImportError:
-        isolation = []
-    installed = subprocess.run([*pip, "install", "--no-deps", *isolation,
-                                str(source)], capture_output=True, text=True,
-                               timeout=300)
-    if installed.returncode != 0:
-        pytest.fail("pip install of the example plugin failed:\n%s"
-                    % installed.stderr)
-    yield
-    subprocess.run([*pip, "uninstall", "-y", "shoebox-example-plugin"],
-                   capture_output=True, timeout=120)
-
-
 def test_example_plugin_selected_by_name(tmp_path, rabbit, names, ft,
                                          example_plugin):
     import hashlib
@@ -675,11 +666,11 @@ def test_example_plugin_selected_by_name(tmp_path, rabbit, names, ft,
         tmp_path, names, names, routing_key="notifications.info",
         roll_checker="count", roll_options={"roll_count": 40},
         callbacks={"gzip": {}, "sha256": {}})
-    check = sh("check-config", "--config", config)
+    check = sh("check-config", "--config", config, env=example_plugin)
     assert check.returncode == 0, check.stderr
 
     ft.publish(AMQP_URL, 100, names, "notifications.info", seed=31)
-    worker = ft.run_worker(config, idle_exit=1.5)
+    worker = ft.run_worker(config, env=example_plugin)
     assert worker.returncode == 0, worker.log_tail()
     directory = tmp_path / "archive"
     archives = sorted(n for n in os.listdir(directory)
@@ -694,7 +685,8 @@ def test_example_plugin_selected_by_name(tmp_path, rabbit, names, ft,
     bad.write_text(open(config).read().replace("[callback:sha256]\n",
                                                "[callback:sha256]\nsufix = "
                                                ".x\n"))
-    err = one_line_error(sh("check-config", "--config", bad), code=2)
+    err = one_line_error(sh("check-config", "--config", bad,
+                            env=example_plugin), code=2)
     assert "sufix" in err and "suffix" in err
 
 

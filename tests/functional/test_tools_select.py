@@ -68,7 +68,7 @@ def archive_by_worker(ft, rabbit, names, tmp_path, callbacks=None):
                               roll_checker="count",
                               roll_options={"roll_count": ROLL},
                               callbacks=callbacks or {"gzip": {}})
-    worker = ft.run_worker(config, idle_exit=1.5)
+    worker = ft.run_worker(config)
     assert worker.returncode == 0, worker.log_tail()
     return config
 

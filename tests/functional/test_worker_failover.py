@@ -18,10 +18,10 @@ pytestmark = pytest.mark.functional
 ROUTING_KEY = "notifications.info"
 
 
-def _counts(ft, queue):
+def _counts(broker, queue):
     """``(ready, unacked)`` of ``queue``, asked of the broker."""
-    out = ft.rabbitmqctl("list_queues", "-q", "--no-table-headers", "name",
-                         "messages_ready", "messages_unacknowledged")
+    out = broker.ctl("list_queues", "-q", "--no-table-headers", "name",
+                     "messages_ready", "messages_unacknowledged")
     for line in out.stdout.splitlines():
         fields = line.split()
         if fields and fields[0] == queue:
@@ -92,26 +92,29 @@ class Proxy:
             sock.close()
 
 
-def test_fails_over_to_the_next_url_and_loses_nothing(rabbit, names,
+@pytest.mark.both_brokers
+def test_fails_over_to_the_next_url_and_loses_nothing(rabbit, broker, names,
                                                       tmp_path, ft,
                                                       worker_procs):
-    rabbit.declare(names, names, ROUTING_KEY)
-    proxy = Proxy()
+    rabbit.declare(names, names, ROUTING_KEY, durable=True)
+    proxy = Proxy(target=("127.0.0.1", broker.port))
     try:
         urls = "amqp://guest:guest@127.0.0.1:%d//;%s" % (proxy.port,
-                                                         ft.AMQP_URL)
-        before = ft.publish(ft.AMQP_URL, 300, names, ROUTING_KEY, seed=11)
+                                                         broker.url)
+        before = ft.publish(broker.url, 300, names, ROUTING_KEY, seed=11,
+                            durable=True)
         # acks wait for 200 records or 30 s: at the cut, the worker holds
         # delivered messages it has not acked
         config = ft.worker_config(
             tmp_path, names, names, url=urls, routing_key=ROUTING_KEY,
-            roll_checker="count", roll_options={"roll_count": 1000},
+            durable=True, roll_checker="count",
+            roll_options={"roll_count": 1000},
             broker={"prefetch_count": 400, "heartbeat": 2,
                     "connect_timeout": 2},
             archive_options={"fsync_every": 200, "fsync_interval": 30},
             worker={"stats_interval": 0})
         worker = worker_procs(config, idle_exit=3)
-        ft.wait_until(lambda: _counts(ft, names) == (0, 100), 30,
+        ft.wait_until(lambda: _counts(broker, names) == (0, 100), 30,
                       interval=0.3, message="200 acked, 100 delivered")
         # consuming through the proxy, the first URL
         assert proxy.accepted >= 1
@@ -119,12 +122,14 @@ def test_fails_over_to_the_next_url_and_loses_nothing(rabbit, names,
             r"consuming from %s on \S+:%d/" % (names, proxy.port), 5), \
             worker.log_tail()
         proxy.cut()
-        after = ft.publish(ft.AMQP_URL, 100, names, ROUTING_KEY, seed=12)
+        after = ft.publish(broker.url, 100, names, ROUTING_KEY, seed=12,
+                           durable=True)
         code = worker.wait(45)
         log = worker.log
         assert code == 0, worker.log_tail()
         # and then through the second
-        assert ":5672/" in log.split("consuming from")[-1], worker.log_tail()
+        assert ":%d/" % broker.port in log.split("consuming from")[-1], \
+            worker.log_tail()
         assert rabbit.depth(names) == 0
         records = ft.read_archives(tmp_path / "archive")
         ids = [r.metadata["message_id"] for r in records]

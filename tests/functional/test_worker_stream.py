@@ -18,7 +18,9 @@ import collections
 import concurrent.futures
 import datetime
 import gzip
+import hashlib
 import io
+import json
 import os
 import pathlib
 import random
@@ -35,6 +37,7 @@ import pytest
 import swiftclient.client as swc
 
 from shoebox_worker import archive
+from shoebox_worker.consume import broker as broker_mod
 from shoebox_worker.consume import stream as stream_mod
 from shoebox_worker.tools import publish as publish_mod
 from shoebox_worker.tools import simulator
@@ -66,9 +69,11 @@ def stream_arguments(**arguments):
         "x-queue-type": "stream", "x-max-age": "1h", **arguments}.items())
 
 
-def publish(ft, exchange, count, seed):
-    """Publish ``count`` notifications (confirmed); their message_ids."""
-    outcome = publish_mod.publish(ft.AMQP_URL, count, exchange=exchange,
+def publish(ft, exchange, count, seed, url=None):
+    """Publish ``count`` notifications (confirmed, to the machine's
+    RabbitMQ unless ``url``); their message_ids."""
+    outcome = publish_mod.publish(url or ft.AMQP_URL, count,
+                                  exchange=exchange,
                                   routing_key="notifications.info",
                                   durable=True, seed=seed)
     assert outcome.confirmed == count, outcome
@@ -78,9 +83,11 @@ def publish(ft, exchange, count, seed):
 
 def stream_config(ft, tmp_path, queue, exchange, *, name="worker.conf",
                   work="archive", callbacks=None, consumer=None,
-                  roll_count=300, worker=None, archive_options=None):
+                  roll_count=300, worker=None, archive_options=None,
+                  url=None):
     return ft.worker_config(
-        tmp_path, queue, exchange, routing_key="notifications.*",
+        tmp_path, queue, exchange, url=url or ft.AMQP_URL,
+        routing_key="notifications.*",
         durable=True, roll_checker="count",
         roll_options={"roll_count": roll_count}, callbacks=callbacks,
         consumer_options={"exchange_durable": True,
@@ -225,15 +232,17 @@ def test_streams_killed_past_a_segment_start_every_message_once(
     assert "lack offset" not in open(log).read() + last.log
 
 
+@pytest.mark.both_brokers
 def test_streams_a_second_worker_gets_the_whole_stream_too(
-        rabbit, names, ft, tmp_path, worker_procs):
+        rabbit, broker, names, ft, tmp_path, worker_procs):
     queue, exchange = declare_stream(rabbit, names)
-    first = publish(ft, exchange, 1500, seed=11)
+    first = publish(ft, exchange, 1500, seed=11, url=broker.url)
     configs = [stream_config(ft, tmp_path, queue, exchange, work=work,
-                             name=work + ".conf")
+                             name=work + ".conf", url=broker.url)
                for work in ("one", "two")]
     procs = [worker_procs(config, idle_exit=3) for config in configs]
-    second = publish(ft, exchange, 1500, seed=12)  # while both consume
+    second = publish(ft, exchange, 1500, seed=12,
+                     url=broker.url)  # while both consume
     for proc in procs:
         assert proc.wait(120) == 0, proc.log_tail()
     for work in ("one", "two"):
@@ -253,11 +262,13 @@ def test_streams_stream_offset_by_time_starts_where_asked(
     before = publish(ft, exchange, 500, seed=21)
     # a stream's chunks carry the time they were written (ms) and the
     # broker starts at the first chunk at or after the time asked (in
-    # seconds): a clear gap on both sides
-    time.sleep(2.5)
+    # seconds): the next whole second, which the first batch (confirmed,
+    # so written) is before, and the second batch is published after
     start = datetime.datetime.now(datetime.timezone.utc).replace(
         microsecond=0) + datetime.timedelta(seconds=1)
-    time.sleep(2.5)
+    ft.wait_until(lambda: datetime.datetime.now(datetime.timezone.utc)
+                  >= start + datetime.timedelta(milliseconds=50), 5,
+                  message="the clock past %s" % start)
     after = publish(ft, exchange, 500, seed=22)
     config = stream_config(ft, tmp_path, queue, exchange, consumer={
         "stream_offset": start.isoformat().replace("+00:00", "Z")})
@@ -453,6 +464,7 @@ def check_point(point, conn, container):
     assert "Traceback" not in log, where
 
 
+@pytest.mark.slow
 def test_streams_killed_at_every_rename_unlink_and_fsync(
         strace, rabbit, names, ft, tmp_path, swift_env):
     container = "shoebox-stream-crash-%s" % names[-8:]
@@ -557,3 +569,196 @@ def test_streams_writes_refused_by_the_disk_lose_and_repeat_nothing(
     finally:
         ft.delete_swift_container(conn, container)
         conn.close()
+
+
+# -- a stream declared again, an offset file from another time ---------------
+
+def delete_queue(rabbit, queue):
+    channel = rabbit.channel()
+    try:
+        channel.queue_delete(queue)
+    finally:
+        channel.close()
+
+
+def saved_file(directory, queue):
+    """The offset file's JSON."""
+    with open(stream_mod.offset_path(str(directory), queue)) as f:
+        return json.load(f)
+
+
+def other_stream_lines(log):
+    return [line for line in log.splitlines()
+            if "not the stream archived before" in line]
+
+
+@pytest.mark.both_brokers
+@pytest.mark.parametrize("again", [3, 20], ids=["shorter", "longer"])
+def test_streams_declared_again_every_message_of_the_new_one_once(
+        rabbit, broker, names, ft, tmp_path, again):
+    """A stream deleted and declared again between two runs starts again
+    at offset 0: the second run must archive all of it, once, and say in
+    one line that the offset file named another stream; a new stream
+    shorter than the saved offset (3: nothing at offset 4) or longer
+    (20: another message at offset 4)."""
+    queue, exchange = declare_stream(rabbit, names)
+    config = stream_config(ft, tmp_path, queue, exchange, url=broker.url)
+    work = tmp_path / "archive"
+    old = publish(ft, exchange, 5, seed=61, url=broker.url)
+    run_until_idle(ft, config)
+    assert set(local_ids(ft, work)) == set(old)
+    before = saved_file(work, queue)
+    delete_queue(rabbit, queue)
+    declare_stream(rabbit, names)
+    new = publish(ft, exchange, again, seed=62, url=broker.url)
+    proc = run_until_idle(ft, config)
+    ids = local_ids(ft, work)
+    assert set(ids) == set(old) | set(new), proc.log_tail()
+    assert set(ids.values()) == {1}, proc.log_tail()
+    lines = other_stream_lines(proc.log)
+    assert len(lines) == 1 and "ERROR" in lines[0], proc.log_tail()
+    # both identities: the file's (offset 4 and its message's digest), and
+    # what the new stream holds there
+    assert "sha256 %s" % before["identity"]["sha256"][:16] in lines[0]
+    holds = lines[0].split("; the stream holds ")[1].split(":")[0]
+    if again < 5:
+        assert holds == "nothing at or after offset 4", lines[0]
+    else:
+        assert holds.startswith("sha256 ") and holds.endswith(
+            " at offset 4"), lines[0]
+        assert before["identity"]["sha256"][:16] not in holds
+    after = saved_file(work, queue)
+    assert after["offset"] == again - 1
+    assert after["identity"]["offset"] == again - 1
+    assert after["identity"]["sha256"] != before["identity"]["sha256"]
+
+
+@pytest.mark.parametrize("identity", [True, False],
+                         ids=["with-identity", "without-identity"])
+def test_streams_an_offset_file_past_the_streams_end(rabbit, names, ft,
+                                                     tmp_path, identity):
+    """A working directory restored from another time (or another
+    stream's file): its offset file says 1000 where the stream holds
+    0-9. Every message is archived once and one line says so; an old
+    file (no identity) is checked the same way, by the offset alone."""
+    queue, exchange = declare_stream(rabbit, names)
+    published = publish(ft, exchange, 10, seed=63)
+    config = stream_config(ft, tmp_path, queue, exchange)
+    work = tmp_path / "archive"
+    work.mkdir()
+    data = {"queue": queue, "offset": 1000}
+    if identity:
+        data["identity"] = {"offset": 1000, "sha256": "ab" * 32}
+    with open(stream_mod.offset_path(str(work), queue), "w") as f:
+        json.dump(data, f)
+    proc = run_until_idle(ft, config)
+    ids = local_ids(ft, work)
+    assert set(ids) == set(published), proc.log_tail()
+    assert set(ids.values()) == {1}
+    lines = other_stream_lines(proc.log)
+    assert len(lines) == 1 and "ERROR" in lines[0], proc.log_tail()
+    assert ("sha256 abababababababab" if identity else
+            "offset 1000 (no sha256 saved)") in lines[0]
+    assert "nothing at or after offset 1000" in lines[0]
+    assert saved_file(work, queue)["offset"] == 9
+
+
+def test_streams_an_older_offset_file_archives_again_loses_nothing(
+        rabbit, names, ft, tmp_path):
+    """An offset file restored from an earlier backup of the same stream:
+    its identity holds, the worker resumes after it, and what was archived
+    since is archived again (twice, none lost), without a warning."""
+    queue, exchange = declare_stream(rabbit, names)
+    config = stream_config(ft, tmp_path, queue, exchange)
+    work = tmp_path / "archive"
+    first = publish(ft, exchange, 5, seed=64)
+    run_until_idle(ft, config)
+    path = stream_mod.offset_path(str(work), queue)
+    backup = open(path).read()
+    second = publish(ft, exchange, 5, seed=65)
+    run_until_idle(ft, config)
+    with open(path, "w") as f:
+        f.write(backup)
+    proc = run_until_idle(ft, config)
+    ids = local_ids(ft, work)
+    assert {i: ids[i] for i in first} == dict.fromkeys(first, 1)
+    assert {i: ids[i] for i in second} == dict.fromkeys(second, 2)
+    assert "resuming after offset 4 (saved)" in proc.log
+    assert not other_stream_lines(proc.log)
+    assert "WARNING" not in proc.log and "ERROR" not in proc.log
+    assert saved_file(work, queue)["offset"] == 9
+
+
+def test_streams_an_old_offset_file_without_identity_gets_one(
+        rabbit, names, ft, tmp_path):
+    """An offset file of an earlier version (offset only) is read: the
+    stream holds its offset, so the worker resumes after it and records
+    the identity at its next save."""
+    queue, exchange = declare_stream(rabbit, names)
+    published = publish(ft, exchange, 10, seed=66)
+    config = stream_config(ft, tmp_path, queue, exchange)
+    work = tmp_path / "archive"
+    work.mkdir()
+    with open(stream_mod.offset_path(str(work), queue), "w") as f:
+        json.dump({"queue": queue, "offset": 4}, f)
+    proc = run_until_idle(ft, config)
+    ids = local_ids(ft, work)
+    assert set(ids) == set(published[5:]), proc.log_tail()
+    assert not other_stream_lines(proc.log)
+    saved = saved_file(work, queue)
+    assert saved["offset"] == 9 and saved["identity"]["offset"] == 9
+    assert len(saved["identity"]["sha256"]) == 64
+
+
+@pytest.mark.both_brokers
+def test_streams_first_delivery_what_the_check_reads(rabbit, broker, names):
+    """The check before a subscription, on the real broker: the message at
+    an offset the stream holds (its body's SHA-256), nothing past its end
+    (within half the connection's heartbeat: the broker's heartbeats on
+    the check's own connection must not keep it reading)."""
+    queue = rabbit.track_queue(names + "-probe")
+    channel = rabbit.channel()
+    try:
+        kombu.Queue(queue, durable=True, queue_arguments={
+            "x-queue-type": "stream"})(channel).declare()
+        producer = kombu.Producer(channel)
+        for n in range(5):
+            producer.publish(b"body %d" % n, routing_key=queue,
+                             serializer=None, delivery_mode=2)
+    finally:
+        channel.close()
+    with broker_mod.Connection(broker.url, heartbeat=2) as conn:
+        started = time.monotonic()
+        found = stream_mod.first_delivery(conn, queue, 3)
+        assert found == stream_mod.Identity(
+            3, hashlib.sha256(b"body 3").hexdigest())
+        assert time.monotonic() - started < 1
+        started = time.monotonic()
+        assert stream_mod.first_delivery(conn, queue, 1000) is None
+        assert 1 <= time.monotonic() - started < 1.9
+
+
+def test_streams_declared_again_while_the_worker_reads_it(
+        rabbit, names, ft, tmp_path, worker_procs):
+    """Deleted and declared again under a running worker: the broker
+    cancels its subscription, the worker subscribes again, and the check
+    finds the new stream: every message of both archived once."""
+    queue, exchange = declare_stream(rabbit, names)
+    config = stream_config(ft, tmp_path, queue, exchange)
+    work = tmp_path / "archive"
+    old = publish(ft, exchange, 5, seed=67)
+    proc = worker_procs(config)
+    ft.wait_until(lambda: saved_offset(work, queue) == 4, 30,
+                  message="the old stream archived")
+    delete_queue(rabbit, queue)
+    declare_stream(rabbit, names)
+    new = publish(ft, exchange, 8, seed=68)
+    ft.wait_until(lambda: set(local_ids(ft, work)) >= set(new), 60,
+                  message="the new stream archived")
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(60) == 0, proc.log_tail()
+    ids = local_ids(ft, work)
+    assert set(ids) == set(old) | set(new), proc.log_tail()
+    assert set(ids.values()) == {1}, proc.log_tail()
+    assert len(other_stream_lines(proc.log)) == 1, proc.log_tail()
+    assert saved_offset(work, queue) == 7

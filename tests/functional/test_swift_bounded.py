@@ -1,0 +1,152 @@
+"""A pruned read of the real Swift stays bounded in memory beside large
+index bundles, with its listing read page by page.
+
+Three archives written and uploaded as the worker does (each with its
+``<object>.index``), and two index bundles of 4 MiB: one holding the three
+archives' real indexes, both filled with the indexes of archives no longer
+listed (as an old bundle keeps expired ones). ``cat --where`` runs in this
+process under :mod:`tracemalloc`, with small ``sources.LIST_PAGE`` and
+``sources.BUNDLE_MEMORY``, so that the bounds show at this size (the
+full-size measurement, eight bundles of 32 MiB beside 1,000 archives, is
+bench/select_memory.py).
+
+Needs ST_AUTH, ST_USER and ST_KEY; skipped without them, or failing when
+CI=true.
+"""
+
+import os
+import tracemalloc
+import uuid
+
+import orjson
+import pytest
+from swiftclient import client as swc
+
+from shoebox_worker import cli
+from shoebox_worker import index
+from shoebox_worker.ship import swift as swift_step
+from shoebox_worker.tools import simulator
+from shoebox_worker.tools import sources
+
+pytestmark = pytest.mark.functional
+
+ARCHIVES = 3
+RECORDS = 30
+#: Bytes of each bundle (mostly the indexes of archives gone).
+BUNDLE_BYTES = 4 << 20
+GONE_ENTRY = 64 << 10
+
+
+@pytest.fixture(scope="module")
+def bundled(ft, swift_env, tmp_path_factory):
+    """The container, the local archives' folder, and an instance id
+    found in one archive."""
+    container = "shoebox-bounded-%s" % uuid.uuid4().hex[:12]
+    directory = tmp_path_factory.mktemp("bounded")
+    notes = simulator.notifications(ARCHIVES * RECORDS, seed=13)
+    step = swift_step.SwiftUploadCallback(
+        auth=swift_env["ST_AUTH"], user=swift_env["ST_USER"],
+        key=swift_env["ST_KEY"], container=container)
+    conn = swc.Connection(authurl=swift_env["ST_AUTH"],
+                          user=swift_env["ST_USER"], key=swift_env["ST_KEY"],
+                          auth_version="1", retries=2, timeout=30)
+    try:
+        real, ids = [], []
+        for n in range(ARCHIVES):
+            chunk = [next(notes) for _ in range(RECORDS)]
+            path, report = ft.write_archive(chunk, directory,
+                                            "m_%02d.events" % n)
+            step.on_close(path, report=report)
+            ids.append({(note.get("payload") or {}).get("instance_id")
+                        for note in chunk})
+            with open(index.sidecar(path), "rb") as f:
+                real.append([os.path.basename(path), None, f.read()])
+        hashes = {e["name"]: e["hash"]
+                  for e in ft.swift_archives(conn, container)}
+        for entry in real:
+            entry[1] = hashes[entry[0]]
+        for number in range(2):
+            entries = [tuple(e) for e in real] if number == 0 else []
+            entries += [("gone/%d/%04d" % (number, n), "e%d" % n,
+                         b"x" * GONE_ENTRY)
+                        for n in range(BUNDLE_BYTES // GONE_ENTRY)]
+            conn.put_object(container, "b%d/%s" % (number,
+                                                   index.BUNDLE_SUFFIX),
+                            index.build_bundle(entries))
+        only = ids[1] - ids[0] - ids[2] - {None}
+        yield {"container": container, "directory": str(directory),
+               "iid": sorted(only)[0]}
+    finally:
+        step.close()
+        ft.delete_swift_container(conn, container)
+        conn.close()
+
+
+@pytest.fixture
+def pages(monkeypatch):
+    """The ``limit`` of every listing request the tools send (None: the
+    whole listing in one call, swiftclient's ``full_listing``)."""
+    asked = []
+    real = swift_step._Connection.get_container
+
+    def get_container(self, container, *args, **kwargs):
+        asked.append(None if kwargs.get("full_listing")
+                     else kwargs.get("limit"))
+        return real(self, container, *args, **kwargs)
+
+    monkeypatch.setattr(swift_step._Connection, "get_container",
+                        get_container)
+    return asked
+
+
+def _cat(argv, capsysbinary):
+    capsysbinary.readouterr()
+    code = cli.main(["cat"] + argv)
+    out, err = capsysbinary.readouterr()
+    return code, sorted(out.splitlines()), err.decode()
+
+
+def _where(bundled):
+    return ["--where", "payload.instance_id=" + bundled["iid"]]
+
+
+def test_a_pruned_read_holds_neither_the_bundles_nor_the_listing(
+        bundled, pages, monkeypatch, capsysbinary):
+    spec = "swift://" + bundled["container"]
+    code, expected, _ = _cat(_where(bundled) + [bundled["directory"]],
+                             capsysbinary)
+    assert code == 0 and expected
+    assert all(orjson.loads(line)["payload"]["instance_id"] ==
+               bundled["iid"] for line in expected)
+    _cat(_where(bundled) + [spec], capsysbinary)  # imports, connections
+    monkeypatch.setattr(sources, "LIST_PAGE", 2, raising=False)
+    del pages[:]
+    tracemalloc.start()
+    try:
+        code, lines, err = _cat(_where(bundled) + [spec], capsysbinary)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert (code, lines, err) == (0, expected, "")
+    # the two bundles are 8 MiB: none of them held (the readers' own
+    # buffers take about 4 MiB, whatever the objects)
+    assert peak < 6 << 20, peak
+    # 3 archives, 3 indexes, 2 bundles: 4 pages of 2, then an empty one
+    assert pages == [2] * 5
+
+
+def test_past_the_cap_the_archives_own_indexes_are_read(
+        bundled, swift_gets, monkeypatch, capsysbinary):
+    monkeypatch.setattr(sources, "BUNDLE_MEMORY", 0, raising=False)
+    code, expected, _ = _cat(_where(bundled) + [bundled["directory"]],
+                             capsysbinary)
+    code, lines, err = _cat(_where(bundled) + ["swift://" +
+                                               bundled["container"]],
+                            capsysbinary)
+    assert (code, lines) == (0, expected)
+    assert err.splitlines() == [
+        "shoebox-worker: warning: swift://%s: the bundled indexes of %d "
+        "archives left out (more than 0 bytes of them in all); reading "
+        "their own indexes instead" % (bundled["container"], ARCHIVES)]
+    gotten = {obj for _, obj in swift_gets}
+    assert {"m_%02d.events.gz.index" % n for n in range(ARCHIVES)} <= gotten
