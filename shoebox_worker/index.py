@@ -78,6 +78,7 @@ bundles")::
 """
 
 import hashlib
+import json
 import logging
 import os
 import struct
@@ -101,6 +102,8 @@ __all__ = [
     "bundle_size_limit",
     "lookup",
     "looks_like_index",
+    "notification_of",
+    "payload_values",
     "read_file",
     "sidecar",
     "size_limit",
@@ -168,6 +171,7 @@ _FIELD = struct.Struct("<IBI")
 _U8 = struct.Struct("<B")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
+_oslo_form = timestamps.OSLO_FORM.fullmatch
 
 
 #: Bytes of an index that tell how long it may be (:func:`size_limit`).
@@ -279,9 +283,42 @@ def plain_text(raw):
     return raw
 
 
+def notification_of(payload):
+    """The one reading of a record's payload as a notification: its JSON
+    object, or None when it is not one. The writer indexes what this
+    reads (:class:`Reader`, :func:`payload_values`) and ``--where``
+    matches it (:mod:`shoebox_worker.tools.select`), so that an index
+    never leaves out a record that ``--where`` selects.
+
+    One parser, one fallback: orjson; for what orjson refuses, ``json``
+    (a lone surrogate escape, a number past a double's range), without
+    ``NaN``/``Infinity``. A key repeated in one object gives its last
+    value with both.
+
+    :param payload: bytes (or str).
+    """
+    try:
+        note = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        try:
+            text = payload if isinstance(payload, str) else \
+                bytes(payload).decode("utf-8")
+            note = json.loads(text, parse_constant=_no_constant)
+        except (ValueError, RecursionError):
+            return None
+    return note if note.__class__ is dict else None
+
+
+def _no_constant(name):
+    raise ValueError("%s is not JSON" % name)
+
+
 def value_text(value):
-    """How a JSON value is indexed and looked up: a string as it is, None
-    as None (nothing indexed), anything else as its JSON text."""
+    """How a JSON value is indexed and matched: a string as it is, None as
+    None (nothing indexed, nothing matched), anything else as its compact
+    JSON text (orjson's; ``json``'s for what orjson cannot write: an
+    integer past 64 bits, a value nested deeper than it goes; None when
+    neither can)."""
     if value is None or isinstance(value, str):
         return value
     if hasattr(value, "as_dict"):  # simdjson's lazy object
@@ -290,8 +327,12 @@ def value_text(value):
         value = value.as_list()
     try:
         return orjson.dumps(value).decode("utf-8")
-    except orjson.JSONEncodeError:  # nested deeper than orjson writes
-        return None
+    except TypeError:  # orjson.JSONEncodeError is one
+        try:
+            return json.dumps(value, separators=(",", ":"),
+                              ensure_ascii=False)
+        except (ValueError, RecursionError):
+            return None
 
 
 def compile_fields(fields):
@@ -311,6 +352,16 @@ def values_of(notification, compiled, mappings=(dict,)):
         values.append(value if value is None or value.__class__ is str
                       else value_text(value))
     return tuple(values)
+
+
+def payload_values(payload, compiled):
+    """:func:`values_of` the notification that :func:`notification_of`
+    reads in ``payload``: what ``--where`` compares (all None when it
+    reads none)."""
+    notification = notification_of(payload)
+    if notification is None:
+        return (None,) * len(compiled)
+    return values_of(notification, compiled)
 
 
 class _Edge:
@@ -337,7 +388,12 @@ class Reader:
     :func:`lookup`'s ``raw``), so the notifications of a service that
     never has a field cost a search of the bytes, not a failed lookup
     (5 us on a simdjson object). The values are those of
-    :func:`values_of`.
+    :func:`payload_values` (the reading of ``--where``): a parser's
+    object (simdjson's) gives the first value of a key repeated in one
+    object where that reading gives the last, so a record whose text may
+    repeat a key of the fields' paths (its quoted key occurs twice, or
+    keys may be escaped: a ``\\u`` or ``\\/`` in it) is read by
+    :func:`payload_values` instead.
 
     Not thread-safe: one per consumer.
 
@@ -360,10 +416,20 @@ class Reader:
                 if level == len(parts) - 1:
                     edge.leaves.append(number)
                 edges = edge.children
+        self.compiled = compile_fields(self.fields)
+        # every key a lookup may try (dotted runs too), quoted; None when
+        # one may be written otherwise
+        keys = {".".join(parts[i:j]) for parts in self.compiled
+                for i in range(len(parts))
+                for j in range(i + 1, len(parts) + 1)}
+        needles = [_needle(key, whole=True) for key in sorted(keys)]
+        self._keys = None if None in needles else needles
         self._raw = self._plain = None
 
     def __call__(self, notification, raw):
         """The values of ``notification``, parsed from ``raw`` (bytes)."""
+        if self._may_repeat(raw):
+            return payload_values(raw, self.compiled)
         self._raw, self._plain = raw, False  # False: not looked at yet
         out = [None] * len(self.fields)
         self._walk(notification, self._edges, out)
@@ -371,6 +437,19 @@ class Reader:
             if value is not None and value.__class__ is not str:
                 out[i] = value_text(value)
         return tuple(out)
+
+    def _may_repeat(self, raw):
+        """May an object in ``raw`` hold a key of the fields' paths twice?
+        (In a text without escaped keys each such key is its quoted
+        bytes.)"""
+        if self._keys is None or plain_text(raw) is None:
+            return True
+        find = raw.find
+        for needle in self._keys:
+            at = find(needle)
+            if at != -1 and find(needle, at + 1) != -1:
+                return True
+        return False
 
     def _text(self):
         """The notification's text if :func:`lookup` may search it."""
@@ -482,8 +561,9 @@ class Builder:
         self._none = (None,) * len(self.fields)
         self._rows = []     # values of the records not in the sets yet
         self._stamps = []   # and their timestamps
-        # oslo's own "YYYY-MM-DD HH:MM:SS.ffffff" orders as text: its
-        # least and greatest are kept raw and normalised once at the end
+        # oslo's own "YYYY-MM-DD HH:MM:SS.ffffff" (exactly: OSLO_FORM)
+        # orders as text: its least and greatest are kept raw and
+        # normalised once at the end
         self._low = self._high = None
         self._others = []   # every other timestamp, normalised
 
@@ -511,17 +591,17 @@ class Builder:
             found.update(column)
             found.discard(None)
         oslo = [t for t in stamps if t.__class__ is str and len(t) == 26
-                and t[10] == " "]
+                and _oslo_form(t)]
         if oslo:
             low, high = min(oslo), max(oslo)
             if self._low is None or low < self._low:
                 self._low = low
             if self._high is None or high > self._high:
                 self._high = high
-        if len(oslo) < len(stamps):  # other shapes: normalised now
+        if len(oslo) < len(stamps):  # other forms: normalised now
             for stamp in stamps:
                 if not (stamp.__class__ is str and len(stamp) == 26
-                        and stamp[10] == " "):
+                        and _oslo_form(stamp)):
                     normal = timestamps.normalise(stamp)
                     if normal is not None:  # None: no time, left out
                         self._others.append(normal)
