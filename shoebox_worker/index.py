@@ -22,7 +22,8 @@ files")::
 
     4 bytes  magic  b"SBXI"
     uint8    version (1)
-    uint8    0 (reserved)
+    uint8    flags: bit 0 (:data:`READING`) set by every writer since
+             issue 20; other bits 0
     uint16   F, the number of fields
     uint64   records indexed
     uint8    E, then E bytes: earliest timestamp (ASCII; E = 0: unknown)
@@ -46,6 +47,14 @@ is made larger. Readers need none of that: ``M`` is ``8 * B``. Timestamps are
 :func:`shoebox_worker.timestamps.normalise`'s shape, the minimum and the
 maximum over every record (not the first and last), so text order is
 time order.
+
+**Which indexes are trusted.** An index whose :data:`READING` flag is
+set holds the values ``--where`` reads (:func:`notification_of`: a
+repeated key's last value, bodies only ``json`` reads) and a time range
+over every timestamp form :mod:`~shoebox_worker.timestamps` reads; one
+without it was written before, by a writer that could leave such
+records out (:attr:`Index.complete` is False): readers prune nothing
+on it (the archive is read, as without an index).
 
 Readers refuse any other version, magic or checksum
 (:class:`~shoebox_worker.exceptions.IndexError_`, one line); a new
@@ -92,6 +101,7 @@ from shoebox_worker import timestamps
 
 __all__ = [
     "DEFAULT_FIELDS",
+    "READING",
     "SUFFIX",
     "BUNDLE_SUFFIX",
     "Builder",
@@ -130,6 +140,11 @@ DEFAULT_FIELDS = (
 SUFFIX = ".index"
 #: The format version written (and the only one read).
 VERSION = 1
+#: Header flag (the byte after the version): the values are those
+#: :func:`notification_of` reads and the time range normalises every
+#: timestamp form. Writers before it left that byte 0, readers before
+#: it ignore it.
+READING = 0x01
 MAGIC = b"SBXI"
 #: A bundle of the archives under ``PREFIX`` is ``PREFIX`` + this.
 BUNDLE_SUFFIX = ".shoebox-index-bundle"
@@ -364,6 +379,35 @@ def payload_values(payload, compiled):
     return values_of(notification, compiled)
 
 
+def _below(compiled):
+    """The objects a :func:`lookup` of the ``compiled`` fields may enter
+    from one it is in: ``{key: the same for that key's object}``, the
+    keys being the runs of parts that leave some to look up."""
+    below = {}
+    for parts in compiled:
+        for j in range(1, len(parts)):
+            below.setdefault(".".join(parts[:j]), []).append(parts[j:])
+    return {key: _below(rest) for key, rest in below.items()}
+
+
+def _repeats(value, below, mappings):
+    """Does ``value`` (a JSON object of a parser that keeps every key:
+    simdjson's), or an object a lookup of the fields enters from it
+    (``below``, :func:`_below`), hold a key twice? (A dict cannot.)"""
+    if value.__class__ is dict:
+        return False
+    names = set(value.keys())
+    if len(names) != len(value):  # len: every key, repeated ones too
+        return True
+    for key, deeper in below.items():
+        if key in names:
+            child = value.get(key)
+            if isinstance(child, mappings) and _repeats(child, deeper,
+                                                        mappings):
+                return True
+    return False
+
+
 class _Edge:
     """One key of the fields' tree (:class:`Reader`)."""
 
@@ -390,9 +434,9 @@ class Reader:
     (5 us on a simdjson object). The values are those of
     :func:`payload_values` (the reading of ``--where``): a parser's
     object (simdjson's) gives the first value of a key repeated in one
-    object where that reading gives the last, so a record whose text may
-    repeat a key of the fields' paths (its quoted key occurs twice, or
-    keys may be escaped: a ``\\u`` or ``\\/`` in it) is read by
+    object where that reading gives the last, so a record with an object
+    on the fields' paths that holds a key twice (:func:`_repeats`: its
+    keys, a microsecond or two a record) is read by
     :func:`payload_values` instead.
 
     Not thread-safe: one per consumer.
@@ -417,18 +461,12 @@ class Reader:
                     edge.leaves.append(number)
                 edges = edge.children
         self.compiled = compile_fields(self.fields)
-        # every key a lookup may try (dotted runs too), quoted; None when
-        # one may be written otherwise
-        keys = {".".join(parts[i:j]) for parts in self.compiled
-                for i in range(len(parts))
-                for j in range(i + 1, len(parts) + 1)}
-        needles = [_needle(key, whole=True) for key in sorted(keys)]
-        self._keys = None if None in needles else needles
+        self._below = _below(self.compiled)
         self._raw = self._plain = None
 
     def __call__(self, notification, raw):
         """The values of ``notification``, parsed from ``raw`` (bytes)."""
-        if self._may_repeat(raw):
+        if _repeats(notification, self._below, self.mappings):
             return payload_values(raw, self.compiled)
         self._raw, self._plain = raw, False  # False: not looked at yet
         out = [None] * len(self.fields)
@@ -437,19 +475,6 @@ class Reader:
             if value is not None and value.__class__ is not str:
                 out[i] = value_text(value)
         return tuple(out)
-
-    def _may_repeat(self, raw):
-        """May an object in ``raw`` hold a key of the fields' paths twice?
-        (In a text without escaped keys each such key is its quoted
-        bytes.)"""
-        if self._keys is None or plain_text(raw) is None:
-            return True
-        find = raw.find
-        for needle in self._keys:
-            at = find(needle)
-            if at != -1 and find(needle, at + 1) != -1:
-                return True
-        return False
 
     def _text(self):
         """The notification's text if :func:`lookup` may search it."""
@@ -650,7 +675,7 @@ def _text(value, size_of=_U8):
 
 
 def _pack(fields, records, earliest, latest, values):
-    parts = [_HEAD.pack(MAGIC, VERSION, 0, len(fields), records),
+    parts = [_HEAD.pack(MAGIC, VERSION, READING, len(fields), records),
              _text(earliest), _text(latest)]
     for field, found in zip(fields, values, strict=True):
         hashes, mask = _filter(found)
@@ -682,9 +707,15 @@ class Index:
         ``YYYY-MM-DDTHH:MM:SS.ffffffZ``), None when unknown.
     :ivar latest: the greatest, likewise.
     :ivar distinct: ``{field: distinct values}``.
+    :ivar complete: written with the :data:`READING` flag: its values and
+        time range leave out no record ``--where``/``--since`` selects.
+        False: an index of an older writer, which may (a reader prunes
+        nothing on it).
     """
 
-    def __init__(self, fields, records, earliest, latest, filters):
+    def __init__(self, fields, records, earliest, latest, filters,
+                 complete=True):
+        self.complete = complete
         self.fields = tuple(fields)
         self.records = records
         self.earliest = earliest
@@ -720,7 +751,7 @@ class Index:
 
     @classmethod
     def _parse(cls, body):
-        _, _, _, count, records = _HEAD.unpack_from(body, 0)
+        _, _, flags, count, records = _HEAD.unpack_from(body, 0)
         pos = _HEAD.size
 
         def text(size_of=_U8):
@@ -750,7 +781,8 @@ class Index:
         if pos != len(body):
             raise ValueError("%d bytes after the last field" % (
                 len(body) - pos))
-        return cls(fields, records, earliest, latest, filters)
+        return cls(fields, records, earliest, latest, filters,
+                   complete=bool(flags & READING))
 
     def may_contain(self, field, value):
         """May a record of the archive have ``value`` at ``field``?

@@ -175,9 +175,11 @@ class Selection:
     :param dedup: drop records whose ``message_id`` was already kept.
     :param load_index: ``load_index(data, name)`` turns the bytes of an
         archive's index (named ``name`` in messages) into an object with
-        ``fields``, ``may_contain(field, value)``, ``earliest`` and
-        ``latest`` (``shoebox_worker.index.Index.from_bytes``), raising a
-        ShoeboxError for a damaged one; None: indexes are not read.
+        ``fields``, ``may_contain(field, value)``, ``earliest``,
+        ``latest`` and ``complete`` (``shoebox_worker.index.Index.
+        from_bytes``), raising a ShoeboxError for a damaged one; None:
+        indexes are not read. An index that is not ``complete`` (written
+        before issue 20: it may miss records) prunes nothing.
 
     ``keep(metadata, payload)`` is made once, for the options given (a
     plain attribute: the tools' hot loop calls it per record).
@@ -321,8 +323,8 @@ class Selection:
             if on_unused is not None:
                 on_unused(item, err)
             return True  # a damaged or unreadable index proves nothing
-        if index is None:
-            return True
+        if index is None or not getattr(index, "complete", False):
+            return True  # none, or one that may leave records out
         if self.windowed and self._misses(getattr(index, "earliest", None),
                                           getattr(index, "latest", None)):
             return False
