@@ -361,6 +361,12 @@ class TestUnwrapper:
         b'{"oslo.version": "2.0", "oslo.message": "not json"}',
         b'{"oslo.version": "2.0", "oslo.message": "{\\"a\\": \\"\\ud800\\"}"}',
         b'{"a": "\\ud800"}',
+        # a byte order mark: simdjson takes it, orjson refuses it
+        b'\xef\xbb\xbf{"event_type": "e"}',
+        b'{"oslo.version": "2.0", "oslo.message": "\\ufeff{}"}',
+        # read by json alone: indexed as --where reads it
+        b'{"event_type": "e", "payload": {"instance_id": "i", "n": 1e400}}',
+        b'{"oslo.message": "{}", "payload": {"instance_id": "i"}}',
         b'{"event_type": "\\u00e9\\ud83d\\ude00", "payload": {"x": 1}}',
     ])
     def test_odd_bodies(self, body):
