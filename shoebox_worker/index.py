@@ -16,6 +16,9 @@ holds dots is found too (``payload.nova_object.data.uuid`` reads the
 string as it is, any other JSON value (number, true/false, object, array)
 as its JSON text, so ``_context_project_id=884691`` finds both
 ``"884691"`` and ``884691``. A missing path or ``null`` indexes nothing.
+The notification is the record's payload as :func:`notification_of`
+reads it, the one reading ``--where`` uses too (a repeated key's last
+value; a body only ``json`` reads, malformed for the worker, as well).
 
 **The bytes** (little-endian, standard sizes, docs/format.md "Index
 files")::
