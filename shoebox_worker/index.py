@@ -438,9 +438,10 @@ class Reader:
     :func:`payload_values` (the reading of ``--where``): a parser's
     object (simdjson's) gives the first value of a key repeated in one
     object where that reading gives the last, so a record with an object
-    on the fields' paths that holds a key twice (:func:`_repeats`: its
-    keys, a microsecond or two a record) is read by
-    :func:`payload_values` instead.
+    on the fields' paths that holds a key twice is read by
+    :func:`payload_values` instead. Telling (:func:`_repeats`: the keys of
+    those objects) costs 5 us a simulated nova notification, 40 % of the
+    worker's envelope reading (12 -> 17 us).
 
     Not thread-safe: one per consumer.
 
