@@ -16,13 +16,17 @@ holds dots is found too (``payload.nova_object.data.uuid`` reads the
 string as it is, any other JSON value (number, true/false, object, array)
 as its JSON text, so ``_context_project_id=884691`` finds both
 ``"884691"`` and ``884691``. A missing path or ``null`` indexes nothing.
+The notification is the record's payload as :func:`notification_of`
+reads it, the one reading ``--where`` uses too (a repeated key's last
+value; a body only ``json`` reads, malformed for the worker, as well).
 
 **The bytes** (little-endian, standard sizes, docs/format.md "Index
 files")::
 
     4 bytes  magic  b"SBXI"
     uint8    version (1)
-    uint8    0 (reserved)
+    uint8    flags: bit 0 (:data:`READING`) set by every writer since
+             issue 20; other bits 0
     uint16   F, the number of fields
     uint64   records indexed
     uint8    E, then E bytes: earliest timestamp (ASCII; E = 0: unknown)
@@ -46,6 +50,14 @@ is made larger. Readers need none of that: ``M`` is ``8 * B``. Timestamps are
 :func:`shoebox_worker.timestamps.normalise`'s shape, the minimum and the
 maximum over every record (not the first and last), so text order is
 time order.
+
+**Which indexes are trusted.** An index whose :data:`READING` flag is
+set holds the values ``--where`` reads (:func:`notification_of`: a
+repeated key's last value, bodies only ``json`` reads) and a time range
+over every timestamp form :mod:`~shoebox_worker.timestamps` reads; one
+without it was written before, by a writer that could leave such
+records out (:attr:`Index.complete` is False): readers prune nothing
+on it (the archive is read, as without an index).
 
 Readers refuse any other version, magic or checksum
 (:class:`~shoebox_worker.exceptions.IndexError_`, one line); a new
@@ -78,6 +90,7 @@ bundles")::
 """
 
 import hashlib
+import json
 import logging
 import os
 import struct
@@ -91,6 +104,7 @@ from shoebox_worker import timestamps
 
 __all__ = [
     "DEFAULT_FIELDS",
+    "READING",
     "SUFFIX",
     "BUNDLE_SUFFIX",
     "Builder",
@@ -101,6 +115,8 @@ __all__ = [
     "bundle_size_limit",
     "lookup",
     "looks_like_index",
+    "notification_of",
+    "payload_values",
     "read_file",
     "sidecar",
     "size_limit",
@@ -127,6 +143,11 @@ DEFAULT_FIELDS = (
 SUFFIX = ".index"
 #: The format version written (and the only one read).
 VERSION = 1
+#: Header flag (the byte after the version): the values are those
+#: :func:`notification_of` reads and the time range normalises every
+#: timestamp form. Writers before it left that byte 0, readers before
+#: it ignore it.
+READING = 0x01
 MAGIC = b"SBXI"
 #: A bundle of the archives under ``PREFIX`` is ``PREFIX`` + this.
 BUNDLE_SUFFIX = ".shoebox-index-bundle"
@@ -168,6 +189,7 @@ _FIELD = struct.Struct("<IBI")
 _U8 = struct.Struct("<B")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
+_oslo_form = timestamps.OSLO_FORM.fullmatch
 
 
 #: Bytes of an index that tell how long it may be (:func:`size_limit`).
@@ -279,9 +301,42 @@ def plain_text(raw):
     return raw
 
 
+def notification_of(payload):
+    """The one reading of a record's payload as a notification: its JSON
+    object, or None when it is not one. The writer indexes what this
+    reads (:class:`Reader`, :func:`payload_values`) and ``--where``
+    matches it (:mod:`shoebox_worker.tools.select`), so that an index
+    never leaves out a record that ``--where`` selects.
+
+    One parser, one fallback: orjson; for what orjson refuses, ``json``
+    (a lone surrogate escape, a number past a double's range), without
+    ``NaN``/``Infinity``. A key repeated in one object gives its last
+    value with both.
+
+    :param payload: bytes (or str).
+    """
+    try:
+        note = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        try:
+            text = payload if isinstance(payload, str) else \
+                bytes(payload).decode("utf-8")
+            note = json.loads(text, parse_constant=_no_constant)
+        except (ValueError, RecursionError):
+            return None
+    return note if note.__class__ is dict else None
+
+
+def _no_constant(name):
+    raise ValueError("%s is not JSON" % name)
+
+
 def value_text(value):
-    """How a JSON value is indexed and looked up: a string as it is, None
-    as None (nothing indexed), anything else as its JSON text."""
+    """How a JSON value is indexed and matched: a string as it is, None as
+    None (nothing indexed, nothing matched), anything else as its compact
+    JSON text (orjson's; ``json``'s for what orjson cannot write: an
+    integer past 64 bits, a value nested deeper than it goes; None when
+    neither can)."""
     if value is None or isinstance(value, str):
         return value
     if hasattr(value, "as_dict"):  # simdjson's lazy object
@@ -290,8 +345,12 @@ def value_text(value):
         value = value.as_list()
     try:
         return orjson.dumps(value).decode("utf-8")
-    except orjson.JSONEncodeError:  # nested deeper than orjson writes
-        return None
+    except TypeError:  # orjson.JSONEncodeError is one
+        try:
+            return json.dumps(value, separators=(",", ":"),
+                              ensure_ascii=False)
+        except (ValueError, RecursionError):
+            return None
 
 
 def compile_fields(fields):
@@ -311,6 +370,45 @@ def values_of(notification, compiled, mappings=(dict,)):
         values.append(value if value is None or value.__class__ is str
                       else value_text(value))
     return tuple(values)
+
+
+def payload_values(payload, compiled):
+    """:func:`values_of` the notification that :func:`notification_of`
+    reads in ``payload``: what ``--where`` compares (all None when it
+    reads none)."""
+    notification = notification_of(payload)
+    if notification is None:
+        return (None,) * len(compiled)
+    return values_of(notification, compiled)
+
+
+def _below(compiled):
+    """The objects a :func:`lookup` of the ``compiled`` fields may enter
+    from one it is in: ``{key: the same for that key's object}``, the
+    keys being the runs of parts that leave some to look up."""
+    below = {}
+    for parts in compiled:
+        for j in range(1, len(parts)):
+            below.setdefault(".".join(parts[:j]), []).append(parts[j:])
+    return {key: _below(rest) for key, rest in below.items()}
+
+
+def _repeats(value, below, mappings):
+    """Does ``value`` (a JSON object of a parser that keeps every key:
+    simdjson's), or an object a lookup of the fields enters from it
+    (``below``, :func:`_below`), hold a key twice? (A dict cannot.)"""
+    if value.__class__ is dict:
+        return False
+    names = set(value.keys())
+    if len(names) != len(value):  # len: every key, repeated ones too
+        return True
+    for key, deeper in below.items():
+        if key in names:
+            child = value.get(key)
+            if isinstance(child, mappings) and _repeats(child, deeper,
+                                                        mappings):
+                return True
+    return False
 
 
 class _Edge:
@@ -337,7 +435,13 @@ class Reader:
     :func:`lookup`'s ``raw``), so the notifications of a service that
     never has a field cost a search of the bytes, not a failed lookup
     (5 us on a simdjson object). The values are those of
-    :func:`values_of`.
+    :func:`payload_values` (the reading of ``--where``): a parser's
+    object (simdjson's) gives the first value of a key repeated in one
+    object where that reading gives the last, so a record with an object
+    on the fields' paths that holds a key twice is read by
+    :func:`payload_values` instead. Telling (:func:`_repeats`: the keys of
+    those objects) costs 5 us a simulated nova notification, 40 % of the
+    worker's envelope reading (12 -> 17 us).
 
     Not thread-safe: one per consumer.
 
@@ -360,10 +464,14 @@ class Reader:
                 if level == len(parts) - 1:
                     edge.leaves.append(number)
                 edges = edge.children
+        self.compiled = compile_fields(self.fields)
+        self._below = _below(self.compiled)
         self._raw = self._plain = None
 
     def __call__(self, notification, raw):
         """The values of ``notification``, parsed from ``raw`` (bytes)."""
+        if _repeats(notification, self._below, self.mappings):
+            return payload_values(raw, self.compiled)
         self._raw, self._plain = raw, False  # False: not looked at yet
         out = [None] * len(self.fields)
         self._walk(notification, self._edges, out)
@@ -482,8 +590,9 @@ class Builder:
         self._none = (None,) * len(self.fields)
         self._rows = []     # values of the records not in the sets yet
         self._stamps = []   # and their timestamps
-        # oslo's own "YYYY-MM-DD HH:MM:SS.ffffff" orders as text: its
-        # least and greatest are kept raw and normalised once at the end
+        # oslo's own "YYYY-MM-DD HH:MM:SS.ffffff" (exactly: OSLO_FORM)
+        # orders as text: its least and greatest are kept raw and
+        # normalised once at the end
         self._low = self._high = None
         self._others = []   # every other timestamp, normalised
 
@@ -511,17 +620,17 @@ class Builder:
             found.update(column)
             found.discard(None)
         oslo = [t for t in stamps if t.__class__ is str and len(t) == 26
-                and t[10] == " "]
+                and _oslo_form(t)]
         if oslo:
             low, high = min(oslo), max(oslo)
             if self._low is None or low < self._low:
                 self._low = low
             if self._high is None or high > self._high:
                 self._high = high
-        if len(oslo) < len(stamps):  # other shapes: normalised now
+        if len(oslo) < len(stamps):  # other forms: normalised now
             for stamp in stamps:
                 if not (stamp.__class__ is str and len(stamp) == 26
-                        and stamp[10] == " "):
+                        and _oslo_form(stamp)):
                     normal = timestamps.normalise(stamp)
                     if normal is not None:  # None: no time, left out
                         self._others.append(normal)
@@ -570,7 +679,7 @@ def _text(value, size_of=_U8):
 
 
 def _pack(fields, records, earliest, latest, values):
-    parts = [_HEAD.pack(MAGIC, VERSION, 0, len(fields), records),
+    parts = [_HEAD.pack(MAGIC, VERSION, READING, len(fields), records),
              _text(earliest), _text(latest)]
     for field, found in zip(fields, values, strict=True):
         hashes, mask = _filter(found)
@@ -602,9 +711,15 @@ class Index:
         ``YYYY-MM-DDTHH:MM:SS.ffffffZ``), None when unknown.
     :ivar latest: the greatest, likewise.
     :ivar distinct: ``{field: distinct values}``.
+    :ivar complete: written with the :data:`READING` flag: its values and
+        time range leave out no record ``--where``/``--since`` selects.
+        False: an index of an older writer, which may (a reader prunes
+        nothing on it).
     """
 
-    def __init__(self, fields, records, earliest, latest, filters):
+    def __init__(self, fields, records, earliest, latest, filters,
+                 complete=True):
+        self.complete = complete
         self.fields = tuple(fields)
         self.records = records
         self.earliest = earliest
@@ -640,7 +755,7 @@ class Index:
 
     @classmethod
     def _parse(cls, body):
-        _, _, _, count, records = _HEAD.unpack_from(body, 0)
+        _, _, flags, count, records = _HEAD.unpack_from(body, 0)
         pos = _HEAD.size
 
         def text(size_of=_U8):
@@ -670,7 +785,8 @@ class Index:
         if pos != len(body):
             raise ValueError("%d bytes after the last field" % (
                 len(body) - pos))
-        return cls(fields, records, earliest, latest, filters)
+        return cls(fields, records, earliest, latest, filters,
+                   complete=bool(flags & READING))
 
     def may_contain(self, field, value):
         """May a record of the archive have ``value`` at ``field``?

@@ -21,8 +21,8 @@ width, so these strings sort as the times they name.
 import datetime
 import re
 
-__all__ = ["MAX_LENGTH", "YEARS", "Span", "normalise", "parse", "record_time",
-           "to_text"]
+__all__ = ["MAX_LENGTH", "OSLO_FORM", "YEARS", "Span", "normalise", "parse",
+           "record_time", "to_text"]
 
 #: A ``timestamp`` longer than this is not one (ISO 8601 with microseconds
 #: and an offset is 32 characters).
@@ -62,6 +62,13 @@ def parse(value):
 
 _OSLO = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[ T][0-9]{2}:[0-9]{2}:[0-9]{2}"
                    r"\.[0-9]{6}")
+#: oslo's own form exactly, ``YYYY-MM-DD HH:MM:SS.ffffff`` (a space, six
+#: digits, no offset): texts of this form order as the times they name
+#: (those that are times: :func:`normalise` says), so a writer may keep
+#: their least and greatest as text. Its ``fullmatch`` tells; a text of
+#: the same length may be another form (``2024-03-01 12:00:00.1-1200``).
+OSLO_FORM = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:"
+                       r"[0-9]{2}\.[0-9]{6}")
 
 
 def _oslo(value):

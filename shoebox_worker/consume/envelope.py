@@ -55,6 +55,8 @@ MAX_SHOWN = 200
 MAX_VALUE = 1024
 #: What ends a value or a shown text that was cut.
 ELLIPSIS = "\u2026"
+# A UTF-8 byte order mark: simdjson skips it, orjson refuses it
+_BOM = b"\xef\xbb\xbf"
 # A value orjson cannot write back (nested deeper than it goes)
 _TOO_DEEP = "(a JSON value nested too deep to show)"
 
@@ -274,7 +276,11 @@ class Unwrapper:
     :func:`parse`, which decides what is malformed and why; the two paths
     give the same payload and metadata (tested), except that a key
     repeated in one object (which JSON leaves undefined) gives its first
-    value here and its last there.
+    value here and its last there. The index values are the same on both
+    paths, those ``--where`` reads (:class:`shoebox_worker.index.Reader`
+    reads a record that may repeat a key of theirs as ``--where`` does).
+    A body (or ``oslo.message``) that starts with a UTF-8 byte order mark,
+    which simdjson takes and orjson refuses, is left to :func:`parse`.
 
     Not thread-safe (simdjson parsers are reused): one per consumer.
 
@@ -302,8 +308,10 @@ class Unwrapper:
             (called for malformed bodies only).
         :param exchange: the exchange it was published to.
         :returns: ``(payload, metadata, values)``; ``values``: the text of
-            each index field (:func:`shoebox_worker.index.values_of`),
-            empty for a malformed body.
+            each index field as ``--where`` reads it in the payload
+            (:func:`shoebox_worker.index.payload_values`; a malformed
+            body's too: ``--where`` reads what it can), empty when no
+            field is indexed.
         """
         if self._outer is not None:
             try:
@@ -315,9 +323,12 @@ class Unwrapper:
         parsed = parse(body)
         if callable(properties):
             properties = properties() if parsed.malformed else None
-        values = () if parsed.notification is None or not \
-            self.index_fields else index.values_of(parsed.notification,
-                                                   self.index_fields)
+        if not self.index_fields:
+            values = ()
+        elif parsed.notification is not None:  # read as notification_of
+            values = index.values_of(parsed.notification, self.index_fields)
+        else:  # malformed: what --where reads in its payload
+            values = index.payload_values(parsed.payload, self.index_fields)
         return parsed.payload, self.extract(parsed, queue, routing_key,
                                             properties,
                                             exchange=exchange), values
@@ -325,6 +336,8 @@ class Unwrapper:
     def _fast(self, body, queue, routing_key, exchange):
         """``(payload, metadata, values)``, or None to leave it to
         :func:`parse`."""
+        if body.startswith(_BOM):
+            return None
         outer = self._outer.parse(body)
         try:
             if not isinstance(outer, simdjson.Object):
@@ -344,6 +357,8 @@ class Unwrapper:
                 and version.split(".")[0] == "2"):
             return None
         payload = message.encode("utf-8")
+        if payload.startswith(_BOM):
+            return None
         notification = self._inner.parse(payload)
         try:
             if not isinstance(notification, simdjson.Object):

@@ -110,8 +110,6 @@ import stat as stat_mod
 import threading
 import time
 
-import orjson
-
 from shoebox_worker import archive
 from shoebox_worker import exceptions
 from shoebox_worker import files
@@ -425,15 +423,6 @@ def _report_from_state(origin, data):
         return None
 
 
-def _decoded(payload):
-    """A record's payload as a notification for the index, or None."""
-    try:
-        notification = orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        return None
-    return notification if isinstance(notification, dict) else None
-
-
 def _move_index(source, target):
     """Move an index file to ``target`` (on another file system: copy it,
     durably, then remove it)."""
@@ -706,7 +695,7 @@ class Shipper:
         def collect(found):
             metadata = found[3]
             builder.add_notification(metadata.get("timestamp"),
-                                     _decoded(found[4]))
+                                     index.notification_of(found[4]))
             if on_record is not None:
                 on_record(found)
         return collect

@@ -28,10 +28,7 @@ and counted (:attr:`Selection.untimed`), so that the tools can say so.
 import argparse
 import datetime
 import fnmatch
-import json
 import re
-
-import orjson
 
 from shoebox_worker import exceptions
 from shoebox_worker import index
@@ -127,37 +124,14 @@ def matcher(matches):
 
 # -- the notification's JSON --------------------------------------------------
 
-def value_text(value):
-    """A JSON value as ``--where`` compares it: a string as it is, anything
-    else (number, boolean, object, array) as its compact JSON text (``42``,
-    ``true``, ``1.5``), as the index stores it
-    (:func:`shoebox_worker.index.value_text`). A missing or null value is
-    never compared: it matches no ``--where``, and the index holds none."""
-    if isinstance(value, str):
-        return value
-    try:
-        return orjson.dumps(value).decode("utf-8")
-    except (TypeError, orjson.JSONEncodeError):  # from json: a huge int
-        return json.dumps(value, separators=(",", ":"))
-
-
-def _notification(payload):
-    """The payload's JSON object, or None when it is not one."""
-    try:
-        note = orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        # orjson refuses some valid JSON (a lone surrogate escape, a number
-        # past a double's range); it reads integers past 64 bits as floats
-        try:
-            note = json.loads(payload.decode("utf-8"),
-                              parse_constant=_no_constant)
-        except (ValueError, RecursionError):
-            return None
-    return note if isinstance(note, dict) else None
-
-
-def _no_constant(name):
-    raise ValueError("%s is not JSON" % name)
+#: A JSON value as ``--where`` compares it: a string as it is, anything
+#: else (number, boolean, object, array) as its compact JSON text (``42``,
+#: ``true``, ``1.5``), as the index stores it. A missing or null value is
+#: never compared: it matches no ``--where``, and the index holds none.
+value_text = index.value_text
+#: The payload's JSON object as ``--where`` reads it, or None: the
+#: reading the worker indexes (one parser, one fallback).
+_notification = index.notification_of
 
 
 #: Characters that JSON may write otherwise than as they are (in objects,
@@ -201,9 +175,11 @@ class Selection:
     :param dedup: drop records whose ``message_id`` was already kept.
     :param load_index: ``load_index(data, name)`` turns the bytes of an
         archive's index (named ``name`` in messages) into an object with
-        ``fields``, ``may_contain(field, value)``, ``earliest`` and
-        ``latest`` (``shoebox_worker.index.Index.from_bytes``), raising a
-        ShoeboxError for a damaged one; None: indexes are not read.
+        ``fields``, ``may_contain(field, value)``, ``earliest``,
+        ``latest`` and ``complete`` (``shoebox_worker.index.Index.
+        from_bytes``), raising a ShoeboxError for a damaged one; None:
+        indexes are not read. An index that is not ``complete`` (written
+        before issue 20: it may miss records) prunes nothing.
 
     ``keep(metadata, payload)`` is made once, for the options given (a
     plain attribute: the tools' hot loop calls it per record).
@@ -347,8 +323,8 @@ class Selection:
             if on_unused is not None:
                 on_unused(item, err)
             return True  # a damaged or unreadable index proves nothing
-        if index is None:
-            return True
+        if index is None or not getattr(index, "complete", False):
+            return True  # none, or one that may leave records out
         if self.windowed and self._misses(getattr(index, "earliest", None),
                                           getattr(index, "latest", None)):
             return False

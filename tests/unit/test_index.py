@@ -65,6 +65,22 @@ class TestRoundTrip:
         assert (got.earliest, got.latest) == (
             "2026-11-25T23:00:00.000000Z", "2026-11-27T01:00:00.000000Z")
 
+    @pytest.mark.parametrize("odd, normal", [
+        ("2024-03-01 12:00:00.1-1200", "2024-03-02T00:00:00.100000Z"),
+        ("2024-03-01 23:59:59+00:00", "2024-03-01T23:59:59.000000Z"),
+        ("2024-03-02T00:00:00.000001", "2024-03-02T00:00:00.000001Z"),
+        ("2024-03-01 12:00:00.000000+", None),  # no time: left out
+        ("2024-03-01 10:00:00.000000 ", "2024-03-01T10:00:00.000000Z")])
+    def test_every_form_is_normalised_before_min_and_max(self, odd, normal):
+        # oslo's own length, a space at 10: not oslo's form for all that
+        stamps = ["2024-03-01 10:00:00.000000", odd,
+                  "2024-03-01 13:00:00.000000"]
+        got = index.Index.from_bytes(built([(None, None)] * 3,
+                                           timestamps=stamps))
+        times = [t for t in ("2024-03-01T10:00:00.000000Z", normal,
+                             "2024-03-01T13:00:00.000000Z") if t]
+        assert (got.earliest, got.latest) == (min(times), max(times))
+
     def test_records_without_a_time_are_left_out(self):
         stamps = [None, "2026-11-26 12:00:00.000000", "yesterday", 5,
                   "2026-11-26T13:00:00Z"]
@@ -98,7 +114,7 @@ class TestRoundTrip:
         """The layout of the module docstring, read here by hand."""
         data = built([("x", None)], fields=("f", "g"),
                      timestamps=["2026-11-26 12:00:00.000000"])
-        assert data[:8] == b"SBXI\x01\x00\x02\x00"
+        assert data[:8] == b"SBXI\x01\x01\x02\x00"  # READING flag set
         assert struct.unpack_from("<Q", data, 8) == (1,)
         stamp = b"2026-11-26T12:00:00.000000Z"
         assert data[16] == len(stamp) and data[17:44] == stamp
@@ -240,6 +256,30 @@ class TestValues:
         assert got.distinct["payload.instance_id"] == 0
 
 
+class TestReading:
+    """notification_of and value_text: what --where and the index read."""
+
+    @pytest.mark.parametrize("payload, note", [
+        (b'{"a": 1, "a": 2}', {"a": 2}),
+        (b'{"a": "\\ud800"}', {"a": "\ud800"}),     # orjson refuses these
+        (b'{"a": 1e400}', {"a": float("inf")}),
+        (b'{"a": 123456789012345678901234567890}',
+         {"a": 1.2345678901234568e+29}),  # orjson: a float
+        ('{"a": "\u00e9"}', {"a": "\u00e9"}),        # str as well
+        (b'{"a": NaN}', None), (b"[1]", None), (b"\xff", None),
+        (b"\xef\xbb\xbf{}", None), (b"[" * 5000 + b"]" * 5000, None)])
+    def test_notification_of(self, payload, note):
+        assert index.notification_of(payload) == note
+
+    def test_value_text_of_what_only_json_reads(self):
+        assert index.value_text(2 ** 70) == str(2 ** 70)
+        assert index.value_text({"a": 2 ** 70}) == '{"a":%d}' % 2 ** 70
+        deep = []
+        for _ in range(300):  # deeper than orjson writes
+            deep = [deep]
+        assert index.value_text(deep) == "[" * 301 + "]" * 301
+
+
 class TestReader:
     """The worker's reader gives what values_of gives, in any order of
     notifications (its shortcuts depend on the one before)."""
@@ -283,6 +323,24 @@ class TestReader:
         escaped = b'{"payload": {"instance\\u005fid": "i-1"}}'
         assert self.reader_values(reader, None, missing) == (None,)
         assert self.reader_values(reader, None, escaped) == ("i-1",)
+
+    @pytest.mark.parametrize("text", [
+        b'{"payload": {"instance_id": "AAA", "instance_id": "BBB"}}',
+        b'{"payload": {"instance_id": null, "instance_id": "BBB"}}',
+        b'{"payload": {"instance\\u005fid": "AAA", "instance_id": "BBB"}}',
+        b'{"payload": {"instance_id": "AAA"}, "payload": {"x": 1}}',
+        b'{"payload": {"nova_object.data": {"uuid": "u1", "uuid": "u2"}}}',
+        b'{"payload": {"nova_object": {"data": {"uuid": 1, "uuid": 2}}}}',
+        b'{"payload.nova_object": {"data": {"uuid": 1, "uuid": 2}}}',
+        b'{"payload": {"instance_id": "AAA"}, "other": 1, "other": 2}'])
+    def test_a_repeated_key_reads_as_where_does(self, text):
+        # JSON leaves a repeated key undefined: simdjson's object gives
+        # its first value, --where's reading (orjson) the last
+        reader = index.Reader(index.DEFAULT_FIELDS, (dict, simdjson.Object))
+        compiled = index.compile_fields(index.DEFAULT_FIELDS)
+        where = index.values_of(orjson.loads(text), compiled)
+        assert self.reader_values(reader, None, text) == where
+        assert index.payload_values(text, compiled) == where
 
     def test_simulated_stream(self):
         compiled = index.compile_fields(index.DEFAULT_FIELDS)

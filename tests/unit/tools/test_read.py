@@ -16,6 +16,9 @@ from shoebox_worker import cli
 from shoebox_worker import compression
 from shoebox_worker import index as archive_index
 from shoebox_worker import record
+from shoebox_worker import roll_checker
+from shoebox_worker import roll_manager
+from shoebox_worker.consume import envelope
 from shoebox_worker.tools import ToolError
 from shoebox_worker.tools import read
 
@@ -728,3 +731,70 @@ class TestAGlobOfAnArchiveFolder:
         assert err == ("shoebox-worker: %s: an archive's index, not an "
                        "archive: name the archive (without .index) or its "
                        "folder\n" % paths[1])
+
+
+def worker_write(directory, bodies, name="issue20_%Y%m%d%H%M%S.events"):
+    """Archive message ``bodies`` as the worker does (its envelope reading,
+    the default index fields, the index beside the archive); the archive's
+    path."""
+    unwrap = envelope.Unwrapper(index_fields=archive_index.DEFAULT_FIELDS)
+    manager = roll_manager.WritingRollManager(
+        name, roll_checker.NeverRollChecker(), directory=str(directory),
+        index_fields=archive_index.DEFAULT_FIELDS)
+    for body in bodies:
+        payload, metadata, values = unwrap(body, "q", "rk")
+        manager.write(metadata, payload, values)
+    path = manager.active_filename
+    manager.close()
+    assert os.path.exists(archive_index.sidecar(path))
+    return path
+
+
+def cat_with_and_without_index(directory, argv, capsysbinary):
+    """The lines ``cat argv DIR`` prints with the archives' indexes, and
+    with them removed."""
+    code, with_index, err = run(["cat"] + argv + [str(directory)],
+                                capsysbinary)
+    assert code == 0, err
+    for path in directory.glob("*" + archive_index.SUFFIX):
+        path.unlink()
+    code, without, err = run(["cat"] + argv + [str(directory)],
+                             capsysbinary)
+    assert code == 0, err
+    return with_index.splitlines(), without.splitlines()
+
+
+class TestTheIndexReadsAsCatDoes:
+    """Issue 20's reproductions: what ``cat`` selects without an archive's
+    index, it selects with it."""
+
+    def test_since_finds_a_timestamp_with_an_offset(self, tmp_path,
+                                                    capsysbinary):
+        # 26 characters with a space at 10, as oslo's own form, but with
+        # an offset: 2024-03-02T00:00:00.1Z
+        stamps = ["2024-03-01 10:00:00.000000", "2024-03-01 12:00:00.1-1200",
+                  "2024-03-01 13:00:00.000000"]
+        worker_write(tmp_path, [envelope.wrap({
+            "event_type": "compute.instance.exists", "timestamp": stamp,
+            "message_id": "m%d" % n}) for n, stamp in enumerate(stamps)])
+        with_index, without = cat_with_and_without_index(
+            tmp_path, ["--since", "2024-03-01T20:00:00"], capsysbinary)
+        assert [json.loads(line)["message_id"] for line in without] == ["m1"]
+        assert with_index == without
+
+    def test_where_finds_what_the_reader_reads(self, tmp_path, capsysbinary):
+        bodies = [
+            # a repeated key: the reader takes the last
+            b'{"event_type": "e", "message_id": "m0", "payload": '
+            b'{"instance_id": "AAA", "instance_id": "BBB"}}',
+            # bodies orjson refuses and json reads
+            b'{"event_type": "e", "message_id": "m1", "payload": '
+            b'{"instance_id": "BBB", "name": "\\ud800"}}',
+            b'{"event_type": "e", "message_id": "m2", "payload": '
+            b'{"instance_id": "BBB", "size": 1e400}}',
+        ]
+        worker_write(tmp_path, bodies)
+        with_index, without = cat_with_and_without_index(
+            tmp_path, ["--where", "payload.instance_id=BBB"], capsysbinary)
+        assert len(without) == 3
+        assert with_index == without
