@@ -214,6 +214,15 @@ class Item:
         """The bytes of the index, or None when there is none."""
         raise NotImplementedError
 
+    def binding_problem(self, found):
+        """Why the :class:`~shoebox_worker.index.Index` ``found`` may not
+        prune this archive, or None when it is bound to it
+        (:func:`shoebox_worker.index.binding_problem`).
+
+        :raises OSError: the archive cannot be read (a file is hashed).
+        """
+        raise NotImplementedError
+
     @property
     def index_label(self):
         """The index, for messages (a path, ``swift://C/O.index``)."""
@@ -240,6 +249,13 @@ class FileItem(Item):
     def open(self):
         return open(self.path, "rb")
 
+    def binding_problem(self, found):
+        """The file's size (now) and MD5 against the binding: the MD5 is
+        taken only when the sizes agree."""
+        return archive_index.binding_problem(
+            found, os.stat(self.path).st_size,
+            lambda: archive_index.etag_of_file(self.path))
+
     def read_index(self):
         if self.index_name is None:
             return None
@@ -257,8 +273,8 @@ class SwiftItem(Item):
     over the download :func:`read_ahead` started for it)."""
 
     def __init__(self, swift, container, obj, *, size=None,
-                 last_modified="", index_name=None, index_size=None,
-                 index_data=None, listed=False):
+                 last_modified="", etag=None, index_name=None,
+                 index_size=None, index_data=None, listed=False):
         super().__init__("%s%s/%s" % (SCHEME, container, obj), size=size,
                          index_name=index_name, listed=listed,
                          salvage_to=os.path.basename(obj) + ".salvaged")
@@ -266,6 +282,7 @@ class SwiftItem(Item):
         self.container = container
         self.object = obj
         self.last_modified = last_modified
+        self.etag = etag  # the listing's hash
         self.index_size = index_size  # the listing's bytes of index_name
         self._index_data = index_data  # from a bundle: no GET
         self._download = None  # started by read_ahead, not yet opened
@@ -305,6 +322,12 @@ class SwiftItem(Item):
         if self.index_name is None:
             return None
         return "%s%s/%s" % (SCHEME, self.container, self.index_name)
+
+    def binding_problem(self, found):
+        """The listing's ``bytes`` and ``hash`` against the binding: no
+        request."""
+        return archive_index.binding_problem(found, self.size,
+                                             lambda: self.etag)
 
     def head(self, conn):
         """Fill :attr:`meta` from a HEAD of the object."""
@@ -790,6 +813,7 @@ def _item_of(swift, container, entry, bundled=None, listed=True):
     has_index = entry["index_bytes"] is not None or bundled is not None
     return SwiftItem(swift, container, entry["name"], size=entry.get("bytes"),
                      last_modified=entry.get("last_modified", ""),
+                     etag=entry.get("hash"),
                      index_name=(entry["name"] + INDEX_SUFFIX if has_index
                                  else None),
                      index_size=entry["index_bytes"], index_data=bundled,
