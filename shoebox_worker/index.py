@@ -55,9 +55,10 @@ is never bound. Readers refuse any other version, magic or checksum
 version gets a new number, and readers of this one stay.
 
 **Binding.** An index is bound to one archive by the archive's ETag as a
-Swift listing gives it (``hash``: the MD5 of its bytes, or for a Static
-Large Object the MD5 of its segments' MD5s) and its size: both checkable
-from a listing alone, with no HEAD. The worker writes an index unbound
+Swift listing gives it (``hash``, the MD5 of its bytes; for a Static
+Large Object ``slo_etag``, the MD5 of its segments' MD5s, as a HEAD
+gives it) and its size: both checkable from a listing alone, with no
+HEAD. The worker writes an index unbound
 when it closes the archive; the shipper binds the sidecar to the file
 the chain leaves (:func:`bind_file`) and the ``swift`` step binds what it
 uploads to the object Swift verified (:func:`bind`). A reader prunes with

@@ -113,6 +113,7 @@ __all__ = [
     "find_archives",
     "is_index_file",
     "without_sidecars",
+    "bound_etag",
     "get_bounded",
     "item_of",
     "looks_like_archive",
@@ -777,7 +778,8 @@ class _Listing:
 
     def _keep(self, entry):
         kept = {key: entry[key] for key in ("name", "bytes", "last_modified",
-                                            "hash") if key in entry}
+                                            "hash", "slo_etag")
+                if key in entry}
         kept["index_bytes"] = None
         self._waiting[entry["name"] + INDEX_SUFFIX] = kept
         return kept
@@ -808,12 +810,21 @@ def _find_objects(swift, spec, indexes=False, jobs=DEFAULT_JOBS):
             for entry in sorted(listing.archives, key=_written_order_key)]
 
 
+def bound_etag(entry):
+    """The ETag of a listing entry that an index of its object is bound
+    to (:func:`shoebox_worker.index.binding_problem`): a Static Large
+    Object's ``slo_etag`` (its segments' ETag, as a HEAD gives it; its
+    ``hash`` is that of its manifest), else its ``hash`` (the MD5)."""
+    slo = entry.get("slo_etag")
+    return slo.strip('"') if slo else entry.get("hash")
+
+
 def _item_of(swift, container, entry, bundled=None, listed=True):
     """The :class:`SwiftItem` of an archive entry :class:`_Listing` kept."""
     has_index = entry["index_bytes"] is not None or bundled is not None
     return SwiftItem(swift, container, entry["name"], size=entry.get("bytes"),
                      last_modified=entry.get("last_modified", ""),
-                     etag=entry.get("hash"),
+                     etag=bound_etag(entry),
                      index_name=(entry["name"] + INDEX_SUFFIX if has_index
                                  else None),
                      index_size=entry["index_bytes"], index_data=bundled,

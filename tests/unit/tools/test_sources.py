@@ -254,6 +254,13 @@ class TestPagedListing:
         assert peak < 1 << 20, peak
 
 
+@pytest.mark.parametrize("listed, etag", [
+    ({"hash": "m"}, "m"), ({"hash": "m", "slo_etag": '"s"'}, "s"),
+    ({}, None)])
+def test_the_etag_an_index_is_bound_to(listed, etag):
+    assert sources.bound_etag(listed) == etag
+
+
 def instance_archive(name, ids):
     """A listing entry, the archive's bytes and its index's, for records of
     the instance ids ``ids``."""
