@@ -59,12 +59,14 @@ def bundled(ft, swift_env, tmp_path_factory):
             step.on_close(path, report=report)
             ids.append({(note.get("payload") or {}).get("instance_id")
                         for note in chunk})
-            with open(index.sidecar(path), "rb") as f:
-                real.append([os.path.basename(path), None, f.read()])
+            real.append([os.path.basename(path), None, None])
         hashes = {e["name"]: e["hash"]
                   for e in ft.swift_archives(conn, container)}
         for entry in real:
+            # the index as uploaded: bound to its object
             entry[1] = hashes[entry[0]]
+            entry[2] = conn.get_object(container,
+                                       entry[0] + index.SUFFIX)[1]
         for number in range(2):
             entries = [tuple(e) for e in real] if number == 0 else []
             entries += [("gone/%d/%04d" % (number, n), "e%d" % n,
