@@ -618,6 +618,7 @@ def bind(data, etag, size, name="index"):
     ``size`` bytes: written in this version.
 
     :raises IndexError_: ``data`` is no intact index.
+    :raises ValueError: ``etag`` is empty, not ASCII or too long.
     """
     if not etag or not etag.isascii() or len(etag) > 0xFF:
         raise ValueError("not an ETag to bind to: %r" % (etag,))
@@ -677,7 +678,7 @@ def binding_problem(found, size, etag_of):
     if found.etag is None:
         return "index not bound to its archive (%s)" % (
             "format version %d" % found.version if found.version < 2
-            else "written before it was shipped")
+            else "it names none: not shipped yet, or not the worker's")
     if size is None or found.archive_size != size:
         return "index bound to an archive of %d bytes, not %s" % (
             found.archive_size, "unknown" if size is None else size)

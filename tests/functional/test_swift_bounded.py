@@ -226,6 +226,7 @@ def test_hostile_indexes_and_forged_metadata_hide_nothing_and_stay_bounded(
     assert (code, lines) == (0, expected), err
     assert err.splitlines() == [
         "shoebox-worker: warning: %s/%s.index: index not bound to its "
-        "archive (written before it was shipped); reading %s/%s in full"
+        "archive (it names none: not shipped yet, or not the worker's); "
+        "reading %s/%s in full"
         % (spec, tampered["hostile"], spec, tampered["hostile"])]
     assert peak < 6 << 20, peak

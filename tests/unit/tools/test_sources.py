@@ -400,8 +400,9 @@ class TestBundles:
         err = capsys.readouterr().err.splitlines()
         assert len(err) == 4, err
         assert err[0] == ("shoebox-worker: warning: swift://c/a.index: "
-                          "index not bound to its archive (written before "
-                          "it was shipped); reading swift://c/a in full")
+                          "index not bound to its archive (it names none: "
+                          "not shipped yet, or not the worker's); reading "
+                          "swift://c/a in full")
         assert "bound to the archive with ETag etag-a, not etag-b" in err[1]
         assert "bound to an archive of 11 bytes, not 10" in err[2]
 
