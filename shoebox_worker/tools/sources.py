@@ -27,8 +27,11 @@ the name of an object reads that object alone.
 indexes=True)``: a pruned read), the bundles in the listing are fetched
 (a GET each, ``jobs`` at a time) and an archive whose name and listing
 ``hash`` (its ETag) a bundle holds takes its index from there, with no
-GET of its own ``.index``. An entry whose hash is not the listing's (the
-archive object was replaced since) is ignored, and so is a damaged bundle
+GET of its own ``.index``; that index, like an archive's own, prunes only
+when it is bound to the archive (:meth:`Item.binding_problem`: the
+listing's ``bytes`` and :func:`bound_etag`, no request). An entry whose
+hash is not the listing's (the archive object was replaced since) is
+ignored, and so is a damaged bundle
 (one line on stderr): those archives' own indexes are read, as are those
 of archives no bundle holds. A bundle is parsed as its bytes come, and
 only the entries of the listing's archives are kept, at most
