@@ -24,13 +24,14 @@ value; a body only ``json`` reads, malformed for the worker, as well).
 files")::
 
     4 bytes  magic  b"SBXI"
-    uint8    version (1)
-    uint8    flags: bit 0 (:data:`READING`) set by every writer since
-             issue 20; other bits 0
+    uint8    version (2)
+    uint8    0 (reserved)
     uint16   F, the number of fields
     uint64   records indexed
     uint8    E, then E bytes: earliest timestamp (ASCII; E = 0: unknown)
     uint8    L, then L bytes: latest timestamp (ASCII; L = 0: unknown)
+    uint8    T, then T bytes: the archive's ETag (ASCII; T = 0: unbound)
+    uint64   the archive's size in bytes (0 when unbound)
     F times:
         uint16   N, then N bytes: the field's dotted path (UTF-8)
         uint32   distinct values added
@@ -51,17 +52,27 @@ is made larger. Readers need none of that: ``M`` is ``8 * B``. Timestamps are
 maximum over every record (not the first and last), so text order is
 time order.
 
-**Which indexes are trusted.** An index whose :data:`READING` flag is
-set holds the values ``--where`` reads (:func:`notification_of`: a
-repeated key's last value, bodies only ``json`` reads) and a time range
-over every timestamp form :mod:`~shoebox_worker.timestamps` reads; one
-without it was written before, by a writer that could leave such
-records out (:attr:`Index.complete` is False): readers prune nothing
-on it (the archive is read, as without an index).
-
-Readers refuse any other version, magic or checksum
+Version 1 is the same without T, its ETag and the size: it is read, and
+is never bound, so it never prunes. Its writers also read records
+otherwise than ``--where`` and ``--since`` do (a repeated key's first
+value, no values for a body only ``json`` reads, timestamps with an
+offset compared as text), which version 2's writers do not. Readers
+refuse any other version, magic or checksum
 (:class:`~shoebox_worker.exceptions.IndexError_`, one line); a new
 version gets a new number, and readers of this one stay.
+
+**Binding.** An index is bound to one archive by the archive's ETag as a
+Swift listing gives it (``hash``, the MD5 of its bytes; for a Static
+Large Object ``slo_etag``, the MD5 of its segments' MD5s, as a HEAD
+gives it) and its size: both checkable from a listing alone, with no
+HEAD. The worker writes an index unbound
+when it closes the archive; the shipper binds the sidecar to the file
+the chain leaves (:func:`bind_file`) and the ``swift`` step binds what it
+uploads to the object Swift verified (:func:`bind`). A reader prunes with
+an index only when :func:`binding_problem` finds none: an unbound index
+(version 1, or not bound yet), or one bound to other bytes (stale,
+copied, forged), proves nothing about the archive beside it, which is
+then read (docs/reading.md, "What pruning trusts").
 
 **Size.** A reader takes no index longer than :func:`size_limit` says
 from its first :data:`HEAD_BYTES` bytes: what F fields of the longest
@@ -104,14 +115,17 @@ from shoebox_worker import timestamps
 
 __all__ = [
     "DEFAULT_FIELDS",
-    "READING",
     "SUFFIX",
     "BUNDLE_SUFFIX",
     "Builder",
     "Bundle",
     "Index",
     "build",
+    "bind",
+    "bind_file",
+    "binding_problem",
     "build_bundle",
+    "etag_of_file",
     "bundle_size_limit",
     "lookup",
     "looks_like_index",
@@ -141,13 +155,10 @@ DEFAULT_FIELDS = (
 )
 #: An archive's index is ``<archive>`` + this, beside it.
 SUFFIX = ".index"
-#: The format version written (and the only one read).
-VERSION = 1
-#: Header flag (the byte after the version): the values are those
-#: :func:`notification_of` reads and the time range normalises every
-#: timestamp form. Writers before it left that byte 0, readers before
-#: it ignore it.
-READING = 0x01
+#: The format version written.
+VERSION = 2
+#: The format versions read (1 has no binding).
+VERSIONS = (1, 2)
 MAGIC = b"SBXI"
 #: A bundle of the archives under ``PREFIX`` is ``PREFIX`` + this.
 BUNDLE_SUFFIX = ".shoebox-index-bundle"
@@ -190,6 +201,7 @@ _U8 = struct.Struct("<B")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _oslo_form = timestamps.OSLO_FORM.fullmatch
+_U64 = struct.Struct("<Q")
 
 
 #: Bytes of an index that tell how long it may be (:func:`size_limit`).
@@ -213,13 +225,14 @@ def size_limit(head):
                                          "magic)" % (MAGIC,))
         return MAX_BYTES
     magic, version, _, count, records = _HEAD.unpack(head)
-    if magic != MAGIC or version != VERSION:
+    if magic != MAGIC or version not in VERSIONS:
         raise exceptions.IndexError_(
-            "not a shoebox index of version %d (%r, version %d)" % (
-                VERSION, magic, version))
+            "not a shoebox index of version %s (%r, version %d)" % (
+                " or ".join(map(str, VERSIONS)), magic, version))
     per_field = (_U16.size + 0xFFFF + _FIELD.size + MIN_BITS // 8
                  + (MAX_BITS_PER_RECORD * records + 7) // 8)
-    most = _HEAD.size + 2 * (_U8.size + 0xFF) + count * per_field + 4
+    most = _HEAD.size + 3 * (_U8.size + 0xFF) + _U64.size \
+        + count * per_field + 4
     return min(most, MAX_BYTES)
 
 
@@ -659,9 +672,11 @@ class Builder:
         return min(found), max(found)
 
     def to_bytes(self):
+        """The index, unbound (:func:`bind` binds it)."""
         earliest, latest = self.time_range()  # flushes
         return _pack(self.fields, self.records, earliest, latest,
-                     self._values)
+                     [(len(found),) + _filter(found)
+                      for found in self._values])
 
 
 def build(records, fields=DEFAULT_FIELDS):
@@ -678,15 +693,98 @@ def _text(value, size_of=_U8):
     return size_of.pack(len(data)) + data
 
 
-def _pack(fields, records, earliest, latest, values):
-    parts = [_HEAD.pack(MAGIC, VERSION, READING, len(fields), records),
-             _text(earliest), _text(latest)]
-    for field, found in zip(fields, values, strict=True):
-        hashes, mask = _filter(found)
+def _pack(fields, records, earliest, latest, filters, binding=None):
+    """The bytes of an index of this version; ``filters``: ``(distinct
+    values, hashes, filter bytes)`` of each field; ``binding``: ``(ETag,
+    size)`` of its archive, or None (unbound)."""
+    etag, size = binding if binding is not None else ("", 0)
+    parts = [_HEAD.pack(MAGIC, VERSION, 0, len(fields), records),
+             _text(earliest), _text(latest), _text(etag), _U64.pack(size)]
+    for field, (distinct, hashes, mask) in zip(fields, filters,
+                                               strict=True):
         parts += [_text(field, _U16),
-                  _FIELD.pack(len(found), hashes, len(mask)), mask]
+                  _FIELD.pack(distinct, hashes, len(mask)), mask]
     data = b"".join(parts)
     return data + _U32.pack(zlib.crc32(data))
+
+
+# -- binding -----------------------------------------------------------------
+
+def bind(data, etag, size, name="index"):
+    """The index ``data`` (any version read) bound to the archive whose
+    ETag as a listing gives it (``hash``) is ``etag`` and whose size is
+    ``size`` bytes: written in this version.
+
+    :raises IndexError_: ``data`` is no intact index.
+    :raises ValueError: ``etag`` is empty, not ASCII or too long.
+    """
+    if not etag or not etag.isascii() or len(etag) > 0xFF:
+        raise ValueError("not an ETag to bind to: %r" % (etag,))
+    found = Index.from_bytes(data, name)
+    return _pack(found.fields, found.records, found.earliest, found.latest,
+                 [found._filters[field] for field in found.fields],
+                 (etag, size))
+
+
+#: Bytes of a file hashed at a time (:func:`etag_of_file`).
+_HASH_CHUNK = 1 << 20
+
+
+def etag_of_file(path):
+    """The ETag Swift gives a plain object of the file's bytes: their MD5
+    (hex)."""
+    md5 = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            md5.update(chunk)
+    return md5.hexdigest()
+
+
+def bind_file(archive):
+    """Bind the sidecar of the file ``archive`` (:func:`sidecar`) to the
+    file as it is now (atomically, the index's permission bits kept);
+    nothing when it has none or is bound to it already.
+
+    :returns: whether the sidecar was rewritten.
+    :raises IndexError_: the sidecar is no intact index.
+    :raises OSError: either file cannot be read, or the index written.
+    """
+    path = sidecar(archive)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+            mode = os.fstat(f.fileno()).st_mode & 0o7777
+    except FileNotFoundError:
+        return False
+    found = Index.from_bytes(data, path)
+    size = os.stat(archive).st_size
+    if binding_problem(found, size, lambda: etag_of_file(archive)) is None:
+        return False
+    write_file(path, bind(data, etag_of_file(archive), size, path), mode)
+    return True
+
+
+def binding_problem(found, size, etag_of):
+    """Why the :class:`Index` ``found`` may not prune the archive of
+    ``size`` bytes whose ETag (as a listing gives it) ``etag_of()``
+    returns, or None when it is bound to that archive: the one test of
+    whether an index is trusted. ``etag_of`` is called only once the
+    sizes agree (for a file it hashes every byte).
+
+    :raises OSError: from ``etag_of``.
+    """
+    if found.etag is None:
+        return "index not bound to its archive (%s)" % (
+            "format version %d" % found.version if found.version < 2
+            else "it names none: not shipped yet, or not the worker's")
+    if size is None or found.archive_size != size:
+        return "index bound to an archive of %d bytes, not %s" % (
+            found.archive_size, "unknown" if size is None else size)
+    etag = etag_of()
+    if found.etag != etag:
+        return "index bound to the archive with ETag %s, not %s" % (
+            found.etag, etag)
+    return None
 
 
 def write_file(path, data, mode=None):
@@ -711,21 +809,22 @@ class Index:
         ``YYYY-MM-DDTHH:MM:SS.ffffffZ``), None when unknown.
     :ivar latest: the greatest, likewise.
     :ivar distinct: ``{field: distinct values}``.
-    :ivar complete: written with the :data:`READING` flag: its values and
-        time range leave out no record ``--where``/``--since`` selects.
-        False: an index of an older writer, which may (a reader prunes
-        nothing on it).
+    :ivar version: the format version it was read in.
+    :ivar etag: the ETag of the archive it is bound to, None when unbound
+        (:func:`binding_problem`).
+    :ivar archive_size: that archive's size in bytes, None when unbound.
     """
 
     def __init__(self, fields, records, earliest, latest, filters,
-                 complete=True):
-        self.complete = complete
+                 binding=None, version=VERSION):
         self.fields = tuple(fields)
         self.records = records
         self.earliest = earliest
         self.latest = latest
         self._filters = filters     # field -> (distinct, hashes, bytes)
         self.distinct = {field: filters[field][0] for field in fields}
+        self.etag, self.archive_size = binding or (None, None)
+        self.version = version
 
     @classmethod
     def from_bytes(cls, data, name="index"):
@@ -739,23 +838,23 @@ class Index:
         if len(data) < _HEAD.size + 4 or data[:4] != MAGIC:
             raise exceptions.IndexError_("%s: not a shoebox index (no %r "
                                          "magic)" % (name, MAGIC))
-        if data[4] != VERSION:
-            raise exceptions.IndexError_("%s: index format version %d; "
-                                         "this reader knows %d" % (
-                                             name, data[4], VERSION))
+        if data[4] not in VERSIONS:
+            raise exceptions.IndexError_(
+                "%s: index format version %d; this reader knows %s" % (
+                    name, data[4], " and ".join(map(str, VERSIONS))))
         body, (crc,) = data[:-4], _U32.unpack_from(data, len(data) - 4)
         if zlib.crc32(body) != crc:
             raise exceptions.IndexError_("%s: damaged index (checksum "
                                          "mismatch)" % (name,))
         try:
-            return cls._parse(body)
+            return cls._parse(body, data[4])
         except (struct.error, UnicodeDecodeError, ValueError) as exc:
             raise exceptions.IndexError_("%s: malformed index (%s)" % (
                 name, exc)) from None
 
     @classmethod
-    def _parse(cls, body):
-        _, _, flags, count, records = _HEAD.unpack_from(body, 0)
+    def _parse(cls, body, version):
+        _, _, _, count, records = _HEAD.unpack_from(body, 0)
         pos = _HEAD.size
 
         def text(size_of=_U8):
@@ -769,6 +868,13 @@ class Index:
             return value or None
 
         earliest, latest = text(), text()
+        binding = None
+        if version >= 2:
+            etag = text()
+            (size,) = _U64.unpack_from(body, pos)
+            pos += _U64.size
+            if etag is not None:
+                binding = (etag, size)
         fields, filters = [], {}
         for _ in range(count):
             field = text(_U16)
@@ -785,8 +891,8 @@ class Index:
         if pos != len(body):
             raise ValueError("%d bytes after the last field" % (
                 len(body) - pos))
-        return cls(fields, records, earliest, latest, filters,
-                   complete=bool(flags & READING))
+        return cls(fields, records, earliest, latest, filters, binding,
+                   version)
 
     def may_contain(self, field, value):
         """May a record of the archive have ``value`` at ``field``?

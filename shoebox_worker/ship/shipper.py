@@ -95,7 +95,10 @@ without a state file gets its index rebuilt from its records (the same
 read as its report); at start, an index whose archive is gone and that
 no state file can still lead to (none names a prefix of it) is removed.
 An archive without an index is shipped all the same: the index is best
-effort and never holds an archive back.
+effort and never holds an archive back. Once the chain is done with an
+archive that stays on disk, its index is bound to the file as it is then
+(:func:`shoebox_worker.index.bind_file`: its MD5 and size), so that a
+reader trusts it for that file only.
 """
 
 import dataclasses
@@ -144,6 +147,9 @@ W_BAD_STATE_LEFT = ("%s %s, and %s is not there: left alone, for an "
                     "operator to look at")
 #: A :data:`DONE_FILE` that cannot be used: which, what is wrong.
 W_BAD_DONE = ("%s %s: archives it listed as shipped are shipped again")
+#: An index that cannot be bound to the archive the chain left.
+W_UNBOUND = ("cannot bind the index %s to %s (%s): pruned reads read the "
+             "archive in full")
 W_UNDECLARED = ("callback %s left %s at %s, not at %s as declared "
                 "(output_path): a crash while it runs can strand the "
                 "archive; see shoebox_worker.contract")
@@ -1110,11 +1116,23 @@ class Shipper:
             job.archive_lock.release()
             job.archive_lock = None
 
+    @staticmethod
+    def _bind_index(path):
+        """Bind the index beside the archive the chain leaves at ``path``
+        to that file (best effort: an index left unbound only prunes
+        nothing)."""
+        try:
+            index.bind_file(path)
+        except (exceptions.ShoeboxError, OSError) as exc:
+            LOG.warning(W_UNBOUND, index.sidecar(path), path, exc)
+
     def _finish(self, job):
         """The chain is done with this archive: drop its state (its index
         first, when the archive is gone)."""
         if job.path is None or not os.path.exists(job.path):
             self._carry_index(job)
+        else:
+            self._bind_index(job.path)
         remains = job.path is not None and os.path.exists(job.path) and \
             os.path.abspath(job.path) == os.path.abspath(job.origin)
         if remains:

@@ -105,7 +105,12 @@ created (when missing) at the first upload.
 the archive object is verified, as ``<object>.index`` (beside the object
 the archive went under, another name included), in the same container,
 with the same ``X-Delete-After``, and also with ``If-None-Match: *``; its
-ETag must be the MD5 of its bytes. A 412 whose object has the same size
+ETag must be the MD5 of its bytes. It is bound first
+(:func:`shoebox_worker.index.bind`) to the archive object: the ETag the
+verifying HEAD gave (the listing's ``hash``: the MD5, or an SLO's ETag)
+and its size, which a reader checks against the listing before it lets
+the index prune (an index file that cannot be bound, damaged, is not
+uploaded: a WARNING). A 412 whose object has the same size
 and MD5 is done (an earlier attempt). One with other bytes is replaced,
 with a WARNING: the archive object is this file, and an index that does
 not describe it could hide its records from a reader. A failed index
@@ -202,6 +207,8 @@ W_NAME_TAKEN = ("object %s/%s holds other content (%s): NOT overwriting it; "
 #: The index object beside an archive object holds other bytes: replaced.
 W_INDEX_REPLACED = ("index object %s/%s holds other content (%s): replacing "
                     "it with the index of %s, which that archive object is")
+#: The index file cannot be bound (damaged): not uploaded.
+W_INDEX_DAMAGED = "%s: not uploaded; %s/%s is read in full by pruned reads"
 #: The content type of index objects.
 INDEX_CONTENT_TYPE = "application/vnd.shoebox-index"
 #: ``os_auth_type`` values (keystoneauth1's plugin names) and what they
@@ -1002,10 +1009,11 @@ class SwiftUploadCallback:
                 # both, so that the segment listing never meets a 404
                 self._ensure_container(conn, self.container)
                 self._ensure_container(conn, self.segment_container)
-                obj, stale = self._upload(conn, f.fileno(), filename, obj,
-                                          size, count, headers, content_type)
+                obj, stale, etag = self._upload(conn, f.fileno(), filename,
+                                                obj, size, count, headers,
+                                                content_type)
                 target = "%s/%s" % (self.container, obj)
-                self._put_index(conn, filename, obj)
+                self._put_index(conn, filename, obj, etag, size)
         except Exception as exc:
             self._drop_connection()  # the next call starts afresh
             hint = self._permanent(exc)
@@ -1112,19 +1120,21 @@ class SwiftUploadCallback:
         both). Nothing is ever overwritten: every PUT carries
         ``If-None-Match: *``.
 
-        :returns: ``(name, stale)``: the object name the file is now
-            under, and the segments of earlier attempts at it to delete.
+        :returns: ``(name, stale, etag)``: the object name the file is
+            now under, the segments of earlier attempts at it to delete,
+            and the object's ETag as Swift gave it once verified.
         """
         name = obj
         for attempt in range(1, _MAX_OTHER_NAMES + 2):
             file_hash = _FileHash(filename)
             try:
                 if count == 1:
-                    created = self._put_plain(conn, fd, name, size,
+                    created, etag = self._put_plain(conn, fd, name, size,
                                               file_hash, headers,
                                               content_type)
                 else:
-                    created = self._put_slo(conn, fd, name, size, count,
+                    created, etag = self._put_slo(conn, fd, name, size,
+                                                  count,
                                             file_hash, headers,
                                             content_type)
             except _NameTaken as taken:
@@ -1138,8 +1148,8 @@ class SwiftUploadCallback:
             if not created:
                 LOG.info("%s/%s already holds %s (an earlier upload); not "
                          "sent again", self.container, name, filename)
-                return name, []
-            return name, self._stale_segments(conn, name, size, count)
+                return name, [], etag
+            return name, self._stale_segments(conn, name, size, count), etag
         raise AssertionError("unreachable")
 
     def _put(self, conn, container, obj, part, headers, content_type):
@@ -1173,13 +1183,20 @@ class SwiftUploadCallback:
                             _trans_id(response.get("headers")))
         return md5
 
-    def _put_index(self, conn, filename, obj):
-        """Upload the archive's index, if it has one, as ``<obj>.index``
-        (see the module documentation)."""
+    def _put_index(self, conn, filename, obj, etag, size):
+        """Upload the archive's index, if it has one, as ``<obj>.index``,
+        bound to the archive object (its ``etag`` and ``size``: see the
+        module documentation)."""
+        path = archive_index.sidecar(filename)
         try:
-            with open(archive_index.sidecar(filename), "rb") as f:
+            with open(path, "rb") as f:
                 data = f.read()
         except FileNotFoundError:
+            return
+        try:
+            data = archive_index.bind(data, etag, size, path)
+        except exceptions.IndexError_ as exc:
+            LOG.warning(W_INDEX_DAMAGED, exc, self.container, obj)
             return
         name = obj + archive_index.SUFFIX
         md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
@@ -1213,6 +1230,9 @@ class SwiftUploadCallback:
                             _trans_id(response.get("headers")))
 
     def _head(self, conn, obj, size, etag, sha256, slo):
+        """HEAD the object uploaded: ``size`` bytes, ``etag`` (None: any),
+        ``sha256``, and an SLO when ``slo``; its ETag (what a listing
+        gives as ``hash``)."""
         head = conn.head_object(self.container, obj)
         txn = _trans_id(head)
         got_size = int(head.get("content-length", -1))
@@ -1228,6 +1248,7 @@ class SwiftUploadCallback:
         if slo and not _is_slo(head):
             raise _Mismatch("HEAD %s/%s: not a Static Large Object"
                             % (self.container, obj), txn)
+        return got_etag
 
     def _existing(self, conn, container, obj):
         """Swift's headers of ``container/obj``, or None when there is
@@ -1244,8 +1265,9 @@ class SwiftUploadCallback:
         """PUT, then POST the metadata with the SHA-256 known only now
         (the POST replaces all of it), then HEAD.
 
-        :returns: whether this call created the object (False: Swift held
-            this very file already, from an earlier attempt).
+        :returns: ``(created, etag)``: whether this call created the
+            object (False: Swift held this very file already, from an
+            earlier attempt), and its ETag as the HEAD verified it.
         :raises _NameTaken: Swift holds other content under ``obj``.
         """
         part = _Part(fd, 0, size, file_hash)
@@ -1264,14 +1286,13 @@ class SwiftUploadCallback:
             if head.get("x-object-meta-sha256") == sha256:
                 # this file, uploaded before: as a plain object, or as an
                 # SLO (other settings), whose ETag is its segments'
-                self._head(conn, obj, size, None if _is_slo(head) else etag,
-                           sha256, slo=False)
-                return False
+                return False, self._head(conn, obj, size,
+                                         None if _is_slo(head) else etag,
+                                         sha256, slo=False)
             # an earlier attempt stopped before its metadata POST
         conn.post_object(self.container, obj, headers=dict(
             headers, **{"X-Object-Meta-Sha256": sha256}))
-        self._head(conn, obj, size, etag, sha256, slo=False)
-        return created
+        return created, self._head(conn, obj, size, etag, sha256, slo=False)
 
     def _put_slo(self, conn, fd, obj, size, count, file_hash, headers,
                  content_type):
@@ -1279,7 +1300,7 @@ class SwiftUploadCallback:
         them all), then HEAD. A manifest already there is looked at first
         (the file hashed for it), so that no segment is sent for it.
 
-        :returns: whether this call created the object.
+        :returns: ``(created, etag)``, as :meth:`_put_plain`.
         :raises _NameTaken: Swift holds other content under ``obj`` (or
             under one of its segment names).
         """
@@ -1322,8 +1343,7 @@ class SwiftUploadCallback:
                 self._existing(conn, self.container, obj) or {})
         slo_etag = hashlib.md5("".join(m["etag"] for m in manifest).encode(
             "ascii"), usedforsecurity=False).hexdigest()
-        self._head(conn, obj, size, slo_etag, sha256, slo=True)
-        return True
+        return True, self._head(conn, obj, size, slo_etag, sha256, slo=True)
 
     def _slo_exists(self, conn, fd, obj, size, head):
         """``obj`` exists already: done if it holds this file (its size and
@@ -1332,8 +1352,7 @@ class SwiftUploadCallback:
         if not _same_content(head, size, sha256, None):
             raise _NameTaken(_what_is_there(head))
         # its ETag is that of its own segments, which may be cut otherwise
-        self._head(conn, obj, size, None, sha256, slo=False)
-        return False
+        return False, self._head(conn, obj, size, None, sha256, slo=False)
 
     def _reuse_segment(self, conn, name, part, segment_headers):
         """A segment already there (an earlier attempt's): its MD5 if it

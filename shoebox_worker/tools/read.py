@@ -165,21 +165,15 @@ def find_items(args, swift, selection=None):
 
 
 def _may_hold(selection, item):
-    """:meth:`Selection.may_hold`, after a HEAD for the object's metadata
-    when only that can tell (no index to read); an object the HEAD cannot
-    reach is kept: reading it says what is wrong."""
-    if selection.needs_meta and item.meta is None and (
-            item.index_name is None or selection.load_index is None):
-        try:
-            item.head(item.swift.connection())
-        except (ToolError, OSError):
-            return True
+    """:meth:`Selection.may_hold`, with one warning line per index not
+    used."""
     return selection.may_hold(item, on_unused=_index_unused)
 
 
 def _index_unused(item, err):
     """The one warning line for an index that cannot be used (unreadable,
-    damaged, or longer than an index may be): its archive is read."""
+    damaged, longer than an index may be, or not bound to its archive):
+    its archive is read."""
     if isinstance(err, OSError):
         text = "%s: cannot read: %s" % (item.index_label,
                                         err.strerror or err)

@@ -4,9 +4,12 @@ A :class:`Selection` is built from the command line (:func:`add_arguments`,
 :func:`from_args`) and answers two questions:
 
 * :meth:`Selection.may_hold`: can this archive hold a selected record at
-  all? False only when what is known without reading it (a Swift object's
-  ``Earliest-Timestamp``/``Latest-Timestamp`` metadata, an index) proves
-  that it cannot; anything unknown is True. The archive's time range is
+  all? False only when its index, bound to this very archive
+  (:func:`shoebox_worker.index.binding_problem`), proves that it cannot;
+  anything unknown is True. An index not bound to the archive, and a Swift
+  object's ``Earliest-Timestamp``/``Latest-Timestamp`` metadata (which a
+  POST changes without changing the object), prove nothing
+  (docs/reading.md, "What pruning trusts"). The archive's time range is
   the min and max over *all* its records' times, not its first and last
   record's, so an archive of late records (older than its neighbours) is
   never pruned by mistake (docs/reading.md, "Selecting by time").
@@ -52,10 +55,6 @@ _RELATIVE = re.compile(r"(\d+)([smhdw])\Z")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 #: Characters that make a glob more than one exact value.
 _GLOB_CHARS = frozenset("*?[")
-#: Swift object metadata keys of an archive's time range (lowercased,
-#: without ``x-object-meta-``, as sources' ``Item.meta`` has them).
-EARLIEST_KEY = "earliest-timestamp"
-LATEST_KEY = "latest-timestamp"
 
 
 # -- parsing the options ------------------------------------------------------
@@ -176,10 +175,10 @@ class Selection:
     :param load_index: ``load_index(data, name)`` turns the bytes of an
         archive's index (named ``name`` in messages) into an object with
         ``fields``, ``may_contain(field, value)``, ``earliest``,
-        ``latest`` and ``complete`` (``shoebox_worker.index.Index.
-        from_bytes``), raising a ShoeboxError for a damaged one; None:
-        indexes are not read. An index that is not ``complete`` (written
-        before issue 20: it may miss records) prunes nothing.
+        ``latest`` (``shoebox_worker.index.Index.from_bytes``), raising a
+        ShoeboxError for a damaged one; None: indexes are not read. An
+        index prunes only when the item finds it bound to the archive
+        (:meth:`may_hold`).
 
     ``keep(metadata, payload)`` is made once, for the options given (a
     plain attribute: the tools' hot loop calls it per record).
@@ -224,11 +223,6 @@ class Selection:
     @property
     def windowed(self):
         return self.since is not None or self.until is not None
-
-    @property
-    def needs_meta(self):
-        """Whether :meth:`may_hold` can use an archive's metadata."""
-        return self.windowed
 
     @property
     def exact(self):
@@ -300,18 +294,16 @@ class Selection:
     # -- pruning archives ----------------------------------------------
 
     def may_hold(self, item, on_unused=None):
-        """False only when ``item`` (an archive: ``meta``, ``index_name``,
-        ``index_label``, ``read_index()``) provably holds no record this
-        selection keeps.
+        """False only when ``item`` (an archive: ``index_name``,
+        ``index_label``, ``read_index()``, ``binding_problem(index)``)
+        provably holds no record this selection keeps: its index rules it
+        out and is bound to it.
 
         :param on_unused: called as ``on_unused(item, error)`` when the
             item has an index that cannot be read or used (an OSError, a
-            ShoeboxError: damaged, too long); the item may hold then.
+            ShoeboxError: damaged, too long, or not bound to the item);
+            the item may hold then. Once per item at most.
         """
-        if self.windowed:
-            meta = item.meta or {}
-            if self._misses(meta.get(EARLIEST_KEY), meta.get(LATEST_KEY)):
-                return False
         if self.load_index is None or getattr(item, "index_name", None) \
                 is None or not (self.exact or self.windowed):
             return True
@@ -319,18 +311,28 @@ class Selection:
             data = item.read_index()
             index = self.load_index(data, item.index_label) \
                 if data is not None else None
+            if index is None or not self._rules_out(index):
+                return True
+            # only an index that would prune is checked: for a file,
+            # that hashes it
+            problem = item.binding_problem(index)
+            if problem is None:
+                return False
+            raise exceptions.IndexError_("%s: %s" % (item.index_label,
+                                                     problem))
         except (exceptions.ShoeboxError, OSError) as err:
             if on_unused is not None:
                 on_unused(item, err)
-            return True  # a damaged or unreadable index proves nothing
-        if index is None or not getattr(index, "complete", False):
-            return True  # none, or one that may leave records out
+            return True  # an unusable or unbound index proves nothing
+
+    def _rules_out(self, index):
+        """Does ``index`` say that its archive holds no record kept?"""
         if self.windowed and self._misses(getattr(index, "earliest", None),
                                           getattr(index, "latest", None)):
-            return False
+            return True
         fields = set(index.fields)
-        return all(index.may_contain(path, value)
-                   for path, value in self.exact if path in fields)
+        return not all(index.may_contain(path, value)
+                       for path, value in self.exact if path in fields)
 
     def _misses(self, earliest, latest):
         """True when the time range ``[earliest, latest]`` (texts) is known

@@ -27,8 +27,11 @@ the name of an object reads that object alone.
 indexes=True)``: a pruned read), the bundles in the listing are fetched
 (a GET each, ``jobs`` at a time) and an archive whose name and listing
 ``hash`` (its ETag) a bundle holds takes its index from there, with no
-GET of its own ``.index``. An entry whose hash is not the listing's (the
-archive object was replaced since) is ignored, and so is a damaged bundle
+GET of its own ``.index``; that index, like an archive's own, prunes only
+when it is bound to the archive (:meth:`Item.binding_problem`: the
+listing's ``bytes`` and :func:`bound_etag`, no request). An entry whose
+hash is not the listing's (the archive object was replaced since) is
+ignored, and so is a damaged bundle
 (one line on stderr): those archives' own indexes are read, as are those
 of archives no bundle holds. A bundle is parsed as its bytes come, and
 only the entries of the listing's archives are kept, at most
@@ -113,6 +116,7 @@ __all__ = [
     "find_archives",
     "is_index_file",
     "without_sidecars",
+    "bound_etag",
     "get_bounded",
     "item_of",
     "looks_like_archive",
@@ -214,6 +218,15 @@ class Item:
         """The bytes of the index, or None when there is none."""
         raise NotImplementedError
 
+    def binding_problem(self, found):
+        """Why the :class:`~shoebox_worker.index.Index` ``found`` may not
+        prune this archive, or None when it is bound to it
+        (:func:`shoebox_worker.index.binding_problem`).
+
+        :raises OSError: the archive cannot be read (a file is hashed).
+        """
+        raise NotImplementedError
+
     @property
     def index_label(self):
         """The index, for messages (a path, ``swift://C/O.index``)."""
@@ -240,6 +253,13 @@ class FileItem(Item):
     def open(self):
         return open(self.path, "rb")
 
+    def binding_problem(self, found):
+        """The file's size (now) and MD5 against the binding: the MD5 is
+        taken only when the sizes agree."""
+        return archive_index.binding_problem(
+            found, os.stat(self.path).st_size,
+            lambda: archive_index.etag_of_file(self.path))
+
     def read_index(self):
         if self.index_name is None:
             return None
@@ -257,8 +277,8 @@ class SwiftItem(Item):
     over the download :func:`read_ahead` started for it)."""
 
     def __init__(self, swift, container, obj, *, size=None,
-                 last_modified="", index_name=None, index_size=None,
-                 index_data=None, listed=False):
+                 last_modified="", etag=None, index_name=None,
+                 index_size=None, index_data=None, listed=False):
         super().__init__("%s%s/%s" % (SCHEME, container, obj), size=size,
                          index_name=index_name, listed=listed,
                          salvage_to=os.path.basename(obj) + ".salvaged")
@@ -266,6 +286,7 @@ class SwiftItem(Item):
         self.container = container
         self.object = obj
         self.last_modified = last_modified
+        self.etag = etag  # the listing's hash
         self.index_size = index_size  # the listing's bytes of index_name
         self._index_data = index_data  # from a bundle: no GET
         self._download = None  # started by read_ahead, not yet opened
@@ -305,6 +326,12 @@ class SwiftItem(Item):
         if self.index_name is None:
             return None
         return "%s%s/%s" % (SCHEME, self.container, self.index_name)
+
+    def binding_problem(self, found):
+        """The listing's ``bytes`` and ``hash`` against the binding: no
+        request."""
+        return archive_index.binding_problem(found, self.size,
+                                             lambda: self.etag)
 
     def head(self, conn):
         """Fill :attr:`meta` from a HEAD of the object."""
@@ -754,7 +781,8 @@ class _Listing:
 
     def _keep(self, entry):
         kept = {key: entry[key] for key in ("name", "bytes", "last_modified",
-                                            "hash") if key in entry}
+                                            "hash", "slo_etag")
+                if key in entry}
         kept["index_bytes"] = None
         self._waiting[entry["name"] + INDEX_SUFFIX] = kept
         return kept
@@ -785,11 +813,21 @@ def _find_objects(swift, spec, indexes=False, jobs=DEFAULT_JOBS):
             for entry in sorted(listing.archives, key=_written_order_key)]
 
 
+def bound_etag(entry):
+    """The ETag of a listing entry that an index of its object is bound
+    to (:func:`shoebox_worker.index.binding_problem`): a Static Large
+    Object's ``slo_etag`` (its segments' ETag, as a HEAD gives it; its
+    ``hash`` is that of its manifest), else its ``hash`` (the MD5)."""
+    slo = entry.get("slo_etag")
+    return slo.strip('"') if slo else entry.get("hash")
+
+
 def _item_of(swift, container, entry, bundled=None, listed=True):
     """The :class:`SwiftItem` of an archive entry :class:`_Listing` kept."""
     has_index = entry["index_bytes"] is not None or bundled is not None
     return SwiftItem(swift, container, entry["name"], size=entry.get("bytes"),
                      last_modified=entry.get("last_modified", ""),
+                     etag=bound_etag(entry),
                      index_name=(entry["name"] + INDEX_SUFFIX if has_index
                                  else None),
                      index_size=entry["index_bytes"], index_data=bundled,

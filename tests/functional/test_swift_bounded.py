@@ -8,7 +8,11 @@ listed (as an old bundle keeps expired ones). ``cat --where`` runs in this
 process under :mod:`tracemalloc`, with small ``sources.LIST_PAGE`` and
 ``sources.BUNDLE_MEMORY``, so that the bounds show at this size (the
 full-size measurement, eight bundles of 32 MiB beside 1,000 archives, is
-bench/select_memory.py).
+bench/select_memory.py). The same again tampered with: a hostile index
+(no values, a time of 2000) for the archive holding the records selected,
+as its own object and in the bundle, and forged time metadata on another
+archive without an index: every record printed, one warning, the same
+bound.
 
 Needs ST_AUTH, ST_USER and ST_KEY; skipped without them, or failing when
 CI=true.
@@ -37,10 +41,10 @@ BUNDLE_BYTES = 4 << 20
 GONE_ENTRY = 64 << 10
 
 
-@pytest.fixture(scope="module")
-def bundled(ft, swift_env, tmp_path_factory):
-    """The container, the local archives' folder, and an instance id
-    found in one archive."""
+def _uploaded(ft, swift_env, tmp_path_factory):
+    """The container, the local archives' folder, an instance id found in
+    one archive, a connection, and ``[name, hash, index as uploaded]`` of
+    each archive."""
     container = "shoebox-bounded-%s" % uuid.uuid4().hex[:12]
     directory = tmp_path_factory.mktemp("bounded")
     notes = simulator.notifications(ARCHIVES * RECORDS, seed=13)
@@ -59,27 +63,64 @@ def bundled(ft, swift_env, tmp_path_factory):
             step.on_close(path, report=report)
             ids.append({(note.get("payload") or {}).get("instance_id")
                         for note in chunk})
-            with open(index.sidecar(path), "rb") as f:
-                real.append([os.path.basename(path), None, f.read()])
+            real.append([os.path.basename(path), None, None])
         hashes = {e["name"]: e["hash"]
                   for e in ft.swift_archives(conn, container)}
         for entry in real:
+            # the index as uploaded: bound to its object
             entry[1] = hashes[entry[0]]
-        for number in range(2):
-            entries = [tuple(e) for e in real] if number == 0 else []
-            entries += [("gone/%d/%04d" % (number, n), "e%d" % n,
-                         b"x" * GONE_ENTRY)
-                        for n in range(BUNDLE_BYTES // GONE_ENTRY)]
-            conn.put_object(container, "b%d/%s" % (number,
-                                                   index.BUNDLE_SUFFIX),
-                            index.build_bundle(entries))
+            entry[2] = conn.get_object(container,
+                                       entry[0] + index.SUFFIX)[1]
         only = ids[1] - ids[0] - ids[2] - {None}
         yield {"container": container, "directory": str(directory),
-               "iid": sorted(only)[0]}
+               "iid": sorted(only)[0], "conn": conn, "real": real}
     finally:
         step.close()
         ft.delete_swift_container(conn, container)
         conn.close()
+
+
+def _put_bundles(conn, container, real):
+    """Two bundles of :data:`BUNDLE_BYTES`, the first with ``real``'s
+    entries (name, hash, index bytes), the rest archives gone."""
+    for number in range(2):
+        entries = [tuple(e) for e in real] if number == 0 else []
+        entries += [("gone/%d/%04d" % (number, n), "e%d" % n,
+                     b"x" * GONE_ENTRY)
+                    for n in range(BUNDLE_BYTES // GONE_ENTRY)]
+        conn.put_object(container, "b%d/%s" % (number, index.BUNDLE_SUFFIX),
+                        index.build_bundle(entries))
+
+
+@pytest.fixture(scope="module")
+def bundled(uploaded):
+    _put_bundles(uploaded["conn"], uploaded["container"], uploaded["real"])
+    return uploaded
+
+
+#: An index claiming one record, no values, and a time in 2000.
+HOSTILE = index.build([({"timestamp": "2000-01-01 00:00:00.000000"}, {})])
+
+
+@pytest.fixture(scope="module")
+def tampered(uploaded_too):
+    """``bundled``'s archives in another container, m_01 (the one holding
+    the id selected) with a :data:`HOSTILE` index as its object and in the
+    bundle, m_02 without an index and with time metadata of 2000."""
+    conn, container = uploaded_too["conn"], uploaded_too["container"]
+    real = [list(e) for e in uploaded_too["real"]]
+    real[1][2] = HOSTILE
+    conn.put_object(container, real[1][0] + index.SUFFIX, HOSTILE)
+    conn.delete_object(container, real[2][0] + index.SUFFIX)
+    head = conn.head_object(container, real[2][0])
+    meta = {k: v for k, v in head.items() if k.startswith("x-object-meta-")}
+    meta.update({"x-object-meta-earliest-timestamp":
+                 "2000-01-01T00:00:00.000000Z",
+                 "x-object-meta-latest-timestamp":
+                 "2000-01-01T00:00:01.000000Z"})
+    conn.post_object(container, real[2][0], headers=meta)
+    _put_bundles(conn, container, real[:2])
+    return dict(uploaded_too, hostile=real[1][0])
 
 
 @pytest.fixture
@@ -97,6 +138,16 @@ def pages(monkeypatch):
     monkeypatch.setattr(swift_step._Connection, "get_container",
                         get_container)
     return asked
+
+
+@pytest.fixture(scope="module")
+def uploaded(ft, swift_env, tmp_path_factory):
+    yield from _uploaded(ft, swift_env, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def uploaded_too(ft, swift_env, tmp_path_factory):
+    yield from _uploaded(ft, swift_env, tmp_path_factory)
 
 
 def _cat(argv, capsysbinary):
@@ -150,3 +201,32 @@ def test_past_the_cap_the_archives_own_indexes_are_read(
         "their own indexes instead" % (bundled["container"], ARCHIVES)]
     gotten = {obj for _, obj in swift_gets}
     assert {"m_%02d.events.gz.index" % n for n in range(ARCHIVES)} <= gotten
+
+
+@pytest.mark.parametrize("selection", ["--where", "--since"])
+def test_hostile_indexes_and_forged_metadata_hide_nothing_and_stay_bounded(
+        tampered, monkeypatch, capsysbinary, selection):
+    if selection == "--where":
+        argv = _where(tampered)
+    else:  # from m_01's first record: m_00 is before, m_01 and m_02 in
+        with open(index.sidecar(os.path.join(
+                tampered["directory"], "m_01.events.gz")), "rb") as f:
+            argv = ["--since", index.Index.from_bytes(f.read()).earliest]
+    spec = "swift://" + tampered["container"]
+    code, expected, _ = _cat(argv + [tampered["directory"]], capsysbinary)
+    assert code == 0 and expected
+    _cat(argv + [spec], capsysbinary)  # imports, connections
+    monkeypatch.setattr(sources, "LIST_PAGE", 2, raising=False)
+    tracemalloc.start()
+    try:
+        code, lines, err = _cat(argv + [spec], capsysbinary)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert (code, lines) == (0, expected), err
+    assert err.splitlines() == [
+        "shoebox-worker: warning: %s/%s.index: index not bound to its "
+        "archive (it names none: not shipped yet, or not the worker's); "
+        "reading %s/%s in full"
+        % (spec, tampered["hostile"], spec, tampered["hostile"])]
+    assert peak < 6 << 20, peak

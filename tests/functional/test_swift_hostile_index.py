@@ -64,7 +64,7 @@ def _crc(body):
 def _one_field(filter_length, filter_bytes, records=1):
     """A version 1 index of one field whose filter says it is
     ``filter_length`` bytes, followed by ``filter_bytes``."""
-    body = struct.pack("<4sBBHQ", index.MAGIC, index.VERSION, 0, 1, records)
+    body = struct.pack("<4sBBHQ", index.MAGIC, 1, 0, 1, records)
     body += b"\0\0"  # no time range
     path = b"payload.instance_id"
     body += struct.pack("<H", len(path)) + path
@@ -132,7 +132,9 @@ def hostile(ft, swift_env, tmp_path_factory):
             with open(path, "rb") as f:
                 conn.put_object(container, name, f.read())
             with open(index.sidecar(path), "rb") as f:
-                good = f.read()
+                # bound to the object, as the swift step uploads it
+                good = index.bind(f.read(), index.etag_of_file(path),
+                                  os.path.getsize(path))
             data = CASES[kind](good) if kind in CASES else good
             conn.put_object(container, name + index.SUFFIX, data)
         yield {"container": container, "conn": conn, "wanted": wanted,

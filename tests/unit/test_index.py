@@ -114,12 +114,13 @@ class TestRoundTrip:
         """The layout of the module docstring, read here by hand."""
         data = built([("x", None)], fields=("f", "g"),
                      timestamps=["2026-11-26 12:00:00.000000"])
-        assert data[:8] == b"SBXI\x01\x01\x02\x00"  # READING flag set
+        assert data[:8] == b"SBXI\x02\x00\x02\x00"
         assert struct.unpack_from("<Q", data, 8) == (1,)
         stamp = b"2026-11-26T12:00:00.000000Z"
         assert data[16] == len(stamp) and data[17:44] == stamp
         assert data[44] == len(stamp) and data[45:72] == stamp
-        pos = 72
+        assert data[72:81] == bytes(9)  # unbound: no ETag, size 0
+        pos = 81
         assert data[pos:pos + 3] == b"\x01\x00f"
         distinct, hashes, size = struct.unpack_from("<IBI", data, pos + 3)
         assert (distinct, hashes, size) == (1, index.HASHES, 8)  # 64 bits
@@ -193,9 +194,9 @@ class TestDamage:
 
     def test_another_version_is_named(self):
         data = bytearray(self.DATA)
-        data[4] = 2
+        data[4] = 3
         with pytest.raises(exceptions.IndexError_,
-                           match="version 2; this reader knows 1"):
+                           match="version 3; this reader knows 1 and 2"):
             index.Index.from_bytes(bytes(data))
 
     def test_a_good_checksum_over_bad_lengths(self):
@@ -499,7 +500,102 @@ class TestSizeLimit:
         assert index.size_limit(b"SB") == index.MAX_BYTES  # not known yet
 
     @pytest.mark.parametrize("head", [b"<html>", b"SBXB" + bytes(12),
-                                      b"SBXI\x02" + bytes(11)])
+                                      b"SBXI\x03" + bytes(11)])
     def test_what_is_no_index_of_this_version_is_refused(self, head):
         with pytest.raises(exceptions.IndexError_):
             index.size_limit(head)
+
+
+def version_1(data):
+    """``data`` (an unbound index of this version) in version 1's layout:
+    no ETag, no size."""
+    body = bytearray(data[:-4])
+    body[4] = 1
+    pos = 16 + 1 + body[16]
+    pos += 1 + body[pos]
+    assert body[pos:pos + 9] == bytes(9)
+    del body[pos:pos + 9]
+    return bytes(body) + struct.pack("<I", zlib.crc32(body))
+
+
+class TestBinding:
+    ETAG = "0123456789abcdef0123456789abcdef"
+    DATA = built([(v, "p") for v in ids(20, 9)],
+                 timestamps=["2026-11-26 12:00:%02d.000000" % i
+                             for i in range(20)])
+
+    def test_written_unbound(self):
+        got = index.Index.from_bytes(self.DATA)
+        assert (got.etag, got.archive_size, got.version) == (None, None, 2)
+        assert "it names none" in index.binding_problem(
+            got, 10, lambda: self.ETAG)
+
+    def test_bound_it_says_what_it_said_and_the_archive(self):
+        bound = index.Index.from_bytes(index.bind(self.DATA, self.ETAG, 77))
+        plain = index.Index.from_bytes(self.DATA)
+        assert (bound.etag, bound.archive_size) == (self.ETAG, 77)
+        assert (bound.fields, bound.records, bound.earliest, bound.latest,
+                bound.distinct) == (plain.fields, plain.records,
+                                    plain.earliest, plain.latest,
+                                    plain.distinct)
+        assert bound._filters == plain._filters
+        assert index.binding_problem(bound, 77, lambda: self.ETAG) is None
+
+    def test_bound_again_to_another(self):
+        once = index.bind(self.DATA, self.ETAG, 77)
+        twice = index.Index.from_bytes(index.bind(once, "f" * 32, 78))
+        assert (twice.etag, twice.archive_size) == ("f" * 32, 78)
+
+    @pytest.mark.parametrize("size, etag, problem", [
+        (78, ETAG, "an archive of 77 bytes, not 78"),
+        (None, ETAG, "not unknown"),
+        (77, "f" * 32, "ETag %s, not %s" % (ETAG, "f" * 32))])
+    def test_another_archive_is_a_problem(self, size, etag, problem):
+        bound = index.Index.from_bytes(index.bind(self.DATA, self.ETAG, 77))
+        assert problem in index.binding_problem(bound, size, lambda: etag)
+
+    def test_the_etag_is_asked_only_when_the_sizes_agree(self):
+        bound = index.Index.from_bytes(index.bind(self.DATA, self.ETAG, 77))
+
+        def never():
+            raise AssertionError("hashed")
+        assert index.binding_problem(bound, 76, never) is not None
+
+    def test_version_1_is_read_and_never_bound(self):
+        old = version_1(self.DATA)
+        got = index.Index.from_bytes(old)
+        plain = index.Index.from_bytes(self.DATA)
+        assert (got.version, got.etag) == (1, None)
+        assert (got.records, got.earliest, got._filters) == (
+            plain.records, plain.earliest, plain._filters)
+        assert "format version 1" in index.binding_problem(
+            got, 77, lambda: self.ETAG)
+        assert len(old) <= index.size_limit(old[:index.HEAD_BYTES])
+        bound = index.Index.from_bytes(index.bind(old, self.ETAG, 77))
+        assert (bound.version, bound.etag) == (2, self.ETAG)
+
+    @pytest.mark.parametrize("etag", ["", "é" * 4, "x" * 256])
+    def test_no_etag_binds(self, etag):
+        with pytest.raises(ValueError):
+            index.bind(self.DATA, etag, 1)
+
+    def test_bind_file(self, tmp_path):
+        archive = tmp_path / "a.events.gz"
+        archive.write_bytes(b"the archive's bytes")
+        path = index.sidecar(archive)
+        index.write_file(path, self.DATA, mode=0o640)
+        assert index.bind_file(archive)
+        got = index.read_file(path)
+        assert (got.etag, got.archive_size) == (
+            index.hashlib.md5(b"the archive's bytes").hexdigest(), 19)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
+        assert not index.bind_file(archive)  # bound already
+        archive.write_bytes(b"other bytes, as many")
+        assert index.bind_file(archive)
+        assert index.read_file(path).etag == index.etag_of_file(archive)
+
+    def test_bind_file_without_an_index(self, tmp_path):
+        archive = tmp_path / "a.events"
+        archive.write_bytes(b"x")
+        assert not index.bind_file(archive)
+        assert not os.path.exists(index.sidecar(archive))

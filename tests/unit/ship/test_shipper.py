@@ -1932,7 +1932,33 @@ class TestIndex:
         ship.submit(path)
         assert ship.wait_idle(timeout=5)
         assert listing(tmp_path) == ["a.events.done", "a.events.done.index"]
-        assert open(path + ".done.index", "rb").read() == data
+        assert open(path + ".done.index", "rb").read() == index.bind(
+            data, index.etag_of_file(path + ".done"),
+            os.path.getsize(path + ".done"))
+
+    def test_bound_to_the_file_the_chain_leaves(self, tmp_path,
+                                                make_shipper):
+        path = write_archive(tmp_path / "a.events")
+        with_index(path)
+        assert index.read_file(index.sidecar(path)).etag is None
+        ship = make_shipper([("gzip", steps.GzipCallback())])
+        ship.submit(path)
+        assert ship.wait_idle(timeout=5)
+        got = index.read_file(path + ".gz.index")
+        assert (got.etag, got.archive_size) == (
+            index.etag_of_file(path + ".gz"), os.path.getsize(path + ".gz"))
+        assert got.may_contain("payload.instance_id", "i-1")
+
+    def test_one_that_cannot_be_bound_stays_and_is_said(
+            self, tmp_path, make_shipper, caplog):
+        path = write_archive(tmp_path / "a.events")
+        with open(index.sidecar(path), "wb") as f:
+            f.write(b"SBXI\x02 damaged")
+        ship = make_shipper([("x", steps.ChangeExtensionCallback())])
+        ship.submit(path)
+        assert ship.wait_idle(timeout=5)
+        assert listing(tmp_path) == ["a.events.done", "a.events.done.index"]
+        assert "cannot bind the index %s.done.index" % path in caplog.text
 
     def test_an_archive_without_one_ships(self, tmp_path, make_shipper):
         path = write_archive(tmp_path / "a.events")

@@ -1355,6 +1355,12 @@ def index_beside(path, value="i-1"):
     return data
 
 
+def bound_to(data, path):
+    """``data``, an index, bound to the plain object of the file
+    ``path``."""
+    return index.bind(data, index.etag_of_file(path), os.path.getsize(path))
+
+
 def test_index_uploaded_after_the_archive_beside_it(monkeypatch, tmp_path):
     path = str(tmp_path / "a.events")
     records = write_archive(path, count=2)
@@ -1364,7 +1370,10 @@ def test_index_uploaded_after_the_archive_beside_it(monkeypatch, tmp_path):
                        delete_after="60")
     assert cb.on_close(path, report=report_of(path, records)) == path
     body, headers, etag = conn.objects["shoebox", "2024/a.events.index"]
-    assert body == data and etag == hashlib.md5(data).hexdigest()
+    assert body == bound_to(data, path)
+    assert etag == hashlib.md5(body).hexdigest()
+    assert index.Index.from_bytes(body).etag == \
+        conn.objects["shoebox", "2024/a.events"][2].strip('"')
     assert abs(int(headers["X-Delete-At"]) - (time.time() + 60)) < 5
     assert headers["Content-Type"] == swift.INDEX_CONTENT_TYPE
     puts = [c[2] for c in conn.calls if c[0] == "put_object"]
@@ -1418,7 +1427,8 @@ def test_another_index_under_the_name_is_replaced(monkeypatch, tmp_path,
     conn.objects["shoebox", "a.events.index"] = (b"old", {}, hashlib.md5(
         b"old").hexdigest())
     fake_callback(monkeypatch, conn).on_close(path)
-    assert conn.objects["shoebox", "a.events.index"][0] == data
+    assert conn.objects["shoebox", "a.events.index"][0] == \
+        bound_to(data, path)
     assert "index object shoebox/a.events.index holds other content" in \
         caplog.text
 
@@ -1459,8 +1469,32 @@ def test_index_beside_the_other_name(monkeypatch, tmp_path):
     fake_callback(monkeypatch, conn).on_close(path)
     (other,) = [o for c, o in conn.objects
                 if o.startswith("a~") and not o.endswith(".index")]
-    assert conn.objects["shoebox", other + ".index"][0] == data
+    assert conn.objects["shoebox", other + ".index"][0] == \
+        bound_to(data, path)
     assert ("shoebox", "a.events.index") not in conn.objects
+
+
+def test_index_of_an_slo_bound_to_its_etag(monkeypatch, tmp_path):
+    path = str(tmp_path / "a.events")
+    write_archive(path, count=40)
+    data = index_beside(path)
+    conn = FakeConnection()
+    fake_callback(monkeypatch, conn, segment_size="1024").on_close(path)
+    etag = conn.objects["shoebox", "a.events"][2].strip('"')
+    assert etag != index.etag_of_file(path)  # its segments' ETag
+    assert conn.objects["shoebox", "a.events.index"][0] == index.bind(
+        data, etag, os.path.getsize(path))
+
+
+def test_a_damaged_index_is_not_uploaded(monkeypatch, tmp_path, caplog):
+    path = str(tmp_path / "a.events")
+    write_archive(path, count=2)
+    with open(index.sidecar(path), "wb") as f:
+        f.write(b"SBXI\x02 not an index")
+    conn = FakeConnection()
+    assert fake_callback(monkeypatch, conn).on_close(path) == path
+    assert sorted(conn.objects) == [("shoebox", "a.events")]
+    assert "is read in full by pruned reads" in caplog.text
 
 
 def test_swiftclient_log_lines_mask_secrets_with_the_one_mask():

@@ -735,8 +735,8 @@ class TestAGlobOfAnArchiveFolder:
 
 def worker_write(directory, bodies, name="issue20_%Y%m%d%H%M%S.events"):
     """Archive message ``bodies`` as the worker does (its envelope reading,
-    the default index fields, the index beside the archive); the archive's
-    path."""
+    the default index fields, the index beside the archive, bound to it as
+    the shipper binds it); the archive's path."""
     unwrap = envelope.Unwrapper(index_fields=archive_index.DEFAULT_FIELDS)
     manager = roll_manager.WritingRollManager(
         name, roll_checker.NeverRollChecker(), directory=str(directory),
@@ -746,7 +746,7 @@ def worker_write(directory, bodies, name="issue20_%Y%m%d%H%M%S.events"):
         manager.write(metadata, payload, values)
     path = manager.active_filename
     manager.close()
-    assert os.path.exists(archive_index.sidecar(path))
+    assert archive_index.bind_file(path)
     return path
 
 
@@ -798,3 +798,70 @@ class TestTheIndexReadsAsCatDoes:
             tmp_path, ["--where", "payload.instance_id=BBB"], capsysbinary)
         assert len(without) == 3
         assert with_index == without
+
+
+class TestAnIndexBesideAFileThatIsNotItsOwn:
+    """``cat --where``/``--since`` of a folder whose archives' ``.index``
+    files do not describe them: one claiming no values and no time (as a
+    hostile one may), one left from the archive's bytes before they were
+    replaced (stale). Neither may hide a record: each is one warning and
+    its archive is read."""
+
+    TARGET = "i-target"
+    DAY = "2026-11-26T12:00:00"
+
+    @staticmethod
+    def archive(path, ids, hour=12):
+        from shoebox_worker import roll_checker
+        from shoebox_worker import roll_manager
+        manager = roll_manager.WritingRollManager(
+            os.path.basename(path), roll_checker.NeverRollChecker(),
+            directory=os.path.dirname(path),
+            index_fields=archive_index.DEFAULT_FIELDS)
+        for n, value in enumerate(ids):
+            stamp = "2026-11-26 %02d:00:%02d.000000" % (hour, n)
+            note = {"payload": {"instance_id": value}, "timestamp": stamp,
+                    "message_id": "%s-%d" % (value, n)}
+            manager.write({"timestamp": stamp}, json.dumps(note),
+                          archive_index.values_of(
+                              note, archive_index.compile_fields(
+                                  archive_index.DEFAULT_FIELDS)))
+        manager.close()
+
+    @pytest.fixture
+    def folder(self, tmp_path):
+        forged = str(tmp_path / "forged.events")
+        self.archive(forged, [self.TARGET, "i-1"])
+        # no values, and a time long before the window
+        archive_index.write_file(archive_index.sidecar(forged),
+                                 archive_index.build([(
+                                     {"timestamp": "2000-01-01 00:00:00."
+                                                   "000000"}, {})]))
+        # stale: its index was written for other records (none of TARGET,
+        # an hour that is not the window's), then the archive replaced
+        stale = str(tmp_path / "stale.events")
+        self.archive(stale, ["i-2", "i-3"], hour=3)
+        replaced = str(tmp_path / "new" / "stale.events")
+        os.mkdir(tmp_path / "new")
+        self.archive(replaced, [self.TARGET, "i-4"])
+        os.replace(replaced, stale)
+        os.unlink(archive_index.sidecar(replaced))
+        return tmp_path
+
+    @pytest.mark.parametrize("selection", [
+        ["--where", "payload.instance_id=" + TARGET],
+        ["--since", DAY, "--until", "2026-11-26T13:00:00"]])
+    def test_every_record_is_printed_and_each_is_one_warning(
+            self, folder, capsysbinary, selection):
+        code, out, err = run(["cat", *selection, str(folder)], capsysbinary)
+        assert code == 0, err
+        found = [json.loads(line)["payload"]["instance_id"]
+                 for line in out.splitlines()]
+        assert found.count(self.TARGET) == 2, (found, err)
+        lines = err.splitlines()
+        assert len(lines) == 2, err
+        for name in ("forged", "stale"):
+            path = str(folder / (name + ".events"))
+            (line,) = [x for x in lines if x.startswith(
+                "shoebox-worker: warning: %s.index: " % path)]
+            assert line.endswith("; reading %s in full" % path), line

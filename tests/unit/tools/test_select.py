@@ -6,9 +6,7 @@ import dataclasses
 import datetime
 import json
 import os
-import struct
 import tempfile
-import zlib
 
 import pytest
 from hypothesis import HealthCheck
@@ -23,7 +21,6 @@ from shoebox_worker import roll_checker
 from shoebox_worker import roll_manager
 from shoebox_worker import timestamps
 from shoebox_worker.consume import envelope
-from shoebox_worker.ship import swift
 from shoebox_worker.tools import ToolError
 from shoebox_worker.tools import select
 from shoebox_worker.tools import sources
@@ -137,13 +134,13 @@ class TestMatchAndWhereOptions:
 class TestKeep:
     def test_nothing_given_keeps_everything(self):
         chosen = selection()
-        assert not chosen.active and not chosen.needs_meta
+        assert not chosen.active and not chosen.windowed
         assert chosen.keep({}, b"not json")
 
     def test_window_is_half_open(self):
         chosen = selection("--since", "2024-03-09T10:00:00",
                            "--until", "2024-03-09T11:00:00")
-        assert chosen.active and chosen.needs_meta
+        assert chosen.active and chosen.windowed
         kept = [ts for ts in ("2024-03-09 09:59:59.999999",
                               "2024-03-09 10:00:00", "2024-03-09 10:30:00",
                               "2024-03-09T11:30:00+01:00",  # 10:30 UTC
@@ -299,30 +296,51 @@ class TestKeep:
 
 @dataclasses.dataclass
 class FakeItem:
-    """An archive as sources' Item shows it (name, meta, index)."""
+    """An archive as sources' Item shows it (name, meta, index, whether
+    the index is bound to it)."""
 
     name: str
     meta: dict | None = None
     index_name: str | None = None
     index: bytes | None = None
+    problem: str | None = None  # binding_problem's answer
     reads: int = 0
+    checks: int = 0
 
     def read_index(self):
         self.reads += 1
         return self.index
+
+    def binding_problem(self, found):
+        self.checks += 1
+        if isinstance(self.problem, OSError):
+            raise self.problem
+        return self.problem
 
     @property
     def index_label(self):
         return self.index_name
 
 
+class TimeIndex:
+    """An index of no field that says its archive's time range."""
+
+    fields = ()
+
+    def __init__(self, data, name=None):
+        earliest, _, latest = data.decode().partition(",")
+        self.earliest, self.latest = earliest or None, latest or None
+
+    def may_contain(self, field, value):
+        return True
+
+
 def item(earliest=None, latest=None, name="o", **more):
-    meta = {}
-    if earliest is not None:
-        meta["earliest-timestamp"] = earliest
-    if latest is not None:
-        meta["latest-timestamp"] = latest
-    return FakeItem(name, meta, **more)
+    """An archive whose (bound) index says this time range."""
+    data = ("%s,%s" % (earliest or "", latest or "")).encode()
+    more.setdefault("index_name", name + ".index")
+    more.setdefault("index", data)
+    return FakeItem(name, {}, **more)
 
 
 class TestMayHold:
@@ -339,23 +357,54 @@ class TestMayHold:
     ])
     def test_the_time_range_against_the_window(self, earliest, latest,
                                                expected):
-        assert selection(*self.WINDOW).may_hold(
+        assert selection(*self.WINDOW, load_index=TimeIndex).may_hold(
             item(earliest, latest)) is expected
 
-    @pytest.mark.parametrize("meta", [
-        None, {}, {"earliest-timestamp": "2024-03-09T08:00:00.000000Z"},
-        {"latest-timestamp": "2024-03-09T08:00:00.000000Z"},
-        {"earliest-timestamp": "garbage", "latest-timestamp": "garbage"},
+    @pytest.mark.parametrize("earliest, latest", [
+        (None, None), ("2024-03-09T08:00:00.000000Z", None),
+        (None, "2024-03-09T08:00:00.000000Z"), ("garbage", "garbage"),
         # not a range (latest before earliest): proves nothing
-        {"earliest-timestamp": "2024-03-09T12:00:00.000000Z",
-         "latest-timestamp": "2024-03-09T08:00:00.000000Z"}])
-    def test_unknown_is_true(self, meta):
-        assert selection(*self.WINDOW).may_hold(FakeItem("o", meta))
+        ("2024-03-09T12:00:00.000000Z", "2024-03-09T08:00:00.000000Z")])
+    def test_unknown_is_true(self, earliest, latest):
+        assert selection(*self.WINDOW, load_index=TimeIndex).may_hold(
+            item(earliest, latest))
+
+    def test_object_time_metadata_alone_prunes_nothing(self):
+        # a POST sets it without changing the object: bound to nothing
+        forged = FakeItem("o", {
+            "earliest-timestamp": "2000-01-01T00:00:00.000000Z",
+            "latest-timestamp": "2000-01-01T00:00:00.000000Z"})
+        assert selection(*self.WINDOW, load_index=TimeIndex).may_hold(forged)
 
     def test_without_a_window_every_archive_may_hold(self):
         old = item("2000-01-01T00:00:00.000000Z", "2000-01-01T00:00:00Z")
-        assert selection("--match", "a=b").may_hold(old)
-        assert selection().may_hold(old)
+        assert selection("--match", "a=b", load_index=TimeIndex).may_hold(
+            old)
+        assert selection(load_index=TimeIndex).may_hold(old)
+        assert old.reads == 0
+
+    @pytest.mark.parametrize("problem", [
+        "index bound to the archive with ETag a, not b",
+        OSError(5, "Input/output error")])
+    def test_an_index_not_bound_to_its_archive_prunes_nothing(self,
+                                                             problem):
+        said = []
+        old = item("2000-01-01T00:00:00.000000Z",
+                   "2000-01-01T00:00:00.000000Z", problem=problem)
+        chosen = selection(*self.WINDOW, load_index=TimeIndex)
+        assert chosen.may_hold(old, on_unused=lambda i, e: said.append(
+            (i, str(e))))
+        assert [i for i, _ in said] == [old]  # one line
+        assert str(problem) in said[0][1]
+        if isinstance(problem, str):
+            assert said[0][1].startswith("o.index: ")
+
+    def test_the_binding_is_checked_only_to_prune(self):
+        inside = item("2024-03-09T10:00:00.000000Z",
+                      "2024-03-09T10:30:00.000000Z", problem="not bound")
+        chosen = selection(*self.WINDOW, load_index=TimeIndex)
+        assert chosen.may_hold(inside, on_unused=pytest.fail)
+        assert inside.checks == 0
 
     def test_late_records_are_found(self):
         # written in this order; the middle one holds records archived
@@ -370,17 +419,16 @@ class TestMayHold:
             item("2024-03-09T11:00:00.000000Z", "2024-03-09T11:59:00.000000Z",
                  name="c")]
         chosen = selection("--since", "2024-03-09T06:00:00", "--until",
-                           "2024-03-09T07:00:00")
+                           "2024-03-09T07:00:00", load_index=TimeIndex)
         assert [a.name for a in archives if chosen.may_hold(a)] == ["late"]
         chosen = selection("--since", "2024-03-09T10:00:00", "--until",
-                           "2024-03-09T10:30:00")
+                           "2024-03-09T10:30:00", load_index=TimeIndex)
         assert [a.name for a in archives if chosen.may_hold(a)] == ["late"]
 
     def test_an_exact_where_asks_the_index(self):
         class FakeIndex:
             fields = ("payload.instance_id",)
             earliest = latest = None
-            complete = True
 
             def __init__(self, data):
                 self.values = set(data.decode().split(","))
@@ -415,7 +463,6 @@ class TestMayHold:
             fields = ()
             earliest = "2024-03-09T08:00:00.000000Z"
             latest = "2024-03-09T08:30:00.000000Z"
-            complete = True
 
             def may_contain(self, field, value):
                 return True
@@ -423,25 +470,6 @@ class TestMayHold:
         chosen = selection(*self.WINDOW,
                            load_index=lambda data, name: FakeIndex())
         assert not chosen.may_hold(item(index_name="o.index", index=b"x"))
-
-    def test_an_index_of_an_older_writer_prunes_nothing(self):
-        # written without the READING flag: it may leave out records
-        # that --where/--since select (a repeated key's last value, an
-        # offset timestamp of oslo's length)
-        builder = index.Builder(("payload.instance_id",))
-        builder.add("2024-03-09 08:00:00.000000", ("i-1",))
-        data = bytearray(builder.to_bytes())
-        assert index.Index.from_bytes(bytes(data)).complete
-        data[5] = 0  # the flags, as writers before them left them
-        data[-4:] = struct.pack("<I", zlib.crc32(data[:-4]))
-        old = index.Index.from_bytes(bytes(data))
-        assert not old.complete
-        for argv in (self.WINDOW, ["--where", "payload.instance_id=i-2"]):
-            for data_, pruned in ((builder.to_bytes(), True),
-                                  (bytes(data), False)):
-                chosen = selection(*argv, load_index=index.Index.from_bytes)
-                assert chosen.may_hold(item(index_name="o.index",
-                                            index=data_)) is not pruned
 
 
 # -- the index and --where agree ----------------------------------------------
@@ -466,6 +494,9 @@ class _Archive:
 
     def read_index(self):
         return self._data
+
+    def binding_problem(self, found):
+        return None  # bound: the index alone decides
 
 
 @settings(max_examples=150, deadline=None)
@@ -624,18 +655,21 @@ def _bodies(draw):
     return text.encode()
 
 
-def _items(path, report):
+def _items(path):
     """The archive at ``path`` as a local read and a Swift read see it:
-    its index beside it, or uploaded with the object metadata the swift
-    step gives it."""
-    local = sources.FileItem(path)
+    its index bound to it as the shipper binds the file beside it and as
+    the swift step binds what it uploads (the listing's hash and bytes).
+    Both bindings must hold: an unbound index prunes nothing, and the
+    test would then show nothing."""
+    assert index.bind_file(path)
     with open(index.sidecar(path), "rb") as f:
         data = f.read()
-    upload = swift.SwiftUploadCallback.__new__(swift.SwiftUploadCallback)
-    upload.delete_after = None
-    remote = sources.SwiftItem(None, "c", "o", index_name="o.index",
-                               index_data=data)
-    remote.meta = sources.object_meta(upload._headers(path, report))
+    local = sources.FileItem(path)
+    remote = sources.SwiftItem(None, "c", "o", size=os.path.getsize(path),
+                               etag=index.etag_of_file(path),
+                               index_name="o.index", index_data=data)
+    for item in (local, remote):
+        assert item.binding_problem(index.Index.from_bytes(data)) is None
     return local, remote
 
 
@@ -658,8 +692,8 @@ def test_what_where_or_since_selects_is_never_pruned(tmp_path, monkeypatch,
         payload, metadata, values = unwrap(body, "q", "rk")
         manager.write(metadata, payload, values)
     path = manager.active_filename
-    report = manager.close()
-    items = _items(path, report)
+    manager.close()
+    items = _items(path)
     for metadata, payload in archive.ArchiveReader(path):
         selections = []
         note = index.notification_of(payload) or {}

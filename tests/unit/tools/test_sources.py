@@ -4,6 +4,7 @@ which order, credentials from the environment, streams and read-ahead
 the real one)."""
 
 import errno
+import functools
 import os
 import pathlib
 import threading
@@ -15,6 +16,7 @@ from shoebox_worker import archive
 from shoebox_worker import index
 from shoebox_worker import record
 from shoebox_worker.tools import ToolError
+from shoebox_worker.tools import read
 from shoebox_worker.tools import select
 from shoebox_worker.tools import sources
 
@@ -252,15 +254,23 @@ class TestPagedListing:
         assert peak < 1 << 20, peak
 
 
+@pytest.mark.parametrize("listed, etag", [
+    ({"hash": "m"}, "m"), ({"hash": "m", "slo_etag": '"s"'}, "s"),
+    ({}, None)])
+def test_the_etag_an_index_is_bound_to(listed, etag):
+    assert sources.bound_etag(listed) == etag
+
+
 def instance_archive(name, ids):
     """A listing entry, the archive's bytes and its index's, for records of
     the instance ids ``ids``."""
     notes = [{"payload": {"instance_id": i}} for i in ids]
     data = b"".join(record.pack({}, b'{"payload":{"instance_id":"%s"}}'
                                 % i.encode()) for i in ids)
-    built = index.build([({}, n) for n in notes])
     found = dict(entry(name, "2026-01-01T00:00:0%d" % len(ids)),
                  hash="etag-" + name)
+    built = index.bind(index.build([({}, n) for n in notes]), found["hash"],
+                       found["bytes"])
     return found, data, built
 
 
@@ -366,6 +376,58 @@ class TestBundles:
                        "indexes of 2 archives left out (more than %d bytes "
                        "of them in all); reading their own indexes instead"
                        % (sizes["a"] + sizes["b"])]
+
+    @pytest.mark.parametrize("bundled", ["", "abcd"])
+    def test_an_index_not_bound_to_its_archive_prunes_nothing(
+            self, bundled, capsys):
+        """An index claiming no values, bound to nothing (version 1's
+        way) or to another object, in the bundle or on its own: every
+        archive is read, one warning line each."""
+        swift = self.swift(bundled)
+        empty = index.build([])
+        forged = {"a": empty, "b": index.bind(empty, "etag-a", 10),
+                  "c": index.bind(empty, "etag-c", 11), "d": empty}
+        swift.objects.update({n + ".index": forged[n] for n in "abcd"})
+        if bundled:
+            swift.objects[index.BUNDLE_SUFFIX] = index.build_bundle(
+                [(n, "etag-" + n, forged[n]) for n in bundled])
+        items = sources.find(["swift://c"], swift=swift, indexes=True)
+        where = select.Selection(where=[select.parse_where(
+            "payload.instance_id=i-1")], load_index=index.Index.from_bytes)
+        kept = sources.keep_where(items, functools.partial(
+            read._may_hold, where))
+        assert [i.object for i in kept] == ["a", "b", "c", "d"]
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 4, err
+        assert err[0] == ("shoebox-worker: warning: swift://c/a.index: "
+                          "index not bound to its archive (it names none: "
+                          "not shipped yet, or not the worker's); reading "
+                          "swift://c/a in full")
+        assert "bound to the archive with ETag etag-a, not etag-b" in err[1]
+        assert "bound to an archive of 11 bytes, not 10" in err[2]
+
+    def test_a_file_s_index_is_bound_to_its_bytes(self, tmp_path, capsys):
+        path = str(tmp_path / "a.events")
+        with open(path, "wb") as f:
+            f.write(record.pack({}, b'{"payload":{"instance_id":"i-1"}}'))
+        index.write_file(index.sidecar(path), index.build([]))  # forged
+        where = select.Selection(where=[select.parse_where(
+            "payload.instance_id=i-1")], load_index=index.Index.from_bytes)
+        (item,) = sources.find([str(tmp_path)])
+        assert where.may_hold(item)  # unbound
+        index.bind_file(path)
+        assert not where.may_hold(item)  # bound: it prunes, as it says
+        with open(path, "ab") as f:  # the archive grew since
+            f.write(record.pack({}, b'{"payload":{"instance_id":"i-2"}}'))
+        assert where.may_hold(item)
+        with open(path, "r+b") as f:  # as long as the bound one, other bytes
+            f.truncate(os.path.getsize(path) - 1)
+            data = f.read()
+        index.bind_file(path)
+        with open(path, "wb") as f:
+            f.write(bytes(len(data)))
+        problem = item.binding_problem(index.read_file(path + ".index"))
+        assert "index bound to the archive with ETag" in problem
 
     @pytest.mark.parametrize("bundled,stale", [
         ("abcd", ""), ("ab", ""), ("abcd", "abcd"), ("", ""), ("bd", "b")])
