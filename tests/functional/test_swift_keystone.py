@@ -126,8 +126,10 @@ def test_slo_upload_spanning_a_token_expiry(ks, container, tmp_path,
                         ("00000002", 401), ("00000002", 201),
                         ("00000003", 201), ("00000004", 201),
                         ("00000005", 201), ("big.bin", 201)], statuses
-    old_token, new_token = sent[2][1], sent[3][1]
-    assert old_token == sent[0][1] != new_token
+    # the token refused was replaced (not always segment 0's: on a
+    # loaded machine keystoneauth renewed that one near its end, before
+    # segment 2 went: seen in CI)
+    assert sent[2][1] != sent[3][1]
     monkeypatch.undo()
     conn = connection(cb)
     try:
