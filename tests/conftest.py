@@ -18,8 +18,10 @@ them, one after the other.
   stream stops serving without a majority. The other cluster tests (TLS)
   use nodes 1 and 2 only, and run beside them.
 
-Tests marked ``slow`` run first, so that the longest ones do not start
-last and stretch the run's tail.
+Tests marked ``slow``, and the tests of a group (one worker runs them
+one after the other: the cluster-node-3 ones take about 4 minutes in
+all), run first, so that the longest ones do not start last and stretch
+the run's tail.
 """
 
 import pytest
@@ -32,7 +34,8 @@ def pytest_collection_modifyitems(config, items):
     node id, which pytest 9.2 ignores (pytest-xdist issue 1386), and the
     tests of a group would then run beside each other, silently."""
     # stable: the order within each part stays as collected
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None
+               and item.get_closest_marker("xdist_group") is None)
     yield
     if not getattr(config.option, "loadgroup", False):
         return

@@ -122,6 +122,7 @@ def test_build_makes_a_wheel_and_an_sdist_named_shoebox_worker(built):
         assert name in inside, name
 
 
+@pytest.mark.slow
 def test_the_wheel_runs_from_a_fresh_venv(fresh_venv, tmp_path):
     from shoebox_worker import __version__
     worker = str(fresh_venv / "shoebox-worker")

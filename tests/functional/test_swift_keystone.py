@@ -304,6 +304,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("who, status, hint", [
     ("wrong password", 401,
      "check [callback:swift] os_username (or os_user_id), os_password, "

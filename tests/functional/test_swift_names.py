@@ -184,6 +184,7 @@ def assert_nothing_lost_nothing_overwritten(conn, container, tmp_path,
 
 # -- a wall clock that steps back ---------------------------------------------
 
+@pytest.mark.slow
 def test_a_clock_stepped_back_mid_run_overwrites_nothing(
         ft, rabbit, queue, container, swift_env, stepped, tmp_path):
     # archives roll about every second; 6 s in, the wall clock steps back

@@ -310,6 +310,7 @@ def test_pipeline_to_swift(rabbit, names, ft, swift_env, container, tmp_path,
     assert_exactly_once(ids, published)
 
 
+@pytest.mark.slow
 def test_swift_outage_blocks_nothing_loses_nothing(
         rabbit, names, ft, private_swift, container, tmp_path, worker_procs,
         request):

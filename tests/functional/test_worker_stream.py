@@ -138,6 +138,7 @@ def run_until_idle(ft, config):
     return proc
 
 
+@pytest.mark.slow
 def test_streams_kill_9_mid_run_every_message_once_in_swift(
         rabbit, names, ft, tmp_path, swift_env, worker_procs):
     queue, exchange = declare_stream(rabbit, names)
@@ -512,6 +513,7 @@ def test_streams_killed_at_every_rename_unlink_and_fsync(
 
 # -- the disk refuses writes -------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("call", ["openat", "write", "fsync"])
 def test_streams_writes_refused_by_the_disk_lose_and_repeat_nothing(
         strace, rabbit, names, ft, tmp_path, swift_env, call):
