@@ -906,12 +906,35 @@ def local_ports(pid, port):
     return amqp_local_ports(pid, port)
 
 
+#: Where :func:`free_ports` picks: below Linux's ephemeral range
+#: (32768-60999), which the kernel draws the tests' own client
+#: connections from. A port the kernel gave (a bind to port 0) was taken
+#: by a client connection before the private Swift that was to listen on
+#: it started (seen in CI, 8 tests at once).
+SERVER_PORTS = range(20000, 32000)
+
+
+def free_ports(count):
+    """``count`` TCP ports that nothing holds at 127.0.0.1 now, for a
+    server a test starts (a private Swift, a worker's [metrics] port)."""
+    import random
+    ports = []
+    while len(ports) < count:
+        port = random.choice(SERVER_PORTS)
+        if port in ports:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        ports.append(port)
+    return ports
+
+
 def free_port():
-    """A TCP port that nothing listens on at 127.0.0.1 now (for a
-    worker's [metrics] port)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """One of :func:`free_ports`."""
+    return free_ports(1)[0]
 
 
 def http_get(port, path, timeout=5):
@@ -976,5 +999,5 @@ def ft():
         rabbitmqctl=rabbitmqctl, Rabbit=Rabbit,
         close_amqp_connections=close_amqp_connections,
         write_archive=write_archive, local_ports=local_ports,
-        free_port=free_port, http_get=http_get,
+        free_port=free_port, free_ports=free_ports, http_get=http_get,
         delete_swift_container=delete_swift_container)

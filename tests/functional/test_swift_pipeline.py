@@ -23,7 +23,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
@@ -62,25 +61,11 @@ def _connection(env, retries=2):
                           retries=retries, timeout=30)
 
 
-def _free_ports(count):
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 class PrivateSwift:
     """A Swift all-in-one of this module's own, run by scripts/swift-saio
     (its own SAIO_DIR and ports), to stop and start at will."""
 
-    def __init__(self, directory):
-        ports = _free_ports(5)
+    def __init__(self, directory, ports):
         self.saio_env = dict(os.environ, SAIO_DIR=directory, **{
             "SAIO_%s_PORT" % name: str(port) for name, port in zip(
                 ("PROXY", "ACCOUNT", "CONTAINER", "OBJECT", "MEMCACHED"),
@@ -110,9 +95,9 @@ class PrivateSwift:
 
 
 @pytest.fixture(scope="module")
-def private_swift(swift_env):
+def private_swift(swift_env, ft):
     directory = tempfile.mkdtemp(prefix="shoebox-saio-")
-    swift = PrivateSwift(directory)
+    swift = PrivateSwift(directory, ft.free_ports(5))
     try:
         try:
             swift.start()

@@ -113,25 +113,12 @@ def _held(ports):
             s.close()
 
 
-def _free_ports(count):
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(('127.0.0.1', 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def test_a_taken_port_set_in_the_environment_is_named(tmp_path):
+def test_a_taken_port_set_in_the_environment_is_named(tmp_path, ft):
     taken = socket.socket()
     taken.bind(('127.0.0.1', 0))
     taken.listen()
     port = taken.getsockname()[1]
-    free = _free_ports(4)
+    free = ft.free_ports(4)
     env = _saio_env(tmp_path, PROXY=port, ACCOUNT=free[0],
                     CONTAINER=free[1], OBJECT=free[2], MEMCACHED=free[3])
     try:
