@@ -229,11 +229,7 @@ def main(argv=None):
     parser.add_argument("--keep", action="store_true",
                         help="keep the containers (named at the end)")
     args = parser.parse_args(argv)
-    missing = [v for v in ("ST_AUTH", "ST_USER", "ST_KEY")
-               if not os.environ.get(v)]
-    if missing:
-        raise SystemExit("set %s (source .swift-saio/saio.env)"
-                         % ", ".join(missing))
+    swift_select.require_swift_env()
     scratch = tempfile.mkdtemp(prefix="bench-select-memory-")
     containers = []
     try:

@@ -505,6 +505,15 @@ def delete_containers(containers, threads):
         conn.close()
 
 
+def require_swift_env():
+    """Exit with one line unless ST_AUTH, ST_USER and ST_KEY are set."""
+    missing = [v for v in ("ST_AUTH", "ST_USER", "ST_KEY")
+               if not os.environ.get(v)]
+    if missing:
+        raise SystemExit("set %s (source .swift-saio/saio.env)"
+                         % ", ".join(missing))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--days", type=int, default=30)
@@ -525,11 +534,7 @@ def main(argv=None):
     parser.add_argument("--keep", action="store_true",
                         help="keep the containers (named at the end)")
     args = parser.parse_args(argv)
-    missing = [v for v in ("ST_AUTH", "ST_USER", "ST_KEY")
-               if not os.environ.get(v)]
-    if missing:
-        raise SystemExit("set %s (source .swift-saio/saio.env)"
-                         % ", ".join(missing))
+    require_swift_env()
     log = ProxyLog(args.proxy_log)
     scratch = tempfile.mkdtemp(prefix="bench-swift-select-")
     containers = []

@@ -62,11 +62,11 @@ def unavailable(message):
 SWIFT_ENV_VARS = ("ST_AUTH", "ST_USER", "ST_KEY")
 
 
-def _swift_connection(env, retries=2):
+def swift_connection(env, retries=2, timeout=30):
     """A swiftclient connection to the Swift of ``env`` (tempauth)."""
     return swc.Connection(authurl=env["ST_AUTH"], user=env["ST_USER"],
                           key=env["ST_KEY"], auth_version="1",
-                          retries=retries, timeout=30)
+                          retries=retries, timeout=timeout)
 
 
 @pytest.fixture(scope="session")
@@ -78,7 +78,7 @@ def swift_env():
         unavailable("%s not set; run: env=\"$(scripts/swift-saio start)\" "
                     "&& eval \"$env\"" % ", ".join(missing))
     env = {name: os.environ[name] for name in SWIFT_ENV_VARS}
-    conn = _swift_connection(env, retries=0)
+    conn = swift_connection(env, retries=0)
     try:
         conn.head_account()
     except Exception as exc:
@@ -1000,4 +1000,5 @@ def ft():
         close_amqp_connections=close_amqp_connections,
         write_archive=write_archive, local_ports=local_ports,
         free_port=free_port, free_ports=free_ports, http_get=http_get,
+        swift_connection=swift_connection,
         delete_swift_container=delete_swift_container)

@@ -36,7 +36,6 @@ import uuid
 
 import orjson
 import pytest
-from swiftclient import client as swc
 
 from shoebox_worker import cli
 from shoebox_worker import index
@@ -70,9 +69,7 @@ def _step(env, container, **options):
 def tampered(ft, swift_env, tmp_path_factory):
     container = "shoebox-binding-%s" % uuid.uuid4().hex[:12]
     directory = tmp_path_factory.mktemp("binding")
-    conn = swc.Connection(authurl=swift_env["ST_AUTH"],
-                          user=swift_env["ST_USER"], key=swift_env["ST_KEY"],
-                          auth_version="1", retries=2, timeout=60)
+    conn = ft.swift_connection(swift_env, timeout=60)
     plain = _step(swift_env, container)
     large = _step(swift_env, container, segment_size="4096")
     try:

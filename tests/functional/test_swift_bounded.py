@@ -24,7 +24,6 @@ import uuid
 
 import orjson
 import pytest
-from swiftclient import client as swc
 
 from shoebox_worker import cli
 from shoebox_worker import index
@@ -51,9 +50,7 @@ def _uploaded(ft, swift_env, tmp_path_factory):
     step = swift_step.SwiftUploadCallback(
         auth=swift_env["ST_AUTH"], user=swift_env["ST_USER"],
         key=swift_env["ST_KEY"], container=container)
-    conn = swc.Connection(authurl=swift_env["ST_AUTH"],
-                          user=swift_env["ST_USER"], key=swift_env["ST_KEY"],
-                          auth_version="1", retries=2, timeout=30)
+    conn = ft.swift_connection(swift_env)
     try:
         real, ids = [], []
         for n in range(ARCHIVES):
