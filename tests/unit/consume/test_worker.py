@@ -192,6 +192,24 @@ def write_config(tmp_path, broker, archive_options=None, sections="",
     return config_mod.load(str(path))
 
 
+def fail_writes(monkeypatch, failure):
+    """Make each archive write ask ``failure(n)`` (n: 1 for the first
+    write): an errno is raised as that OSError, None writes. Returns the
+    count of writes tried (``[n]``)."""
+    write = archive.ArchiveWriter.write
+    calls = [0]
+
+    def failing_write(self, metadata, payload):
+        calls[0] += 1
+        code = failure(calls[0])
+        if code is not None:
+            raise OSError(code, os.strerror(code))
+        return write(self, metadata, payload)
+
+    monkeypatch.setattr(archive.ArchiveWriter, "write", failing_write)
+    return calls
+
+
 class Running:
     """A worker consuming in a thread until the test stops it."""
 
@@ -878,16 +896,7 @@ class TestDiskFull:
     def test_enospc_on_write(self, tmp_path, broker, monkeypatch, caplog):
         conf = write_config(tmp_path, broker, {"fsync_every": "3",
                                                "fsync_interval": "0.2"})
-        write = archive.ArchiveWriter.write
-        calls = [0]
-
-        def failing_write(self, metadata, payload):
-            calls[0] += 1
-            if calls[0] == 5:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            return write(self, metadata, payload)
-
-        monkeypatch.setattr(archive.ArchiveWriter, "write", failing_write)
+        fail_writes(monkeypatch, lambda n: errno.ENOSPC if n == 5 else None)
         monkeypatch.setattr(backpressure, "RESUME_FREE_BYTES", 0)
         bodies = [v2_body(n) for n in range(10)]
         broker.publish(bodies)
@@ -943,16 +952,8 @@ class TestDiskFull:
         # x-delivery-count), is counted once: consumed and redelivered
         conf = write_config(tmp_path, broker, {"fsync_every": "50",
                                                "fsync_interval": "1"})
-        write = archive.ArchiveWriter.write
-        calls = [0]
-
-        def failing_write(self, metadata, payload):
-            calls[0] += 1
-            if calls[0] in (5, 6):
-                raise OSError(errno.ENOSPC, "No space left on device")
-            return write(self, metadata, payload)
-
-        monkeypatch.setattr(archive.ArchiveWriter, "write", failing_write)
+        calls = fail_writes(monkeypatch,
+                            lambda n: errno.ENOSPC if n in (5, 6) else None)
         monkeypatch.setattr(backpressure, "RESUME_FREE_BYTES", 0)
         bodies = [v2_body(n) for n in range(10)]
         broker.publish(bodies, headers={"x-delivery-count": 2})
@@ -973,18 +974,8 @@ class TestDiskFull:
         # each of the two failures, not one per kept message)
         conf = write_config(tmp_path, broker, {"fsync_every": "50",
                                                "fsync_interval": "30"})
-        write = archive.ArchiveWriter.write
-        calls = [0]
-
-        def failing_write(self, metadata, payload):
-            calls[0] += 1
-            if calls[0] == 5:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            if calls[0] > 5:
-                raise OSError(errno.EIO, "Input/output error")
-            return write(self, metadata, payload)
-
-        monkeypatch.setattr(archive.ArchiveWriter, "write", failing_write)
+        calls = fail_writes(monkeypatch, lambda n: errno.ENOSPC if n == 5
+                            else errno.EIO if n > 5 else None)
         monkeypatch.setattr(backpressure, "RESUME_FREE_BYTES", 0)
         broker.publish([v2_body(n) for n in range(10)])
         worker = make_worker(conf, broker)
@@ -1011,10 +1002,7 @@ class TestDiskFull:
                                                 monkeypatch, caplog):
         conf = write_config(tmp_path, broker)
 
-        def failing_write(self, metadata, payload):
-            raise OSError(errno.EROFS, "Read-only file system")
-
-        monkeypatch.setattr(archive.ArchiveWriter, "write", failing_write)
+        fail_writes(monkeypatch, lambda n: errno.EROFS)
         broker.publish([v2_body(0)])
         worker = make_worker(conf, broker)
         with caplog.at_level(logging.WARNING, logger=worker_mod.__name__):
