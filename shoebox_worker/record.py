@@ -101,6 +101,10 @@ _V2_PRE = struct.Struct("<ihII")  # the 14 bytes the header CRC covers
 _I32 = struct.Struct("<i")
 _U32 = struct.Struct("<I")
 _MAGIC_BYTES = _I32.pack(MAGIC)
+_MAGIC_FIRST = _MAGIC_BYTES[:1]
+# How many lone first bytes find_marker steps over before it searches for
+# all four.
+_MARKER_FIRST_TRIES = 4
 
 #: Preamble plus header: the same 18 bytes in both versions.
 HEADER_SIZE = _V1_HEAD.size
@@ -415,6 +419,16 @@ def find_marker(buf, start, end=None):
     """
     if end is None:
         end = len(buf)
+    # The marker's first byte first: a one-byte find is a memchr, a
+    # hundred times faster than the four-byte search over the zeros that
+    # a crash's tail or a decompression bomb is made of. A few first
+    # bytes that start no marker, and the four-byte search takes over
+    # where they stopped: no input makes this slower than that search.
+    for _ in range(_MARKER_FIRST_TRIES):
+        found = buf.find(_MAGIC_FIRST, start, end)
+        if found < 0 or buf.startswith(_MAGIC_BYTES, found, end):
+            return found
+        start = found + 1
     return buf.find(_MAGIC_BYTES, start, end)
 
 
@@ -582,7 +596,7 @@ class _Walk:
         self._pass_damaged(written=True)
         while True:
             self._fill(HEADER_SIZE)
-            found = self.buf.find(_MAGIC_BYTES, self.pos)
+            found = find_marker(self.buf, self.pos)
             if found < 0:
                 # keep the last bytes: a marker may straddle chunks
                 self.pos = max(self.pos, len(self.buf) - 3)
@@ -665,11 +679,12 @@ class _Walk:
     def _claimed_sizes(self):
         """The sizes the damaged record at the current position claims: its
         v1 header's (when it passes its checks), then those its metadata
-        table and payload length field add up to (v1, then v2)."""
+        table and payload length field add up to (v1, then v2 unless the
+        header reads as v1)."""
         try:
             version, _, _, size = _header(self.buf, self.pos)
         except exceptions.RecordError:
-            pass
+            version = None
         else:
             if version == 1:
                 yield size
@@ -692,7 +707,12 @@ class _Walk:
         (length,) = _I32.unpack_from(self.buf, self.pos + raw)
         if length >= 0:
             yield raw + 4 + length
-            yield raw + 4 + length + TRAILER_SIZE
+            # a header that reads as v1 is one (one flipped bit cannot make
+            # a 2 a 1, and a v2 header's checksum would fail): its record
+            # has no trailer, and a size with one could swallow the next
+            # record when the stream ends four bytes later
+            if version != 1:
+                yield raw + 4 + length + TRAILER_SIZE
 
     def _record_ends_at(self, size):
         """Does the stream end ``size`` bytes from the current position, or

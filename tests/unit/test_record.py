@@ -1046,3 +1046,21 @@ class TestBodyErrors:
         with pytest.raises(exceptions.CorruptRecord) as info:
             record.unpack_from(b"junk" + data, 4)
         assert (info.value.message, info.value.offset) == (reason, 4)
+
+
+_MARKER = struct.pack("<i", record.MAGIC)
+
+
+@settings(max_examples=500, deadline=None)
+@given(buf=st.lists(st.sampled_from([b"\0", _MARKER[:1], _MARKER[:2],
+                                     _MARKER[:3], _MARKER, _MARKER[1:]]),
+                    max_size=30).map(b"".join),
+       start=st.integers(0, 60), end=st.one_of(st.none(), st.integers(0, 60)))
+def test_find_marker_finds_what_a_search_for_all_four_bytes_finds(buf, start,
+                                                                  end):
+    """find_marker looks for the marker's first byte first: lone first
+    bytes, partial markers, markers cut by ``end`` and ``start`` inside a
+    marker find what ``bytes.find`` of the whole marker finds."""
+    want = buf.find(_MARKER, start, len(buf) if end is None else end)
+    assert record.find_marker(buf, start, end) == want
+    assert record.find_marker(bytearray(buf), start, end) == want
