@@ -673,6 +673,7 @@ def _items(path):
     return local, remote
 
 
+@pytest.mark.slow  # about 10 s: started first (tests/conftest.py)
 @settings(max_examples=2000, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture,
                                  HealthCheck.too_slow])
