@@ -412,6 +412,15 @@ def is_record_start(buf, pos, end=None):
     return True
 
 
+def _marker_start_at_end(buf):
+    """How many of the last bytes of ``buf`` (3 at most) are the first
+    bytes of a record marker: 0 when no marker can straddle its end."""
+    for count in (3, 2, 1):
+        if buf.endswith(_MAGIC_BYTES[:count]):
+            return count
+    return 0
+
+
 def find_marker(buf, start, end=None):
     """Offset of the next record marker at or after ``start``, or -1.
 
@@ -528,7 +537,9 @@ class _Walk:
         have = len(self.buf) - self.pos
         if have >= need or self.eof:
             return have
-        parts = [self.buf[self.pos:]]
+        # what is left of the buffer, if anything: a lone chunk is taken as
+        # it is (join returns it), not copied
+        parts = [self.buf[self.pos:]] if have else []
         try:
             while have < need:
                 try:
@@ -598,8 +609,10 @@ class _Walk:
             self._fill(HEADER_SIZE)
             found = find_marker(self.buf, self.pos)
             if found < 0:
-                # keep the last bytes: a marker may straddle chunks
-                self.pos = max(self.pos, len(self.buf) - 3)
+                # keep the last bytes where a marker may straddle chunks:
+                # those that are a marker's first ones
+                self.pos = max(self.pos, len(self.buf) - _marker_start_at_end(
+                    self.buf))
                 kept = len(self.buf) - self.pos
                 # one more read (any chunk size): at the end, all is junk
                 if self.eof or self._fill(kept + 1) <= kept:
