@@ -23,7 +23,6 @@ import collections
 import contextlib
 import json
 import re
-import socket
 import threading
 import time
 import urllib.request
@@ -45,12 +44,6 @@ QUORUM = {"x-queue-type": "quorum"}
 #: The tests that kill node 3 (tests/conftest.py): the queue's leader is
 #: placed there. The TLS tests use nodes 1 and 2 meanwhile.
 NODE_3 = pytest.mark.xdist_group("cluster-node-3")
-
-
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Publisher(threading.Thread):
@@ -294,7 +287,7 @@ def _run(cluster, names, leader, tmp_path, worker_procs, ft, tls):
         broker={"prefetch_count": 200,
                 **({"ssl_ca_file": cluster.ca} if tls else {})},
         archive_options={"fsync_every": 50})
-    metrics_port = _free_port()
+    metrics_port = ft.free_port()
     with open(config, "a") as conf:
         conf.write("\n[metrics]\nport = %d\n" % metrics_port)
     worker = worker_procs(config)

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -298,12 +297,6 @@ def scrape(port):
     return values
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("who, status, hint", [
     ("wrong password", 401,
@@ -327,7 +320,7 @@ def test_refused_credentials_are_one_permanent_line_and_consuming_goes_on(
         options = ks.norole_options()
         secrets = ks.secrets
     options.update(container=container, retries="0", timeout="20")
-    port = free_port()
+    port = ft.free_port()
     config = worker_config(ft, tmp_path, queue, options, metrics_port=port,
                            retry_max=2)
     worker = _Worker(config)

@@ -55,7 +55,9 @@ def one_line_error(result, code=1):
     return err
 
 
-def free_port():
+def closed_port():
+    """A port nothing listens on: one the kernel gives (its ephemeral
+    range), where no server of the tests listens (ft.free_ports)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -317,7 +319,7 @@ class TestReplay:
 
         down = ft.worker_config(tmp_path, names, names, name="down.conf",
                                 url="amqp://guest:guest@127.0.0.1:%d//"
-                                % free_port())
+                                % closed_port())
         started = time.monotonic()
         err = one_line_error(sh("replay", "--config", down, "--exchange",
                                 names, "--routing-key", "k",
@@ -403,7 +405,7 @@ class TestGenerate:
         started = time.monotonic()
         err = one_line_error(sh("generate", "--url",
                                 "amqp://guest:guest@127.0.0.1:%d//"
-                                % free_port(), "--count", 5))
+                                % closed_port(), "--count", 5))
         assert time.monotonic() - started < 10
         assert "Connection refused" in err
 
@@ -518,7 +520,7 @@ def test_metrics_of_a_running_worker(tmp_path, rabbit, names, ft,
     good, bad, per_file = 593, 7, 100
     total = good + bad
     rabbit.declare(queue, exchange, "notifications.info")
-    port = free_port()
+    port = ft.free_port()
     config = ft.worker_config(
         tmp_path, queue, exchange, routing_key="notifications.info",
         roll_checker="count", roll_options={"roll_count": per_file},
@@ -623,9 +625,9 @@ def test_metrics_port_in_use(tmp_path, rabbit, names, ft):
 def test_metrics_one_port_per_process(tmp_path, rabbit, names, ft,
                                       worker_procs):
     rabbit.declare(names, names, "notifications.info")
-    port = free_port()
-    while port + 1 >= 65535 or not _port_free(port + 1):
-        port = free_port()
+    port = ft.free_port()
+    while not _port_free(port + 1):
+        port = ft.free_port()
     config = ft.worker_config(tmp_path, names, names,
                               routing_key="notifications.info",
                               worker={"processes": 2})
