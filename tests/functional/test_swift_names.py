@@ -194,9 +194,13 @@ def test_a_clock_stepped_back_mid_run_overwrites_nothing(
         roll_options={"roll_minutes": 1 / 60},
         callbacks={"gzip": {}, "swift": swift_options(swift_env, container),
                    "delete": {}})
-    worker = stepped(config, clock="6=-10")
+    # --idle-exit 10: the worker must outlast the publisher's pauses (a
+    # starved publisher, 12 tests at once on 2 cores, paused 3 s and the
+    # worker left 34 messages in the queue)
+    worker = stepped(config, clock="6=-10", idle_exit=10)
     thread, published = publish_paced(rabbit, queue, 1200, 12, seed=11)
-    thread.join(60)
+    thread.join(180)
+    assert not thread.is_alive(), "still publishing after 180 s"
     assert worker.wait(90) == 0, worker.log[-3000:]
     log = worker.log
     assert len(uploads(log)) >= 8, log[-3000:]
