@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import fcntl
 import os
+import random
 import re
 import shlex
 import shutil
@@ -917,7 +918,6 @@ SERVER_PORTS = range(20000, 32000)
 def free_ports(count):
     """``count`` TCP ports that nothing holds at 127.0.0.1 now, for a
     server a test starts (a private Swift, a worker's [metrics] port)."""
-    import random
     ports = []
     while len(ports) < count:
         port = random.choice(SERVER_PORTS)
@@ -935,6 +935,15 @@ def free_ports(count):
 def free_port():
     """One of :func:`free_ports`."""
     return free_ports(1)[0]
+
+
+def closed_port():
+    """A port nothing listens on at 127.0.0.1, for a connection that must
+    be refused: one the kernel gives (its ephemeral range), where no
+    server of the tests listens (they take :func:`free_ports`)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def http_get(port, path, timeout=5):
@@ -999,6 +1008,7 @@ def ft():
         rabbitmqctl=rabbitmqctl, Rabbit=Rabbit,
         close_amqp_connections=close_amqp_connections,
         write_archive=write_archive, local_ports=local_ports,
-        free_port=free_port, free_ports=free_ports, http_get=http_get,
+        free_port=free_port, free_ports=free_ports, closed_port=closed_port,
+        http_get=http_get,
         swift_connection=swift_connection,
         delete_swift_container=delete_swift_container)

@@ -16,7 +16,6 @@ name, not the first URL's. ``generate`` and ``replay`` given a bare
 
 import os
 import re
-import socket
 import subprocess
 import sys
 
@@ -149,9 +148,7 @@ def test_a_failover_host_is_checked_against_its_own_name(cluster, names,
     connection; the second names node 2 as ``127.1``, an address for
     127.0.0.1 that the certificate does not cover. Checked against the
     first URL's name it would pass; against its own it fails."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        refusing = sock.getsockname()[1]
+    refusing = ft.closed_port()
     node2 = cluster.tls_urls[1].replace("@127.0.0.1:", "@127.1:")
     config = ft.worker_config(
         tmp_path, names, names, routing_key=ROUTING_KEY,

@@ -14,7 +14,6 @@ The broker cases use the real RabbitMQ (unique names, deleted afterwards).
 import dataclasses
 import os
 import re
-import socket
 import subprocess
 import sys
 
@@ -44,10 +43,7 @@ class Ctx:
     rabbit: object = None
 
     def closed_port_url(self):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        return "amqp://guest:s3cret@127.0.0.1:%d//" % port
+        return "amqp://guest:s3cret@127.0.0.1:%d//" % self.ft.closed_port()
 
     def config(self, url=AMQP_URL, **kwargs):
         return self.ft.worker_config(self.tmp_path, self.names + "-q",

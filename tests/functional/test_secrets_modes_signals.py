@@ -15,7 +15,6 @@
 import os
 import re
 import signal
-import socket
 import stat
 import subprocess
 import threading
@@ -39,12 +38,6 @@ PASSWORDS = [
 ]
 #: Both halves of every password: a message naming part of one names one.
 FRAGMENTS = ("kqzw", "vxjy")
-
-
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _config(ft, tmp_path, url, queue, exchange, logging=None, **kwargs):
@@ -79,7 +72,7 @@ def _no_secret(*texts):
 
 def test_passwords_never_shown_by_check_config_or_a_run_that_cannot_connect(
         ft, tmp_path):
-    port = _free_port()
+    port = ft.closed_port()
     runs = []
     for number, (written, _) in enumerate(PASSWORDS):
         where = tmp_path / str(number)

@@ -55,14 +55,6 @@ def one_line_error(result, code=1):
     return err
 
 
-def closed_port():
-    """A port nothing listens on: one the kernel gives (its ephemeral
-    range), where no server of the tests listens (ft.free_ports)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def write_notifications(path, count, seed, version=2, malformed=()):
     """An archive of synthetic notifications, as the worker writes them;
     ``malformed`` indexes get a malformed record instead. Returns the
@@ -319,7 +311,7 @@ class TestReplay:
 
         down = ft.worker_config(tmp_path, names, names, name="down.conf",
                                 url="amqp://guest:guest@127.0.0.1:%d//"
-                                % closed_port())
+                                % ft.closed_port())
         started = time.monotonic()
         err = one_line_error(sh("replay", "--config", down, "--exchange",
                                 names, "--routing-key", "k",
@@ -401,11 +393,11 @@ class TestGenerate:
         assert "deprecated feature, transient_nonexcl_queues" in err, err
         assert "give --durable" in err, err
 
-    def test_errors(self, rabbit, names):
+    def test_errors(self, rabbit, names, ft):
         started = time.monotonic()
         err = one_line_error(sh("generate", "--url",
                                 "amqp://guest:guest@127.0.0.1:%d//"
-                                % closed_port(), "--count", 5))
+                                % ft.closed_port(), "--count", 5))
         assert time.monotonic() - started < 10
         assert "Connection refused" in err
 

@@ -1051,7 +1051,6 @@ class TestBodyErrors:
         assert (info.value.message, info.value.offset) == (reason, 4)
 
 
-
 @settings(max_examples=200, deadline=None)
 @given(buf=st.lists(st.sampled_from([b"\0", _MARKER[:1], _MARKER[:2],
                                      _MARKER[:3], _MARKER, _MARKER[1:]]),
