@@ -1077,3 +1077,20 @@ def test_a_scan_keeps_only_the_last_bytes_a_marker_may_start_with(end,
     read); zeros and other bytes go, so that the next read is not
     copied."""
     assert record._marker_start_at_end(b"x" * 8 + end) == kept
+
+
+@pytest.mark.parametrize("chunk", [16, 25, 64])
+def test_salvage_finds_a_marker_split_between_two_reads(chunk):
+    """Junk of every length before a record, read ``chunk`` bytes at a
+    time: the record's marker is cut by a read at each of its three
+    places in turn, and salvage keeps its first bytes for the next read
+    (dropping them loses the record)."""
+    good = record.pack({"n": "after"}, b"2")
+    for junk in range(1, 3 * chunk + 1):
+        data = b"\0" * junk + good
+        skips = []
+        got = list(record.walk(_Trickle(data, chunk), salvage=True,
+                               on_skip=lambda *s, skips=skips: skips.append(s),
+                               chunk_size=chunk))
+        assert [r[3] for r in got] == [{"n": "after"}], junk
+        assert [s[:2] for s in skips] == [(0, junk)], junk
