@@ -167,6 +167,7 @@ from shoebox_worker import index as archive_index
 from shoebox_worker import options as coercers
 from shoebox_worker import timestamps
 from shoebox_worker.broker_url import MASK
+from shoebox_worker.swift import layout
 
 __all__ = ["SwiftUploadCallback"]
 
@@ -753,7 +754,7 @@ class SwiftUploadCallback:
         self._check_credentials()
         self.container = coercers.coerce("container", container,
                                          coercers.name())
-        self.segment_container = self.container + "_segments"
+        self.segment_container = layout.segment_container(self.container)
         self.segment_size = self.options["segment_size"]
         self.object_prefix = "" if object_prefix is None else str(
             object_prefix)
@@ -967,10 +968,7 @@ class SwiftUploadCallback:
 
     def segment_name(self, obj, size, index):
         """Deterministic: the same file and settings give the same names."""
-        return "%s/%d/%d/%08d" % (obj, size, self.segment_size, index)
-
-    def _segment_pattern(self, obj):
-        return re.compile(re.escape(obj) + r"/[0-9]+/[0-9]+/[0-9]{8}\Z")
+        return layout.segment_name(obj, size, self.segment_size, index)
 
     # -- upload --------------------------------------------------------------
 
@@ -1373,7 +1371,7 @@ class SwiftUploadCallback:
         not use (listed before it, deleted after it is verified)."""
         keep = (set() if count == 1 else
                 {self.segment_name(obj, size, i) for i in range(count)})
-        pattern = self._segment_pattern(obj)
+        pattern = layout.segment_pattern(obj)
         try:
             _, listing = conn.get_container(self.segment_container,
                                             prefix=obj + "/",

@@ -104,6 +104,7 @@ from shoebox_worker import plugins
 from shoebox_worker import record
 from shoebox_worker import roll_manager
 from shoebox_worker.options import OptionError
+from shoebox_worker.swift import layout
 from shoebox_worker.tools import ToolError
 from shoebox_worker.tools import UsageError
 
@@ -149,10 +150,7 @@ READ_AHEAD_CHUNKS = 4
 #: How much of a file is looked at to decide whether it is an archive.
 SNIFF_BYTES = 1 << 16
 #: The name of an archive's index: the archive's name and this.
-INDEX_SUFFIX = ".index"
-#: The names :mod:`shoebox_worker.ship.swift` gives SLO segments
-#: (``segment_name``): ``<object>/<size>/<segment_size>/<index>``.
-_SEGMENT_NAME = re.compile(r"/[0-9]+/[0-9]+/[0-9]{8}\Z")
+INDEX_SUFFIX = archive_index.SUFFIX
 #: How often a download blocked on a full buffer looks whether it was
 #: cancelled (seconds).
 _CANCEL_POLL = 0.2
@@ -733,7 +731,7 @@ def is_archive_entry(entry):
     bundle, an SLO segment, a directory marker nor an empty object."""
     name = entry["name"]
     return not (name.endswith((INDEX_SUFFIX, archive_index.BUNDLE_SUFFIX))
-                or _SEGMENT_NAME.search(name) or not entry.get("bytes")
+                or layout.is_segment(name) or not entry.get("bytes")
                 or entry.get("content_type") == "application/directory")
 
 

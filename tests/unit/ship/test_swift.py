@@ -24,6 +24,7 @@ from shoebox_worker import exceptions
 from shoebox_worker import index
 from shoebox_worker import timestamps
 from shoebox_worker.ship import swift
+from shoebox_worker.swift import layout
 
 V1 = {"auth": "http://swift.example:8080/auth/v1.0", "user": "acct:me",
       "key": "s3cret-key"}
@@ -510,9 +511,11 @@ def test_segment_names_are_deterministic():
     cb = swift.SwiftUploadCallback(segment_size="256K", **V1)
     assert cb.segment_name("2024/a.events", 1000000, 3) == \
         "2024/a.events/1000000/262144/00000003"
-    assert cb._segment_pattern("2024/a.events").match(
+    assert cb.segment_container == cb.container + "_segments"
+    # what the cleanup of stale segments looks for (the layout's pattern)
+    assert layout.segment_pattern("2024/a.events").match(
         "2024/a.events/1000000/1048576/00000000")
-    assert not cb._segment_pattern("2024/a.events").match(
+    assert not layout.segment_pattern("2024/a.events").match(
         "2024/a.events.gz/1/1/00000000")
 
 
