@@ -15,7 +15,7 @@ held at once, never the whole listing), less what is never an archive:
 (``<prefix>.shoebox-index-bundle``, ``shoebox-worker index-bundle``), the
 segments of a
 Static Large Object (``<object>/<size>/<segment_size>/<index>``, the names
-:mod:`shoebox_worker.ship.swift` gives them, wherever they are), directory
+:mod:`shoebox_worker.swift.layout` gives them, wherever they are), directory
 markers and empty objects. Whether the rest are archives is found out by
 reading them, not by their names (a ``filename_template`` may make any
 name): a listed object whose first bytes hold no record is skipped, as a
