@@ -32,9 +32,11 @@ throughput.
 
 import logging
 import re
+import signal
 import socket
 import ssl
 import struct
+import threading
 import time
 from contextlib import contextmanager
 
@@ -672,6 +674,82 @@ def is_amqp(connection):
     return getattr(connection.transport, "driver_type", "") == "amqp"
 
 
+def _timeval(seconds):
+    """``SO_RCVTIMEO``'s value for ``seconds``."""
+    whole = int(seconds)
+    return struct.pack("ll", whole, int((seconds - whole) * 1e6))
+
+
+class _ReadDeadline:
+    """Signals do not make a blocking read wait past its timeout.
+
+    A signal interrupts ``recv()``; CPython runs the Python handler and
+    calls ``recv()`` again, and the kernel starts ``SO_RCVTIMEO`` over. So
+    signals that came more often than the timeout (SIGHUP every 0.1 s, in a
+    test) kept an idle read, and the periodic work after it, waiting for as
+    long as they came. While a read waits, each Python handler of the
+    process is followed here by setting the receive timeout to what is left
+    of the read's own (1 ms at least), and the next read has the whole
+    timeout again. Handlers are wrapped from the main thread only (where
+    Python runs them) and given back on leaving.
+    """
+
+    def __init__(self, sock, timeout):
+        self.sock = sock
+        self.timeout = timeout
+        self._deadline = None
+        self._shortened = False
+        self._wrapped = {}  # {signum: (the original, our wrapper)}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in signal.valid_signals():
+                try:
+                    handler = signal.getsignal(signum)
+                except (OSError, ValueError):
+                    continue
+                if callable(handler):
+                    wrapper = self._wrap(handler)
+                    signal.signal(signum, wrapper)
+                    self._wrapped[signum] = (handler, wrapper)
+        return self
+
+    def __exit__(self, *exc_info):
+        self._deadline = None
+        for signum, (handler, wrapper) in self._wrapped.items():
+            if signal.getsignal(signum) is wrapper:
+                signal.signal(signum, handler)
+        self._wrapped.clear()
+
+    def _wrap(self, handler):
+        def wrapper(signum, frame):
+            try:
+                handler(signum, frame)
+            finally:
+                self._keep_deadline()
+        return wrapper
+
+    def _keep_deadline(self):
+        if self._deadline is None:
+            return
+        left = max(0.001, self._deadline - time.monotonic())
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                             _timeval(left))
+        self._shortened = True
+
+    def reading(self):
+        """A read starts: it may wait the whole timeout."""
+        if self._shortened:
+            self._shortened = False
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                                 _timeval(self.timeout))
+        self._deadline = time.monotonic() + self.timeout
+
+    def done(self):
+        """The read ended: a signal now changes nothing."""
+        self._deadline = None
+
+
 class BlockingReads(mixins.ConsumerMixin):
     """kombu's consume loop, reading AMQP without a Python-level timeout.
 
@@ -708,21 +786,24 @@ class BlockingReads(mixins.ConsumerMixin):
         with self.consumer_context(**kwargs) as (conn, channel, consumers):
             sock = conn.connection.sock
             sock.settimeout(None)
-            seconds = int(self.receive_timeout)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
-                            struct.pack("ll", seconds, int(
-                                (self.receive_timeout - seconds) * 1e6)))
-            while not self.should_stop:
-                self.on_iteration()
-                try:
-                    conn.drain_events(timeout=None)
-                except socket.timeout:
-                    conn.heartbeat_check()
-                except OSError:
-                    if not self.should_stop:
-                        raise
-                else:
-                    yield
+                            _timeval(self.receive_timeout))
+            with _ReadDeadline(sock, self.receive_timeout) as read:
+                while not self.should_stop:
+                    self.on_iteration()
+                    read.reading()
+                    try:
+                        conn.drain_events(timeout=None)
+                    except socket.timeout:
+                        read.done()
+                        conn.heartbeat_check()
+                    except OSError:
+                        read.done()
+                        if not self.should_stop:
+                            raise
+                    else:
+                        read.done()
+                        yield
 
 
 class Reconnecting(BlockingReads):

@@ -340,3 +340,55 @@ def _unacked(ft, queue):
         if name == queue:
             return int(count)
     return None
+
+
+# -- signals that keep coming -------------------------------------------------
+
+def test_signals_twenty_times_a_second_do_not_hold_off_the_idle_exit(
+        ft, tmp_path, rabbit, names):
+    """SIGHUP (the log file's reopen) every 0.05 s at an idle worker: each
+    one interrupted its blocking read, which the kernel then started over
+    with its whole 0.5 s timeout, so the read never ended and ``--idle-exit
+    1`` waited until the signals stopped (seen: 16 s of them, exit 1 s
+    after the last). Now the read ends on time and the worker exits while
+    the signals still come."""
+    rabbit.declare(names, names, names)
+    log_path = tmp_path / "w.log"
+    # fsync_interval 2 s: the reads' timeout is the longest, 0.5 s
+    config = _config(ft, tmp_path, ft.AMQP_URL, names, names,
+                     logging={"level": "INFO", "file": log_path},
+                     archive_options={"fsync_interval": 2})
+    proc = subprocess.Popen([WORKER, "run", "--config", config,
+                             "--idle-exit", "1"],
+                            stdout=subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL)
+    sent = 0
+    try:
+        # the handler is set once the log file is: no signal before it
+        wait_for(lambda: log_path.exists() and "starting" in
+                 log_path.read_text(), 60, "the worker's first line")
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline and \
+                "no message for" not in log_path.read_text():
+            proc.send_signal(signal.SIGHUP)
+            sent += 1
+            time.sleep(0.05)
+        # the idle exit came while the signals still came (at most 120 s
+        # of them; a read that waits them out exits only after)
+        assert time.monotonic() < deadline, "no idle exit in 120 s of " \
+            "SIGHUP every 0.05 s (%d sent)" % sent
+        code = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert sent >= 5, sent  # the signals came while it waited
+    text = log_path.read_text()
+    assert "no message for 1 s: stopping" in text, text[-2000:]
+    # a signal sent just before the line showed may reach the process once
+    # Python has given SIGHUP back to the system for its exit (this test
+    # stalled between reading the log and signalling): only after the
+    # worker said it stopped
+    assert code == 0 or (code == -signal.SIGHUP and re.search(
+        r"runner \[\d+\] stopped\n\Z", text)), (code, text[-2000:])
