@@ -5,6 +5,7 @@ of their own, and are skipped when it does not answer."""
 import dataclasses
 import functools
 import logging
+import signal
 import socket
 import ssl
 import textwrap
@@ -373,6 +374,77 @@ class TestBlockingReads:
         counter, _ = self.run("memory://", 5)
         assert [b["n"] for b in counter.bodies] == list(range(5))
         assert counter.idle_ticks == 3
+
+
+class TestReadDeadline:
+    """A blocking read with a kernel receive timeout, interrupted by a
+    Python signal handler every 20 ms (SIGUSR1 from another thread; the
+    interval timer is pytest-timeout's)."""
+
+    @staticmethod
+    def read(sock, deadline, signals_for):
+        """Seconds until recv() gave up, and the signals that came; the
+        signals stop after ``signals_for`` seconds, so a read they hold
+        off fails the test, not hangs."""
+        caught = []
+        previous = signal.signal(signal.SIGUSR1,
+                                 lambda *_: caught.append(1))
+        done = threading.Event()
+        main = threading.main_thread().ident
+
+        def send():
+            until = time.monotonic() + signals_for
+            while not done.wait(0.02) and time.monotonic() < until:
+                signal.pthread_kill(main, signal.SIGUSR1)
+
+        sender = threading.Thread(target=send, daemon=True)
+        try:
+            guard = broker._ReadDeadline(sock, 0.3) if deadline else None
+            if guard is not None:
+                guard.__enter__()
+                guard.reading()
+            sender.start()
+            started = time.monotonic()
+            try:
+                # the kernel's timeout: EAGAIN (py-amqp makes it a timeout)
+                with pytest.raises(BlockingIOError):
+                    sock.recv(1)
+            finally:
+                elapsed = time.monotonic() - started
+                done.set()
+                sender.join()
+                if guard is not None:
+                    guard.done()
+                    guard.__exit__(None, None, None)
+        finally:
+            signal.signal(signal.SIGUSR1, previous)
+        return elapsed, len(caught)
+
+    @pytest.fixture
+    def sock(self):
+        if threading.current_thread() is not threading.main_thread():
+            pytest.skip("signal handlers are set from the main thread only")
+        ours, theirs = socket.socketpair()
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                        broker._timeval(0.3))
+        yield ours
+        ours.close()
+        theirs.close()
+
+    def test_signals_do_not_make_a_read_wait_its_timeout_again(self, sock):
+        elapsed, signals = self.read(sock, True, signals_for=10)
+        assert signals >= 5  # the read was interrupted all along
+        assert elapsed < 5  # 0.3 s and some (without: the 10 s of signals)
+
+    def test_the_handlers_are_given_back(self, sock):
+        handler = signal.getsignal(signal.SIGUSR1)
+        self.read(sock, True, signals_for=10)
+        assert signal.getsignal(signal.SIGUSR1) is handler
+
+    def test_without_it_the_read_outlives_its_timeout(self, sock):
+        """What it mends: each signal starts the kernel's timeout over."""
+        elapsed, _ = self.read(sock, False, signals_for=1.5)
+        assert elapsed >= 1.5  # the read ended only once the signals did
 
 
 class FakeClock:
