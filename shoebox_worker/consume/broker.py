@@ -795,15 +795,15 @@ class BlockingReads(mixins.ConsumerMixin):
                     try:
                         conn.drain_events(timeout=None)
                     except socket.timeout:
-                        read.done()
                         conn.heartbeat_check()
+                        continue
                     except OSError:
-                        read.done()
                         if not self.should_stop:
                             raise
-                    else:
+                        continue
+                    finally:
                         read.done()
-                        yield
+                    yield
 
 
 class Reconnecting(BlockingReads):
