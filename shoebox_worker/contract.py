@@ -40,7 +40,26 @@ convenience base classes a plugin may subclass are
 
 import typing
 
-__all__ = ["RollCheckerSpec", "ArchiveCallbackSpec"]
+__all__ = ["RollCheckerSpec", "ArchiveCallbackSpec", "Stored"]
+
+
+class Stored(str):
+    """The path a storing step returns (a ``str``: the next step gets it
+    as any path), with what the store holds once the step verified it.
+
+    :ivar name: the object's name in its container.
+    :ivar size: its size in bytes.
+    :ivar sha256: the hex SHA-256 of its bytes.
+    :ivar etag: the ETag the store gave it (what a listing shows).
+    """
+
+    def __new__(cls, path, *, name, size, sha256, etag):
+        self = super().__new__(cls, path)
+        self.name = name
+        self.size = size
+        self.sha256 = sha256
+        self.etag = etag
+        return self
 
 
 @typing.runtime_checkable
@@ -144,7 +163,11 @@ class ArchiveCallbackSpec(typing.Protocol):
             Every other ``on_close`` is called ``on_close(filename)``.
         :returns: the path the next step should get: the same one, a new
             one (``gzip`` returns ``x.events.gz``), or None when the file
-            is gone (``delete``), which ends the chain.
+            is gone (``delete``), which ends the chain. A step that stores
+            the archive in an object store may return the path as a
+            :class:`Stored` (a ``str``) that also says what the store holds
+            now; with ``[integrity]`` on, the worker lists it in its next
+            signed digest (docs/integrity.md).
         :raises Exception: anything, on failure. The file must then still
             be where ``filename`` says: the worker keeps it, logs the error
             naming this step and the file, and retries this step later
