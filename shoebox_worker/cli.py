@@ -80,6 +80,9 @@ def _load(path):
     os.umask(conf.archive.umask)
     from shoebox_worker import plugins
     built = plugins.build(conf)
+    if conf.integrity.signing_key is not None:
+        from shoebox_worker.integrity import chain
+        chain.store_of(conf, built[1])
     check_working_directory(conf)
     return conf, built
 
@@ -102,6 +105,22 @@ def cmd_check_config(args):
             "check-config --connect: %d of %d checks failed: %s"
             % (len(failed), len(checks), "; ".join(
                 check.what for check in failed)), filename=args.config)
+    return EXIT_OK
+
+
+def cmd_keygen(args):
+    from shoebox_worker.integrity import keys
+    try:
+        private, public = keys.keygen(args.directory)
+    except FileExistsError as exc:
+        raise exceptions.ConfigError(
+            "%s exists: not written over (a key in use evolves; make a new "
+            "pair in another folder)" % exc.filename) from None
+    except OSError as exc:
+        raise exceptions.ConfigError("cannot write in %s: %s" % (
+            args.directory, exc.strerror or exc)) from None
+    print("wrote %s (private, 0600) and %s (public: pin it)"
+          % (private, public))
     return EXIT_OK
 
 
@@ -162,6 +181,21 @@ def build_parser():
                        help="also try the broker(s), the queues and Swift "
                             "with the config's credentials")
     check.set_defaults(func=cmd_check_config)
+
+    keygen = sub.add_parser(
+        "keygen", help="make the Ed25519 key pair of [integrity] "
+                       "signing_key",
+        description="Write a new private key DIR/signing.key (mode 0600) "
+                    "and its public key DIR/signing.pub, never over a file. "
+                    "Set [integrity] signing_key = DIR/signing.key (the "
+                    "worker replaces that file with the next key at every "
+                    "digest), and keep a copy of signing.pub away from this "
+                    "host: it is the key an auditor pins (verify --chain "
+                    "--public-key). See docs/integrity.md.")
+    keygen.add_argument("directory", metavar="DIR",
+                        help="the folder to write into (made, 0700, if "
+                             "missing)")
+    keygen.set_defaults(func=cmd_keygen)
 
     try:
         from shoebox_worker.tools import commands as tools

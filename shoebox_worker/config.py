@@ -197,6 +197,17 @@ def _url(raw):
 _MAX_TEMPLATE_BYTES = 128
 
 
+def _digest_prefix(raw):
+    """An object name prefix ending in ``/``, without ``..`` parts."""
+    value = options.text()(raw)
+    if not value.endswith("/") or value.startswith("/") or \
+            ".." in value.split("/"):
+        raise options.OptionError("expected a prefix such as _digests/ "
+                                  "(ending in /, not starting with one), "
+                                  "got %r" % raw)
+    return value
+
+
 def _filename_template(raw):
     """``[archive] filename_template``: a strftime template with
     ``{worker_id}``. The worker's roll manager adds
@@ -321,6 +332,12 @@ LOGGING_OPTIONS = _table(
     Option("format", options.choice("text", "json"), "text"),
 )
 
+INTEGRITY_OPTIONS = _table(
+    Option("signing_key", options.path(empty=None), ""),
+    Option("digest_interval", options.integer(minimum=1), "300"),
+    Option("digest_prefix", _digest_prefix, "_digests/"),
+)
+
 #: Every fixed section's options, in the order the sample documents them.
 #: ``consumer`` is the table of each ``[consumer:QUEUE]`` section.
 SECTIONS = types.MappingProxyType({
@@ -330,6 +347,7 @@ SECTIONS = types.MappingProxyType({
     "worker": WORKER_OPTIONS,
     "metrics": METRICS_OPTIONS,
     "logging": LOGGING_OPTIONS,
+    "integrity": INTEGRITY_OPTIONS,
 })
 
 #: Sections named ``[PREFIX:NAME]``; the plugin ones are free-form.
@@ -592,6 +610,17 @@ class LoggingConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+@_defaults_from(INTEGRITY_OPTIONS)
+class IntegrityConfig:
+    """``[integrity]``; ``signing_key`` None means no digests
+    (:mod:`shoebox_worker.integrity`)."""
+
+    signing_key: str | None
+    digest_interval: int
+    digest_prefix: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """The whole, checked configuration.
 
@@ -612,6 +641,7 @@ class Config:
     worker: WorkerConfig
     metrics: MetricsConfig
     logging: LoggingConfig
+    integrity: IntegrityConfig = IntegrityConfig()
 
     def redacted_url(self):
         """The broker URL(s) with passwords masked, for logs."""
@@ -999,4 +1029,19 @@ def load(path, environ=None):
             parser, "metrics", METRICS_OPTIONS, path, environ)),
         logging=LoggingConfig(**_read_section(
             parser, "logging", LOGGING_OPTIONS, path, environ)),
+        integrity=_integrity(IntegrityConfig(**_read_section(
+            parser, "integrity", INTEGRITY_OPTIONS, path, environ)), path),
     )
+
+
+def _integrity(integrity, path):
+    """``[integrity]``, its key read as the worker will read it."""
+    if integrity.signing_key is not None:
+        from shoebox_worker.integrity import keys  # cryptography: only here
+        try:
+            keys.load_private(integrity.signing_key)
+        except keys.KeyError_ as err:
+            raise ConfigError("%s (shoebox-worker keygen DIR makes one)"
+                              % err, path, "integrity", "signing_key") \
+                from None
+    return integrity

@@ -172,6 +172,15 @@ class StatsCollector:
             "seconds), by callback.",
             labels=["callback"]), stats.callback_permanent_failures,
             self.callbacks)
+        yield CounterMetricFamily(
+            "shoebox_digests_stored",
+            "Signed digests stored ([integrity]).",
+            value=stats.digests_stored)
+        yield CounterMetricFamily(
+            "shoebox_digest_failures",
+            "Attempts to store a signed digest that failed (each is kept "
+            "and tried again; archives keep shipping).",
+            value=stats.digest_failures)
 
         # the data at risk
         yield GaugeMetricFamily(

@@ -44,6 +44,9 @@ class Stats:
         self.callback_failures = collections.Counter()
         #: the failures among them that retrying will not fix
         self.callback_permanent_failures = collections.Counter()
+        #: signed digests stored (``[integrity]``), and attempts that failed
+        self.digests_stored = 0
+        self.digest_failures = 0
         #: ``{"transient" | "permanent": (archives, since)}``: the archives
         #: whose current step fails now, by the kind of its last failure,
         #: and when the oldest of them started failing, on this object's
@@ -140,6 +143,14 @@ class Stats:
                 self.callback_permanent_failures[name] += 1
         for listener in self.listeners:
             listener("callback_failed", name, None)
+
+    def digest_stored(self):
+        with self._lock:
+            self.digests_stored += 1
+
+    def digest_failed(self):
+        with self._lock:
+            self.digest_failures += 1
 
     def failing(self, by_kind, reasons=None):
         """The archives failing now (see :attr:`failing_now`), and, by

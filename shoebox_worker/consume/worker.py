@@ -233,6 +233,24 @@ class _ArchiveLock(callbacks_mod.ArchiveCallback):
         return taken
 
 
+def evidence_of(config, directory, chain, stats):
+    """The :class:`~shoebox_worker.integrity.chain.Chain` ``[integrity]``
+    asks for, putting its digests through the chain's storing step (the
+    first with ``put_digest``); None without ``signing_key``.
+
+    :raises ConfigError: no step of the chain stores digests.
+    """
+    integrity = config.integrity
+    if integrity.signing_key is None:
+        return None
+    from shoebox_worker.integrity import chain as chain_mod
+    return chain_mod.Chain(
+        directory=directory, signing_key=integrity.signing_key,
+        store=chain_mod.store_of(config, chain.steps),
+        prefix=integrity.digest_prefix, interval=integrity.digest_interval,
+        stats=stats)
+
+
 class Worker(broker.Reconnecting):
     """Consumes ``[consumer:*]`` queues into rolling archives.
 
@@ -265,9 +283,13 @@ class Worker(broker.Reconnecting):
         self.stats = stats or stats_mod.Stats()
         self.notifier = notifier or notify.Notifier.from_environ()
         self.chain = callbacks_mod.CallbackChain(callbacks)
+        #: the signed digest chain (``[integrity]``), or None
+        self.evidence = evidence_of(config, self.directory, self.chain,
+                                    self.stats)
         self.shipper = shipper_mod.Shipper(
             self.chain, archive_conf.retry_initial, archive_conf.retry_max,
-            stats=self.stats, index_fields=archive_conf.index_fields)
+            stats=self.stats, index_fields=archive_conf.index_fields,
+            evidence=self.evidence)
         # the roll manager's _<token>-<sequence> right after the worker
         # id: the recovery glob's * for {worker_id} covers both
         self.template = archive_conf.template_for(
@@ -371,6 +393,9 @@ class Worker(broker.Reconnecting):
 
     def start(self):
         """Recover what a killed run left, start shipping."""
+        if self.evidence is not None:
+            # finishes a digest a crash cut short, before anything ships
+            self.evidence.open()
         recovered = self.shipper.recover(
             self.directory,
             lambda name: self.archive_name.fullmatch(name) is not None,

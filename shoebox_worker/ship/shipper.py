@@ -114,6 +114,7 @@ import threading
 import time
 
 from shoebox_worker import archive
+from shoebox_worker import contract
 from shoebox_worker import exceptions
 from shoebox_worker import files
 from shoebox_worker import index
@@ -467,14 +468,21 @@ class Shipper:
         methods (see :class:`~shoebox_worker.consume.stats.Stats`).
     :param index_fields: the fields an archive recovered without a state
         file is indexed by (``[archive] index_fields``; empty: none).
+    :param evidence: a :class:`~shoebox_worker.integrity.chain.Chain`
+        (``[integrity]``), or None: each archive a step returned as
+        :class:`~shoebox_worker.contract.Stored` is recorded in it before
+        the archive's state moves past that step, the chain is ticked
+        between archives (and at least every second), and closed (its
+        final digest) at a clean stop.
     """
 
     #: A failing step is logged again at most this often (seconds).
     failure_log_interval = FAILURE_LOG_INTERVAL
 
     def __init__(self, chain, retry_initial=1.0, retry_max=300.0,
-                 stats=None, index_fields=()):
+                 stats=None, index_fields=(), evidence=None):
         self.chain = chain
+        self.evidence = evidence
         self.index_fields = tuple(index_fields)
         self.chain_names = [name for name, _ in chain.steps]
         self.retry_initial = float(retry_initial)
@@ -867,12 +875,29 @@ class Shipper:
                 LOG.warning("shipping step still running after %.0f s; "
                             "its state file resumes it next start", timeout)
         if self._thread is None or not self._thread.is_alive():
+            self._close_evidence()
             self._close_callbacks()
         with self._cond:
             left = len(self._jobs)
         if left:
             LOG.info("%d archive(s) not shipped yet; the next start "
                      "resumes them", left)
+
+    def _close_evidence(self):
+        """The chain's final digest (best effort: what it cannot put now
+        waits in its ``outgoing/`` for the next start)."""
+        if self.evidence is None or self._thread is None:
+            return
+        try:
+            self.evidence.close()
+        except Exception:  # the archives are shipped: never fail for it
+            LOG.exception("integrity: the final digest failed")
+
+    def _tick_evidence(self):
+        try:
+            self.evidence.tick()
+        except Exception as exc:  # the next tick tries again
+            LOG.error("integrity: cannot make or store a digest: %s", exc)
 
     def _close_callbacks(self):
         """Let callbacks release what they hold (connections, pools)."""
@@ -893,46 +918,55 @@ class Shipper:
             self._cond.notify_all()
 
     def _next(self):
+        """The next job due; None after up to a second without one (or
+        when stopping: :attr:`_stopping` tells)."""
         with self._cond:
-            while not self._stopping:
-                if self._heap:
-                    due = self._heap[0][0]
-                    wait = due - time.monotonic()
-                    if wait <= 0:
-                        job = heapq.heappop(self._heap)[2]
-                        self._busy = job
-                        return job
-                    self._cond.wait(min(wait, 1.0))
-                else:
-                    self._cond.wait(1.0)
+            if self._stopping:
+                return None
+            if self._heap:
+                wait = self._heap[0][0] - time.monotonic()
+                if wait <= 0:
+                    job = heapq.heappop(self._heap)[2]
+                    self._busy = job
+                    return job
+                self._cond.wait(min(wait, 1.0))
+            else:
+                self._cond.wait(1.0)
             return None
 
     def _run(self):
         while True:
             job = self._next()
-            if job is None:
-                return
-            try:
-                self._ship(job)
-            except OSError as exc:  # a state file the disk refused (full)
-                job.attempts += 1
-                delay = self._delay(job.attempts)
-                if job.attempts == 1:
-                    LOG.error(E_LOCAL, job.origin, exc, delay)
-                else:
-                    LOG.debug(E_LOCAL_AGAIN, job.origin, job.attempts, exc)
-                self._retry(job, delay)
-            except Exception as exc:  # never let the thread die
-                job.attempts += 1
-                if job.attempts == 1:
-                    LOG.exception("unexpected error shipping %s", job.path)
-                else:
-                    LOG.debug("unexpected error shipping %s again (attempt "
-                              "%d): %s", job.path, job.attempts, exc)
-                self._retry(job)
-            finally:
-                with self._cond:
-                    self._busy = None
+            if job is not None:
+                self._run_job(job)
+            if self.evidence is not None:
+                self._tick_evidence()
+            with self._cond:
+                if self._stopping:
+                    return
+
+    def _run_job(self, job):
+        try:
+            self._ship(job)
+        except OSError as exc:  # a state file the disk refused (full)
+            job.attempts += 1
+            delay = self._delay(job.attempts)
+            if job.attempts == 1:
+                LOG.error(E_LOCAL, job.origin, exc, delay)
+            else:
+                LOG.debug(E_LOCAL_AGAIN, job.origin, job.attempts, exc)
+            self._retry(job, delay)
+        except Exception as exc:  # never let the thread die
+            job.attempts += 1
+            if job.attempts == 1:
+                LOG.exception("unexpected error shipping %s", job.path)
+            else:
+                LOG.debug("unexpected error shipping %s again (attempt "
+                          "%d): %s", job.path, job.attempts, exc)
+            self._retry(job)
+        finally:
+            with self._cond:
+                self._busy = None
 
     def _carry_index(self, job, also=()):
         """Put the archive's index beside it (``<job.path>.index``) from
@@ -973,6 +1007,13 @@ class Shipper:
             except exceptions.CallbackError as exc:
                 self._failed(job, name, exc)
                 return
+            if self.evidence is not None and isinstance(
+                    new_path, contract.Stored):
+                # durable before the state moves past the step (a crash
+                # runs the step again, which finds the object there)
+                self.evidence.record(new_path, job.report, job.origin)
+            if new_path is not None:
+                new_path = str(new_path)
             if self.stats is not None:
                 self.stats.callback_done(name, time.monotonic() - started)
             self._worked(job, name)

@@ -162,6 +162,7 @@ from swiftclient import requests_compat
 
 from shoebox_worker import archive
 from shoebox_worker import compression
+from shoebox_worker import contract
 from shoebox_worker import exceptions
 from shoebox_worker import index as archive_index
 from shoebox_worker import options as coercers
@@ -212,6 +213,8 @@ W_INDEX_REPLACED = ("index object %s/%s holds other content (%s): replacing "
 W_INDEX_DAMAGED = "%s: not uploaded; %s/%s is read in full by pruned reads"
 #: The content type of index objects.
 INDEX_CONTENT_TYPE = "application/vnd.shoebox-index"
+#: What a digest (:mod:`shoebox_worker.integrity`) is stored as.
+DIGEST_CONTENT_TYPE = "application/vnd.shoebox-digest+json"
 #: ``os_auth_type`` values (keystoneauth1's plugin names) and what they
 #: mean here.
 _AUTH_TYPES = {"": "password", "password": "password",
@@ -1007,9 +1010,9 @@ class SwiftUploadCallback:
                 # both, so that the segment listing never meets a 404
                 self._ensure_container(conn, self.container)
                 self._ensure_container(conn, self.segment_container)
-                obj, stale, etag = self._upload(conn, f.fileno(), filename,
-                                                obj, size, count, headers,
-                                                content_type)
+                obj, stale, etag, sha256 = self._upload(
+                    conn, f.fileno(), filename, obj, size, count, headers,
+                    content_type)
                 target = "%s/%s" % (self.container, obj)
                 self._put_index(conn, filename, obj, etag, size)
         except Exception as exc:
@@ -1024,7 +1027,8 @@ class SwiftUploadCallback:
         LOG.info("uploaded %s to %s/%s: %d bytes in %.2f s (%.1f MB/s)",
                  filename, self.container, obj, size, seconds,
                  size / seconds / 1e6)
-        return filename
+        return contract.Stored(filename, name=obj, size=size, sha256=sha256,
+                               etag=etag)
 
     def _permanent(self, exc):
         """What the operator must fix when retrying cannot fix ``exc``
@@ -1118,23 +1122,23 @@ class SwiftUploadCallback:
         both). Nothing is ever overwritten: every PUT carries
         ``If-None-Match: *``.
 
-        :returns: ``(name, stale, etag)``: the object name the file is
-            now under, the segments of earlier attempts at it to delete,
-            and the object's ETag as Swift gave it once verified.
+        :returns: ``(name, stale, etag, sha256)``: the object name the
+            file is now under, the segments of earlier attempts at it to
+            delete, and the object's ETag and SHA-256 as the verifying
+            HEAD gave them.
         """
         name = obj
         for attempt in range(1, _MAX_OTHER_NAMES + 2):
             file_hash = _FileHash(filename)
             try:
                 if count == 1:
-                    created, etag = self._put_plain(conn, fd, name, size,
-                                              file_hash, headers,
-                                              content_type)
+                    created, (etag, sha256) = self._put_plain(
+                        conn, fd, name, size, file_hash, headers,
+                        content_type)
                 else:
-                    created, etag = self._put_slo(conn, fd, name, size,
-                                                  count,
-                                            file_hash, headers,
-                                            content_type)
+                    created, (etag, sha256) = self._put_slo(
+                        conn, fd, name, size, count, file_hash, headers,
+                        content_type)
             except _NameTaken as taken:
                 if attempt > _MAX_OTHER_NAMES:
                     raise
@@ -1146,8 +1150,9 @@ class SwiftUploadCallback:
             if not created:
                 LOG.info("%s/%s already holds %s (an earlier upload); not "
                          "sent again", self.container, name, filename)
-                return name, [], etag
-            return name, self._stale_segments(conn, name, size, count), etag
+                return name, [], etag, sha256
+            return (name, self._stale_segments(conn, name, size, count),
+                    etag, sha256)
         raise AssertionError("unreachable")
 
     def _put(self, conn, container, obj, part, headers, content_type):
@@ -1227,10 +1232,59 @@ class SwiftUploadCallback:
                                           len(data), md5),
                             _trans_id(response.get("headers")))
 
+    def put_digest(self, name, data):
+        """Store a signed digest (:mod:`shoebox_worker.integrity`) as
+        ``name`` in the container, never over an object
+        (``If-None-Match: *``), and check it: its ETag must be the MD5 of
+        ``data``, as must a HEAD's. A name that holds these very bytes
+        already (a retry after a crash) is done; one that holds other
+        bytes is an error: a digest is never replaced. No
+        ``X-Delete-After``: digests outlive the archives they list.
+
+        :raises UploadError: it is not stored, and why.
+        """
+        md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
+        target = "%s/%s" % (self.container, name)
+        try:
+            conn = self._connection()
+            self._renew_token_if_expiring(conn)
+            self._ensure_container(conn, self.container)
+            response = {}
+            try:
+                returned = conn.put_object(
+                    self.container, name, io.BytesIO(data),
+                    content_length=len(data),
+                    headers={"If-None-Match": "*"},
+                    content_type=DIGEST_CONTENT_TYPE, response_dict=response)
+            except swift_exceptions.ClientException as exc:
+                if exc.http_status != 412:
+                    raise
+                returned = md5  # there already: the HEAD tells whose
+            else:
+                if returned != md5:
+                    raise _Mismatch("PUT %s returned ETag %s; MD5 of the %d "
+                                    "bytes sent: %s" % (target, returned,
+                                                        len(data), md5),
+                                    _trans_id(response.get("headers")))
+            head = conn.head_object(self.container, name)
+            if head.get("etag", "").strip('"') != md5 or \
+                    int(head.get("content-length", -1)) != len(data):
+                raise _Mismatch("%s holds other content (%s): a digest is "
+                                "never replaced" % (target,
+                                                    _what_is_there(head)),
+                                _trans_id(head))
+        except Exception as exc:
+            self._drop_connection()
+            hint = self._permanent(exc)
+            raise exceptions.UploadError(
+                "digest upload to %s failed: %s" % (target, _describe(exc)),
+                callback=self.name, filename=name,
+                permanent=hint is not None, hint=hint) from exc
+
     def _head(self, conn, obj, size, etag, sha256, slo):
         """HEAD the object uploaded: ``size`` bytes, ``etag`` (None: any),
-        ``sha256``, and an SLO when ``slo``; its ETag (what a listing
-        gives as ``hash``)."""
+        ``sha256``, and an SLO when ``slo``: its ETag (what a listing
+        gives as ``hash``) and SHA-256."""
         head = conn.head_object(self.container, obj)
         txn = _trans_id(head)
         got_size = int(head.get("content-length", -1))
@@ -1246,7 +1300,7 @@ class SwiftUploadCallback:
         if slo and not _is_slo(head):
             raise _Mismatch("HEAD %s/%s: not a Static Large Object"
                             % (self.container, obj), txn)
-        return got_etag
+        return got_etag, got_sha256
 
     def _existing(self, conn, container, obj):
         """Swift's headers of ``container/obj``, or None when there is
@@ -1263,9 +1317,10 @@ class SwiftUploadCallback:
         """PUT, then POST the metadata with the SHA-256 known only now
         (the POST replaces all of it), then HEAD.
 
-        :returns: ``(created, etag)``: whether this call created the
-            object (False: Swift held this very file already, from an
-            earlier attempt), and its ETag as the HEAD verified it.
+        :returns: ``(created, (etag, sha256))``: whether this call
+            created the object (False: Swift held this very file already,
+            from an earlier attempt), and its ETag and SHA-256 as the HEAD
+            verified them.
         :raises _NameTaken: Swift holds other content under ``obj``.
         """
         part = _Part(fd, 0, size, file_hash)

@@ -5,6 +5,8 @@ They are subcommands of ``shoebox-worker`` (``cli`` calls
 
     shoebox-worker cat [--metadata] [SELECTION] PATH...
     shoebox-worker verify [--salvage] PATH...
+    shoebox-worker verify --chain --public-key FILE... [--deep] [--json]
+                          [--since T] [--until T] swift://CONTAINER[/PREFIX]
     shoebox-worker replay [--config FILE] --exchange E --routing-key K
                           [SELECTION] PATH...
     (cat, verify, replay: [--config FILE] [--jobs N]; PATH may be
@@ -49,11 +51,31 @@ from shoebox_worker.tools import select
 from shoebox_worker.tools import sources
 
 __all__ = ["add_commands", "parse_time", "run_export", "run_generate",
-           "run_index_bundle", "run_replay"]
+           "run_index_bundle", "run_replay", "run_verify"]
 
 
 # The broker's modules (kombu, amqp) are imported by the commands that
 # publish, when they run: ``cat`` and ``verify`` start without them.
+
+#: ``[integrity] digest_prefix``'s default (the integrity modules bring
+#: the cryptography package: imported when ``--chain`` runs).
+DIGEST_PREFIX = "_digests/"
+
+
+def run_verify(args):
+    """``verify``: :func:`.read.cmd_verify`, or with ``--chain``
+    :func:`.audit.cmd_verify_chain`."""
+    if not args.chain:
+        for given in ("public_key", "deep", "json", "since", "until"):
+            if getattr(args, given):
+                raise tools.UsageError("--%s goes with --chain"
+                                       % given.replace("_", "-"))
+        return read.cmd_verify(args)
+    if args.salvage:
+        raise tools.UsageError("--salvage does not go with --chain")
+    from shoebox_worker.tools import audit
+    return audit.cmd_verify_chain(args)
+
 
 def run_replay(args):
     """``replay``: :func:`shoebox_worker.tools.publish.cmd_replay`."""
@@ -180,9 +202,38 @@ def add_commands(subparsers):
                              "each record in the version it was found in; "
                              "for an object in Swift: <its base "
                              "name>.salvaged in the current directory)")
+    chain = verify.add_argument_group(
+        "the signed chain ([integrity], docs/integrity.md)",
+        "With --chain, PATH is one store, swift://CONTAINER[/PREFIX]: walk "
+        "every chain of digests in it from the pinned keys and report, one "
+        "line each, archives missing, changed or not listed in any digest, "
+        "digests missing, altered or signed by a key their place does not "
+        "call for, and gaps in archive sequences; then one line per chain "
+        "(time since its last digest). Reads the digests and HEADs the "
+        "archives (their bytes only with --deep). Exit 1 on any problem.")
+    chain.add_argument("--chain", action="store_true",
+                       help="verify the signed digest chain(s) of a store")
+    chain.add_argument("--public-key", action="append", metavar="FILE",
+                       help="a pinned public key (signing.pub); repeat it "
+                            "for each worker")
+    chain.add_argument("--deep", action="store_true",
+                       help="also read every listed archive and check its "
+                            "size and SHA-256")
+    chain.add_argument("--json", action="store_true",
+                       help="print one JSON object instead of lines")
+    chain.add_argument("--since", type=select.parse_when, metavar="TIME",
+                       help="check only archives (and stored objects) from "
+                            "TIME on (ISO 8601 or an age such as 7d); the "
+                            "chains are walked whole")
+    chain.add_argument("--until", type=select.parse_when, metavar="TIME",
+                       help="check only archives before TIME")
+    chain.add_argument("--digest-prefix", default=DIGEST_PREFIX,
+                       metavar="PREFIX",
+                       help="where the digests are ([integrity] "
+                            "digest_prefix; default: %(default)s)")
     _add_sources(verify)
     verify.add_argument("paths", nargs="+", metavar="PATH", help=paths_help)
-    verify.set_defaults(func=read.cmd_verify)
+    verify.set_defaults(func=run_verify)
 
     replay = subparsers.add_parser(
         "replay", help="republish archived notifications",

@@ -91,6 +91,7 @@ def test_dataclasses_follow_the_option_tables():
         "broker": config.BrokerConfig, "consumer": config.ConsumerConfig,
         "archive": config.ArchiveConfig, "worker": config.WorkerConfig,
         "metrics": config.MetricsConfig, "logging": config.LoggingConfig,
+        "integrity": config.IntegrityConfig,
     }
     assert list(classes) == list(config.SECTIONS)
     for section, cls in classes.items():

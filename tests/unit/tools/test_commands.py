@@ -21,7 +21,7 @@ def parser():
 
 @pytest.mark.parametrize("argv,func", [
     (["cat", "a"], read.cmd_cat),
-    (["verify", "--salvage", "a", "b"], read.cmd_verify),
+    (["verify", "--salvage", "a", "b"], commands.run_verify),
     (["replay", "--config", "c", "--exchange", "e", "--routing-key", "k",
       "a"], commands.run_replay),
     (["generate", "--url", "memory://", "--count", "3"],
@@ -29,6 +29,24 @@ def parser():
 ])
 def test_each_command_runs_its_function(parser, argv, func):
     assert parser.parse_args(argv).func is func
+
+
+def test_verify_runs_read_s_verify_without_chain(parser, monkeypatch):
+    calls = []
+    monkeypatch.setattr(read, "cmd_verify", lambda args: calls.append(args)
+                        or 5)
+    args = parser.parse_args(["verify", "a"])
+    assert commands.run_verify(args) == 5 and calls == [args]
+
+
+@pytest.mark.parametrize("argv", [
+    ["verify", "--deep", "a"], ["verify", "--json", "a"],
+    ["verify", "--public-key", "k", "a"], ["verify", "--since", "1h", "a"],
+    ["verify", "--chain", "--salvage", "swift://c"]])
+def test_verify_refuses_chain_options_that_do_not_go_together(parser, argv):
+    from shoebox_worker import tools
+    with pytest.raises(tools.UsageError, match="--chain"):
+        commands.run_verify(parser.parse_args(argv))
 
 
 @pytest.mark.parametrize("wrapper, name", [
