@@ -366,7 +366,12 @@ class Chain:
 
     def _flush(self):
         """Put every digest of ``outgoing/`` in the store, in order;
-        stop at the first failure (tried again later)."""
+        stop at the first failure (tried again later). Under the lock:
+        the processes sharing the chain put each digest once."""
+        with self._locked():
+            self._flush_locked()
+
+    def _flush_locked(self):
         for seq, path in self._outgoing():
             try:
                 data = files.read_regular(path)
