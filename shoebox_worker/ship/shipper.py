@@ -473,7 +473,9 @@ class Shipper:
         :class:`~shoebox_worker.contract.Stored` is recorded in it before
         the archive's state moves past that step, the chain is ticked
         between archives (and at least every second), and closed (its
-        final digest) at a clean stop.
+        final digest) by the shipping thread when it stops, within
+        :meth:`stop`'s timeout (what it cannot put then waits in the
+        chain's ``outgoing/`` for the next start).
     """
 
     #: A failing step is logged again at most this often (seconds).
@@ -875,7 +877,6 @@ class Shipper:
                 LOG.warning("shipping step still running after %.0f s; "
                             "its state file resumes it next start", timeout)
         if self._thread is None or not self._thread.is_alive():
-            self._close_evidence()
             self._close_callbacks()
         with self._cond:
             left = len(self._jobs)
@@ -886,7 +887,7 @@ class Shipper:
     def _close_evidence(self):
         """The chain's final digest (best effort: what it cannot put now
         waits in its ``outgoing/`` for the next start)."""
-        if self.evidence is None or self._thread is None:
+        if self.evidence is None:
             return
         try:
             self.evidence.close()
@@ -943,7 +944,9 @@ class Shipper:
                 self._tick_evidence()
             with self._cond:
                 if self._stopping:
-                    return
+                    break
+        # in this thread, so that stop()'s timeout bounds it too
+        self._close_evidence()
 
     def _run_job(self, job):
         try:
