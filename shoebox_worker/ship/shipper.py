@@ -498,6 +498,7 @@ class Shipper:
         self._stopping = False
         self._busy = None           # the job whose step is running
         self._episodes = {}         # step name -> _Episode while failing
+        self._evidence_error = None  # the chain's last failure, as logged
 
     # -- what the consumer sees ---------------------------------------
 
@@ -895,10 +896,18 @@ class Shipper:
             LOG.exception("integrity: the final digest failed")
 
     def _tick_evidence(self):
+        """Tick the chain; a failure is logged when it differs from the
+        last one (the next tick, a second later, tries again)."""
         try:
             self.evidence.tick()
-        except Exception as exc:  # the next tick tries again
-            LOG.error("integrity: cannot make or store a digest: %s", exc)
+        except Exception as exc:
+            said = "%s: %s" % (type(exc).__name__, exc)
+            if said != self._evidence_error:
+                LOG.error("integrity: cannot make a digest (tried again "
+                          "every second; archives keep shipping): %s", said)
+            self._evidence_error = said
+        else:
+            self._evidence_error = None
 
     def _close_callbacks(self):
         """Let callbacks release what they hold (connections, pools)."""
