@@ -113,8 +113,12 @@ def test_the_unit_says_what_the_worker_needs():
     assert int(service["TimeoutStopSec"].rstrip("s")) > \
         worker_mod.SHUTDOWN_SHIP_GRACE + ship_timeout
     assert service["User"] not in ("", "root")
-    assert service["WorkingDirectory"] == \
-        "/var/lib/%s" % service["StateDirectory"]
+    state, keys = service["StateDirectory"].split()
+    assert service["WorkingDirectory"] == "/var/lib/%s" % state
+    # [integrity] signing_key: a writable folder apart from the working
+    # directory (the worker replaces the key file at every digest)
+    assert keys != state and "/var/lib/%s/signing.key" % keys in \
+        UNIT.read_text()
     assert service["ProtectSystem"] == "strict"
     assert service["NoNewPrivileges"] == "yes"
     assert service["PrivateTmp"] == "yes"
