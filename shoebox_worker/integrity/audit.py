@@ -21,7 +21,9 @@ keys pinned on its command line, nothing else. What it finds
   the listing) or SHA-256 (HEAD; with ``--deep``, its bytes) differs;
 - an archive in the store that no digest lists (``inserted``), unless it
   is newer than the newest digest and younger than twice its chain's
-  ``interval`` (``pending``, not a failure: the next digest lists it);
+  ``interval`` (``pending``, not a failure: the next digest lists it), or
+  was stored before the first chain started (``unchained``, not a
+  failure: an archive shipped before ``[integrity]`` was on);
 - a gap in an archive sequence (a worker run's archives are numbered);
 - and, not as failures, each chain's state (digests, archives, time since
   its last digest, whether it ended with a clean stop), why each chain
@@ -334,6 +336,11 @@ def _check_archives(wanted, archives, head, deep, findings, result, jobs):
 def _check_unlisted(archives, listed, readable, since, until, now, findings):
     newest = max((_time(d.body["created"]) for d in readable if d.trusted),
                  default=None)
+    # the earliest start of a chain whose first digest is there: Swift
+    # sets last_modified, so nothing stored before it can be made to look
+    # older, and no digest could list it
+    start = min((_time(d.body["range"]["from"]) for d in readable
+                 if d.trusted and d.seq == 0), default=None)
     interval = max((d.body["interval"] for d in readable), default=300)
     grace = datetime.timedelta(seconds=PENDING_INTERVALS * interval
                                + PENDING_SLACK)
@@ -343,6 +350,12 @@ def _check_unlisted(archives, listed, readable, since, until, now, findings):
         stored = _time(entry.get("last_modified"))
         if stored is not None and ((since is not None and stored < since) or
                                    (until is not None and stored >= until)):
+            continue
+        if stored is not None and start is not None and stored < start:
+            findings.append(Finding(
+                "unchained", name, "stored %s, before the first chain "
+                "started: no digest can list it" % entry.get("last_modified"),
+                failure=False))
             continue
         if stored is not None and (newest is None or stored > newest) and \
                 now - stored < grace:
