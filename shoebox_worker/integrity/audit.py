@@ -266,6 +266,10 @@ def _walk(chain, links, pinned, announced, findings, signers):
                         "untrusted-key", d.name, "chain %s starts with key "
                         "%s, neither pinned (--public-key) nor announced by "
                         "another chain" % (chain, body["public_key"])))
+                    # walked on with the key it names (the failure is
+                    # said), so that its archives are not each reported
+                    # as inserted too
+                    expected = body["public_key"]
         if expected is not None:
             if body["public_key"] != expected:
                 findings.append(Finding(
