@@ -15,8 +15,9 @@ keys pinned on its command line, nothing else. What it finds
 - a digest whose signature does not verify with the key the previous
   digest of its chain announced (``re-signed``: a later key cannot sign
   an earlier place), or a chain whose first digest is signed by a key
-  neither pinned nor announced by another chain's digest; a key that
-  signs two digests (a fork);
+  neither pinned nor announced by a digest of another chain that is
+  itself reached from a pinned key (two chains cannot vouch for each
+  other); a key that signs two digests (a fork);
 - an archive listed in a digest and missing, or whose size, ETag (from
   the listing) or SHA-256 (HEAD; with ``--deep``, its bytes) differs;
 - an archive in the store that no digest lists (``inserted``), unless it
@@ -74,6 +75,9 @@ class _Digest:
     signature: bytes = None
     sha256: str = ""
     trusted: bool = False  # signed with the key its place calls for
+    # trusted, and reached from a pinned key through trusted digests only:
+    # only such a digest vouches for the first key of another chain
+    anchored: bool = False
 
 
 @dataclasses.dataclass
@@ -185,8 +189,25 @@ def audit(listing, get, head, pinned, *, digest_prefix=
     for d in readable:
         announced.setdefault(d.body["next_public_key"], []).append(d)
     signers = {}
-    for chain, links in chains.items():
-        _walk(chain, links, pinned, announced, findings, signers)
+    waiting = dict(chains)
+
+    def deferred(chain, first):
+        """A chain that starts with a key no anchored digest announced
+        yet, but a chain still to walk does: walked after it (chains
+        cannot vouch for each other)."""
+        key = first.body["public_key"]
+        if first.seq != 0 or key in pinned:
+            return False
+        others = [a for a in announced.get(key, ()) if a.chain != chain]
+        return not any(a.anchored for a in others) and \
+            any(a.chain in waiting for a in others)
+
+    while waiting:
+        ready = [chain for chain, links in waiting.items()
+                 if not deferred(chain, links[0])] or list(waiting)
+        for chain in ready:
+            _walk(chain, waiting.pop(chain), pinned, announced, findings,
+                  signers)
     for users in signers.values():
         if len(users) > 1:
             for d in users[1:]:
@@ -228,6 +249,7 @@ def _walk(chain, links, pinned, announced, findings, signers):
     """Check one chain's links in order: no seq missing, each previous
     hash, each signature with the key its place calls for."""
     previous = None
+    anchored = False  # the places so far are reached from a pinned key
     for d in links:
         body = d.body
         expected = None  # the key this place calls for
@@ -250,22 +272,26 @@ def _walk(chain, links, pinned, announced, findings, signers):
             # checked with the key it names: nothing before it vouches
             # for that key
             expected = body["public_key"]
+            anchored = False
             findings.append(Finding(
                 "unchecked", d.name, "its key cannot be reached through the "
                 "chain: the digest before it is missing"))
         else:
             if body["public_key"] in pinned:
                 expected = body["public_key"]
+                anchored = True
             else:
                 before = [a for a in announced.get(body["public_key"], ())
-                          if a.chain != chain]
+                          if a.chain != chain and a.anchored]
                 if before:
                     expected = body["public_key"]
+                    anchored = True
                 else:
                     findings.append(Finding(
                         "untrusted-key", d.name, "chain %s starts with key "
                         "%s, neither pinned (--public-key) nor announced by "
-                        "another chain" % (chain, body["public_key"])))
+                        "another chain reached from a pinned key"
+                        % (chain, body["public_key"])))
                     # walked on with the key it names (the failure is
                     # said), so that its archives are not each reported
                     # as inserted too
@@ -284,7 +310,10 @@ def _walk(chain, links, pinned, announced, findings, signers):
                     "again with another key)"))
             else:
                 d.trusted = True
+                d.anchored = anchored
                 signers.setdefault(expected, []).append(d)
+        if not d.trusted:
+            anchored = False
         previous = d
 
 
@@ -338,14 +367,19 @@ def _check_archives(wanted, archives, head, deep, findings, result, jobs):
 
 
 def _check_unlisted(archives, listed, readable, since, until, now, findings):
-    newest = max((_time(d.body["created"]) for d in readable if d.trusted),
-                 default=None)
+    # any digest whose signature holds: a later one (forged or not) only
+    # leaves fewer archives pending
+    newest = max((_time(d.body["created"]) for d in readable
+                  if d.trusted), default=None)
     # the earliest start of a chain whose first digest is there: Swift
     # sets last_modified, so nothing stored before it can be made to look
     # older, and no digest could list it
     start = min((_time(d.body["range"]["from"]) for d in readable
-                 if d.trusted and d.seq == 0), default=None)
-    interval = max((d.body["interval"] for d in readable), default=300)
+                 if d.anchored and d.seq == 0), default=None)
+    # from digests reached from a pinned key only: a forged one must not
+    # stretch the grace
+    interval = max((d.body["interval"] for d in readable if d.anchored),
+                   default=300)
     grace = datetime.timedelta(seconds=PENDING_INTERVALS * interval
                                + PENDING_SLACK)
     for name, entry in sorted(archives.items()):
@@ -362,7 +396,7 @@ def _check_unlisted(archives, listed, readable, since, until, now, findings):
                 failure=False))
             continue
         if stored is not None and (newest is None or stored > newest) and \
-                now - stored < grace:
+                datetime.timedelta(0) <= now - stored < grace:
             findings.append(Finding(
                 "pending", name, "stored %s, after the newest digest: the "
                 "next one should list it" % entry.get("last_modified"),

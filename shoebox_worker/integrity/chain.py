@@ -7,9 +7,10 @@ directory) and lives in the working directory, in ``.integrity/``:
 
 - ``chain.json``: the chain's id, host and directory, the next digest's
   ``seq``, the last digest's name and SHA-256 (``previous``), when it was
-  made, the public key the next digest is signed with (``key``), and the
-  archives recorded since (``pending``). Replaced atomically (temporary
-  file, fsync, rename, directory fsync) at every change.
+  made and whether it was a clean stop's (``final``), the public key the
+  next digest is signed with (``key``), and the archives recorded since
+  (``pending``). Replaced atomically (temporary file, fsync, rename,
+  directory fsync) at every change.
 - ``outgoing/<seq>.json``: a digest signed and not yet confirmed in the
   store, byte for byte.
 - ``lock``: every change happens under a ``flock`` on it, so the
@@ -232,11 +233,14 @@ class Chain:
             self._flush()
 
     def close(self):
-        """At a clean stop: a final digest of what is pending, and one
-        attempt to put what is not stored yet."""
+        """At a clean stop: a final digest of what is pending (of nothing,
+        when the chain's last digest is not final: a tick listed it all,
+        and the chain must still say that it ended with a clean stop),
+        and one attempt to put what is not stored yet."""
         with self._locked():
             state = self._recover()
-            if state["pending"]:
+            if state["pending"] or (state["previous"] is not None
+                                    and not state.get("final")):
                 self._make(state, final=True)
         self._flush()
 
@@ -335,7 +339,7 @@ class Chain:
             "name": digest_mod.name(self.prefix, body["chain"], body["seq"]),
             "sha256": digest_mod.sha256(data)},
             created=body["created"], key=body["next_public_key"],
-            start=None,
+            final=bool(body.get("final")), start=None,
             pending=[e for e in state["pending"] if e["name"] not in listed])
 
     def _make(self, state, final):

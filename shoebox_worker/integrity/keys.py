@@ -172,7 +172,10 @@ def load_public(path):
                         % (path, exc.strerror or exc)) from None
     text = data.decode("ascii", "replace").strip()
     if text.startswith(PREFIX):
-        return parse_public(text)
+        try:
+            return parse_public(text)
+        except KeyError_ as err:  # the file, named
+            raise KeyError_("%s: %s" % (path, err)) from None
     try:
         if b"PRIVATE KEY" in data:
             key = serialization.load_pem_private_key(data, None).public_key()
