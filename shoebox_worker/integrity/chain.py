@@ -11,8 +11,9 @@ directory) and lives in the working directory, in ``.integrity/``:
   next digest is signed with (``key``), and the archives recorded since
   (``pending``). Replaced atomically (temporary file, fsync, rename,
   directory fsync) at every change.
-- ``outgoing/<seq>.json``: a digest signed and not yet confirmed in the
-  store, byte for byte.
+- ``outgoing/<chain>-<seq>.json``: a digest signed and not yet confirmed
+  in the store, byte for byte (named by its chain too: a new chain's
+  never takes the place of an older chain's still waiting).
 - ``lock``: every change happens under a ``flock`` on it, so the
   processes of ``[worker] processes = N`` (one identity) share the chain.
 
@@ -32,16 +33,18 @@ lock, in this order, each step durable before the next:
 3. ``chain.json`` moves on (``seq`` + 1, ``previous`` = this digest,
    ``key`` = the next one, the listed archives out of ``pending``);
 4. the next key replaces the current one, whose bytes are then written
-   over (:func:`~shoebox_worker.integrity.keys.install_next`);
+   over (:func:`~shoebox_worker.integrity.keys.install_next`: the old
+   key keeps a second name, ``<signing_key>.old``, until they are);
 5. the digest is put in the store (never over an object; checked), then
    removed from ``outgoing/``.
 
 A crash between any two steps is finished at the next start (and by any
 process that takes the lock): a digest in ``outgoing/`` that
 ``chain.json`` does not know yet moves it on (3), a key announced and not
-installed is installed (4), a ``.next`` key that no digest announced is
-removed, and what is in ``outgoing/`` is put. So the key on disk can sign
-only what comes after the last digest it announced.
+installed is installed (4), an old key whose bytes were not written over
+yet (``.old``) is written over (4), a ``.next`` key that no digest
+announced is removed, and what is in ``outgoing/`` is put. So the key on
+disk can sign only what comes after the last digest it announced.
 
 **A new chain** starts when there is no ``chain.json`` (a first start, or
 a working directory lost), when it was made for another host or
@@ -273,13 +276,15 @@ class Chain:
         files.write_atomic(self.state_path,
                            json.dumps(state, sort_keys=True).encode())
 
-    def _new_chain(self, reason):
+    def _new_chain(self, reason, pending=()):
+        """Start a chain (``pending``: archives the old one recorded and
+        listed in no digest yet: the new one lists them)."""
         chain = secrets.token_hex(16)
         key = keys.load_private(self.signing_key)
         state = {"chain": chain, "host": self.host,
                  "directory": self.directory, "seq": 0, "previous": None,
                  "created": _utc(self._clock()), "key": keys.public_text(key),
-                 "start": {"reason": reason}, "pending": []}
+                 "start": {"reason": reason}, "pending": list(pending)}
         LOG.warning(W_NEW_CHAIN, chain, self.directory, reason)
         self._write_state(state)
         return state
@@ -290,8 +295,9 @@ class Chain:
         found = []
         for name in os.listdir(self.outgoing):
             stem, dot, ext = name.partition(".")
-            if dot and ext == "json" and stem.isdigit():
-                found.append((int(stem), os.path.join(self.outgoing, name)))
+            _, dash, seq = stem.partition("-")
+            if dot and ext == "json" and dash and seq.isdigit():
+                found.append((int(seq), os.path.join(self.outgoing, name)))
         return sorted(found)
 
     def _recover(self):
@@ -307,6 +313,7 @@ class Chain:
                 continue
             state = self._advanced(state, body, data)
             self._write_state(state)
+        keys.wipe_old(self.signing_key)  # step 4's zeros, cut short
         public = keys.public_text(keys.load_private(self.signing_key))
         nxt = self.signing_key + keys.NEXT_SUFFIX
         if state is not None and public != state["key"] and \
@@ -326,11 +333,12 @@ class Chain:
         if (state.get("host"), state.get("directory")) != (self.host,
                                                            self.directory):
             return self._new_chain("the chain state was made for %s:%s" % (
-                state.get("host"), state.get("directory")))
+                state.get("host"), state.get("directory")), state["pending"])
         if public != state["key"]:
             return self._new_chain(
                 "the key at %s is not the one chain %s announced at seq %d"
-                % (self.signing_key, state["chain"], state["seq"] - 1))
+                % (self.signing_key, state["chain"], state["seq"] - 1),
+                state["pending"])
         return state
 
     def _advanced(self, state, body, data):
@@ -360,7 +368,8 @@ class Chain:
         if state.get("start"):
             body["start"] = state["start"]
         data = digest_mod.sign(body, key)
-        path = os.path.join(self.outgoing, "%012d.json" % state["seq"])
+        path = os.path.join(self.outgoing, "%s-%012d.json" % (
+            state["chain"], state["seq"]))
         files.write_atomic(path, data)
         self._write_state(self._advanced(state, body, data))
         keys.install_next(self.signing_key)

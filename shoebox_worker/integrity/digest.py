@@ -23,8 +23,8 @@ The body (:data:`FORMAT`):
                     the chain; null for ``seq`` 0
 ``start``           on ``seq`` 0 only: why the chain starts (``{"reason"}``:
                     a first start, or the chain state missing, or a key
-                    not the one the chain announced) and, when it follows
-                    another chain's key, ``{"after": {"chain", "seq"}}``
+                    not the one the chain announced); which chain's key
+                    it follows, if any, the verifier finds by the key
 ``public_key``      the key this digest is signed with
 ``next_public_key`` the key the next digest (of any chain that follows
                     this one) is signed with
@@ -37,6 +37,7 @@ The body (:data:`FORMAT`):
 
 import base64
 import binascii
+import datetime
 import hashlib
 import json
 import re
@@ -112,11 +113,52 @@ def parse(data):
             and isinstance(previous.get("name"), str)
             and isinstance(previous.get("sha256"), str)):
         raise DigestError("field 'previous' is not {name, sha256}")
+    for field in ("public_key", "next_public_key"):
+        try:
+            keys.parse_public(body[field])
+        except keys.KeyError_:
+            raise DigestError("field %r is not an ed25519: key"
+                              % field) from None
+    span = body.get("range")
+    if not (_is_time(body["created"]) and isinstance(span, dict)
+            and _is_time(span.get("from")) and _is_time(span.get("to"))):
+        raise DigestError("field 'created' or 'range' is not a time")
+    if body.get("start") is not None and not isinstance(body["start"], dict):
+        raise DigestError("field 'start' is not an object")
     for entry in body["archives"]:
         if not (isinstance(entry, dict) and isinstance(entry.get("name"), str)
                 and isinstance(entry.get("size"), int)):
             raise DigestError("an archive entry has no name or size")
+        if not _entry_ok(entry):
+            raise DigestError("the entry of %r has a field of the wrong type"
+                              % entry["name"])
     return body, signature
+
+
+def _is_time(value):
+    """A time as a body holds it (``...Z``, as the audit reads it)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        datetime.datetime.fromisoformat(value.rstrip("Z"))
+    except ValueError:
+        return False
+    return True
+
+
+def _entry_ok(entry):
+    """Are an archive entry's optional fields of their types (what the
+    audit computes with; a hostile store's digest is refused, not
+    crashed on)?"""
+    offsets = entry.get("offsets")
+    return (all(entry.get(f) is None or isinstance(entry[f], str)
+                for f in ("earliest", "latest", "run"))
+            and (entry.get("sequence") is None
+                 or isinstance(entry["sequence"], int))
+            and (offsets is None or isinstance(offsets, dict) and all(
+                isinstance(span, list) and len(span) == 2
+                and all(isinstance(n, int) for n in span)
+                for span in offsets.values())))
 
 
 def signed_by(body, signature, public):

@@ -8,11 +8,17 @@ what an auditor pins.
 The worker replaces its key file with the next key at every digest
 (:func:`write_next`, then :func:`install_next`): the next key is written
 to ``<key>.next`` and fsynced before the digest that announces it is
-written anywhere; once that digest is on disk, ``<key>.next`` is renamed
-over the key (the directory fsynced) and the old key's bytes, still open,
-are written over with zeros and fsynced, so the file system no longer
-holds them (on a file system that writes in place; a copy-on-write one
-or a snapshot may keep them: docs/integrity.md).
+written anywhere; once that digest is on disk, the key is given a
+second name, ``<key>.old``, ``<key>.next`` is renamed over the key (the
+directory fsynced), and the old key's bytes are written over with zeros
+and fsynced, so the file system no longer holds them (on a file system
+that writes in place; a copy-on-write one or a snapshot may keep them:
+docs/integrity.md); then ``<key>.old`` is removed. A crash before the
+zeros leaves ``<key>.old``, which :func:`wipe_old` writes over and
+removes at the next start (without that second name the old key's bytes
+would outlive the crash, nameless, never written over; on a file system
+without hard links they are written over through the open file, and a
+crash there does leave them).
 
 In a digest a public key is ``ed25519:`` and the base64 of its 32 raw
 bytes (:func:`public_text`); :func:`load_public` reads that form, or a
@@ -33,13 +39,17 @@ from shoebox_worker import files
 
 __all__ = ["PRIVATE_NAME", "PUBLIC_NAME", "keygen", "generate",
            "load_private", "load_public", "public_text", "parse_public",
-           "verify", "write_next", "install_next", "NEXT_SUFFIX"]
+           "verify", "write_next", "install_next", "wipe_old",
+           "NEXT_SUFFIX", "OLD_SUFFIX"]
 
 #: What :func:`keygen` writes in its folder.
 PRIVATE_NAME = "signing.key"
 PUBLIC_NAME = "signing.pub"
 #: The next key, beside the key file, between its writing and its use.
 NEXT_SUFFIX = ".next"
+#: The key being replaced, between the rename that replaces it and the
+#: zeros written over its bytes.
+OLD_SUFFIX = ".old"
 #: How a public key starts in a digest.
 PREFIX = "ed25519:"
 
@@ -207,23 +217,59 @@ def write_next(path):
 
 def install_next(path):
     """Put ``<path>.next`` in the place of ``path`` (rename, directory
-    fsynced), then write zeros over the old key's bytes and fsync them.
-    Nothing to do when there is no ``<path>.next`` (done before a crash).
+    fsynced), then write zeros over the old key's bytes and fsync them,
+    through its second name ``<path>.old`` (:func:`wipe_old`), made
+    durably before the rename: a crash after the rename leaves the old
+    key there, to be written over at the next start. Nothing to do when
+    there is no ``<path>.next`` (done before a crash).
     """
     nxt = path + NEXT_SUFFIX
     if not os.path.lexists(nxt):
         return
+    wipe_old(path)  # a crash's, before its name is taken again
+    held = None  # the old key, open, where no second name can be made
     try:
-        old = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        os.link(path, path + OLD_SUFFIX, follow_symlinks=False)
     except FileNotFoundError:
-        old = None
+        pass  # no key there: nothing to write over
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        # a file system without hard links: written over through the
+        # open file, which a crash after the rename leaves undone
+        held = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    else:
+        files.fsync_directory(path)
     try:
         os.replace(nxt, path)
         files.fsync_directory(path)
-        if old is not None:
-            size = os.fstat(old).st_size
-            os.pwrite(old, b"\0" * size, 0)
-            os.fsync(old)
+        if held is not None:
+            os.pwrite(held, b"\0" * os.fstat(held).st_size, 0)
+            os.fsync(held)
     finally:
-        if old is not None:
-            os.close(old)
+        if held is not None:
+            os.close(held)
+    wipe_old(path)
+
+
+def wipe_old(path):
+    """Write zeros over the bytes of ``<path>.old`` (a key replaced by
+    :func:`install_next`), fsync them, and remove that name (the
+    directory fsynced). When it names the key at ``path`` still (a crash
+    before the rename), only the name is removed. Nothing to do when
+    there is none.
+    """
+    old = path + OLD_SUFFIX
+    try:
+        fd = os.open(old, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        if not files.names_same_file(fd, path):
+            size = os.fstat(fd).st_size
+            os.pwrite(fd, b"\0" * size, 0)
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.unlink(old)
+    files.fsync_directory(old)

@@ -217,6 +217,7 @@ class Verifier:
         return result.stdout
 
 
+@pytest.mark.slow
 def test_integrity_end_to_end(rabbit, names, ft, swift_env, container, conn,
                               tmp_path, worker_procs):
     private, public = keygen(ft, tmp_path / "keys")

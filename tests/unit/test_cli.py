@@ -19,6 +19,7 @@ from shoebox_worker import archive
 from shoebox_worker import cli
 from shoebox_worker import config
 from shoebox_worker import roll_manager
+from shoebox_worker.integrity import keys
 from shoebox_worker.ship import steps
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -613,3 +614,65 @@ def test_a_supervised_child_with_a_config_error_exits_2(write, monkeypatch):
                         lambda *args, **kwargs: (_ for _ in ())
                         .throw(cli.exceptions.ConfigError("bad")))
     assert runner.run_child(conf, None) == 2
+
+
+# -- keygen, and [integrity] in check-config ----------------------------------
+
+def test_keygen_writes_the_pair(tmp_path, capsys):
+    folder = tmp_path / "keys"
+    assert cli.main(["keygen", str(folder)]) == 0
+    out, err = capsys.readouterr()
+    private, public = folder / "signing.key", folder / "signing.pub"
+    assert out == "wrote %s (private, 0600) and %s (public: pin it)\n" % (
+        private, public)
+    assert err == ""
+    assert oct(private.stat().st_mode & 0o777) == oct(0o600)
+    assert keys.public_text(keys.load_private(str(private))) == \
+        keys.public_text(keys.load_public(str(public)))
+
+
+def test_keygen_never_writes_over_a_pair(tmp_path, capsys):
+    folder = tmp_path / "keys"
+    assert cli.main(["keygen", str(folder)]) == 0
+    before = {name: (folder / name).read_bytes()
+              for name in ("signing.key", "signing.pub")}
+    capsys.readouterr()
+    assert cli.main(["keygen", str(folder)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == ("shoebox-worker: %s exists: not written over (a key in "
+                   "use evolves; make a new pair in another folder)\n"
+                   % (folder / "signing.key"))
+    assert {name: (folder / name).read_bytes() for name in before} == before
+
+
+def test_keygen_where_no_folder_can_be_made_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert cli.main(["keygen", str(tmp_path / "file" / "keys")]) == 2
+    out, err = capsys.readouterr()
+    assert err == "shoebox-worker: cannot write in %s: Not a directory\n" \
+        % (tmp_path / "file" / "keys")
+
+
+def test_check_config_refuses_integrity_without_a_storing_step(
+        write, tmp_path, capsys):
+    private, _ = keys.keygen(str(tmp_path / "keys"))
+    path = write(GOOD + "\n[integrity]\nsigning_key = %s\n" % private)
+    assert cli.main(["check-config", "--config", path]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (
+        "shoebox-worker: %s [integrity] signing_key: needs a step that "
+        "stores archives and digests in [archive] callbacks (swift); it "
+        "has: gzip, memory\n" % path)
+
+
+def test_check_config_refuses_a_signing_key_that_is_none(write, tmp_path,
+                                                         capsys):
+    path = write(GOOD + "\n[integrity]\nsigning_key = %s\n"
+                 % (tmp_path / "nope"))
+    assert cli.main(["check-config", "--config", path]) == 2
+    _, err = capsys.readouterr()
+    assert err.startswith("shoebox-worker: %s [integrity] signing_key: "
+                          "cannot read the signing key " % path)
+    assert err.count("\n") == 1

@@ -10,6 +10,7 @@ import pytest
 
 from shoebox_worker import config
 from shoebox_worker.exceptions import ConfigError
+from shoebox_worker.integrity import keys
 
 BASE = """\
 [broker]
@@ -1048,3 +1049,76 @@ def test_tls_errors(write, pki, options, url, key, message):
     path = _tls(write, options.format(d=pki), url=url)
     assert error(path) == "worker.conf [broker] %s: %s" % (
         key, message.format(d=pki))
+
+
+# -- [integrity] --------------------------------------------------------------
+
+def test_integrity_defaults_off(write):
+    assert load(write).integrity == config.IntegrityConfig(
+        signing_key=None, digest_interval=300, digest_prefix="_digests/")
+
+
+def test_integrity_values(write, tmp_path):
+    private, _ = keys.keygen(str(tmp_path / "keys"))
+    conf = load(write, """
+        [integrity]
+        signing_key = %s
+        digest_interval = 60
+        digest_prefix = evidence/digests/
+        """ % private)
+    assert conf.integrity == config.IntegrityConfig(
+        signing_key=private, digest_interval=60,
+        digest_prefix="evidence/digests/")
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "cannot read the signing key {path}: No such file or directory "
+           "(shoebox-worker keygen DIR makes one)"),
+    (b"not a key\n", "{path} is not a PEM private key without a passphrase"),
+])
+def test_a_signing_key_that_is_not_one_is_refused(write, tmp_path, content,
+                                                  message):
+    path = tmp_path / "signing.key"
+    if content is not None:
+        path.write_bytes(content)
+    found = base_error(write, "[integrity]\nsigning_key = %s\n" % path)
+    assert found.startswith("worker.conf [integrity] signing_key: %s"
+                            % message.format(path=path))
+
+
+def test_a_signing_key_in_a_folder_the_worker_cannot_write_is_refused(
+        write, tmp_path, monkeypatch):
+    private, _ = keys.keygen(str(tmp_path / "keys"))
+    folder = os.path.dirname(private)
+    os.chmod(folder, 0o500)
+    if os.geteuid() == 0:
+        # root writes anywhere: refuse the way the kernel does for others.
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda path, mode, **kw: False
+                            if path == folder else real(path, mode, **kw))
+    try:
+        found = base_error(write, "[integrity]\nsigning_key = %s\n"
+                           % private)
+    finally:
+        os.chmod(folder, 0o700)
+    assert found == ("worker.conf [integrity] signing_key: the worker "
+                     "replaces this file with the next key at every digest, "
+                     "and cannot write in %s" % folder)
+
+
+@pytest.mark.parametrize("value", ["digests", "/digests/", "a/../b/",
+                                   "../"])
+def test_a_digest_prefix_must_end_in_a_slash(write, value):
+    assert base_error(write, "[integrity]\ndigest_prefix = %s\n" % value) \
+        == ("worker.conf [integrity] digest_prefix: expected a prefix such "
+            "as _digests/ (ending in /, not starting with one), got %r"
+            % value)
+
+
+@pytest.mark.parametrize("value, message", [
+    ("0", "expected an integer >= 1, got '0'"),
+    ("5m", "expected an integer, got '5m'"),
+])
+def test_a_digest_interval_is_whole_seconds(write, value, message):
+    assert base_error(write, "[integrity]\ndigest_interval = %s\n" % value) \
+        == "worker.conf [integrity] digest_interval: %s" % message
