@@ -450,6 +450,8 @@ def _summary(chain, links, now):
         "age_seconds": None if created is None else
         int((now - created).total_seconds()),
         "final": bool(last.body.get("final")),
+        # what a chain that follows it elsewhere starts with (pin it there)
+        "next_public_key": last.body["next_public_key"],
         "start": (first.body.get("start") or {}).get("reason")
         if first.seq == 0 else None,
     }

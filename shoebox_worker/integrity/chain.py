@@ -48,10 +48,13 @@ disk can sign only what comes after the last digest it announced.
 
 **A new chain** starts when there is no ``chain.json`` (a first start, or
 a working directory lost), when it was made for another host or
-directory, or when the key at ``signing_key`` is not the one the chain
-announced: its first digest (``seq`` 0) says why (``start``), and is
-signed with the key at ``signing_key``, which a verifier accepts only
-when it is pinned or was announced by another chain's digest.
+directory, when its digests went elsewhere (another container or
+``digest_prefix``: a chain lives in one place), or when the key at
+``signing_key`` is not the one the chain announced: its first digest
+(``seq`` 0) says why (``start``), lists what the old chain recorded and
+did not list yet, and is signed with the key at ``signing_key``, which a
+verifier accepts only when it is pinned or was announced by another
+chain's digest reached from a pinned key.
 
 **Failures.** A digest that cannot be put stays in ``outgoing/`` and is
 tried again at the next tick (at most every ``digest_interval``, at least
@@ -186,6 +189,9 @@ class Chain:
         self.signing_key = os.path.abspath(signing_key)
         self.store = store
         self.prefix = prefix
+        #: where the digests go: a chain lives in one place (a store
+        #: that says where it is, as ``location``, and the prefix)
+        self.location = "%s/%s" % (getattr(store, "location", "?"), prefix)
         self.interval = int(interval)
         self.stats = stats
         self.host = host or socket.gethostname()
@@ -282,7 +288,8 @@ class Chain:
         chain = secrets.token_hex(16)
         key = keys.load_private(self.signing_key)
         state = {"chain": chain, "host": self.host,
-                 "directory": self.directory, "seq": 0, "previous": None,
+                 "directory": self.directory, "location": self.location,
+                 "seq": 0, "previous": None,
                  "created": _utc(self._clock()), "key": keys.public_text(key),
                  "start": {"reason": reason}, "pending": list(pending)}
         LOG.warning(W_NEW_CHAIN, chain, self.directory, reason)
@@ -334,6 +341,11 @@ class Chain:
                                                            self.directory):
             return self._new_chain("the chain state was made for %s:%s" % (
                 state.get("host"), state.get("directory")), state["pending"])
+        if state.get("location", self.location) != self.location:
+            return self._new_chain(
+                "digests now go to %s; chain %s went to %s"
+                % (self.location, state["chain"], state["location"]),
+                state["pending"])
         if public != state["key"]:
             return self._new_chain(
                 "the key at %s is not the one chain %s announced at seq %d"

@@ -1232,6 +1232,12 @@ class SwiftUploadCallback:
                                           len(data), md5),
                             _trans_id(response.get("headers")))
 
+    @property
+    def location(self):
+        """Where :meth:`put_digest` puts digests: ``swift://CONTAINER``
+        (what ``verify --chain`` is given)."""
+        return "swift://" + self.container
+
     def put_digest(self, name, data):
         """Store a signed digest (:mod:`shoebox_worker.integrity`) as
         ``name`` in the container, never over an object

@@ -65,6 +65,7 @@ def test_an_untouched_store_passes(world, shipped):
         "directory": world.work, "digests": 3, "first_seq": 0,
         "last_seq": 2, "archives": 6, "last_digest": last_body["created"],
         "age_seconds": 0, "final": False,
+        "next_public_key": last_body["next_public_key"],
         "start": first["start"]["reason"],
     }]
 

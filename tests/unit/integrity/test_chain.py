@@ -676,3 +676,24 @@ def test_a_new_chain_lists_what_the_old_one_recorded_and_never_listed(
     assert [e["name"] for e in state_of(world)["pending"]] == pending
     world.digest(again)
     assert failures(world.audit()) == []
+
+
+def test_digests_that_go_elsewhere_start_a_chain_there(world):
+    world.store.location = "swift://first"
+    first = world.chain()
+    first.open()
+    world.ship(first)
+    world.digest(first)
+    pending = world.ship(first)
+    old = state_of(world)["chain"]
+    world.store.location = "swift://second"
+    again = world.chain()
+    again.open()
+    new = state_of(world)
+    assert new["chain"] != old
+    assert new["start"]["reason"] == (
+        "digests now go to swift://second/_digests/; chain %s went to "
+        "swift://first/_digests/" % old)
+    assert [e["name"] for e in new["pending"]] == pending
+    world.store.location = "swift://first"
+    assert state_of(world)["chain"] == new["chain"]
