@@ -697,3 +697,23 @@ def test_digests_that_go_elsewhere_start_a_chain_there(world):
     assert [e["name"] for e in new["pending"]] == pending
     world.store.location = "swift://first"
     assert state_of(world)["chain"] == new["chain"]
+
+
+def test_two_processes_of_one_worker_share_its_chain(world):
+    # [worker] processes = 2: one identity, two Chain objects, one lock
+    one, two = world.chain(), world.chain()
+    one.open()
+    two.open()
+    shipped = []
+    for turn in range(6):
+        chain = (one, two)[turn % 2]
+        shipped += world.ship(chain)
+        world.digest(chain)
+    one.close()
+    two.close()
+    bodies_ = bodies(world)
+    assert {b["chain"] for b in bodies_} == {state_of(world)["chain"]}
+    assert [b["seq"] for b in bodies_] == list(range(len(bodies_)))
+    listed = [e["name"] for b in bodies_ for e in b["archives"]]
+    assert sorted(listed) == sorted(shipped)
+    assert failures(world.audit()) == []
