@@ -82,7 +82,7 @@ def _load(path):
     built = plugins.build(conf)
     if conf.integrity.signing_key is not None:
         from shoebox_worker.integrity import chain
-        chain.store_of(conf, built[1])
+        chain.check(conf, built[1])
     check_working_directory(conf)
     return conf, built
 

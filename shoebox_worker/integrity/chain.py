@@ -79,7 +79,7 @@ from shoebox_worker import files
 from shoebox_worker.integrity import digest as digest_mod
 from shoebox_worker.integrity import keys
 
-__all__ = ["Chain", "STATE_DIR", "entry_for", "store_of"]
+__all__ = ["Chain", "STATE_DIR", "check", "entry_for", "store_of"]
 
 LOG = logging.getLogger(__name__)
 
@@ -146,6 +146,23 @@ def entry_for(stored, report, origin):
         entry["run"] = match.group("run")
         entry["sequence"] = int(match.group("seq"))
     return entry
+
+
+def check(config, steps):
+    """What the worker (``run``, ``check-config``) needs of
+    ``[integrity]`` beyond what the config's reading checks (the key
+    reads; the tools need no more): a storing step, and a key folder it
+    can write (the key is replaced there at every digest).
+
+    :raises ConfigError: either is missing.
+    """
+    store_of(config, steps)
+    folder = os.path.dirname(config.integrity.signing_key)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise exceptions.ConfigError(
+            "the worker replaces this file with the next key at every "
+            "digest, and cannot write in %s" % folder, config.filename,
+            "integrity", "signing_key")
 
 
 def store_of(config, steps):

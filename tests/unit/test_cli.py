@@ -676,3 +676,22 @@ def test_check_config_refuses_a_signing_key_that_is_none(write, tmp_path,
     assert err.startswith("shoebox-worker: %s [integrity] signing_key: "
                           "cannot read the signing key " % path)
     assert err.count("\n") == 1
+
+
+def test_check_config_refuses_a_signing_key_the_worker_cannot_replace(
+        write, tmp_path, capsys, monkeypatch):
+    private, _ = keys.keygen(str(tmp_path / "keys"))
+    folder = os.path.dirname(private)
+    path = write(GOOD.replace("callbacks = gzip, memory",
+                              "callbacks = gzip, swift")
+                 + "\n[callback:swift]\nauth = http://127.0.0.1:9/auth/v1.0"
+                 "\nuser = a:b\nkey = k\n"
+                 "\n[integrity]\nsigning_key = %s\n" % private)
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False
+                        if p == folder else real(p, mode, **kw))
+    assert cli.main(["check-config", "--config", path]) == 2
+    _, err = capsys.readouterr()
+    assert err == ("shoebox-worker: %s [integrity] signing_key: the worker "
+                   "replaces this file with the next key at every digest, "
+                   "and cannot write in %s\n" % (path, folder))
