@@ -66,6 +66,7 @@ from shoebox_worker import roll_manager
 from shoebox_worker import timestamps
 from shoebox_worker.consume import envelope
 from shoebox_worker.ship import swift as swift_step
+from shoebox_worker.swift import layout
 from shoebox_worker.tools import simulator
 from shoebox_worker.tools import sources
 
@@ -147,7 +148,7 @@ class ProxyLog:
     """The requests the proxy logged for some containers since
     :meth:`mark`: ``{kind: [requests, bytes sent]}``, kinds ``get``
     (archives), ``index`` (``.index`` GETs), ``bundle`` (index bundle
-    GETs), ``head``, ``listing``."""
+    GETs, period bundle parts too), ``head``, ``listing``."""
 
     def __init__(self, path):
         self.path = path
@@ -180,8 +181,8 @@ class ProxyLog:
                 kind = "listing"
             elif parts[4].endswith(index.SUFFIX):
                 kind = "index"
-            elif parts[4].endswith(index.BUNDLE_SUFFIX):
-                kind = "bundle"
+            elif layout.is_bundle(parts[4]):
+                kind = "bundle"  # a single bundle, or a period's part
             else:
                 kind = "get"
             counts[kind][0] += 1

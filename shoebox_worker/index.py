@@ -112,6 +112,7 @@ import orjson
 from shoebox_worker import exceptions
 from shoebox_worker import files
 from shoebox_worker import timestamps
+from shoebox_worker.swift import layout
 
 __all__ = [
     "DEFAULT_FIELDS",
@@ -161,7 +162,7 @@ VERSION = 2
 VERSIONS = (1, 2)
 MAGIC = b"SBXI"
 #: A bundle of the archives under ``PREFIX`` is ``PREFIX`` + this.
-BUNDLE_SUFFIX = ".shoebox-index-bundle"
+BUNDLE_SUFFIX = layout.BUNDLE_SUFFIX
 BUNDLE_VERSION = 1
 BUNDLE_MAGIC = b"SBXB"
 #: Filter bits per distinct value, and hash functions: with 15 and 3 a
@@ -670,6 +671,13 @@ class Builder:
         if not found or None in found:
             return None, None
         return min(found), max(found)
+
+    def distinct_values(self):
+        """For each field (in :attr:`fields` order), the set of the value
+        texts its records hold (the sets themselves: do not change them).
+        """
+        self._flush()
+        return self._values
 
     def to_bytes(self):
         """The index, unbound (:func:`bind` binds it)."""

@@ -5,7 +5,7 @@ archive (:func:`shoebox_worker.tools.sources.load_bundles` reads it).
 ::
 
     shoebox-worker index-bundle [--config FILE] [--jobs N]
-        swift://CONTAINER[/PREFIX]
+        [--per year|month|day [--field PATH]...] swift://CONTAINER[/PREFIX]
 
 It lists the archives under PREFIX, GETs their ``.index`` objects
 ``--jobs`` at a time and PUTs the bundle (:func:`shoebox_worker.index.
@@ -13,6 +13,9 @@ build_bundle`) as ``PREFIX.shoebox-index-bundle``: one PUT, which
 replaces the whole object, so a reader sees the old bundle or the new
 one. Run it again (from cron, once a prefix is complete, e.g. daily for
 the day before's prefix) and the bundle is rebuilt from what is there.
+
+With ``--per year|month|day`` it keeps one bundle a period instead
+(:mod:`shoebox_worker.tools.periods`), from a timer.
 
 An archive is left out (and read through its own index) when it has no
 index object, when its index is older than it (the swift step uploads the
@@ -56,10 +59,16 @@ def _fetch(swift, container, archive, index_entry):
 
 
 def cmd_index_bundle(args):
-    """Write the bundle; print what it covers."""
+    """Write the bundle (or, with ``--per``, the period bundles); print
+    what it covers."""
     spec = args.spec
     if not spec.startswith(sources.SCHEME):
         raise UsageError("%s: expected swift://CONTAINER[/PREFIX]" % spec)
+    if getattr(args, "per", None):
+        from shoebox_worker.tools import periods
+        return periods.cmd_period_bundles(args)
+    if getattr(args, "field", None):
+        raise UsageError("--field goes with --per")
     container, prefix = sources.parse_spec(spec)
     with sources.Swift(config_file=args.config) as swift:
         listing = swift.list(container, prefix)

@@ -15,6 +15,7 @@ They are subcommands of ``shoebox-worker`` (``cli`` calls
                           [SELECTION] PATH...
     shoebox-worker generate [--config FILE] --count N [--seed N [--start T]]
     shoebox-worker index-bundle [--config FILE] [--jobs N]
+                                [--per year|month|day [--field PATH]...]
                                 swift://CONTAINER[/PREFIX]
 
 ``replay`` and ``generate`` take the broker URL from ``--config FILE``'s
@@ -46,6 +47,7 @@ import datetime
 
 from shoebox_worker import options
 from shoebox_worker import tools
+from shoebox_worker.period_bundle import PERIODS
 from shoebox_worker.tools import read
 from shoebox_worker.tools import select
 from shoebox_worker.tools import sources
@@ -308,6 +310,18 @@ def add_commands(subparsers):
                     "through their own index. Run it again (e.g. daily from "
                     "cron) once a prefix has its archives.")
     _add_sources(bundle)
+    bundle.add_argument(
+        "--per", choices=sorted(PERIODS, key=PERIODS.get),
+        help="keep one bundle a period (UTC, of each archive's earliest "
+             "record) under PREFIX.shoebox-index-bundles/, cut into parts "
+             "by value: each run reads only the archives no bundle has "
+             "yet and rewrites only the periods that changed (safe from a "
+             "timer every few minutes: etc/shoebox-index-bundle.timer)")
+    bundle.add_argument(
+        "--field", action="append", default=[], metavar="PATH",
+        help="with --per: a field whose values the bundles hold (repeat "
+             "it; default: --config's [archive] index_fields, else the "
+             "worker's defaults)")
     bundle.add_argument("spec", metavar="swift://CONTAINER[/PREFIX]")
     bundle.set_defaults(func=run_index_bundle)
 

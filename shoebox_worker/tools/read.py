@@ -157,7 +157,8 @@ def find_items(args, swift, selection=None):
     pruned = selection is not None and bool(selection.windowed
                                             or selection.exact)
     items = sources.find(args.paths, swift=swift, jobs=args.jobs,
-                         indexes=pruned and selection.load_index is not None)
+                         indexes=pruned and selection.load_index is not None,
+                         probes=selection.exact if pruned else ())
     if not pruned:
         return items
     return sources.keep_where(

@@ -295,22 +295,28 @@ class Selection:
 
     def may_hold(self, item, on_unused=None):
         """False only when ``item`` (an archive: ``index_name``,
-        ``index_label``, ``read_index()``, ``binding_problem(index)``)
-        provably holds no record this selection keeps: its index rules it
-        out and is bound to it.
+        ``index_label``, ``read_index()``, ``binding_problem(index)``, and
+        maybe ``summary``, its period bundle entry, used instead of its
+        index) provably holds no record this selection keeps: its index
+        (or entry) rules it out and is bound to it.
 
         :param on_unused: called as ``on_unused(item, error)`` when the
             item has an index that cannot be read or used (an OSError, a
             ShoeboxError: damaged, too long, or not bound to the item);
             the item may hold then. Once per item at most.
         """
-        if self.load_index is None or getattr(item, "index_name", None) \
-                is None or not (self.exact or self.windowed):
+        summary = getattr(item, "summary", None)
+        if self.load_index is None or (
+                summary is None and getattr(item, "index_name", None)
+                is None) or not (self.exact or self.windowed):
             return True
         try:
-            data = item.read_index()
-            index = self.load_index(data, item.index_label) \
-                if data is not None else None
+            if summary is not None:  # a period bundle's entry: as an index
+                index = summary
+            else:
+                data = item.read_index()
+                index = self.load_index(data, item.index_label) \
+                    if data is not None else None
             if index is None or not self._rules_out(index):
                 return True
             # only an index that would prune is checked: for a file,
@@ -327,6 +333,8 @@ class Selection:
 
     def _rules_out(self, index):
         """Does ``index`` say that its archive holds no record kept?"""
+        if getattr(index, "records", None) == 0:
+            return True  # no record at all (a period bundle's non-archive)
         if self.windowed and self._misses(getattr(index, "earliest", None),
                                           getattr(index, "latest", None)):
             return True

@@ -12,7 +12,8 @@ read :data:`LIST_PAGE` entries at a time (:meth:`Swift.entries`: one page
 held at once, never the whole listing), less what is never an archive:
 ``<object>.index``
 (paired with its archive as :attr:`Item.index_name`), index bundles
-(``<prefix>.shoebox-index-bundle``, ``shoebox-worker index-bundle``), the
+(``<prefix>.shoebox-index-bundle``, ``shoebox-worker index-bundle``, and
+the parts of period bundles), the
 segments of a
 Static Large Object (``<object>/<size>/<segment_size>/<index>``, the names
 :mod:`shoebox_worker.swift.layout` gives them, wherever they are), directory
@@ -38,6 +39,15 @@ only the entries of the listing's archives are kept, at most
 :data:`BUNDLE_MEMORY` bytes of them in all (past that, one line on
 stderr, and those archives' own indexes are read): the bundles' sizes do
 not make a reader hold more.
+
+**Period bundles.** When the indexes will be read, the parts of the
+period bundles in the listing (``<prefix>.shoebox-index-bundles/<period>/
+<part>-of-<parts>``, ``index-bundle --per``) are fetched first, one part
+a period (:func:`load_period_parts`: the part holding the first exact
+``--where`` value, else the first; every part names every archive of its
+period with its time range): an archive whose name and ETag a part holds
+is pruned by that entry (:attr:`Item.summary`), as by its own index,
+with no GET of its ``.index``; the others as above.
 
 **Indexes are bounded.** An index or a bundle is read with one GET,
 :data:`INDEX_CHUNK` bytes at a time, and given up (one warning line, an
@@ -100,6 +110,7 @@ import threading
 from shoebox_worker import compression
 from shoebox_worker import exceptions
 from shoebox_worker import index as archive_index
+from shoebox_worker import period_bundle
 from shoebox_worker import plugins
 from shoebox_worker import record
 from shoebox_worker import roll_manager
@@ -196,7 +207,15 @@ class Item:
     :ivar listed: found by a directory walk or a listing, not named by
         the spec itself (one that is not an archive is then skipped).
     :ivar salvage_to: where ``verify --salvage`` writes its good records.
+    :ivar summary: its entry in a period bundle, which prunes as its
+        index would (:class:`~shoebox_worker.period_bundle.Entry`), or
+        None.
     """
+
+    summary = None
+    #: Whether its index (or period bundle entry) is read without a
+    #: request or a file read.
+    index_in_memory = False
 
     def __init__(self, name, *, size=None, meta=None, index_name=None,
                  listed=False, salvage_to=None):
@@ -276,7 +295,8 @@ class SwiftItem(Item):
 
     def __init__(self, swift, container, obj, *, size=None,
                  last_modified="", etag=None, index_name=None,
-                 index_size=None, index_data=None, listed=False):
+                 index_size=None, index_data=None, listed=False,
+                 summary=None):
         super().__init__("%s%s/%s" % (SCHEME, container, obj), size=size,
                          index_name=index_name, listed=listed,
                          salvage_to=os.path.basename(obj) + ".salvaged")
@@ -287,7 +307,14 @@ class SwiftItem(Item):
         self.etag = etag  # the listing's hash
         self.index_size = index_size  # the listing's bytes of index_name
         self._index_data = index_data  # from a bundle: no GET
+        #: its entry in a period bundle (:func:`load_period_parts`), which
+        #: prunes as its index would: no GET
+        self.summary = summary
         self._download = None  # started by read_ahead, not yet opened
+
+    @property
+    def index_in_memory(self):
+        return self.summary is not None or self._index_data is not None
 
     def open(self):
         """The object's bytes as stored, from the download
@@ -321,6 +348,9 @@ class SwiftItem(Item):
 
     @property
     def index_label(self):
+        if self.summary is not None:
+            return "%s%s/%s (period bundle %s)" % (
+                SCHEME, self.container, self.object, self.summary.period)
         if self.index_name is None:
             return None
         return "%s%s/%s" % (SCHEME, self.container, self.index_name)
@@ -728,9 +758,10 @@ def _written_order_key(entry):
 
 def is_archive_entry(entry):
     """Whether a listing entry may be an archive: not an index, an index
-    bundle, an SLO segment, a directory marker nor an empty object."""
+    bundle (or a part of a period bundle), an SLO segment, a directory
+    marker nor an empty object."""
     name = entry["name"]
-    return not (name.endswith((INDEX_SUFFIX, archive_index.BUNDLE_SUFFIX))
+    return not (name.endswith(INDEX_SUFFIX) or layout.is_bundle(name)
                 or layout.is_segment(name) or not entry.get("bytes")
                 or entry.get("content_type") == "application/directory")
 
@@ -751,6 +782,7 @@ class _Listing:
         self.prefix = prefix
         self.archives = []
         self.bundles = []
+        self.period_parts = []
         self.named = None
         self.count = 0  # entries seen
         self._waiting = {}  # index name -> its archive's kept entry
@@ -773,6 +805,9 @@ class _Listing:
             archive["index_bytes"] = entry.get("bytes")
         if name.endswith(archive_index.BUNDLE_SUFFIX):
             self.bundles.append(entry)
+        elif layout.period_bundle_of(name) is not None:
+            self.period_parts.append({"name": name,
+                                      "bytes": entry.get("bytes")})
         elif is_archive_entry(entry):
             self.archives.append(self._keep(entry))
         return True
@@ -786,10 +821,12 @@ class _Listing:
         return kept
 
 
-def _find_objects(swift, spec, indexes=False, jobs=DEFAULT_JOBS):
+def _find_objects(swift, spec, indexes=False, jobs=DEFAULT_JOBS,
+                  probes=()):
     """The :class:`SwiftItem` objects of one ``swift://`` spec (with
-    ``indexes``, their indexes from the listing's bundles where those
-    have them: :func:`load_bundles`), from its listing read page by page
+    ``indexes``, their period bundle entries, :func:`load_period_parts`,
+    else their indexes from the listing's bundles where those have them,
+    :func:`load_bundles`), from its listing read page by page
     (:class:`_Listing`)."""
     container, prefix = parse_spec(spec)
     listing = _Listing(prefix)
@@ -801,13 +838,21 @@ def _find_objects(swift, spec, indexes=False, jobs=DEFAULT_JOBS):
     if not listing.archives:
         raise ToolError("%s: no archives there%s" % (
             spec, "" if listing.count else " (no objects)"))
-    bundles = {}
+    bundles, summaries = {}, {}
+    if indexes and listing.period_parts:
+        summaries = load_period_parts(
+            swift, container, listing.period_parts, jobs,
+            {(e["name"], bound_etag(e)) for e in listing.archives}, probes)
     if indexes and listing.bundles:
-        wanted = {(e["name"], e.get("hash")) for e in listing.archives}
-        bundles = load_bundles(swift, container, listing.bundles, jobs,
-                               wanted=wanted)
+        wanted = {(e["name"], e.get("hash")) for e in listing.archives
+                  if (e["name"], bound_etag(e)) not in summaries}
+        if wanted:
+            bundles = load_bundles(swift, container, listing.bundles, jobs,
+                                   wanted=wanted)
     return [_item_of(swift, container, entry,
-                     bundles.get((entry["name"], entry.get("hash"))))
+                     bundles.get((entry["name"], entry.get("hash"))),
+                     summary=summaries.get((entry["name"],
+                                            bound_etag(entry))))
             for entry in sorted(listing.archives, key=_written_order_key)]
 
 
@@ -820,7 +865,8 @@ def bound_etag(entry):
     return slo.strip('"') if slo else entry.get("hash")
 
 
-def _item_of(swift, container, entry, bundled=None, listed=True):
+def _item_of(swift, container, entry, bundled=None, listed=True,
+             summary=None):
     """The :class:`SwiftItem` of an archive entry :class:`_Listing` kept."""
     has_index = entry["index_bytes"] is not None or bundled is not None
     return SwiftItem(swift, container, entry["name"], size=entry.get("bytes"),
@@ -829,7 +875,78 @@ def _item_of(swift, container, entry, bundled=None, listed=True):
                      index_name=(entry["name"] + INDEX_SUFFIX if has_index
                                  else None),
                      index_size=entry["index_bytes"], index_data=bundled,
-                     listed=listed)
+                     listed=listed, summary=summary)
+
+
+def load_period_parts(swift, container, parts, jobs=DEFAULT_JOBS,
+                      wanted=None, probes=()):
+    """``{(archive object name, ETag): period_bundle.Entry}`` from the
+    period bundles whose parts (listing entries) are ``parts``: one part
+    a period, GET ``jobs`` at a time, each parsed as it comes.
+
+    The part of each period is the one holding the first of ``probes``
+    (``(field, value)``: the exact ``--where`` options), else the first:
+    every part names every archive of its period with its time range.
+    Only the entries of ``wanted`` (``(name, ETag)`` of the listing's
+    archives) are kept, at most :data:`BUNDLE_MEMORY` bytes of them. A
+    part that cannot be read, is damaged or too long is one line on
+    stderr: its archives are pruned by their own indexes instead."""
+    cuts = collections.defaultdict(lambda: collections.defaultdict(dict))
+    for entry in parts:
+        prefix, period, part, count = layout.period_bundle_of(entry["name"])
+        cuts[(prefix, period)][count][part] = entry
+    value = probes[0][1] if probes else None
+    chosen = []
+    for found in cuts.values():
+        count, got = period_bundle.choose_cut(found)
+        want = period_bundle.part_of(value, count) if value is not None \
+            else 0
+        chosen.append(got.get(want) or got[min(got)])
+    room = [BUNDLE_MEMORY]
+    lock = threading.Lock()
+
+    def keep(archive, etag, length):
+        if wanted is not None and (archive, etag) not in wanted:
+            return False
+        with lock:
+            if length > room[0]:
+                return False
+            room[0] -= length
+        return True
+
+    def get(entry):
+        name = SCHEME + container + "/" + entry["name"]
+        if entry.get("bytes") is not None and \
+                entry["bytes"] > period_bundle.MAX_PART_BYTES:
+            warn("%s: %d bytes, more than a reader takes for a period "
+                 "bundle; reading the indexes of its archives instead" % (
+                     name, entry["bytes"]))
+            return {}
+        try:
+            _, body = swift.connection().get_object(
+                container, entry["name"], resp_chunk_size=INDEX_CHUNK)
+            try:
+                return period_bundle.Part.from_chunks(body, name,
+                                                      keep).entries
+            finally:
+                body.close()
+        except exceptions.IndexError_ as exc:
+            problem = str(exc)
+        except Exception as exc:
+            problem = "%s: %s" % (name, _describe(exc))
+        warn("%s; reading the indexes of its archives instead" % problem)
+        return {}
+
+    found = {}
+    if not chosen:
+        return found
+    with concurrent.futures.ThreadPoolExecutor(
+            max_workers=min(jobs, len(chosen)),
+            thread_name_prefix="shoebox-bundle") as pool:
+        for entries in pool.map(get, chosen):
+            for key, entry in entries.items():
+                found.setdefault(key, entry)
+    return found
 
 
 def load_bundles(swift, container, listing, jobs=DEFAULT_JOBS, wanted=None):
@@ -934,7 +1051,7 @@ def _within(body, name, limit):
 
 
 def find(specs, *, swift=None, heads=False, jobs=DEFAULT_JOBS,
-         indexes=False):
+         indexes=False, probes=()):
     """The archives the specs name, in write order (see the module
     documentation).
 
@@ -943,8 +1060,11 @@ def find(specs, *, swift=None, heads=False, jobs=DEFAULT_JOBS,
         caller closes it); None when there are none.
     :param heads: HEAD each object (``jobs`` at a time) to fill
         :attr:`Item.meta`.
-    :param indexes: the indexes will be read: take them from the index
-        bundles of each listing where they have them (:func:`load_bundles`).
+    :param indexes: the indexes will be read: take them from the period
+        bundles (:func:`load_period_parts`) or the index bundles
+        (:func:`load_bundles`) of each listing where they have them.
+    :param probes: ``(field, value)`` pairs looked for (the exact
+        ``--where`` options): which part of a period bundle to read.
     :raises ToolError: a path that does not exist, a directory or a
         listing without archives, a container that cannot be listed,
         credentials that cannot work (one line each).
@@ -954,7 +1074,8 @@ def find(specs, *, swift=None, heads=False, jobs=DEFAULT_JOBS,
         if spec.startswith(SCHEME):
             if swift is None:
                 raise ValueError("%s: find() needs swift= for it" % spec)
-            items.extend(_find_objects(swift, spec, indexes, jobs))
+            items.extend(_find_objects(swift, spec, indexes, jobs,
+                                       probes))
         elif is_index_file(spec):
             raise ToolError("%s: an archive's index, not an archive: name "
                             "the archive (without %s) or its folder"
@@ -969,14 +1090,25 @@ def find(specs, *, swift=None, heads=False, jobs=DEFAULT_JOBS,
 def keep_where(items, wanted, jobs=DEFAULT_JOBS):
     """The items for which ``wanted(item)`` is true, in their order;
     ``wanted`` (which may HEAD an object or GET its index) runs for
-    ``jobs`` items at a time."""
-    if len(items) < 2:
-        return [item for item in items if wanted(item)]
-    with concurrent.futures.ThreadPoolExecutor(
-            max_workers=min(jobs, len(items)),
-            thread_name_prefix="shoebox-select") as pool:
-        flags = list(pool.map(wanted, items))
-    return [item for item, keep in zip(items, flags, strict=True) if keep]
+    ``jobs`` items at a time, and in this thread for the items whose index
+    is in memory already (:attr:`Item.index_in_memory`: a thread would
+    only cost, about 50 us an item)."""
+    flags = {}
+    remote = []
+    for n, item in enumerate(items):
+        if getattr(item, "index_in_memory", False):
+            flags[n] = wanted(item)
+        else:
+            remote.append(n)
+    if len(remote) < 2:
+        flags.update((n, wanted(items[n])) for n in remote)
+    else:
+        with concurrent.futures.ThreadPoolExecutor(
+                max_workers=min(jobs, len(remote)),
+                thread_name_prefix="shoebox-select") as pool:
+            flags.update(zip(remote, pool.map(lambda n: wanted(items[n]),
+                                              remote), strict=True))
+    return [item for n, item in enumerate(items) if flags[n]]
 
 
 def _head_all(items, jobs):

@@ -110,7 +110,8 @@ def test_build_makes_a_wheel_and_an_sdist_named_shoebox_worker(built):
     assert "swift = shoebox_worker.ship.swift:SwiftUploadCallback" in points
     data = [n for n in names if ".data/data/share/shoebox-worker/" in n]
     assert sorted(n.rsplit("/", 1)[1] for n in data) == [
-        "CHANGELOG.md", "README.md", "shoebox-worker.conf.sample",
+        "CHANGELOG.md", "README.md", "shoebox-index-bundle.service",
+        "shoebox-index-bundle.timer", "shoebox-worker.conf.sample",
         "shoebox-worker.logrotate", "shoebox-worker.service"]
     assert not [n for n in names if n.startswith("tests/")]
     with tarfile.open(sdist) as archive:
@@ -118,7 +119,9 @@ def test_build_makes_a_wheel_and_an_sdist_named_shoebox_worker(built):
     for name in ("README.md", "CHANGELOG.md", "Containerfile", "setup.cfg",
                  "pyproject.toml", "etc/shoebox-worker.conf.sample",
                  "etc/shoebox-worker.service", "etc/shoebox-worker.logrotate",
-                 "docs/format.md", "shoebox_worker/cli.py"):
+                 "etc/shoebox-index-bundle.service",
+                 "etc/shoebox-index-bundle.timer", "docs/format.md",
+                 "shoebox_worker/cli.py"):
         assert name in inside, name
 
 

@@ -57,8 +57,9 @@ def test_no_module_imports_one_that_imports_it_back():
 #: timeval (broker's receive timeout) and SO_PEERCRED (notify).
 STRUCT_ELSEWHERE = {"broker.py", "notify.py"}
 #: Modules with a byte format of their own, not records: the archive
-#: index (docs/format.md, "Index files").
-OTHER_FORMATS = {"index.py"}
+#: index (docs/format.md, "Index files") and the period bundles ("Period
+#: bundles").
+OTHER_FORMATS = {"index.py", "period_bundle.py"}
 
 
 def test_record_bytes_are_parsed_in_record_py_alone():

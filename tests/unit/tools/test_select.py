@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from shoebox_worker import archive
 from shoebox_worker import exceptions
 from shoebox_worker import index
+from shoebox_worker import period_bundle
 from shoebox_worker import roll_checker
 from shoebox_worker import roll_manager
 from shoebox_worker import timestamps
@@ -670,7 +671,26 @@ def _items(path):
                                index_name="o.index", index_data=data)
     for item in (local, remote):
         assert item.binding_problem(index.Index.from_bytes(data)) is None
-    return local, remote
+    return (local, remote) + _bundled(path)
+
+
+def _bundled(path):
+    """The archive as a reader of period bundles sees it: its entry in
+    each of the four parts of a bundle that ``index-bundle --per`` makes
+    of it (its records read as the bundler reads them), bound to it."""
+    size, etag = os.path.getsize(path), index.etag_of_file(path)
+    with archive.ArchiveReader(path) as reader:
+        summary = period_bundle.Summary.of_records(
+            "o", etag, size, reader, index.DEFAULT_FIELDS)
+    items = []
+    for _, _, data in period_bundle.build_parts(
+            "2026-01", index.DEFAULT_FIELDS, [summary], parts=4):
+        entry = period_bundle.Part.from_bytes(data).entries[("o", etag)]
+        item = sources.SwiftItem(None, "c", "o", size=size, etag=etag,
+                                 summary=entry)
+        assert item.binding_problem(entry) is None
+        items.append(item)
+    return tuple(items)
 
 
 @pytest.mark.slow  # about 10 s: started first (tests/conftest.py)
