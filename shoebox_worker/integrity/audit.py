@@ -26,6 +26,8 @@ keys pinned on its command line, nothing else. What it finds
   was stored before the first chain started (``unchained``, not a
   failure: an archive shipped before ``[integrity]`` was on);
 - a gap in an archive sequence (a worker run's archives are numbered);
+- a head seen at an earlier audit (``expect``) that is gone
+  (``truncated``: the chain's newest digests deleted) or changed;
 - and, not as failures, each chain's state (digests, archives, time since
   its last digest, whether it ended with a clean stop), why each chain
   that is not the first started, and gaps in a stream's offsets (a
@@ -39,6 +41,7 @@ import concurrent.futures
 import dataclasses
 import datetime
 import hashlib
+import re
 
 from shoebox_worker.integrity import digest as digest_mod
 from shoebox_worker.integrity import keys
@@ -50,6 +53,8 @@ __all__ = ["Finding", "Audit", "audit"]
 #: :data:`PENDING_SLACK` seconds).
 PENDING_INTERVALS = 2
 PENDING_SLACK = 60
+_HEX32 = re.compile(r"[0-9a-f]{32}")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclasses.dataclass
@@ -121,7 +126,8 @@ def _overlaps(entry_from, entry_to, since, until):
 
 def audit(listing, get, head, pinned, *, digest_prefix=
           digest_mod.DEFAULT_PREFIX, prefix="", deep=None, since=None,
-          until=None, now=None, jobs=8, is_archive=lambda entry: True):
+          until=None, now=None, jobs=8, is_archive=lambda entry: True,
+          expect=()):
     """Check every chain in a store.
 
     :param listing: the container's entries (dicts with ``name``,
@@ -140,6 +146,9 @@ def audit(listing, get, head, pinned, *, digest_prefix=
     :param is_archive: ``is_archive(entry)``: whether a listing entry (not
         under ``digest_prefix``) is an archive (not an index, a segment,
         a bundle...).
+    :param expect: heads seen before, ``(chain, seq, sha256)``: each
+        digest must still be there with those bytes (a chain whose
+        newest digests were deleted, with what they listed, is found so).
     """
     now = now or datetime.datetime.now(datetime.UTC)
     pinned = set(pinned)
@@ -231,6 +240,7 @@ def audit(listing, get, head, pinned, *, digest_prefix=
     _check_archives(wanted, archives, head, deep, findings, result, jobs)
     _check_unlisted(archives, listed, readable, since, until, now, findings)
     _check_sequences(listed, findings)
+    _check_heads(expect, digests, digest_prefix, findings)
     for chain, links in chains.items():
         result.chains.append(_summary(chain, links, now))
     return result
@@ -434,6 +444,39 @@ def _check_sequences(listed, findings):
             reach = max(reach, high)
 
 
+def parse_head(text):
+    """``CHAIN:SEQ:SHA256`` (a chain's ``head`` in a report) as
+    ``(chain, seq, sha256)``.
+
+    :raises ValueError: not that form.
+    """
+    parts = text.split(":")
+    if len(parts) != 3 or not (_HEX32.fullmatch(parts[0])
+                               and parts[1].isdigit()
+                               and _HEX64.fullmatch(parts[2])):
+        raise ValueError("expected CHAIN:SEQ:SHA256 (a head verify "
+                         "printed), got %r" % text)
+    return parts[0], int(parts[1]), parts[2]
+
+
+def _check_heads(expect, digests, digest_prefix, findings):
+    """Each head seen before must still be there, with its bytes."""
+    held = {(d.chain, d.seq): d for d in digests}
+    for chain, seq, sha256 in expect:
+        name = digest_mod.name(digest_prefix, chain, seq)
+        found = held.get((chain, seq))
+        if found is None:
+            newest = max((s for c, s in held if c == chain), default=None)
+            findings.append(Finding(
+                "truncated", name, "seen before (--expect), not in the "
+                "store: chain %s %s" % (chain, "is gone" if newest is None
+                                        else "ends at seq %d" % newest)))
+        elif found.sha256 != sha256:
+            findings.append(Finding(
+                "altered", name, "its SHA-256 is %s; --expect says %s"
+                % (found.sha256 or "unreadable", sha256)))
+
+
 def _summary(chain, links, now):
     last = links[-1]
     created = _time(last.body["created"])
@@ -445,6 +488,8 @@ def _summary(chain, links, now):
         "digests": len(links),
         "first_seq": first.seq,
         "last_seq": last.seq,
+        # what an auditor keeps for next time (--expect)
+        "head": "%s:%d:%s" % (chain, last.seq, last.sha256),
         "archives": sum(len(d.body["archives"]) for d in links),
         "last_digest": last.body["created"],
         "age_seconds": None if created is None else

@@ -75,7 +75,7 @@ def cmd_verify_chain(args):
             listing, get, head, pinned, digest_prefix=args.digest_prefix,
             prefix=prefix, deep=deep if args.deep else None,
             since=args.since, until=args.until, jobs=args.jobs,
-            is_archive=sources.is_archive_entry)
+            is_archive=sources.is_archive_entry, expect=args.expect or ())
     if args.json:
         print(json.dumps(_as_json(result), indent=1, sort_keys=True))
     else:
@@ -95,13 +95,14 @@ def _lines(result):
     for chain in result.chains:
         age = chain["age_seconds"]
         yield ("CHAIN %s: %s:%s, digests %d-%d, %d archive(s), last digest "
-               "%s (%s ago)%s%s" % (
+               "%s (%s ago)%s%s; head %s" % (
                    chain["chain"], chain["host"], chain["directory"],
                    chain["first_seq"], chain["last_seq"], chain["archives"],
                    chain["last_digest"],
                    "?" if age is None else _age(age),
                    ", ended by a clean stop" if chain["final"] else "",
-                   "; started: %s" % chain["start"] if chain["start"] else ""))
+                   "; started: %s" % chain["start"] if chain["start"] else "",
+                   chain["head"]))
     failures = sum(f.failure for f in result.findings)
     yield ("%s: %d chain(s), %d digest(s), %d archive(s) listed; %d "
            "problem(s); read %d bytes (%.2f%% of the archives' %d)" % (

@@ -68,7 +68,8 @@ def run_verify(args):
     """``verify``: :func:`.read.cmd_verify`, or with ``--chain``
     :func:`.audit.cmd_verify_chain`."""
     if not args.chain:
-        for given in ("public_key", "deep", "json", "since", "until"):
+        for given in ("public_key", "deep", "json", "since", "until",
+                      "expect"):
             if getattr(args, given):
                 raise tools.UsageError("--%s goes with --chain"
                                        % given.replace("_", "-"))
@@ -123,6 +124,15 @@ def _jobs(text):
         raise argparse.ArgumentTypeError("expected an integer >= 1, got %r"
                                          % text)
     return value
+
+
+def _head(text):
+    """``--expect``: ``CHAIN:SEQ:SHA256``."""
+    from shoebox_worker.integrity import audit  # cryptography: only here
+    try:
+        return audit.parse_head(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _mode(text):
@@ -229,6 +239,12 @@ def add_commands(subparsers):
                             "chains are walked whole")
     chain.add_argument("--until", type=select.parse_when, metavar="TIME",
                        help="check only archives before TIME")
+    chain.add_argument("--expect", action="append", type=_head,
+                       metavar="CHAIN:SEQ:SHA256",
+                       help="a head an earlier verify printed (repeat it "
+                            "for each chain): it must still be there, "
+                            "unchanged; a chain whose newest digests were "
+                            "deleted is TRUNCATED")
     chain.add_argument("--digest-prefix", default=DIGEST_PREFIX,
                        metavar="PREFIX",
                        help="where the digests are ([integrity] "

@@ -30,6 +30,10 @@ def kinds(result):
     return [(f.kind, f.name) for f in result.findings]
 
 
+def failures(result):
+    return [f for f in result.findings if f.failure]
+
+
 def digest_names(world):
     return [name for name, _ in world.store.digests()]
 
@@ -64,6 +68,8 @@ def test_an_untouched_store_passes(world, shipped):
         "chain": first["chain"], "host": "host-12",
         "directory": world.work, "digests": 3, "first_seq": 0,
         "last_seq": 2, "archives": 6, "last_digest": last_body["created"],
+        "head": "%s:2:%s" % (first["chain"], hashlib.sha256(
+            world.store.objects[last]).hexdigest()),
         "age_seconds": 0, "final": False,
         "next_public_key": last_body["next_public_key"],
         "start": first["start"]["reason"],
@@ -448,3 +454,35 @@ def test_the_digests_the_chain_writes_parse_as_json_lines(world, shipped):
     for name in digest_names(world):
         data = world.store.objects[name]
         assert json.loads(data)["body"]["format"] == digest_mod.FORMAT
+
+
+def test_a_head_seen_before_and_gone_is_truncated(world, shipped):
+    before = world.audit()
+    [head] = [chain["head"] for chain in before.chains]
+    expect = [audit_mod.parse_head(head)]
+    assert failures(world.audit(expect=expect)) == []
+    # the newest digest and what it listed deleted: nothing else shows it
+    last = digest_names(world)[-1]
+    body = digest_mod.parse(world.store.objects[last])[0]
+    world.store.delete(last)
+    for entry in body["archives"]:
+        world.store.delete(entry["name"])
+    assert failures(world.audit()) == []
+    assert kinds(world.audit(expect=expect)) == [("truncated", last)]
+
+
+def test_a_head_seen_before_with_other_bytes_is_altered(world, shipped):
+    [head] = [chain["head"] for chain in world.audit().chains]
+    chain, seq, _ = audit_mod.parse_head(head)
+    expect = [(chain, seq, "0" * 64)]
+    name = digest_mod.name(digest_mod.DEFAULT_PREFIX, chain, seq)
+    assert kinds(world.audit(expect=expect)) == [("altered", name)]
+
+
+@pytest.mark.parametrize("text", [
+    "", "a:1", "%s:x:%s" % ("a" * 32, "b" * 64), "%s:1:%s" % ("a" * 31,
+                                                            "b" * 64),
+    "%s:1:%s" % ("a" * 32, "B" * 64), "%s:1:%s:1" % ("a" * 32, "b" * 64)])
+def test_a_head_of_another_form_is_refused(text):
+    with pytest.raises(ValueError, match="CHAIN:SEQ:SHA256"):
+        audit_mod.parse_head(text)

@@ -16,7 +16,8 @@ def chain(**changes):
     value = {"chain": "c" * 32, "host": "host-12", "directory": "/w",
              "digests": 3, "first_seq": 0, "last_seq": 2, "archives": 6,
              "last_digest": "2026-12-07T00:15:00.000000Z",
-             "age_seconds": 30, "final": False, "start": None}
+             "age_seconds": 30, "final": False, "start": None,
+             "head": "%s:2:%s" % ("c" * 32, "e" * 64)}
     value.update(changes)
     return value
 
@@ -83,16 +84,19 @@ def test_lines_say_each_finding_each_chain_and_a_summary():
     made = result([MISSING, PENDING], [
         chain(), chain(chain="d" * 32, first_seq=0, last_seq=0, digests=1,
                        archives=1, age_seconds=None, final=True,
-                       start="a first start")],
+                       start="a first start",
+                       head="%s:0:%s" % ("d" * 32, "f" * 64))],
         digests=4, archives=7, archive_bytes=2000, bytes_read=100)
     assert list(audit._lines(made)) == [
         "MISSING archives/a.events: listed in _digests/x, not in the store",
         "PENDING archives/b.events: stored later",
         "CHAIN %s: host-12:/w, digests 0-2, 6 archive(s), last digest "
-        "2026-12-07T00:15:00.000000Z (30 s ago)" % ("c" * 32),
+        "2026-12-07T00:15:00.000000Z (30 s ago); head %s:2:%s"
+        % ("c" * 32, "c" * 32, "e" * 64),
         "CHAIN %s: host-12:/w, digests 0-0, 1 archive(s), last digest "
         "2026-12-07T00:15:00.000000Z (? ago), ended by a clean stop; "
-        "started: a first start" % ("d" * 32),
+        "started: a first start; head %s:0:%s" % ("d" * 32, "d" * 32,
+                                                  "f" * 64),
         "FAILED: 2 chain(s), 4 digest(s), 7 archive(s) listed; 1 "
         "problem(s); read 100 bytes (5.00% of the archives' 2000)",
     ]

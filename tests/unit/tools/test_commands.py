@@ -42,6 +42,7 @@ def test_verify_runs_read_s_verify_without_chain(parser, monkeypatch):
 @pytest.mark.parametrize("argv", [
     ["verify", "--deep", "a"], ["verify", "--json", "a"],
     ["verify", "--public-key", "k", "a"], ["verify", "--since", "1h", "a"],
+    ["verify", "--expect", "%s:1:%s" % ("a" * 32, "b" * 64), "a"],
     ["verify", "--chain", "--salvage", "swift://c"]])
 def test_verify_refuses_chain_options_that_do_not_go_together(parser, argv):
     from shoebox_worker import tools
