@@ -882,15 +882,15 @@ def load_period_parts(swift, container, parts, jobs=DEFAULT_JOBS,
                       wanted=None, probes=()):
     """``{(archive object name, ETag): period_bundle.Entry}`` from the
     period bundles whose parts (listing entries) are ``parts``: one part
-    a period, GET ``jobs`` at a time, each parsed as it comes.
+    a period, read as :func:`_read_bundles` reads bundles.
 
     The part of each period is the one holding the first of ``probes``
     (``(field, value)``: the exact ``--where`` options), else the first:
     every part names every archive of its period with its time range.
     Only the entries of ``wanted`` (``(name, ETag)`` of the listing's
-    archives) are kept, at most :data:`BUNDLE_MEMORY` bytes of them. A
-    part that cannot be read, is damaged or too long is one line on
-    stderr: its archives are pruned by their own indexes instead."""
+    archives) are kept. A part that cannot be read, is damaged or too
+    long is one line on stderr: its archives are pruned by their own
+    indexes instead."""
     cuts = collections.defaultdict(lambda: collections.defaultdict(dict))
     for entry in parts:
         prefix, period, part, count = layout.period_bundle_of(entry["name"])
@@ -902,72 +902,73 @@ def load_period_parts(swift, container, parts, jobs=DEFAULT_JOBS,
         want = period_bundle.part_of(value, count) if value is not None \
             else 0
         chosen.append(got.get(want) or got[min(got)])
-    room = [BUNDLE_MEMORY]
-    lock = threading.Lock()
 
-    def keep(archive, etag, length):
-        if wanted is not None and (archive, etag) not in wanted:
-            return False
-        with lock:
-            if length > room[0]:
-                return False
-            room[0] -= length
-        return True
-
-    def get(entry):
+    def read(conn, entry, keep):
         name = SCHEME + container + "/" + entry["name"]
         if entry.get("bytes") is not None and \
                 entry["bytes"] > period_bundle.MAX_PART_BYTES:
-            warn("%s: %d bytes, more than a reader takes for a period "
-                 "bundle; reading the indexes of its archives instead" % (
-                     name, entry["bytes"]))
-            return {}
+            raise _too_big(name, period_bundle.MAX_PART_BYTES,
+                           entry["bytes"])
+        _, body = conn.get_object(container, entry["name"],
+                                  resp_chunk_size=INDEX_CHUNK)
         try:
-            _, body = swift.connection().get_object(
-                container, entry["name"], resp_chunk_size=INDEX_CHUNK)
-            try:
-                return period_bundle.Part.from_chunks(body, name,
-                                                      keep).entries
-            finally:
-                body.close()
-        except exceptions.IndexError_ as exc:
-            problem = str(exc)
-        except Exception as exc:
-            problem = "%s: %s" % (name, _describe(exc))
-        warn("%s; reading the indexes of its archives instead" % problem)
-        return {}
+            return period_bundle.Part.from_chunks(body, name, keep).entries
+        finally:
+            body.close()
 
     found = {}
-    if not chosen:
-        return found
-    with concurrent.futures.ThreadPoolExecutor(
-            max_workers=min(jobs, len(chosen)),
-            thread_name_prefix="shoebox-bundle") as pool:
-        for entries in pool.map(get, chosen):
-            for key, entry in entries.items():
-                found.setdefault(key, entry)
+    for entries in _read_bundles(swift, container, chosen, read, jobs,
+                                 wanted):
+        for key, entry in entries.items():
+            found.setdefault(key, entry)
     return found
 
 
 def load_bundles(swift, container, listing, jobs=DEFAULT_JOBS, wanted=None):
     """``{(archive object name, listing hash): index bytes}`` from the
-    index bundles in ``listing``, GET ``jobs`` at a time, each parsed as
-    it comes (:meth:`~shoebox_worker.index.Bundle.from_chunks`) and at
+    index bundles in ``listing``, read as :func:`_read_bundles` reads
+    bundles (:meth:`~shoebox_worker.index.Bundle.from_chunks`), each at
     most :data:`~shoebox_worker.index.MAX_BUNDLE_BYTES` long.
 
     Only the entries of ``wanted`` (``(name, hash)`` of the listing's
-    archives; every entry when None) are kept, and of those at most
-    :data:`BUNDLE_MEMORY` bytes in all: what is held does not grow with
-    the bundles' sizes. An archive whose entry is not kept takes its own
-    ``.index``. A bundle that cannot be read, is damaged or is longer is
-    left out, with one line on stderr: its archives' own indexes are read
-    instead."""
+    archives; every entry when None) are kept. An archive whose entry is
+    not kept takes its own ``.index``. A bundle that cannot be read, is
+    damaged or is longer is left out, with one line on stderr: its
+    archives' own indexes are read instead."""
+    bundles = [entry for entry in listing
+               if entry["name"].endswith(archive_index.BUNDLE_SUFFIX)]
+    found = {}
+    for entries in _read_bundles(
+            swift, container, bundles,
+            lambda conn, entry, keep: _get_bundle(conn, container, entry,
+                                                  keep).entries,
+            jobs, wanted):
+        found.update(entries)
+    return found
+
+
+def _read_bundles(swift, container, objects, read, jobs, wanted):
+    """Read the bundle objects ``objects`` (listing entries) ``jobs`` at
+    a time, each with ``read(conn, entry, keep)``, which parses it as it
+    comes and returns the entries ``keep(archive, etag, length)``
+    accepted.
+
+    One budget for them all: only the entries of ``wanted`` (``(name,
+    hash)`` of the listing's archives; every entry when None) are kept,
+    and of those at most :data:`BUNDLE_MEMORY` bytes in all, so that what
+    is held does not grow with the bundles' sizes (past that, one line on
+    stderr). A bundle that cannot be read, is damaged or too long gives
+    back what it held and is one line on stderr: its archives' own indexes
+    are read instead.
+
+    :returns: the entries kept of each bundle, in the order of
+        ``objects``.
+    """
     lock = threading.Lock()
     room = [BUNDLE_MEMORY]  # bytes of entries that may still be kept
     past = [0]  # wanted entries left out for want of room
 
     def get(entry):
-        name = entry["name"]
         held = 0
 
         def keep(archive, etag, length):
@@ -983,34 +984,29 @@ def load_bundles(swift, container, listing, jobs=DEFAULT_JOBS, wanted=None):
             return True
 
         try:
-            return _get_bundle(swift.connection(), container, entry,
-                               keep).entries
+            return read(swift.connection(), entry, keep)
         except exceptions.IndexError_ as exc:
             problem = str(exc)
         except Exception as exc:
-            problem = "%s%s/%s: %s" % (SCHEME, container, name,
+            problem = "%s%s/%s: %s" % (SCHEME, container, entry["name"],
                                        _describe(exc))
         with lock:
             room[0] += held  # nothing of it is kept
         warn("%s; reading the indexes of its archives instead" % problem)
         return {}
 
-    bundles = [entry for entry in listing
-               if entry["name"].endswith(archive_index.BUNDLE_SUFFIX)]
-    found = {}
-    if not bundles:
-        return found
+    if not objects:
+        return []
     with concurrent.futures.ThreadPoolExecutor(
-            max_workers=min(jobs, len(bundles)),
+            max_workers=min(jobs, len(objects)),
             thread_name_prefix="shoebox-bundle") as pool:
-        for entries in pool.map(get, bundles):
-            found.update(entries)
+        results = list(pool.map(get, objects))
     if past[0]:
         warn("%s%s: the bundled indexes of %d archive%s left out (more "
              "than %d bytes of them in all); reading their own indexes "
              "instead" % (SCHEME, container, past[0],
                           "" if past[0] == 1 else "s", BUNDLE_MEMORY))
-    return found
+    return results
 
 
 def _get_bundle(conn, container, entry, keep):

@@ -312,6 +312,23 @@ def test_a_damaged_part_is_one_warning_and_the_own_indexes_serve(
     assert by_name["2026/04/01/00/c.events"].summary is not None
 
 
+def test_past_the_cap_the_parts_entries_are_left_to_the_own_indexes(
+        swift, capsys, monkeypatch):
+    """Period parts share the single bundles' budget: past
+    ``BUNDLE_MEMORY`` bytes of entries, what is left out is said in one
+    line and pruned by the archive's own index."""
+    run(capsys)
+    monkeypatch.setattr(sources, "BUNDLE_MEMORY", 1)
+    items = sources.find(["swift://c"], swift=swift, indexes=True)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("shoebox-worker: warning: swift://c: the "
+                             "bundled indexes of ")
+    assert err[0].endswith("left out (more than 1 bytes of them in all); "
+                           "reading their own indexes instead")
+    assert all(item.summary is None for item in items)
+
+
 def test_an_object_with_records_past_its_first_bytes_is_not_taken_for_none(
         swift, capsys):
     # no record marker in its first bytes (a first record over 64 KiB
