@@ -93,7 +93,7 @@ def cmd_index_bundle(args):
         except Exception as exc:
             raise ToolError("%s%s/%s: cannot write: %s" % (
                 sources.SCHEME, container, name,
-                sources._describe(exc))) from None
+                sources.describe(exc))) from None
     print("%s%s/%s: the indexes of %d of %d archives" % (
         sources.SCHEME, container, name, len(found), len(archives)))
     return EXIT_OK

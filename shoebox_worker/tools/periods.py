@@ -141,7 +141,7 @@ def _summarise(swift, container, key, size, fields):
             container, name, resp_chunk_size=sources.GET_CHUNK)
     except Exception as exc:
         sources.warn("%s: cannot read: %s; left for the next run" % (
-            label, sources._describe(exc)))
+            label, sources.describe(exc)))
         return None
     try:
         got = headers.get("etag", "").strip('"')
@@ -234,7 +234,7 @@ class _Stream:
                 chunk = next(self._chunks, b"")
             except Exception as exc:
                 self.broken = OSError("the download broke off: %s" % (
-                    sources._describe(exc),))
+                    sources.describe(exc),))
                 raise self.broken from None
             if not chunk:
                 return b""
@@ -315,7 +315,7 @@ def _first_part(swift, container, scope, period):
     except Exception as exc:  # damaged, gone: rebuilt from the archives
         sources.warn("%s%s/%s: %s; its archives are read again" % (
             sources.SCHEME, container, name, exc if isinstance(
-                exc, exceptions.IndexError_) else sources._describe(exc)))
+                exc, exceptions.IndexError_) else sources.describe(exc)))
         return None
 
 
@@ -349,7 +349,7 @@ def _rebuild(swift, container, prefix, scope, period, fresh, fields):
             except Exception as exc:
                 raise ToolError("%s%s/%s: cannot write: %s" % (
                     sources.SCHEME, container, name,
-                    sources._describe(exc))) from None
+                    sources.describe(exc))) from None
             made.add(name)
     for name in sorted(old - made):
         try:
@@ -357,7 +357,7 @@ def _rebuild(swift, container, prefix, scope, period, fresh, fields):
         except Exception as exc:  # noqa: BLE001 - a reader skips it
             if getattr(exc, "http_status", None) != 404:
                 sources.warn("%s%s/%s: cannot delete: %s" % (
-                    sources.SCHEME, container, name, sources._describe(exc)))
+                    sources.SCHEME, container, name, sources.describe(exc)))
     left = sum(s.state == period_bundle.LEFT_OUT for s in summaries)
     return "%s%s/%s%s%s/: %d archives (%d read now%s), %d part%s" % (
         sources.SCHEME, container, prefix, layout.PERIOD_FOLDER, period,

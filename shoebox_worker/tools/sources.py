@@ -124,6 +124,7 @@ __all__ = [
     "FileItem",
     "SwiftItem",
     "Swift",
+    "describe",
     "find",
     "find_archives",
     "is_index_file",
@@ -670,7 +671,7 @@ class Swift:
             except Exception as exc:
                 where = SCHEME + container + ("/" + prefix if prefix else "")
                 raise ToolError("%s: %s" % (where,
-                                            _describe(exc, "container")))\
+                                            describe(exc, "container")))\
                     from None
             self._remember_auth(conn)
             if not page:
@@ -704,7 +705,7 @@ class Swift:
             gc.collect()
 
 
-def _describe(exc, what="object"):
+def describe(exc, what="object"):
     """A failed request in a few words (never a credential)."""
     status = getattr(exc, "http_status", None)
     if status == 404:
@@ -731,7 +732,7 @@ def _stream_error(item, exc, obj=None):
         return exc
     code = errno.ENOENT if getattr(exc, "http_status", None) == 404 \
         else errno.EIO
-    text = _describe(exc)
+    text = describe(exc)
     if obj is not None:
         text = "%s: %s" % (obj, text)
     return OSError(code, text)
@@ -989,7 +990,7 @@ def _read_bundles(swift, container, objects, read, jobs, wanted):
             problem = str(exc)
         except Exception as exc:
             problem = "%s%s/%s: %s" % (SCHEME, container, entry["name"],
-                                       _describe(exc))
+                                       describe(exc))
         with lock:
             room[0] += held  # nothing of it is kept
         warn("%s; reading the indexes of its archives instead" % problem)
