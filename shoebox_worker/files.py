@@ -110,6 +110,12 @@ class FileLock:
             os.close(self.fd)
             self.fd = None
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.release()
+
 
 def create_temporary(path):
     """Create the temporary file ``path`` exclusively (``O_EXCL``, never

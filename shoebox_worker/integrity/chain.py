@@ -273,8 +273,8 @@ class Chain:
     # -- state ---------------------------------------------------------
 
     def _locked(self):
-        return _Held(files.FileLock(os.path.join(self.root, LOCK_FILE),
-                                    blocking=True))
+        return files.FileLock(os.path.join(self.root, LOCK_FILE),
+                              blocking=True)
 
     def _read_state(self):
         try:
@@ -451,15 +451,3 @@ class Chain:
             LOG.info(I_DIGEST_AGAIN, attempts, exceptions.duration(
                 self._monotonic() - since))
 
-
-class _Held:
-    """A :class:`~shoebox_worker.files.FileLock` as a context manager."""
-
-    def __init__(self, lock):
-        self.lock = lock
-
-    def __enter__(self):
-        return self.lock
-
-    def __exit__(self, *exc_info):
-        self.lock.release()

@@ -184,6 +184,15 @@ class TestFileLock:
         assert open_fds() == before - 1
         assert probe(path) == "free"
 
+    def test_a_with_block_holds_it_and_releases_it(self, tmp_path):
+        path = str(tmp_path / "a.lock")
+        with pytest.raises(RuntimeError):
+            with files.FileLock(path) as lock:
+                assert probe(path) == "held"
+                raise RuntimeError("inside")
+        assert lock.fd is None
+        assert probe(path) == "free"
+
     def test_release_does_not_touch_the_file(self, tmp_path):
         path = tmp_path / "a.events"
         path.write_bytes(b"data")
