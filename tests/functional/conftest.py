@@ -59,6 +59,16 @@ def unavailable(message):
     pytest.skip(message)
 
 
+@pytest.fixture(scope="session")
+def strace():
+    """strace's path, for the tests that kill at system calls
+    (kill_points.py)."""
+    path = shutil.which("strace")
+    if path is None:
+        unavailable("strace is not installed (scripts/debian-packages)")
+    return path
+
+
 #: Where the tests find the Swift all-in-one (``scripts/swift-saio start``).
 SWIFT_ENV_VARS = ("ST_AUTH", "ST_USER", "ST_KEY")
 

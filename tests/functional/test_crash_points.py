@@ -56,20 +56,6 @@ IDLE_EXIT = 0.3
 RUN_TIMEOUT = 120
 
 
-def _unavailable(message):
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(message)
-    pytest.skip(message)
-
-
-@pytest.fixture(scope="module")
-def strace():
-    path = shutil.which("strace")
-    if path is None:
-        _unavailable("strace is not installed (scripts/debian-packages)")
-    return path
-
-
 def _swift(env):
     return swc.Connection(authurl=env["ST_AUTH"], user=env["ST_USER"],
                           key=env["ST_KEY"], auth_version="1", retries=2,

@@ -78,20 +78,6 @@ PARALLEL = 4
 RUN_TIMEOUT = 60
 
 
-def _unavailable(message):
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(message)
-    pytest.skip(message)
-
-
-@pytest.fixture(scope="module")
-def strace():
-    path = shutil.which("strace")
-    if path is None:
-        _unavailable("strace is not installed (scripts/debian-packages)")
-    return path
-
-
 @pytest.fixture(scope="module")
 def archives(tmp_path_factory):
     """The archives every point stores: ``{name: what the swift step's

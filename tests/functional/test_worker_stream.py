@@ -24,7 +24,6 @@ import json
 import os
 import pathlib
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -355,16 +354,6 @@ ROLL_COUNT = 3
 PARALLEL = 4
 RUN_TIMEOUT = 120
 WORKER = os.path.join(os.path.dirname(sys.executable), "shoebox-worker")
-
-
-@pytest.fixture(scope="module")
-def strace():
-    path = shutil.which("strace")
-    if path is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("strace is not installed (scripts/debian-packages)")
-        pytest.skip("strace is not installed (scripts/debian-packages)")
-    return path
 
 
 class Point:
