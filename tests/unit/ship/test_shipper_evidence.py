@@ -9,8 +9,6 @@ import logging
 import os
 import threading
 
-import pytest
-
 from shoebox_worker import archive
 from shoebox_worker import callbacks
 from shoebox_worker import contract
@@ -92,31 +90,12 @@ class Evidence:
             raise self.close_error
 
 
-@pytest.fixture
-def make_shipper():
-    made = []
-
-    def make(steps, evidence, start=True):
-        ship = shipper.Shipper(callbacks.CallbackChain(steps), 0.01, 0.05,
-                               evidence=evidence)
-        if start:
-            ship.start()
-        made.append(ship)
-        return ship
-    yield make
-    for ship in made:
-        ship.stop(5)
-        with ship._cond:  # what the process exit would release
-            jobs = list(ship._jobs.values())
-        for job in jobs:
-            job.lock.release()
-
-
 def test_a_stored_archive_is_recorded_before_its_state_moves_on(
         tmp_path, make_shipper):
     path, report = write_archive(tmp_path / "a_0123456789ab-1.events")
     storing, after, evidence = Storing(), After(), Evidence()
-    ship = make_shipper([("swift", storing), ("after", after)], evidence)
+    ship = make_shipper([("swift", storing), ("after", after)],
+                        evidence=evidence)
     ship.submit(path, report=report)
     assert ship.wait_idle(timeout=5)
     [(stored, recorded_report, origin)] = evidence.records
@@ -140,7 +119,7 @@ def test_a_step_returning_a_plain_path_records_nothing(tmp_path,
                                                        make_shipper):
     path, report = write_archive(tmp_path / "a.events")
     memory, evidence = steps.MemoryCallback(), Evidence()
-    ship = make_shipper([("memory", memory)], evidence)
+    ship = make_shipper([("memory", memory)], evidence=evidence)
     ship.submit(path, report=report)
     assert ship.wait_idle(timeout=5)
     assert memory.events == [("close", path)]
@@ -152,7 +131,8 @@ def test_a_record_the_disk_refuses_runs_the_storing_step_again(
         tmp_path, make_shipper, caplog):
     path, report = write_archive(tmp_path / "a.events")
     storing, after, evidence = Storing(), After(), Evidence(fail=1)
-    ship = make_shipper([("swift", storing), ("after", after)], evidence)
+    ship = make_shipper([("swift", storing), ("after", after)],
+                        evidence=evidence)
     with caplog.at_level(logging.ERROR, logger="shoebox_worker"):
         ship.submit(path, report=report)
         assert ship.wait_idle(timeout=5)
@@ -178,7 +158,7 @@ def test_the_chain_is_ticked_between_archives(tmp_path, make_shipper):
             log.append(os.path.basename(filename))
             return filename
 
-    ship = make_shipper([("step", Step())], Logged(), start=False)
+    ship = make_shipper([("step", Step())], evidence=Logged(), start=False)
     for name in ("a.events", "b.events", "c.events"):
         path, report = write_archive(tmp_path / name)
         ship.submit(path, report=report)
@@ -193,7 +173,8 @@ def test_the_chain_is_ticked_between_archives(tmp_path, make_shipper):
 
 def test_the_chain_is_ticked_while_no_archive_comes(make_shipper):
     evidence = Evidence()
-    make_shipper([("memory", steps.MemoryCallback())], evidence)
+    make_shipper([("memory", steps.MemoryCallback())],
+                 evidence=evidence)
     assert evidence.ticked.wait(5)
 
 
@@ -202,7 +183,7 @@ def test_a_tick_that_fails_is_logged_once_and_shipping_goes_on(
     evidence = Evidence(tick_error=RuntimeError("the store is down"))
     memory = steps.MemoryCallback()
     with caplog.at_level(logging.ERROR, logger="shoebox_worker"):
-        ship = make_shipper([("memory", memory)], evidence)
+        ship = make_shipper([("memory", memory)], evidence=evidence)
         paths = []
         for name in ("a.events", "b.events", "c.events"):
             path, report = write_archive(tmp_path / name)
@@ -221,7 +202,8 @@ def test_a_tick_that_fails_is_logged_once_and_shipping_goes_on(
 
 def test_stop_closes_the_chain(make_shipper):
     evidence = Evidence()
-    ship = make_shipper([("memory", steps.MemoryCallback())], evidence)
+    ship = make_shipper([("memory", steps.MemoryCallback())],
+                        evidence=evidence)
     assert evidence.closed == 0
     ship.stop(5)
     assert evidence.closed == 1
@@ -239,7 +221,7 @@ def test_a_close_that_fails_is_logged_and_the_callbacks_close_all_the_same(
             closed.append(True)
 
     evidence = Evidence(close_error=RuntimeError("disk gone"))
-    ship = make_shipper([("closing", Closing())], evidence)
+    ship = make_shipper([("closing", Closing())], evidence=evidence)
     with caplog.at_level(logging.ERROR, logger="shoebox_worker"):
         ship.stop(5)
     assert evidence.closed == 1
