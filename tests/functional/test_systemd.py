@@ -63,29 +63,33 @@ def _system_units():
                  "scripts/debian-packages)")
 
 
-def _verify(tmp_path, text):
-    """``systemd-analyze verify`` of a unit with this text, in a root
-    holding the machine's system units and the unit's ExecStart binary."""
+def _verify(tmp_path, *units):
+    """``systemd-analyze verify`` of ``units`` (``(name, text)``), in a
+    root holding the machine's system units and the worker unit's
+    ExecStart binary."""
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         _unavailable("systemd-analyze is missing (install the systemd "
                      "package: scripts/debian-packages)")
     root = tmp_path / "root"
-    units = _system_units()
-    shutil.copytree(units, root / units.lstrip("/"), symlinks=True)
+    system = _system_units()
+    shutil.copytree(system, root / system.lstrip("/"), symlinks=True)
     binary = root / _unit()["Service"]["ExecStart"].split()[0].lstrip("/")
     binary.parent.mkdir(parents=True)
     binary.write_text("#!/bin/sh\n")
     binary.chmod(0o755)
-    unit = root / "etc" / "systemd" / "system" / UNIT.name
-    unit.parent.mkdir(parents=True)
-    unit.write_text(text)
-    return subprocess.run([analyze, "--root=%s" % root, "verify", str(unit)],
+    folder = root / "etc" / "systemd" / "system"
+    folder.mkdir(parents=True)
+    written = []
+    for name, text in units:
+        (folder / name).write_text(text)
+        written.append(str(folder / name))
+    return subprocess.run([analyze, "--root=%s" % root, "verify"] + written,
                           capture_output=True, text=True, timeout=60)
 
 
 def test_the_unit_verifies_without_a_word(tmp_path):
-    result = _verify(tmp_path, UNIT.read_text())
+    result = _verify(tmp_path, (UNIT.name, UNIT.read_text()))
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
 
 
@@ -95,7 +99,8 @@ def test_the_unit_verifies_without_a_word(tmp_path):
 ])
 def test_verify_would_tell_a_mistake(tmp_path, mistake):
     # what the test above relies on: verify speaks up, even with exit 0
-    result = _verify(tmp_path, UNIT.read_text().replace(*mistake))
+    result = _verify(tmp_path,
+                     (UNIT.name, UNIT.read_text().replace(*mistake)))
     assert result.stdout + result.stderr != ""
 
 
@@ -141,27 +146,9 @@ BUNDLE_TIMER = UNIT.with_name("shoebox-index-bundle.timer")
 
 
 def _verify_pair(tmp_path, service_text, timer_text):
-    """``systemd-analyze verify`` of the bundles' service and timer, in a
-    root holding the machine's system units and the service's binary."""
-    analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        _unavailable("systemd-analyze is missing (install the systemd "
-                     "package: scripts/debian-packages)")
-    root = tmp_path / "root"
-    units = _system_units()
-    shutil.copytree(units, root / units.lstrip("/"), symlinks=True)
-    binary = root / _unit()["Service"]["ExecStart"].split()[0].lstrip("/")
-    binary.parent.mkdir(parents=True)
-    binary.write_text("#!/bin/sh\n")
-    binary.chmod(0o755)
-    folder = root / "etc" / "systemd" / "system"
-    folder.mkdir(parents=True)
-    (folder / BUNDLE_SERVICE.name).write_text(service_text)
-    (folder / BUNDLE_TIMER.name).write_text(timer_text)
-    return subprocess.run(
-        [analyze, "--root=%s" % root, "verify",
-         str(folder / BUNDLE_SERVICE.name), str(folder / BUNDLE_TIMER.name)],
-        capture_output=True, text=True, timeout=60)
+    """``systemd-analyze verify`` of the bundles' service and timer."""
+    return _verify(tmp_path, (BUNDLE_SERVICE.name, service_text),
+                   (BUNDLE_TIMER.name, timer_text))
 
 
 def test_the_bundles_timer_and_service_verify_without_a_word(tmp_path):
