@@ -1029,19 +1029,6 @@ def load(path, environ=None):
             parser, "metrics", METRICS_OPTIONS, path, environ)),
         logging=LoggingConfig(**_read_section(
             parser, "logging", LOGGING_OPTIONS, path, environ)),
-        integrity=_integrity(IntegrityConfig(**_read_section(
-            parser, "integrity", INTEGRITY_OPTIONS, path, environ)), path),
+        integrity=IntegrityConfig(**_read_section(
+            parser, "integrity", INTEGRITY_OPTIONS, path, environ)),
     )
-
-
-def _integrity(integrity, path):
-    """``[integrity]``, its key read as the worker will read it."""
-    if integrity.signing_key is not None:
-        from shoebox_worker.integrity import keys  # cryptography: only here
-        try:
-            keys.load_private(integrity.signing_key)
-        except keys.KeyError_ as err:
-            raise ConfigError("%s (shoebox-worker keygen DIR makes one)"
-                              % err, path, "integrity", "signing_key") \
-                from None
-    return integrity

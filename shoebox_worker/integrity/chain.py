@@ -150,12 +150,18 @@ def entry_for(stored, report, origin):
 
 def check(config, steps):
     """What the worker (``run``, ``check-config``) needs of
-    ``[integrity]`` beyond what the config's reading checks (the key
-    reads; the tools need no more): a storing step, and a key folder it
-    can write (the key is replaced there at every digest).
+    ``[integrity]``, which the tools that read the same config do not: a
+    key it can read, a storing step, and a key folder it can write (the
+    key is replaced there at every digest).
 
-    :raises ConfigError: either is missing.
+    :raises ConfigError: one of them is missing.
     """
+    try:
+        keys.load_private(config.integrity.signing_key)
+    except keys.KeyError_ as err:
+        raise exceptions.ConfigError(
+            "%s (shoebox-worker keygen DIR makes one)" % err,
+            config.filename, "integrity", "signing_key") from None
     store_of(config, steps)
     folder = os.path.dirname(config.integrity.signing_key)
     if not os.access(folder, os.W_OK | os.X_OK):

@@ -695,3 +695,31 @@ def test_check_config_refuses_a_signing_key_the_worker_cannot_replace(
     assert err == ("shoebox-worker: %s [integrity] signing_key: the worker "
                    "replaces this file with the next key at every digest, "
                    "and cannot write in %s\n" % (path, folder))
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "cannot read the signing key {path}: No such file or directory "
+           "(shoebox-worker keygen DIR makes one)"),
+    (b"not a key\n", "{path} is not a PEM private key without a passphrase"),
+])
+def test_a_signing_key_that_is_not_one_is_refused(write, tmp_path, content,
+                                                  message, capsys):
+    path = tmp_path / "signing.key"
+    if content is not None:
+        path.write_bytes(content)
+    config = write(GOOD + "\n[integrity]\nsigning_key = %s\n" % path)
+    assert cli.main(["check-config", "--config", config]) == 2
+    _, err = capsys.readouterr()
+    assert err.startswith("shoebox-worker: %s [integrity] signing_key: %s"
+                          % (config, message.format(path=path)))
+
+
+def test_the_tools_read_a_config_whose_signing_key_they_cannot(tmp_path):
+    # a reader (cat --config, an index-bundle timer) needs no key
+    path = tmp_path / "worker.conf"
+    path.write_text(textwrap.dedent(GOOD).format(work=tmp_path / "w")
+                    + "\n[integrity]\nsigning_key = %s\n"
+                    % (tmp_path / "missing.key"))
+    from shoebox_worker import config
+    assert config.load(str(path)).integrity.signing_key == str(
+        tmp_path / "missing.key")

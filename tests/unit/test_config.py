@@ -1071,25 +1071,10 @@ def test_integrity_values(write, tmp_path):
         digest_prefix="evidence/digests/")
 
 
-@pytest.mark.parametrize("content, message", [
-    (None, "cannot read the signing key {path}: No such file or directory "
-           "(shoebox-worker keygen DIR makes one)"),
-    (b"not a key\n", "{path} is not a PEM private key without a passphrase"),
-])
-def test_a_signing_key_that_is_not_one_is_refused(write, tmp_path, content,
-                                                  message):
-    path = tmp_path / "signing.key"
-    if content is not None:
-        path.write_bytes(content)
-    found = base_error(write, "[integrity]\nsigning_key = %s\n" % path)
-    assert found.startswith("worker.conf [integrity] signing_key: %s"
-                            % message.format(path=path))
-
-
 def test_a_signing_key_in_a_folder_nobody_writes_is_read_all_the_same(
         write, tmp_path):
     # the tools (an index-bundle timer under ProtectSystem=strict) read
-    # the config; only run and check-config need to write the key
+    # the config; only run and check-config need the key (chain.check)
     private, _ = keys.keygen(str(tmp_path / "keys"))
     folder = os.path.dirname(private)
     os.chmod(folder, 0o500)
