@@ -231,14 +231,15 @@ class Chain:
 
     def open(self):
         """Check the key, finish what a crash left, start a chain if
-        there is none; put what ``outgoing/`` holds (best effort).
+        there is none. What ``outgoing/`` holds is put by the first
+        :meth:`tick`, in the shipping thread: a store that is down never
+        holds the worker's start.
 
         :raises KeyError_: the signing key cannot be read.
         """
         os.makedirs(self.outgoing, mode=0o700, exist_ok=True)
         with self._locked():
             self._recover()
-        self._flush()
 
     def record(self, stored, report, origin):
         """Record one archive the store verified (durably, under the lock;
