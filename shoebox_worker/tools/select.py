@@ -334,7 +334,8 @@ class Selection:
     def _rules_out(self, index):
         """Does ``index`` say that its archive holds no record kept?"""
         if getattr(index, "records", None) == 0:
-            return True  # no record at all (a period bundle's non-archive)
+            return True  # no record at all: an index of no record, or a
+            # period bundle's entry of an object that holds none
         if self.windowed and self._misses(getattr(index, "earliest", None),
                                           getattr(index, "latest", None)):
             return True
